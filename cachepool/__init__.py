@@ -1,0 +1,1 @@
+"""cachepool package (see ../README.md)."""

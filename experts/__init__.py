@@ -1,0 +1,1 @@
+"""experts package (see ../README.md)."""

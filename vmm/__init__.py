@@ -1,0 +1,1 @@
+"""vmm package (see ../README.md)."""
