@@ -1,0 +1,79 @@
+"""Timing and result-table helpers shared by every benchmark suite.
+
+Each suite times its own code and the baseline *in the same run* and records a row with
+`compare(...)`; `bench/conftest.py` prints all rows as one table at the end of the session and
+writes them to `$BENCH_OUT/rows.json` (the GPU script then renders `bench/RESULTS.md` from it).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+ROWS: list[dict] = []
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+    """Median time of `fn` in milliseconds: CUDA events through triton's do_bench on a GPU,
+    a synchronised host clock otherwise."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 5 or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 1000:
+            break
+    return statistics.median(times)
+
+
+def host_time_us(fn: Callable[[], object], *, repeat: int = 200, sync_each: bool = True) -> float:
+    """Median wall time of a host-side operation (driver calls, allocator work) in µs."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if sync_each:
+            sync()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def card_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def compare(table: str, case: str, *, ours: tuple[str, float], base: tuple[str, float] | None = None,
+            unit: str = "ms", goal: str = "", lower_is_better: bool = True, note: str = "") -> dict:
+    """Record one result row: our number, the baseline's number measured in the same run, and
+    their ratio (ours / baseline for times, baseline / ours reported as speed-up in `note`)."""
+    row = {
+        "table": table, "case": case, "card": card_name(), "unit": unit,
+        "ours": ours[0], "ours_value": float(ours[1]),
+        "base": base[0] if base else "", "base_value": float(base[1]) if base else None,
+        "ratio": (float(ours[1]) / float(base[1])) if base and base[1] else None,
+        "lower_is_better": lower_is_better, "goal": goal, "note": note,
+    }
+    ROWS.append(row)
+    return row
+
+
+def record_benchmark(benchmark, fn: Callable[[], object], rounds: int = 5) -> None:
+    """Also put `fn` through pytest-benchmark so its JSON holds every suite (host clock,
+    synchronised); the table uses the event timings from `time_ms`."""
+    def run():
+        fn()
+        sync()
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)

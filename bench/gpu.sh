@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call measures the whole project on a GPU: the GPU tests, then every benchmark suite,
+# then a summary table of ratios (last, so it ends up in the device tool's output tail).
+#   bash bench/gpu.sh            # everything
+#   bash bench/gpu.sh -k vmm     # only suites / tests matching an expression
+# Logs and pytest-benchmark JSON land in $OUT (the device tool's folder) or bench/out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export BENCH_OUT=${OUT:-bench/out}
+mkdir -p "$BENCH_OUT"; rm -f "$BENCH_OUT/rows.json"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$BENCH_OUT/card.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$BENCH_OUT/card.txt"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -x tests -p no:cacheprovider "$@" 2>&1 | tail -n 40 > "$BENCH_OUT/tests.log"
+  echo "tests: $(tail -n 1 "$BENCH_OUT/tests.log")"
+fi
+timeout "${BENCH_TIMEOUT:-400}" python3 -m pytest -q -s bench -p no:cacheprovider -o python_files='bench_*.py' \
+  --benchmark-json="$BENCH_OUT/bench.json" "$@" > "$BENCH_OUT/bench.log" 2>&1
+echo "bench exit: $?"
+grep -E "passed|failed|error" "$BENCH_OUT/bench.log" | tail -n 5
+python3 bench/summary.py "$BENCH_OUT/rows.json" | tee "$BENCH_OUT/summary.md"
