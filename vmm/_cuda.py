@@ -1,0 +1,110 @@
+"""CUDA backend: the driver's virtual memory management through cuda.bindings.driver.
+
+Every driver call's CUresult is checked; a failure raises VmmError (OutOfMemoryError for
+CUDA_ERROR_OUT_OF_MEMORY) naming the call and the error.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backend import Backend
+from .errors import OutOfMemoryError, VmmError
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver as cu
+    except ImportError as e:  # pragma: no cover - cuda-python is a hard dependency
+        raise VmmError(f"the cuda vmm backend needs cuda-python (cuda.bindings): {e}") from e
+    return cu
+
+
+class _CudaBuffer:
+    """Exposes a device address range through __cuda_array_interface__; torch keeps this object,
+    hence `owner`, alive for as long as the tensor built from it."""
+
+    def __init__(self, addr: int, nbytes: int, owner: object) -> None:
+        self.owner = owner
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (addr, False), "version": 3, "strides": None,
+        }
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    # cuMemUnmap must cover exactly what one cuMemMap mapped, so pages are unmapped singly.
+    unmap_per_mapping = True
+
+    def __init__(self, index: int) -> None:
+        cu = _driver()
+        self._cu = cu
+        self.index = index
+        self.device = torch.device("cuda", index)
+        # torch creates (and makes current) the primary context we then share.
+        with torch.cuda.device(index):
+            torch.zeros(1, device=self.device)
+        try:
+            self._check("cuInit", cu.cuInit(0))
+        except VmmError:
+            raise
+        except Exception as e:
+            raise VmmError(f"cuInit failed: {e}") from e
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = index
+        self._prop = prop
+        desc = cu.CUmemAccessDesc()
+        desc.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        desc.location.id = index
+        desc.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self._access = [desc]
+        gran = self._check("cuMemGetAllocationGranularity", cu.cuMemGetAllocationGranularity(
+            prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED))
+        self.granularity = int(gran)
+
+    def _check(self, call: str, result: Any, detail: str = "") -> Any:
+        cu = self._cu
+        err = result[0] if isinstance(result, tuple) else result
+        if err != cu.CUresult.CUDA_SUCCESS:
+            try:
+                name = cu.cuGetErrorName(err)[1].decode()
+            except Exception:
+                name = str(err)
+            cls = OutOfMemoryError if err == cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY else VmmError
+            raise cls(f"{call} failed{' (' + detail + ')' if detail else ''}: {name}")
+        if isinstance(result, tuple):
+            return result[1] if len(result) == 2 else result[1:] if len(result) > 2 else None
+        return None
+
+    def reserve(self, nbytes: int, alignment: int) -> int:
+        ptr = self._check("cuMemAddressReserve", self._cu.cuMemAddressReserve(nbytes, alignment, 0, 0),
+                          f"{nbytes} bytes")
+        return int(ptr)
+
+    def free_reservation(self, addr: int, nbytes: int) -> None:
+        self._check("cuMemAddressFree", self._cu.cuMemAddressFree(addr, nbytes), f"{nbytes} bytes at {addr:#x}")
+
+    def create(self, nbytes: int) -> Any:
+        return self._check("cuMemCreate", self._cu.cuMemCreate(nbytes, self._prop, 0), f"{nbytes} bytes")
+
+    def release(self, handle: Any) -> None:
+        self._check("cuMemRelease", self._cu.cuMemRelease(handle))
+
+    def map(self, addr: int, nbytes: int, handle: Any) -> None:
+        self._check("cuMemMap", self._cu.cuMemMap(addr, nbytes, 0, handle, 0), f"{nbytes} bytes at {addr:#x}")
+
+    def set_access(self, addr: int, nbytes: int) -> None:
+        self._check("cuMemSetAccess", self._cu.cuMemSetAccess(addr, nbytes, self._access, 1),
+                    f"{nbytes} bytes at {addr:#x}")
+
+    def unmap(self, addr: int, nbytes: int) -> None:
+        self._check("cuMemUnmap", self._cu.cuMemUnmap(addr, nbytes), f"{nbytes} bytes at {addr:#x}")
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def tensor(self, addr: int, nbytes: int, owner: object) -> torch.Tensor:
+        return torch.as_tensor(_CudaBuffer(addr, nbytes, owner), device=self.device)
