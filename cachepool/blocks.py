@@ -1,0 +1,335 @@
+"""Refcounted, content-addressed blocks of a paged cache (one manager per pool).
+
+A sequence owns a block table: its tokens `[i*block_size, (i+1)*block_size)` live in block
+`table[i]`. A full block is named by a content hash of (parent block's hash, its token ids,
+the sequence's namespace), so a later sequence with the same prefix *in the same namespace*
+reuses it instead of storing it again. The namespace says whose K/V these are (base model, an
+agent's adapter, an A matrix): blocks of different namespaces never match even when their
+tokens do (vLLM #3264 / #30931 were that bug). A forked sequence shares every block, the
+partial last one included; writing into a shared partial block copies it first.
+
+Freed full blocks stay cached (their contents may be hit again) and are evicted, least
+recently freed first, only when a request cannot be served from free memory. Every method
+checks its request completely before changing anything, so a CacheFullError leaves the
+manager exactly as it was.
+
+Content is registered the moment a block's tokens are known, before its K/V is written. That
+is safe because an engine writes all new K/V of a step before any attention of that step reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Sequence
+
+from .allocator import BlockAllocator, BlockStore
+from .errors import CacheFullError
+
+_ROOT = b"\x00" * 16
+
+
+def block_hash(parent: bytes, token_ids: Sequence[int], namespace: str) -> bytes:
+    """Content hash of one full block: 128-bit BLAKE2b of parent hash, namespace, token ids."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    ns = namespace.encode()
+    h.update(struct.pack("<I", len(ns)))
+    h.update(ns)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+@dataclass
+class _Seq:
+    namespace: str
+    tokens: list[int]
+    blocks: list[int]
+    hashes: list[bytes] = field(default_factory=list)  # one per full block
+    num_stored: int = 0  # leading tokens already stored when allocated (not to be written)
+
+
+class BlockManager:
+    """Blocks of one pool: allocation, prefix sharing, copy-on-write, LRU eviction.
+
+    `store` backs the blocks (a pool's paged tensors; None: an unbounded store, for
+    tests and accounting). Sequence ids are any hashable, unique among live sequences.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, *, store: BlockStore | None = None,
+                 prefix_caching: bool = True) -> None:
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self._alloc = BlockAllocator(num_blocks, store)
+        self.num_blocks = num_blocks
+        self._ref = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}  # registered block -> content hash
+        self._by_hash: dict[bytes, int] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
+        self._seqs: dict[Hashable, _Seq] = {}
+        self._num_referenced = 0
+
+    # ---------------------------------------------------------------- counters
+    @property
+    def store(self) -> BlockStore:
+        return self._alloc.store
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks holding nothing."""
+        return self._alloc.num_free
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Unreferenced blocks kept for their contents (evictable)."""
+        return len(self._lru)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks referenced by at least one live sequence."""
+        return self._num_referenced
+
+    @property
+    def top(self) -> int:
+        """1 + the highest block id holding something: blocks below must stay backed."""
+        return self._alloc.top
+
+    def num_available(self) -> int:
+        """Blocks a request could get now: free (backed or backable) plus evictable."""
+        return self._alloc.num_obtainable() + len(self._lru)
+
+    def refcount(self, block: int) -> int:
+        return self._ref[block]
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._seqs
+
+    def seq_ids(self) -> list[Hashable]:
+        return list(self._seqs)
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        return list(self._get(seq_id).blocks)
+
+    def num_tokens(self, seq_id: Hashable) -> int:
+        return len(self._get(seq_id).tokens)
+
+    def token_ids(self, seq_id: Hashable) -> list[int]:
+        return list(self._get(seq_id).tokens)
+
+    def namespace(self, seq_id: Hashable) -> str:
+        return self._get(seq_id).namespace
+
+    def slot_mapping(self, seq_id: Hashable, start: int = 0, end: int | None = None) -> list[int]:
+        """Flat cache slots (`block * block_size + offset`) of positions `[start, end)`.
+
+        Positions that were already stored when the sequence was allocated (a prefix hit,
+        possibly shared with others) map to -1: write kernels skip them.
+        """
+        s = self._get(seq_id)
+        n = len(s.tokens)
+        end = n if end is None else end
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"range [{start}, {end}) outside the sequence's {n} tokens")
+        bs = self.block_size
+        return [-1 if p < s.num_stored else s.blocks[p // bs] * bs + p % bs for p in range(start, end)]
+
+    # ---------------------------------------------------------------- requests
+    def _get(self, seq_id: Hashable) -> _Seq:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise KeyError(f"no live sequence {seq_id!r}") from None
+
+    def _hashes(self, tokens: Sequence[int], namespace: str, parent: bytes = _ROOT,
+                first_block: int = 0) -> list[bytes]:
+        bs = self.block_size
+        out = []
+        for i in range(first_block, len(tokens) // bs):
+            parent = block_hash(parent, tokens[i * bs:(i + 1) * bs], namespace)
+            out.append(parent)
+        return out
+
+    def _prefix_hits(self, hashes: list[bytes]) -> list[int]:
+        hits = []
+        if self.prefix_caching:
+            for h in hashes:
+                b = self._by_hash.get(h)
+                if b is None:
+                    break
+                hits.append(b)
+        return hits
+
+    @staticmethod
+    def _check_tokens(token_ids: Iterable[int]) -> list[int]:
+        tokens = list(token_ids)
+        for t in tokens:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise TypeError(f"token ids must be ints, got {type(t).__name__}")
+        return tokens
+
+    @staticmethod
+    def _check_namespace(namespace: str) -> None:
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+
+    def _plan(self, tokens: list[int], namespace: str) -> tuple[list[bytes], list[int], int]:
+        hashes = self._hashes(tokens, namespace)
+        hits = self._prefix_hits(hashes)
+        need = -(-len(tokens) // self.block_size) - len(hits)
+        return hashes, hits, need
+
+    def _can_take(self, need: int, reclaimed: Iterable[int] = ()) -> bool:
+        # Hits sitting in the LRU become referenced, so they are no longer evictable.
+        lru_hits = sum(1 for b in set(reclaimed) if self._ref[b] == 0)
+        return need <= self._alloc.num_obtainable() + len(self._lru) - lru_hits
+
+    def can_allocate(self, token_ids: Sequence[int], namespace: str = "") -> bool:
+        """Whether `allocate` of these tokens would succeed now (prefix hits counted)."""
+        self._check_namespace(namespace)
+        _, hits, need = self._plan(self._check_tokens(token_ids), namespace)
+        return self._can_take(need, hits)
+
+    def _take(self, n: int) -> list[int]:
+        """n blocks for new contents: free ones first (lowest id), then evict cached ones."""
+        k = min(n, self._alloc.num_obtainable())
+        ids = self._alloc.alloc_many(k)
+        while len(ids) < n:
+            if not self._lru:
+                for b in ids:
+                    self._alloc.release(b)
+                raise CacheFullError(f"asked for {n} blocks, only {len(ids)} available")
+            b, _ = self._lru.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(b)]
+            ids.append(b)
+        return ids
+
+    def _ref_inc(self, b: int) -> None:
+        if self._ref[b] == 0:
+            self._lru.pop(b, None)
+            self._num_referenced += 1
+        self._ref[b] += 1
+
+    def _ref_dec(self, b: int) -> None:
+        self._ref[b] -= 1
+        if self._ref[b] == 0:
+            self._num_referenced -= 1
+            if b in self._hash_of:
+                self._lru[b] = None
+            else:
+                self._alloc.release(b)
+
+    def _register(self, b: int, h: bytes) -> None:
+        if self.prefix_caching and h not in self._by_hash and b not in self._hash_of:
+            self._by_hash[h] = b
+            self._hash_of[b] = h
+
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], namespace: str = "") -> int:
+        """Give a new sequence blocks for `token_ids`; return how many leading tokens are
+        already stored (prefix hits in this namespace: a multiple of block_size, possibly all
+        of them). Those positions map to slot -1; the caller computes and writes the rest.
+        Raises CacheFullError (nothing changed) when the blocks are not available."""
+        self._check_namespace(namespace)
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} is already allocated")
+        tokens = self._check_tokens(token_ids)
+        hashes, hits, need = self._plan(tokens, namespace)
+        if not self._can_take(need, hits):
+            raise CacheFullError(f"sequence {seq_id!r} needs {need} new blocks, "
+                                 f"{self.num_available()} available")
+        for b in hits:
+            self._ref_inc(b)
+        try:
+            new = self._take(need)
+        except BaseException:
+            for b in reversed(hits):
+                self._ref_dec(b)
+            raise
+        for b in new:
+            self._ref_inc(b)
+        blocks = hits + new
+        for i in range(len(hits), len(hashes)):
+            self._register(blocks[i], hashes[i])
+        num_stored = len(hits) * self.block_size
+        self._seqs[seq_id] = _Seq(namespace, tokens, blocks, hashes, num_stored)
+        return num_stored
+
+    def _append_need(self, s: _Seq, n: int) -> int:
+        if n == 0:
+            return 0
+        bs = self.block_size
+        pos = len(s.tokens)
+        new_blocks = -(-(pos + n) // bs) - -(-pos // bs)
+        cow = pos % bs != 0 and self._ref[s.blocks[-1]] > 1
+        return new_blocks + int(cow)
+
+    def can_append(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
+        """Whether `append_slots` of `num_tokens` tokens would succeed now."""
+        return self._can_take(self._append_need(self._get(seq_id), num_tokens))
+
+    def append_slots(self, seq_id: Hashable, token_ids: Sequence[int]) -> list[int]:
+        """Extend a sequence by `token_ids`; return their slots (to write their K/V into).
+        A shared partial last block is copied first (copy-on-write)."""
+        s = self._get(seq_id)
+        tokens = self._check_tokens(token_ids)
+        need = self._append_need(s, len(tokens))
+        if not self._can_take(need):
+            raise CacheFullError(f"sequence {seq_id!r} needs {need} new blocks, "
+                                 f"{self.num_available()} available")
+        if not tokens:
+            return []
+        new = self._take(need)
+        for b in new:
+            self._ref_inc(b)
+        bs = self.block_size
+        pos = len(s.tokens)
+        if pos % bs and self._ref[s.blocks[-1]] > 1:
+            old, fresh = s.blocks[-1], new.pop(0)
+            self.store.copy_block(old, fresh)
+            s.blocks[-1] = fresh
+            self._ref_dec(old)
+        s.blocks.extend(new)
+        s.tokens.extend(tokens)
+        parent = s.hashes[-1] if s.hashes else _ROOT
+        for i, h in enumerate(self._hashes(s.tokens, s.namespace, parent, len(s.hashes)),
+                              start=len(s.hashes)):
+            s.hashes.append(h)
+            self._register(s.blocks[i], h)
+        return [s.blocks[p // bs] * bs + p % bs for p in range(pos, pos + len(tokens))]
+
+    def append_slot(self, seq_id: Hashable, token_id: int) -> int:
+        """`append_slots` for one token."""
+        return self.append_slots(seq_id, [token_id])[0]
+
+    def fork(self, src_id: Hashable, dst_id: Hashable) -> None:
+        """A new sequence sharing every block of `src_id` (its partial last block included)."""
+        s = self._get(src_id)
+        if dst_id in self._seqs:
+            raise ValueError(f"sequence {dst_id!r} is already allocated")
+        for b in s.blocks:
+            self._ref_inc(b)
+        # Everything up to the fork is stored already, so none of it is written through dst.
+        self._seqs[dst_id] = _Seq(s.namespace, list(s.tokens), list(s.blocks), list(s.hashes),
+                                  len(s.tokens))
+
+    def free(self, seq_id: Hashable) -> None:
+        """Drop a sequence. Its full blocks stay cached until evicted; others are freed."""
+        s = self._seqs.pop(seq_id, None)
+        if s is None:
+            raise KeyError(f"no live sequence {seq_id!r}")
+        # Tail first, so the LRU evicts a sequence's tail before its (more shareable) head.
+        for b in reversed(s.blocks):
+            self._ref_dec(b)
+
+    def evict(self, max_blocks: int | None = None) -> int:
+        """Drop up to `max_blocks` cached unreferenced blocks (all when None), oldest first;
+        return how many were dropped."""
+        n = 0
+        while self._lru and (max_blocks is None or n < max_blocks):
+            b, _ = self._lru.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(b)]
+            self._alloc.release(b)
+            n += 1
+        return n
