@@ -42,13 +42,11 @@ def expert_mlp_ref(x: torch.Tensor, w13_e: torch.Tensor, w2_e: torch.Tensor) -> 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """`out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`, all in float64 on CPU."""
-    x = x.detach().cpu().double()
-    w13 = w13.detach().cpu()
-    w2 = w2.detach().cpu()
-    tw = topk_weights.detach().cpu().double()
-    ids = topk_ids.detach().cpu().to(torch.int64)
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
+    """`out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t])`, in float64 on x's device."""
+    x = x.detach().double()
+    tw = topk_weights.detach().double()
+    ids = topk_ids.detach().to(torch.int64)
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64, device=x.device)
     for e in ids.unique().tolist():
         rows, cols = (ids == e).nonzero(as_tuple=True)
         y = expert_mlp_ref(x[rows], w13[e], w2[e])
