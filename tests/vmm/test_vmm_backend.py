@@ -1,0 +1,82 @@
+"""Backend selection: names, environment override, caching, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vmm
+
+
+def test_host_backend_properties_and_cache():
+    be = vmm.get_backend("host")
+    assert be.name == "host" and be.device == torch.device("cpu")
+    assert be.granularity > 0 and be.granularity & (be.granularity - 1) == 0
+    assert vmm.get_backend("HOST") is be and vmm.get_backend("host", device=3) is be
+
+
+def test_env_overrides_default(monkeypatch):
+    monkeypatch.setenv("VMWEAVE_BACKEND", "host")
+    assert vmm.get_backend().name == "host"
+    monkeypatch.setenv("VMWEAVE_BACKEND", "tpu")
+    with pytest.raises(vmm.VmmError, match="VMWEAVE_BACKEND"):
+        vmm.get_backend()
+    monkeypatch.delenv("VMWEAVE_BACKEND")
+    assert vmm.get_backend().name == ("cuda" if torch.cuda.is_available() else "host")
+
+
+def test_unknown_backend_name():
+    with pytest.raises(vmm.VmmError, match="unknown vmm backend"):
+        vmm.get_backend("rocm")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_cuda_without_device_is_a_clear_error(monkeypatch):
+    with pytest.raises(vmm.VmmError, match="no CUDA device is usable"):
+        vmm.get_backend("cuda")
+    monkeypatch.setenv("VMWEAVE_BACKEND", "cuda")
+    with pytest.raises(vmm.VmmError, match="no CUDA device is usable"):
+        vmm.get_backend()
+
+
+@pytest.mark.gpu
+def test_cuda_backend_properties():
+    be = vmm.get_backend("cuda")
+    assert be.name == "cuda" and be.device.type == "cuda"
+    assert be.granularity >= 2 << 20 and be.granularity % (2 << 20) == 0
+    assert vmm.get_backend("cuda", device=be.device) is be
+    with pytest.raises(vmm.VmmError, match="does not exist"):
+        vmm.get_backend("cuda", device=torch.cuda.device_count())
+
+
+def test_pool_argument_errors():
+    be = vmm.get_backend("host")
+    g = be.granularity
+    with pytest.raises(ValueError, match="not a multiple"):
+        vmm.PagePool(be, 16 * g, page_size=g + 1)
+    with pytest.raises(ValueError, match="less than one page"):
+        vmm.PagePool(be, g - 1)
+    with pytest.raises(ValueError, match="exceeds the capacity"):
+        vmm.PagePool(be, 2 * g, prealloc_pages=3)
+    with pytest.raises(TypeError):
+        vmm.PagePool(be, 2.0 * g)
+    with pytest.raises(TypeError):
+        vmm.PagePool("host", 2 * g)
+    pool = vmm.PagePool(be, 10 * g + 5, page_size=2 * g)
+    assert pool.capacity_bytes == 10 * g and pool.page_size == 2 * g
+    with pytest.raises(ValueError):
+        vmm.VirtualArena(pool, 0)
+    with pytest.raises(TypeError):
+        vmm.VirtualArena(be, g)
+    arena = vmm.VirtualArena(pool, 3 * g)
+    assert arena.reserved_bytes == 4 * g  # rounded up to whole pages
+    with pytest.raises(TypeError):
+        arena.map(0.0, 2 * g)
+    with pytest.raises(TypeError):
+        arena.view(0, (4,), "float32")
+    with pytest.raises(ValueError):
+        arena.view(0, (-1,), torch.float32, require_mapped=False)
+    arena.close()
+
+
+def test_align_up():
+    assert vmm.align_up(0, 4096) == 0 and vmm.align_up(1, 4096) == 4096 and vmm.align_up(8192, 4096) == 8192
