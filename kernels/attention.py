@@ -1,0 +1,765 @@
+"""Paged attention and Flash-LoRA-Attention, decode and prefill, on one Triton kernel family.
+
+One kernel (`_attn_fwd`) serves every attention entry point of `kernels`; constexpr flags pick
+the variant instead of copies of the kernel:
+
+- ``PAGED``: K/V come from a paged cache ``[num_blocks, block_size, Hkv, D]`` through a block
+  table, else from contiguous ``[total_k, Hkv, D]`` tensors with ``cu_seqlens_k``.
+- ``VARLEN_Q``: many query tokens per sequence (prefill, ``cu_seqlens_q``), else one (decode).
+- ``HAS_LORA``: Flash-LoRA: a second accumulator ``P·L`` (``[rows, r]``) next to ``P·V`` under the
+  same online softmax; ``(P·L)·B_a`` is added once at the end, so ``L·B_a`` never exists.
+- ``S2``: S2-attention block skipping: the key tiles a KV head reads (its strided shard plus the
+  local window) are enumerated arithmetically, absent blocks are never loaded.
+- ``SPLIT``: flash-decoding: the key tiles of one (query, KV head) are split over programs that
+  write partial (max, sum, acc) rows, combined by `_split_reduce`.
+
+GQA: a program owns one KV head and packs ``tokens × group`` query rows into its M dimension,
+so every K/V tile is loaded once for the whole group. Rows are token-major because q is
+``[tokens, Hq, D]`` with the heads of a token adjacent.
+
+Semantics shared by every entry point: query token ``i`` of sequence ``b`` sits at position
+``seq_len(b) - len_q(b) + i`` and attends causally to keys ``0 .. position``. A query row that
+sees no key at all (an empty sequence in decode) gets an output of zeros.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import choose_impl, interpreter_on
+
+__all__ = [
+    "paged_attention_decode",
+    "paged_attention_prefill",
+    "flash_lora_decode",
+    "flash_lora_prefill",
+]
+
+_LOG2E = 1.4426950408889634
+_NEG_BIG = -1.0e38  # running-max start: finite, so a row with no key yet gives exp2(0)=1, not NaN
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _mm(a, b, UPCAST: tl.constexpr):
+    """tl.dot; UPCAST (interpreter only) multiplies in fp32 because the Triton interpreter's
+    bf16 dot is wrong. Inputs are already rounded to their storage dtype, so results match."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _tile_start(t, n_strided, lo_tok, c0, s2_stride,
+                S2: tl.constexpr, SPARSE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First key position of tile number `t` in the program's tile list: the strided shard
+    blocks first (S2 only), then every tile from `lo_tok` on."""
+    if S2:
+        SUB: tl.constexpr = SPARSE_BLOCK // BLOCK_N
+        strided = (c0 + (t // SUB) * s2_stride) * SPARSE_BLOCK + (t % SUB) * BLOCK_N
+        start = tl.where(t < n_strided, strided, lo_tok + (t - n_strided) * BLOCK_N)
+    else:
+        start = t * BLOCK_N
+    return start
+
+
+@triton.jit
+def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
+               K, V, Lr, bt_row, lbt_row, k_head_off, v_head_off, k_start,
+               stride_kb, stride_ks, stride_vb, stride_vs, stride_lrb, stride_lrs,
+               block_size, lr_block_size, rank, has_adapter, qk_scale,
+               s2_local, s2_stride, s2_shift, is_dense,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+               SPARSE_BLOCK: tl.constexpr, PAGED: tl.constexpr, HAS_LORA: tl.constexpr,
+               S2: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of the online softmax. MASK=False is the interior fast path: the caller
+    guarantees every key of the tile is in range and visible to every query row."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kpos = start + offs_n
+    kmask = kpos < hi
+    if PAGED:
+        if MASK:
+            phys = tl.load(bt_row + kpos // block_size, mask=kmask, other=0).to(tl.int64)
+        else:
+            phys = tl.load(bt_row + kpos // block_size).to(tl.int64)
+        slot = (kpos % block_size).to(tl.int64)
+        k_off = phys * stride_kb + slot * stride_ks
+        v_off = phys * stride_vb + slot * stride_vs
+    else:
+        row = (k_start + kpos).to(tl.int64)
+        k_off = row * stride_ks
+        v_off = row * stride_vs
+    k_ptrs = K + k_head_off + k_off[None, :] + offs_d[:, None]
+    v_ptrs = V + v_head_off + v_off[:, None] + offs_d[None, :]
+    if MASK:
+        kt = tl.load(k_ptrs, mask=kmask[None, :], other=0.0)
+    else:
+        kt = tl.load(k_ptrs)
+    s = _mm(q, kt, UPCAST) * qk_scale
+    if MASK:
+        visible = kpos[None, :] <= qpos[:, None]
+        if S2:
+            kblk = kpos // SPARSE_BLOCK
+            qblk = qpos // SPARSE_BLOCK
+            in_shard = ((kblk + s2_shift) % s2_stride) == 0
+            local = (qblk[:, None] - kblk[None, :]) < s2_local
+            visible = visible & (local | in_shard[None, :] | is_dense)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASK:
+        v = tl.load(v_ptrs, mask=kmask[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST)
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        lmask = (offs_r[None, :] < rank) & has_adapter
+        if MASK:
+            lmask = lmask & kmask[:, None]
+            lphys = tl.load(lbt_row + kpos // lr_block_size, mask=kmask & has_adapter, other=0)
+        else:
+            lphys = tl.load(lbt_row + kpos // lr_block_size, mask=(offs_n >= 0) & has_adapter, other=0)
+        lslot = (kpos % lr_block_size).to(tl.int64)
+        l_off = lphys.to(tl.int64) * stride_lrb + lslot * stride_lrs
+        lt = tl.load(Lr + l_off[:, None] + offs_r[None, :], mask=lmask, other=0.0)
+        acc_lr = acc_lr * alpha[:, None] + _mm(p.to(lt.dtype), lt, UPCAST)
+    return acc, acc_lr, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Lr, LoraB, Out, WsM, WsL, WsAcc,
+    BlockTables, LrBlockTables, SeqLens, CuQ, CuK, AdapterIds,
+    qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_btb, stride_bth, stride_lrb, stride_lrs, stride_lbtb,
+    stride_lba, stride_lbh, stride_lbr,
+    block_size, lr_block_size, rank, num_kv_heads, num_splits,
+    s2_local, s2_stride, s2_step, s2_offset, s2_dense_from, s2_homo,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_PAD: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    PAGED: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LORA: tl.constexpr, S2: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_hs = tl.program_id(1)
+    b = tl.program_id(2)
+    kvh = pid_hs // num_splits
+    split = pid_hs % num_splits
+
+    if VARLEN_Q:
+        q_start = tl.load(CuQ + b)
+        len_q = tl.load(CuQ + b + 1) - q_start
+    else:
+        q_start = b
+        len_q = 1
+    if PAGED:
+        seq_len = tl.load(SeqLens + b)
+        k_start = 0
+    else:
+        k_start = tl.load(CuK + b)
+        seq_len = tl.load(CuK + b + 1) - k_start
+
+    TOK: tl.constexpr = BLOCK_M // GROUP
+    t0 = pid_m * TOK
+    if t0 < len_q:
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        tok = t0 + offs_m // GROUP
+        qh = kvh * GROUP + offs_m % GROUP
+        row_ok = (tok < len_q) & (offs_m < TOK * GROUP)
+        q_rows = (q_start + tok).to(tl.int64)
+        q = tl.load(Q + q_rows[:, None] * stride_qt + qh[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        qpos = seq_len - len_q + tok
+        p_min = seq_len - len_q + t0
+        p_max = seq_len - len_q + tl.minimum(t0 + TOK, len_q) - 1
+        hi = p_max + 1  # keys [0, hi) can be visible to some row of this tile
+
+        # The tile list: [strided shard tiles below the window] + [every tile from lo_tok to hi).
+        # n_full leading tiles need no mask (all keys in range and visible to all rows).
+        n_strided = 0
+        lo_tok = 0
+        c0 = 0
+        s2_shift = 0
+        is_dense = False
+        if S2:
+            shard_head = tl.where(s2_homo != 0, 0, kvh)
+            s2_shift = shard_head * s2_step + s2_offset
+            c0 = (s2_stride - s2_shift % s2_stride) % s2_stride
+            is_dense = kvh >= s2_dense_from
+            i0 = tl.maximum(p_min, 0) // SPARSE_BLOCK
+            i1 = tl.maximum(p_max, 0) // SPARSE_BLOCK
+            lo_blk = tl.maximum(i0 - s2_local + 1, 0)
+            lo_blk = tl.where(is_dense, 0, lo_blk)
+            n_sblk = tl.where(lo_blk > c0, (lo_blk - c0 + s2_stride - 1) // s2_stride, 0)
+            n_strided = n_sblk * (SPARSE_BLOCK // BLOCK_N)
+            lo_tok = lo_blk * SPARSE_BLOCK
+            window_all_local = is_dense | (lo_blk >= i1 - s2_local + 1)
+            n_full = n_strided + tl.where(window_all_local,
+                                          tl.maximum(p_min + 1 - lo_tok, 0) // BLOCK_N, 0)
+        else:
+            n_full = tl.maximum(p_min + 1, 0) // BLOCK_N
+        n_tiles = n_strided + tl.cdiv(tl.maximum(hi - lo_tok, 0), BLOCK_N)
+        if SPLIT:
+            per = tl.cdiv(n_tiles, num_splits)
+            t_lo = split * per
+            t_hi = tl.minimum(n_tiles, t_lo + per)
+        else:
+            t_lo = 0
+            t_hi = n_tiles
+
+        bt_row = BlockTables + b.to(tl.int64) * stride_btb + kvh * stride_bth
+        lbt_row = LrBlockTables + b.to(tl.int64) * stride_lbtb
+        k_head_off = kvh.to(tl.int64) * stride_kh
+        v_head_off = kvh.to(tl.int64) * stride_vh
+        has_adapter = False
+        adapter = 0
+        if HAS_LORA:
+            adapter = tl.load(AdapterIds + b)
+            has_adapter = adapter >= 0
+
+        m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        acc_lr = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+
+        for t in range(t_lo, tl.minimum(t_hi, n_full)):
+            start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
+            acc, acc_lr, m_i, l_i = _attn_tile(
+                acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
+                k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
+                stride_lrb, stride_lrs, block_size, lr_block_size, rank, has_adapter, qk_scale,
+                s2_local, s2_stride, s2_shift, is_dense,
+                HEAD_DIM, BLOCK_N, R_PAD, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST)
+        for t in range(tl.maximum(t_lo, n_full), t_hi):
+            start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
+            acc, acc_lr, m_i, l_i = _attn_tile(
+                acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
+                k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
+                stride_lrb, stride_lrs, block_size, lr_block_size, rank, has_adapter, qk_scale,
+                s2_local, s2_stride, s2_shift, is_dense,
+                HEAD_DIM, BLOCK_N, R_PAD, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST)
+
+        if HAS_LORA:
+            # (P·L)·B_a once per program; linear, so split partials may fold it in too.
+            offs_r = tl.arange(0, R_PAD)
+            b_ptrs = (LoraB + tl.maximum(adapter, 0).to(tl.int64) * stride_lba + kvh * stride_lbh
+                      + offs_r[:, None] * stride_lbr + offs_d[None, :])
+            lb = tl.load(b_ptrs, mask=(offs_r[:, None] < rank) & has_adapter, other=0.0)
+            acc += tl.dot(acc_lr, lb.to(tl.float32), input_precision="ieee")
+
+        if SPLIT:
+            ws_row = (q_rows * num_kv_heads * GROUP + qh) * num_splits + split
+            tl.store(WsM + ws_row, m_i, mask=row_ok)
+            tl.store(WsL + ws_row, l_i, mask=row_ok)
+            tl.store(WsAcc + ws_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+        else:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_ptrs = Out + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _split_reduce(WsM, WsL, WsAcc, Out, stride_ot, stride_oh, num_heads, num_splits,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Combine the split-KV partials of one (query token, head) row."""
+    row = tl.program_id(0).to(tl.int64)
+    tok = row // num_heads
+    h = row % num_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    smask = offs_s < num_splits
+    m = tl.load(WsM + row * num_splits + offs_s, mask=smask, other=float("-inf"))
+    l = tl.load(WsL + row * num_splits + offs_s, mask=smask, other=0.0)
+    acc = tl.load(WsAcc + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=smask[:, None], other=0.0)
+    w = tl.exp2(m - tl.max(m, 0))
+    total = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(Out + tok * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------
+# Launch plumbing shared with kernels.s2
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _S2Args:
+    """The runtime integers of an S2 pattern as the kernel reads them (see kernels.s2)."""
+    sparse_block: int
+    local_blocks: int
+    vert_stride: int
+    head_sliding_step: int
+    offset: int
+    dense_from: int  # first KV head that is dense
+    homo_head: bool
+
+
+@dataclass
+class _Lora:
+    lr_cache: torch.Tensor
+    lr_block_tables: torch.Tensor
+    lora_b: torch.Tensor
+    adapter_ids: torch.Tensor
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: int | None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch."""
+    if interpreter_on():
+        # Small tiles so that CPU tests with short sequences still cross many tiles.
+        bm, bn, warps, stages = (16 if decode else 32), 16, 4, 1
+    elif decode:
+        bm, bn = 16, (64 if head_dim <= 128 else 32)
+        warps, stages = 4, (3 if head_dim <= 128 else 2)
+    else:
+        if head_dim <= 64:
+            bm, bn, warps, stages = 128, 64, 4, 3
+        elif head_dim <= 128:
+            bm, bn, warps, stages = 128, 64, 8, 3
+        else:
+            bm, bn, warps, stages = 64, 32, 8, 2
+        if r_pad > 32:
+            bm = min(bm, 64)  # the P·L accumulator needs registers too
+    bm = max(bm, _next_pow2(group))
+    if sparse_block is not None:
+        bn = min(bn, sparse_block)
+    return bm, bn, warps, stages
+
+
+def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, device) -> int:
+    """Enough programs to fill the GPU when batch × heads alone cannot, with >= 4 tiles each."""
+    if interpreter_on():
+        return 1
+    programs = batch * num_kv_heads
+    want = -(-2 * _num_sms(device) // max(programs, 1))
+    most = max(1, max_ctx // (4 * block_n))
+    return int(max(1, min(want, most, 128)))
+
+
+def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=None,
+            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int | None = None,
+            lora: _Lora | None = None, s2: _S2Args | None = None,
+            out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Run `_attn_fwd` (and the split reduce). Inputs are already validated."""
+    decode = cu_seqlens_q is None
+    batch = q.shape[0] if decode else cu_seqlens_q.shape[0] - 1
+    hq, d = q.shape[1], q.shape[2]
+    per_head_table = paged and block_tables.dim() == 3
+    hkv = block_tables.shape[1] if per_head_table else k.shape[-2]
+    group = hq // hkv
+    if out is None:
+        out = torch.empty_like(q)
+    if q.shape[0] == 0 or batch == 0:
+        return out
+    r = lora.lr_cache.shape[-1] if lora is not None else 0
+    r_pad = max(16, _next_pow2(r)) if lora is not None else 16
+    bm, bn, warps, stages = _config(d, group, decode, r_pad, s2.sparse_block if s2 else None)
+
+    if decode:
+        n_qtiles = 1
+    else:
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+        n_qtiles = max(1, -(-max_seqlen_q // (bm // group)))
+
+    if paged:
+        block_size = k.shape[1]
+        max_ctx = block_tables.shape[-1] * block_size
+    else:
+        block_size = 1
+        max_ctx = k.shape[0]
+    if num_splits is None:
+        num_splits = _default_splits(batch, hkv, max_ctx, bn, q.device) if decode else 1
+    split = num_splits > 1
+
+    dummy = q  # pointer arguments a variant does not read
+    if paged:
+        bt = block_tables
+        stride_btb = bt.stride(0)
+        stride_bth = bt.stride(1) if per_head_table else 0
+        # A per-head table points each KV head at blocks holding only that head (Hkv dim = 1).
+        stride_kh = 0 if per_head_table else k.stride(2)
+        stride_vh = 0 if per_head_table else v.stride(2)
+        stride_kb, stride_ks, stride_vb, stride_vs = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
+    else:
+        bt, stride_btb, stride_bth = dummy, 0, 0
+        stride_kb, stride_ks, stride_kh = 0, k.stride(0), k.stride(1)
+        stride_vb, stride_vs, stride_vh = 0, v.stride(0), v.stride(1)
+    if lora is not None:
+        lr, lbt, lb, aid = lora.lr_cache, lora.lr_block_tables, lora.lora_b, lora.adapter_ids
+        lr_strides = (lr.stride(0), lr.stride(1), lbt.stride(0))
+        lb_strides = (lb.stride(0), lb.stride(1), lb.stride(2))
+        lr_block_size = lr.shape[1]
+    else:
+        lr, lbt, lb, aid = dummy, dummy, dummy, dummy
+        lr_strides, lb_strides, lr_block_size = (0, 0, 0), (0, 0, 0), 1
+    if s2 is not None:
+        s2_vals = (s2.local_blocks, s2.vert_stride, s2.head_sliding_step, s2.offset % s2.vert_stride,
+                   s2.dense_from, int(s2.homo_head))
+        sparse_block = s2.sparse_block
+    else:
+        s2_vals = (1, 1, 0, 0, 0, 0)
+        sparse_block = bn
+
+    if split:
+        rows = q.shape[0] * hq
+        ws_m = torch.empty(rows * num_splits, device=q.device, dtype=torch.float32)
+        ws_l = torch.empty_like(ws_m)
+        ws_acc = torch.empty(rows * num_splits * d, device=q.device, dtype=torch.float32)
+    else:
+        ws_m = ws_l = ws_acc = dummy
+
+    grid = (n_qtiles, hkv * num_splits, batch)
+    _attn_fwd[grid](
+        q, k, v, lr, lb, out, ws_m, ws_l, ws_acc,
+        bt, lbt, seq_lens if seq_lens is not None else dummy,
+        cu_seqlens_q if cu_seqlens_q is not None else dummy,
+        cu_seqlens_k if cu_seqlens_k is not None else dummy, aid,
+        float(scale) * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_btb, stride_bth, *lr_strides, *lb_strides,
+        block_size, lr_block_size, r, hkv, num_splits, *s2_vals,
+        GROUP=group, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=sparse_block,
+        PAGED=paged, VARLEN_Q=not decode, HAS_LORA=lora is not None, S2=s2 is not None,
+        SPLIT=split, UPCAST=interpreter_on(), num_warps=warps, num_stages=stages,
+    )
+    if split:
+        _split_reduce[(q.shape[0] * hq,)](
+            ws_m, ws_l, ws_acc, out, out.stride(0), out.stride(1), hq, num_splits,
+            HEAD_DIM=d, BLOCK_S=max(2, _next_pow2(num_splits)), num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Torch fallback: vectorised over heads, fp32 math, same algorithm (P·V + (P·L)·B)
+# --------------------------------------------------------------------------------------------
+def _gather_paged(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tensor:
+    """Tokens 0..n-1 of one sequence from a paged cache: [n, *cache.shape[2:]]."""
+    bs = cache.shape[1]
+    nblk = -(-n // bs)
+    idx = table_row[:nblk].long()
+    blocks = cache[idx.clamp_min(0)]
+    # -1 marks a block a head of a head-sharded pool does not store: read it as zeros.
+    blocks = blocks.masked_fill((idx < 0).view(-1, *([1] * (blocks.dim() - 1))), 0)
+    return blocks.reshape(nblk * bs, *cache.shape[2:])[:n]
+
+
+def _torch_attention(q, k, v, *, scale, paged, seq_lens=None, block_tables=None,
+                     cu_seqlens_q=None, cu_seqlens_k=None, lora=None, s2=None, out=None,
+                     **_unused) -> torch.Tensor:
+    decode = cu_seqlens_q is None
+    hq, d = q.shape[1], q.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    batch = q.shape[0] if decode else cu_seqlens_q.shape[0] - 1
+    cq = None if decode else cu_seqlens_q.tolist()
+    ck = None if paged else cu_seqlens_k.tolist()
+    sl = seq_lens.tolist() if paged else None
+    per_head_table = paged and block_tables.dim() == 3
+    hkv = block_tables.shape[1] if per_head_table else k.shape[-2]
+    group = hq // hkv
+    aids = lora.adapter_ids.tolist() if lora is not None else None
+    for b in range(batch):
+        q0, nq = (b, 1) if decode else (cq[b], cq[b + 1] - cq[b])
+        if nq == 0:
+            continue
+        n = sl[b] if paged else ck[b + 1] - ck[b]
+        if n == 0:
+            out[q0:q0 + nq] = 0
+            continue
+        if paged and per_head_table:
+            kb = torch.stack([_gather_paged(k, block_tables[b, h], n)[:, 0] for h in range(hkv)], 1)
+            vb = torch.stack([_gather_paged(v, block_tables[b, h], n)[:, 0] for h in range(hkv)], 1)
+        elif paged:
+            kb, vb = _gather_paged(k, block_tables[b], n), _gather_paged(v, block_tables[b], n)
+        else:
+            kb, vb = k[ck[b]:ck[b] + n], v[ck[b]:ck[b] + n]
+        qb = q[q0:q0 + nq].float().view(nq, hkv, group, d)
+        scores = torch.einsum("tkgd,nkd->kgtn", qb, kb.float()) * scale
+        qpos = torch.arange(n - nq, n, device=q.device)
+        kpos = torch.arange(n, device=q.device)
+        visible = (kpos[None, :] <= qpos[:, None]).expand(hkv, nq, n)
+        if s2 is not None:
+            visible = visible & _s2_visible(s2, hkv, qpos, kpos)
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        mx = scores.amax(-1, keepdim=True).clamp_min(_NEG_BIG)
+        p = torch.exp(scores - mx)
+        denom = p.sum(-1, keepdim=True)
+        acc = torch.einsum("kgtn,nkd->kgtd", p, vb.float())
+        if lora is not None and aids[b] >= 0:
+            lrb = _gather_paged(lora.lr_cache, lora.lr_block_tables[b], n).float()
+            pl = torch.einsum("kgtn,nr->kgtr", p, lrb)
+            acc = acc + torch.einsum("kgtr,krd->kgtd", pl, lora.lora_b[aids[b]].float())
+        res = acc / torch.where(denom > 0, denom, torch.ones_like(denom))
+        out[q0:q0 + nq] = res.permute(2, 0, 1, 3).reshape(nq, hq, d).to(out.dtype)
+    return out
+
+
+def _s2_visible(s2: _S2Args, hkv: int, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+    """[hkv, nq, nk] S2 block visibility (causality is applied separately)."""
+    heads = torch.arange(hkv, device=qpos.device)
+    shard = torch.zeros_like(heads) if s2.homo_head else heads
+    shift = shard * s2.head_sliding_step + s2.offset
+    qb, kb = qpos // s2.sparse_block, kpos // s2.sparse_block
+    local = (qb[:, None] - kb[None, :]) < s2.local_blocks
+    in_shard = ((kb[None, :] + shift[:, None]) % s2.vert_stride) == 0
+    dense = (heads >= s2.dense_from)[:, None, None]
+    return local[None] | in_shard[:, None, :] | dense
+
+
+def _run(impl, q, **kw) -> torch.Tensor:
+    if choose_impl(q, impl) == "triton":
+        return _launch(q, **kw)
+    kw.pop("num_splits", None)
+    kw.pop("max_seqlen_q", None)
+    return _torch_attention(q, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation (shapes, dtypes, devices on the host; value checks sync once, optional)
+# --------------------------------------------------------------------------------------------
+def _need(cond: bool, msg: str, exc=ValueError) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def _check_tensor(name: str, t, ndim: int, dtypes=None) -> None:
+    _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _need(t.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        _need(t.dtype in dtypes, f"{name} must have dtype in {dtypes}, got {t.dtype}", TypeError)
+
+
+def _check_q_kv(q, k, v, *, paged: bool, per_head_ok: bool = False) -> None:
+    _check_tensor("q", q, 3, _DTYPES)
+    _check_tensor("k_cache" if paged else "k", k, 4 if paged else 3, _DTYPES)
+    _check_tensor("v_cache" if paged else "v", v, 4 if paged else 3, _DTYPES)
+    _need(k.dtype == q.dtype and v.dtype == q.dtype,
+          f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    _need(k.shape == v.shape, f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    _need(k.device == q.device and v.device == q.device,
+          f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    d = q.shape[2]
+    _need(k.shape[-1] == d, f"head_dim of q ({d}) and k/v ({k.shape[-1]}) differ")
+    _need(16 <= d <= 256 and d & (d - 1) == 0, f"head_dim must be a power of two in [16, 256], got {d}")
+    _need(k.stride(-1) == 1 and v.stride(-1) == 1, "k/v must be contiguous in the head dim")
+    if paged:
+        bs = k.shape[1]
+        _need(bs >= 1, "block_size must be >= 1")
+    hkv = k.shape[-2]
+    if not per_head_ok:
+        _need(hkv >= 1 and q.shape[1] % hkv == 0,
+              f"num q heads ({q.shape[1]}) must be a multiple of num kv heads ({hkv})")
+
+
+def _check_int_vec(name: str, t, length: int | None, device) -> None:
+    _check_tensor(name, t, 1, (torch.int32, torch.int64))
+    if length is not None:
+        _need(t.shape[0] == length, f"{name} must have length {length}, got {t.shape[0]}")
+    _need(t.device == device, f"{name} must be on {device}, got {t.device}")
+
+
+def _check_table(name: str, bt, batch: int, device, ndim: int = 2) -> None:
+    _check_tensor(name, bt, ndim, (torch.int32, torch.int64))
+    _need(bt.shape[0] == batch, f"{name} must have {batch} rows, got {bt.shape[0]}")
+    _need(bt.device == device, f"{name} must be on {device}, got {bt.device}")
+    _need(bt.stride(-1) == 1, f"{name} must be contiguous in its last dim")
+
+
+def _check_values(seq_lens, block_size: int, max_blocks: int, num_blocks: int, bt,
+                  len_q=None, name="block_tables", allow_unused_neg: bool = False) -> None:
+    """The checks that need device values: one small sync, skipped with validate=False."""
+    _need(bool((seq_lens >= 0).all()), "seq_lens must be >= 0")
+    most = int(seq_lens.max().item()) if seq_lens.numel() else 0
+    _need(most <= max_blocks * block_size,
+          f"{name} too short: a sequence of {most} tokens needs {-(-most // block_size)} blocks of "
+          f"{block_size}, the table has {max_blocks}")
+    if len_q is not None:
+        _need(bool((len_q >= 0).all()), "cu_seqlens_q must be non-decreasing")
+        _need(bool((len_q <= seq_lens).all()),
+              "every sequence needs seq_lens[b] >= its number of new query tokens")
+    if bt is not None and most > 0:
+        used = (torch.arange(max_blocks, device=bt.device)[None, :]
+                < ((seq_lens.long() + block_size - 1) // block_size)[:, None])
+        if bt.dim() == 3:
+            used = used[:, None, :].expand_as(bt)
+        vals = bt[used]
+        lo = -1 if allow_unused_neg else 0
+        _need(bool(((vals >= lo) & (vals < num_blocks)).all()),
+              f"{name} holds block ids outside [{lo}, {num_blocks}) for blocks in use")
+
+
+def _check_out(out, q) -> None:
+    if out is None:
+        return
+    _check_tensor("out", out, 3)
+    _need(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device,
+          f"out must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(out.shape)}, {out.dtype}")
+    _need(out.stride(-1) == 1, "out must be contiguous in the head dim")
+
+
+def _check_splits(num_splits) -> None:
+    if num_splits is not None:
+        _need(isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits >= 1,
+              f"num_splits must be an int >= 1, got {num_splits!r}")
+
+
+def _check_scale(scale) -> None:
+    _need(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale),
+          f"scale must be a finite number, got {scale!r}", TypeError)
+
+
+def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int, validate: bool,
+                seq_lens=None) -> _Lora:
+    _check_tensor("lr_cache", lr_cache, 3, _DTYPES)
+    _check_tensor("lora_b", lora_b, 4, _DTYPES)
+    _need(lr_cache.dtype == q.dtype and lora_b.dtype == q.dtype,
+          f"lr_cache and lora_b must have q's dtype {q.dtype}, got {lr_cache.dtype}, {lora_b.dtype}",
+          TypeError)
+    _need(lr_cache.device == q.device and lora_b.device == q.device, "lr_cache/lora_b on another device")
+    r = lr_cache.shape[2]
+    _need(1 <= r <= 256, f"rank must be in [1, 256], got {r}")
+    _need(lr_cache.stride(-1) == 1, "lr_cache must be contiguous in its last dim")
+    hkv, d = k.shape[2], k.shape[3]
+    _need(lora_b.shape[1:] == (hkv, r, d),
+          f"lora_b must be [num_adapters, {hkv}, {r}, {d}], got {tuple(lora_b.shape)}")
+    _need(lora_b.stride(-1) == 1, "lora_b must be contiguous in its last dim")
+    _check_table("lr_block_tables", lr_block_tables, batch, q.device)
+    _check_int_vec("adapter_ids", adapter_ids, batch, q.device)
+    if validate and batch:
+        lo, hi = int(adapter_ids.min().item()), int(adapter_ids.max().item())
+        _need(lo >= -1 and hi < lora_b.shape[0],
+              f"adapter_ids must be in [-1, {lora_b.shape[0]}), got values in [{lo}, {hi}]")
+        if seq_lens is not None:
+            has = adapter_ids >= 0
+            if bool(has.any()):
+                _check_values(seq_lens[has], lr_cache.shape[1], lr_block_tables.shape[1],
+                              lr_cache.shape[0], lr_block_tables[has], name="lr_block_tables")
+    return _Lora(lr_cache, lr_block_tables, lora_b, adapter_ids)
+
+
+def _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
+                 num_splits, validate, *, per_head: bool = False):
+    """Common checks of the paged entry points; returns the batch size."""
+    _check_q_kv(q, k_cache, v_cache, paged=True, per_head_ok=per_head)
+    _check_scale(scale)
+    _check_out(out, q)
+    _check_splits(num_splits)
+    decode = cu_seqlens_q is None
+    if decode:
+        batch = q.shape[0]
+    else:
+        _check_int_vec("cu_seqlens_q", cu_seqlens_q, None, q.device)
+        _need(cu_seqlens_q.shape[0] >= 1, "cu_seqlens_q needs batch + 1 entries")
+        batch = cu_seqlens_q.shape[0] - 1
+    _check_int_vec("seq_lens", seq_lens, batch, q.device)
+    _check_table("block_tables", block_tables, batch, q.device, ndim=3 if per_head else 2)
+    if validate and batch:
+        len_q = None
+        if not decode:
+            cq = cu_seqlens_q.long()
+            _need(int(cq[0].item()) == 0 and int(cq[-1].item()) == q.shape[0],
+                  f"cu_seqlens_q must start at 0 and end at total_q={q.shape[0]}")
+            len_q = cq[1:] - cq[:-1]
+        _check_values(seq_lens.long(), k_cache.shape[1], block_tables.shape[-1], k_cache.shape[0],
+                      block_tables, len_q=len_q, allow_unused_neg=per_head)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
+                           impl: str | None = None, out: torch.Tensor | None = None,
+                           num_splits: int | None = None, validate: bool = True) -> torch.Tensor:
+    """One new token per sequence attending to its paged K/V.
+
+    q ``[batch, Hq, D]``; k_cache/v_cache ``[num_blocks, block_size, Hkv, D]`` (Hq a multiple of
+    Hkv); block_tables ``[batch, max_blocks]`` int32; seq_lens ``[batch]`` int32 counts every
+    cached token including the new one (already written). Returns ``[batch, Hq, D]`` in q's
+    dtype; a sequence of length 0 gets zeros. ``num_splits`` forces the split-KV factor (default:
+    enough programs to fill the GPU); ``validate=False`` skips the checks that read device values.
+    """
+    _check_paged(q, k_cache, v_cache, block_tables, seq_lens, None, scale, out, num_splits, validate)
+    return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,
+                block_tables=block_tables, out=out, num_splits=num_splits)
+
+
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            seq_lens: torch.Tensor, scale: float, *, impl: str | None = None,
+                            out: torch.Tensor | None = None, max_seqlen_q: int | None = None,
+                            validate: bool = True) -> torch.Tensor:
+    """Variable-length causal prefill over paged K/V, on top of any cached prefix.
+
+    q ``[total_q, Hq, D]`` holds each sequence's new tokens (their K/V already in the cache);
+    ``cu_seqlens_q [batch+1]``; new token i of sequence b sits at position
+    ``seq_lens[b] - len_q(b) + i``. ``max_seqlen_q`` avoids a device sync when given.
+    """
+    _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out, None, validate)
+    return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,
+                block_tables=block_tables, cu_seqlens_q=cu_seqlens_q, out=out,
+                max_seqlen_q=max_seqlen_q)
+
+
+def flash_lora_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      lr_cache: torch.Tensor, lr_block_tables: torch.Tensor, lora_b: torch.Tensor,
+                      adapter_ids: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                      scale: float, *, impl: str | None = None, out: torch.Tensor | None = None,
+                      num_splits: int | None = None, validate: bool = True) -> torch.Tensor:
+    """Flash-LoRA-Attention decode: ``softmax(scale·q·Kᵀ)·(V_base + L·B_a)`` per request.
+
+    lr_cache ``[num_lr_blocks, lr_block_size, r]`` read through ``lr_block_tables
+    [batch, max_lr_blocks]``; lora_b ``[num_adapters, Hkv, r, D]``; adapter_ids ``[batch]``,
+    -1 = no adapter. Computed as ``P·V + (P·L)·B_a`` under one online softmax.
+    ``validate=True`` checks adapter ids (one device sync); the hot path may turn it off.
+    """
+    batch = _check_paged(q, k_cache, v_cache, block_tables, seq_lens, None, scale, out, num_splits,
+                         validate)
+    lora = _check_lora(q, k_cache, lr_cache, lr_block_tables, lora_b, adapter_ids, batch, validate,
+                       seq_lens)
+    return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,
+                block_tables=block_tables, lora=lora, out=out, num_splits=num_splits)
+
+
+def flash_lora_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       lr_cache: torch.Tensor, lr_block_tables: torch.Tensor, lora_b: torch.Tensor,
+                       adapter_ids: torch.Tensor, block_tables: torch.Tensor,
+                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
+                       impl: str | None = None, out: torch.Tensor | None = None,
+                       max_seqlen_q: int | None = None, validate: bool = True) -> torch.Tensor:
+    """Flash-LoRA-Attention prefill; positions as in `paged_attention_prefill`, adapters as in
+    `flash_lora_decode`."""
+    batch = _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
+                         None, validate)
+    lora = _check_lora(q, k_cache, lr_cache, lr_block_tables, lora_b, adapter_ids, batch, validate,
+                       seq_lens)
+    return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,
+                block_tables=block_tables, cu_seqlens_q=cu_seqlens_q, lora=lora, out=out,
+                max_seqlen_q=max_seqlen_q)
