@@ -1,0 +1,317 @@
+"""Multi-LoRA shrink / expand (kernels.lora) against the float64 references in kernels.lora_ref.
+
+Every output the wrappers allocate is NaN-poisoned (torch.empty is patched for the call), so a
+row or a K-split partial the kernel forgot to write fails the comparison.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.lora import (LoraPlan, lora_expand, lora_plan, lora_shrink, lora_shrink_all,
+                          shares_one_a)
+from kernels.lora_ref import lora_expand_ref, lora_shrink_all_ref, lora_shrink_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# ||out - ref|| / ||ref||: fp32 keeps fp32 math (no tf32); half types round inputs and output.
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+IMPLS = ["triton", "torch"]
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make every float torch.empty NaN-filled while the test runs."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.detach().cpu().double()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element?)"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def mixed_ids(T: int, A: int, device, *, with_none: bool = True) -> torch.Tensor:
+    """Random adapter ids in [-1, A) that use -1 and (for T > A) every adapter at least once."""
+    lo = -1 if with_none else 0
+    ids = torch.randint(lo, A, (T,), dtype=torch.int32)
+    if T > A + 1:
+        ids[: A + 1 if with_none else A] = torch.arange(lo, A, dtype=torch.int32)
+        ids = ids[torch.randperm(T)]
+    return ids.to(device)
+
+
+def weights(A, K, N, dtype, device):
+    # Scaled so outputs stay O(1) in half precision.
+    return (torch.randn(A, K, N, device=device) / K ** 0.5).to(dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,r,A", [(37, 203, 16, 3), (5, 97, 8, 4), (61, 75, 128, 2), (1, 129, 24, 5)])
+def test_shrink_matches_reference(impl, dtype, T, H, r, A, device, rng_seed, poison):
+    x = torch.randn(T, H, device=device).to(dtype)
+    a = weights(A, H, r, dtype, device)
+    ids = mixed_ids(T, A, device)
+    y = lora_shrink(x, a, ids, impl=impl)
+    assert y.shape == (T, r) and y.dtype == dtype and y.device == x.device
+    ref = lora_shrink_ref(x, a, ids)
+    assert rel_err(y, ref) < TOL[dtype]
+    assert torch.all(y[ids.cpu() < 0].cpu() == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,r,N,A", [(37, 16, 301, 3), (3, 8, 45, 2), (50, 128, 131, 4)])
+def test_expand_matches_reference(impl, dtype, T, r, N, A, device, rng_seed, poison):
+    y = torch.randn(T, r, device=device).to(dtype)
+    b = weights(A, r, N, dtype, device)
+    ids = mixed_ids(T, A, device)
+    out = lora_expand(y, b, ids, scale=0.75, impl=impl)
+    assert out.shape == (T, N) and out.dtype == dtype
+    assert rel_err(out, lora_expand_ref(y, b, ids, scale=0.75)) < TOL[dtype]
+    assert torch.all(out[ids.cpu() < 0].cpu() == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                             (torch.float32, torch.float32)])
+def test_expand_adds_into_out(impl, dtype, out_dtype, device, rng_seed):
+    T, r, N, A = 41, 16, 259, 3
+    y = torch.randn(T, r, device=device).to(dtype)
+    b = weights(A, r, N, dtype, device)
+    ids = mixed_ids(T, A, device)
+    out = torch.randn(T, N, device=device).to(out_dtype)
+    before = out.clone()
+    ret = lora_expand(y, b, ids, out=out, scale=2.0, impl=impl)
+    assert ret is out
+    ref = lora_expand_ref(y, b, ids, out=before, scale=2.0)
+    assert rel_err(out, ref) < TOL[dtype]
+    none = ids < 0
+    assert torch.equal(out[none], before[none]), "rows without an adapter must be left alone"
+    # the added part alone, so a kernel that only rewrote `out` could not pass
+    delta = out.double() - before.double()
+    assert rel_err(delta[~none], (ref - before.cpu().double())[~none.cpu()]) < 3 * max(TOL[dtype], TOL[out_dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_a_fast_path_equals_general_path(impl, dtype, device, rng_seed, poison):
+    T, H, r, A = 45, 131, 16, 4
+    x = torch.randn(T, H, device=device).to(dtype)
+    a1 = weights(1, H, r, dtype, device)[0]
+    stacked = a1.unsqueeze(0).expand(A, H, r).contiguous()
+    assert shares_one_a(stacked) and shares_one_a(a1)
+    ids = mixed_ids(T, A, device)
+    fast = lora_shrink(x, a1, ids, impl=impl)
+    general = lora_shrink(x, stacked, ids, impl=impl)
+    assert rel_err(fast, lora_shrink_ref(x, stacked, ids)) < TOL[dtype]
+    torch.testing.assert_close(fast, general, rtol=TOL[dtype], atol=TOL[dtype])
+    assert torch.all(fast[ids < 0] == 0)
+
+
+def test_shares_one_a_detects_difference(device, rng_seed):
+    a = weights(3, 33, 8, torch.float32, device)
+    assert not shares_one_a(a)
+    same = a[:1].expand(3, 33, 8).clone()
+    assert shares_one_a(same)
+    same[2, 7, 3] += 1e-3
+    assert not shares_one_a(same)
+    assert shares_one_a(a[:1])
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shrink_split_k(split_k, dtype, device, rng_seed, poison):
+    T, H, r, A = 29, 517, 8, 3
+    x = torch.randn(T, H, device=device).to(dtype)
+    a = weights(A, H, r, dtype, device)
+    ids = mixed_ids(T, A, device)
+    ref = lora_shrink_ref(x, a, ids, scale=0.5)
+    assert rel_err(lora_shrink(x, a, ids, scale=0.5, split_k=split_k, impl="triton"), ref) < TOL[dtype]
+    assert rel_err(lora_shrink(x, a[1], ids, split_k=split_k, impl="triton"),
+                   lora_shrink_ref(x, a[1], ids)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split_k", [None, 2])
+def test_shrink_all_matches_reference(impl, dtype, split_k, device, rng_seed, poison):
+    T, H, r, A = 19, 101, 8, 3
+    x = torch.randn(T, H, device=device).to(dtype)
+    a = weights(A, H, r, dtype, device)
+    out = lora_shrink_all(x, a, split_k=split_k, impl=impl)
+    assert out.shape == (A, T, r) and out.dtype == dtype and out.is_contiguous()
+    assert rel_err(out, lora_shrink_all_ref(x, a)) < TOL[dtype]
+    # agent a's slice is exactly what a single-adapter shrink would give it
+    ids = torch.full((T,), 1, dtype=torch.int32, device=device)
+    torch.testing.assert_close(out[1], lora_shrink(x, a, ids, impl=impl), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_plan_reused_across_shrink_and_expand(impl, device, rng_seed, poison):
+    T, H, r, N, A = 53, 77, 16, 99, 5
+    x = torch.randn(T, H, device=device)
+    a, b = weights(A, H, r, torch.float32, device), weights(A, r, N, torch.float32, device)
+    ids = mixed_ids(T, A, device)
+    plan = lora_plan(ids, A)
+    y = lora_shrink(x, a, ids, plan=plan, impl=impl)
+    res = torch.randn(T, N, device=device)
+    ref = lora_expand_ref(lora_shrink_ref(x, a, ids), b, ids, out=res)
+    lora_expand(y, b, ids, plan=plan, out=res, impl=impl)
+    assert rel_err(res, ref) < 1e-5
+
+
+@pytest.mark.parametrize("block_m", [None, 16, 64])
+def test_plan_partitions_tokens_by_adapter(block_m, device, rng_seed):
+    T, A = 203, 7
+    ids = mixed_ids(T, A, device)
+    plan = lora_plan(ids, A, block_m=block_m)
+    assert isinstance(plan, LoraPlan) and plan.num_tokens == T
+    order = plan.order.cpu().long()
+    assert sorted(order.tolist()) == list(range(T))
+    seen = torch.zeros(T, dtype=torch.int64)
+    ids_c = ids.cpu().long()
+    for adapter, start, length in plan.tiles.cpu().tolist():
+        assert 1 <= length <= plan.block_m
+        toks = order[start:start + length]
+        assert torch.all(ids_c[toks] == adapter)
+        seen[toks] += 1
+    assert torch.all(seen == 1)
+    assert list(plan.counts) == torch.bincount(ids_c + 1, minlength=A + 1).tolist()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_edge_batches(impl, device, rng_seed, poison):
+    H, r, N, A = 67, 8, 45, 3
+    a, b = weights(A, H, r, torch.float32, device), weights(A, r, N, torch.float32, device)
+    # empty batch
+    x0 = torch.randn(0, H, device=device)
+    ids0 = torch.zeros(0, dtype=torch.int32, device=device)
+    assert lora_shrink(x0, a, ids0, impl=impl).shape == (0, r)
+    assert lora_expand(torch.randn(0, r, device=device), b, ids0, impl=impl).shape == (0, N)
+    # all tokens without an adapter: zeros, and NaN inputs in those rows are never read
+    T = 21
+    x = torch.randn(T, H, device=device)
+    x[3] = float("nan")
+    none = torch.full((T,), -1, dtype=torch.int32, device=device)
+    assert torch.all(lora_shrink(x, a, none, impl=impl) == 0)
+    assert torch.all(lora_shrink(x, a[0], none, impl=impl) == 0)
+    res = torch.randn(T, N, device=device)
+    before = res.clone()
+    lora_expand(torch.randn(T, r, device=device), b, none, out=res, impl=impl)
+    assert torch.equal(res, before)
+    # one adapter for all tokens, int64 ids accepted
+    ids = torch.full((T,), 2, dtype=torch.int64, device=device)
+    x[3] = torch.randn(H, device=device)
+    assert rel_err(lora_shrink(x, a, ids, impl=impl), lora_shrink_ref(x, a, ids)) < 1e-5
+
+
+def test_non_contiguous_inputs(device, rng_seed, poison):
+    T, H, r, N, A = 23, 70, 16, 50, 3
+    big = torch.randn(T, H + 9, device=device)
+    x = big[:, 5:5 + H]  # row stride != H
+    a = weights(A, r, H, torch.float32, device).transpose(1, 2)  # [A, H, r], column-major
+    b = weights(A, N, r, torch.float32, device).transpose(1, 2)  # [A, r, N]
+    ids = mixed_ids(T, A, device)
+    y = lora_shrink(x, a, ids, impl="triton")
+    assert rel_err(y, lora_shrink_ref(x, a, ids)) < 1e-5
+    res_big = torch.randn(N + 3, T, device=device)
+    res = res_big[:N].t()  # [T, N] with column stride
+    before = res.clone()
+    lora_expand(y, b, ids, out=res, impl="triton")
+    assert rel_err(res, lora_expand_ref(y, b, ids, out=before)) < 1e-5
+
+
+def test_bad_inputs_raise_before_any_change(device):
+    T, H, r, N, A = 9, 33, 8, 17, 3
+    x = torch.randn(T, H, device=device)
+    a = torch.randn(A, H, r, device=device)
+    b = torch.randn(A, r, N, device=device)
+    ids = torch.tensor([0, 1, 2, -1, 0, 1, 2, -1, 0], dtype=torch.int32, device=device)
+    y = torch.randn(T, r, device=device)
+    out = torch.randn(T, N, device=device)
+    before = out.clone()
+    for bad in ([0, 1, 3, -1, 0, 1, 2, -1, 0], [0, 1, 2, -2, 0, 1, 2, -1, 0]):
+        bad_ids = torch.tensor(bad, dtype=torch.int32, device=device)
+        with pytest.raises(ValueError, match="out of range"):
+            lora_shrink(x, a, bad_ids)
+        with pytest.raises(ValueError, match="out of range"):
+            lora_expand(y, b, bad_ids, out=out)
+    with pytest.raises(ValueError, match="out of range"):
+        lora_shrink(x, a[0], torch.tensor([0] * 8 + [-5], dtype=torch.int32, device=device))
+    assert torch.equal(out, before)
+    with pytest.raises(TypeError):
+        lora_shrink(x, a.half(), ids)  # dtype mismatch
+    with pytest.raises(TypeError):
+        lora_shrink(x.long(), a, ids)
+    with pytest.raises(TypeError):
+        lora_shrink(x, a, ids.float())
+    with pytest.raises(ValueError):
+        lora_shrink(x, a[:, :-1], ids)  # H mismatch
+    with pytest.raises(ValueError):
+        lora_shrink(x, a, ids[:-1])  # wrong T
+    with pytest.raises(ValueError):
+        lora_shrink(x[0], a, ids)  # x not 2-D
+    with pytest.raises(ValueError):
+        lora_shrink(x, torch.randn(2, 3, H, r, device=device), ids)
+    with pytest.raises(ValueError):
+        lora_shrink(x, torch.randn(A, H, r, device="meta"), ids)  # device mismatch
+    with pytest.raises(ValueError):
+        lora_expand(y, b, ids, out=torch.randn(T, N + 1, device=device))
+    with pytest.raises(ValueError):
+        lora_expand(y, b[:, :-1], ids)  # r mismatch
+    with pytest.raises(ValueError):
+        lora_shrink(x, a, ids, plan=lora_plan(ids, A + 1))  # plan for other weights
+    with pytest.raises(ValueError):
+        lora_shrink(x, a, ids, impl="cuda")
+    with pytest.raises(ValueError):
+        lora_shrink_all(x, a[0])
+    with pytest.raises(ValueError):
+        lora_plan(ids, 0)
+    assert torch.equal(out, before)
+
+
+# ---------------------------------------------------------------- GPU, realistic sizes
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 16, 64, 256, 2049])
+@pytest.mark.parametrize("r", [8, 64, 128])
+def test_gpu_shrink_expand_realistic(dtype, T, r, device, rng_seed, poison):
+    H, N, A = 4096, 4096, 16
+    x = torch.randn(T, H, device=device).to(dtype)
+    a, b = weights(A, H, r, dtype, device), weights(A, r, N, dtype, device)
+    ids = mixed_ids(T, A, device)
+    plan = lora_plan(ids, A)
+    y = lora_shrink(x, a, ids, plan=plan)
+    assert rel_err(y, lora_shrink_ref(x, a, ids)) < TOL[dtype]
+    res = torch.randn(T, N, device=device).to(dtype)
+    before = res.clone()
+    lora_expand(y, b, ids, plan=plan, out=res, scale=0.5)
+    assert rel_err(res, lora_expand_ref(y, b, ids, out=before, scale=0.5)) < TOL[dtype]
+    assert torch.equal(res[ids < 0], before[ids < 0])
+    fresh = lora_expand(y, b, ids, plan=plan)
+    assert rel_err(fresh, lora_expand_ref(y, b, ids)) < TOL[dtype]
+    fast = lora_shrink(x, a[3], ids)
+    assert rel_err(fast, lora_shrink_ref(x, a[3], ids)) < TOL[dtype]
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 1000])
+def test_gpu_shrink_all_and_fp32(T, device, rng_seed, poison):
+    H, r, A = 4096, 16, 8
+    x = torch.randn(T, H, device=device).to(torch.bfloat16)
+    a = weights(A, H, r, torch.bfloat16, device)
+    assert rel_err(lora_shrink_all(x, a), lora_shrink_all_ref(x, a)) < TOL[torch.bfloat16]
+    x32, a32 = x.float(), a.float()
+    ids = mixed_ids(T, A, device)
+    assert rel_err(lora_shrink(x32, a32, ids), lora_shrink_ref(x32, a32, ids)) < TOL[torch.float32]
