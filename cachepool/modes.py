@@ -1,0 +1,206 @@
+"""The four cache modes of LRAgent as one setting for a multi-agent session.
+
+Agents that extend one trajectory differ only by their LoRA adapters. A mode decides what each
+agent stores and reads, by choosing the namespace its sequences use in each pool; sharing then
+falls out of content addressing (same tokens + same namespace = same blocks):
+
+| mode             | base K/V pool (V without the adapter*) | low-rank pool (x·A_v)         |
+|------------------|----------------------------------------|-------------------------------|
+| `non_shared`     | private per agent (*V with its adapter) | unused                        |
+| `base_shared`    | one namespace for all agents           | private per agent             |
+| `base_lr_shared` | one namespace for all agents           | one namespace (needs one A)   |
+| `full_shared`    | everyone uses agent 0's (*with adapter) | unused                        |
+
+So for K agents on one trajectory of T tokens the blocks referenced are, with n = T // block
+and p = 1 if T % block else 0 (the partial last block is each sequence's own):
+non_shared K·(n+p) base; full_shared n + K·p base; base_shared n + K·p base and K·(n+p)
+low-rank; base_lr_shared n + K·p base and n + K·p low-rank.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+from .errors import CacheFullError
+from .pools import KVPool, LowRankPool
+
+
+class CacheMode(str, enum.Enum):
+    NON_SHARED = "non_shared"
+    BASE_SHARED = "base_shared"
+    BASE_LR_SHARED = "base_lr_shared"
+    FULL_SHARED = "full_shared"
+
+    @property
+    def uses_lowrank(self) -> bool:
+        """Whether agents keep V's adapter part as x·A in a low-rank pool (else the base pool's
+        V already includes the adapter)."""
+        return self in (CacheMode.BASE_SHARED, CacheMode.BASE_LR_SHARED)
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """An agent of a session.
+
+    kv_namespace: what the base K/V depends on (the base model, plus any adapter that changes
+        K/V of earlier layers); agents with equal kv_namespace may share base K/V.
+    lr_namespace: the agent's A_v matrix (equal for agents that share one A); None when the
+        agent has no low-rank V (only allowed in modes that do not use the low-rank pool).
+    """
+    name: str
+    kv_namespace: str
+    lr_namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentRoute:
+    """Where one agent's cache lives: the namespace of its sequences in the base pool, and in
+    the low-rank pool (None: the mode keeps no low-rank cache)."""
+    agent: str
+    kv_namespace: str
+    lr_namespace: str | None
+
+
+@dataclass(frozen=True)
+class SeqSlots:
+    """Per pool: block table, or slots of some positions (-1: stored already, do not write).
+    `lr` is None in modes without a low-rank cache."""
+    kv: list[int]
+    lr: list[int] | None
+
+
+class MultiAgentCache:
+    """The pools and namespaces a multi-agent session uses under one cache mode.
+
+    Sequences are named per agent: `(agent, seq_id)`. Per layer `l` an agent reads and writes
+    `kv_pool.k_caches[l]`, `kv_pool.v_caches[l]` through `block_tables(...).kv`, and (modes with
+    a low-rank cache) `lr_pool.caches[l]` through `.lr`.
+    """
+
+    def __init__(self, mode: CacheMode | str, agents: Sequence[AgentSpec], kv_pool: KVPool,
+                 lr_pool: LowRankPool | None = None) -> None:
+        try:
+            mode = CacheMode(mode)
+        except ValueError:
+            raise ValueError(f"unknown cache mode {mode!r}; use one of {[m.value for m in CacheMode]}") from None
+        agents = list(agents)
+        if not agents:
+            raise ValueError("a session needs at least one agent")
+        for a in agents:
+            if not isinstance(a, AgentSpec):
+                raise TypeError(f"agents must be AgentSpec, got {type(a).__name__}")
+        names = [a.name for a in agents]
+        if len(set(names)) != len(names):
+            raise ValueError(f"agent names must be unique, got {names}")
+        if not isinstance(kv_pool, KVPool):
+            raise TypeError(f"kv_pool must be a KVPool, got {type(kv_pool).__name__}")
+        if mode.uses_lowrank:
+            if not isinstance(lr_pool, LowRankPool):
+                raise ValueError(f"mode {mode.value} needs a LowRankPool")
+            missing = [a.name for a in agents if a.lr_namespace is None]
+            if missing:
+                raise ValueError(f"mode {mode.value} needs an lr_namespace for agents {missing}")
+            if mode is CacheMode.BASE_LR_SHARED and len({a.lr_namespace for a in agents}) != 1:
+                raise ValueError("base_lr_shared needs one A shared by all agents (one lr_namespace), got "
+                                 f"{sorted({a.lr_namespace for a in agents})}")
+        if mode is not CacheMode.NON_SHARED and len({a.kv_namespace for a in agents}) != 1:
+            # Sharing base K/V across different base namespaces is exactly vLLM #3264.
+            raise ValueError(f"mode {mode.value} shares base K/V, so all agents need one kv_namespace, got "
+                             f"{sorted({a.kv_namespace for a in agents})}")
+        self.mode = mode
+        self.agents = {a.name: a for a in agents}
+        self.kv_pool = kv_pool
+        self.lr_pool = lr_pool if mode.uses_lowrank else None
+        first = agents[0]
+        self._routes = {a.name: self._route(a, first) for a in agents}
+
+    def _route(self, a: AgentSpec, first: AgentSpec) -> AgentRoute:
+        # "@agent" makes a namespace private to one agent: its adapter is in what it stores.
+        m = self.mode
+        if m is CacheMode.NON_SHARED:
+            return AgentRoute(a.name, f"{a.kv_namespace}@{a.name}", None)
+        if m is CacheMode.FULL_SHARED:
+            return AgentRoute(a.name, f"{first.kv_namespace}@{first.name}", None)
+        lr = a.lr_namespace if m is CacheMode.BASE_LR_SHARED else f"{a.lr_namespace}@{a.name}"
+        return AgentRoute(a.name, a.kv_namespace, lr)
+
+    def route(self, agent: str) -> AgentRoute:
+        try:
+            return self._routes[agent]
+        except KeyError:
+            raise KeyError(f"unknown agent {agent!r}") from None
+
+    # ---- sequences ---------------------------------------------------------------------------
+    def can_allocate(self, agent: str, token_ids: Sequence[int]) -> bool:
+        r = self.route(agent)
+        return self.kv_pool.can_allocate(token_ids, r.kv_namespace) and (
+            self.lr_pool is None or self.lr_pool.can_allocate(token_ids, r.lr_namespace))
+
+    def allocate(self, agent: str, seq_id: Hashable, token_ids: Sequence[int]) -> tuple[int, int | None]:
+        """Blocks for `agent`'s new sequence in every pool it uses; returns the number of leading
+        tokens stored already per pool (kv, lr or None). The caller computes from the smaller
+        one on; `slot_mapping` marks what each pool already has with -1."""
+        r = self.route(agent)
+        key = (agent, seq_id)
+        if not self.can_allocate(agent, token_ids):
+            raise CacheFullError(f"no room for agent {agent!r} sequence {seq_id!r} of {len(token_ids)} tokens")
+        kv = self.kv_pool.allocate(key, token_ids, r.kv_namespace)
+        if self.lr_pool is None:
+            return kv, None
+        try:
+            lr = self.lr_pool.allocate(key, token_ids, r.lr_namespace)
+        except BaseException:
+            self.kv_pool.free(key)
+            raise
+        return kv, lr
+
+    def can_append(self, agent: str, seq_id: Hashable, num_tokens: int = 1) -> bool:
+        key = (agent, seq_id)
+        self.route(agent)
+        return self.kv_pool.can_append(key, num_tokens) and (
+            self.lr_pool is None or self.lr_pool.can_append(key, num_tokens))
+
+    def append_slots(self, agent: str, seq_id: Hashable, token_ids: Sequence[int]) -> SeqSlots:
+        """Extend a sequence in every pool; the slots to write the new tokens' K/V (and x·A) at."""
+        if not self.can_append(agent, seq_id, len(token_ids)):
+            raise CacheFullError(f"no room to append {len(token_ids)} tokens to {agent!r} sequence {seq_id!r}")
+        key = (agent, seq_id)
+        kv = self.kv_pool.append_slots(key, token_ids)
+        lr = None if self.lr_pool is None else self.lr_pool.append_slots(key, token_ids)
+        return SeqSlots(kv, lr)
+
+    def fork(self, agent: str, src_id: Hashable, dst_id: Hashable) -> None:
+        self.route(agent)
+        self.kv_pool.fork((agent, src_id), (agent, dst_id))
+        if self.lr_pool is not None:
+            self.lr_pool.fork((agent, src_id), (agent, dst_id))
+
+    def free(self, agent: str, seq_id: Hashable) -> None:
+        self.route(agent)
+        self.kv_pool.free((agent, seq_id))
+        if self.lr_pool is not None:
+            self.lr_pool.free((agent, seq_id))
+
+    def block_table(self, agent: str, seq_id: Hashable) -> SeqSlots:
+        self.route(agent)
+        key = (agent, seq_id)
+        return SeqSlots(self.kv_pool.block_table(key),
+                        None if self.lr_pool is None else self.lr_pool.block_table(key))
+
+    def slot_mapping(self, agent: str, seq_id: Hashable, start: int = 0, end: int | None = None) -> SeqSlots:
+        self.route(agent)
+        key = (agent, seq_id)
+        return SeqSlots(self.kv_pool.slot_mapping(key, start, end),
+                        None if self.lr_pool is None else self.lr_pool.slot_mapping(key, start, end))
+
+    # ---- accounting --------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        """{"mode", "agents", "pools": {"kv": {...}, "lowrank": {...}}, "total": {...}}: reserved,
+        mapped, used and cached bytes per pool the mode uses, and their totals."""
+        pools = {"kv": self.kv_pool.memory_report()}
+        if self.lr_pool is not None:
+            pools["lowrank"] = self.lr_pool.memory_report()
+        keys = ("reserved_bytes", "mapped_bytes", "used_bytes", "cached_bytes")
+        total = {k: sum(p[k] for p in pools.values()) for k in keys}
+        return {"mode": self.mode.value, "agents": len(self.agents), "pools": pools, "total": total}
