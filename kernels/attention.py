@@ -231,7 +231,7 @@ def _attn_fwd(
             adapter = tl.load(AdapterIds + b)
             has_adapter = adapter >= 0
 
-        m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+        m_i = tl.full([BLOCK_M], -1.0e38, tl.float32)  # see _NEG_BIG
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         acc_lr = tl.zeros([BLOCK_M, R_PAD], tl.float32)

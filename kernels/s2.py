@@ -1,0 +1,250 @@
+"""S2-attention: every KV head attends to its own strided shard of the context plus a local window.
+
+The pattern (as DKernel and vLLM's block-sparse backend define it): tokens form sparse blocks of
+``sparse_block`` tokens. Query block ``i`` of a head reads key block ``j <= i`` when it is local,
+``i - j < local_blocks``, or in the head's shard, ``(j + s·head_sliding_step + offset) %
+vert_stride == 0``; inside the diagonal block attention is causal.
+
+GQA: the q heads of one KV group share their KV head's pattern, so a KV head stores and reads
+one shard. The shard index ``s`` is therefore the **KV head index** (``q_head // group``), and the
+default ``head_sliding_step = max(1, vert_stride // num_kv_heads)``; without GQA this is exactly
+the per-head formula above. ``homo_head=True`` gives every head shard 0;
+the last ``num_dense_heads`` q heads (a whole number of KV groups) are dense causal.
+
+The kernels reuse kernels.attention's single Triton kernel with its ``S2`` flag: the key blocks a
+head reads are enumerated arithmetically (shard blocks below the window, then the window), so
+absent blocks are never loaded.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .attention import (_S2Args, _check_int_vec, _check_out, _check_paged, _check_q_kv,
+                        _check_scale, _check_splits, _need, _run)
+
+__all__ = ["S2Pattern", "s2_attention_prefill", "s2_attention_decode"]
+
+
+def _int(name: str, x, lo: int | None = None) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    x = int(x)
+    if lo is not None and x < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {x}")
+    return x
+
+
+class S2Pattern:
+    """An S2-attention pattern over ``num_heads`` query heads (``num_kv_heads`` KV heads).
+
+    Immutable; equal patterns compare and hash equal. Block questions are asked per KV head
+    (``kv_head_reads``, ``key_blocks``, ``kv_head_keeps``) because that is the unit that stores
+    and reads a shard; ``reads`` answers for a q head.
+    """
+
+    __slots__ = ("num_heads", "num_kv_heads", "group", "sparse_block", "local_blocks",
+                 "vert_stride", "homo_head", "num_dense_heads", "head_sliding_step", "offset")
+
+    def __init__(self, num_heads: int, sparse_block: int, local_blocks: int, vert_stride: int, *,
+                 num_kv_heads: int | None = None, homo_head: bool = False,
+                 num_dense_heads: int = 0, head_sliding_step: int | None = None,
+                 offset: int = 0) -> None:
+        num_heads = _int("num_heads", num_heads, 1)
+        sparse_block = _int("sparse_block", sparse_block, 16)
+        if sparse_block & (sparse_block - 1):
+            raise ValueError(f"sparse_block must be a power of two >= 16, got {sparse_block}")
+        local_blocks = _int("local_blocks", local_blocks, 1)
+        vert_stride = _int("vert_stride", vert_stride, 1)
+        num_kv_heads = num_heads if num_kv_heads is None else _int("num_kv_heads", num_kv_heads, 1)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        group = num_heads // num_kv_heads
+        num_dense_heads = _int("num_dense_heads", num_dense_heads, 0)
+        if num_dense_heads > num_heads or num_dense_heads % group:
+            raise ValueError(f"num_dense_heads ({num_dense_heads}) must be a multiple of the GQA group "
+                             f"size ({group}) and at most num_heads ({num_heads})")
+        if head_sliding_step is None:
+            head_sliding_step = max(1, vert_stride // num_kv_heads)
+        head_sliding_step = _int("head_sliding_step", head_sliding_step, 0)
+        offset = _int("offset", offset, 0)
+        if not isinstance(homo_head, (bool, np.bool_)):
+            raise TypeError(f"homo_head must be a bool, got {type(homo_head).__name__}")
+        for name, val in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("group", group),
+                          ("sparse_block", sparse_block), ("local_blocks", local_blocks),
+                          ("vert_stride", vert_stride), ("homo_head", bool(homo_head)),
+                          ("num_dense_heads", num_dense_heads),
+                          ("head_sliding_step", head_sliding_step), ("offset", offset)):
+            object.__setattr__(self, name, val)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("S2Pattern is immutable")
+
+    def _key(self):
+        return tuple(getattr(self, n) for n in self.__slots__)
+
+    def __eq__(self, other):
+        return isinstance(other, S2Pattern) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return ("S2Pattern(num_heads={}, sparse_block={}, local_blocks={}, vert_stride={}, num_kv_heads={}, "
+                "homo_head={}, num_dense_heads={}, head_sliding_step={}, offset={})").format(
+            self.num_heads, self.sparse_block, self.local_blocks, self.vert_stride, self.num_kv_heads,
+            self.homo_head, self.num_dense_heads, self.head_sliding_step, self.offset)
+
+    # ---- per-head questions ---------------------------------------------------------------
+    @property
+    def dense_from(self) -> int:
+        """The first dense KV head (num_kv_heads when none is dense)."""
+        return self.num_kv_heads - self.num_dense_heads // self.group
+
+    def kv_head_of(self, head: int) -> int:
+        return head // self.group
+
+    def is_dense(self, kv_head: int) -> bool:
+        return kv_head >= self.dense_from
+
+    def _check_kv_head(self, kv_head: int) -> None:
+        if not 0 <= kv_head < self.num_kv_heads:
+            raise ValueError(f"kv_head must be in [0, {self.num_kv_heads}), got {kv_head}")
+
+    def in_shard(self, kv_head: int, j: int) -> bool:
+        """Whether key block j is in the KV head's strided shard (dense heads: every block)."""
+        self._check_kv_head(kv_head)
+        if self.is_dense(kv_head):
+            return True
+        s = 0 if self.homo_head else kv_head
+        return (j + s * self.head_sliding_step + self.offset) % self.vert_stride == 0
+
+    def kv_head_reads(self, kv_head: int, i: int, j: int) -> bool:
+        """Whether query block i of KV head `kv_head` reads key block j."""
+        return 0 <= j <= i and (i - j < self.local_blocks or self.in_shard(kv_head, j))
+
+    def reads(self, head: int, i: int, j: int) -> bool:
+        """Whether query block i of q head `head` reads key block j."""
+        if not 0 <= head < self.num_heads:
+            raise ValueError(f"head must be in [0, {self.num_heads}), got {head}")
+        return self.kv_head_reads(self.kv_head_of(head), i, j)
+
+    def key_blocks(self, kv_head: int, i: int) -> list[int]:
+        """The key blocks query block i of a KV head reads, ascending (the kernels' tile list)."""
+        self._check_kv_head(kv_head)
+        return [j for j in range(i + 1) if self.kv_head_reads(kv_head, i, j)]
+
+    def kv_head_keeps(self, kv_head: int, j: int, query_block: int) -> bool:
+        """Whether a KV head must keep key block j once queries have reached `query_block`: some
+        query block >= query_block still reads it (in its shard, or still in the local window)."""
+        return self.in_shard(kv_head, j) or query_block - j < self.local_blocks
+
+    # ---- whole-context views ---------------------------------------------------------------
+    def block_mask(self, num_blocks: int) -> torch.Tensor:
+        """bool [num_kv_heads, num_blocks, num_blocks]: [h, i, j] = KV head h, query block i
+        reads key block j."""
+        num_blocks = _int("num_blocks", num_blocks, 0)
+        i = torch.arange(num_blocks)
+        causal = i[None, :] <= i[:, None]
+        local = (i[:, None] - i[None, :]) < self.local_blocks
+        heads = torch.arange(self.num_kv_heads)
+        s = torch.zeros_like(heads) if self.homo_head else heads
+        shard = ((i[None, :] + s[:, None] * self.head_sliding_step + self.offset) % self.vert_stride) == 0
+        shard |= (heads >= self.dense_from)[:, None]
+        return causal[None] & (local[None] | shard[:, None, :])
+
+    def mask(self, num_tokens: int) -> torch.Tensor:
+        """The dense reference mask: bool [num_heads, num_tokens, num_tokens], [h, q, k] = q head h
+        at position q attends to position k (causal inside the diagonal block)."""
+        num_tokens = _int("num_tokens", num_tokens, 0)
+        nb = -(-num_tokens // self.sparse_block)
+        blk = torch.arange(num_tokens) // self.sparse_block
+        bm = self.block_mask(nb)[:, blk][:, :, blk]
+        pos = torch.arange(num_tokens)
+        m = bm & (pos[None, :] <= pos[:, None])[None]
+        return m.repeat_interleave(self.group, dim=0)
+
+    def density(self, num_tokens: int) -> float:
+        """Fraction of all num_tokens² (query, key) pairs attended, averaged over heads (dense
+        causal is (T+1)/(2T)). Computed per block, without the T×T mask."""
+        num_tokens = _int("num_tokens", num_tokens, 1)
+        sb = self.sparse_block
+        nb = -(-num_tokens // sb)
+        sizes = np.full(nb, sb, dtype=np.float64)
+        sizes[-1] = num_tokens - (nb - 1) * sb
+        diagonal = float((sizes * (sizes + 1) / 2).sum())
+        total = 0.0
+        for bm in self.block_mask(nb).numpy():
+            total += sizes @ np.tril(bm, -1).astype(np.float64) @ sizes + diagonal
+        return total / (self.num_kv_heads * float(num_tokens) ** 2)
+
+    def _kernel_args(self) -> _S2Args:
+        return _S2Args(self.sparse_block, self.local_blocks, self.vert_stride,
+                       self.head_sliding_step, self.offset, self.dense_from, self.homo_head)
+
+
+def _check_pattern(pattern, hq: int, hkv: int) -> None:
+    _need(isinstance(pattern, S2Pattern), f"pattern must be an S2Pattern, got {type(pattern).__name__}",
+          TypeError)
+    _need(pattern.num_heads == hq and pattern.num_kv_heads == hkv,
+          f"pattern is for {pattern.num_heads} q / {pattern.num_kv_heads} kv heads, "
+          f"the tensors have {hq} / {hkv}")
+
+
+def s2_attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                         pattern: S2Pattern, scale: float, *, impl: str | None = None,
+                         out: torch.Tensor | None = None, max_seqlen_q: int | None = None,
+                         validate: bool = True) -> torch.Tensor:
+    """Variable-length causal S2-attention on contiguous K/V.
+
+    q ``[total_q, Hq, D]``; k/v ``[total_k, Hkv, D]``; query i of sequence b sits at position
+    ``len_k(b) - len_q(b) + i`` (a prefill on top of a cached prefix is one call). Key blocks
+    a head does not read are never loaded. Returns ``[total_q, Hq, D]`` in q's dtype.
+    """
+    _check_q_kv(q, k, v, paged=False)
+    _check_scale(scale)
+    _check_out(out, q)
+    _check_pattern(pattern, q.shape[1], k.shape[1])
+    _check_int_vec("cu_seqlens_q", cu_seqlens_q, None, q.device)
+    _need(cu_seqlens_q.shape[0] >= 1, "cu_seqlens_q needs batch + 1 entries")
+    batch = cu_seqlens_q.shape[0] - 1
+    _check_int_vec("cu_seqlens_k", cu_seqlens_k, batch + 1, q.device)
+    if validate and batch:
+        cq, ck = cu_seqlens_q.long(), cu_seqlens_k.long()
+        _need(int(cq[0]) == 0 and int(cq[-1]) == q.shape[0],
+              f"cu_seqlens_q must start at 0 and end at total_q={q.shape[0]}")
+        _need(int(ck[0]) == 0 and int(ck[-1]) <= k.shape[0],
+              f"cu_seqlens_k must start at 0 and end at most at total_k={k.shape[0]}")
+        lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
+        _need(bool((lq >= 0).all() and (lk >= 0).all()), "cu_seqlens must be non-decreasing")
+        _need(bool((lq <= lk).all()), "every sequence needs len_k >= len_q")
+    return _run(impl, q, k=k, v=v, scale=scale, paged=False, cu_seqlens_q=cu_seqlens_q,
+                cu_seqlens_k=cu_seqlens_k, s2=pattern._kernel_args(), out=out,
+                max_seqlen_q=max_seqlen_q)
+
+
+def s2_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, seq_lens: torch.Tensor, pattern: S2Pattern,
+                        scale: float, *, impl: str | None = None, out: torch.Tensor | None = None,
+                        num_splits: int | None = None, validate: bool = True) -> torch.Tensor:
+    """Paged S2-attention decode, q ``[batch, Hq, D]``.
+
+    Two cache layouts, one kernel:
+    - shared: caches ``[num_blocks, block_size, Hkv, D]``, block_tables ``[batch, max_blocks]``;
+    - head-sharded pool: caches ``[num_blocks, block_size, 1, D]`` (one KV head per physical
+      block), block_tables ``[batch, Hkv, max_logical_blocks]`` mapping (head, logical block) to a
+      physical block, -1 where the head stores nothing; only blocks the pattern reads are read.
+    """
+    per_head = isinstance(block_tables, torch.Tensor) and block_tables.dim() == 3
+    if per_head:
+        _check_q_kv(q, k_cache, v_cache, paged=True, per_head_ok=True)
+        _need(k_cache.shape[2] == 1,
+              f"per-head block tables need caches with one KV head per block, got {tuple(k_cache.shape)}")
+        hkv = block_tables.shape[1]
+        _need(q.shape[1] % hkv == 0, f"num q heads ({q.shape[1]}) must be a multiple of num kv heads ({hkv})")
+    _check_paged(q, k_cache, v_cache, block_tables, seq_lens, None, scale, out, num_splits, validate,
+                 per_head=per_head)
+    _check_pattern(pattern, q.shape[1], hkv if per_head else k_cache.shape[2])
+    return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,
+                block_tables=block_tables, s2=pattern._kernel_args(), out=out, num_splits=num_splits)
