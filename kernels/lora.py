@@ -358,12 +358,13 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_ids: torch.Tensor
     if H < 1:
         raise ValueError("x has H = 0")
     _check_weight("lora_a", lora_a, x, H, "H")
+    impl = choose_impl(x, impl)
     ids, plan = _resolve_plan(plan, adapter_ids, lora_a, T)
     r = lora_a.shape[-1]
     y = torch.empty((T, r), dtype=x.dtype, device=x.device)
     if T == 0:
         return y
-    if choose_impl(x, impl) == "torch":
+    if impl == "torch":
         return _torch_sgmv(x, lora_a, ids, plan, scale, y, add=False)
     block_m = plan.block_m if plan is not None else (16 if T <= 16 else 32 if T <= 32 else 64)
     block_n = _pow2(r)
@@ -400,13 +401,14 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, adapter_ids: torch.Tensor
         _check_float("out", out, y.device)
         if tuple(out.shape) != (T, N):
             raise ValueError(f"out must be [T, N] = [{T}, {N}], got {list(out.shape)}")
+    impl = choose_impl(y, impl)
     ids, plan = _resolve_plan(plan, adapter_ids, lora_b, T)
     add = out is not None
     if out is None:
         out = torch.empty((T, N), dtype=y.dtype, device=y.device)
     if T == 0:
         return out
-    if choose_impl(y, impl) == "torch":
+    if impl == "torch":
         return _torch_sgmv(y, lora_b, ids, plan, scale, out, add=add)
     block_m = plan.block_m if plan is not None else (16 if T <= 16 else 32 if T <= 32 else 64)
     block_k = _pow2(r)
@@ -435,10 +437,11 @@ def lora_shrink_all(x: torch.Tensor, lora_a: torch.Tensor, *, scale: float = 1.0
     if lora_a.dim() != 3:
         raise ValueError(f"lora_a must be [A, H, r], got {list(lora_a.shape)}")
     A, _, r = lora_a.shape
+    impl = choose_impl(x, impl)
     out = torch.empty((A, T, r), dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    if choose_impl(x, impl) == "torch":
+    if impl == "torch":
         out.copy_((torch.matmul(x.float().unsqueeze(0), lora_a.float()) * scale).to(x.dtype))
         return out
     block_m = 16 if T <= 16 else 32 if T <= 32 else 64
