@@ -1,0 +1,161 @@
+"""The engine's attention backend: writes new tokens' K/V (per cache mode) and attends over the
+paged caches, for a batch of chunks from many sessions and agents.
+
+Per layer, every chunk's new K/V are written first and only then does any chunk attend, so
+several consecutive chunks of one session (a replay of tokens that different agents processed)
+run correctly in one forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .cache import Agent, KVManager
+from .model import Rope
+
+V_PROJ, K_PROJ = "self_attn.v_proj", "self_attn.k_proj"
+
+
+@dataclass
+class Chunk:
+    sid: int
+    agent: Agent | None  # the agent whose pass processes these tokens (None: base model)
+    start: int  # position of the first new token
+    end: int  # one past the last new token
+    row0: int  # first row of the chunk in the batch
+    streams: dict = field(default_factory=dict)  # stream key -> Stream
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row0, self.row0 + self.end - self.start)
+
+
+def _write(pool_tensor: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    flat = pool_tensor.view(-1, *pool_tensor.shape[2:])
+    flat[slots] = values.to(flat.dtype)
+
+
+def _read(pool_tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return pool_tensor.view(-1, *pool_tensor.shape[2:])[slots]
+
+
+def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float,
+                 window: int | None = None, head_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA attention of queries at positions q_start.. over keys 0..T-1, fp32 math.
+
+    q [n, Hq, D], k/v [T, Hkv, D]; head_mask [Hq, n, T] bool (S2 pattern) restricts further.
+    """
+    n, hq, _ = q.shape
+    t, hkv, _ = k.shape
+    g = hq // hkv
+    kf = k.float().repeat_interleave(g, dim=1)
+    vf = v.float().repeat_interleave(g, dim=1)
+    s = torch.einsum("nhd,thd->hnt", q.float(), kf) * scale
+    qpos = torch.arange(q_start, q_start + n, device=q.device)
+    kpos = torch.arange(t, device=q.device)
+    mask = kpos[None, :] <= qpos[:, None]
+    if window:
+        mask = mask & (kpos[None, :] > qpos[:, None] - window)
+    mask = mask[None].expand(hq, n, t)
+    if head_mask is not None:
+        mask = mask & head_mask
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("hnt,thd->nhd", p, vf).to(q.dtype)
+
+
+class PagedAttention:
+    """AttentionBackend for one forward over `chunks` (see engine/model.py)."""
+
+    def __init__(self, kv: KVManager, chunks: list[Chunk], lora, lora_ids: torch.Tensor, s2=None):
+        self.kv, self.chunks, self.lora, self.ids = kv, chunks, lora, lora_ids
+        self.s2 = s2  # engine/s2.py helper or None
+        c = kv.config
+        self.scale = c.head_dim ** -0.5
+        self.window = c.sliding_window
+        # slots are the same for every layer: compute them once per forward
+        self.w_slots = [{k: s.slots(ch.start, ch.end) for k, s in ch.streams.items()} for ch in chunks]
+        self.r_slots = [{k: s.slots(0, ch.end) for k, s in ch.streams.items()} for ch in chunks]
+        self.k_agents = [a for a in kv._sorted() if a.k_lora] if kv.shared else []
+        self.lr_keys = [k for k in kv.stream_keys(None) if k[0] == "lr"] if kv.shared else []
+
+    def attend(self, model, layer: int, x, q, k, v, rope: Rope) -> torch.Tensor:
+        if self.kv.shared:
+            self._write_shared(model, layer, x, k, v, rope)
+        else:
+            self._write_full(model, layer, x, k, v, rope)
+        out = torch.empty_like(q)
+        for i, ch in enumerate(self.chunks):
+            out[ch.rows] = self._attend_chunk(i, ch, layer, q[ch.rows])
+        return out
+
+    # ---- writes ------------------------------------------------------------------------------
+    def _write_full(self, model, layer, x, k, v, rope):
+        dk = self.lora.delta(K_PROJ, layer, x, self.ids)
+        dv = self.lora.delta(V_PROJ, layer, x, self.ids)
+        kf = model.finish_k(layer, k if dk is None else k + dk, rope)
+        vf = model.finish_v(v if dv is None else v + dv)
+        for i, ch in enumerate(self.chunks):
+            (key, s), = ch.streams.items()
+            slots = self.w_slots[i][key]
+            _write(s.pool.layer(0, layer), slots, kf[ch.rows])
+            _write(s.pool.layer(1, layer), slots, vf[ch.rows])
+
+    def _write_shared(self, model, layer, x, k, v, rope):
+        kb = model.finish_k(layer, k, rope)
+        vb = model.finish_v(v)
+        extra_k = {}
+        for a in self.k_agents:
+            ab = a.lora.get(layer, K_PROJ)
+            extra_k[a.name] = kb if ab is None else model.finish_k(layer, k + F.linear(F.linear(x, ab[0]), ab[1]), rope)
+        # LRAgent: the low-rank V of every agent from one shrink with the A matrices stacked
+        lows = {}
+        if self.lr_keys:
+            mats, keys = [], []
+            for key in self.lr_keys:
+                a = self._lr_owner(key)
+                ab = a.lora.get(layer, V_PROJ)
+                if ab is not None:
+                    mats.append(ab[0])
+                    keys.append(key)
+            if mats:
+                low = F.linear(x, torch.cat(mats, 0))
+                for key, part in zip(keys, torch.split(low, [m.shape[0] for m in mats], dim=1)):
+                    lows[key] = part
+        for i, ch in enumerate(self.chunks):
+            rows = ch.rows
+            for key, s in ch.streams.items():
+                slots = self.w_slots[i][key]
+                if key[0] == "kv":
+                    _write(s.pool.layer(0, layer), slots, kb[rows])
+                    _write(s.pool.layer(1, layer), slots, vb[rows])
+                elif key[0] == "k":
+                    _write(s.pool.layer(0, layer), slots, extra_k[key[1]][rows])
+                elif key in lows:
+                    _write(s.pool.layer(0, layer), slots, lows[key][rows])
+
+    def _lr_owner(self, key) -> Agent:
+        if key[1] is not None:
+            return self.kv.agents[key[1]]
+        return next(a for a in self.kv._sorted() if a.v_rank)
+
+    # ---- reads -------------------------------------------------------------------------------
+    def _attend_chunk(self, i: int, ch: Chunk, layer: int, q: torch.Tensor) -> torch.Tensor:
+        kv_key = next(k for k in ch.streams if k[0] == "kv")
+        kvs = ch.streams[kv_key]
+        slots = self.r_slots[i][kv_key]
+        K = _read(kvs.pool.layer(0, layer), slots)
+        V = _read(kvs.pool.layer(1, layer), slots)
+        a = ch.agent
+        if self.kv.shared and a is not None:
+            if a.k_lora and ("k", a.name) in ch.streams:
+                K = _read(ch.streams[("k", a.name)].pool.layer(0, layer), self.r_slots[i][("k", a.name)])
+            ab = a.lora.get(layer, V_PROJ) if a.v_rank else None
+            if ab is not None:
+                lkey = ("lr", a.name) if self.kv.mode == "base_shared" else ("lr", None)
+                L = _read(ch.streams[lkey].pool.layer(0, layer), self.r_slots[i][lkey])
+                # the torch fallback materialises L·B; Flash-LoRA (kernels) never does
+                V = V + F.linear(L, ab[1]).view_as(V).to(V.dtype)
+        head_mask = self.s2.mask(layer, ch.start, ch.end, q.device) if self.s2 is not None else None
+        return attend_torch(q, K, V, ch.start, self.scale, self.window, head_mask)

@@ -1,0 +1,202 @@
+"""Cache modes (LRAgent): which streams of which pools a session's agents write and read.
+
+Streams of a session, by mode (`agent` = an agent name):
+- non_shared:     ("kv", agent) for every agent that has run on the session; each has its own
+                  coverage (an agent joining a trajectory re-runs the tokens it has not seen).
+- full_shared:    ("kv", None), written by whichever agent processes each token (its LoRA applied
+                  to K and V), read by all.
+- base_shared:    ("kv", None) base K/V (no LoRA on K or V); ("lr", agent) = x·A_v,agent for every
+                  agent with a v_proj LoRA, all written in the same pass; ("k", agent) for an agent
+                  with a k_proj LoRA: its K lives in its own namespace.
+- base_lr_shared: as base_shared with one ("lr", None) stream (one A shared by all agents).
+In the shared modes every stream of a session covers the same tokens (one coverage counter).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelConfig
+from .kvcache import BlockPool, ByteBudget, CacheFull, Stream
+
+MODES = ("non_shared", "base_shared", "base_lr_shared", "full_shared")
+
+
+@dataclass
+class Agent:
+    name: str
+    lora_id: int = -1  # slot in the LoraSet, -1 = none
+    lora: object | None = None  # LoraAdapter
+    esft_id: int = -1  # ESFT adapter slot, -1 = base experts
+    esft: str | None = None  # ESFT adapter name
+    k_lora: bool = False
+    v_rank: int = 0
+
+
+@dataclass
+class SessionCache:
+    streams: dict = field(default_factory=dict)  # key -> Stream
+    covered: dict = field(default_factory=dict)  # coverage key -> tokens cached
+
+
+class KVManager:
+    def __init__(self, config: ModelConfig, mode: str, block_size: int, budget_bytes: int, device, dtype):
+        if mode not in MODES:
+            raise ValueError(f"cache_mode must be one of {MODES}, got {mode!r}")
+        self.config, self.mode, self.block_size = config, mode, block_size
+        self.device, self.dtype = device, dtype
+        self.budget = ByteBudget(budget_bytes)
+        self.pools: dict[str, BlockPool] = {}
+        self.sessions: dict[int, SessionCache] = {}
+        self.agents: dict[str, Agent] = {}  # the registered agents (shared modes write for all)
+
+    @property
+    def shared(self) -> bool:
+        return self.mode in ("base_shared", "base_lr_shared")
+
+    # ---- pools -----------------------------------------------------------------------------
+    def pool(self, kind: str, rank: int = 0) -> BlockPool:
+        name = kind if kind != "lr" else f"lr{rank}"
+        if name not in self.pools:
+            c = self.config
+            shape, n = ((c.num_kv_heads, c.head_dim), 2 if kind == "kv" else 1) if kind != "lr" else ((rank,), 1)
+            self.pools[name] = BlockPool(name, c.num_layers, self.block_size, shape, n, self.dtype,
+                                         self.device, self.budget)
+        return self.pools[name]
+
+    # ---- which streams -----------------------------------------------------------------------
+    def cov_key(self, agent: str | None):
+        return agent if self.mode == "non_shared" else None
+
+    def stream_keys(self, agent: str | None) -> list[tuple]:
+        """Every stream a chunk processed by `agent` writes (in shared modes: for all agents)."""
+        if self.mode == "non_shared":
+            return [("kv", agent)]
+        if self.mode == "full_shared":
+            return [("kv", None)]
+        keys = [("kv", None)]
+        keys += [("k", a.name) for a in self._sorted() if a.k_lora]
+        if self.mode == "base_shared":
+            keys += [("lr", a.name) for a in self._sorted() if a.v_rank]
+        elif any(a.v_rank for a in self.agents.values()):
+            keys.append(("lr", None))
+        return keys
+
+    def _sorted(self) -> list[Agent]:
+        return [self.agents[n] for n in sorted(self.agents)]
+
+    def lr_rank(self, key: tuple) -> int:
+        if key[1] is not None:
+            return self.agents[key[1]].v_rank
+        return max(a.v_rank for a in self.agents.values())
+
+    def _pool_for(self, key: tuple) -> BlockPool:
+        return self.pool(key[0], self.lr_rank(key) if key[0] == "lr" else 0)
+
+    def state(self, sid: int) -> SessionCache:
+        return self.sessions.setdefault(sid, SessionCache())
+
+    def coverage(self, sid: int, agent: str | None) -> int:
+        st = self.sessions.get(sid)
+        return 0 if st is None else st.covered.get(self.cov_key(agent), 0)
+
+    def streams(self, sid: int, agent: str | None) -> dict:
+        st = self.state(sid)
+        out = {}
+        for key in self.stream_keys(agent):
+            if key not in st.streams:
+                st.streams[key] = Stream(self._pool_for(key))
+            out[key] = st.streams[key]
+        return out
+
+    def reserve(self, sid: int, agent: str | None, end: int) -> None:
+        """Room for tokens [0, end) in every stream `agent` writes, all or nothing (CacheFull)."""
+        streams = self.streams(sid, agent)
+        need = sum(s.blocks_needed(end) * s.pool.block_bytes for s in streams.values())
+        if self.budget.used + need > self.budget.capacity:
+            raise CacheFull(f"session {sid}: {need} more KV bytes needed, "
+                            f"{self.budget.capacity - self.budget.used} free of {self.budget.capacity}")
+        for s in streams.values():
+            s.reserve(end)
+
+    def bytes_to_reserve(self, sid: int, agent: str | None, end: int) -> int:
+        st = self.sessions.get(sid)
+        total = 0
+        for key in self.stream_keys(agent):
+            s = st.streams.get(key) if st else None
+            pool = self._pool_for(key)
+            have = len(s.blocks) if s else 0
+            total += max(0, -(-end // pool.block_size) - have) * pool.block_bytes
+        return total
+
+    def advance(self, sid: int, agent: str | None, end: int) -> None:
+        st = self.state(sid)
+        k = self.cov_key(agent)
+        st.covered[k] = max(st.covered.get(k, 0), end)
+        for key in self.stream_keys(agent):
+            st.streams[key].length = max(st.streams[key].length, end)
+
+    # ---- freeing -----------------------------------------------------------------------------
+    def free_session(self, sid: int) -> int:
+        st = self.sessions.pop(sid, None)
+        if st is None:
+            return 0
+        n = sum(s.nbytes() for s in st.streams.values())
+        for s in st.streams.values():
+            s.release()
+        return n
+
+    def session_bytes(self, sid: int) -> int:
+        st = self.sessions.get(sid)
+        return 0 if st is None else sum(s.nbytes() for s in st.streams.values())
+
+    def drop_agent(self, name: str) -> None:
+        """Free every stream that belongs to agent `name` (its own K/V, K namespace, low-rank V)."""
+        for st in self.sessions.values():
+            for key in [k for k in st.streams if k[1] == name]:
+                st.streams.pop(key).release()
+            st.covered.pop(name, None) if self.mode == "non_shared" else None
+
+    # ---- accounting ----------------------------------------------------------------------------
+    def report(self) -> dict:
+        pools = {n: p.report() for n, p in self.pools.items()}
+        ns: dict[str, int] = {}
+        tokens = 0
+        for st in self.sessions.values():
+            for (kind, who), s in st.streams.items():
+                label = {"kv": "kv", "k": "k", "lr": "lowrank"}[kind] + (f":{who}" if who else ":shared")
+                if kind == "kv" and self.mode != "non_shared":
+                    label = "kv:base" if self.mode != "full_shared" else "kv:shared"
+                ns[label] = ns.get(label, 0) + s.nbytes()
+            tokens += max(st.covered.values(), default=0)
+        c = self.config
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        kv_tok = 2 * c.num_layers * c.kv_size * elt
+        k_tok = kv_tok // 2
+        n = max(1, len(self.agents))
+        v_ranks = [a.v_rank for a in self.agents.values() if a.v_rank]
+        nk = sum(1 for a in self.agents.values() if a.k_lora)
+        lr_tok = c.num_layers * elt
+        per_token = {
+            "non_shared": n * kv_tok,
+            "full_shared": kv_tok,
+            "base_shared": kv_tok + nk * k_tok + lr_tok * sum(v_ranks),
+            "base_lr_shared": kv_tok + nk * k_tok + lr_tok * (max(v_ranks) if v_ranks else 0),
+        }
+        return {
+            "cache_mode": self.mode,
+            "block_size": self.block_size,
+            "budget_bytes": self.budget.capacity,
+            "used_bytes": self.budget.used,
+            "mapped_bytes": sum(p["mapped_bytes"] for p in pools.values()),
+            "pools": pools,
+            "namespaces": ns,
+            "k_namespace_agents": sorted(a.name for a in self.agents.values() if a.k_lora)
+            if self.mode in ("base_shared", "base_lr_shared") else [],
+            "note": ("agents with a k_proj LoRA keep their K in their own namespace ('k:<agent>'); "
+                     "V stays shared as base + low-rank") if self.shared and nk else "",
+            "sessions": len(self.sessions),
+            "tokens_cached": tokens,
+            "per_token_bytes_by_mode": per_token,
+        }

@@ -1,0 +1,394 @@
+"""The Engine: agents (LoRA / ESFT adapters) over one base model, sessions, continuous batching."""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Iterable
+
+import torch
+
+from .attention import Chunk, PagedAttention
+from .builtin import BUILTIN, builtin_weights
+from .cache import MODES, Agent, KVManager
+from .config import ModelConfig, load_config
+from .loader import LoadError, load_weights
+from .lora import LoraSet, load_peft_adapter, same_v_a
+from .model import BatchInputs, DecoderModel
+from .sampling import SamplingParams, make_generator, sample
+from .scheduler import CacheCapacityError, Scheduler, Work
+from .sequence import GenerationOutput, Request, Session, Status
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    return 1 << 30
+
+
+class Engine:
+    """Serve many agents on one base model. Build with `Engine.from_pretrained`.
+
+    Agents: `add_lora_agent(name, peft_dir or None)`; on MoE models `add_esft_adapter(name, dir)`
+    registers agent `name` whose tokens are routed to that ESFT adapter's experts. A session is
+    one token trajectory; `generate(session, agent, prompt, params)` appends the prompt and the
+    output to it. `add_request` / `step` are the same machinery driven from outside.
+    """
+
+    def __init__(self, model: DecoderModel, cache_mode: str, max_kv_bytes: int | None,
+                 block_size: int = 16, max_batched_tokens: int = 512, max_running: int = 64):
+        if cache_mode not in MODES:
+            raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if max_batched_tokens < 1 or max_running < 1:
+            raise ValueError("max_batched_tokens and max_running must be >= 1")
+        if max_kv_bytes is not None and (not isinstance(max_kv_bytes, int) or max_kv_bytes <= 0):
+            raise ValueError(f"max_kv_bytes must be a positive int or None, got {max_kv_bytes!r}")
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.device = model.device
+        self.cache_mode = cache_mode
+        budget = max_kv_bytes if max_kv_bytes is not None else _default_budget(self.device)
+        self.kv = KVManager(self.config, cache_mode, block_size, budget, self.device, model.dtype)
+        self.sched = Scheduler(self.kv, max_batched_tokens, max_running)
+        self.lora = LoraSet()
+        self.agents: dict[str, Agent] = self.kv.agents
+        self.esft = None
+        self._ids = itertools.count()
+        self._sids = itertools.count()
+        self._requests: dict[int, Request] = {}
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_builtin_name: str, cache_mode: str = "base_lr_shared",
+                        device: str | torch.device | None = None, max_kv_bytes: int | None = None, *,
+                        dtype: torch.dtype = torch.float32, block_size: int = 16,
+                        max_batched_tokens: int = 512, max_running: int = 64, seed: int = 0) -> "Engine":
+        """Load a HF checkpoint directory or a built-in model ("tiny", "tiny-moe", "tiny-s2").
+
+        device None: cuda if usable, else cpu. max_kv_bytes None: half the free GPU memory, or
+        1 GiB on CPU. dtype: weights and caches (float32 default, for parity with transformers).
+        """
+        if cache_mode not in MODES:
+            raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
+        dev = torch.device(device) if device is not None else _default_device()
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' asked for but no CUDA device is usable")
+        if not isinstance(path_or_builtin_name, (str, os.PathLike)):
+            raise TypeError(f"path_or_builtin_name must be a str path or built-in name, "
+                            f"got {type(path_or_builtin_name).__name__}")
+        name = str(path_or_builtin_name)
+        if name in BUILTIN and not os.path.isdir(name):
+            config, weights = builtin_weights(name, dev, dtype, seed)
+        else:
+            if not os.path.isdir(name):
+                raise LoadError(f"{name!r} is neither a model directory nor a built-in model "
+                                f"({', '.join(sorted(BUILTIN))})")
+            config = load_config(name)
+            weights = load_weights(name, config, dev, dtype)
+        model = DecoderModel(config, weights, dev, dtype)
+        eng = cls(model, cache_mode, max_kv_bytes, block_size, max_batched_tokens, max_running)
+        eng.model_path = name
+        return eng
+
+    # ---- agents ------------------------------------------------------------------------------
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"agent name must be a non-empty str, got {name!r}")
+        if name in self.agents:
+            raise ValueError(f"agent {name!r} is already registered")
+
+    def add_lora_agent(self, name: str, peft_dir: str | None = None) -> None:
+        """Register agent `name` with the PEFT LoRA adapter in `peft_dir` (None: no adapter)."""
+        self._check_new_name(name)
+        adapter = None
+        if peft_dir is not None:
+            adapter = load_peft_adapter(peft_dir, self.config, self.device, self.model.dtype, name)
+        agent = Agent(name)
+        if adapter is not None:
+            agent.lora, agent.k_lora, agent.v_rank = adapter, adapter.has("self_attn.k_proj"), adapter.v_rank()
+        if self.cache_mode == "base_lr_shared" and agent.v_rank:
+            for other in self.agents.values():
+                if other.v_rank and not same_v_a(other.lora, adapter):
+                    raise ValueError(
+                        f"cache_mode 'base_lr_shared' needs one v_proj LoRA A shared by all agents; "
+                        f"{name!r} and {other.name!r} have different A (use 'base_shared')")
+        self._register(agent)
+
+    def _register(self, agent: Agent) -> None:
+        if agent.lora is not None:
+            agent.lora_id = max(self.lora.adapters, default=-1) + 1
+            self.lora.adapters[agent.lora_id] = agent.lora
+        changes_streams = self.kv.shared and (
+            agent.k_lora or (agent.v_rank and (self.cache_mode == "base_shared"
+                                               or not any(a.v_rank for a in self.agents.values()))))
+        self.agents[agent.name] = agent
+        if changes_streams:
+            # the new agent's K namespace / low-rank V must cover every cached token; they are
+            # rebuilt by replaying each session (same tokens, same processing agents)
+            self._invalidate_all()
+
+    def _invalidate_all(self) -> None:
+        for sid in list(self.kv.sessions):
+            self.kv.free_session(sid)
+        for req in self.sched.running:
+            req.status = Status.WAITING
+
+    def add_esft_adapter(self, name: str, esft_dir: str) -> None:
+        """Load an ESFT expert adapter and register agent `name` whose tokens use its experts
+        (MoE models only). The agent has no LoRA; remove it with `remove_adapter(name)`."""
+        self._check_new_name(name)
+        if not self.config.is_moe:
+            raise ValueError(f"add_esft_adapter needs an MoE model; {self.config.model_type!r} is dense")
+        from .esft import EsftManager
+
+        if self.esft is None:
+            self.esft = EsftManager(self.model)
+            self.model.esft = self.esft
+        slot = self.esft.load(name, esft_dir)
+        self._register(Agent(name, esft_id=slot, esft=name))
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister agent `name` and free its adapter, ESFT experts and own caches. Tokens it
+        added stay in their sessions; if a shared-mode cache must be recomputed later, those
+        tokens are re-run without its adapter."""
+        if name not in self.agents:
+            raise KeyError(f"no agent named {name!r}")
+        busy = [r.id for r in self._requests.values() if r.agent == name and not r.finished]
+        if busy:
+            raise ValueError(f"agent {name!r} has unfinished requests {busy}")
+        agent = self.agents.pop(name)
+        if agent.lora_id >= 0:
+            del self.lora.adapters[agent.lora_id]
+        if agent.esft is not None:
+            self.esft.unload(agent.esft)
+        self.kv.drop_agent(name)
+        if self.cache_mode == "base_lr_shared" and not any(a.v_rank for a in self.agents.values()):
+            for st in self.kv.sessions.values():
+                if ("lr", None) in st.streams:
+                    st.streams.pop(("lr", None)).release()
+
+    def list_agents(self) -> list[str]:
+        return sorted(self.agents)
+
+    # ---- sessions and requests -------------------------------------------------------------
+    def new_session(self) -> Session:
+        s = Session(next(self._sids))
+        self.sched.sessions[s.id] = s
+        return s
+
+    def close_session(self, session: Session | int) -> None:
+        s = self._session(session)
+        if s.active is not None or s.queue:
+            raise ValueError(f"session {s.id} has unfinished requests")
+        self.kv.free_session(s.id)
+        del self.sched.sessions[s.id]
+        s.closed = True
+
+    def _session(self, session) -> Session:
+        sid = session.id if isinstance(session, Session) else session
+        s = self.sched.sessions.get(sid) if isinstance(sid, int) else None
+        if s is None or (isinstance(session, Session) and s is not session):
+            raise ValueError(f"{session!r} is not an open session of this engine")
+        return s
+
+    def _tokens(self, token_ids, what: str) -> list[int]:
+        if isinstance(token_ids, torch.Tensor):
+            if token_ids.dim() != 1 or token_ids.dtype.is_floating_point:
+                raise TypeError(f"{what} must be a 1-D integer tensor or a list of ints")
+            token_ids = token_ids.tolist()
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Iterable):
+            raise TypeError(f"{what} must be a list of token ids, got {type(token_ids).__name__}")
+        out = list(token_ids)
+        for t in out:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"{what} must hold ints, found {t!r}")
+            if not 0 <= t < self.config.vocab_size:
+                raise ValueError(f"{what}: token id {t} outside the vocabulary [0, {self.config.vocab_size})")
+        return out
+
+    def _agent_name(self, agent) -> str | None:
+        if agent is None:
+            return None
+        if agent not in self.agents:
+            raise KeyError(f"no agent named {agent!r}; registered: {sorted(self.agents)}")
+        return agent
+
+    def add_request(self, session: Session | int, agent: str | None, prompt,
+                    params: SamplingParams | None = None) -> int:
+        """Queue a generation; returns its request id. Drive it with `step()`. agent None: the base
+        model with no adapter."""
+        s = self._session(session)
+        name = self._agent_name(agent)
+        toks = self._tokens(prompt, "prompt")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not toks and not s.tokens and not any(r.prompt for r in s.queue):
+            raise ValueError("prompt is empty and so is the session: nothing to condition on")
+        req = Request(next(self._ids), s, name, toks, params, make_generator(params, self.device))
+        s.queue.append(req)
+        self._requests[req.id] = req
+        return req.id
+
+    def get_output(self, request_id: int) -> GenerationOutput:
+        return self._requests[request_id].out
+
+    def has_unfinished(self) -> bool:
+        return any(not r.finished for r in self._requests.values())
+
+    def generate(self, session: Session | int, agent: str | None, prompt,
+                 params: SamplingParams | None = None) -> GenerationOutput:
+        """Append `prompt` to the session, generate with `agent`, append the output; returns the
+        generated ids (a GenerationOutput: a list with ttft_s, finish_reason, ... attached)."""
+        rid = self.add_request(session, agent, prompt, params)
+        req = self._requests[rid]
+        while not req.finished:
+            self.step()
+        self._requests.pop(rid, None)
+        if req.out.finish_reason == "error":
+            raise CacheCapacityError(req.out.error)
+        return req.out
+
+    def step(self) -> dict[int, list[int]]:
+        """Run one batch. Returns {request_id: tokens generated in this step} for every request
+        that got tokens or finished (streaming); `get_output(id)` has the whole output."""
+        works, failed = self.sched.schedule()
+        for req, msg in failed:
+            req.out.error, req.out.finish_reason = msg, "error"
+            self._finish(req)
+        if works:
+            logits = self._forward(works, all_rows=False)
+            for w, row in zip([w for w in works if w.sample], logits):
+                self._sampled(w.req, row)
+        out = {}
+        for req in list(self._requests.values()):
+            if req.new_tokens or (req.finished and not req.out.finished):
+                out[req.id] = req.new_tokens
+                req.new_tokens = []
+                req.out.finished = req.finished
+        return out
+
+    # ---- forward -----------------------------------------------------------------------------
+    def _forward(self, works: list[Work], all_rows: bool) -> torch.Tensor:
+        chunks: list[Chunk] = []
+        ids, pos, lids, eids, rows = [], [], [], [], []
+        row = 0
+        for w in works:
+            s = w.req.session
+            stream_agent = self.sched.stream_agent(w.req)
+            streams = self.kv.streams(s.id, stream_agent)
+            for proc, a, b in w.segments:
+                agent = self.agents.get(proc) if proc is not None else None
+                chunks.append(Chunk(s.id, agent, a, b, row, streams))
+                ids += s.tokens[a:b]
+                pos += range(a, b)
+                lids += [agent.lora_id if agent else -1] * (b - a)
+                eids += [agent.esft_id if agent else -1] * (b - a)
+                if all_rows:
+                    rows += range(row, row + b - a)
+                row += b - a
+            if w.sample and not all_rows:
+                rows.append(row - 1)
+        dev = self.device
+        t = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
+        inp = BatchInputs(t(ids), t(pos), t(lids), t(eids), t(rows))
+        self.lora.prepare(inp.lora_ids)
+        backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2())
+        logits = self.model.forward(inp, backend, self.lora)
+        for w in works:
+            sess, key = w.req.session, self.sched.stream_agent(w.req)
+            high = sess.high.get(key, 0)
+            w.req.out.recomputed_tokens += sum(max(0, min(b, high) - a) for _, a, b in w.segments)
+            sess.high[key] = max(high, w.segments[-1][2])
+            self.kv.advance(sess.id, key, w.segments[-1][2])
+        return logits
+
+    def _s2(self):
+        if self.config.s2 is None:
+            return None
+        if not hasattr(self, "_s2_helper"):
+            from .s2 import S2Masks
+
+            self._s2_helper = S2Masks(self.config)
+        return self._s2_helper
+
+    def _sampled(self, req: Request, logits_row: torch.Tensor) -> None:
+        now = time.perf_counter()
+        lp = torch.log_softmax(logits_row.float(), -1)
+        tok = sample(logits_row, req.params, req.gen)
+        s = req.session
+        s.tokens.append(tok)
+        s.procs.append(req.agent)
+        req.out.append(tok)
+        req.out.token_logprobs.append(float(lp[tok]))
+        if req.params.logprobs:
+            req.rows.append(lp.cpu())
+        req.new_tokens.append(tok)
+        if req.t_first is None:
+            req.t_first = now
+            req.out.ttft_s = now - req.t_arrival
+        stops = set(req.params.stop_token_ids)
+        if not req.params.ignore_eos:
+            stops |= set(self.config.eos_token_ids)
+        if tok in stops:
+            req.out.finish_reason = "stop"
+        elif len(req.out) >= req.params.max_tokens:
+            req.out.finish_reason = "length"
+        if req.out.finish_reason:
+            self._finish(req)
+
+    def _finish(self, req: Request) -> None:
+        now = time.perf_counter()
+        req.out.latency_s = now - req.t_arrival
+        if req.t_first is not None and len(req.out) > 1:
+            req.out.tpot_s = (now - req.t_first) / (len(req.out) - 1)
+        if req.rows:
+            req.out.logprobs = torch.stack(req.rows)
+        self.sched.finish(req)
+
+    # ---- scoring -----------------------------------------------------------------------------
+    def score(self, token_ids, agent: str | None = None) -> torch.Tensor:
+        """Log-probs [len, vocab] (float32, on CPU): row i = log-softmax of the logits after token
+        i, from `agent`'s pass (its adapters everywhere) on a fresh trajectory."""
+        name = self._agent_name(agent)
+        toks = self._tokens(token_ids, "token_ids")
+        if not toks:
+            raise ValueError("token_ids is empty")
+        s = Session(-1 - next(self._sids))
+        s.tokens, s.procs = list(toks), [name] * len(toks)
+        req = Request(-1, s, name, [], SamplingParams(), None)
+        stream_agent = self.sched.stream_agent(req)
+        outs = []
+        try:
+            start = 0
+            while start < len(toks):
+                end = min(len(toks), start + self.sched.max_batched_tokens)
+                if not self.sched.make_room(s.id, stream_agent, end, set()):
+                    raise CacheCapacityError(f"scoring {len(toks)} tokens needs more KV bytes than "
+                                             f"max_kv_bytes={self.kv.budget.capacity}")
+                self.kv.reserve(s.id, stream_agent, end)
+                w = Work(req, [(name, start, end)], sample=False)
+                outs.append(self._forward([w], all_rows=True))
+                start = end
+        finally:
+            self.kv.free_session(s.id)
+        return torch.log_softmax(torch.cat(outs).float(), -1).cpu()
+
+    # ---- accounting --------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        """Bytes per pool and per namespace for the current cache mode, pages/blocks mapped,
+        bytes per token under each mode for the registered agents, and adapter bytes."""
+        rep = self.kv.report()
+        rep["agents"] = sorted(self.agents)
+        rep["lora_bytes"] = sum(a.nbytes() for a in self.lora.adapters.values())
+        rep["preemptions"] = self.sched.preemptions
+        if self.esft is not None:
+            rep["experts"] = self.esft.report()
+        return rep

@@ -1,0 +1,184 @@
+"""PEFT LoRA adapters: loading `adapter_config.json` + `adapter_model.safetensors`, and applying
+many adapters to one batch of tokens (each token names its adapter).
+
+The LoRA scaling (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora) is folded into B at
+load time, so every consumer — projections, low-rank V caches, Flash-LoRA — sees `x·A·B`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .loader import LoadError
+
+ATTN_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SHARED_EXPERT_MODULES = tuple(m.replace("mlp.", "mlp.shared_expert.") for m in MLP_MODULES)
+
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+def module_dims(c: ModelConfig, module: str, layer: int) -> tuple[int, int] | None:
+    """(in_features, out_features) of a LoRA-able module in `layer`, or None if it has none."""
+    H = c.hidden_size
+    attn = {"self_attn.q_proj": (H, c.q_size), "self_attn.k_proj": (H, c.kv_size),
+            "self_attn.v_proj": (H, c.kv_size), "self_attn.o_proj": (c.q_size, H)}
+    if module in attn:
+        return attn[module]
+    if module in MLP_MODULES and not c.is_moe_layer(layer):
+        inter = c.intermediate_size
+        return {"mlp.gate_proj": (H, inter), "mlp.up_proj": (H, inter), "mlp.down_proj": (inter, H)}[module]
+    if module in SHARED_EXPERT_MODULES and c.is_moe_layer(layer) and c.shared_expert_intermediate_size:
+        s = c.shared_expert_intermediate_size
+        return {"gate_proj": (H, s), "up_proj": (H, s), "down_proj": (s, H)}[module.rsplit(".", 1)[1]]
+    return None
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, module) -> (A [r,in], B·s [out,r])
+    path: str | None = None
+    modules: set[str] = field(default_factory=set)
+
+    def __post_init__(self):
+        self.modules = {m for (_, m) in self.weights}
+
+    @property
+    def rank(self) -> int:
+        return max((a.shape[0] for a, _ in self.weights.values()), default=0)
+
+    def get(self, layer: int, module: str):
+        return self.weights.get((layer, module))
+
+    def has(self, module: str) -> bool:
+        return module in self.modules
+
+    def v_rank(self) -> int:
+        """Rank of the v_proj adapter (0 if none); the low-rank V cache holds this many values per token."""
+        ranks = {a.shape[0] for (l, m), (a, _) in self.weights.items() if m == "self_attn.v_proj"}
+        if len(ranks) > 1:
+            raise LoadError(f"adapter {self.name!r}: v_proj ranks differ across layers {sorted(ranks)}")
+        return ranks.pop() if ranks else 0
+
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
+
+
+def same_v_a(x: LoraAdapter, y: LoraAdapter) -> bool:
+    """True when both adapters use the very same A for v_proj in every layer (LRAgent's shared A)."""
+    kx = {k for k in x.weights if k[1] == "self_attn.v_proj"}
+    ky = {k for k in y.weights if k[1] == "self_attn.v_proj"}
+    if not kx or kx != ky:
+        return False
+    return all(torch.equal(x.weights[k][0], y.weights[k][0]) for k in kx)
+
+
+def _pattern_value(patterns: dict, full_name: str, default):
+    for key, val in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", full_name):
+            return val
+    return default
+
+
+def load_peft_adapter(path: str, config: ModelConfig, device, dtype, name: str = "") -> LoraAdapter:
+    """Read a PEFT LoRA directory; errors name the file and what is wrong in it."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        raise LoadError(f"LoRA adapter directory {path!r} does not exist")
+    cfg_path = os.path.join(path, "adapter_config.json")
+    w_path = os.path.join(path, "adapter_model.safetensors")
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise LoadError(f"LoRA adapter directory {path!r} lacks {os.path.basename(p)}")
+    with open(cfg_path) as f:
+        try:
+            acfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise LoadError(f"{cfg_path}: not valid JSON ({e})") from None
+    if acfg.get("peft_type", "LORA") != "LORA":
+        raise LoadError(f"{cfg_path}: peft_type {acfg.get('peft_type')!r} is not LORA")
+    for flag, ok in (("use_dora", False), ("bias", "none")):
+        if acfg.get(flag, ok) not in (ok, None):
+            raise LoadError(f"{cfg_path}: {flag}={acfg.get(flag)!r} is not supported")
+    if acfg.get("modules_to_save"):
+        raise LoadError(f"{cfg_path}: modules_to_save is not supported")
+    if "r" not in acfg or "lora_alpha" not in acfg:
+        raise LoadError(f"{cfg_path}: needs 'r' and 'lora_alpha'")
+    alpha_default, rslora = float(acfg["lora_alpha"]), bool(acfg.get("use_rslora", False))
+
+    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    with safe_open(w_path, framework="pt") as f:
+        for key in f.keys():
+            m = _KEY.search(key)
+            if m is None:
+                raise LoadError(f"{w_path}: tensor {key!r} is not a LoRA A/B weight of a decoder layer")
+            layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+            if not 0 <= layer < config.num_layers:
+                raise LoadError(f"{w_path}: {key!r} names layer {layer}; the model has {config.num_layers}")
+            if module_dims(config, module, layer) is None:
+                raise LoadError(f"{w_path}: LoRA on {module!r} (layer {layer}) is not supported; "
+                                "supported: q/k/v/o_proj and dense or shared-expert MLP projections")
+            raw.setdefault((layer, module), {})[ab] = f.get_tensor(key)
+    if not raw:
+        raise LoadError(f"{w_path}: no LoRA weights")
+    weights = {}
+    for (layer, module), ab in raw.items():
+        if set(ab) != {"A", "B"}:
+            raise LoadError(f"{w_path}: layer {layer} {module} lacks lora_{'B' if 'A' in ab else 'A'}")
+        a, b = ab["A"], ab["B"]
+        fin, fout = module_dims(config, module, layer)
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fin or b.shape != (fout, r):
+            raise LoadError(f"{w_path}: layer {layer} {module}: A {tuple(a.shape)} / B {tuple(b.shape)} "
+                            f"do not fit in={fin}, out={fout}")
+        full = f"model.layers.{layer}.{module}"
+        alpha = float(_pattern_value(acfg.get("alpha_pattern"), full, alpha_default))
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        a = a.to(device=device, dtype=dtype).contiguous()
+        b = (b.to(torch.float32) * scale).to(device=device, dtype=dtype).contiguous()
+        weights[(layer, module)] = (a, b)
+    return LoraAdapter(name=name, weights=weights, path=str(path))
+
+
+class LoraSet:
+    """The registered adapters by integer id; applies each token's adapter to a projection."""
+
+    def __init__(self):
+        self.adapters: dict[int, LoraAdapter] = {}
+        self._groups: list[tuple[int, torch.Tensor]] = []
+
+    def prepare(self, ids: torch.Tensor) -> None:
+        """Group the batch's tokens by adapter once per forward (one host sync, not one per layer)."""
+        self._groups = []
+        for a in torch.unique(ids).tolist():
+            if a >= 0 and a in self.adapters:
+                self._groups.append((a, torch.nonzero(ids == a).squeeze(1)))
+
+    def delta(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        out = None
+        for a, rows in self._groups:
+            ab = self.adapters[a].get(layer, module)
+            if ab is None:
+                continue
+            A, B = ab
+            d = F_linear(F_linear(x[rows], A), B)
+            if out is None:
+                out = torch.zeros(x.shape[0], B.shape[0], dtype=x.dtype, device=x.device)
+            out.index_add_(0, rows, d)
+        return out
+
+
+def F_linear(x, w):
+    return torch.nn.functional.linear(x, w)
+
+
+class NoLora:
+    def delta(self, module, layer, x, ids):
+        return None

@@ -1,0 +1,192 @@
+"""A plain-PyTorch decoder (RMSNorm, RoPE, GQA, SwiGLU MLP or MoE) with pluggable attention.
+
+The model owns the weights and the per-token math; everything that touches a KV cache lives in an
+attention backend (engine/attention.py) that the caller passes to `forward`. Every token carries
+an adapter id (LoRA agent) and an expert-adapter id (ESFT), so one forward runs a batch that
+mixes agents freely.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # statistics in fp32, as HF does, then scale in the weight's dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@dataclass
+class Rope:
+    cos: torch.Tensor  # [N, 1, D]
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H, D]
+        return x * self.cos + rotate_half(x) * self.sin
+
+
+class LoraProvider(Protocol):
+    def delta(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None: ...
+
+
+class AttentionBackend(Protocol):
+    def attend(self, model: "DecoderModel", layer: int, x: torch.Tensor, q: torch.Tensor,
+               k: torch.Tensor, v: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """q: [N, Hq, D] final queries; k, v: [N, Hkv*D] base projections (no LoRA, no rope).
+        Returns the attention output [N, Hq, D]."""
+        ...
+
+
+class MoeProvider(Protocol):
+    def experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class BatchInputs:
+    input_ids: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    lora_ids: torch.Tensor  # [N] int64, -1 = no LoRA
+    expert_ids: torch.Tensor  # [N] int64, -1 = base experts (ESFT adapter slot otherwise)
+    logits_rows: torch.Tensor  # [M] int64 rows of the batch whose logits are wanted
+
+
+class DecoderModel:
+    """Weights in canonical names (see engine/loader.py) and the forward pass."""
+
+    def __init__(self, config: ModelConfig, weights: dict, device, dtype):
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.embed = weights["embed"]
+        self.norm = weights["norm"]
+        self.lm_head = weights["lm_head"]
+        self.layers: list[dict] = weights["layers"]
+        self.inv_freq = config.rope_inv_freq(self.device)
+        self.esft = None  # set by the engine: routes tokens of ESFT adapters to their experts
+
+    # ---- pieces the attention backend calls back into --------------------------------------
+    def finish_k(self, layer: int, k: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """k [N, Hkv*D] (bias and any LoRA included) -> normed, clipped, rotated [N, Hkv, D]."""
+        c, w = self.config, self.layers[layer]
+        if c.qk_norm == "full":
+            k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
+        if c.clip_qkv is not None:
+            k = k.clamp(-c.clip_qkv, c.clip_qkv)
+        k = k.view(-1, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
+        return rope.apply(k)
+
+    def finish_v(self, v: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if c.clip_qkv is not None:
+            v = v.clamp(-c.clip_qkv, c.clip_qkv)
+        return v.view(-1, c.num_kv_heads, c.head_dim)
+
+    def _finish_q(self, layer: int, q: torch.Tensor, rope: Rope) -> torch.Tensor:
+        c, w = self.config, self.layers[layer]
+        if c.qk_norm == "full":
+            q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
+        if c.clip_qkv is not None:
+            q = q.clamp(-c.clip_qkv, c.clip_qkv)
+        q = q.view(-1, c.num_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
+        return rope.apply(q)
+
+    def rope(self, positions: torch.Tensor) -> Rope:
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return Rope(emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :])
+
+    # ---- the forward -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, inp: BatchInputs, attn: AttentionBackend, lora: LoraProvider) -> torch.Tensor:
+        """Logits [M, vocab] (float32) for `inp.logits_rows`."""
+        c = self.config
+        h = self.embed[inp.input_ids]
+        rope = self.rope(inp.positions)
+        for li, w in enumerate(self.layers):
+            x = rms_norm(h, w["in_norm"], c.rms_norm_eps)
+            q = _lin(x, w["q"], w.get("q_bias"))
+            dq = lora.delta("self_attn.q_proj", li, x, inp.lora_ids)
+            if dq is not None:
+                q = q + dq
+            q = self._finish_q(li, q, rope)
+            k = _lin(x, w["k"], w.get("k_bias"))
+            v = _lin(x, w["v"], w.get("v_bias"))
+            o = attn.attend(self, li, x, q, k, v, rope).reshape(x.shape[0], -1)
+            out = F.linear(o, w["o"])
+            do = lora.delta("self_attn.o_proj", li, o, inp.lora_ids)
+            if do is not None:
+                out = out + do
+            h = h + out
+            x = rms_norm(h, w["post_norm"], c.rms_norm_eps)
+            if c.is_moe_layer(li):
+                h = h + self._moe(li, x, inp, lora)
+            else:
+                h = h + self._mlp(li, "mlp.", x, w["gate"], w["up"], w["down"], inp.lora_ids, lora)
+        h = rms_norm(h[inp.logits_rows], self.norm, c.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    def _mlp(self, li, prefix, x, wg, wu, wd, ids, lora) -> torch.Tensor:
+        g = F.linear(x, wg)
+        u = F.linear(x, wu)
+        dg = lora.delta(prefix + "gate_proj", li, x, ids)
+        du = lora.delta(prefix + "up_proj", li, x, ids)
+        if dg is not None:
+            g = g + dg
+        if du is not None:
+            u = u + du
+        a = F.silu(g) * u
+        y = F.linear(a, wd)
+        dd = lora.delta(prefix + "down_proj", li, a, ids)
+        return y if dd is None else y + dd
+
+    def _moe(self, li: int, x: torch.Tensor, inp: BatchInputs, lora) -> torch.Tensor:
+        c, w = self.config, self.layers[li]
+        logits = F.linear(x, w["router"])
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        topw, topi = torch.topk(probs, c.top_k, dim=-1)
+        if c.norm_topk_prob:
+            topw = topw / topw.sum(dim=-1, keepdim=True)
+        topw = topw.to(x.dtype)
+        w13, w2 = w["w13"], w["w2"]
+        if self.esft is not None:
+            topi, w13, w2 = self.esft.reroute(li, topi, inp.expert_ids, w13, w2)
+        y = moe_experts(x, w13, w2, topw, topi)
+        if c.shared_expert_intermediate_size:
+            s = self._mlp(li, "mlp.shared_expert.", x, w["sh_gate"], w["sh_up"], w["sh_down"],
+                          inp.lora_ids, lora)
+            y = y + torch.sigmoid(F.linear(x, w["sh_expert_gate"])) * s
+        return y
+
+
+def _lin(x, w, b=None):
+    return F.linear(x, w, b)
+
+
+def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topw: torch.Tensor,
+                topi: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts over an (extended) expert table; w13 [E, 2I, H] (gate rows first), w2 [E, H, I]."""
+    out = torch.zeros_like(x)
+    inter = w2.shape[-1]
+    for e in torch.unique(topi).tolist():
+        tok, slot = torch.where(topi == e)
+        gu = F.linear(x[tok], w13[e])
+        a = F.silu(gu[:, :inter]) * gu[:, inter:]
+        y = F.linear(a, w2[e]) * topw[tok, slot, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out

@@ -1,0 +1,144 @@
+"""Continuous batching: which requests run in the next step, with how many tokens, and who is
+preempted when the KV budget is full.
+
+One request per session runs at a time (a session is one trajectory; the next agent's request
+starts when the previous one finishes). Each step packs, oldest first, every running request's
+pending tokens (a prefill chunk, a recompute after preemption, or one decode token) up to
+`max_batched_tokens`. When the budget cannot hold a request's blocks, caches are freed —
+first those of idle sessions (least recently used), then those of the newest running requests,
+which go back to waiting and later recompute their cache from their session's tokens
+(free + recompute: the session's tokens are kept, so nothing is lost or corrupted).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cache import KVManager
+from .kvcache import CacheFull
+from .sequence import Request, Session, Status
+
+
+class CacheCapacityError(RuntimeError):
+    """A single session needs more KV bytes than the whole budget (max_kv_bytes) holds."""
+
+
+@dataclass
+class Work:
+    req: Request
+    segments: list[tuple[str | None, int, int]]  # (processing agent, start, end)
+    sample: bool  # the last segment reaches the end of the trajectory: sample a token
+
+
+class Scheduler:
+    def __init__(self, kv: KVManager, max_batched_tokens: int = 512, max_running: int = 64):
+        self.kv = kv
+        self.max_batched_tokens = max_batched_tokens
+        self.max_running = max_running
+        self.running: list[Request] = []
+        self.sessions: dict[int, Session] = {}
+        self.last_used: dict[int, int] = {}
+        self.clock = 0
+        self.preemptions = 0
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def activate(self) -> None:
+        for s in self.sessions.values():
+            if s.active is None and s.queue and len(self.running) < self.max_running:
+                req = s.queue.pop(0)
+                s.active = req
+                s.tokens.extend(req.prompt)
+                s.procs.extend([req.agent] * len(req.prompt))
+                req.status = Status.WAITING
+                self.running.append(req)
+
+    def finish(self, req: Request) -> None:
+        req.status = Status.FINISHED
+        if req in self.running:
+            self.running.remove(req)
+        if req.session.active is req:
+            req.session.active = None
+        elif req in req.session.queue:
+            req.session.queue.remove(req)
+
+    def pending(self, req: Request) -> list[tuple[str | None, int, int]]:
+        """The tokens of req's session that are not in the cache the request reads, split into
+        runs of one processing agent."""
+        s = req.session
+        end = len(s.tokens)
+        if self.kv.mode == "non_shared":
+            start = self.kv.coverage(s.id, req.agent)
+            return [(req.agent, start, end)] if start < end else []
+        start = self.kv.coverage(s.id, None)
+        runs: list[tuple[str | None, int, int]] = []
+        for i in range(start, end):
+            p = s.procs[i]
+            if runs and runs[-1][0] == p:
+                runs[-1] = (p, runs[-1][1], i + 1)
+            else:
+                runs.append((p, i, i + 1))
+        return runs
+
+    def stream_agent(self, req: Request) -> str | None:
+        return req.agent if self.kv.mode == "non_shared" else None
+
+    # ---- making room -------------------------------------------------------------------------
+    def make_room(self, sid: int, agent: str | None, end: int, protected: set[int]) -> bool:
+        """Free caches until session `sid` can hold [0, end); False if even freeing all others
+        cannot make it fit. Sessions in `protected` are never freed."""
+        need = self.kv.bytes_to_reserve(sid, agent, end)
+        kv = self.kv
+        if kv.budget.used + need <= kv.budget.capacity:
+            return True
+        active = {r.session.id for r in self.running}
+        idle = sorted((x for x in kv.sessions if x not in active and x not in protected and x != sid),
+                      key=lambda x: self.last_used.get(x, -1))
+        for victim in idle:
+            kv.free_session(victim)
+            if kv.budget.used + need <= kv.budget.capacity:
+                return True
+        for req in reversed(list(self.running)):
+            vs = req.session.id
+            if vs == sid or vs in protected or vs not in kv.sessions:
+                continue
+            kv.free_session(vs)
+            req.status = Status.WAITING
+            self.preemptions += 1
+            if kv.budget.used + need <= kv.budget.capacity:
+                return True
+        return kv.budget.used + need <= kv.budget.capacity
+
+    # ---- the step plan -----------------------------------------------------------------------
+    def schedule(self) -> tuple[list[Work], list[tuple[Request, str]]]:
+        """(works to run now, requests that failed because they can never fit)."""
+        self.activate()
+        self.clock += 1
+        budget = self.max_batched_tokens
+        works: list[Work] = []
+        failed: list[tuple[Request, str]] = []
+        scheduled: set[int] = set()
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            runs = self.pending(req)
+            if not runs:
+                continue
+            total_end = runs[-1][2]
+            take_end = min(total_end, runs[0][1] + budget)
+            sid, agent = req.session.id, self.stream_agent(req)
+            if not self.make_room(sid, agent, take_end, scheduled):
+                if not scheduled:  # alone and still too big: it can never run
+                    need = self.kv.bytes_to_reserve(sid, agent, take_end)
+                    failed.append((req, f"session {sid} needs {need} more KV bytes than the budget "
+                                        f"max_kv_bytes={self.kv.budget.capacity} can ever hold"))
+                continue
+            try:
+                self.kv.reserve(sid, agent, take_end)
+            except CacheFull:
+                continue
+            segs = [(p, a, min(b, take_end)) for (p, a, b) in runs if a < take_end]
+            works.append(Work(req, segs, sample=take_end == total_end))
+            req.status = Status.RUNNING
+            scheduled.add(sid)
+            self.last_used[sid] = self.clock
+            budget -= take_end - runs[0][1]
+        return works, failed
