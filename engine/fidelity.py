@@ -1,0 +1,241 @@
+"""Multi-agent trajectories, and how far each shared cache mode drifts from `non_shared`.
+
+A trajectory is a list of turns: an agent, the tokens it is given, then a greedy continuation, all
+appended to one session that every agent reads. `run_trajectory` drives it through an Engine and
+records what the demo and the benchmark print (tokens/s, TTFT, KV bytes).
+
+Fidelity is measured on each mode's *own* trajectory, so no position is lost to divergence: for
+every token a shared mode generated, the `non_shared` answer for that exact context is what
+`Engine.score` gives for the session's tokens so far with the same agent (non_shared means each
+agent computes its own K/V over the whole trajectory, which is one full forward pass). Reported per
+mode: mean and max KL(non_shared ‖ mode) of the next-token distributions, and greedy agreement, the
+fraction of positions where both pick the same argmax. `non_shared` itself is a check: KL ≈ 0 and
+agreement 1 say cached step-by-step decode equals a fresh forward pass.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+MODES = ("non_shared", "base_shared", "base_lr_shared", "full_shared")
+DEFAULT_AGENTS = ("plan", "act", "reflect")
+
+Progress = Callable[[str], None] | None
+
+
+def model_config(model: str):
+    """The engine's ModelConfig of a built-in name or a checkpoint directory."""
+    from .builtin import BUILTIN, builtin_config
+    from .config import load_config
+
+    if model in BUILTIN:
+        return builtin_config(model)
+    return load_config(model)
+
+
+def demo_adapters(model: str, out_dir: str, names: Sequence[str] = DEFAULT_AGENTS, r: int = 8,
+                  targets: Sequence[str] = ("q_proj", "v_proj"), seed: int = 0,
+                  gain: float = 0.2) -> dict[str, str]:
+    """Random PEFT-format LoRA adapters, one per agent, all with one shared A for v_proj (so
+    base_lr_shared applies) and their own B's and q_proj adapters. `gain` sets the size of each
+    adapter's change relative to the base projection (fine-tuned adapters are small changes; at 1
+    the agents would be unrelated models and every shared mode meaningless)."""
+    from .builtin import save_random_lora
+
+    if not names:
+        raise ValueError("need at least one agent name")
+    cfg = model_config(model)
+    shared_a_seed = 10_000 + seed
+    return {n: save_random_lora(os.path.join(out_dir, n), cfg, r=r, targets=tuple(targets),
+                                seed=seed * 101 + i, a_seed=shared_a_seed, gain=gain)
+            for i, n in enumerate(names)}
+
+
+@dataclass(frozen=True)
+class Turn:
+    agent: str
+    prompt: list[int]
+
+
+def make_turns(agents: Sequence[str], steps: int, prompt_len: int, vocab: int, seed: int = 0) -> list[Turn]:
+    """`steps` turns cycling through `agents`, each given `prompt_len` seeded random tokens."""
+    if steps < 1 or prompt_len < 1:
+        raise ValueError(f"steps and prompt_len must be >= 1, got {steps}, {prompt_len}")
+    if not agents:
+        raise ValueError("need at least one agent")
+    g = torch.Generator().manual_seed(seed)
+    return [Turn(agents[i % len(agents)], torch.randint(0, vocab, (prompt_len,), generator=g).tolist())
+            for i in range(steps)]
+
+
+@dataclass
+class TurnResult:
+    agent: str
+    start: int  # session position of the first generated token
+    tokens: list[int]
+    logprobs: torch.Tensor | None  # [n, vocab] float32 when requested
+    ttft_s: float
+    latency_s: float
+
+
+@dataclass
+class RunResult:
+    mode: str
+    turns: list[TurnResult]
+    session_tokens: list[int]
+    wall_s: float
+    memory: dict = field(default_factory=dict)
+
+    @property
+    def generated(self) -> int:
+        return sum(len(t.tokens) for t in self.turns)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens over the wall time of all turns (prefill included)."""
+        return self.generated / self.wall_s if self.wall_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after each turn's first, over the time spent after each turn's first token."""
+        n = sum(max(0, len(t.tokens) - 1) for t in self.turns)
+        s = sum(max(0.0, t.latency_s - t.ttft_s) for t in self.turns)
+        return n / s if s > 0 else float("nan")
+
+    @property
+    def mean_ttft_s(self) -> float:
+        return sum(t.ttft_s for t in self.turns) / len(self.turns)
+
+    @property
+    def kv_bytes(self) -> int:
+        return kv_bytes(self.memory)
+
+
+def kv_bytes(report: dict) -> int:
+    """KV bytes held by sessions (every namespace: base K/V, per-agent K, low-rank V)."""
+    kv = report.get("kv", report)
+    ns = kv.get("namespaces")
+    if ns:
+        return int(sum(ns.values()))
+    return int(kv.get("used_bytes", 0))
+
+
+def open_engine(model: str, mode: str, device: str | None, agents: dict[str, str | None],
+                esft: dict[str, str] | None = None, max_kv_bytes: int | None = None):
+    """An Engine in `mode` with every agent and ESFT adapter registered."""
+    from . import Engine
+
+    eng = Engine.from_pretrained(model, cache_mode=mode, device=device, max_kv_bytes=max_kv_bytes)
+    for name, d in (esft or {}).items():
+        eng.add_esft_adapter(name, d)
+    for name, d in agents.items():
+        eng.add_lora_agent(name, d)
+    return eng
+
+
+def run_trajectory(eng, turns: Sequence[Turn], max_tokens: int, *, logprobs: bool = False,
+                   progress: Progress = None, label: str = "") -> RunResult:
+    """Drive `turns` through one new session of `eng`, greedily, and time each turn."""
+    from . import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
+    s = eng.new_session()
+    pos = 0
+    results: list[TurnResult] = []
+    t_all = time.perf_counter()
+    for i, turn in enumerate(turns):
+        t0 = time.perf_counter()
+        out = eng.generate(s, agent=turn.agent, prompt=turn.prompt, params=params)
+        lat = time.perf_counter() - t0
+        pos += len(turn.prompt)
+        ttft = out.ttft_s if getattr(out, "ttft_s", None) is not None else lat
+        lp = out.logprobs if logprobs else None
+        if logprobs and (lp is None or tuple(lp.shape[:1]) != (len(out),)):
+            raise RuntimeError(f"engine returned logprobs {None if lp is None else tuple(lp.shape)} "
+                               f"for {len(out)} tokens")
+        results.append(TurnResult(turn.agent, pos, list(out), lp, float(ttft), lat))
+        pos += len(out)
+        if progress is not None:
+            progress(f"{label}turn {i + 1}/{len(turns)} {turn.agent:>8}: {len(turn.prompt)} in, "
+                     f"{len(out)} out, TTFT {ttft * 1e3:.1f} ms, {lat * 1e3:.1f} ms")
+    wall = time.perf_counter() - t_all
+    tokens: list[int] = []
+    for turn, r in zip(turns, results):
+        tokens += turn.prompt + r.tokens
+    return RunResult(getattr(eng, "cache_mode", ""), results, tokens, wall, eng.memory_report())
+
+
+@dataclass(frozen=True)
+class ModeFidelity:
+    mode: str
+    mean_kl: float
+    max_kl: float
+    greedy_agreement: float
+    positions: int
+
+
+def fidelity_of(run: RunResult, reference) -> ModeFidelity:
+    """Compare `run` (made with logprobs=True) against `reference.score` (a non_shared Engine with
+    the same agents) on run's own trajectory."""
+    kls: list[torch.Tensor] = []
+    agree = 0
+    n = 0
+    for t in run.turns:
+        if not t.tokens:
+            continue
+        if t.logprobs is None:
+            raise ValueError("run_trajectory(..., logprobs=True) is needed for fidelity")
+        end = t.start + len(t.tokens)
+        ref = reference.score(run.session_tokens[:end], agent=t.agent)[t.start - 1:end - 1].double()
+        got = t.logprobs.to(ref.device).double()
+        if ref.shape != got.shape:
+            raise RuntimeError(f"score rows {tuple(ref.shape)} vs generate logprobs {tuple(got.shape)}")
+        kls.append((ref.exp() * (ref - got)).sum(-1).clamp_min(0.0))
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        n += len(t.tokens)
+    kl = torch.cat(kls) if kls else torch.zeros(0, dtype=torch.float64)
+    return ModeFidelity(run.mode, float(kl.mean()) if n else float("nan"),
+                        float(kl.max()) if n else float("nan"), agree / n if n else float("nan"), n)
+
+
+def fidelity_report(model: str = "tiny", agents: dict[str, str | None] | None = None,
+                    modes: Sequence[str] = MODES, *, steps: int = 6, prompt_len: int = 12,
+                    max_tokens: int = 8, device: str | None = None, seed: int = 0,
+                    esft: dict[str, str] | None = None, tmp_dir: str | None = None,
+                    progress: Progress = None) -> list[ModeFidelity]:
+    """Fidelity of each mode in `modes` against non_shared over one multi-agent trajectory.
+
+    agents: name -> PEFT dir (None: no adapter); when omitted, random plan/act/reflect adapters
+    with a shared v_proj A are written to `tmp_dir` (a temporary directory if None)."""
+    import tempfile
+
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown cache modes {bad}; choose from {MODES}")
+    with tempfile.TemporaryDirectory(prefix="vmweave-fidelity-") as tmp:
+        if agents is None:
+            agents = demo_adapters(model, tmp_dir or tmp, seed=seed)
+        vocab = model_config(model).vocab_size
+        turns = make_turns(list(agents), steps, prompt_len, vocab, seed)
+        reference = open_engine(model, "non_shared", device, agents, esft)
+        out = []
+        for mode in modes:
+            eng = reference if mode == "non_shared" else open_engine(model, mode, device, agents, esft)
+            run = run_trajectory(eng, turns, max_tokens, logprobs=True, progress=progress, label=f"[{mode}] ")
+            run.mode = mode
+            out.append(fidelity_of(run, reference))
+            if progress is not None:
+                f = out[-1]
+                progress(f"[{mode}] mean KL {f.mean_kl:.3g}, greedy agreement {f.greedy_agreement:.3f}")
+        return out
+
+
+def format_fidelity(rows: Sequence[ModeFidelity]) -> str:
+    lines = [f"{'mode':<16}{'mean KL':>12}{'max KL':>12}{'greedy agree':>14}{'positions':>11}"]
+    for r in rows:
+        lines.append(f"{r.mode:<16}{r.mean_kl:>12.4g}{r.max_kl:>12.4g}{r.greedy_agreement:>14.3f}{r.positions:>11d}")
+    return "\n".join(lines)
