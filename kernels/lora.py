@@ -212,15 +212,21 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Plain-Python helpers: triton.cdiv / next_power_of_2 are JIT functions whose host-side call
+# costs microseconds, which adds up at decode sizes.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int, lo: int = 16, hi: int = 128) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+    return max(lo, min(hi, 1 << (max(n, 1) - 1).bit_length()))
 
 
 def _split_for(t: torch.Tensor, programs: int, K: int, block_k: int, split_k: int | None) -> int:
     if split_k is not None:
         if not isinstance(split_k, int) or split_k < 1:
             raise ValueError(f"split_k must be a positive int, got {split_k!r}")
-        return min(split_k, triton.cdiv(K, block_k))
+        return min(split_k, _cdiv(K, block_k))
     if not t.is_cuda:
         return 1  # the interpreter gains nothing from more programs
     # Enough programs for two waves on the chip, but keep >= 2 K-blocks per split.
@@ -234,7 +240,7 @@ def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale
             block_m, block_n, block_k, split, num_warps=4):
     """Run `_sgmv_kernel`; with split > 1, `out` is written through an fp32 workspace."""
     segmented = plan is not None
-    m_tiles = plan.num_tiles if segmented else triton.cdiv(M, block_m)
+    m_tiles = plan.num_tiles if segmented else _cdiv(M, block_m)
     if m_tiles == 0 or N == 0:
         return
     target, s_os = out, 0
@@ -246,8 +252,8 @@ def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale
         st = target.stride()[1:]
         s_oa, s_om, s_on = (0, st[0], st[1]) if out.dim() == 2 else (st[0], st[1], st[2])
     dummy = out  # pointer arguments that a mode does not read
-    grid = (m_tiles, triton.cdiv(N, block_n), split)
-    k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    grid = (m_tiles, _cdiv(N, block_n), split)
+    k_per_split = _cdiv(_cdiv(K, split), block_k) * block_k
     _sgmv_kernel[grid](
         inp, w, target,
         ids if ids is not None else dummy,
@@ -369,8 +375,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, adapter_ids: torch.Tensor
     block_m = plan.block_m if plan is not None else (16 if T <= 16 else 32 if T <= 32 else 64)
     block_n = _pow2(r)
     block_k = 128 if block_m <= 32 else 64
-    m_tiles = plan.num_tiles if plan is not None else triton.cdiv(T, block_m)
-    split = _split_for(x, m_tiles * triton.cdiv(r, block_n), H, block_k, split_k)
+    m_tiles = plan.num_tiles if plan is not None else _cdiv(T, block_m)
+    split = _split_for(x, m_tiles * _cdiv(r, block_n), H, block_k, split_k)
     w_strides = (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)) if lora_a.dim() == 3 \
         else (0, lora_a.stride(0), lora_a.stride(1))
     _launch(x, lora_a, y, ids=None if plan is not None else ids, plan=plan, M=T, N=r, K=H, R=r,
@@ -447,7 +453,7 @@ def lora_shrink_all(x: torch.Tensor, lora_a: torch.Tensor, *, scale: float = 1.0
     block_m = 16 if T <= 16 else 32 if T <= 32 else 64
     block_n = _pow2(A * r)
     block_k = 128 if block_m <= 32 else 64
-    split = _split_for(x, triton.cdiv(T, block_m) * triton.cdiv(A * r, block_n), H, block_k, split_k)
+    split = _split_for(x, _cdiv(T, block_m) * _cdiv(A * r, block_n), H, block_k, split_k)
     _launch(x, lora_a, out, ids=None, plan=None, M=T, N=A * r, K=H, R=r,
             w_strides=(lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
             out_strides=(out.stride(0), out.stride(1), out.stride(2)), scale=scale, add=False,
