@@ -1,0 +1,165 @@
+"""The MoE layer over an ExpertStore with adapters equals, token by token, the same layer over a
+copy of the base with that adapter's experts merged in (float64 reference)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experts import ExpertStore, MoELayer, make_esft_experts
+from kernels.moe_ref import fused_moe_ref, router_topk_ref
+
+
+def moe_ref(x, gate, w13, w2, k, *, renormalize, scaling=1.0, shared=None, shared_gate=None):
+    """Float64 MoE block over plain (merged) weights."""
+    logits = F.linear(x, gate.to(x.dtype))
+    tw, ids = router_topk_ref(logits, k, renormalize=renormalize)
+    tw = tw.to(x.device) * scaling
+    out = fused_moe_ref(x, w13, w2, tw, ids.to(x.device))
+    if shared is not None:
+        s13, s2 = (t.double() for t in shared)
+        xd = x.double()
+        h = xd @ s13.T
+        inter = s2.shape[1]
+        s = (F.silu(h[:, :inter]) * h[:, inter:]) @ s2.T
+        if shared_gate is not None:
+            s = torch.sigmoid(xd @ shared_gate.double().T) * s
+        out = out + s
+    return out
+
+
+def merged(base, layer, adapter_experts):
+    w13, w2 = base[layer][0].clone(), base[layer][1].clone()
+    for e, (a, b) in adapter_experts.get(layer, {}).items():
+        w13[e], w2[e] = a, b
+    return w13, w2
+
+
+def _setup(device, dtype, M, H, I, S, layers, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = {l: ((torch.randn(M, 2 * I, H, generator=g) / H ** 0.5).to(dtype),
+                (torch.randn(M, H, I, generator=g) / I ** 0.5).to(dtype)) for l in layers}
+    store = ExpertStore(layers, M, H, I, S, dtype=dtype, device=device, max_adapters=4)
+    for l in layers:
+        store.load_base(l, *base[l])
+    return g, base, store
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_moe_layer_with_adapters_equals_merged_copies(impl, rng_seed):
+    M, H, I, S, k, layer = 7, 40, 24, 9, 2, 4
+    g, base, store = _setup("cpu", torch.float32, M, H, I, S, [layer], rng_seed)
+    ad_a = make_esft_experts(base, {layer: [0, 3, 6]}, seed=rng_seed + 1, scale=0.5)
+    ad_b = make_esft_experts(base, {layer: [1, 3]}, seed=rng_seed + 2, scale=0.5)
+    ida = store.load_adapter("a", ad_a)
+    idb = store.load_adapter("b", ad_b)
+    gate = torch.randn(M, H, generator=g)
+    shared = (torch.randn(2 * 16, H, generator=g) / H ** 0.5, torch.randn(H, 16, generator=g) / 4)
+    sgate = torch.randn(1, H, generator=g)
+    kw = dict(renormalize=True, routed_scaling_factor=1.5)
+    layer_mod = MoELayer.from_store(store, layer, gate, k, shared_w13=shared[0], shared_w2=shared[1],
+                                    shared_gate=sgate, **kw)
+    T = 29
+    x = torch.randn(T, H, generator=g)
+    aids = torch.tensor([-1, ida, idb] * 10, dtype=torch.int32)[:T]
+    aids = aids[torch.randperm(T, generator=g)]
+    out = layer_mod(x, aids, impl=impl)
+    assert out.shape == (T, H) and torch.isfinite(out).all()
+    for aid, experts in ((-1, {}), (ida, ad_a), (idb, ad_b)):
+        rows = aids == aid
+        w13, w2 = merged(base, layer, experts)
+        ref = moe_ref(x[rows], gate, w13, w2, k, renormalize=True, scaling=1.5, shared=shared,
+                      shared_gate=sgate)
+        torch.testing.assert_close(out[rows].double(), ref, rtol=2e-4, atol=1e-4)
+    # adapters really change something for their tokens
+    base_out = layer_mod(x, None, impl=impl)
+    torch.testing.assert_close(base_out[aids == -1], out[aids == -1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(base_out[aids == ida], out[aids == ida])
+
+    # unload a: its id now routes to the base; b keeps its output; a new adapter takes a's slots
+    store.unload_adapter("a")
+    out2 = layer_mod(x, aids, impl=impl)
+    torch.testing.assert_close(out2[aids == ida], base_out[aids == ida], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out2[aids == idb], out[aids == idb], rtol=1e-5, atol=1e-6)
+    ad_c = make_esft_experts(base, {layer: [2, 5]}, seed=rng_seed + 3, scale=0.5)
+    idc = store.load_adapter("c", ad_c)
+    assert idc == ida
+    out3 = layer_mod(x, aids, impl=impl)
+    torch.testing.assert_close(out3[aids == idb], out[aids == idb], rtol=1e-5, atol=1e-6)
+    w13, w2 = merged(base, layer, ad_c)
+    ref = moe_ref(x[aids == idc], gate, w13, w2, k, renormalize=True, scaling=1.5, shared=shared,
+                  shared_gate=sgate)
+    torch.testing.assert_close(out3[aids == idc].double(), ref, rtol=2e-4, atol=1e-4)
+    store.close()
+
+
+def test_moe_layer_plain_weights_no_shared(device, rng_seed):
+    """DeepSeek-style: fp32 router, no renormalisation, plain tensors (no store), bf16."""
+    M, H, I, k, T = 9, 48, 24, 3, 17
+    w13 = (torch.randn(M, 2 * I, H, device=device) / H ** 0.5).bfloat16()
+    w2 = (torch.randn(M, H, I, device=device) / I ** 0.5).bfloat16()
+    gate = torch.randn(M, H, device=device)
+    x = torch.randn(T, H, device=device).bfloat16()
+    mod = MoELayer(gate, w13, w2, k, router_fp32=True)
+    out = mod(x)
+    logits = F.linear(x.float(), gate)
+    tw, ids = router_topk_ref(logits, k)
+    ref = fused_moe_ref(x, w13, w2, tw.to(x.device), ids.to(x.device))
+    torch.testing.assert_close(out.double(), ref, rtol=5e-2, atol=3e-2)
+
+
+def test_moe_layer_errors():
+    M, H, I = 4, 8, 6
+    w13, w2, gate = torch.randn(M, 2 * I, H), torch.randn(M, H, I), torch.randn(M, H)
+    with pytest.raises(ValueError):
+        MoELayer(gate, w13[:, :, :-1], w2, 2)
+    with pytest.raises(ValueError):
+        MoELayer(gate, w13, w2, 5)
+    with pytest.raises(ValueError):
+        MoELayer(gate, w13, w2, 2, shared_w13=torch.randn(4, H))
+    with pytest.raises(ValueError):
+        MoELayer(gate, w13, w2, 2, expert_map=torch.zeros(2, M, dtype=torch.int64))
+    mod = MoELayer(gate, w13, w2, 2)
+    with pytest.raises(ValueError, match="expert_map"):
+        mod(torch.randn(3, H), torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError):
+        mod(torch.randn(3, H + 1))
+
+
+@pytest.mark.gpu
+def test_moe_layer_gpu_deepseek_lite_store(rng_seed):
+    """DeepSeek-V2-Lite-shaped layer on the cuda vmm backend: 2 MiB pages, experts of 5.5 and
+    2.75 pages, two adapters of 7 experts, a mixed batch against merged float64 references."""
+    M, H, I, S, k, layer = 64, 2048, 1408, 14, 6, 1
+    g, base, store = _setup("cuda", torch.bfloat16, M, H, I, S, [layer], rng_seed)
+    assert store.device.type == "cuda" and store.page_size == 2 << 20
+    ads = {}
+    for name, s in (("a", 1), ("b", 2)):
+        ids = torch.randperm(M, generator=g)[:7].tolist()
+        ads[name] = make_esft_experts(base, {layer: ids}, seed=rng_seed + s, scale=0.5)
+        store.load_adapter(name, ads[name])
+    rep = store.memory_report()
+    assert rep["adapter_bytes"] == 14 * 3 * H * I * 2
+    assert 0 <= rep["mapped_bytes"] - rep["exact_bytes"] < rep["boundary_pages"] * store.page_size
+    gate = torch.randn(M, H, generator=g).cuda()
+    shared = ((torch.randn(2 * 2 * I, H, generator=g) / H ** 0.5).bfloat16().cuda(),
+              (torch.randn(H, 2 * I, generator=g) / (2 * I) ** 0.5).bfloat16().cuda())
+    mod = MoELayer.from_store(store, layer, gate, k, router_fp32=True, shared_w13=shared[0], shared_w2=shared[1])
+    T = 200
+    x = torch.randn(T, H, generator=g).bfloat16().cuda()
+    aids = torch.randint(-1, 2, (T,), generator=g, dtype=torch.int32).cuda()
+    out = mod(x, aids)
+    torch.cuda.synchronize()
+    for aid, experts in ((-1, {}), (0, ads["a"]), (1, ads["b"])):
+        rows = aids == aid
+        w13, w2 = merged({layer: (base[layer][0].cuda(), base[layer][1].cuda())}, layer,
+                         {l: {e: (a.cuda(), b.cuda()) for e, (a, b) in v.items()} for l, v in experts.items()})
+        logits = F.linear(x[rows].float(), gate)
+        tw, ids = router_topk_ref(logits, k)
+        ref = fused_moe_ref(x[rows], w13, w2, tw.cuda(), ids.cuda())
+        h = x[rows].double() @ shared[0].double().T
+        ref = ref + (F.silu(h[:, :2 * I]) * h[:, 2 * I:]) @ shared[1].double().T
+        torch.testing.assert_close(out[rows].double(), ref, rtol=5e-2, atol=5e-2)
+    store.unload_adapter("a")
+    assert store.memory_report()["adapter_bytes"] == 7 * 3 * H * I * 2
+    store.close()
