@@ -1,0 +1,324 @@
+"""Paged attention and Flash-LoRA-Attention kernels against their float64 references.
+
+CPU: the Triton kernel runs under the interpreter at small sizes; GPU (@gpu): compiled, at
+realistic sizes. Every cache slot past a sequence's end and every block no table uses holds NaN,
+and unused block-table entries hold out-of-range ids, so a stray read shows up in the output.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.attention import (flash_lora_decode, flash_lora_prefill, paged_attention_decode,
+                               paged_attention_prefill)
+from kernels.attention_ref import (flash_lora_decode_ref, flash_lora_prefill_ref,
+                                   paged_attention_decode_ref, paged_attention_prefill_ref)
+
+TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def make_paged(lens, hkv, d, bs, dtype, device, *, extra_blocks=3, table_slack=2):
+    """Random paged K/V for sequences of `lens` tokens, blocks scattered at random; NaN in every
+    slot no sequence owns; table entries past a sequence's blocks point far out of range."""
+    batch = len(lens)
+    need = [-(-n // bs) for n in lens]
+    max_blocks = max(need + [1]) + table_slack
+    num_blocks = sum(need) + extra_blocks
+    k = torch.full((num_blocks, bs, hkv, d), float("nan"), dtype=dtype, device=device)
+    v = torch.full_like(k, float("nan"))
+    perm = torch.randperm(num_blocks, device=device)
+    tables = torch.full((batch, max_blocks), 10**6, dtype=torch.int32, device=device)
+    c = 0
+    for b, n in enumerate(lens):
+        ids = perm[c:c + need[b]]
+        c += need[b]
+        tables[b, :need[b]] = ids.int()
+        for i, blk in enumerate(ids.tolist()):
+            m = min(bs, n - i * bs)
+            k[blk, :m] = torch.randn(m, hkv, d, device=device).to(dtype)
+            v[blk, :m] = torch.randn(m, hkv, d, device=device).to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return k, v, tables, seq_lens
+
+
+def make_lowrank(tables, lens, bs, r, num_adapters, hkv, d, dtype, device):
+    """A low-rank cache with its own scattered block table, and B matrices for the adapters."""
+    batch = len(lens)
+    need = [-(-n // bs) for n in lens]
+    num_blocks = sum(need) + 2
+    lr = torch.full((num_blocks, bs, r), float("nan"), dtype=dtype, device=device)
+    perm = torch.randperm(num_blocks, device=device)
+    lbt = torch.full_like(tables, 10**6)
+    c = 0
+    for b, n in enumerate(lens):
+        ids = perm[c:c + need[b]]
+        c += need[b]
+        lbt[b, :need[b]] = ids.int()
+        for i, blk in enumerate(ids.tolist()):
+            m = min(bs, n - i * bs)
+            lr[blk, :m] = torch.randn(m, r, device=device).to(dtype)
+    lora_b = (torch.randn(num_adapters, hkv, r, d, device=device) / r ** 0.5).to(dtype)
+    return lr, lbt, lora_b
+
+
+def cu(lengths, device) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def check(out, ref, dtype):
+    assert not out.isnan().any(), "some output element was never written"
+    assert out.dtype == dtype
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], err
+
+
+# ---------------------------------------------------------------- CPU (interpreter) + GPU
+DECODE_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits)
+    (torch.bfloat16, 4, 2, 32, 16, [37, 1, 0, 50], None),
+    (torch.float16, 6, 2, 16, 32, [70, 5, 33], 3),
+    (torch.float32, 3, 3, 64, 24, [29, 48], 2),
+    (torch.bfloat16, 8, 1, 32, 16, [61], 4),
+]
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d,bs,lens,splits", DECODE_CASES)
+def test_paged_decode_matches_reference(device, rng_seed, dtype, hq, hkv, d, bs, lens, splits):
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    q = torch.randn(len(lens), hq, d, device=device).to(dtype)
+    out = poisoned(q.shape, dtype, device)
+    res = paged_attention_decode(q, k, v, bt, sl, 0.17, out=out, num_splits=splits)
+    assert res is out
+    check(out, paged_attention_decode_ref(q, k, v, bt, sl, 0.17), dtype)
+    if 0 in lens:
+        assert (out[lens.index(0)] == 0).all(), "an empty sequence gives zeros"
+
+
+PREFILL_CASES = [  # (dtype, hq, hkv, d, block_size, seq_lens, new tokens)
+    (torch.bfloat16, 4, 2, 32, 16, [45, 1, 0, 20], [45, 1, 0, 7]),
+    (torch.float16, 6, 3, 32, 16, [67, 9], [31, 9]),
+    (torch.float32, 2, 1, 16, 32, [40], [13]),
+]
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d,bs,lens,lq", PREFILL_CASES)
+def test_paged_prefill_matches_reference(device, rng_seed, dtype, hq, hkv, d, bs, lens, lq):
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    cq = cu(lq, device)
+    q = torch.randn(sum(lq), hq, d, device=device).to(dtype)
+    out = poisoned(q.shape, dtype, device)
+    paged_attention_prefill(q, k, v, bt, cq, sl, 0.2, out=out)
+    check(out, paged_attention_prefill_ref(q, k, v, bt, cq, sl, 0.2), dtype)
+
+
+LORA_CASES = [  # (dtype, hq, hkv, d, bs, r, lens, adapters, num_splits)
+    (torch.bfloat16, 4, 2, 32, 16, 8, [37, 1, 0, 50, 21], [0, -1, 1, 2, -1], None),
+    (torch.float16, 6, 3, 16, 32, 24, [58, 17], [1, 0], 2),
+    (torch.float32, 2, 2, 32, 16, 64, [33, 40], [-1, 0], None),
+]
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d,bs,r,lens,aids,splits", LORA_CASES)
+def test_flash_lora_decode_matches_reference(device, rng_seed, dtype, hq, hkv, d, bs, r, lens, aids,
+                                             splits):
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    lr, lbt, lb = make_lowrank(bt, lens, bs, r, 3, hkv, d, dtype, device)
+    aid = torch.tensor(aids, dtype=torch.int32, device=device)
+    q = torch.randn(len(lens), hq, d, device=device).to(dtype)
+    out = poisoned(q.shape, dtype, device)
+    flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.3, out=out, num_splits=splits)
+    check(out, flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.3), dtype)
+
+
+@pytest.mark.parametrize("dtype,r", [(torch.bfloat16, 16), (torch.float32, 40)])
+def test_flash_lora_prefill_matches_reference(device, rng_seed, dtype, r):
+    lens, lq, aids = [50, 19, 1, 0], [23, 19, 1, 0], [2, -1, 0, 1]
+    hq, hkv, d, bs = 4, 2, 32, 16
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    lr, lbt, lb = make_lowrank(bt, lens, bs, r, 3, hkv, d, dtype, device)
+    aid = torch.tensor(aids, dtype=torch.int32, device=device)
+    cq = cu(lq, device)
+    q = torch.randn(sum(lq), hq, d, device=device).to(dtype)
+    out = poisoned(q.shape, dtype, device)
+    flash_lora_prefill(q, k, v, lr, lbt, lb, aid, bt, cq, sl, 0.25, out=out)
+    check(out, flash_lora_prefill_ref(q, k, v, lr, lbt, lb, aid, bt, cq, sl, 0.25), dtype)
+
+
+def _materialised(k, v, bt, sl, lr, lora_b, aids, bs):
+    """V_base + L·B_a written by hand into each request's own blocks (low-rank blocks share the
+    base table here, so block ids line up)."""
+    v2 = v.clone()
+    for b, n in enumerate(sl.tolist()):
+        if aids[b] < 0:
+            continue
+        for i in range(-(-n // bs)):
+            blk = int(bt[b, i])
+            v2[blk] = (v[blk].double() + torch.einsum("sr,hrd->shd", lr[blk].double(),
+                                                      lora_b[aids[b]].double())).to(v.dtype)
+    return v2
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_flash_lora_equals_paged_attention_on_materialised_cache(device, rng_seed, mode):
+    dtype, hq, hkv, d, bs, r = torch.float32, 4, 2, 32, 16, 8
+    lens, aids = [41, 16, 3], [1, -1, 0]
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    lr = torch.randn(k.shape[0], bs, r, device=device).to(dtype)
+    lb = torch.randn(2, hkv, r, d, device=device).to(dtype)
+    aid = torch.tensor(aids, dtype=torch.int32, device=device)
+    v2 = _materialised(k, v, bt, sl, lr, lb, aids, bs)
+    if mode == "decode":
+        q = torch.randn(len(lens), hq, d, device=device).to(dtype)
+        ours = flash_lora_decode(q, k, v, lr, bt, lb, aid, bt, sl, 0.2, num_splits=2)
+        base = paged_attention_decode(q, k, v2, bt, sl, 0.2)
+    else:
+        lq = [20, 16, 1]
+        cq = cu(lq, device)
+        q = torch.randn(sum(lq), hq, d, device=device).to(dtype)
+        ours = flash_lora_prefill(q, k, v, lr, bt, lb, aid, bt, cq, sl, 0.2)
+        base = paged_attention_prefill(q, k, v2, bt, cq, sl, 0.2)
+    assert rel_err(ours, base.double()) < 1e-5
+
+
+def test_torch_fallback_matches_reference(device, rng_seed):
+    """impl='torch' (the CPU serving path) against the same references."""
+    dtype, hq, hkv, d, bs = torch.bfloat16, 4, 2, 16, 16
+    lens, lq, aids = [37, 1, 0, 50], [5, 1, 0, 50], [0, -1, 1, 1]
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    lr, lbt, lb = make_lowrank(bt, lens, bs, 8, 2, hkv, d, dtype, device)
+    aid = torch.tensor(aids, dtype=torch.int32, device=device)
+    q = torch.randn(len(lens), hq, d, device=device).to(dtype)
+    check(paged_attention_decode(q, k, v, bt, sl, 0.3, impl="torch"),
+          paged_attention_decode_ref(q, k, v, bt, sl, 0.3), dtype)
+    check(flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.3, impl="torch"),
+          flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.3), dtype)
+    cq = cu(lq, device)
+    qp = torch.randn(sum(lq), hq, d, device=device).to(dtype)
+    check(paged_attention_prefill(qp, k, v, bt, cq, sl, 0.3, impl="torch"),
+          paged_attention_prefill_ref(qp, k, v, bt, cq, sl, 0.3), dtype)
+    check(flash_lora_prefill(qp, k, v, lr, lbt, lb, aid, bt, cq, sl, 0.3, impl="torch"),
+          flash_lora_prefill_ref(qp, k, v, lr, lbt, lb, aid, bt, cq, sl, 0.3), dtype)
+
+
+def test_empty_batch_and_empty_prefill(device):
+    k, v, bt, sl = make_paged([5], 2, 16, 16, torch.float16, device)
+    q = torch.randn(0, 2, 16, device=device).to(torch.float16)
+    out = paged_attention_prefill(q, k, v, bt, cu([0], device), torch.tensor([5], dtype=torch.int32,
+                                  device=device), 1.0)
+    assert out.shape == (0, 2, 16)
+
+
+# ---------------------------------------------------------------- bad inputs
+def _decode_inputs(device, dtype=torch.float16):
+    k, v, bt, sl = make_paged([20, 9], 2, 16, 16, dtype, device)
+    lr, lbt, lb = make_lowrank(bt, [20, 9], 16, 8, 2, 2, 16, dtype, device)
+    q = torch.randn(2, 4, 16, device=device).to(dtype)
+    aid = torch.tensor([0, -1], dtype=torch.int32, device=device)
+    return q, k, v, bt, sl, lr, lbt, lb, aid
+
+
+def test_bad_inputs_raise_before_writing(device):
+    q, k, v, bt, sl, lr, lbt, lb, aid = _decode_inputs(device)
+    out = poisoned(q.shape, q.dtype, device)
+
+    def raises(exc, fn, **kw):
+        with pytest.raises(exc):
+            fn(**kw)
+        assert out.isnan().all(), "a rejected call must not write"
+
+    base = dict(q=q, k_cache=k, v_cache=v, block_tables=bt, seq_lens=sl, scale=0.1, out=out)
+    raises(TypeError, paged_attention_decode, **{**base, "k_cache": k.float()})
+    raises(TypeError, paged_attention_decode, **{**base, "q": q.int()})
+    raises(ValueError, paged_attention_decode, **{**base, "q": q[:, :3], "out": None})          # 3 % 2 != 0
+    raises(ValueError, paged_attention_decode, **{**base, "q": q[:1], "out": None})             # batch mismatch
+    raises(ValueError, paged_attention_decode, **{**base, "v_cache": v[:, :8]})    # shape mismatch
+    raises(ValueError, paged_attention_decode, **{**base, "block_tables": bt[:, :1]})  # too short
+    raises(ValueError, paged_attention_decode, **{**base, "seq_lens": sl.view(2, 1)})
+    raises(TypeError, paged_attention_decode, **{**base, "block_tables": bt.float()})
+    raises(TypeError, paged_attention_decode, **{**base, "scale": "x"})
+    raises(ValueError, paged_attention_decode, **{**base, "impl": "cuda"})
+    raises(ValueError, paged_attention_decode, **{**base, "num_splits": 0})
+    bad_bt = bt.clone()
+    bad_bt[0, 0] = k.shape[0]
+    raises(ValueError, paged_attention_decode, **{**base, "block_tables": bad_bt})
+    q8 = torch.randn(2, 4, 8, device=device).to(q.dtype)
+    raises(ValueError, paged_attention_decode, **{**base, "q": q8, "out": None,
+                                                   "k_cache": k[..., :8], "v_cache": v[..., :8]})
+
+    lora = dict(q=q, k_cache=k, v_cache=v, lr_cache=lr, lr_block_tables=lbt, lora_b=lb,
+                adapter_ids=aid, block_tables=bt, seq_lens=sl, scale=0.1, out=out)
+    raises(ValueError, flash_lora_decode, **{**lora, "adapter_ids": torch.tensor([2, 0], dtype=torch.int32,
+                                                                              device=device)})
+    raises(ValueError, flash_lora_decode, **{**lora, "adapter_ids": torch.tensor([-2, 0], dtype=torch.int32,
+                                                                               device=device)})
+    raises(ValueError, flash_lora_decode, **{**lora, "lora_b": lb[:, :1]})
+    raises(ValueError, flash_lora_decode, **{**lora, "lr_block_tables": lbt[:, :1]})
+    raises(TypeError, flash_lora_decode, **{**lora, "lr_cache": lr.float()})
+
+    cq = cu([1, 1], device)
+    pre = dict(q=q, k_cache=k, v_cache=v, block_tables=bt, cu_seqlens_q=cq, seq_lens=sl, scale=0.1, out=out)
+    raises(ValueError, paged_attention_prefill, **{**pre, "cu_seqlens_q": cu([1, 2], device)})  # != total_q
+    raises(ValueError, paged_attention_prefill, **{**pre, "q": q.repeat(6, 1, 1), "out": None,
+                                                   "cu_seqlens_q": cu([2, 10], device)})  # 10 > seq_len 9
+
+
+def test_validate_false_still_correct(device):
+    """validate=False skips the device-value checks (the engine's hot path): a valid call still works."""
+    q, k, v, bt, sl, lr, lbt, lb, aid = _decode_inputs(device, torch.float32)
+    out = flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.1, validate=False)
+    check(out, flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.1), torch.float32)
+
+
+# ---------------------------------------------------------------- GPU, realistic sizes
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,bs", [(128, 16), (64, 64), (256, 32)])
+def test_gpu_decode_and_prefill_realistic(rng_seed, dtype, d, bs):
+    device = "cuda"
+    hq, hkv = 32, 8
+    lens = [1531, 1, 0, 4099, 777]
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    q = torch.randn(len(lens), hq, d, device=device).to(dtype)
+    ref = paged_attention_decode_ref(q, k, v, bt, sl, d ** -0.5)
+    for splits in (None, 1, 7):
+        out = poisoned(q.shape, dtype, device)
+        paged_attention_decode(q, k, v, bt, sl, d ** -0.5, out=out, num_splits=splits)
+        check(out, ref, dtype)
+    lq = [300, 1, 0, 1029, 777]
+    cq = cu(lq, device)
+    qp = torch.randn(sum(lq), hq, d, device=device).to(dtype)
+    out = poisoned(qp.shape, dtype, device)
+    paged_attention_prefill(qp, k, v, bt, cq, sl, d ** -0.5, out=out)
+    check(out, paged_attention_prefill_ref(qp, k, v, bt, cq, sl, d ** -0.5), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("r", [8, 16, 64, 128])
+def test_gpu_flash_lora_realistic(rng_seed, dtype, r):
+    device = "cuda"
+    hq, hkv, d, bs = 32, 8, 128, 16
+    lens = [2049, 1, 0, 3001, 515, 64]
+    aids = [0, 3, -1, 2, -1, 1]
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    lr, lbt, lb = make_lowrank(bt, lens, bs, r, 4, hkv, d, dtype, device)
+    aid = torch.tensor(aids, dtype=torch.int32, device=device)
+    q = torch.randn(len(lens), hq, d, device=device).to(dtype)
+    ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, d ** -0.5)
+    for splits in (None, 1, 5):
+        out = poisoned(q.shape, dtype, device)
+        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, d ** -0.5, out=out, num_splits=splits)
+        check(out, ref, dtype)
+    lq = [700, 1, 0, 1000, 515, 3]
+    cq = cu(lq, device)
+    qp = torch.randn(sum(lq), hq, d, device=device).to(dtype)
+    out = poisoned(qp.shape, dtype, device)
+    flash_lora_prefill(qp, k, v, lr, lbt, lb, aid, bt, cq, sl, d ** -0.5, out=out)
+    check(out, flash_lora_prefill_ref(qp, k, v, lr, lbt, lb, aid, bt, cq, sl, d ** -0.5), dtype)
