@@ -308,6 +308,9 @@ def _resolve_plan(plan, ids, w: torch.Tensor, T: int):
                              f"inputs have {T} on {w.device}")
         if num_adapters is not None and plan.num_adapters != num_adapters:
             raise ValueError(f"plan is for {plan.num_adapters} adapters, weights have {num_adapters}")
+        # The plan's ids are used; comparing their values with `ids` would cost a sync.
+        if isinstance(ids, torch.Tensor) and ids.shape != plan.adapter_ids.shape:
+            raise ValueError(f"adapter_ids {list(ids.shape)} do not match the plan's {list(plan.adapter_ids.shape)}")
         return plan.adapter_ids, (plan if num_adapters is not None else None)
     ids = _check_ids(ids, T, w.device)
     if num_adapters is None:  # shared weight: only the mask matters, any id >= -1 is an agent
