@@ -106,5 +106,11 @@ class CudaBackend(Backend):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
-    def tensor(self, addr: int, nbytes: int, owner: object) -> torch.Tensor:
-        return torch.as_tensor(_CudaBuffer(addr, nbytes, owner), device=self.device)
+    def tensor(self, addr: int, nbytes: int, owner: object, start_mapped: bool = True) -> torch.Tensor:
+        if start_mapped:
+            return torch.as_tensor(_CudaBuffer(addr, nbytes, owner), device=self.device)
+        # torch resolves the device of an array-interface pointer with cudaPointerGetAttributes,
+        # which does not know a reserved but unmapped address; a storage built with the device
+        # given skips that lookup. Such a storage holds no reference to `owner`.
+        storage = torch._C._construct_storage_from_data_pointer(addr, self.device, nbytes)
+        return torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage, 0, (nbytes,), (1,))

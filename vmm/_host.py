@@ -110,7 +110,7 @@ class HostBackend(Backend):
     def unmap(self, addr: int, nbytes: int) -> None:
         self._mmap(addr, nbytes, _PROT_NONE, _RESERVE_FLAGS | _MAP_FIXED, -1, "unmap")
 
-    def tensor(self, addr: int, nbytes: int, owner: object) -> torch.Tensor:
+    def tensor(self, addr: int, nbytes: int, owner: object, start_mapped: bool = True) -> torch.Tensor:
         return torch.from_numpy(np.asarray(_HostBuffer(addr, nbytes, owner)))
 
 

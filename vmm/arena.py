@@ -166,9 +166,10 @@ class VirtualArena:
 
     Lifetime: `close()` (or `with`, garbage collection, interpreter exit) unmaps every page and
     frees the address range. Tensors from `view` keep the arena object alive, so collection
-    never pulls memory from under a live view; an explicit `close()` or `unmap` does, and
-    touching such a view afterwards is the caller's bug (SIGSEGV on host, an illegal address on
-    cuda).
+    never pulls memory from under a live view (except, on cuda, a `require_mapped=False` view
+    whose first byte was unmapped when it was made: keep the arena referenced while using it);
+    an explicit `close()` or `unmap` does pull it, and touching such a view afterwards is the
+    caller's bug (SIGSEGV on host, an illegal address on cuda).
     """
 
     def __init__(self, pool: PagePool, reserve_bytes: int) -> None:
@@ -372,7 +373,8 @@ class VirtualArena:
                                        f"the page at offset {i * s.page_size} is not")
             if nbytes == 0:
                 return torch.empty(shape_t, dtype=dtype, device=s.backend.device)
-            raw = s.backend.tensor(s.base + offset, nbytes, owner=self)
+            start_mapped = s.pages[offset // s.page_size] is not None
+            raw = s.backend.tensor(s.base + offset, nbytes, owner=self, start_mapped=start_mapped)
         return raw.view(dtype).view(shape_t)
 
     # ---- lifetime ---------------------------------------------------------------------------

@@ -58,8 +58,9 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for all work that may touch mapped memory (before it is unmapped)."""
 
-    def tensor(self, addr: int, nbytes: int, owner: object) -> torch.Tensor:
-        """A zero-copy uint8 tensor of `nbytes` at `addr`; it keeps `owner` alive."""
+    def tensor(self, addr: int, nbytes: int, owner: object, start_mapped: bool = True) -> torch.Tensor:
+        """A zero-copy uint8 tensor of `nbytes` at `addr` that keeps `owner` alive (on cuda only
+        when `start_mapped`: the first byte is mapped memory)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

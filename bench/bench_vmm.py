@@ -1,0 +1,162 @@
+"""vmm on the GPU: allocator overhead over the raw driver calls, recycling, and growth.
+
+Rows (same run, same card; host wall-clock µs, since these are driver calls):
+- `vmm map+unmap`: VirtualArena.map + unmap of one 2 MiB page (a recycled page, as in steady
+  state) vs the raw calls it stands for: cuMemMap + cuMemSetAccess, synchronize + cuMemUnmap.
+  Goal ≤ 1.10×. Map and unmap are also reported alone.
+- `vmm recycled map`: map of a page from the free list vs a map that has to cuMemCreate one.
+- `vmm grow`: growing a 1/2/4/8 GiB buffer by one page: VirtualArena.map of the next page vs
+  torch's allocate-new-and-copy (caching allocator, event-timed). Goal: ours O(1) in the size.
+GPU memory peaks at about 16 GiB (the 8 GiB torch grow holds old + new).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from common import compare, record_benchmark, time_ms
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+import vmm  # noqa: E402
+
+PAGE = 2 << 20
+GIB = 1 << 30
+REPEAT = 300
+
+
+def _split_us(first, second, repeat: int = REPEAT, between=None) -> tuple[float, float]:
+    """Median host µs of `first` and of `second`, run alternately (each undoes the other)."""
+    a, b = [], []
+    for _ in range(repeat + 10):
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        if between is not None:
+            between()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return statistics.median(a[10:]) * 1e6, statistics.median(b[10:]) * 1e6
+
+
+class _Raw:
+    """The bare driver calls for one page at one reserved address (results still checked)."""
+
+    def __init__(self, be) -> None:
+        from cuda.bindings import driver as cu
+        self.cu, self.be = cu, be
+        self.ok = cu.CUresult.CUDA_SUCCESS
+        err, self.ptr = cu.cuMemAddressReserve(PAGE, PAGE, 0, 0)
+        assert err == self.ok, err
+        err, self.handle = cu.cuMemCreate(PAGE, be._prop, 0)
+        assert err == self.ok, err
+        self.access = be._access
+
+    def map(self) -> None:
+        (err,) = self.cu.cuMemMap(self.ptr, PAGE, 0, self.handle, 0)
+        assert err == self.ok, err
+        (err,) = self.cu.cuMemSetAccess(self.ptr, PAGE, self.access, 1)
+        assert err == self.ok, err
+
+    def unmap(self) -> None:
+        torch.cuda.synchronize()
+        (err,) = self.cu.cuMemUnmap(self.ptr, PAGE)
+        assert err == self.ok, err
+
+    def close(self) -> None:
+        self.cu.cuMemRelease(self.handle)
+        self.cu.cuMemAddressFree(self.ptr, PAGE)
+
+
+def test_vmm_map_unmap_overhead(benchmark):
+    be = vmm.get_backend("cuda")
+    assert be.granularity == PAGE or PAGE % be.granularity == 0
+    raw = _Raw(be)
+    pool = vmm.PagePool(be, capacity_bytes=4 * PAGE, page_size=PAGE, prealloc_pages=1)
+    arena = vmm.VirtualArena(pool, PAGE)
+    ours_map = lambda: arena.map(0, PAGE)  # noqa: E731
+    ours_unmap = lambda: arena.unmap(0, PAGE)  # noqa: E731
+    try:
+        # Interleave the two so drift on the host hits both alike; keep the better of two rounds.
+        r_map, r_unmap, o_map, o_unmap = [], [], [], []
+        for _ in range(2):
+            m, u = _split_us(raw.map, raw.unmap)
+            r_map.append(m), r_unmap.append(u)
+            m, u = _split_us(ours_map, ours_unmap)
+            o_map.append(m), o_unmap.append(u)
+        rm, ru, om, ou = min(r_map), min(r_unmap), min(o_map), min(o_unmap)
+        compare("vmm", "map+unmap 2 MiB page", ours=("VirtualArena", om + ou), base=("raw driver", rm + ru),
+                unit="us", goal="<= 1.10x")
+        compare("vmm", "map 2 MiB page", ours=("VirtualArena.map", om), base=("cuMemMap+SetAccess", rm), unit="us")
+        compare("vmm", "unmap 2 MiB page", ours=("VirtualArena.unmap", ou), base=("sync+cuMemUnmap", ru), unit="us")
+        assert pool.stats()["driver_creates"] == 1  # every map above reused the one page
+        record_benchmark(benchmark, lambda: (ours_map(), ours_unmap()), rounds=20)
+    finally:
+        arena.close()
+        pool.close()
+        raw.close()
+
+
+def test_vmm_recycled_vs_fresh_page(benchmark):
+    be = vmm.get_backend("cuda")
+    pool = vmm.PagePool(be, capacity_bytes=4 * PAGE, page_size=PAGE, prealloc_pages=1)
+    arena = vmm.VirtualArena(pool, PAGE)
+    try:
+        recycled, _ = _split_us(lambda: arena.map(0, PAGE), lambda: arena.unmap(0, PAGE), repeat=200)
+        before = pool.stats()["driver_creates"]
+        fresh, _ = _split_us(lambda: arena.map(0, PAGE), lambda: arena.unmap(0, PAGE), repeat=100,
+                             between=pool.trim)
+        assert pool.stats()["driver_creates"] - before == 110  # each timed map created its page
+        compare("vmm", "map one page", ours=("recycled (free list)", recycled),
+                base=("fresh cuMemCreate", fresh), unit="us", note="ratio < 1: recycling saves the create")
+        record_benchmark(benchmark, lambda: (arena.map(0, PAGE), arena.unmap(0, PAGE)), rounds=20)
+    finally:
+        arena.close()
+        pool.close()
+
+
+SIZES_GIB = (1, 2, 4, 8)
+
+
+def test_vmm_grow_by_one_page(benchmark):
+    be = vmm.get_backend("cuda")
+    top = SIZES_GIB[-1] * GIB
+    ours: dict[int, float] = {}
+    pool = vmm.PagePool(be, capacity_bytes=top + PAGE, page_size=PAGE)
+    arena = vmm.VirtualArena(pool, top + PAGE)
+    try:
+        mapped = 0
+        for g in SIZES_GIB:
+            size = g * GIB
+            arena.map(mapped, size - mapped)  # grow the backing store up to `size` (not timed)
+            mapped = size
+            arena.view(0, (size,), torch.uint8)[:: 1 << 20].fill_(7)  # touch it: real memory
+            ours[g], _ = _split_us(lambda: arena.map(size, PAGE), lambda: arena.unmap(size, PAGE), repeat=100)
+        record_benchmark(benchmark, lambda: (arena.map(top, PAGE), arena.unmap(top, PAGE)), rounds=10)
+    finally:
+        arena.close()
+        pool.close()
+    torch.cuda.synchronize()
+    for g in SIZES_GIB:
+        size = g * GIB
+        old = torch.randint(0, 256, (size // 8,), dtype=torch.int64, device="cuda").view(torch.uint8)
+
+        def grow():
+            new = torch.empty(size + PAGE, dtype=torch.uint8, device="cuda")
+            new[:size].copy_(old)
+            return new
+
+        base_ms = time_ms(grow, warmup_ms=5.0, rep_ms=30.0 if g < 8 else 60.0)
+        del old
+        torch.cuda.empty_cache()
+        compare("vmm", f"grow {g} GiB by 2 MiB", ours=("VirtualArena.map", ours[g]),
+                base=("torch alloc+copy", base_ms * 1e3), unit="us", goal="O(1) in size")
+    flat = ours[SIZES_GIB[-1]] / ours[SIZES_GIB[0]]
+    compare("vmm", "grow: 8 GiB vs 1 GiB", ours=("VirtualArena.map @8GiB", ours[SIZES_GIB[-1]]),
+            base=("VirtualArena.map @1GiB", ours[SIZES_GIB[0]]), unit="us", goal="~1x (O(1))",
+            note=f"{flat:.2f}x")
