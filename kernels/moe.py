@@ -300,10 +300,13 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
 
 
 def _moe_config(num_pairs: int, num_experts: int, dtype: torch.dtype) -> dict:
-    # decode: few pairs per expert, so small M tiles and long K tiles (weight-bandwidth bound);
-    # prefill: square-ish tiles with L2 grouping (compute bound)
-    if num_pairs <= 2 * num_experts:
+    # Decode (few pairs per expert): small M tiles, weight-bandwidth bound; prefill: larger tiles
+    # with L2 grouping. Chosen from the pair count only, not the table size, so a store with many
+    # (mostly idle) adapter slots gets the same tiles as the base model for the same batch.
+    if num_pairs <= 1024:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4)
+    elif num_pairs <= 4096:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
     if dtype == torch.float32:

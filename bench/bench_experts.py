@@ -1,0 +1,188 @@
+"""ExpertWeave on a DeepSeek-V2-Lite-shaped MoE layer (H 2048, I 1408, 64 routed experts top-6,
+2 shared experts, bf16) with 1, 5, 10, 20 ESFT adapters of 4..10 (mean ~7) experts each.
+
+Rows (same run, same card):
+- `experts layer`: the MoE layer over the ExpertStore (router, reroute for a batch of tokens
+  spread over the loaded adapters, fused MoE over the extended table, shared experts) vs the
+  same layer over the base experts alone in ordinary memory, no reroute. Goal <= +5%.
+  Inputs rotate over 8 batches so different experts (and > L2 of weights) are read.
+- `experts reroute`: reroute_experts at 8K tokens x top-6 vs torch's gather; also per call
+  inside a CUDA graph (device time without launch overhead). Goal <= 10 us.
+- `experts fused_moe`: the fused kernel vs a torch per-expert loop (HF-style), base only.
+- `experts bytes`: mapped bytes of the adapters vs merged full copies of the layer's experts,
+  vs giving every adapter room for the largest adapter's expert count, vs page-padded experts.
+- `experts load`: load_adapter / unload_adapter of a 7-expert adapter vs a plain copy of the
+  same bytes.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+import torch
+
+from common import compare, record_benchmark, time_ms
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+H, I, M, K, LAYER = 2048, 1408, 64, 6, 1
+SHARED_I = 2 * I  # DeepSeek's 2 shared experts are one MLP of 2 * I
+DT = torch.bfloat16
+ADAPTERS = (1, 5, 10, 20)
+TOKENS = (1, 16, 64, 256)
+TIMING = dict(warmup_ms=10.0, rep_ms=40.0)
+MB = 1e6
+
+
+def _adapter_experts(w13, w2, n, gen):
+    ids = torch.randperm(M, generator=gen)[:n].tolist()
+    return {LAYER: {e: ((w13[e] + 0.01 * torch.randn_like(w13[e])).contiguous(),
+                        (w2[e] + 0.01 * torch.randn_like(w2[e])).contiguous()) for e in ids}}
+
+
+@pytest.fixture(scope="module")
+def lite():
+    from experts import ExpertStore, MoELayer
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(4, 11, (max(ADAPTERS),), generator=gen).tolist()
+    store = ExpertStore([LAYER], M, H, I, sum(counts) + 7, dtype=DT, device="cuda",
+                        max_adapters=max(ADAPTERS) + 1)
+    w13 = (torch.randn(M, 2 * I, H, device="cuda") / H ** 0.5).to(DT)
+    w2 = (torch.randn(M, H, I, device="cuda") / I ** 0.5).to(DT)
+    store.load_base(LAYER, w13, w2)
+    gate = torch.randn(M, H, device="cuda")
+    sh13 = (torch.randn(2 * SHARED_I, H, device="cuda") / H ** 0.5).to(DT)
+    sh2 = (torch.randn(H, SHARED_I, device="cuda") / SHARED_I ** 0.5).to(DT)
+    kw = dict(router_fp32=True, shared_w13=sh13, shared_w2=sh2)
+    ours = MoELayer.from_store(store, LAYER, gate, K, **kw)
+    base = MoELayer(gate, w13, w2, K, **kw)
+    yield dict(store=store, ours=ours, base=base, w13=w13, w2=w2, counts=counts, gen=gen)
+    store.close()
+
+
+def test_experts_layer_and_bytes(benchmark, lite):
+    store, ours, base, counts = lite["store"], lite["ours"], lite["base"], lite["counts"]
+    base_mapped = store.memory_report()["mapped_bytes"]
+    loaded = 0
+    keep = None
+    for n in ADAPTERS:
+        while loaded < n:
+            store.load_adapter(f"esft{loaded}", _adapter_experts(lite["w13"], lite["w2"], counts[loaded], lite["gen"]))
+            loaded += 1
+        rep = store.memory_report()
+        ours_b = (rep["mapped_bytes"] - base_mapped) / MB
+        case = f"{n} adapters, {sum(counts[:n])} experts, 1 layer"
+        compare("experts bytes", case, ours=("ExpertWeave mapped", ours_b),
+                base=("merged copies", (rep["merged_copies_bytes"] - rep["base_bytes"]) / MB), unit="MB",
+                note=f"exact {rep['adapter_bytes'] / MB:.1f} MB, {rep['boundary_pages']} boundary pages")
+        compare("experts bytes", case + " vs pad-to-max", ours=("ExpertWeave mapped", ours_b),
+                base=("pad to max experts", (rep["padded_to_max_bytes"] - rep["base_bytes"]) / MB), unit="MB")
+        compare("experts bytes", case + " vs page-padded", ours=("ExpertWeave mapped", ours_b),
+                base=("page-padded experts", rep["page_padded_bytes"] / MB - M * _padded_row(store) / MB),
+                unit="MB")
+        for T in TOKENS:
+            xs = [torch.randn(T, H, device="cuda").to(DT) for _ in range(8)]
+            aids = [torch.randint(0, n, (T,), device="cuda", dtype=torch.int32) for _ in range(8)]
+            cyc = itertools.cycle(range(8))
+
+            def run_ours():
+                i = next(cyc)
+                return ours(xs[i], aids[i], validate=False)
+
+            def run_base():
+                return base(xs[next(cyc)], validate=False)
+
+            t_ours = time_ms(run_ours, **TIMING)
+            t_base = time_ms(run_base, **TIMING)
+            compare("experts layer", f"T={T}, {n} adapters", ours=("store + reroute", t_ours * 1e3),
+                    base=("base experts only", t_base * 1e3), unit="us", goal="<= 1.05x")
+            if n == 5 and T == 64:
+                keep = run_ours
+    record_benchmark(benchmark, keep)
+
+
+def _padded_row(store):
+    ps = store.page_size
+    return sum(-(-b // ps) * ps for b in (store.w13_row_bytes, store.w2_row_bytes))
+
+
+def test_experts_reroute_8k(benchmark):
+    from kernels.moe import reroute_experts, router_topk
+
+    T, A = 8192, 21
+    _, ids = router_topk(torch.randn(T, M, device="cuda"), K)
+    aids = torch.randint(-1, A - 1, (T,), device="cuda", dtype=torch.int32)
+    emap = torch.arange(M, dtype=torch.int32, device="cuda").repeat(A, 1)
+    emap[:, ::9] += 64
+    ours = lambda: reroute_experts(ids, aids, emap, validate=False)  # noqa: E731
+    torch_gather = lambda: reroute_experts(ids, aids, emap, validate=False, impl="torch")  # noqa: E731
+    t_ours, t_torch = time_ms(ours, **TIMING), time_ms(torch_gather, **TIMING)
+    compare("experts reroute", "8K tokens x top-6", ours=("reroute kernel", t_ours * 1e3),
+            base=("torch gather", t_torch * 1e3), unit="us", goal="<= 10 us")
+    # device time per call: 20 calls in one CUDA graph
+    ours()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    reps = 20
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            ours()
+    t_graph = time_ms(g.replay, **TIMING) / reps
+    compare("experts reroute", "8K tokens x top-6, in a CUDA graph", ours=("reroute kernel", t_graph * 1e3),
+            base=("torch gather", t_torch * 1e3), unit="us", goal="<= 10 us")
+    record_benchmark(benchmark, ours)
+
+
+@pytest.mark.parametrize("T", [64, 2048])
+def test_experts_fused_moe_vs_torch(benchmark, lite, T):
+    from kernels.moe import fused_moe, router_topk
+
+    w13, w2 = lite["w13"], lite["w2"]
+    x = torch.randn(T, H, device="cuda").to(DT)
+    tw, ids = router_topk(torch.randn(T, M, device="cuda"), K)
+    ours = lambda: fused_moe(x, w13, w2, tw, ids, validate=False)  # noqa: E731
+    loop = lambda: fused_moe(x, w13, w2, tw, ids, validate=False, impl="torch")  # noqa: E731
+    t_ours = time_ms(ours, **TIMING)
+    t_loop = time_ms(loop, warmup_ms=5.0, rep_ms=20.0)
+    flops = 2 * T * K * 3 * H * I
+    compare("experts fused_moe", f"T={T}, base 64 experts top-6", ours=("fused_moe", t_ours * 1e3),
+            base=("torch per-expert loop", t_loop * 1e3), unit="us",
+            note=f"{flops / t_ours / 1e9:.0f} TFLOP/s")
+    record_benchmark(benchmark, ours)
+
+
+def test_experts_load_unload(benchmark, lite):
+    store = lite["store"]
+    ex = _adapter_experts(lite["w13"], lite["w2"], 7, lite["gen"])
+    flat_src = torch.cat([torch.cat([a.flatten(), b.flatten()]) for a, b in ex[LAYER].values()])
+    dst = torch.empty_like(flat_src)
+    loads, unloads, copies = [], [], []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        store.load_adapter("bench-tmp", ex)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        store.unload_adapter("bench-tmp")
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        dst.copy_(flat_src)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        loads.append(t1 - t0)
+        unloads.append(t2 - t1)
+        copies.append(t3 - t2)
+    med = lambda v: sorted(v)[len(v) // 2] * 1e6  # noqa: E731
+    mb = flat_src.numel() * flat_src.element_size() / MB
+    compare("experts load", f"7 experts ({mb:.0f} MB)", ours=("load_adapter", med(loads)),
+            base=("copy_ of same bytes", med(copies)), unit="us")
+    compare("experts load", f"7 experts ({mb:.0f} MB), unload", ours=("unload_adapter", med(unloads)),
+            base=("copy_ of same bytes", med(copies)), unit="us")
+
+    def cycle():
+        store.load_adapter("bench-tmp", ex)
+        store.unload_adapter("bench-tmp")
+    record_benchmark(benchmark, cycle)
