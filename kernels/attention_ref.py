@@ -20,10 +20,13 @@ __all__ = [
 
 
 def _gather(cache: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tensor:
-    """cache[table_row[p // bs], p % bs] for p in 0..n-1."""
+    """cache[table_row[p // bs], p % bs] for p in 0..n-1; a block id of -1 (a head of a
+    head-sharded pool stores nothing there) reads as zeros."""
     bs = cache.shape[1]
     pos = torch.arange(n, device=cache.device)
-    return cache[table_row.long()[pos // bs], pos % bs].double()
+    ids = table_row.long()[pos // bs]
+    rows = cache[ids.clamp_min(0), pos % bs].double()
+    return rows.masked_fill((ids < 0).view(-1, *([1] * (rows.dim() - 1))), 0.0)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -1,0 +1,268 @@
+"""S2Pattern semantics, and S2-attention prefill/decode kernels against the dense-mask reference."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from kernels.attention import paged_attention_prefill
+from kernels.attention_ref import s2_attention_decode_ref, s2_attention_prefill_ref
+from kernels.s2 import S2Pattern, s2_attention_decode, s2_attention_prefill
+
+TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
+
+def rel_err(out, ref) -> float:
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check(out, ref, dtype):
+    assert not out.isnan().any(), "some output element was never written"
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+
+
+def cu(lengths, device) -> torch.Tensor:
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def brute_mask(p: S2Pattern, n: int) -> torch.Tensor:
+    """The issue's definition, literally, one (head, q, k) at a time."""
+    m = torch.zeros(p.num_heads, n, n, dtype=torch.bool)
+    step = p.head_sliding_step
+    for h, qi, ki in itertools.product(range(p.num_heads), range(n), range(n)):
+        if ki > qi:
+            continue
+        i, j = qi // p.sparse_block, ki // p.sparse_block
+        kvh = h // (p.num_heads // p.num_kv_heads)
+        dense = h >= p.num_heads - p.num_dense_heads
+        s = 0 if p.homo_head else kvh
+        m[h, qi, ki] = dense or i - j < p.local_blocks or (j + s * step + p.offset) % p.vert_stride == 0
+    return m
+
+
+PATTERNS = [
+    S2Pattern(4, 16, 2, 3),                                                 # heterogeneous heads
+    S2Pattern(8, 16, 1, 4, num_kv_heads=2, num_dense_heads=4),              # GQA + dense heads
+    S2Pattern(6, 32, 2, 2, num_kv_heads=3, homo_head=True, offset=1),       # homogeneous, offset
+    S2Pattern(4, 16, 3, 5, num_kv_heads=2, head_sliding_step=2),            # explicit step
+]
+
+
+# ---------------------------------------------------------------- the pattern
+@pytest.mark.parametrize("p", PATTERNS, ids=repr)
+def test_mask_matches_definition(p):
+    n = 3 * p.sparse_block + 7
+    assert torch.equal(p.mask(n), brute_mask(p, n))
+
+
+@pytest.mark.parametrize("p", PATTERNS, ids=repr)
+def test_block_questions_agree_with_mask(p):
+    nb = 9
+    bm = p.block_mask(nb)
+    for h in range(p.num_kv_heads):
+        for i in range(nb):
+            assert p.key_blocks(h, i) == [j for j in range(nb) if bm[h, i, j]]
+            for j in range(nb):
+                assert p.kv_head_reads(h, i, j) == bool(bm[h, i, j])
+                assert p.reads(h * p.group, i, j) == bool(bm[h, i, j])
+                # keeps(j at query block i) <=> some later query block reads j
+                later = any(p.kv_head_reads(h, i2, j) for i2 in range(max(i, j), i + 4 * p.vert_stride + p.local_blocks))
+                assert p.kv_head_keeps(h, j, i) == later
+
+
+@pytest.mark.parametrize("p", PATTERNS, ids=repr)
+def test_density_matches_mask(p):
+    for n in (1, 17, 3 * p.sparse_block + 5):
+        assert abs(p.density(n) - p.mask(n).double().mean().item()) < 1e-12
+
+
+def test_heads_together_cover_the_context():
+    """With a shard per residue (Phi-3-small: 32 q / 8 kv heads, stride 8), every causal block is
+    read by some head, so no token is lost to the model as a whole."""
+    p = S2Pattern(32, 64, 16, 8, num_kv_heads=8)
+    nb = 200
+    union = p.block_mask(nb).any(0)
+    assert torch.equal(union, torch.ones(nb, nb, dtype=torch.bool).tril())
+    # and each head alone reads about 1/stride of the distant blocks
+    far = p.block_mask(nb)[:, -1, : nb - 16].double().mean(1)
+    assert torch.allclose(far, torch.full_like(far, 1 / 8), atol=0.01)
+    homo = S2Pattern(32, 64, 16, 8, num_kv_heads=8, homo_head=True)
+    assert not torch.equal(homo.block_mask(nb).any(0), union)
+
+
+def test_pattern_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        S2Pattern(4, 48, 2, 2)
+    with pytest.raises(ValueError):
+        S2Pattern(4, 8, 2, 2)
+    with pytest.raises(ValueError, match="vert_stride"):
+        S2Pattern(4, 16, 2, 0)
+    with pytest.raises(ValueError, match="local_blocks"):
+        S2Pattern(4, 16, 0, 2)
+    with pytest.raises(ValueError, match="multiple"):
+        S2Pattern(6, 16, 2, 2, num_kv_heads=4)
+    with pytest.raises(ValueError, match="num_dense_heads"):
+        S2Pattern(8, 16, 2, 2, num_kv_heads=2, num_dense_heads=3)
+    with pytest.raises(TypeError):
+        S2Pattern(4.0, 16, 2, 2)
+    with pytest.raises(TypeError):
+        S2Pattern(4, 16, 2, 2, homo_head=1)
+    p = S2Pattern(32, 64, 16, 8, num_kv_heads=8)
+    assert p.head_sliding_step == 1 and p == S2Pattern(32, 64, 16, 8, num_kv_heads=8)
+    assert S2Pattern(4, 16, 2, 16).head_sliding_step == 4
+    with pytest.raises(AttributeError):
+        p.vert_stride = 4
+
+
+# ---------------------------------------------------------------- kernels
+def _prefill_inputs(p, lq, lk, d, dtype, device):
+    cq, ck = cu(lq, device), cu(lk, device)
+    q = torch.randn(sum(lq), p.num_heads, d, device=device).to(dtype)
+    k = torch.randn(sum(lk), p.num_kv_heads, d, device=device).to(dtype)
+    v = torch.randn_like(k)
+    return q, k, v, cq, ck
+
+
+PREFILL_CASES = [(p, dt, "triton") for p, dt in zip(PATTERNS, [torch.bfloat16, torch.float16,
+                                                               torch.float32, torch.bfloat16])]
+PREFILL_CASES += [(PATTERNS[1], torch.float32, "torch"), (PATTERNS[2], torch.bfloat16, "torch")]
+
+
+@pytest.mark.parametrize("p,dtype,impl", PREFILL_CASES, ids=lambda x: repr(x)[:40])
+def test_s2_prefill_matches_masked_reference(device, rng_seed, p, dtype, impl):
+    lq, lk = [29, 1, 0, 50, 9], [110, 1, 5, 50, 9]
+    q, k, v, cq, ck = _prefill_inputs(p, lq, lk, 32, dtype, device)
+    out = torch.full_like(q, float("nan"))
+    s2_attention_prefill(q, k, v, cq, ck, p, 0.2, out=out, impl=impl)
+    check(out, s2_attention_prefill_ref(q, k, v, cq, ck, p, 0.2), dtype)
+
+
+def test_s2_dense_pattern_equals_causal_attention(device, rng_seed):
+    """vert_stride 1 reads every block: S2 prefill must equal plain causal paged prefill."""
+    p = S2Pattern(4, 16, 1, 1, num_kv_heads=2)
+    lq, lk = [33, 50], [33, 70]
+    q, k, v, cq, ck = _prefill_inputs(p, lq, lk, 32, torch.float32, device)
+    ours = s2_attention_prefill(q, k, v, cq, ck, p, 0.3)
+    bs = 16  # the same K/V as one paged cache, one block run per sequence
+    kc = torch.zeros(10, bs, 2, 32, device=device)
+    vc = torch.zeros_like(kc)
+    bt = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], dtype=torch.int32, device=device)
+    for b, (k0, n) in enumerate([(0, 33), (33, 70)]):
+        kc.view(2, 5 * bs, 2, 32)[b, :n] = k[k0:k0 + n]
+        vc.view(2, 5 * bs, 2, 32)[b, :n] = v[k0:k0 + n]
+    sl = torch.tensor(lk, dtype=torch.int32, device=device)
+    base = paged_attention_prefill(q, kc, vc, bt, cq, sl, 0.3)
+    assert rel_err(ours, base.double()) < 1e-5
+
+
+def make_shared_and_sharded(p, lens, bs, d, dtype, device):
+    """One paged cache shared by all KV heads, and the same data as a head-sharded pool: blocks of
+    one KV head each, only those the head reads for its next query, -1 elsewhere, NaN in the rest."""
+    batch, hkv = len(lens), p.num_kv_heads
+    max_blocks = max(-(-n // bs) for n in lens) + 1
+    nb = batch * max_blocks + 2
+    k = torch.randn(nb, bs, hkv, d, device=device).to(dtype)
+    v = torch.randn_like(k)
+    bt = torch.randperm(nb, device=device)[:batch * max_blocks].view(batch, max_blocks).int()
+    kh = torch.full((nb * hkv, bs, 1, d), float("nan"), device=device, dtype=dtype)
+    vh = torch.full_like(kh, float("nan"))
+    bth = torch.full((batch, hkv, max_blocks), -1, dtype=torch.int32, device=device)
+    free = torch.randperm(nb * hkv).tolist()
+    stored = 0
+    for b, n in enumerate(lens):
+        if n == 0:
+            continue
+        i = (n - 1) // p.sparse_block
+        for h in range(hkv):
+            for lb in range(-(-n // bs)):
+                j_first, j_last = lb * bs // p.sparse_block, (lb * bs + bs - 1) // p.sparse_block
+                if any(p.kv_head_reads(h, i, j) for j in range(j_first, j_last + 1)):
+                    phys = free.pop()
+                    kh[phys, :, 0] = k[bt[b, lb], :, h]
+                    vh[phys, :, 0] = v[bt[b, lb], :, h]
+                    bth[b, h, lb] = phys
+                    stored += 1
+    return (k, v, bt), (kh, vh, bth), stored
+
+
+DECODE_CASES = [  # (pattern index, dtype, block_size, lens, num_splits)
+    (0, torch.bfloat16, 16, [130, 1, 0, 77], None),
+    (1, torch.float16, 16, [161, 33], 3),
+    (2, torch.float32, 32, [200, 64, 65], 2),
+    (3, torch.bfloat16, 16, [99], 1),
+]
+
+
+@pytest.mark.parametrize("pi,dtype,bs,lens,splits", DECODE_CASES)
+def test_s2_decode_shared_and_sharded_match_reference(device, rng_seed, pi, dtype, bs, lens, splits):
+    p = PATTERNS[pi]
+    (k, v, bt), (kh, vh, bth), stored = make_shared_and_sharded(p, lens, bs, 32, dtype, device)
+    sl = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(len(lens), p.num_heads, 32, device=device).to(dtype)
+    ref = s2_attention_decode_ref(q, k, v, bt, sl, p, 0.2)
+    for cache in ((k, v, bt), (kh, vh, bth)):
+        out = torch.full_like(q, float("nan"))
+        s2_attention_decode(q, *cache, sl, p, 0.2, out=out, num_splits=splits)
+        check(out, ref, dtype)
+    assert torch.allclose(s2_attention_decode_ref(q, kh, vh, bth, sl, p, 0.2), ref)
+    full = sum(-(-n // bs) for n in lens) * p.num_kv_heads
+    if p.num_dense_heads == 0 and max(lens) > (p.local_blocks + p.vert_stride) * p.sparse_block:
+        assert stored < full  # the sharded pool really holds less
+
+
+def test_s2_decode_torch_fallback(device, rng_seed):
+    p = PATTERNS[1]
+    (k, v, bt), (kh, vh, bth), _ = make_shared_and_sharded(p, [150, 1, 0], 16, 16, torch.float32, device)
+    sl = torch.tensor([150, 1, 0], dtype=torch.int32, device=device)
+    q = torch.randn(3, p.num_heads, 16, device=device)
+    ref = s2_attention_decode_ref(q, k, v, bt, sl, p, 0.5)
+    check(s2_attention_decode(q, k, v, bt, sl, p, 0.5, impl="torch"), ref, torch.float32)
+    check(s2_attention_decode(q, kh, vh, bth, sl, p, 0.5, impl="torch"), ref, torch.float32)
+
+
+def test_s2_bad_inputs(device):
+    p = S2Pattern(4, 16, 2, 2, num_kv_heads=2)
+    q, k, v, cq, ck = _prefill_inputs(p, [5], [9], 16, torch.float16, device)
+    with pytest.raises(ValueError, match="pattern"):
+        s2_attention_prefill(q, k, v, cq, ck, S2Pattern(4, 16, 2, 2), 0.1)
+    with pytest.raises(TypeError):
+        s2_attention_prefill(q, k, v, cq, ck, "dense", 0.1)
+    with pytest.raises(ValueError):
+        s2_attention_prefill(q, k, v, ck, cq, p, 0.1)  # len_q > len_k
+    with pytest.raises(ValueError):
+        s2_attention_prefill(q, k, v, cq, cu([9, 1], device), p, 0.1)  # wrong batch
+    (kc, vc, bt), (kh, vh, bth), _ = make_shared_and_sharded(p, [40], 16, 16, torch.float16, device)
+    sl = torch.tensor([40], dtype=torch.int32, device=device)
+    qd = torch.randn(1, 4, 16, device=device).to(torch.float16)
+    with pytest.raises(ValueError, match="one KV head per block"):
+        s2_attention_decode(qd, kc, vc, bth, sl, p, 0.1)
+    with pytest.raises(ValueError):
+        s2_attention_decode(qd, kh, vh, bth[:, :1], sl, p, 0.1)  # 1 kv head vs pattern's 2
+    with pytest.raises(ValueError):
+        s2_attention_decode(qd, kc, vc, bt[:, :2], sl, p, 0.1)  # table too short for 40 tokens
+
+
+# ---------------------------------------------------------------- GPU, realistic sizes
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stride,homo,dense", [(8, False, 0), (16, False, 8), (8, True, 0)])
+def test_gpu_s2_realistic(rng_seed, dtype, stride, homo, dense):
+    device = "cuda"
+    p = S2Pattern(32, 64, 16, stride, num_kv_heads=8, homo_head=homo, num_dense_heads=dense)
+    lq, lk = [3000, 1, 0, 1200], [3000, 1, 7, 2500]
+    q, k, v, cq, ck = _prefill_inputs(p, lq, lk, 128, dtype, device)
+    out = torch.full_like(q, float("nan"))
+    s2_attention_prefill(q, k, v, cq, ck, p, 128 ** -0.5, out=out)
+    check(out, s2_attention_prefill_ref(q, k, v, cq, ck, p, 128 ** -0.5), dtype)
+    lens = [3000, 1, 0, 2500]
+    (kc, vc, bt), (kh, vh, bth), _ = make_shared_and_sharded(p, lens, 64, 128, dtype, device)
+    sl = torch.tensor(lens, dtype=torch.int32, device=device)
+    qd = torch.randn(len(lens), 32, 128, device=device).to(dtype)
+    ref = s2_attention_decode_ref(qd, kc, vc, bt, sl, p, 128 ** -0.5)
+    for cache in ((kc, vc, bt), (kh, vh, bth)):
+        for splits in (None, 1, 6):
+            out = torch.full_like(qd, float("nan"))
+            s2_attention_decode(qd, *cache, sl, p, 128 ** -0.5, out=out, num_splits=splits)
+            check(out, ref, dtype)
