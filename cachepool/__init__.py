@@ -22,10 +22,11 @@ from .blocks import BlockManager, block_hash
 from .errors import CacheFullError, CachePoolError
 from .modes import AgentRoute, AgentSpec, CacheMode, MultiAgentCache, SeqSlots
 from .pools import KVPool, LowRankPool
+from .sharded import HeadShardedKVPool, ShardPattern
 from .storage import PagedStore
 
 __all__ = [
     "AgentRoute", "AgentSpec", "BlockAllocator", "BlockManager", "BlockStore", "CacheFullError",
-    "CacheMode", "CachePoolError", "KVPool", "LowRankPool", "MultiAgentCache", "PagedStore",
-    "SeqSlots", "UnboundedStore", "block_hash",
+    "CacheMode", "CachePoolError", "HeadShardedKVPool", "KVPool", "LowRankPool", "MultiAgentCache", "PagedStore",
+    "SeqSlots", "ShardPattern", "UnboundedStore", "block_hash",
 ]
