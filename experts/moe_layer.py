@@ -1,7 +1,8 @@
 """An MoE block for a batch whose tokens belong to different ESFT adapters.
 
-router logits -> softmax top-k (`kernels.router_topk`) -> per-token reroute to the adapter's
-expert copies (`kernels.reroute_experts`) -> grouped SwiGLU over the extended expert table
+router logits -> softmax top-k and, in the same kernel, the per-token reroute to the adapter's
+expert copies (`kernels.router_topk(..., adapter_ids=, expert_map=)`, equal to
+`kernels.reroute_experts`) -> grouped SwiGLU over the extended expert table
 (`kernels.fused_moe`) -> plus the shared experts, gated by `sigmoid(x g^T)` where the
 architecture has a shared-expert gate (Qwen2-MoE).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.moe import fused_moe, reroute_experts, router_topk
+from kernels.moe import fused_moe, router_topk
 
 
 class MoELayer:
@@ -78,13 +79,14 @@ class MoELayer:
             logits = F.linear(x.float(), self.gate_weight.float())
         else:
             logits = F.linear(x, self.gate_weight.to(x.dtype))
-        tw, ids = router_topk(logits, self.top_k, renormalize=self.renormalize, impl=impl)
+        if adapter_ids is not None and self.expert_map is None:
+            raise ValueError("adapter_ids given but this layer has no expert_map")
+        # the reroute runs inside the router kernel: no launch beyond what the base model does
+        emap = self.expert_map if adapter_ids is not None else None
+        tw, ids = router_topk(logits, self.top_k, renormalize=self.renormalize, adapter_ids=adapter_ids,
+                              expert_map=emap, validate=validate, impl=impl)
         if self.routed_scaling_factor != 1.0:
             tw = tw * self.routed_scaling_factor
-        if adapter_ids is not None:
-            if self.expert_map is None:
-                raise ValueError("adapter_ids given but this layer has no expert_map")
-            ids = reroute_experts(ids, adapter_ids, self.expert_map, validate=validate, impl=impl)
         return tw, ids
 
     def __call__(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None, *, validate: bool = True,

@@ -52,7 +52,12 @@ class _Weight:
         self.page = pool.page_size
         self.arena = vmm.VirtualArena(pool, rows * self.row_bytes)
         self.refs = [0] * (self.arena.reserved_bytes // self.page)
-        self.tensor = self.arena.view(0, (rows, *row_shape), dtype, require_mapped=False)
+        self.rows, self.row_shape, self.dtype = rows, row_shape, dtype
+        self.tensor: torch.Tensor | None = None
+
+    def make_view(self) -> None:
+        # after the base rows are mapped, so the view's first page is always backed
+        self.tensor = self.arena.view(0, (self.rows, *self.row_shape), self.dtype, require_mapped=False)
 
     def pages_of(self, row: int) -> range:
         start = row * self.row_bytes
@@ -185,6 +190,7 @@ class ExpertStore:
             for w in self._all_weights():
                 w.map_pages(w.new_pages(base_rows))
                 w.incref(base_rows)
+                w.make_view()
         except BaseException:
             self.close()
             raise

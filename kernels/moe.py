@@ -57,9 +57,10 @@ def _check_same_device(**tensors: torch.Tensor) -> None:
 if triton is not None:
 
     @triton.jit
-    def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, T, E, stride_lt, stride_le,
+    def _router_topk_kernel(logits_ptr, w_ptr, ids_ptr, adapter_ptr, map_ptr, T, E, stride_lt,
+                            stride_le, stride_map, stride_map_e,
                             TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                            BLOCK_E: tl.constexpr, RENORM: tl.constexpr):
+                            BLOCK_E: tl.constexpr, RENORM: tl.constexpr, REROUTE: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_E)
@@ -86,18 +87,23 @@ if triton is not None:
             wacc = wacc / tl.sum(wacc, axis=1)[:, None]
         optr = rows.to(tl.int64)[:, None] * TOP_K + kcols[None, :]
         omask = rmask[:, None] & (kcols[None, :] < TOP_K)
+        if REROUTE:
+            a = tl.load(adapter_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+            hit = omask & (a >= 0)[:, None]
+            r = tl.load(map_ptr + a[:, None] * stride_map + iacc * stride_map_e, mask=hit, other=0)
+            iacc = tl.where(hit, r, iacc)
         tl.store(w_ptr + optr, wacc, mask=omask)
         tl.store(ids_ptr + optr, iacc, mask=omask)
 
     @triton.jit
-    def _reroute_kernel(ids_ptr, adapter_ptr, map_ptr, out_ptr, N, K, stride_map,
+    def _reroute_kernel(ids_ptr, adapter_ptr, map_ptr, out_ptr, N, K, stride_map, stride_map_e,
                         BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
         a = tl.load(adapter_ptr + offs // K, mask=mask, other=-1).to(tl.int64)
         hit = mask & (a >= 0)
-        r = tl.load(map_ptr + a * stride_map + e, mask=hit, other=0)
+        r = tl.load(map_ptr + a * stride_map + e * stride_map_e, mask=hit, other=0)
         tl.store(out_ptr + offs, tl.where(a >= 0, r, e), mask=mask)
 
     @triton.jit
@@ -170,7 +176,8 @@ if triton is not None:
 # router top-k
 # ----------------------------------------------------------------------------------------------
 def router_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = False,
-                impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                adapter_ids: torch.Tensor | None = None, expert_map: torch.Tensor | None = None,
+                validate: bool = True, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax (fp32) over experts, then the `top_k` largest per token.
 
     Args:
@@ -178,6 +185,9 @@ def router_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = 
         top_k: experts per token, `1 <= top_k <= experts`.
         renormalize: divide the chosen weights by their sum (Mixtral; Qwen3-MoE/OLMoE/Qwen2-MoE/
             DeepSeek-V2 when their config's `norm_topk_prob` is true; see `ROUTER_RENORMALIZE`).
+        adapter_ids, expert_map: optionally reroute in the same kernel, exactly as
+            `reroute_experts(ids, adapter_ids, expert_map)` would (no extra launch).
+        validate: with rerouting, check adapter id ranges first (one device sync).
     Returns:
         `(topk_weights float32 [tokens, top_k], topk_ids int32 [tokens, top_k])`, weights in
         descending order; ties go to the lower expert index.
@@ -191,6 +201,16 @@ def router_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = 
     T, E = router_logits.shape
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k must be in [1, {E}] for {E} experts, got {top_k}")
+    reroute = adapter_ids is not None or expert_map is not None
+    if reroute:
+        if adapter_ids is None or expert_map is None:
+            raise ValueError("rerouting needs both adapter_ids and expert_map")
+        _check_reroute_args(T, adapter_ids, expert_map)
+        if expert_map.shape[1] != E:
+            raise ValueError(f"expert_map has {expert_map.shape[1]} columns but the router {E} experts")
+        _check_same_device(router_logits=router_logits, adapter_ids=adapter_ids, expert_map=expert_map)
+        if validate and T:
+            _check_adapter_range(adapter_ids, expert_map.shape[0])
     which = choose_impl(router_logits, impl)
     dev = router_logits.device
     if which == "torch" or T == 0:
@@ -198,21 +218,53 @@ def router_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = 
         w, i = torch.topk(p, top_k, dim=-1)
         if renormalize:
             w = w / w.sum(dim=-1, keepdim=True)
-        return w.contiguous(), i.to(torch.int32).contiguous()
+        i = i.to(torch.int32)
+        if reroute:
+            i = _reroute_torch(i, adapter_ids, expert_map)
+        return w.contiguous(), i.contiguous()
     block_e = _next_pow2(E)
     block_t = max(1, min(64, 4096 // block_e))
     w = torch.empty((T, top_k), dtype=torch.float32, device=dev)
     ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)
     grid = (triton.cdiv(T, block_t),)
-    _router_topk_kernel[grid](router_logits, w, ids, T, E, router_logits.stride(0),
-                              router_logits.stride(1), TOP_K=top_k, K_PAD=_next_pow2(top_k),
-                              BLOCK_T=block_t, BLOCK_E=block_e, RENORM=bool(renormalize))
+    _router_topk_kernel[grid](router_logits, w, ids,
+                              adapter_ids.contiguous() if reroute else ids,
+                              expert_map if reroute else ids, T, E, router_logits.stride(0),
+                              router_logits.stride(1), expert_map.stride(0) if reroute else 0,
+                              expert_map.stride(1) if reroute else 0,
+                              TOP_K=top_k, K_PAD=_next_pow2(top_k), BLOCK_T=block_t, BLOCK_E=block_e,
+                              RENORM=bool(renormalize), REROUTE=reroute)
     return w, ids
 
 
 # ----------------------------------------------------------------------------------------------
 # reroute
 # ----------------------------------------------------------------------------------------------
+def _check_reroute_args(tokens: int, adapter_ids: object, expert_map: object) -> None:
+    for name, t in (("adapter_ids", adapter_ids), ("expert_map", expert_map)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if adapter_ids.dim() != 1 or adapter_ids.dtype not in _INT_DTYPES:
+        raise ValueError(f"adapter_ids must be a 1-D int32/int64 tensor, got {tuple(adapter_ids.shape)} {adapter_ids.dtype}")
+    if expert_map.dim() != 2 or expert_map.dtype != torch.int32:
+        raise ValueError(f"expert_map must be a 2-D int32 tensor, got {tuple(expert_map.shape)} {expert_map.dtype}")
+    if adapter_ids.shape[0] != tokens:
+        raise ValueError(f"adapter_ids has {adapter_ids.shape[0]} tokens, topk_ids/logits {tokens}")
+
+
+def _check_adapter_range(adapter_ids: torch.Tensor, rows: int) -> None:
+    lo, hi = torch.stack([adapter_ids.min().long(), adapter_ids.max().long()]).tolist()
+    if lo < -1 or hi >= rows:
+        raise ValueError(f"adapter_ids must be -1 or in [0, {rows}), got [{lo}, {hi}]")
+
+
+def _reroute_torch(topk_ids: torch.Tensor, adapter_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+    a = adapter_ids.long()
+    rows = expert_map[a.clamp(min=0)]                       # [T, M]
+    mapped = torch.gather(rows, 1, topk_ids.long())
+    return torch.where((a >= 0)[:, None], mapped, topk_ids.to(torch.int32)).to(torch.int32)
+
+
 def reroute_experts(topk_ids: torch.Tensor, adapter_ids: torch.Tensor, expert_map: torch.Tensor,
                     *, validate: bool = True, impl: str | None = None) -> torch.Tensor:
     """Map each token's chosen experts to its adapter's copies: one gather for a mixed batch.
@@ -228,41 +280,30 @@ def reroute_experts(topk_ids: torch.Tensor, adapter_ids: torch.Tensor, expert_ma
     Returns:
         extended ids `[tokens, k]` int32.
     """
-    for name, t in (("topk_ids", topk_ids), ("adapter_ids", adapter_ids), ("expert_map", expert_map)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(topk_ids, torch.Tensor):
+        raise TypeError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
     if topk_ids.dim() != 2 or topk_ids.dtype not in _INT_DTYPES:
         raise ValueError(f"topk_ids must be a 2-D int32/int64 tensor, got {tuple(topk_ids.shape)} {topk_ids.dtype}")
-    if adapter_ids.dim() != 1 or adapter_ids.dtype not in _INT_DTYPES:
-        raise ValueError(f"adapter_ids must be a 1-D int32/int64 tensor, got {tuple(adapter_ids.shape)} {adapter_ids.dtype}")
-    if expert_map.dim() != 2 or expert_map.dtype != torch.int32:
-        raise ValueError(f"expert_map must be a 2-D int32 tensor, got {tuple(expert_map.shape)} {expert_map.dtype}")
-    if adapter_ids.shape[0] != topk_ids.shape[0]:
-        raise ValueError(f"adapter_ids has {adapter_ids.shape[0]} tokens, topk_ids {topk_ids.shape[0]}")
+    _check_reroute_args(topk_ids.shape[0], adapter_ids, expert_map)
     _check_same_device(topk_ids=topk_ids, adapter_ids=adapter_ids, expert_map=expert_map)
     T, K = topk_ids.shape
     A, M = expert_map.shape
     if topk_ids.numel() == 0:
         return torch.empty((T, K), dtype=torch.int32, device=topk_ids.device)
     if validate:
-        lo_e, hi_e, lo_a, hi_a = torch.stack([topk_ids.min().long(), topk_ids.max().long(),
-                                              adapter_ids.min().long(), adapter_ids.max().long()]).tolist()
+        lo_e, hi_e = torch.stack([topk_ids.min().long(), topk_ids.max().long()]).tolist()
         if lo_e < 0 or hi_e >= M:
             raise ValueError(f"topk_ids must be in [0, {M}) (expert_map has {M} columns), got [{lo_e}, {hi_e}]")
-        if lo_a < -1 or hi_a >= A:
-            raise ValueError(f"adapter_ids must be -1 or in [0, {A}), got [{lo_a}, {hi_a}]")
+        _check_adapter_range(adapter_ids, A)
     which = choose_impl(topk_ids, impl)
     if which == "torch":
-        a = adapter_ids.long()
-        rows = expert_map[a.clamp(min=0)]                       # [T, M]
-        mapped = torch.gather(rows, 1, topk_ids.long())
-        return torch.where((a >= 0)[:, None], mapped, topk_ids.to(torch.int32)).to(torch.int32)
+        return _reroute_torch(topk_ids, adapter_ids, expert_map)
     ids = topk_ids.contiguous()
     out = torch.empty((T, K), dtype=torch.int32, device=topk_ids.device)
     n = T * K
     block = 1024
     _reroute_kernel[(triton.cdiv(n, block),)](ids, adapter_ids.contiguous(), expert_map, out, n, K,
-                                              expert_map.stride(0), BLOCK=block)
+                                              expert_map.stride(0), expert_map.stride(1), BLOCK=block)
     return out
 
 

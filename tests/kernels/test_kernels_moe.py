@@ -106,6 +106,31 @@ def test_reroute_matches_reference(device, rng_seed, impl, T, k, M, A, id_dtype)
     assert torch.equal(out.cpu()[base].long(), topk.cpu()[base].long())
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_router_topk_fused_reroute(device, rng_seed, impl):
+    """router_topk(..., adapter_ids, expert_map) == reroute_experts(router_topk(...)); the map
+    may be a strided view (every other row of a bigger table, columns reversed)."""
+    T, E, k, A = 45, 33, 4, 5
+    perm = torch.argsort(torch.rand(T, E, device=device), dim=1)
+    logits = 0.07 * perm - 1.0
+    big = torch.randint(0, 500, (2 * A, 2 * E), dtype=torch.int32, device=device)
+    emap = big[::2, ::2]
+    assert emap.stride(1) != 1
+    adapters = torch.randint(-1, A, (T,), device=device, dtype=torch.int32)
+    with poisoned_outputs():
+        w, ids = router_topk(logits, k, renormalize=True, adapter_ids=adapters, expert_map=emap, impl=impl)
+    wr, ir = router_topk_ref(logits, k, renormalize=True)
+    assert torch.equal(ids.cpu(), reroute_experts_ref(ir, adapters, emap))
+    torch.testing.assert_close(w.cpu().double(), wr, rtol=1e-5, atol=1e-6)
+    assert torch.equal(reroute_experts(ir.to(device), adapters, emap, impl=impl).cpu(), ids.cpu())
+    with pytest.raises(ValueError, match="adapter_ids"):
+        router_topk(logits, k, adapter_ids=adapters + A, expert_map=emap)
+    with pytest.raises(ValueError, match="both"):
+        router_topk(logits, k, adapter_ids=adapters)
+    with pytest.raises(ValueError, match="columns"):
+        router_topk(logits, k, adapter_ids=adapters, expert_map=emap[:, :-1])
+
+
 def test_reroute_empty_and_errors(device):
     emap = torch.arange(6, dtype=torch.int32, device=device).repeat(3, 1)
     ids = torch.randint(0, 6, (4, 2), device=device, dtype=torch.int32)
@@ -241,7 +266,8 @@ def test_fused_moe_gpu_deepseek_lite_shapes(rng_seed, T):
 @pytest.mark.gpu
 def test_reroute_and_router_gpu_8k(rng_seed):
     T, k, M, A = 8192, 6, 64, 20
-    logits = torch.randn(T, M, device="cuda", dtype=torch.bfloat16)
+    perm = torch.argsort(torch.rand(T, M, device="cuda"), dim=1)  # no ties (order is not contract)
+    logits = (0.07 * perm - 2.0).to(torch.bfloat16)
     w, ids = router_topk(logits, k)
     wr, ir = router_topk_ref(logits, k)
     assert torch.equal(ids.cpu(), ir)
