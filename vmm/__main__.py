@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from . import PagePool, VirtualArena, get_backend
+from . import PagePool, VirtualArena, VmmError, get_backend
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.pages < 2:
         ap.error("--pages must be at least 2")
 
-    be = get_backend(args.backend)
+    try:
+        be = get_backend(args.backend)
+    except VmmError as e:
+        print(f"error: {e}")
+        return 2
     page = be.granularity if be.name == "cuda" else 16 * be.granularity
     print(f"backend: {be.name} on {be.device}, granularity {be.granularity} B, page size {page} B")
     with PagePool(be, capacity_bytes=(args.pages + 2) * page, page_size=page) as pool, \
