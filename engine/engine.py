@@ -389,6 +389,7 @@ class Engine:
         rep["agents"] = sorted(self.agents)
         rep["lora_bytes"] = sum(a.nbytes() for a in self.lora.adapters.values())
         rep["preemptions"] = self.sched.preemptions
+        rep["evictions"] = self.sched.evictions
         if self.esft is not None:
             rep["experts"] = self.esft.report()
         return rep

@@ -38,7 +38,8 @@ class Scheduler:
         self.sessions: dict[int, Session] = {}
         self.last_used: dict[int, int] = {}
         self.clock = 0
-        self.preemptions = 0
+        self.preemptions = 0  # running requests whose cache was freed (to be recomputed)
+        self.evictions = 0  # idle sessions whose cache was freed
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def activate(self) -> None:
@@ -94,6 +95,7 @@ class Scheduler:
                       key=lambda x: self.last_used.get(x, -1))
         for victim in idle:
             kv.free_session(victim)
+            self.evictions += 1
             if kv.budget.used + need <= kv.budget.capacity:
                 return True
         for req in reversed(list(self.running)):
@@ -128,8 +130,9 @@ class Scheduler:
             if not self.make_room(sid, agent, take_end, scheduled):
                 if not scheduled:  # alone and still too big: it can never run
                     need = self.kv.bytes_to_reserve(sid, agent, take_end)
-                    failed.append((req, f"session {sid} needs {need} more KV bytes than the budget "
-                                        f"max_kv_bytes={self.kv.budget.capacity} can ever hold"))
+                    failed.append((req, f"session {sid} needs {need} B more KV cache than "
+                                        f"max_kv_bytes={self.kv.budget.capacity} can hold even with "
+                                        "every other cache freed"))
                 continue
             try:
                 self.kv.reserve(sid, agent, take_end)

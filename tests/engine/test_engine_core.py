@@ -1,0 +1,259 @@
+"""Engine core: continuous batching, preemption, cache modes and their byte accounting."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams
+from engine.builtin import builtin_config, save_random_lora
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+MODES = ("non_shared", "base_shared", "base_lr_shared", "full_shared")
+
+
+@pytest.fixture(scope="module")
+def agents(tmp_path_factory):
+    """plan/act/reflect: r=8 LoRA on q and v with one shared v_proj A (LRAgent's setting);
+    kq: a LoRA on k as well (its own K namespace in shared modes)."""
+    root = tmp_path_factory.mktemp("core_adapters")
+    c = builtin_config("tiny")
+    d = {n: save_random_lora(str(root / n), c, r=8, seed=s, a_seed=100, gain=2.0)
+         for n, s in (("plan", 1), ("act", 2), ("reflect", 3))}
+    d["kq"] = save_random_lora(str(root / "kq"), c, r=4, targets=("q_proj", "k_proj", "v_proj"),
+                               seed=4, a_seed=101, gain=2.0)
+    return d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model's ops are microseconds; on a shared 2-core box torch's thread pool turns
+    each into milliseconds of contention. One thread for these tests, restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _prompt(n, seed):
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _engine(mode, agents, names=("plan", "act", "reflect"), **kw):
+    eng = Engine.from_pretrained("tiny", cache_mode=mode, device="cpu", **kw)
+    for n in names:
+        eng.add_lora_agent(n, agents[n])
+    return eng
+
+
+def _trajectory(eng, turns):
+    """Run turns [(agent, prompt)] in one session, one after the other; returns the outputs."""
+    s = eng.new_session()
+    return [list(eng.generate(s, a, p, GREEDY)) for a, p in turns], s
+
+
+TURNS = [("plan", _prompt(13, 1)), ("act", _prompt(5, 2)), ("reflect", _prompt(9, 3)), ("plan", _prompt(2, 4))]
+
+
+def _run_batched(eng, jobs, max_steps=500):
+    """Submit every session's turns at once (turns of a session queue up) and step to the end."""
+    ids = []
+    for turns in jobs:
+        s = eng.new_session()
+        ids.append([eng.add_request(s, a, p, GREEDY) for a, p in turns])
+    for _ in range(max_steps):
+        if not eng.has_unfinished():
+            break
+        eng.step()
+    assert not eng.has_unfinished()
+    return [[list(eng.get_output(r)) for r in rs] for rs in ids]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_continuous_batching_equals_one_at_a_time(agents, mode):
+    jobs = [TURNS, [("act", _prompt(21, 5)), ("plan", _prompt(3, 6))], [("reflect", _prompt(1, 7))],
+            [(None, _prompt(30, 8))]]
+    # small prefill chunks so prefills, decodes and chunk boundaries mix within steps
+    batched = _run_batched(_engine(mode, agents, max_batched_tokens=10), jobs)
+    single = [_trajectory(_engine(mode, agents), turns)[0] for turns in jobs]
+    assert batched == single
+
+
+# budgets that hold the largest session and little more (tiny: 8192 B per KV block, 1024 B per
+# r=8 low-rank block): four concurrent sessions must take turns through preemption
+BUDGETS = {"non_shared": 8 * 8192, "base_lr_shared": 5 * 9216, "full_shared": 5 * 8192}
+JOBS = [TURNS, [("act", _prompt(21, 5)), ("plan", _prompt(3, 6))], [("reflect", _prompt(17, 7))],
+        [("plan", _prompt(25, 8))]]
+
+
+@pytest.mark.parametrize("mode", sorted(BUDGETS))
+def test_preemption_under_tiny_budget_gives_same_tokens(agents, mode):
+    ref = _run_batched(_engine(mode, agents), JOBS)
+    eng = _engine(mode, agents, max_kv_bytes=BUDGETS[mode])
+    got = _run_batched(eng, JOBS)
+    assert got == ref
+    rep = eng.memory_report()
+    assert rep["preemptions"] > 0
+    assert rep["used_bytes"] <= rep["budget_bytes"]
+
+
+@pytest.mark.parametrize("blocks", [3, 6])
+def test_too_small_budget_fails_requests_cleanly(agents, blocks):
+    """Requests that can never fit end with finish_reason "error"; everything produced before
+    that, and every other request, is exactly what an unconstrained engine produces."""
+    ref = _run_batched(_engine("non_shared", agents), JOBS)
+    eng = _engine("non_shared", agents, max_kv_bytes=blocks * 8192)
+    ids = []
+    for turns in JOBS:
+        s = eng.new_session()
+        ids.append([eng.add_request(s, a, p, GREEDY) for a, p in turns])
+    while eng.has_unfinished():
+        eng.step()
+    errors = 0
+    for rs, refs in zip(ids, ref):
+        for r, want in zip(rs, refs):
+            out = eng.get_output(r)
+            if out.finish_reason == "error":
+                errors += 1
+                assert "max_kv_bytes" in out.error and list(out) == want[: len(out)]
+            else:
+                assert list(out) == want
+    assert errors > 0
+    assert eng.memory_report()["used_bytes"] <= blocks * 8192
+
+
+def test_non_shared_equals_independent_runs(agents):
+    """Each agent in non_shared keeps its own full K/V: its turn equals a fresh run of that agent
+    over the whole trajectory so far."""
+    eng = _engine("non_shared", agents)
+    outs, s = _trajectory(eng, TURNS)
+    history = []
+    for (agent, prompt), out in zip(TURNS, outs):
+        history += prompt
+        fresh = Engine.from_pretrained("tiny", cache_mode="non_shared", device="cpu")
+        fresh.add_lora_agent(agent, agents[agent])
+        assert list(fresh.generate(fresh.new_session(), agent, history, GREEDY)) == out
+        history += out
+    assert s.tokens == history
+
+
+def _lp_trajectory(eng, turns):
+    s = eng.new_session()
+    p = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True)
+    return [eng.generate(s, a, pr, p) for a, pr in turns]
+
+
+def test_single_agent_shared_modes_equal_non_shared(agents):
+    """One agent with LoRA on q and v: V = V_base + x·A·B exactly, so the base/low-rank split of
+    base_shared and base_lr_shared (and full_shared) must reproduce non_shared."""
+    turns = [("plan", _prompt(20, 9)), ("plan", _prompt(4, 10))]
+    ref = _lp_trajectory(_engine("non_shared", agents, ("plan",)), turns)
+    for mode in ("base_shared", "base_lr_shared", "full_shared"):
+        got = _lp_trajectory(_engine(mode, agents, ("plan",)), turns)
+        for r, g in zip(ref, got):
+            assert list(r) == list(g), mode
+            torch.testing.assert_close(g.logprobs, r.logprobs, atol=2e-4, rtol=0)
+
+
+def test_base_lr_shared_equals_base_shared_with_shared_a(agents):
+    a = _lp_trajectory(_engine("base_shared", agents), TURNS)
+    b = _lp_trajectory(_engine("base_lr_shared", agents), TURNS)
+    for x, y in zip(a, b):
+        assert list(x) == list(y)
+        torch.testing.assert_close(x.logprobs, y.logprobs, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["base_shared", "full_shared", "base_lr_shared"])
+def test_shared_modes_give_valid_distributions_and_differ_from_non_shared(agents, mode):
+    ref = _lp_trajectory(_engine("non_shared", agents), TURNS)
+    got = _lp_trajectory(_engine(mode, agents), TURNS)
+    for g in got:
+        assert torch.isfinite(g.logprobs).all()
+        torch.testing.assert_close(g.logprobs.exp().sum(-1), torch.ones(len(g)), atol=1e-5, rtol=0)
+    # the first turn has seen no other agent's tokens: identical in every mode
+    torch.testing.assert_close(got[0].logprobs, ref[0].logprobs, atol=2e-4, rtol=0)
+    # later turns read K/V another agent processed: an approximation, and a visible one
+    assert max((g.logprobs - r.logprobs).abs().max().item() for g, r in zip(got[1:], ref[1:])) > 1e-3
+
+
+def _blocks(n, bs=16):
+    return math.ceil(n / bs)
+
+
+def test_byte_accounting_per_mode(agents):
+    """3 agents on one trajectory: used bytes equal the closed form, per namespace."""
+    c = builtin_config("tiny")
+    kv_block = 2 * c.num_layers * c.kv_size * 4 * 16  # fp32, block 16
+    lr_block = c.num_layers * 8 * 4 * 16  # r=8 rank-vectors per token
+    used = {}
+    for mode in MODES:
+        eng = _engine(mode, agents)
+        outs, s = _trajectory(eng, TURNS)
+        rep = eng.memory_report()
+        T = len(s.tokens) - 1  # the last generated token is not processed yet
+        if mode == "non_shared":
+            # each agent cached the trajectory up to the end of its own last turn
+            ends, n = {}, 0
+            for (a, p), o in zip(TURNS, outs):
+                n += len(p) + len(o)
+                ends[a] = n - 1
+            expect = {f"kv:{a}": _blocks(e) * kv_block for a, e in ends.items()}
+        elif mode == "full_shared":
+            expect = {"kv:shared": _blocks(T) * kv_block}
+        elif mode == "base_lr_shared":
+            expect = {"kv:base": _blocks(T) * kv_block, "lowrank:shared": _blocks(T) * lr_block}
+        else:
+            expect = {"kv:base": _blocks(T) * kv_block}
+            expect.update({f"lowrank:{a}": _blocks(T) * lr_block for a in ("plan", "act", "reflect")})
+        assert rep["namespaces"] == expect, mode
+        assert rep["used_bytes"] == sum(expect.values())
+        used[mode] = rep["used_bytes"]
+        per_tok = rep["per_token_bytes_by_mode"]
+        assert per_tok["non_shared"] == 3 * kv_block // 16
+        assert per_tok["base_lr_shared"] == (kv_block + lr_block) // 16
+    assert used["base_lr_shared"] < used["base_shared"] < used["non_shared"]
+    assert used["full_shared"] < used["base_lr_shared"]
+
+
+def test_k_lora_agent_keeps_its_own_k_namespace(agents):
+    eng = _engine("base_shared", agents, ("plan", "kq"))
+    outs, s = _trajectory(eng, [("plan", _prompt(18, 11)), ("kq", _prompt(4, 12)), ("plan", _prompt(3, 13))])
+    rep = eng.memory_report()
+    assert rep["k_namespace_agents"] == ["kq"]
+    assert "own namespace" in rep["note"]
+    T = len(s.tokens) - 1
+    c = builtin_config("tiny")
+    assert rep["namespaces"]["k:kq"] == _blocks(T) * c.num_layers * c.kv_size * 4 * 16
+    # kq alone in base_shared equals kq in non_shared (its K is exact in its own namespace)
+    one = _lp_trajectory(_engine("base_shared", agents, ("kq",)), [("kq", _prompt(15, 14))])
+    ref = _lp_trajectory(_engine("non_shared", agents, ("kq",)), [("kq", _prompt(15, 14))])
+    torch.testing.assert_close(one[0].logprobs, ref[0].logprobs, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["base_shared", "base_lr_shared"])
+def test_agent_added_mid_session_replays_to_the_same_cache(agents, mode):
+    """Registering an agent that needs new streams rebuilds every session's cache by replaying its
+    tokens with the agents that processed them: later turns equal those of an engine where all
+    agents were registered from the start."""
+    first = [("plan", _prompt(14, 15)), ("act", _prompt(3, 16))]
+    later = [("reflect", _prompt(6, 17)), ("plan", _prompt(2, 18))]
+    ref = _lp_trajectory(_engine(mode, agents), first + later)
+    eng = _engine(mode, agents, ("plan", "act"))
+    s = eng.new_session()
+    p = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True)
+    for a, pr in first:
+        eng.generate(s, a, pr, p)
+    eng.add_lora_agent("reflect", agents["reflect"])
+    got = [eng.generate(s, a, pr, p) for a, pr in later]
+    for g, r in zip(got, ref[2:]):
+        assert list(g) == list(r)
+        torch.testing.assert_close(g.logprobs, r.logprobs, atol=2e-4, rtol=0)
+
+
+def test_moe_model_batches_and_preempts_the_same():
+    jobs = [[(None, _prompt(19, 20))], [(None, _prompt(7, 21)), (None, _prompt(2, 22))], [(None, _prompt(33, 23))]]
+    ref = [_trajectory(Engine.from_pretrained("tiny-moe", cache_mode="non_shared", device="cpu"), t)[0] for t in jobs]
+    eng = Engine.from_pretrained("tiny-moe", cache_mode="non_shared", device="cpu",
+                                 max_kv_bytes=5 * 8192, max_batched_tokens=12)
+    assert _run_batched(eng, jobs) == ref
