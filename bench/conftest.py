@@ -27,7 +27,7 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         lines.append("| {table} | {case} | {ours} | {ov} {unit} | {base} | {bv} | {ratio} | {goal} | {note} |".format(
             ov=_fmt(r["ours_value"]), bv=_fmt(r["base_value"]),
-            ratio=(_fmt(r["ratio"]) + "×") if r["ratio"] is not None else "-", **r))
+            **{**r, "ratio": (_fmt(r["ratio"]) + "×") if r["ratio"] is not None else "-"}))
     return "\n".join(lines)
 
 
