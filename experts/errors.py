@@ -8,7 +8,7 @@ from __future__ import annotations
 import vmm
 
 
-class ExpertStoreError(Exception):
+class ExpertStoreError(RuntimeError):
     """Base class of every error the expert store raises on its own."""
 
 

@@ -41,8 +41,9 @@ Experts = dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass
-class EsftAdapter:
-    """A read ESFT adapter: `experts[layer][expert] = (w13_e [2I, H], w2_e [H, I])`."""
+class EsftAdapter(Mapping):
+    """A read ESFT adapter: `experts[layer][expert] = (w13_e [2I, H], w2_e [H, I])`. It is itself
+    that mapping (layer -> experts), so `store.load_adapter(name, adapter)` works."""
     name: str
     experts: Experts
     config: dict
@@ -52,6 +53,17 @@ class EsftAdapter:
     @property
     def num_experts(self) -> int:
         return sum(len(v) for v in self.experts.values())
+
+    def __getitem__(self, layer: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return self.experts[layer]
+
+    def __iter__(self):
+        return iter(self.experts)
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    __hash__ = None  # mutable; Mapping would otherwise compare by content
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,8 +138,8 @@ class ExpertStore:
     """
 
     def __init__(self, layers: int | Sequence[int], num_experts: int, hidden: int, intermediate: int,
-                 max_slots: int, *, max_adapters: int = 16, dtype: torch.dtype = torch.bfloat16,
-                 device: str | torch.device | None = None, page_pool: vmm.PagePool | None = None,
+                 max_slots: int, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
+                 page_pool: vmm.PagePool | None = None, *, max_adapters: int = 16,
                  capacity_bytes: int | None = None, page_size: int | None = None) -> None:
         if isinstance(layers, bool):
             raise TypeError("layers must be an int or a sequence of layer ids")
@@ -448,7 +448,8 @@ class ExpertStore:
                 "page_size": ps,
                 "layers": L,
                 "adapters": n,
-                "expert_bytes": self.expert_bytes,
+                "expert_bytes": self.expert_bytes,          # one expert (w13 + w2 rows)
+                "exact_expert_bytes": base + adapter,        # alias of exact_bytes
                 "base_bytes": base,
                 "adapter_bytes": adapter,
                 "exact_bytes": base + adapter,
@@ -462,6 +463,8 @@ class ExpertStore:
                 "per_adapter": {a.name: {"id": a.index, "experts": a.num_experts, "bytes": a.exact_bytes}
                                 for a in self._adapters.values()},
             }
+
+    stats = memory_report
 
     def close(self) -> None:
         """Unmap everything and free the address space (views become invalid)."""

@@ -46,6 +46,8 @@ def test_round_trip(tmp_path, base, naming):
     assert store.adapters == ["math"] and store.adapter_id("math") == aid
     row = store.adapter_info("math").slots[1][4]
     assert torch.equal(store.w13(1)[row], experts[1][4][0])
+    store.load_adapter("again", ad)  # an EsftAdapter is the layer -> experts mapping itself
+    assert store.adapter_info("again").num_experts == 3
     store.close()
 
 

@@ -256,6 +256,10 @@ def test_constructor_validation():
         ExpertStore(2, 0, H, I, S, device="cpu")
     with pytest.raises(TypeError):
         ExpertStore(2, M, H, I, S, dtype=torch.int32, device="cpu")
+    positional = ExpertStore(1, M, H, I, S, torch.float32, "cpu")  # dtype, device positional too
+    assert positional.w13(0).dtype == torch.float32 and positional.device.type == "cpu"
+    assert positional.stats()["exact_bytes"] == M * positional.expert_bytes
+    positional.close()
     store = make_store()
     with pytest.raises(ValueError):
         store.w13(0)
