@@ -237,7 +237,7 @@ def _split_for(t: torch.Tensor, programs: int, K: int, block_k: int, split_k: in
 
 
 def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale, add,
-            block_m, block_n, block_k, split, num_warps=4):
+            block_m, block_n, block_k, split, num_warps=4, num_stages=3):
     """Run `_sgmv_kernel`; with split > 1, `out` is written through an fp32 workspace."""
     segmented = plan is not None
     m_tiles = plan.num_tiles if segmented else _cdiv(M, block_m)
@@ -264,7 +264,7 @@ def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale
         SEGMENTED=segmented, HAS_IDS=ids is not None, ADD_INPUTS=add,
         # fp32 keeps fp32 math (no tf32); the interpreter's tl.dot mishandles bf16 operands.
         DOT_F32=inp.dtype == torch.float32 or (inp.dtype == torch.bfloat16 and not inp.is_cuda),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     if split > 1:
         if out.dtype == torch.float32:
@@ -425,7 +425,10 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, adapter_ids: torch.Tensor
         else (0, lora_b.stride(0), lora_b.stride(1))
     _launch(y, lora_b, out, ids=None if plan is not None else ids, plan=plan, M=T, N=N, K=r, R=N,
             w_strides=w_strides, out_strides=(0, out.stride(0), out.stride(1)), scale=scale, add=add,
-            block_m=block_m, block_n=128 if N >= 128 else 64 if N >= 64 else 32, block_k=block_k, split=1)
+            block_m=block_m, block_n=128 if N >= 128 else 64 if N >= 64 else 32, block_k=block_k, split=1,
+            # r <= 128 is one K step: pipeline stages would only triple shared memory (48 -> 147 KB
+            # at 64x128x128 in the sm_90 build) and cut occupancy.
+            num_stages=1 if r <= block_k else 2)
     return out
 
 
