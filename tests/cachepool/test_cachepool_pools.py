@@ -37,10 +37,10 @@ def _fill(pool, seq_id, start=0):
     slots = torch.tensor(pool.slot_mapping(seq_id, start), device=pool.device)
     out = []
     for layer in range(pool.num_layers):
-        k = torch.randn(n - start, pool.num_kv_heads, pool.head_dim, device=pool.device)
+        k = torch.randn(n - start, pool.num_kv_heads, pool.head_dim, device=pool.device, dtype=pool.dtype)
         v = torch.randn_like(k)
         write_kv(k, v, pool.k_caches[layer], pool.v_caches[layer], slots)
-        out.append((k.to(pool.dtype), v.to(pool.dtype)))
+        out.append((k, v))
     return out
 
 

@@ -95,8 +95,9 @@ def test_holds_exactly_the_blocks_still_read(cfg, rng_seed):
 
 def test_pages_unmapped_as_window_slides_and_sequences_end():
     pattern = S2Pattern(2, 16, 1, 8)
-    pages, pool = _pool(pattern, head_dim=64, block_size=16, max_blocks=256, capacity_pages=128)
-    # 16 * 64 * 4 = 4 KiB blocks on host: one block per page per tensor
+    # one block per page per tensor (head_dim 64 on host's 4 KiB pages); nothing reads the data
+    head_dim = vmm.get_backend().granularity // (16 * 4)
+    pages, pool = _pool(pattern, head_dim=head_dim, block_size=16, max_blocks=256, capacity_pages=128)
     pool.allocate("a", 16 * 40)
     pool.release("a")
     used = pool.memory_report()["used_blocks"]
@@ -171,7 +172,7 @@ def _decode_sharded_vs_full(device, pattern, bs, d, lens, dtype=torch.float32, m
     out_full = s2_attention_decode(q, kf, vf, full_tables, seq_lens, pattern, scale)
     out_sharded = s2_attention_decode(q, pool.k_caches[0], pool.v_caches[0],
                                       pool.block_tables(list(range(len(lens)))), seq_lens, pattern, scale)
-    torch.testing.assert_close(out_sharded, out_full, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out_sharded, out_full, rtol=1e-4, atol=1e-4)
     pool.close()
 
 
@@ -182,4 +183,4 @@ def test_decode_from_sharded_pool_equals_full_cache(device, rng_seed):
 @pytest.mark.gpu
 def test_decode_from_sharded_pool_equals_full_cache_gpu(rng_seed):
     _decode_sharded_vs_full("cuda", S2Pattern(32, 64, 16, 8, num_kv_heads=8), bs=16, d=128,
-                            lens=[4097, 2500, 1300], max_blocks=8 * 300)
+                            lens=[4097, 2500, 1300], max_blocks=8 * 400)
