@@ -25,7 +25,7 @@ def poisoned_outputs():
         t = _real_empty(*args, **kwargs)
         if t.is_floating_point():
             t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
+        elif t.dtype in (torch.int32, torch.int64):
             t.fill_(-7777)
         return t
     torch.empty = empty
