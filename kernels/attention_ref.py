@@ -80,7 +80,7 @@ def _paged(q, k_cache, v_cache, block_tables, seq_lens, scale, cu_seqlens_q, lor
             if a >= 0:
                 low = _gather(lr_cache, lr_block_tables[b], n)  # [n, r]
                 v = v + torch.einsum("nr,hrd->nhd", low, lora_b[a].double())
-        mask = mask_fn(n) if mask_fn is not None else None
+        mask = mask_fn(n, device=q.device) if mask_fn is not None else None
         out[q0:q0 + nq] = _attend(q[q0:q0 + nq], _expand_heads(k, hq), _expand_heads(v, hq),
                                   scale, mask)
     return out
@@ -115,7 +115,8 @@ def s2_attention_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern, scale
         if q1 == q0 or k1 == k0:
             continue
         out[q0:q1] = _attend(q[q0:q1], _expand_heads(k[k0:k1].double(), hq),
-                             _expand_heads(v[k0:k1].double(), hq), scale, pattern.mask(k1 - k0))
+                             _expand_heads(v[k0:k1].double(), hq), scale,
+                             pattern.mask(k1 - k0, device=q.device))
     return out
 
 

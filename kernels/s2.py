@@ -153,14 +153,14 @@ class S2Pattern:
         shard |= (heads >= self.dense_from)[:, None]
         return causal[None] & (local[None] | shard[:, None, :])
 
-    def mask(self, num_tokens: int) -> torch.Tensor:
+    def mask(self, num_tokens: int, *, device: torch.device | str | None = None) -> torch.Tensor:
         """The dense reference mask: bool [num_heads, num_tokens, num_tokens], [h, q, k] = q head h
         at position q attends to position k (causal inside the diagonal block)."""
         num_tokens = _int("num_tokens", num_tokens, 0)
         nb = -(-num_tokens // self.sparse_block)
-        blk = torch.arange(num_tokens) // self.sparse_block
-        bm = self.block_mask(nb)[:, blk][:, :, blk]
-        pos = torch.arange(num_tokens)
+        blk = torch.arange(num_tokens, device=device) // self.sparse_block
+        bm = self.block_mask(nb).to(device)[:, blk][:, :, blk]
+        pos = torch.arange(num_tokens, device=device)
         m = bm & (pos[None, :] <= pos[:, None])[None]
         return m.repeat_interleave(self.group, dim=0)
 
