@@ -283,6 +283,17 @@ class ExpertStore:
             self._w2[layer].tensor[:M].copy_(w2)
             self._base_loaded[layer] = True
 
+    def load_base_checkpoint(self, source, layers: Sequence[int] | None = None) -> None:
+        """Load the base experts of `layers` (default: all) from a Hugging Face checkpoint
+        directory or state dict, per-expert or fused layout (see `experts.esft.load_base_experts`)."""
+        from .esft import load_base_experts, read_checkpoint
+
+        if not isinstance(source, Mapping):
+            source = read_checkpoint(source)
+        for layer in (self.layers if layers is None else layers):
+            self._check_layer(layer)
+            self.load_base(layer, *load_base_experts(source, layer, self.num_experts))
+
     def base_loaded(self, layer: int) -> bool:
         self._check_layer(layer)
         return self._base_loaded[layer]

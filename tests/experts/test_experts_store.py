@@ -73,7 +73,7 @@ def check_invariants(store: ExpertStore, base, live: dict, ptrs: dict) -> None:
         live_rows = sorted(list(range(M)) + list(rows_seen))
         assert store.live_rows(l) == live_rows
         ranges = store.mapped_ranges(l)
-        for which, row_bytes in (("w13", 2 * I * H * 4), ("w2", H * I * 4)):
+        for which, row_bytes in (("w13", store.w13_row_bytes), ("w2", store.w2_row_bytes)):
             want = set().union(*(pages_of(r, row_bytes, page) for r in live_rows))
             got = {p for off, n in ranges[which] for p in range(off // page, (off + n) // page)}
             assert got == want
@@ -266,4 +266,29 @@ def test_constructor_validation():
     with pytest.raises(ValueError):
         store.load_base(1, torch.randn(M, 2 * I, H), torch.randn(M, H, I + 1))
     assert not store.base_loaded(1)
+    store.close()
+
+
+def test_bf16_store_and_checkpoint_loading():
+    """bf16 rows of odd byte size; base from a fused-layout state dict for one layer and a
+    per-expert one for the other."""
+    g = torch.Generator().manual_seed(2)
+    store = ExpertStore(LAYERS, M, H, I, S, torch.bfloat16, "cpu")
+    w = {l: (torch.randn(M, 2 * I, H, generator=g).bfloat16(), torch.randn(M, H, I, generator=g).bfloat16())
+         for l in LAYERS}
+    sd = {f"model.layers.{LAYERS[0]}.mlp.experts.gate_up_proj": w[LAYERS[0]][0],
+          f"model.layers.{LAYERS[0]}.mlp.experts.down_proj": w[LAYERS[0]][1]}
+    for e in range(M):
+        for name, t in (("gate_proj", w[LAYERS[1]][0][e, :I]), ("up_proj", w[LAYERS[1]][0][e, I:]),
+                        ("down_proj", w[LAYERS[1]][1][e])):
+            sd[f"model.layers.{LAYERS[1]}.mlp.experts.{e}.{name}.weight"] = t
+    store.load_base_checkpoint(sd)
+    assert all(store.base_loaded(l) for l in LAYERS)
+    ptrs = {l: (store.w13(l).data_ptr(), store.w2(l).data_ptr()) for l in LAYERS}
+    ad = {LAYERS[1]: {e: (torch.randn(2 * I, H, generator=g).bfloat16(), torch.randn(H, I, generator=g).bfloat16())
+                      for e in (0, 4)}}
+    store.load_adapter("x", ad)
+    check_invariants(store, w, {"x": ad}, ptrs)
+    store.unload_adapter("x")
+    check_invariants(store, w, {}, ptrs)
     store.close()
