@@ -105,8 +105,7 @@ def save_builtin(name: str, path: str, seed: int = 0) -> str:
     if name not in BUILTIN:
         raise ValueError(f"unknown built-in model {name!r}; choose from {sorted(BUILTIN)}")
     os.makedirs(path, exist_ok=True)
-    cfg = {k: v for k, v in BUILTIN[name].items() if not k.startswith("blocksparse") and k != "dense_attention_every_n_layers"} \
-        if name != "tiny-s2" else dict(BUILTIN[name])
+    cfg = dict(BUILTIN[name])
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     save_file({k: v.contiguous() for k, v in _hf_state_dict(name, seed).items()},
@@ -150,3 +149,16 @@ def save_random_lora(path: str, config: ModelConfig, r: int = 8, targets=("q_pro
         json.dump(cfg, f, indent=1)
     save_file(sd, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+def save_random_esft(path: str, name: str, experts: dict[int, list[int]] | int, seed: int = 0,
+                     scale: float = 0.5) -> str:
+    """Write an ESFT adapter for built-in MoE model `name`: fine-tune-like perturbed copies of the
+    chosen experts (`{layer: [expert ids]}`, or a count per layer) in DeepSeek naming."""
+    from experts import build_esft_adapter
+
+    c, w = builtin_weights(name, "cpu", torch.float32)
+    if not c.is_moe:
+        raise ValueError(f"built-in model {name!r} is not an MoE model")
+    base = {i: (w["layers"][i]["w13"], w["layers"][i]["w2"]) for i in range(c.num_layers) if c.is_moe_layer(i)}
+    return str(build_esft_adapter(path, base, experts, seed=seed, scale=scale))

@@ -257,3 +257,54 @@ def test_moe_model_batches_and_preempts_the_same():
     eng = Engine.from_pretrained("tiny-moe", cache_mode="non_shared", device="cpu",
                                  max_kv_bytes=5 * 8192, max_batched_tokens=12)
     assert _run_batched(eng, jobs) == ref
+
+
+# ---- ESFT expert adapters (MoE) ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def esft_dirs(tmp_path_factory):
+    from engine.builtin import save_random_esft
+
+    root = tmp_path_factory.mktemp("core_esft")
+    return {"law": save_random_esft(str(root / "law"), "tiny-moe", {0: [1, 5], 1: [0, 2, 7]}, seed=1),
+            "med": save_random_esft(str(root / "med"), "tiny-moe", {1: [3]}, seed=2)}
+
+
+def test_esft_agents_mixed_batch_equal_merged_and_sequential(esft_dirs):
+    from experts import load_esft_dir
+
+    toks = _prompt(23, 30)
+    eng = Engine.from_pretrained("tiny-moe", cache_mode="non_shared", device="cpu", max_batched_tokens=16)
+    base_lp = eng.score(toks)
+    eng.add_esft_adapter("law", esft_dirs["law"])
+    eng.add_esft_adapter("med", esft_dirs["med"])
+    # reference: a plain engine whose base experts are overwritten with law's (a merged copy)
+    merged = Engine.from_pretrained("tiny-moe", cache_mode="non_shared", device="cpu")
+    for layer, per in load_esft_dir(esft_dirs["law"]).experts.items():
+        for e, (w13, w2) in per.items():
+            merged.model.layers[layer]["w13"][e] = w13
+            merged.model.layers[layer]["w2"][e] = w2
+    law_lp = eng.score(toks, agent="law")
+    torch.testing.assert_close(law_lp, merged.score(toks), atol=2e-5, rtol=0)
+    torch.testing.assert_close(eng.score(toks), base_lp, atol=2e-5, rtol=0)
+    assert (law_lp - base_lp).abs().max() > 1e-2
+    jobs = [[("law", _prompt(9, 31))], [("med", _prompt(14, 32)), ("law", _prompt(2, 33))],
+            [(None, _prompt(5, 34))]]
+    batched = _run_batched(eng, jobs)
+    assert batched == [_trajectory(eng, t)[0] for t in jobs]
+    rep = eng.memory_report()["experts"]
+    assert rep["adapters"] == 2 and rep["adapter_bytes"] == 6 * rep["expert_bytes"]
+    eng.remove_adapter("law")
+    assert eng.memory_report()["experts"]["adapter_bytes"] == 1 * rep["expert_bytes"]
+    torch.testing.assert_close(eng.score(toks), base_lp, atol=2e-5, rtol=0)
+    with pytest.raises(KeyError):
+        eng.score(toks, agent="law")
+
+
+def test_esft_bad_directory_is_a_clear_error(tmp_path):
+    from engine import LoadError
+
+    eng = Engine.from_pretrained("tiny-moe", device="cpu")
+    with pytest.raises(LoadError, match="ESFT adapter"):
+        eng.add_esft_adapter("law", str(tmp_path))
+    assert eng.list_agents() == []
