@@ -308,3 +308,32 @@ def test_esft_bad_directory_is_a_clear_error(tmp_path):
     with pytest.raises(LoadError, match="ESFT adapter"):
         eng.add_esft_adapter("law", str(tmp_path))
     assert eng.list_agents() == []
+
+
+# ---- S2-attention layers -----------------------------------------------------------------------
+
+def test_s2_mask_rows_match_the_pattern():
+    from engine.builtin import builtin_config
+    from engine.s2 import S2Masks
+
+    c = builtin_config("tiny-s2")
+    m = S2Masks(c)
+    full = m.pattern.mask(83)  # [Hq, 83, 83], causal included
+    for start, end in ((0, 83), (40, 41), (17, 60), (82, 83)):
+        rows = m.mask(0, start, end, "cpu")
+        causal = torch.ones(end, end, dtype=torch.bool).tril()[start:end]
+        assert torch.equal(rows & causal, full[:, start:end, :end])
+    assert m.mask(1, 0, 10, "cpu") is None  # layer 1 is dense (dense_attention_every_n_layers=2)
+
+
+def test_s2_model_equals_dense_inside_the_window_and_differs_beyond():
+    toks = _prompt(90, 40)
+    s2 = Engine.from_pretrained("tiny-s2", device="cpu", max_batched_tokens=24)
+    dense = Engine.from_pretrained("tiny", device="cpu")  # the same seeded weights, no S2 layers
+    a, b = s2.score(toks), dense.score(toks)
+    window = 2 * 16  # local_blocks * sparse_block: every key is still local
+    torch.testing.assert_close(a[:window], b[:window], atol=2e-5, rtol=0)
+    assert (a[window + 16:] - b[window + 16:]).abs().max() > 1e-3
+    jobs = [[(None, _prompt(70, 41))], [(None, _prompt(45, 42)), (None, _prompt(3, 43))]]
+    ref = [_trajectory(Engine.from_pretrained("tiny-s2", device="cpu"), t)[0] for t in jobs]
+    assert _run_batched(Engine.from_pretrained("tiny-s2", device="cpu", max_batched_tokens=16), jobs) == ref
