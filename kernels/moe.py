@@ -144,9 +144,10 @@ if triton is not None:
         b_ptrs = (b_ptr + expert * stride_be + offs_n.to(tl.int64)[None, :] * stride_bn
                   + offs_k[:, None] * stride_bk)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if GATED:
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            bu_ptrs = b_ptrs + up_offset * stride_bn
+        # defined either way so the loop carries the same values in both variants (unused ones
+        # are dead code when not GATED)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        bu_ptrs = b_ptrs + up_offset * stride_bn
         for k0 in range(0, tl.cdiv(K, BLOCK_K)):
             kmask = offs_k < K - k0 * BLOCK_K
             a = tl.load(a_ptrs, mask=pmask[:, None] & kmask[None, :], other=0.0)
