@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lengths", default="1024,4096,16384", help="comma list of trajectory lengths")
     b.add_argument("--layers", type=int, default=4, help="layers of the Llama-3.1-8B-shaped model")
     b.add_argument("--decode-tokens", type=int, default=16, help="tokens each agent decodes per turn")
+    b.add_argument("--sessions", type=int, default=4, help="trajectories decoded together")
+    b.add_argument("--modes", default=",".join(MODES), type=_modes, help="comma list of cache modes")
     b.add_argument("--small", action="store_true", help="a tiny model instead (CPU smoke run)")
     return p
 
@@ -167,9 +169,17 @@ def cmd_fidelity(args, say) -> int:
 def cmd_bench(args, say) -> int:
     from .fidelity import e2e_bench, format_e2e
 
-    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"vmweave: --lengths takes a comma list of ints, got {args.lengths!r}") from None
+    if not lengths or min(lengths) < 8 or args.layers < 1 or args.decode_tokens < 2 or args.sessions < 1:
+        raise SystemExit("vmweave: need --lengths >= 8, --layers >= 1, --decode-tokens >= 2, --sessions >= 1")
+    say(f"end-to-end: {'small' if args.small else 'Llama-3.1-8B-shaped'} model, {args.layers} layers, random "
+        f"weights; plan/act/reflect r=8 LoRA on q,v with a shared A; {args.sessions} sessions")
     rows = e2e_bench(lengths=lengths, layers=args.layers, decode_tokens=args.decode_tokens,
-                     device=args.device, small=args.small, progress=say)
+                     sessions=args.sessions, modes=args.modes, device=args.device, small=args.small,
+                     progress=say)
     say("")
     say(format_e2e(rows))
     return 0

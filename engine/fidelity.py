@@ -1,4 +1,5 @@
-"""Multi-agent trajectories, and how far each shared cache mode drifts from `non_shared`.
+"""Multi-agent trajectories through the cache modes: what each costs (the end-to-end benchmark)
+and how far each shared mode drifts from `non_shared` (fidelity).
 
 A trajectory is a list of turns: an agent, the tokens it is given, then a greedy continuation, all
 appended to one session that every agent reads. `run_trajectory` drives it through an Engine and
@@ -238,4 +239,156 @@ def format_fidelity(rows: Sequence[ModeFidelity]) -> str:
     lines = [f"{'mode':<16}{'mean KL':>12}{'max KL':>12}{'greedy agree':>14}{'positions':>11}"]
     for r in rows:
         lines.append(f"{r.mode:<16}{r.mean_kl:>12.4g}{r.max_kl:>12.4g}{r.greedy_agreement:>14.3f}{r.positions:>11d}")
+    return "\n".join(lines)
+
+
+# ---- end-to-end benchmark ---------------------------------------------------------------------
+
+# Llama-3.1-8B's shape (random weights); `layers` trims the depth to fit a time budget.
+LLAMA31_8B = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
+                  hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=131072, rms_norm_eps=1e-5,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192},
+                  tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+SMALL_LLAMA = dict(LLAMA31_8B, vocab_size=256, hidden_size=64, intermediate_size=128,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+class _RandomWeights:
+    """A checkpoint reader (engine.loader.map_weights' protocol) that makes seeded random weights
+    straight on the device, so an 8B-shaped model needs no file and no host copy."""
+
+    def __init__(self, device, dtype, seed: int):
+        self.device, self.dtype = torch.device(device), dtype
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+
+    def has(self, name: str) -> bool:
+        return "block_sparse_moe" not in name and not name.endswith(("gate_up_proj", "experts.down_proj"))
+
+    def get(self, name: str, shape: tuple | None = None) -> torch.Tensor:
+        if shape is None:
+            raise ValueError(f"random weights need a shape for {name!r}")
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=self.gen, device=self.device)
+        elif name.endswith(".bias"):
+            t = 0.1 * torch.randn(shape, generator=self.gen, device=self.device)
+        else:
+            t = torch.randn(shape, generator=self.gen, device=self.device) / shape[-1] ** 0.5
+        return t.to(self.dtype)
+
+
+def random_model(config: dict, device, dtype, seed: int = 0):
+    """A DecoderModel of HF-style `config` with seeded random weights made on `device`."""
+    from .config import config_from_dict
+    from .loader import map_weights
+    from .model import DecoderModel
+
+    cfg = config_from_dict(dict(config), where="random model")
+    return DecoderModel(cfg, map_weights(_RandomWeights(device, dtype, seed), cfg), torch.device(device), dtype)
+
+
+@dataclass
+class E2ERow:
+    length: int  # the trajectory length asked for
+    tokens: int  # the trajectory length reached (context turns + the measured round)
+    mode: str
+    sessions: int
+    decode_tok_s: float  # all sessions together, decode steps only
+    tpot_ms: float
+    ttft_ms: float  # a new turn at full context (non_shared: the agent first catches up)
+    kv_bytes: int
+    wall_s: float
+
+
+def _lockstep(eng, sessions, agent: str, prompts: list[list[int]], max_tokens: int):
+    """One turn of `agent` on every session at once (one batch); returns the outputs."""
+    from . import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    rids = [eng.add_request(s, agent, p, params) for s, p in zip(sessions, prompts)]
+    while eng.has_unfinished():
+        eng.step()
+    return [eng.get_output(r) for r in rids]
+
+
+def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, decode_tokens: int = 16,
+              sessions: int = 4, modes: Sequence[str] = MODES, device: str | None = None,
+              small: bool = False, seed: int = 0, progress: Progress = None,
+              max_batched_tokens: int = 2048) -> list[E2ERow]:
+    """LRAgent's end-to-end case: plan / act / reflect (r=8 LoRA on q and v, one shared v_proj A)
+    take turns on `sessions` trajectories at once, built up to each length, in every cache mode.
+
+    Per (length, mode): three context turns (each agent adds about a third of the length), then a
+    measured round where each agent gets a 32-token prompt and decodes `decode_tokens`: TTFT of
+    that round (at full context; in non_shared the agent first re-runs what the others added),
+    decode throughput of all sessions together, and the KV bytes held at the end.
+    """
+    import tempfile
+
+    from . import Engine
+    from .builtin import save_random_lora
+    from .config import config_from_dict
+
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    hf = dict(SMALL_LLAMA if small else LLAMA31_8B, num_hidden_layers=layers)
+    cfg = config_from_dict(dict(hf))
+    model = random_model(hf, dev, dtype, seed)
+    agents = ("plan", "act", "reflect")
+    rows: list[E2ERow] = []
+    say = progress or (lambda m: None)
+    with tempfile.TemporaryDirectory(prefix="vmweave-e2e-") as tmp:
+        dirs = {a: save_random_lora(os.path.join(tmp, a), cfg, r=8, targets=("q_proj", "v_proj"),
+                                    seed=seed * 7 + i, a_seed=seed + 999, gain=0.2)
+                for i, a in enumerate(agents)}
+        g = torch.Generator().manual_seed(seed)
+
+        def toks(n):
+            return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for _ in range(sessions)]
+
+        for length in lengths:
+            per_turn = max(1, length // 3 - decode_tokens)
+            context = [toks(per_turn) for _ in agents]
+            probe = [toks(32) for _ in agents]
+            for mode in modes:
+                t0 = time.perf_counter()
+                eng = Engine(model, mode, None, max_batched_tokens=max_batched_tokens)
+                for a in agents:
+                    eng.add_lora_agent(a, dirs[a])
+                ss = [eng.new_session() for _ in range(sessions)]
+                for a, prompts in zip(agents, context):
+                    _lockstep(eng, ss, a, prompts, decode_tokens)
+                ttft, tpot = [], []
+                for a, prompts in zip(agents, probe):
+                    outs = _lockstep(eng, ss, a, prompts, decode_tokens)
+                    ttft += [o.ttft_s for o in outs]
+                    tpot += [o.tpot_s for o in outs if o.tpot_s]
+                kv = kv_bytes(eng.memory_report())
+                mean_tpot = sum(tpot) / len(tpot) if tpot else float("nan")
+                row = E2ERow(length, len(ss[0]), mode, sessions, sessions / mean_tpot, mean_tpot * 1e3,
+                             1e3 * sum(ttft) / len(ttft), kv, time.perf_counter() - t0)
+                rows.append(row)
+                say(f"[L={length} {mode}] {row.decode_tok_s:.1f} tok/s, TPOT {row.tpot_ms:.2f} ms, "
+                    f"TTFT {row.ttft_ms:.1f} ms, KV {row.kv_bytes / 2**20:.1f} MiB ({row.wall_s:.1f} s)")
+                for s in ss:
+                    eng.close_session(s)
+                del eng
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def format_e2e(rows: Sequence[E2ERow]) -> str:
+    lines = [f"{'length':>7}{'tokens':>7} {'mode':<16}{'decode tok/s':>13}{'vs full':>9}{'TPOT ms':>9}{'TTFT ms':>10}"
+             f"{'KV MiB':>10}{'vs non_sh':>10}"]
+    by = {(r.length, r.mode): r for r in rows}
+    for r in rows:
+        full, ns = by.get((r.length, "full_shared")), by.get((r.length, "non_shared"))
+        vf = f"{r.decode_tok_s / full.decode_tok_s:.3f}x" if full else "-"
+        vn = f"{r.kv_bytes / ns.kv_bytes:.3f}x" if ns and ns.kv_bytes else "-"
+        lines.append(f"{r.length:>7}{r.tokens:>7} {r.mode:<16}{r.decode_tok_s:>13.1f}{vf:>9}{r.tpot_ms:>9.2f}{r.ttft_ms:>10.1f}"
+                     f"{r.kv_bytes / 2**20:>10.2f}{vn:>10}")
     return "\n".join(lines)
