@@ -81,10 +81,13 @@ class BlockAllocator:
     def is_free(self, block: int) -> bool:
         return block in self._free
 
-    def num_obtainable(self) -> int:
-        """How many blocks `alloc_many` can hand out now, growing the store if it may."""
+    def num_obtainable(self, enough: int | None = None) -> int:
+        """How many blocks `alloc_many` can hand out now, growing the store if it may. With
+        `enough`, the answer may stop at any count >= enough (skips asking the store)."""
         backed = min(self.store.backed_blocks(), self.num_blocks)
         free_backed = len(self._free) - (self.num_blocks - backed)
+        if enough is not None and free_backed >= enough:
+            return free_backed
         growable = max(0, min(self.store.max_backable(), self.num_blocks) - backed)
         return free_backed + growable
 
@@ -109,13 +112,23 @@ class BlockAllocator:
 
     def release(self, block: int) -> None:
         """Return `block`; memory above the new top may be released by the store."""
-        if not 0 <= block < self.num_blocks or block in self._free:
-            raise ValueError(f"block {block} is not allocated")
-        self._free.add(block)
-        heapq.heappush(self._heap, block)
-        if block == self._top - 1:
-            top = block
-            while top > 0 and (top - 1) in self._free:
+        self.release_many((block,))
+
+    def release_many(self, blocks) -> None:
+        """Return several blocks at once (one walk of the top, one shrink)."""
+        free, heap = self._free, self._heap
+        blocks = list(blocks)
+        for b in blocks:
+            if not 0 <= b < self.num_blocks or b in free:
+                raise ValueError(f"block {b} is not allocated")
+        if len(set(blocks)) != len(blocks):
+            raise ValueError("a block is returned twice")
+        for b in blocks:
+            free.add(b)
+            heapq.heappush(heap, b)
+        top = self._top
+        if top - 1 in free:
+            while top > 0 and (top - 1) in free:
                 top -= 1
             self._top = top
             self.store.shrink_to(top)

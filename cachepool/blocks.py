@@ -31,20 +31,21 @@ from .errors import CacheFullError
 _ROOT = b"\x00" * 16
 
 
+def _ns_bytes(namespace: str) -> bytes:
+    ns = namespace.encode()
+    return struct.pack("<I", len(ns)) + ns
+
+
 def block_hash(parent: bytes, token_ids: Sequence[int], namespace: str) -> bytes:
     """Content hash of one full block: 128-bit BLAKE2b of parent hash, namespace, token ids."""
-    h = hashlib.blake2b(parent, digest_size=16)
-    ns = namespace.encode()
-    h.update(struct.pack("<I", len(ns)))
-    h.update(ns)
-    h.update(array("q", token_ids).tobytes())
-    return h.digest()
+    toks = token_ids if isinstance(token_ids, array) else array("q", token_ids)
+    return hashlib.blake2b(parent + _ns_bytes(namespace) + toks.tobytes(), digest_size=16).digest()
 
 
 @dataclass
 class _Seq:
     namespace: str
-    tokens: list[int]
+    tokens: array  # int64 token ids
     blocks: list[int]
     hashes: list[bytes] = field(default_factory=list)  # one per full block
     num_stored: int = 0  # leading tokens already stored when allocated (not to be written)
@@ -143,12 +144,16 @@ class BlockManager:
         except KeyError:
             raise KeyError(f"no live sequence {seq_id!r}") from None
 
-    def _hashes(self, tokens: Sequence[int], namespace: str, parent: bytes = _ROOT,
+    def _hashes(self, tokens: array, namespace: str, parent: bytes = _ROOT,
                 first_block: int = 0) -> list[bytes]:
-        bs = self.block_size
-        out = []
-        for i in range(first_block, len(tokens) // bs):
-            parent = block_hash(parent, tokens[i * bs:(i + 1) * bs], namespace)
+        out: list[bytes] = []
+        if not self.prefix_caching:
+            return out
+        # Same bytes as block_hash, without re-encoding the namespace per block.
+        step = self.block_size * tokens.itemsize
+        buf, ns, blake = tokens.tobytes(), _ns_bytes(namespace), hashlib.blake2b
+        for i in range(first_block, len(tokens) // self.block_size):
+            parent = blake(parent + ns + buf[i * step:(i + 1) * step], digest_size=16).digest()
             out.append(parent)
         return out
 
@@ -163,19 +168,20 @@ class BlockManager:
         return hits
 
     @staticmethod
-    def _check_tokens(token_ids: Iterable[int]) -> list[int]:
-        tokens = list(token_ids)
-        for t in tokens:
-            if not isinstance(t, int) or isinstance(t, bool):
-                raise TypeError(f"token ids must be ints, got {type(t).__name__}")
-        return tokens
+    def _check_tokens(token_ids: Iterable[int]) -> array:
+        try:
+            return array("q", token_ids)  # rejects floats, strings, None: TypeError
+        except TypeError as e:
+            raise TypeError(f"token ids must be ints: {e}") from None
+        except OverflowError as e:
+            raise ValueError(f"token ids must fit in int64: {e}") from None
 
     @staticmethod
     def _check_namespace(namespace: str) -> None:
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
 
-    def _plan(self, tokens: list[int], namespace: str) -> tuple[list[bytes], list[int], int]:
+    def _plan(self, tokens: array, namespace: str) -> tuple[list[bytes], list[int], int]:
         hashes = self._hashes(tokens, namespace)
         hits = self._prefix_hits(hashes)
         need = -(-len(tokens) // self.block_size) - len(hits)
@@ -184,7 +190,8 @@ class BlockManager:
     def _can_take(self, need: int, reclaimed: Iterable[int] = ()) -> bool:
         # Hits sitting in the LRU become referenced, so they are no longer evictable.
         lru_hits = sum(1 for b in set(reclaimed) if self._ref[b] == 0)
-        return need <= self._alloc.num_obtainable() + len(self._lru) - lru_hits
+        spare = len(self._lru) - lru_hits
+        return need <= self._alloc.num_obtainable(enough=need - spare) + spare
 
     def can_allocate(self, token_ids: Sequence[int], namespace: str = "") -> bool:
         """Whether `allocate` of these tokens would succeed now (prefix hits counted)."""
@@ -194,7 +201,7 @@ class BlockManager:
 
     def _take(self, n: int) -> list[int]:
         """n blocks for new contents: free ones first (lowest id), then evict cached ones."""
-        k = min(n, self._alloc.num_obtainable())
+        k = min(n, self._alloc.num_obtainable(enough=n))
         ids = self._alloc.alloc_many(k)
         while len(ids) < n:
             if not self._lru:
@@ -212,14 +219,18 @@ class BlockManager:
             self._num_referenced += 1
         self._ref[b] += 1
 
-    def _ref_dec(self, b: int) -> None:
+    def _ref_dec(self, b: int, to_release: list[int] | None = None) -> None:
+        """Drop a reference; an unreferenced block is cached if registered, else released
+        (now, or appended to `to_release` for the caller to release in one go)."""
         self._ref[b] -= 1
         if self._ref[b] == 0:
             self._num_referenced -= 1
             if b in self._hash_of:
                 self._lru[b] = None
-            else:
+            elif to_release is None:
                 self._alloc.release(b)
+            else:
+                to_release.append(b)
 
     def _register(self, b: int, h: bytes) -> None:
         if self.prefix_caching and h not in self._by_hash and b not in self._hash_of:
@@ -311,7 +322,7 @@ class BlockManager:
         for b in s.blocks:
             self._ref_inc(b)
         # Everything up to the fork is stored already, so none of it is written through dst.
-        self._seqs[dst_id] = _Seq(s.namespace, list(s.tokens), list(s.blocks), list(s.hashes),
+        self._seqs[dst_id] = _Seq(s.namespace, array("q", s.tokens), list(s.blocks), list(s.hashes),
                                   len(s.tokens))
 
     def free(self, seq_id: Hashable) -> None:
@@ -320,16 +331,18 @@ class BlockManager:
         if s is None:
             raise KeyError(f"no live sequence {seq_id!r}")
         # Tail first, so the LRU evicts a sequence's tail before its (more shareable) head.
+        released: list[int] = []
         for b in reversed(s.blocks):
-            self._ref_dec(b)
+            self._ref_dec(b, released)
+        self._alloc.release_many(released)
 
     def evict(self, max_blocks: int | None = None) -> int:
         """Drop up to `max_blocks` cached unreferenced blocks (all when None), oldest first;
         return how many were dropped."""
-        n = 0
-        while self._lru and (max_blocks is None or n < max_blocks):
+        dropped = []
+        while self._lru and (max_blocks is None or len(dropped) < max_blocks):
             b, _ = self._lru.popitem(last=False)
             del self._by_hash[self._hash_of.pop(b)]
-            self._alloc.release(b)
-            n += 1
-        return n
+            dropped.append(b)
+        self._alloc.release_many(dropped)
+        return len(dropped)

@@ -175,9 +175,10 @@ class HeadShardedKVPool:
             if not self.pattern.in_shard(h, self._sparse_of(b)):
                 s.window[h].append(b)
         s.num_tokens = p0 + n
-        table = torch.tensor(s.tables, dtype=torch.int64).reshape(self.num_kv_heads, -1)
+        b0 = p0 // bs  # only the blocks the new tokens fall in
+        sub = torch.tensor([t[b0:nblocks] for t in s.tables], dtype=torch.int64).reshape(self.num_kv_heads, -1)
         pos = torch.arange(p0, p0 + n)
-        phys = table[:, pos // bs].T  # [n, heads]
+        phys = sub[:, pos // bs - b0].T  # [n, heads]
         slots = torch.where(phys >= 0, phys * bs + (pos % bs)[:, None], torch.full_like(phys, -1))
         return slots.to(self.device)
 

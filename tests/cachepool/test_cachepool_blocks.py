@@ -254,3 +254,13 @@ BlockManagerMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestBlockManagerMachine = BlockManagerMachine.TestCase
+
+
+def test_chain_hash_is_the_public_block_hash():
+    from array import array
+
+    from cachepool import block_hash
+    m = BlockManager(8, 3)
+    h1 = block_hash(b"\0" * 16, [1, 2, 3], "ns")
+    assert m._hashes(array("q", [1, 2, 3, 4, 5, 6, 7]), "ns") == [h1, block_hash(h1, [4, 5, 6], "ns")]
+    assert block_hash(b"\0" * 16, [1, 2, 3], "ns2") != h1
