@@ -107,6 +107,41 @@ if triton is not None:
         tl.store(out_ptr + offs, tl.where(a >= 0, r, e), mask=mask)
 
     @triton.jit
+    def _align_count_kernel(ids_ptr, counts_ptr, rank_ptr, N, BLOCK: tl.constexpr):
+        # rank of each pair within its expert = the count before it (order within an expert is
+        # arbitrary on a GPU; each pair's output row is computed on its own, so results are not)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
+        r = tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=mask)
+        tl.store(rank_ptr + offs, r, mask=mask)
+
+    @triton.jit
+    def _align_experts_kernel(counts_ptr, pad_start_ptr, expert_ids_ptr, num_post_ptr, E,
+                              BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+        # one program per expert: its padded start, the tile -> expert entries of its tiles
+        e = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_E)
+        c = tl.load(counts_ptr + offs, mask=offs < E, other=0)
+        padded = (c + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        start = tl.sum(tl.where(offs < e, padded, 0), axis=0)
+        mine = tl.sum(tl.where(offs == e, padded, 0), axis=0)
+        tl.store(pad_start_ptr + e, start)
+        tl.store(num_post_ptr, tl.sum(padded, axis=0), mask=e == 0)
+        first = start // BLOCK_M
+        for b in range(0, mine // BLOCK_M):
+            tl.store(expert_ids_ptr + first + b, e)
+
+    @triton.jit
+    def _align_scatter_kernel(ids_ptr, rank_ptr, pad_start_ptr, sorted_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
+        r = tl.load(rank_ptr + offs, mask=mask, other=0)
+        start = tl.load(pad_start_ptr + e, mask=mask, other=0)
+        tl.store(sorted_ptr + start + r, offs, mask=mask)
+
+    @triton.jit
     def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, rw_ptr, sorted_ids_ptr, expert_ids_ptr,
                          num_post_ptr, N, K, EM, num_valid, up_offset,
                          stride_am, stride_ak, stride_be, stride_bn, stride_bk,
@@ -311,21 +346,44 @@ def reroute_experts(topk_ids: torch.Tensor, adapter_ids: torch.Tensor, expert_ma
 # ----------------------------------------------------------------------------------------------
 # fused MoE
 # ----------------------------------------------------------------------------------------------
-def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _align_bound(n: int, block_m: int, num_experts: int) -> int:
+    """Upper bound on the padded pair count, known without a device sync."""
+    em = n + num_experts * (block_m - 1)
+    if n < num_experts:  # at most n experts are used, each padded to one tile at most
+        em = min(em, n * block_m)
+    return -(-em // block_m) * block_m
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int, *,
+                         impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort (token, choice) pairs by expert and pad each expert's run to a multiple of `block_m`.
 
     Returns `(sorted_pair_ids int32 [EM], expert_ids int32 [EM // block_m], num_post_padded int32 [1])`
     where padding entries hold `tokens * k` (an invalid pair). `EM` is an upper bound known without
-    a device sync, so this never waits on the GPU; tiles at or past `num_post_padded` are empty.
+    a device sync, so this never waits on the GPU; tiles at or past `num_post_padded` are empty
+    (their `expert_ids` entries are unspecified). Pairs of one expert come in pair order with the
+    torch implementation, in arbitrary order with the Triton one (3 launches instead of ~25).
     """
-    flat = topk_ids.reshape(-1).to(torch.int64)
+    flat = topk_ids.reshape(-1)
     n = flat.numel()
     dev = flat.device
-    em = n + num_experts * (block_m - 1)
-    if n < num_experts:  # at most n experts are used, each padded to one tile at most
-        em = min(em, n * block_m)
-    em = -(-em // block_m) * block_m
+    em = _align_bound(n, block_m, num_experts)
+    if choose_impl(flat, impl) == "triton" and n > 0:
+        counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
+        rank = torch.empty(n, dtype=torch.int32, device=dev)
+        pad_start = torch.empty(num_experts, dtype=torch.int32, device=dev)
+        sorted_ids = torch.full((em,), n, dtype=torch.int32, device=dev)
+        expert_ids = torch.empty(em // block_m, dtype=torch.int32, device=dev)
+        num_post = torch.empty(1, dtype=torch.int32, device=dev)
+        ids = flat.contiguous()
+        block = 1024
+        grid = (triton.cdiv(n, block),)
+        _align_count_kernel[grid](ids, counts, rank, n, BLOCK=block)
+        _align_experts_kernel[(num_experts,)](counts, pad_start, expert_ids, num_post, num_experts,
+                                              BLOCK_M=block_m, BLOCK_E=_next_pow2(num_experts))
+        _align_scatter_kernel[grid](ids, rank, pad_start, sorted_ids, n, BLOCK=block)
+        return sorted_ids, expert_ids, num_post
+    flat = flat.to(torch.int64)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
@@ -443,7 +501,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     dot_f32 = (not x.is_cuda) and x.dtype == torch.bfloat16
     if dot_f32:
         precision = "ieee"
-    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, bm, E)
+    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, bm, E, impl=which)
     em = sorted_ids.numel()
     rw = topk_weights.reshape(-1).to(torch.float32).contiguous()
     act = torch.empty((n_pairs, inter), dtype=x.dtype, device=x.device)

@@ -151,20 +151,29 @@ def test_reroute_empty_and_errors(device):
 
 
 # ---------------------------------------------------------------- align
-def test_moe_align_block_size_invariants(device, rng_seed):
-    T, k, E, bm = 23, 3, 11, 4
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("T,k,E,bm", [(23, 3, 11, 4), (1, 6, 40, 16), (300, 2, 5, 16), (9, 2, 70, 8)])
+def test_moe_align_block_size_invariants(device, rng_seed, impl, T, k, E, bm):
     ids = torch.randint(0, E, (T, k), device=device, dtype=torch.int32)
-    sorted_ids, expert_ids, num_post = moe_align_block_size(ids, bm, E)
+    if T > 100:
+        ids[: T // 2] = 3  # one crowded expert
+    with poisoned_outputs():
+        sorted_ids, expert_ids, num_post = moe_align_block_size(ids, bm, E, impl=impl)
     sorted_ids, expert_ids, n = sorted_ids.cpu(), expert_ids.cpu(), int(num_post.item())
     flat = ids.reshape(-1).cpu().long()
+    counts = torch.bincount(flat, minlength=E)
+    assert n == int(((counts + bm - 1) // bm * bm).sum())        # exactly the padded total
     assert n % bm == 0 and n <= sorted_ids.numel()
+    assert expert_ids.numel() == sorted_ids.numel() // bm
     valid = sorted_ids[:n][sorted_ids[:n] < T * k].long()
     assert sorted(valid.tolist()) == list(range(T * k))          # every pair exactly once
+    assert ((sorted_ids[:n] >= 0) & (sorted_ids[:n] <= T * k)).all()
     assert (sorted_ids[n:] == T * k).all()                         # past the end: padding only
     for b in range(n // bm):
         blk = sorted_ids[b * bm:(b + 1) * bm].long()
         blk = blk[blk < T * k]
         assert blk.numel() > 0 and (flat[blk] == expert_ids[b]).all()  # one expert per tile
+    assert expert_ids[: n // bm].tolist() == sorted(expert_ids[: n // bm].tolist())
 
 
 # ---------------------------------------------------------------- fused MoE
