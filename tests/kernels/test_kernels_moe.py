@@ -261,7 +261,7 @@ def test_fused_moe_errors(device):
 
 # ---------------------------------------------------------------- GPU, realistic sizes
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 16, 256, 2048])
+@pytest.mark.parametrize("T", [1, 256, 2048])  # one per tile config
 def test_fused_moe_gpu_deepseek_lite_shapes(rng_seed, T):
     H, I, E, k = 2048, 1408, 78, 6  # 64 base experts + 14 adapter slots
     x, w13, w2, tw, ids = _moe_inputs("cuda", T, H, I, E, k, torch.bfloat16)
