@@ -118,12 +118,16 @@ def cmd_demo(args, say) -> int:
             + f"; {args.steps} turns x ({args.prompt_len} prompt + {args.max_tokens} generated) tokens")
         # One untimed turn first so one-time costs (kernel compilation, allocator start-up) are
         # not charged to whichever mode happens to run first.
-        warm = open_engine(args.model, args.modes[0], args.device, agents, esft, args.max_kv_bytes)
+        warm = open_engine(args.model, "non_shared", args.device, agents, esft, args.max_kv_bytes)
         run_trajectory(warm, turns[:1], min(2, args.max_tokens))
         del warm
         runs = []
         for mode in args.modes:
-            eng = open_engine(args.model, mode, args.device, agents, esft, args.max_kv_bytes)
+            try:
+                eng = open_engine(args.model, mode, args.device, agents, esft, args.max_kv_bytes)
+            except ValueError as e:  # e.g. base_lr_shared with agents whose v_proj A differ
+                say(f"[{mode}] skipped: {e}")
+                continue
             say(f"[{mode}] running on {getattr(eng, 'device', args.device or '?')}")
             run = run_trajectory(eng, turns, args.max_tokens, progress=None if args.quiet else say,
                                  label=f"[{mode}] ")

@@ -225,7 +225,12 @@ def fidelity_report(model: str = "tiny", agents: dict[str, str | None] | None = 
         reference = open_engine(model, "non_shared", device, agents, esft)
         out = []
         for mode in modes:
-            eng = reference if mode == "non_shared" else open_engine(model, mode, device, agents, esft)
+            try:
+                eng = reference if mode == "non_shared" else open_engine(model, mode, device, agents, esft)
+            except ValueError as e:  # e.g. base_lr_shared with agents whose v_proj A differ
+                if progress is not None:
+                    progress(f"[{mode}] skipped: {e}")
+                continue
             run = run_trajectory(eng, turns, max_tokens, logprobs=True, progress=progress, label=f"[{mode}] ")
             run.mode = mode
             out.append(fidelity_of(run, reference))

@@ -1,0 +1,129 @@
+"""`vmweave demo / fidelity / bench` run end to end on CPU and print what they promise."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.fidelity import MODES, demo_adapters, fidelity_report
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ["--steps", "3", "--max-tokens", "3", "--prompt-len", "5", "--device", "cpu"]
+
+
+def _table(out: str, first_col: str) -> dict[str, list[str]]:
+    """Rows of the final table (after the header line starting with `first_col`), by mode."""
+    lines = out.splitlines()
+    start = max(i for i, l in enumerate(lines) if l.split() and l.split()[0] == first_col)
+    rows = {}
+    for line in lines[start + 1:]:
+        parts = line.split()
+        if parts and parts[0] in MODES:
+            rows[parts[0]] = parts[1:]
+    return rows
+
+
+def _num(cell: str) -> float:
+    return float(cell.rstrip("x"))
+
+
+def test_demo_all_modes_side_by_side(capsys):
+    assert main(["demo", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "random PEFT LoRA adapters" in out and "plan, act, reflect" in out
+    for mode in MODES:  # progress: every turn of every mode
+        for i, agent in enumerate(["plan", "act", "reflect"]):
+            assert re.search(rf"\[{mode}\] turn {i + 1}/3 +{agent}: 5 in, 3 out, TTFT [0-9.]+ ms", out), (mode, agent)
+    header = next(l for l in out.splitlines() if l.split()[:1] == ["mode"])
+    for col in ("tokens/s", "TTFT ms", "KV bytes", "KV vs non_shared"):
+        assert col in header
+    rows = _table(out, "mode")
+    assert list(rows) == list(MODES)
+    for mode, cells in rows.items():
+        assert _num(cells[0]) > 0 and _num(cells[2]) > 0, (mode, cells)  # tokens/s, TTFT
+    # KV bytes relative to non_shared (3 agents): shared modes hold less
+    kv = {m: _num(rows[m][5]) for m in MODES}
+    assert kv["non_shared"] == 1.0
+    assert kv["full_shared"] < kv["base_lr_shared"] <= kv["base_shared"] < 1.0
+    assert rows["non_shared"][6] == "1.000"  # same tokens as itself
+
+
+def test_demo_modes_flag_and_own_adapters(tmp_path, capsys):
+    # agents whose v_proj A differ: base_lr_shared cannot apply and is skipped with the reason
+    from engine.builtin import builtin_config, save_random_lora
+
+    cfg = builtin_config("tiny")
+    a = save_random_lora(str(tmp_path / "a"), cfg, r=4, targets=("q_proj", "v_proj", "k_proj"), seed=1)
+    b = save_random_lora(str(tmp_path / "b"), cfg, r=4, targets=("v_proj",), seed=2)
+    argv = ["demo", *SMALL, "--lora", f"writer={a}", "--lora", f"checker={b}", "--agent", "plain",
+            "--modes", "non_shared,base_lr_shared,base_shared"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "random PEFT" not in out
+    assert "[base_lr_shared] skipped:" in out and "use 'base_shared'" in out
+    assert re.search(r"\[base_shared\] turn 3/3 +plain:", out)
+    rows = _table(out, "mode")
+    assert list(rows) == ["non_shared", "base_shared"]
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["demo", "--lora", "nodir"], "NAME=DIR"),
+    (["demo", "--modes", "all_shared"], "--modes"),
+    (["demo", "--steps", "0"], "--steps"),
+])
+def test_demo_bad_arguments(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    text = str(e.value.code) + capsys.readouterr().err
+    assert msg in text
+
+
+def test_fidelity_command(capsys):
+    assert main(["fidelity", *SMALL, "--quiet", "--modes", "base_lr_shared,full_shared"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy agreement" in out
+    rows = _table(out, "mode")
+    assert list(rows) == ["non_shared", "base_lr_shared", "full_shared"]  # reference added first
+    kl, agree, n = float(rows["non_shared"][0]), float(rows["non_shared"][2]), int(rows["non_shared"][3])
+    assert kl < 1e-5 and agree == 1.0 and n == 9
+    for m in ("base_lr_shared", "full_shared"):
+        assert float(rows[m][0]) >= 0 and 0.0 <= float(rows[m][2]) <= 1.0
+
+
+def test_fidelity_report_semantics(tmp_path):
+    """non_shared decode equals a fresh forward pass; with one shared A, base_shared and
+    base_lr_shared are the same computation; full_shared (other agents' LoRA K/V) is lossy."""
+    agents = demo_adapters("tiny", str(tmp_path), seed=3, gain=0.5)
+    rows = {r.mode: r for r in fidelity_report("tiny", agents, MODES, steps=3, prompt_len=6,
+                                                max_tokens=4, device="cpu", seed=3)}
+    assert all(r.positions == 12 for r in rows.values())
+    assert rows["non_shared"].max_kl < 1e-5 and rows["non_shared"].greedy_agreement == 1.0
+    assert abs(rows["base_shared"].mean_kl - rows["base_lr_shared"].mean_kl) < 1e-5
+    assert rows["full_shared"].mean_kl > 1e-4
+    assert rows["base_shared"].mean_kl > 1e-4  # deeper layers see other agents' hidden states
+
+
+def test_bench_command_small(capsys):
+    argv = ["bench", "--small", "--lengths", "40", "--layers", "1", "--decode-tokens", "2",
+            "--sessions", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Llama-3.1-8B-shaped" not in out and "small model" in out
+    table = [l.split() for l in out.splitlines() if l.split()[:1] == ["40"]]
+    assert [r[2] for r in table] == list(MODES)
+    kv = {r[2]: float(r[-1].rstrip("x")) for r in table}
+    assert kv["non_shared"] == 1.0 and kv["base_lr_shared"] < 1.0
+
+
+def test_python_dash_m_engine_help():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "engine", "demo", "--help"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for flag in ("--model", "--lora", "--esft", "--modes", "--device", "--steps", "--max-tokens"):
+        assert flag in r.stdout
