@@ -20,6 +20,10 @@ _EXPORTS = {
     # multi-LoRA projections (kernels/lora.py)
     "lora_shrink": "lora",
     "lora_expand": "lora",
+    "lora_shrink_all": "lora",
+    "lora_plan": "lora",
+    "LoraPlan": "lora",
+    "shares_one_a": "lora",
     # ExpertWeave: reroute, router top-k, fused MoE (kernels/moe.py)
     "reroute_experts": "moe",
     "fused_moe": "moe",
