@@ -7,6 +7,7 @@ run correctly in one forward.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,15 @@ def _read(pool_tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return pool_tensor.view(-1, *pool_tensor.shape[2:])[slots]
 
 
+def _tables(rows: list[list[int]], device) -> torch.Tensor:
+    """Block tables [batch, max_blocks] int32, short rows padded with block 0 (never read)."""
+    width = max(1, max(len(r) for r in rows))
+    t = torch.zeros(len(rows), width, dtype=torch.int32)
+    for i, r in enumerate(rows):
+        t[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+    return t.to(device)
+
+
 def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float,
                  window: int | None = None, head_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal GQA attention of queries at positions q_start.. over keys 0..T-1, fp32 math.
@@ -68,9 +78,11 @@ def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int
 class PagedAttention:
     """AttentionBackend for one forward over `chunks` (see engine/model.py)."""
 
-    def __init__(self, kv: KVManager, chunks: list[Chunk], lora, lora_ids: torch.Tensor, s2=None):
+    def __init__(self, kv: KVManager, chunks: list[Chunk], lora, lora_ids: torch.Tensor, s2=None,
+                 kernels: str | None = None):
         self.kv, self.chunks, self.lora, self.ids = kv, chunks, lora, lora_ids
         self.s2 = s2  # engine/s2.py helper or None
+        self.impl = kernels  # None: torch attention per chunk; "triton"/"torch": the paged kernels
         c = kv.config
         self.scale = c.head_dim ** -0.5
         self.window = c.sliding_window
@@ -79,6 +91,88 @@ class PagedAttention:
         self.r_slots = [{k: s.slots(0, ch.end) for k, s in ch.streams.items()} for ch in chunks]
         self.k_agents = [a for a in kv._sorted() if a.k_lora] if kv.shared else []
         self.lr_keys = [k for k in kv.stream_keys(None) if k[0] == "lr"] if kv.shared else []
+        self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan()
+
+    # ---- the kernel path: chunks grouped into one paged-kernel call each ---------------------
+    def _plan(self):
+        """Group chunks by what they read: plain paged attention over the KV pool, or
+        Flash-LoRA over the KV pool plus one low-rank pool. Chunks the kernels do not cover
+        (an agent's own K namespace, a sliding window in reach) take the torch path."""
+        groups: dict[tuple, dict] = {}
+        rest = []
+        for i, ch in enumerate(self.chunks):
+            a = ch.agent
+            if self.window and ch.end > self.window:
+                rest.append(i)
+                continue
+            if self.kv.shared and a is not None and a.k_lora:
+                rest.append(i)
+                continue
+            if self.kv.shared and a is not None and a.v_rank:
+                lkey = ("lr", a.name) if self.kv.mode == "base_shared" else ("lr", None)
+                key = ("lora", ch.streams[lkey].pool.name)
+            else:
+                lkey, key = None, ("plain",)
+            g = groups.setdefault(key, {"idx": [], "lkeys": [], "agents": []})
+            g["idx"].append(i)
+            g["lkeys"].append(lkey)
+            if lkey is not None and a not in g["agents"]:
+                g["agents"].append(a)
+        dev = self.kv.device
+        for key, g in groups.items():
+            chs = [self.chunks[i] for i in g["idx"]]
+            kvs = [next(s for k, s in ch.streams.items() if k[0] == "kv") for ch in chs]
+            g["kv_pool"] = kvs[0].pool
+            g["bt"] = _tables([s.blocks for s in kvs], dev)
+            g["seq_lens"] = torch.tensor([ch.end for ch in chs], dtype=torch.int32, device=dev)
+            n = [ch.end - ch.start for ch in chs]
+            g["decode"] = all(x == 1 for x in n)
+            g["max_q"] = max(n)
+            g["cu_q"] = torch.tensor([0] + list(itertools.accumulate(n)), dtype=torch.int32, device=dev)
+            g["rows"] = torch.cat([torch.arange(ch.row0, ch.row0 + m) for ch, m in zip(chs, n)]).to(dev)
+            if key[0] == "lora":
+                lrs = [ch.streams[lk] for ch, lk in zip(chs, g["lkeys"])]
+                g["lr_pool"] = lrs[0].pool
+                g["lr_bt"] = _tables([s.blocks for s in lrs], dev)
+                g["aid"] = torch.tensor([g["agents"].index(ch.agent) for ch in chs], dtype=torch.int32, device=dev)
+        return groups, rest
+
+    def _lora_b(self, agents, layer: int, pool) -> torch.Tensor:
+        """[n_agents, Hkv, r, D] B matrices (LoRA scale folded in) of v_proj in `layer`."""
+        c = self.kv.config
+        r = pool.token_shape[0]
+        out = []
+        for a in agents:
+            ab = a.lora.get(layer, V_PROJ)
+            if ab is None:
+                out.append(torch.zeros(c.num_kv_heads, r, c.head_dim, dtype=pool.dtype, device=self.kv.device))
+            else:
+                out.append(ab[1].view(c.num_kv_heads, c.head_dim, r).transpose(1, 2))
+        return torch.stack(out).to(pool.dtype).contiguous()
+
+    def _attend_kernels(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        from kernels import (flash_lora_decode, flash_lora_prefill, paged_attention_decode,
+                             paged_attention_prefill)
+
+        for key, g in self.groups.items():
+            kc, vc = g["kv_pool"].layer(0, layer), g["kv_pool"].layer(1, layer)
+            qg = q.index_select(0, g["rows"])
+            kw = dict(impl=self.impl, validate=False)
+            if key[0] == "lora":
+                lr = g["lr_pool"].layer(0, layer)
+                b = self._lora_b(g["agents"], layer, g["lr_pool"])
+                if g["decode"]:
+                    o = flash_lora_decode(qg, kc, vc, lr, g["lr_bt"], b, g["aid"], g["bt"], g["seq_lens"],
+                                          self.scale, **kw)
+                else:
+                    o = flash_lora_prefill(qg, kc, vc, lr, g["lr_bt"], b, g["aid"], g["bt"], g["cu_q"],
+                                           g["seq_lens"], self.scale, max_seqlen_q=g["max_q"], **kw)
+            elif g["decode"]:
+                o = paged_attention_decode(qg, kc, vc, g["bt"], g["seq_lens"], self.scale, **kw)
+            else:
+                o = paged_attention_prefill(qg, kc, vc, g["bt"], g["cu_q"], g["seq_lens"], self.scale,
+                                            max_seqlen_q=g["max_q"], **kw)
+            out.index_copy_(0, g["rows"], o.to(out.dtype))
 
     def attend(self, model, layer: int, x, q, k, v, rope: Rope) -> torch.Tensor:
         if self.kv.shared:
@@ -86,7 +180,14 @@ class PagedAttention:
         else:
             self._write_full(model, layer, x, k, v, rope)
         out = torch.empty_like(q)
-        for i, ch in enumerate(self.chunks):
+        s2_layer = self.s2 is not None and self.kv.config.is_s2_layer(layer)
+        if self.groups and not s2_layer:
+            self._attend_kernels(layer, q, out)
+            todo = self.torch_chunks
+        else:
+            todo = range(len(self.chunks))
+        for i in todo:
+            ch = self.chunks[i]
             out[ch.rows] = self._attend_chunk(i, ch, layer, q[ch.rows])
         return out
 

@@ -12,6 +12,7 @@ from .attention import Chunk, PagedAttention
 from .builtin import BUILTIN, builtin_weights
 from .cache import MODES, Agent, KVManager
 from .config import ModelConfig, load_config
+from .kernel_policy import kernel_impl, use_kernels
 from .loader import LoadError, load_weights
 from .lora import LoraSet, load_peft_adapter, same_v_a
 from .model import BatchInputs, DecoderModel
@@ -300,7 +301,8 @@ class Engine:
         t = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
         inp = BatchInputs(t(ids), t(pos), t(lids), t(eids), t(rows))
         self.lora.prepare(inp.lora_ids)
-        backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2())
+        kern = kernel_impl(inp.input_ids) if use_kernels(inp.input_ids, self.model.dtype) else None
+        backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2(), kernels=kern)
         logits = self.model.forward(inp, backend, self.lora)
         for w in works:
             sess, key = w.req.session, self.sched.stream_agent(w.req)
