@@ -37,8 +37,9 @@ def merged(base, layer, adapter_experts):
 
 def _setup(device, dtype, M, H, I, S, layers, seed):
     g = torch.Generator().manual_seed(seed)
-    base = {l: ((torch.randn(M, 2 * I, H, generator=g) / H ** 0.5).to(dtype),
-                (torch.randn(M, H, I, generator=g) / I ** 0.5).to(dtype)) for l in layers}
+    gd = torch.Generator(device=device).manual_seed(seed)  # big base weights made where they live
+    base = {l: ((torch.randn(M, 2 * I, H, generator=gd, device=device) / H ** 0.5).to(dtype),
+                (torch.randn(M, H, I, generator=gd, device=device) / I ** 0.5).to(dtype)) for l in layers}
     store = ExpertStore(layers, M, H, I, S, dtype=dtype, device=device, max_adapters=4)
     for l in layers:
         store.load_base(l, *base[l])
@@ -152,8 +153,7 @@ def test_moe_layer_gpu_deepseek_lite_store(rng_seed):
     torch.cuda.synchronize()
     for aid, experts in ((-1, {}), (0, ads["a"]), (1, ads["b"])):
         rows = aids == aid
-        w13, w2 = merged({layer: (base[layer][0].cuda(), base[layer][1].cuda())}, layer,
-                         {l: {e: (a.cuda(), b.cuda()) for e, (a, b) in v.items()} for l, v in experts.items()})
+        w13, w2 = merged(base, layer, experts)
         logits = F.linear(x[rows].float(), gate)
         tw, ids = router_topk_ref(logits, k)
         ref = fused_moe_ref(x[rows], w13, w2, tw.cuda(), ids.cuda())
