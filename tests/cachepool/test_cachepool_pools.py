@@ -171,3 +171,35 @@ def test_bad_arguments():
     with pytest.raises(TypeError):
         KVPool(object(), num_layers=1, num_kv_heads=1, head_dim=8, block_size=4, max_blocks=4)
     assert pages.stats()["arenas"] == 0
+
+
+@pytest.mark.gpu
+def test_kvpool_gpu_llama_layout(rng_seed):
+    """cuda backend, 2 MiB pages, Llama-shaped blocks (32 KiB per block per tensor): several
+    sequences with a shared prefix written with the Triton kernel, read back exactly; pages
+    mapped on demand and all returned at the end."""
+    be = vmm.get_backend("cuda")
+    pages = vmm.PagePool(be, capacity_bytes=2 << 30)
+    layers, h, d, bs = 4, 8, 128, 16
+    pool = KVPool(pages, num_layers=layers, num_kv_heads=h, head_dim=d, block_size=bs, max_blocks=4096,
+                  dtype=torch.bfloat16)
+    assert pool.k_caches[0].device.type == be.device.type and pool.memory_report()["mapped_bytes"] == 0
+    prefix = list(range(1000, 1000 + 40 * bs))
+    seqs = {"a": prefix + list(range(777)), "b": prefix + list(range(5000, 5333)), "c": list(range(9, 2900))}
+    written = {}
+    for name, toks in seqs.items():
+        stored = pool.allocate(name, toks, "llama")
+        assert stored == (40 * bs if name == "b" else 0)
+        written[name] = _fill(pool, name, start=stored)
+    for name, toks in seqs.items():
+        start = 40 * bs if name == "b" else 0
+        _check(pool, name, written[name], start=start)
+    _check(pool, "b", [(k[:40 * bs], v[:40 * bs]) for k, v in written["a"]])  # the shared prefix
+    blocks = pool.manager.top
+    per_tensor = -(-blocks * bs * h * d * 2 // pages.page_size) * pages.page_size
+    assert pool.memory_report()["mapped_bytes"] == per_tensor * 2 * layers
+    for name in seqs:
+        pool.free(name)
+    pool.trim()
+    assert pool.memory_report()["mapped_bytes"] == 0 and pages.stats()["pages_in_use"] == 0
+    pool.close()
