@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelConfig
-from .kvcache import BlockPool, ByteBudget, CacheFull, Stream
+from .kvcache import BlockPool, ByteBudget, CacheFull, Stream, make_page_pool
 
 MODES = ("non_shared", "base_shared", "base_lr_shared", "full_shared")
 
@@ -47,6 +47,7 @@ class KVManager:
         self.config, self.mode, self.block_size = config, mode, block_size
         self.device, self.dtype = device, dtype
         self.budget = ByteBudget(budget_bytes)
+        self.page_pool = make_page_pool(device, budget_bytes, config.num_layers)
         self.pools: dict[str, BlockPool] = {}
         self.sessions: dict[int, SessionCache] = {}
         self.agents: dict[str, Agent] = {}  # the registered agents (shared modes write for all)
@@ -62,7 +63,7 @@ class KVManager:
             c = self.config
             shape, n = ((c.num_kv_heads, c.head_dim), 2 if kind == "kv" else 1) if kind != "lr" else ((rank,), 1)
             self.pools[name] = BlockPool(name, c.num_layers, self.block_size, shape, n, self.dtype,
-                                         self.device, self.budget)
+                                         self.device, self.budget, self.page_pool)
         return self.pools[name]
 
     # ---- which streams -----------------------------------------------------------------------
@@ -190,6 +191,9 @@ class KVManager:
             "budget_bytes": self.budget.capacity,
             "used_bytes": self.budget.used,
             "mapped_bytes": sum(p["mapped_bytes"] for p in pools.values()),
+            "reserved_bytes": sum(p["reserved_bytes"] for p in pools.values()),
+            "pages_mapped": sum(p["pages_mapped"] for p in pools.values()),
+            "page_pool": self.page_pool.stats(),
             "pools": pools,
             "namespaces": ns,
             "k_namespace_agents": sorted(a.name for a in self.agents.values() if a.k_lora)

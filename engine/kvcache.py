@@ -1,18 +1,24 @@
 """Paged block pools for the engine's caches and the per-session streams that use them.
 
-A pool holds, per layer, `[capacity_blocks, block_size, *token_shape]` tensors: K and V for a full
-KV pool (`token_shape = (Hkv, D)`), K alone for an agent's own K namespace, or one rank-r vector
-per token for a low-rank V pool. All pools draw blocks from one byte budget (`max_kv_bytes`), so
-running out raises `CacheFull` — which the scheduler answers by preempting — and changes nothing.
+A pool holds, per layer, `[max_blocks, block_size, *token_shape]` tensors: K and V for a full KV
+pool (`token_shape = (Hkv, D)`), K alone for an agent's own K namespace, or one rank-r vector per
+token for a low-rank V pool. The tensors are `cachepool.PagedStore` views over `vmm` arenas
+reserved for the whole budget: pages are mapped only as blocks are handed out (lowest free id
+first, so the top of the reservation is the free end) and unmapped when the top empties.
 
-Storage grows by doubling up to the budget. The tensor layouts match the `kernels` paged caches
-(`[num_blocks, block_size, Hkv, D]` and `[num_blocks, block_size, r]` per layer).
+All pools draw blocks from one byte budget (`max_kv_bytes`), so running out raises `CacheFull`
+— which the scheduler answers by preempting — and changes nothing. The layouts are the
+`kernels` paged caches' (`[num_blocks, block_size, Hkv, D]` and `[num_blocks, block_size, r]`).
 """
 from __future__ import annotations
 
+import heapq
 import math
 
 import torch
+
+import vmm
+from cachepool import CacheFullError, PagedStore
 
 
 class CacheFull(RuntimeError):
@@ -25,9 +31,18 @@ class ByteBudget:
         self.used = 0
 
 
+def make_page_pool(device, budget_bytes: int, num_layers: int) -> vmm.PagePool:
+    """The physical pages behind every pool of one engine. Capacity: the budget plus one page of
+    rounding per arena for a generous number of pools (pages are created only when mapped)."""
+    dev = torch.device(device)
+    backend = vmm.get_backend("host") if dev.type == "cpu" else vmm.get_backend("cuda", dev)
+    slack = 16 * 2 * num_layers * backend.granularity
+    return vmm.PagePool(backend, budget_bytes + slack)
+
+
 class BlockPool:
     def __init__(self, name: str, num_layers: int, block_size: int, token_shape: tuple[int, ...],
-                 n_tensors: int, dtype: torch.dtype, device, budget: ByteBudget):
+                 n_tensors: int, dtype: torch.dtype, device, budget: ByteBudget, page_pool: vmm.PagePool):
         self.name = name
         self.num_layers, self.block_size = num_layers, block_size
         self.token_shape, self.n_tensors = tuple(token_shape), n_tensors
@@ -35,27 +50,14 @@ class BlockPool:
         elt = torch.empty((), dtype=dtype).element_size()
         self.token_bytes = num_layers * n_tensors * math.prod(token_shape) * elt
         self.block_bytes = self.token_bytes * block_size
-        self.capacity = 0
-        self.tensors: list[torch.Tensor] = [self._new(0) for _ in range(n_tensors)]
-        self.free_blocks: list[int] = []
+        self.planes = ("k", "v") if n_tensors == 2 else ((name,) if name == "k" else ("lr",))
+        max_blocks = max(1, budget.capacity // self.block_bytes)
+        self.store = PagedStore(page_pool, num_layers, self.planes, (block_size, *self.token_shape), dtype,
+                                max_blocks)
+        self.top = 0  # ids >= top are free and may be unmapped
+        self._free: list[int] = []  # free ids below top (a heap: lowest first)
+        self._free_set: set[int] = set()
         self.in_use = 0
-
-    def _new(self, cap: int) -> torch.Tensor:
-        return torch.empty((self.num_layers, cap, self.block_size, *self.token_shape),
-                           dtype=self.dtype, device=self.device)
-
-    def _grow(self, need: int) -> None:
-        # double (amortised O(1) growth), but never past what the budget could ever fill
-        room = self.in_use + (self.budget.capacity - self.budget.used) // self.block_bytes
-        cap = max(need, min(max(2 * self.capacity, 4), room))
-        new = []
-        for t in self.tensors:
-            n = self._new(cap)
-            n[:, : self.capacity] = t
-            new.append(n)
-        self.tensors = new
-        self.free_blocks.extend(range(cap - 1, self.capacity - 1, -1))
-        self.capacity = cap
 
     def can_allocate(self, n: int) -> bool:
         return self.budget.used + n * self.block_bytes <= self.budget.capacity
@@ -66,31 +68,56 @@ class BlockPool:
         if not self.can_allocate(n):
             raise CacheFull(f"pool {self.name!r}: {n} blocks of {self.block_bytes} B exceed the KV budget "
                             f"({self.budget.used} of {self.budget.capacity} B in use)")
-        if len(self.free_blocks) < n:
-            self._grow(self.capacity + n - len(self.free_blocks))
-        out = [self.free_blocks.pop() for _ in range(n)]
+        take = min(n, len(self._free))
+        low = [heapq.heappop(self._free) for _ in range(take)]
+        new_top = self.top + n - take
+        try:
+            self.store.grow_to(new_top)
+        except CacheFullError as e:
+            for b in low:
+                heapq.heappush(self._free, b)
+            raise CacheFull(f"pool {self.name!r}: {e}") from None
+        self._free_set.difference_update(low)
+        out = low + list(range(self.top, new_top))
+        self.top = new_top
         self.budget.used += n * self.block_bytes
         self.in_use += n
         return out
 
     def free(self, blocks: list[int]) -> None:
-        self.free_blocks.extend(reversed(blocks))
+        for b in blocks:
+            heapq.heappush(self._free, b)
+            self._free_set.add(b)
         self.budget.used -= len(blocks) * self.block_bytes
         self.in_use -= len(blocks)
+        top = self.top
+        while top > 0 and (top - 1) in self._free_set:
+            top -= 1
+            self._free_set.discard(top)
+        if top != self.top:
+            self._free = [b for b in self._free if b < top]
+            heapq.heapify(self._free)
+            self.top = top
+            self.store.shrink_to(top)  # unmaps the pages above the live blocks
 
     def layer(self, i: int, layer: int) -> torch.Tensor:
-        """Tensor i (0 = K or the low-rank values, 1 = V) of one layer: [capacity, bs, *token_shape]."""
-        return self.tensors[i][layer]
+        """Tensor i (0 = K or the low-rank values, 1 = V) of one layer: [max_blocks, bs, *token_shape]."""
+        return self.store.tensors[self.planes[i]][layer]
 
     def report(self) -> dict:
         return {
             "block_bytes": self.block_bytes,
             "token_bytes": self.token_bytes,
             "blocks_in_use": self.in_use,
-            "blocks_capacity": self.capacity,
+            "blocks_backed": self.store.backed_blocks(),
             "used_bytes": self.in_use * self.block_bytes,
-            "mapped_bytes": self.capacity * self.block_bytes,
+            "mapped_bytes": self.store.mapped_bytes,
+            "reserved_bytes": self.store.reserved_bytes,
+            "pages_mapped": self.store.mapped_bytes // self.store.page_size,
         }
+
+    def close(self) -> None:
+        self.store.close()
 
 
 class Stream:

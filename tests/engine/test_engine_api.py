@@ -341,3 +341,23 @@ def test_missing_tensor_is_named(tmp_path):
     save_file(sd, os.path.join(d, "model.safetensors"))
     with pytest.raises(LoadError, match="model.layers.1.self_attn.v_proj.weight"):
         Engine.from_pretrained(d, device="cpu")
+
+
+def test_kv_pages_are_mapped_on_demand_and_unmapped_when_freed():
+    eng = Engine.from_pretrained("tiny", cache_mode="non_shared", device="cpu", max_kv_bytes=64 << 20)
+    r0 = eng.memory_report()
+    assert r0["mapped_bytes"] == 0 and r0["used_bytes"] == 0
+    sessions = [eng.new_session() for _ in range(3)]
+    for i, s in enumerate(sessions):
+        eng.generate(s, None, _prompt(40 + 30 * i, 20 + i), GREEDY)
+    r1 = eng.memory_report()
+    kv = r1["pools"]["kv"]
+    assert kv["blocks_in_use"] == sum(-(-(len(s.tokens) - 1) // 16) for s in sessions)
+    assert kv["used_bytes"] <= kv["mapped_bytes"] < kv["used_bytes"] + 2 * 2 * 2 * 4096  # page rounding per arena
+    assert r1["reserved_bytes"] >= 64 << 20  # address space for the whole budget, not memory
+    for s in sessions:
+        eng.close_session(s)
+    r2 = eng.memory_report()
+    assert r2["used_bytes"] == 0 and r2["mapped_bytes"] == 0 and r2["pages_mapped"] == 0
+    with pytest.raises(ValueError, match="not an open session"):
+        eng.generate(sessions[0], None, [1], GREEDY)
