@@ -140,7 +140,9 @@ class MultiAgentCache:
     def allocate(self, agent: str, seq_id: Hashable, token_ids: Sequence[int]) -> tuple[int, int | None]:
         """Blocks for `agent`'s new sequence in every pool it uses; returns the number of leading
         tokens stored already per pool (kv, lr or None). The caller computes from the smaller
-        one on; `slot_mapping` marks what each pool already has with -1."""
+        one on; `slot_mapping` marks what each pool already has with -1. A count may equal
+        len(token_ids) (everything cached): the last token must still run for its logits, and
+        its K/V write is skipped (slot -1) since the pool holds it already."""
         r = self.route(agent)
         key = (agent, seq_id)
         if not self.can_allocate(agent, token_ids):
