@@ -38,6 +38,7 @@ ROUTER_RENORMALIZE = {
 }
 
 _INT_DTYPES = (torch.int32, torch.int64)
+MAX_CHUNK_TOKENS = 4096  # fused_moe runs longer batches in chunks of this many tokens
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -487,6 +488,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     which = choose_impl(x, impl)
     if which == "torch":
         return _fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
+    if T > MAX_CHUNK_TOKENS:  # bounds the fp32 per-choice scratch (T * k * H * 4 bytes)
+        return torch.cat([fused_moe(x[i:i + MAX_CHUNK_TOKENS], w13, w2, topk_weights[i:i + MAX_CHUNK_TOKENS],
+                                    topk_ids[i:i + MAX_CHUNK_TOKENS], validate=False, config=config, impl=which)
+                          for i in range(0, T, MAX_CHUNK_TOKENS)])
 
     K = topk_ids.shape[1]
     inter = I2 // 2

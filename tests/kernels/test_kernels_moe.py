@@ -228,6 +228,17 @@ def test_fused_moe_large_tiles_and_strides(device, rng_seed):
         torch.testing.assert_close(out.double(), ref, rtol=2e-4, atol=1e-4)
 
 
+def test_fused_moe_chunks_long_batches(device, rng_seed, monkeypatch):
+    import kernels.moe as moe
+
+    monkeypatch.setattr(moe, "MAX_CHUNK_TOKENS", 4)
+    x, w13, w2, tw, ids = _moe_inputs(device, 11, 40, 24, 5, 2, torch.float32)
+    with poisoned_outputs():
+        out = fused_moe(x, w13, w2, tw, ids, impl="triton")
+    assert out.shape == (11, 40)
+    torch.testing.assert_close(out.double(), fused_moe_ref(x, w13, w2, tw, ids), rtol=2e-4, atol=1e-4)
+
+
 def test_fused_moe_reads_only_named_experts(device, rng_seed):
     """Experts nobody routes to may be garbage (in the store: unmapped slots)."""
     T, H, I, E, k = 11, 40, 24, 8, 2
