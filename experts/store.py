@@ -17,6 +17,7 @@ is unmapped on unload.
 """
 from __future__ import annotations
 
+import operator
 import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -315,13 +316,16 @@ class ExpertStore:
         M, I, H = self.num_experts, self.intermediate, self.hidden
         plan: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         for layer, per_layer in experts.items():
+            layer = _as_index(layer, "layer id")
             self._check_layer(layer)
+            if layer in plan:
+                raise ValueError(f"layer {layer} is given twice")
             if not isinstance(per_layer, Mapping):
                 raise TypeError(f"experts[{layer}] must map expert_id -> (w13_e, w2_e)")
             items = []
-            for e, pair in sorted(per_layer.items()):
-                if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < M:
-                    raise ValueError(f"layer {layer}: expert id {e!r} is not in [0, {M})")
+            for e, pair in sorted((_as_index(e, f"layer {layer} expert id"), p) for e, p in per_layer.items()):
+                if not 0 <= e < M:
+                    raise ValueError(f"layer {layer}: expert id {e} is not in [0, {M})")
                 if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                     raise TypeError(f"layer {layer} expert {e}: expected (w13_e, w2_e)")
                 _check_weight(f"layer {layer} expert {e} w13", pair[0], (2 * I, H))
@@ -486,6 +490,16 @@ class ExpertStore:
         return (f"<ExpertStore layers={len(self.layers)} M={self.num_experts} S={self.max_slots} "
                 f"H={self.hidden} I={self.intermediate} {self.dtype} on {self.device}, "
                 f"{len(self._adapters)} adapters>")
+
+
+def _as_index(v: object, what: str) -> int:
+    """An int from an int-like id (int, numpy or 0-d torch integer), never from a bool."""
+    if isinstance(v, bool):
+        raise TypeError(f"{what} must be an integer, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {v!r}") from None
 
 
 def _check_weight(what: str, t: object, shape: tuple[int, ...]) -> None:
