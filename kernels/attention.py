@@ -536,6 +536,14 @@ def _s2_visible(s2: _S2Args, hkv: int, qpos: torch.Tensor, kpos: torch.Tensor) -
 
 
 def _run(impl, q, **kw) -> torch.Tensor:
+    # The kernel indexes the head dim and every 1-D index vector with unit stride.
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    for name in ("seq_lens", "cu_seqlens_q", "cu_seqlens_k"):
+        if kw.get(name) is not None:
+            kw[name] = kw[name].contiguous()
+    if kw.get("lora") is not None:
+        kw["lora"].adapter_ids = kw["lora"].adapter_ids.contiguous()
     if choose_impl(q, impl) == "triton":
         return _launch(q, **kw)
     kw.pop("num_splits", None)

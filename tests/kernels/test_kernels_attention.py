@@ -325,3 +325,13 @@ def test_gpu_flash_lora_realistic(rng_seed, dtype, r):
     out = poisoned(qp.shape, dtype, device)
     flash_lora_prefill(qp, k, v, lr, lbt, lb, aid, bt, cq, sl, d ** -0.5, out=out)
     check(out, flash_lora_prefill_ref(qp, k, v, lr, lbt, lb, aid, bt, cq, sl, d ** -0.5), dtype)
+
+
+def test_strided_q_and_index_vectors(device, rng_seed):
+    """q sliced out of a wider tensor (e.g. a fused QKV projection) and strided seq_lens work."""
+    k, v, bt, sl = make_paged([70, 33], 2, 32, 16, torch.float16, device)
+    q = torch.randn(2, 4, 64, device=device).to(torch.float16)[..., ::2]
+    sl2 = torch.stack([sl, sl], 1).flatten()[::2]
+    assert not q.is_contiguous() and not sl2.is_contiguous()
+    check(paged_attention_decode(q, k, v, bt, sl2, 0.2), paged_attention_decode_ref(q, k, v, bt, sl, 0.2),
+          torch.float16)
