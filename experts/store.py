@@ -439,7 +439,7 @@ class ExpertStore:
 
         exact_bytes: base + live adapter experts, byte for byte; mapped_bytes: pages mapped in the
         store's arenas; boundary_pages: mapped pages live slots cover only in part (the whole
-        overhead: mapped - exact < boundary_pages * page_size); merged_copies_bytes: the base
+        overhead: 0 <= mapped - exact < boundary_pages * page_size, and 0 when there are none); merged_copies_bytes: the base
         experts plus one full merged copy of every layer's experts per adapter;
         padded_to_max_bytes: the base plus, per adapter and layer, room for as many experts as the
         largest adapter layer holds (a fixed per-adapter allotment); page_padded_bytes: every
