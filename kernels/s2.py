@@ -139,6 +139,15 @@ class S2Pattern:
         query block >= query_block still reads it (in its shard, or still in the local window)."""
         return self.in_shard(kv_head, j) or query_block - j < self.local_blocks
 
+    def kept_blocks(self, kv_head: int, num_tokens: int) -> list[int]:
+        """The key blocks a KV head must still hold once a sequence has `num_tokens` tokens
+        (queries from position num_tokens - 1 on): its shard plus the local window."""
+        num_tokens = _int("num_tokens", num_tokens, 0)
+        if num_tokens == 0:
+            return []
+        i = (num_tokens - 1) // self.sparse_block
+        return [j for j in range(i + 1) if self.kv_head_keeps(kv_head, j, i)]
+
     # ---- whole-context views ---------------------------------------------------------------
     def block_mask(self, num_blocks: int) -> torch.Tensor:
         """bool [num_kv_heads, num_blocks, num_blocks]: [h, i, j] = KV head h, query block i

@@ -76,6 +76,19 @@ def test_block_questions_agree_with_mask(p):
 
 
 @pytest.mark.parametrize("p", PATTERNS, ids=repr)
+def test_kept_blocks_are_what_later_queries_read(p):
+    sb = p.sparse_block
+    for h in range(p.num_kv_heads):
+        assert p.kept_blocks(h, 0) == []
+        for n in (1, sb, sb + 1, 7 * sb + 3):
+            i = (n - 1) // sb
+            later = {j for i2 in range(i, i + 3 * p.vert_stride + p.local_blocks)
+                     for j in p.key_blocks(h, i2) if j <= i}
+            assert set(p.kept_blocks(h, n)) == later
+            assert set(p.key_blocks(h, i)) <= later
+
+
+@pytest.mark.parametrize("p", PATTERNS, ids=repr)
 def test_density_matches_mask(p):
     for n in (1, 17, 3 * p.sparse_block + 5):
         assert abs(p.density(n) - p.mask(n).double().mean().item()) < 1e-12
@@ -193,8 +206,8 @@ def make_shared_and_sharded(p, lens, bs, d, dtype, device):
 DECODE_CASES = [  # (pattern index, dtype, block_size, lens, num_splits)
     (0, torch.bfloat16, 16, [130, 1, 0, 77], None),
     (1, torch.float16, 16, [161, 33], 3),
-    (2, torch.float32, 32, [200, 64, 65], 2),
-    (3, torch.bfloat16, 16, [99], 1),
+    (2, torch.float32, 16, [200, 64, 65], 2),    # pool blocks smaller than sparse blocks
+    (3, torch.bfloat16, 64, [250], 1),           # pool blocks spanning several sparse blocks
 ]
 
 
