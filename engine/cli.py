@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", type=int, default=16, help="tokens each agent decodes per turn")
     b.add_argument("--sessions", type=int, default=4, help="trajectories decoded together")
     b.add_argument("--modes", default=",".join(MODES), type=_modes, help="comma list of cache modes")
-    b.add_argument("--small", action="store_true", help="a tiny model instead (CPU smoke run)")
+    b.add_argument("--esft-counts", default="1,5,20",
+                   help="ESFT adapter counts for the MoE table (empty: skip it)")
+    b.add_argument("--only", choices=("modes", "esft"), default=None, help="run one of the two tables")
+    b.add_argument("--small", action="store_true", help="tiny models instead (CPU smoke run)")
     return p
 
 
@@ -112,7 +115,8 @@ def cmd_demo(args, say) -> int:
     with tempfile.TemporaryDirectory(prefix="vmweave-demo-") as tmp:
         agents = _agents(args, tmp, say)
         vocab = model_config(args.model).vocab_size
-        turns = make_turns(list(agents), args.steps, args.prompt_len, vocab, args.seed)
+        # an ESFT adapter is an agent too: its turns route tokens to its experts
+        turns = make_turns(list(agents) + list(esft), args.steps, args.prompt_len, vocab, args.seed)
         say(f"model {args.model}, agents {', '.join(agents)}"
             + (f", ESFT adapters {', '.join(esft)}" if esft else "")
             + f"; {args.steps} turns x ({args.prompt_len} prompt + {args.max_tokens} generated) tokens")
@@ -171,21 +175,37 @@ def cmd_fidelity(args, say) -> int:
 
 
 def cmd_bench(args, say) -> int:
-    from .fidelity import e2e_bench, format_e2e
+    from .fidelity import e2e_bench, esft_bench, format_e2e, format_esft
 
-    try:
-        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"vmweave: --lengths takes a comma list of ints, got {args.lengths!r}") from None
+    def ints(text: str, flag: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise SystemExit(f"vmweave: {flag} takes a comma list of ints, got {text!r}") from None
+
+    lengths = ints(args.lengths, "--lengths")
+    counts = ints(args.esft_counts, "--esft-counts")
+    if any(n < 1 for n in counts):
+        raise SystemExit("vmweave: --esft-counts must be >= 1")
     if not lengths or min(lengths) < 8 or args.layers < 1 or args.decode_tokens < 2 or args.sessions < 1:
         raise SystemExit("vmweave: need --lengths >= 8, --layers >= 1, --decode-tokens >= 2, --sessions >= 1")
-    say(f"end-to-end: {'small' if args.small else 'Llama-3.1-8B-shaped'} model, {args.layers} layers, random "
-        f"weights; plan/act/reflect r=8 LoRA on q,v with a shared A; {args.sessions} sessions")
-    rows = e2e_bench(lengths=lengths, layers=args.layers, decode_tokens=args.decode_tokens,
-                     sessions=args.sessions, modes=args.modes, device=args.device, small=args.small,
-                     progress=say)
-    say("")
-    say(format_e2e(rows))
+    if args.only != "esft":
+        say(f"end-to-end: {'small' if args.small else 'Llama-3.1-8B-shaped'} model, {args.layers} layers, "
+            f"random weights; plan/act/reflect r=8 LoRA on q,v with a shared A; {args.sessions} sessions")
+        rows = e2e_bench(lengths=lengths, layers=args.layers, decode_tokens=args.decode_tokens,
+                         sessions=args.sessions, modes=args.modes, device=args.device, small=args.small,
+                         progress=say)
+        say("")
+        say(format_e2e(rows))
+    if args.only != "modes" and counts:
+        say("")
+        say(f"ESFT adapters on an MoE model ({'small' if args.small else 'DeepSeek-V2-Lite expert shape'}), "
+            f"{args.sessions * 4} sessions spread over the adapters")
+        erows = esft_bench(counts, sessions=args.sessions * 4, device=args.device, small=args.small,
+                           decode_tokens=max(args.decode_tokens, 2), prompt_len=16 if args.small else 128,
+                           progress=say)
+        say("")
+        say(format_esft(erows))
     return 0
 
 

@@ -221,7 +221,7 @@ def fidelity_report(model: str = "tiny", agents: dict[str, str | None] | None = 
         if agents is None:
             agents = demo_adapters(model, tmp_dir or tmp, seed=seed)
         vocab = model_config(model).vocab_size
-        turns = make_turns(list(agents), steps, prompt_len, vocab, seed)
+        turns = make_turns(list(agents) + list(esft or {}), steps, prompt_len, vocab, seed)
         reference = open_engine(model, "non_shared", device, agents, esft)
         out = []
         for mode in modes:
@@ -308,12 +308,14 @@ class E2ERow:
     wall_s: float
 
 
-def _lockstep(eng, sessions, agent: str, prompts: list[list[int]], max_tokens: int):
-    """One turn of `agent` on every session at once (one batch); returns the outputs."""
+def _lockstep(eng, sessions, agent, prompts: list[list[int]], max_tokens: int):
+    """One turn on every session at once (one batch); `agent` is one name for all or a list with
+    one per session. Returns the outputs."""
     from . import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    rids = [eng.add_request(s, agent, p, params) for s, p in zip(sessions, prompts)]
+    names = agent if isinstance(agent, list) else [agent] * len(sessions)
+    rids = [eng.add_request(s, a, p, params) for s, a, p in zip(sessions, names, prompts)]
     while eng.has_unfinished():
         eng.step()
     return [eng.get_output(r) for r in rids]
@@ -396,4 +398,148 @@ def format_e2e(rows: Sequence[E2ERow]) -> str:
         vn = f"{r.kv_bytes / ns.kv_bytes:.3f}x" if ns and ns.kv_bytes else "-"
         lines.append(f"{r.length:>7}{r.tokens:>7} {r.mode:<16}{r.decode_tok_s:>13.1f}{vf:>9}{r.tpot_ms:>9.2f}{r.ttft_ms:>10.1f}"
                      f"{r.kv_bytes / 2**20:>10.2f}{vn:>10}")
+    return "\n".join(lines)
+
+
+# ---- ESFT adapters on an MoE model ------------------------------------------------------------
+
+# DeepSeek-V2-Lite's expert shape (H 2048, I 1408, 64 routed experts top-6, two shared experts'
+# width) in Qwen2-MoE form, random weights; depth and vocabulary trimmed for the time budget.
+MOE_LITE = dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], vocab_size=32000,
+                hidden_size=2048, intermediate_size=10944, num_hidden_layers=4, num_attention_heads=16,
+                num_key_value_heads=16, head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_theta=10000.0, num_experts=64, num_experts_per_tok=6, moe_intermediate_size=1408,
+                shared_expert_intermediate_size=2816, norm_topk_prob=False, decoder_sparse_step=1,
+                mlp_only_layers=[], tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+SMALL_MOE = dict(MOE_LITE, vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                 moe_intermediate_size=32, shared_expert_intermediate_size=64)
+
+
+@dataclass
+class EsftRow:
+    adapters: int  # ESFT adapters loaded (0: the base alone)
+    sessions: int
+    decode_tok_s: float
+    tpot_ms: float
+    free_bytes: int  # device memory left (for KV) with these adapters loaded
+    merged_free_bytes: int  # what would be left with a full merged model copy per adapter
+    adapter_bytes: int  # bytes the expert store mapped for adapters
+    merged_bytes: int  # bytes of one full merged model copy per adapter
+    note: str = ""
+
+
+def _free_device_bytes(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        return int(torch.cuda.mem_get_info(dev)[0])
+    return 0
+
+
+def _write_random_esft(path: str, model, experts_per_layer: int, seed: int, scale: float = 0.1) -> str:
+    """An ESFT adapter directory of `experts_per_layer` perturbed experts per MoE layer, the
+    perturbation drawn on the model's device (host randn of GBs would dominate the benchmark)."""
+    from experts import save_esft_adapter
+
+    c = model.config
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    pick = torch.Generator().manual_seed(seed)
+    out = {}
+    for li in range(c.num_layers):
+        if not c.is_moe_layer(li):
+            continue
+        w = model.layers[li]
+        ids = sorted(torch.randperm(c.num_experts, generator=pick)[:experts_per_layer].tolist())
+        per = {}
+        for e in ids:
+            pair = []
+            for t in (w["w13"][e], w["w2"][e]):
+                noise = torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32)
+                pair.append((t.float() + scale * t.float().std() * noise).to(t.dtype))
+            per[e] = (pair[0], pair[1])
+        out[li] = per
+    return str(save_esft_adapter(path, out))
+
+
+def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2, sessions: int = 16,
+               prompt_len: int = 128, decode_tokens: int = 32, device: str | None = None,
+               small: bool = False, seed: int = 0, progress: Progress = None) -> list[EsftRow]:
+    """ExpertWeave's end-to-end case: `sessions` requests decode together, spread round-robin
+    over the loaded ESFT adapters (all on the base for the 0-adapter row), on one engine that
+    loads more adapters between rows. Memory left for KV is read from the driver; the merged-model
+    baseline (one full copy of the model per adapter) is computed from the model's weight bytes."""
+    import shutil
+    import tempfile
+
+    from . import Engine
+
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    hf = dict(SMALL_MOE if small else MOE_LITE)
+    model = random_model(hf, dev, dtype, seed)
+    c = model.config
+    if small:  # 8 experts: the store's adapter slots (4 x experts) must hold max(counts) adapters
+        experts_per_layer = 1
+    weight_bytes = _weight_bytes(model)
+    note = (f"{'small MoE' if small else 'DeepSeek-V2-Lite experts (H 2048, I 1408, 64 top-6)'}, "
+            f"{c.num_layers} layers, random {str(dtype).split('.')[-1]}; {experts_per_layer} experts/layer "
+            f"per adapter; {sessions} sessions")
+    say = progress or (lambda m: None)
+    eng = Engine(model, "non_shared", 1 << 30 if dev.type == "cuda" else None, max_batched_tokens=4096)
+    g = torch.Generator().manual_seed(seed)
+    rows: list[EsftRow] = []
+    loaded: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="vmweave-esft-") as tmp:
+        # row 0 is the plain MoE model: no expert store, no reroute
+        for n in [0, *counts]:
+            while len(loaded) < n:
+                name = f"esft{len(loaded)}"
+                d = _write_random_esft(os.path.join(tmp, name), model, experts_per_layer, seed + len(loaded))
+                eng.add_esft_adapter(name, d)
+                shutil.rmtree(d)  # loaded into the store; keep the disk footprint at one adapter
+                loaded.append(name)
+            free = _free_device_bytes(dev)
+            names = [loaded[i % n] if n else None for i in range(sessions)]
+            ss = [eng.new_session() for _ in range(sessions)]
+            prompts = [torch.randint(0, c.vocab_size, (prompt_len,), generator=g).tolist() for _ in ss]
+            _lockstep(eng, ss, names, [p[:8] for p in prompts], 2)  # warm-up: kernels for this mix
+            outs = _lockstep(eng, ss, names, prompts, decode_tokens)
+            tpot = sum(o.tpot_s for o in outs) / len(outs)
+            rep = eng.memory_report().get("experts", {})
+            # pages the store mapped beyond the base experts (exact bytes + shared boundary pages)
+            adapter_bytes = int(rep.get("mapped_bytes", 0)) - int(rep.get("base_bytes", 0)) if rep else 0
+            free0 = rows[0].free_bytes if rows else free
+            rows.append(EsftRow(n, sessions, sessions / tpot, tpot * 1e3, free,
+                                free0 - n * weight_bytes if dev.type == "cuda" else 0, adapter_bytes,
+                                n * weight_bytes, note))
+            say(f"[{n} ESFT adapters] {rows[-1].decode_tok_s:.1f} tok/s, TPOT {tpot * 1e3:.2f} ms, "
+                f"free {free / 2**30:.2f} GiB")
+            for s in ss:
+                eng.close_session(s)
+    return rows
+
+
+def _weight_bytes(model) -> int:
+    seen: dict[int, int] = {}
+    stack = [model.embed, model.norm, model.lm_head, model.layers]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            seen[x.data_ptr()] = x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            stack += list(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack += list(x)
+    return sum(seen.values())
+
+
+def format_esft(rows: Sequence[EsftRow]) -> str:
+    base = next((r for r in rows if r.adapters == 0), None)
+    lines = [f"{'adapters':>8}{'decode tok/s':>14}{'vs base':>9}{'TPOT ms':>9}{'adapter MiB':>12}"
+             f"{'free GiB':>10}{'merged GiB':>12}"]
+    for r in rows:
+        rel = f"{r.decode_tok_s / base.decode_tok_s:.3f}x" if base else "-"
+        lines.append(f"{r.adapters:>8}{r.decode_tok_s:>14.1f}{rel:>9}{r.tpot_ms:>9.2f}{r.adapter_bytes / 2**20:>12.1f}"
+                     f"{r.free_bytes / 2**30:>10.2f}{r.merged_free_bytes / 2**30:>12.2f}")
     return "\n".join(lines)

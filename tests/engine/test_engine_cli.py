@@ -110,7 +110,7 @@ def test_fidelity_report_semantics(tmp_path):
 
 def test_bench_command_small(capsys):
     argv = ["bench", "--small", "--lengths", "40", "--layers", "1", "--decode-tokens", "2",
-            "--sessions", "2", "--device", "cpu"]
+            "--sessions", "1", "--esft-counts", "1,3", "--device", "cpu"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Llama-3.1-8B-shaped" not in out and "small model" in out
@@ -118,6 +118,30 @@ def test_bench_command_small(capsys):
     assert [r[2] for r in table] == list(MODES)
     kv = {r[2]: float(r[-1].rstrip("x")) for r in table}
     assert kv["non_shared"] == 1.0 and kv["base_lr_shared"] < 1.0
+    lines = out.splitlines()
+    head = max(i for i, l in enumerate(lines) if l.split()[:1] == ["adapters"])
+    esft = [l.split() for l in lines[head + 1:] if l.strip()]
+    assert [int(r[0]) for r in esft] == [0, 1, 3]
+    mib = [float(r[4]) for r in esft]
+    assert mib[0] == 0 and 0 < mib[1] < mib[2]  # the store maps pages per adapter
+
+
+def test_bench_bad_arguments():
+    with pytest.raises(SystemExit, match="--lengths"):
+        main(["bench", "--lengths", "1k"])
+
+
+def test_demo_with_esft_adapter_on_moe(tmp_path, capsys):
+    from engine.builtin import save_random_esft
+
+    law = save_random_esft(str(tmp_path / "law"), "tiny-moe", 2, seed=5)
+    argv = ["demo", "--model", "tiny-moe", "--esft", f"law={law}", "--agent", "base", "--steps", "4",
+            "--max-tokens", "3", "--prompt-len", "5", "--device", "cpu", "--modes", "non_shared,full_shared"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ESFT adapters law" in out
+    assert re.search(r"\[non_shared\] turn 2/4 +law: 5 in, 3 out", out)
+    assert list(_table(out, "mode")) == ["non_shared", "full_shared"]
 
 
 def test_python_dash_m_engine_help():
