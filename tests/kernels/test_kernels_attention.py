@@ -59,7 +59,7 @@ def make_lowrank(tables, lens, bs, r, num_adapters, hkv, d, dtype, device):
     num_blocks = sum(need) + 2
     lr = torch.full((num_blocks, bs, r), float("nan"), dtype=dtype, device=device)
     perm = torch.randperm(num_blocks, device=device)
-    lbt = torch.full_like(tables, 10**6)
+    lbt = torch.full((batch, max(need + [1]) + 1), 10**6, dtype=torch.int32, device=device)
     c = 0
     for b, n in enumerate(lens):
         ids = perm[c:c + need[b]]
@@ -123,7 +123,7 @@ def test_paged_prefill_matches_reference(device, rng_seed, dtype, hq, hkv, d, bs
 
 LORA_CASES = [  # (dtype, hq, hkv, d, bs, r, lens, adapters, num_splits)
     (torch.bfloat16, 4, 2, 32, 16, 8, [37, 1, 0, 50, 21], [0, -1, 1, 2, -1], None),
-    (torch.float16, 6, 3, 16, 32, 24, [58, 17], [1, 0], 2),
+    (torch.float16, 6, 3, 16, 32, 24, [58, 17], [1, 0], 2),   # low-rank blocks of 16 (below)
     (torch.float32, 2, 2, 32, 16, 64, [33, 40], [-1, 0], None),
 ]
 
@@ -132,7 +132,8 @@ LORA_CASES = [  # (dtype, hq, hkv, d, bs, r, lens, adapters, num_splits)
 def test_flash_lora_decode_matches_reference(device, rng_seed, dtype, hq, hkv, d, bs, r, lens, aids,
                                              splits):
     k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
-    lr, lbt, lb = make_lowrank(bt, lens, bs, r, 3, hkv, d, dtype, device)
+    # the low-rank pool has its own block size when the base blocks are large
+    lr, lbt, lb = make_lowrank(bt, lens, 16, r, 3, hkv, d, dtype, device)
     aid = torch.tensor(aids, dtype=torch.int32, device=device)
     q = torch.randn(len(lens), hq, d, device=device).to(dtype)
     out = poisoned(q.shape, dtype, device)
