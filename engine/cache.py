@@ -41,7 +41,8 @@ class SessionCache:
 
 
 class KVManager:
-    def __init__(self, config: ModelConfig, mode: str, block_size: int, budget_bytes: int, device, dtype):
+    def __init__(self, config: ModelConfig, mode: str, block_size: int, budget_bytes: int, device, dtype,
+                 prefix_caching: bool = True):
         if mode not in MODES:
             raise ValueError(f"cache_mode must be one of {MODES}, got {mode!r}")
         self.config, self.mode, self.block_size = config, mode, block_size
@@ -51,6 +52,8 @@ class KVManager:
         self.pools: dict[str, BlockPool] = {}
         self.sessions: dict[int, SessionCache] = {}
         self.agents: dict[str, Agent] = {}  # the registered agents (shared modes write for all)
+        self.prefix_caching = prefix_caching
+        self.uids: dict[str | None, int] = {None: 0}  # agent -> registration id (content-hash namespace)
 
     @property
     def shared(self) -> bool:
@@ -138,6 +141,71 @@ class KVManager:
         for key in self.stream_keys(agent):
             st.streams[key].length = max(st.streams[key].length, end)
 
+    # ---- prefix sharing (content-addressed full blocks) ---------------------------------------
+    def _hash_chain(self, key: tuple, tokens: list[int], procs: list, n_blocks: int, start: int = 0,
+                    parent: int | None = None) -> list[int]:
+        """Content hashes of blocks [start, n_blocks) of a stream. A block's K/V depend on every
+        earlier token, on the stream (kind, owner agent) and, outside non_shared, on which agent
+        processed each token: all of it goes into the chain (parent hash + block contents)."""
+        bs = self.block_size
+        uid = self.uids.get
+        ns = (self.mode, key[0], uid(key[1], -1) if key[1] is not None else None)
+        out = []
+        for i in range(start, n_blocks):
+            toks = tuple(tokens[i * bs:(i + 1) * bs])
+            who = () if self.mode == "non_shared" else tuple(uid(p, -1) for p in procs[i * bs:(i + 1) * bs])
+            parent = hash((parent, toks, who, ns))
+            out.append(parent)
+        return out
+
+    def register(self, sid: int, agent: str | None, tokens: list[int], procs: list) -> None:
+        """Make the session's newly completed full blocks findable by content."""
+        if not self.prefix_caching:
+            return
+        st = self.sessions.get(sid)
+        if st is None:
+            return
+        for key in self.stream_keys(agent):
+            s = st.streams.get(key)
+            if s is None:
+                continue
+            full, n0 = s.length // self.block_size, len(s.hashes)
+            if full > n0:
+                s.hashes += self._hash_chain(key, tokens, procs, full, n0, s.hashes[-1] if s.hashes else None)
+                for i in range(n0, full):
+                    s.pool.register(s.blocks[i], s.hashes[i])
+
+    def attach_prefix(self, sid: int, agent: str | None, tokens: list[int], procs: list) -> int:
+        """For a session with nothing cached: share the longest run of leading full blocks that
+        live sessions already hold with the same content in every stream it needs. Returns the
+        tokens now cached (at least one token is always left to compute)."""
+        if not self.prefix_caching or self.coverage(sid, agent) > 0:
+            return 0
+        limit = (len(tokens) - 1) // self.block_size
+        if limit <= 0:
+            return 0
+        streams = self.streams(sid, agent)
+        if any(s.blocks for s in streams.values()):
+            return 0
+        chains, common = {}, limit
+        for key, s in streams.items():
+            chain = self._hash_chain(key, tokens, procs, limit)
+            n = 0
+            while n < len(chain) and chain[n] in s.pool.by_hash:
+                n += 1
+            chains[key] = chain
+            common = min(common, n)
+            if common == 0:
+                return 0
+        for key, s in streams.items():
+            s.hashes = chains[key][:common]
+            s.blocks = [s.pool.by_hash[h] for h in s.hashes]
+            for b in s.blocks:
+                s.pool.share(b)
+            s.length = common * self.block_size
+        self.state(sid).covered[self.cov_key(agent)] = common * self.block_size
+        return common * self.block_size
+
     # ---- freeing -----------------------------------------------------------------------------
     def free_session(self, sid: int) -> int:
         st = self.sessions.pop(sid, None)
@@ -162,15 +230,17 @@ class KVManager:
     # ---- accounting ----------------------------------------------------------------------------
     def report(self) -> dict:
         pools = {n: p.report() for n, p in self.pools.items()}
-        ns: dict[str, int] = {}
+        blocks: dict[str, set] = {}
         tokens = 0
         for st in self.sessions.values():
             for (kind, who), s in st.streams.items():
                 label = {"kv": "kv", "k": "k", "lr": "lowrank"}[kind] + (f":{who}" if who else ":shared")
                 if kind == "kv" and self.mode != "non_shared":
                     label = "kv:base" if self.mode != "full_shared" else "kv:shared"
-                ns[label] = ns.get(label, 0) + s.nbytes()
+                # a block shared by content between sessions is counted once
+                blocks.setdefault(label, set()).update((s.pool.name, b) for b in s.blocks)
             tokens += max(st.covered.values(), default=0)
+        ns = {label: sum(self.pools[p].block_bytes for p, _ in bs) for label, bs in blocks.items()}
         c = self.config
         elt = torch.empty((), dtype=self.dtype).element_size()
         kv_tok = 2 * c.num_layers * c.kv_size * elt
@@ -201,6 +271,7 @@ class KVManager:
             "note": ("agents with a k_proj LoRA keep their K in their own namespace ('k:<agent>'); "
                      "V stays shared as base + low-rank") if self.shared and nk else "",
             "sessions": len(self.sessions),
+            "shared_blocks": sum(sum(1 for r in p.refs.values() if r > 1) for p in self.pools.values()),
             "tokens_cached": tokens,
             "per_token_bytes_by_mode": per_token,
         }

@@ -42,7 +42,8 @@ class Engine:
     """
 
     def __init__(self, model: DecoderModel, cache_mode: str, max_kv_bytes: int | None,
-                 block_size: int = 16, max_batched_tokens: int = 512, max_running: int = 64):
+                 block_size: int = 16, max_batched_tokens: int = 512, max_running: int = 64,
+                 prefix_caching: bool = True):
         if cache_mode not in MODES:
             raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
         if not isinstance(block_size, int) or block_size < 1:
@@ -56,7 +57,9 @@ class Engine:
         self.device = model.device
         self.cache_mode = cache_mode
         budget = max_kv_bytes if max_kv_bytes is not None else _default_budget(self.device)
-        self.kv = KVManager(self.config, cache_mode, block_size, budget, self.device, model.dtype)
+        self.kv = KVManager(self.config, cache_mode, block_size, budget, self.device, model.dtype,
+                            prefix_caching=prefix_caching)
+        self._uids = itertools.count(1)
         self.sched = Scheduler(self.kv, max_batched_tokens, max_running)
         self.lora = LoraSet()
         self.agents: dict[str, Agent] = self.kv.agents
@@ -70,11 +73,14 @@ class Engine:
     def from_pretrained(cls, path_or_builtin_name: str, cache_mode: str = "base_lr_shared",
                         device: str | torch.device | None = None, max_kv_bytes: int | None = None, *,
                         dtype: torch.dtype = torch.float32, block_size: int = 16,
-                        max_batched_tokens: int = 512, max_running: int = 64, seed: int = 0) -> "Engine":
+                        max_batched_tokens: int = 512, max_running: int = 64, seed: int = 0,
+                        prefix_caching: bool = True) -> "Engine":
         """Load a HF checkpoint directory or a built-in model ("tiny", "tiny-moe", "tiny-s2").
 
         device None: cuda if usable, else cpu. max_kv_bytes None: half the free GPU memory, or
         1 GiB on CPU. dtype: weights and caches (float32 default, for parity with transformers).
+        block_size: tokens per KV block. max_batched_tokens: tokens per step (prefill chunks +
+        decodes). prefix_caching: share full blocks of identical prefixes between sessions.
         """
         if cache_mode not in MODES:
             raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
@@ -94,7 +100,8 @@ class Engine:
             config = load_config(name)
             weights = load_weights(name, config, dev, dtype)
         model = DecoderModel(config, weights, dev, dtype)
-        eng = cls(model, cache_mode, max_kv_bytes, block_size, max_batched_tokens, max_running)
+        eng = cls(model, cache_mode, max_kv_bytes, block_size, max_batched_tokens, max_running,
+                  prefix_caching)
         eng.model_path = name
         return eng
 
@@ -130,6 +137,7 @@ class Engine:
             agent.k_lora or (agent.v_rank and (self.cache_mode == "base_shared"
                                                or not any(a.v_rank for a in self.agents.values()))))
         self.agents[agent.name] = agent
+        self.kv.uids[agent.name] = next(self._uids)
         if changes_streams:
             # the new agent's K namespace / low-rank V must cover every cached token; they are
             # rebuilt by replaying each session (same tokens, same processing agents)
@@ -165,6 +173,7 @@ class Engine:
         if busy:
             raise ValueError(f"agent {name!r} has unfinished requests {busy}")
         agent = self.agents.pop(name)
+        self.kv.uids.pop(name, None)
         if agent.lora_id >= 0:
             del self.lora.adapters[agent.lora_id]
         if agent.esft is not None:
@@ -310,6 +319,7 @@ class Engine:
             w.req.out.recomputed_tokens += sum(max(0, min(b, high) - a) for _, a, b in w.segments)
             sess.high[key] = max(high, w.segments[-1][2])
             self.kv.advance(sess.id, key, w.segments[-1][2])
+            self.kv.register(sess.id, key, sess.tokens, sess.procs)
         return logits
 
     def _s2(self):

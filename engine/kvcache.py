@@ -58,6 +58,10 @@ class BlockPool:
         self._free: list[int] = []  # free ids below top (a heap: lowest first)
         self._free_set: set[int] = set()
         self.in_use = 0
+        # prefix sharing: full blocks by content hash (refcounted; dropped when the last user goes)
+        self.refs: dict[int, int] = {}
+        self.by_hash: dict[int, int] = {}
+        self.hash_of: dict[int, int] = {}
 
     def can_allocate(self, n: int) -> bool:
         return self.budget.used + n * self.block_bytes <= self.budget.capacity
@@ -80,16 +84,37 @@ class BlockPool:
         self._free_set.difference_update(low)
         out = low + list(range(self.top, new_top))
         self.top = new_top
+        for b in out:
+            self.refs[b] = 1
         self.budget.used += n * self.block_bytes
         self.in_use += n
         return out
 
+    def share(self, block: int) -> None:
+        """One more user of a (content-addressed) block."""
+        self.refs[block] += 1
+
+    def register(self, block: int, h: int) -> None:
+        """Make a full, written block findable by its content hash (first writer wins)."""
+        if h not in self.by_hash and block not in self.hash_of:
+            self.by_hash[h] = block
+            self.hash_of[block] = h
+
     def free(self, blocks: list[int]) -> None:
+        gone = []
         for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                del self.refs[b]
+                h = self.hash_of.pop(b, None)
+                if h is not None:
+                    del self.by_hash[h]
+                gone.append(b)
+        for b in gone:
             heapq.heappush(self._free, b)
             self._free_set.add(b)
-        self.budget.used -= len(blocks) * self.block_bytes
-        self.in_use -= len(blocks)
+        self.budget.used -= len(gone) * self.block_bytes
+        self.in_use -= len(gone)
         top = self.top
         while top > 0 and (top - 1) in self._free_set:
             top -= 1
@@ -127,6 +152,7 @@ class Stream:
         self.pool = pool
         self.blocks: list[int] = []
         self.length = 0
+        self.hashes: list[int] = []  # content hashes of the leading full blocks
 
     def blocks_needed(self, n_tokens: int) -> int:
         return max(0, -(-n_tokens // self.pool.block_size) - len(self.blocks))
@@ -148,6 +174,7 @@ class Stream:
     def release(self) -> None:
         self.pool.free(self.blocks)
         self.blocks = []
+        self.hashes = []
         self.length = 0
 
     def nbytes(self) -> int:

@@ -121,6 +121,8 @@ class Scheduler:
         for req in list(self.running):
             if budget <= 0:
                 break
+            s = req.session
+            req.out.cached_tokens += self.kv.attach_prefix(s.id, self.stream_agent(req), s.tokens, s.procs)
             runs = self.pending(req)
             if not runs:
                 continue

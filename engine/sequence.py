@@ -16,7 +16,8 @@ class GenerationOutput(list):
     ("length" | "stop" | "error"), error, ttft_s (add_request -> first token), latency_s,
     tpot_s (mean time per output token after the first), token_logprobs (log-prob of each chosen
     token), logprobs (float32 [n, vocab] when SamplingParams.logprobs, else None),
-    recomputed_tokens (tokens re-run after preemption or cache invalidation).
+    recomputed_tokens (tokens re-run after preemption or cache invalidation), cached_tokens
+    (tokens not computed because another session holds the same prefix blocks).
     """
 
     def __init__(self, request_id: int, session_id: int, agent: str, prompt: list[int]):
@@ -32,6 +33,7 @@ class GenerationOutput(list):
         self.token_logprobs: list[float] = []
         self.logprobs: torch.Tensor | None = None
         self.recomputed_tokens = 0
+        self.cached_tokens = 0  # tokens whose K/V came from blocks other sessions hold (prefix sharing)
 
     def __repr__(self) -> str:
         return (f"GenerationOutput({list.__repr__(self)}, agent={self.agent!r}, "

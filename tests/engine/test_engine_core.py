@@ -337,3 +337,45 @@ def test_s2_model_equals_dense_inside_the_window_and_differs_beyond():
     jobs = [[(None, _prompt(70, 41))], [(None, _prompt(45, 42)), (None, _prompt(3, 43))]]
     ref = [_trajectory(Engine.from_pretrained("tiny-s2", device="cpu"), t)[0] for t in jobs]
     assert _run_batched(Engine.from_pretrained("tiny-s2", device="cpu", max_batched_tokens=16), jobs) == ref
+
+
+# ---- prefix sharing between sessions -----------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["non_shared", "base_lr_shared", "full_shared"])
+def test_sessions_share_identical_prefix_blocks(agents, mode):
+    system = _prompt(40, 50)  # two full blocks of 16 are shareable (one token is always computed)
+    turns = [("plan", system + [7]), ("plan", system + [8, 9]), ("act", system + [7])]
+    ref_eng = _engine(mode, agents, prefix_caching=False)
+    ref = [ref_eng.generate(ref_eng.new_session(), a, p, GREEDY) for a, p in turns]
+    eng = _engine(mode, agents)
+    sessions = [eng.new_session() for _ in turns]
+    outs = [eng.generate(s, a, p, GREEDY) for s, (a, p) in zip(sessions, turns)]
+    assert [list(o) for o in outs] == [list(r) for r in ref]
+    assert outs[0].cached_tokens == 0 and outs[1].cached_tokens == 32
+    # another agent's pass gives other K/V, except where each agent keeps its own cache anyway
+    assert outs[2].cached_tokens == 0
+    rep, ref_rep = eng.memory_report(), ref_eng.memory_report()
+    assert rep["shared_blocks"] == 2 * (2 if mode == "base_lr_shared" else 1)  # + the low-rank stream's
+    kv_block = ref_rep["pools"]["kv"]["block_bytes"]
+    assert ref_rep["pools"]["kv"]["used_bytes"] - rep["pools"]["kv"]["used_bytes"] == 2 * kv_block
+    # the shared blocks outlive the session that wrote them, and go with the last user
+    eng.close_session(sessions[0])
+    assert eng.memory_report()["shared_blocks"] == 0
+    out = eng.generate(sessions[1], "plan", [11], GREEDY)
+    ref_out = ref_eng.generate(ref_eng.new_session(), "plan", system + [8, 9] + list(ref[1]) + [11], GREEDY)
+    assert list(out) == list(ref_out)
+    for s in sessions[1:]:
+        eng.close_session(s)
+    assert eng.memory_report()["used_bytes"] == 0
+
+
+def test_preempted_session_reattaches_shared_prefix(agents):
+    system = _prompt(48, 51)
+    jobs = [[("plan", system + _prompt(3, 52))], [("plan", system + _prompt(5, 53))],
+            [("plan", system + _prompt(2, 54))]]
+    ref = _run_batched(_engine("non_shared", agents, prefix_caching=False), jobs)
+    eng = _engine("non_shared", agents, max_kv_bytes=5 * 8192, max_batched_tokens=20)
+    assert _run_batched(eng, jobs) == ref
+    outs = [eng.get_output(r) for r in range(len(jobs))]
+    assert sum(o.cached_tokens for o in outs) >= 32  # later sessions reused the first one's blocks
+    assert eng.memory_report()["preemptions"] > 0
