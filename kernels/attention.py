@@ -148,9 +148,9 @@ def _attn_fwd(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_btb, stride_bth, stride_lrb, stride_lrs, stride_lbtb,
     stride_lba, stride_lbh, stride_lbr,
-    block_size, lr_block_size, rank, num_kv_heads, num_splits,
+    block_size, lr_block_size, rank, num_kv_heads, num_splits, group,
     s2_local, s2_stride, s2_step, s2_offset, s2_dense_from, s2_homo,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     R_PAD: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
     PAGED: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LORA: tl.constexpr, S2: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr,
@@ -175,14 +175,15 @@ def _attn_fwd(
         k_start = tl.load(CuK + b)
         seq_len = tl.load(CuK + b + 1) - k_start
 
-    TOK: tl.constexpr = BLOCK_M // GROUP
+    # The GQA group size is a runtime value (one compiled kernel serves every Hq/Hkv ratio).
+    TOK = BLOCK_M // group
     t0 = pid_m * TOK
     if t0 < len_q:
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        tok = t0 + offs_m // GROUP
-        qh = kvh * GROUP + offs_m % GROUP
-        row_ok = (tok < len_q) & (offs_m < TOK * GROUP)
+        tok = t0 + offs_m // group
+        qh = kvh * group + offs_m % group
+        row_ok = (tok < len_q) & (offs_m < TOK * group)
         q_rows = (q_start + tok).to(tl.int64)
         q = tl.load(Q + q_rows[:, None] * stride_qt + qh[:, None] * stride_qh + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
@@ -265,7 +266,7 @@ def _attn_fwd(
             acc += tl.dot(acc_lr, lb.to(tl.float32))
 
         if SPLIT:
-            ws_row = (q_rows * num_kv_heads * GROUP + qh) * num_splits + split
+            ws_row = (q_rows * num_kv_heads * group + qh) * num_splits + split
             tl.store(WsM + ws_row, m_i, mask=row_ok)
             tl.store(WsL + ws_row, l_i, mask=row_ok)
             tl.store(WsAcc + ws_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
@@ -444,8 +445,8 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_btb, stride_bth, *lr_strides, *lb_strides,
-        block_size, lr_block_size, r, hkv, num_splits, *s2_vals,
-        GROUP=group, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=sparse_block,
+        block_size, lr_block_size, r, hkv, num_splits, group, *s2_vals,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=sparse_block,
         PAGED=paged, VARLEN_Q=not decode, HAS_LORA=lora is not None, S2=s2 is not None,
         SPLIT=split, UPCAST=interpreter_on(), num_warps=warps, num_stages=stages,
     )

@@ -281,9 +281,11 @@ def test_validate_false_still_correct(device):
 
 
 # ---------------------------------------------------------------- GPU, realistic sizes
+# GPU grids mirror the benchmark configurations (bf16, D=128, block 16, r 8/64), so the Triton
+# cache compiled here serves bench/ too; the other rows add coverage at one compile each.
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,d,bs", [(torch.bfloat16, 128, 16), (torch.float16, 128, 16),
-                                        (torch.bfloat16, 64, 64), (torch.bfloat16, 256, 32)])
+@pytest.mark.parametrize("dtype,d,bs", [(torch.bfloat16, 128, 16), (torch.float16, 64, 64),
+                                        (torch.bfloat16, 256, 32)])
 def test_gpu_decode_and_prefill_realistic(rng_seed, dtype, d, bs):
     device = "cuda"
     hq, hkv = 32, 8
@@ -291,7 +293,7 @@ def test_gpu_decode_and_prefill_realistic(rng_seed, dtype, d, bs):
     k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
     q = torch.randn(len(lens), hq, d, device=device).to(dtype)
     ref = paged_attention_decode_ref(q, k, v, bt, sl, d ** -0.5)
-    for splits in (None, 1, 7):
+    for splits in (None, 1):
         out = poisoned(q.shape, dtype, device)
         paged_attention_decode(q, k, v, bt, sl, d ** -0.5, out=out, num_splits=splits)
         check(out, ref, dtype)
@@ -304,8 +306,7 @@ def test_gpu_decode_and_prefill_realistic(rng_seed, dtype, d, bs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,r", [(torch.bfloat16, 8), (torch.float16, 16), (torch.bfloat16, 64),
-                                     (torch.bfloat16, 128)])
+@pytest.mark.parametrize("dtype,r", [(torch.bfloat16, 8), (torch.bfloat16, 64), (torch.float16, 128)])
 def test_gpu_flash_lora_realistic(rng_seed, dtype, r):
     device = "cuda"
     hq, hkv, d, bs = 32, 8, 128, 16
@@ -316,7 +317,7 @@ def test_gpu_flash_lora_realistic(rng_seed, dtype, r):
     aid = torch.tensor(aids, dtype=torch.int32, device=device)
     q = torch.randn(len(lens), hq, d, device=device).to(dtype)
     ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, d ** -0.5)
-    for splits in (None, 1, 5):
+    for splits in (None, 1):
         out = poisoned(q.shape, dtype, device)
         flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, d ** -0.5, out=out, num_splits=splits)
         check(out, ref, dtype)

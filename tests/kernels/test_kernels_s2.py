@@ -278,7 +278,7 @@ def test_gpu_s2_realistic(rng_seed, dtype, stride, homo, dense):
     qd = torch.randn(len(lens), 32, 128, device=device).to(dtype)
     ref = s2_attention_decode_ref(qd, kc, vc, bt, sl, p, 128 ** -0.5)
     for cache in ((kc, vc, bt), (kh, vh, bth)):
-        for splits in (None, 1, 6):
+        for splits in (None, 1):
             out = torch.full_like(qd, float("nan"))
             s2_attention_decode(qd, *cache, sl, p, 128 ** -0.5, out=out, num_splits=splits)
             check(out, ref, dtype)
