@@ -151,3 +151,19 @@ def test_python_dash_m_engine_help():
     assert r.returncode == 0, r.stderr
     for flag in ("--model", "--lora", "--esft", "--modes", "--device", "--steps", "--max-tokens"):
         assert flag in r.stdout
+
+
+def test_demo_on_hf_checkpoint_with_peft_adapters(hf_zoo, capsys):
+    """--model DIR with adapters saved by peft itself (shared v_proj A between plan and act)."""
+    ck = hf_zoo.checkpoint("qwen3")
+    argv = ["demo", "--model", str(ck), "--lora", f"plan={hf_zoo.lora('qwen3', 'plan')}",
+            "--lora", f"act={hf_zoo.lora('qwen3', 'act')}", *SMALL]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"model {ck}, agents plan, act" in out
+    rows = _table(out, "mode")
+    assert list(rows) == list(MODES)  # plan and act share A: base_lr_shared applies
+    # these adapters also put LoRA on k_proj, so each agent keeps its own K in the shared modes;
+    # only the low-rank V differs between base_shared (one per agent) and base_lr_shared (one)
+    kv = {m: _num(rows[m][5]) for m in MODES}
+    assert kv["base_lr_shared"] < kv["base_shared"] and kv["full_shared"] < kv["non_shared"] == 1.0
