@@ -309,8 +309,8 @@ class Engine:
         dev = self.device
         t = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
         inp = BatchInputs(t(ids), t(pos), t(lids), t(eids), t(rows))
-        self.lora.prepare(inp.lora_ids)
         kern = kernel_impl(inp.input_ids) if use_kernels(inp.input_ids, self.model.dtype) else None
+        self.lora.prepare(inp.lora_ids, kern)
         backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2(), kernels=kern)
         logits = self.model.forward(inp, backend, self.lora)
         for w in works:

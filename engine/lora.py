@@ -148,20 +148,69 @@ def load_peft_adapter(path: str, config: ModelConfig, device, dtype, name: str =
 
 
 class LoraSet:
-    """The registered adapters by integer id; applies each token's adapter to a projection."""
+    """The registered adapters by integer id; applies each token's adapter to a projection.
+
+    Two paths: per-adapter torch matmuls over the rows of each adapter (CPU, fp32 parity), or
+    `kernels.lora_shrink` / `lora_expand` (Punica-style grouped GEMMs) over adapters stacked per
+    (layer, module), one plan per forward (`impl` set by `prepare`)."""
 
     def __init__(self):
         self.adapters: dict[int, LoraAdapter] = {}
         self._groups: list[tuple[int, torch.Tensor]] = []
+        self.impl: str | None = None
+        self._stacks: dict = {}
+        self._stacked_for: tuple = ()
+        self._plan = None
+        self._kids = None
 
-    def prepare(self, ids: torch.Tensor) -> None:
+    def prepare(self, ids: torch.Tensor, impl: str | None = None) -> None:
         """Group the batch's tokens by adapter once per forward (one host sync, not one per layer)."""
+        self.impl = impl if self.adapters else None
         self._groups = []
-        for a in torch.unique(ids).tolist():
-            if a >= 0 and a in self.adapters:
-                self._groups.append((a, torch.nonzero(ids == a).squeeze(1)))
+        if self.impl is None:
+            for a in torch.unique(ids).tolist():
+                if a >= 0 and a in self.adapters:
+                    self._groups.append((a, torch.nonzero(ids == a).squeeze(1)))
+            return
+        from kernels.lora import lora_plan
+
+        slots = sorted(self.adapters)
+        if tuple(slots) != self._stacked_for:
+            self._stacks, self._stacked_for = {}, tuple(slots)
+        lut = torch.full((max(slots) + 2,), -1, dtype=torch.int32)
+        lut[torch.tensor(slots)] = torch.arange(len(slots), dtype=torch.int32)
+        self._kids = lut.to(ids.device)[ids.clamp(min=-1)]  # -1 -> lut[-1] = -1
+        self._plan = lora_plan(self._kids, len(slots))
+
+    def _stack(self, layer: int, module: str):
+        key = (layer, module)
+        if key not in self._stacks:
+            pairs = [self.adapters[s].get(layer, module) for s in self._stacked_for]
+            have = [p for p in pairs if p is not None]
+            if not have:
+                self._stacks[key] = None
+            else:
+                r = max(a.shape[0] for a, _ in have)
+                fin, fout = have[0][0].shape[1], have[0][1].shape[0]
+                like = have[0][0]
+                A = torch.zeros(len(pairs), fin, r, dtype=like.dtype, device=like.device)
+                B = torch.zeros(len(pairs), r, fout, dtype=like.dtype, device=like.device)
+                for i, p in enumerate(pairs):
+                    if p is not None:
+                        A[i, :, : p[0].shape[0]] = p[0].t()
+                        B[i, : p[1].shape[1]] = p[1].t()
+                self._stacks[key] = (A, B)
+        return self._stacks[key]
 
     def delta(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        if self.impl is not None:
+            st = self._stack(layer, module)
+            if st is None:
+                return None
+            from kernels.lora import lora_expand, lora_shrink
+
+            y = lora_shrink(x, st[0], self._kids, plan=self._plan, impl=self.impl)
+            return lora_expand(y, st[1], self._kids, plan=self._plan, impl=self.impl)
         out = None
         for a, rows in self._groups:
             ab = self.adapters[a].get(layer, module)
