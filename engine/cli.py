@@ -151,6 +151,11 @@ def cmd_demo(args, say) -> int:
             same = f"{sum(int(x == y) for x, y in zip(a, b)) / max(1, len(b)):.3f}"
         say(f"{r.mode:<16}{r.tokens_per_s:>10.1f}{r.decode_tokens_per_s:>14.1f}{r.mean_ttft_s * 1e3:>10.2f}"
             f"{_fmt_bytes(r.kv_bytes):>12}{rel:>18}{same:>13}")
+    say("tokens/s: generated tokens over the turns' wall time; decode tok/s: after each turn's first "
+        "token; TTFT: mean per turn; same tokens: generated tokens equal to non_shared's.")
+    for r in runs:
+        if r.memory.get("note"):
+            say(f"[{r.mode}] {r.memory['note']}")
     return 0
 
 
@@ -210,12 +215,19 @@ def cmd_bench(args, say) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .config import ConfigError
+    from .loader import LoadError
+
     args = build_parser().parse_args(argv)
 
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    return {"demo": cmd_demo, "fidelity": cmd_fidelity, "bench": cmd_bench}[args.cmd](args, say)
+    try:
+        return {"demo": cmd_demo, "fidelity": cmd_fidelity, "bench": cmd_bench}[args.cmd](args, say)
+    except (ConfigError, LoadError, FileNotFoundError) as e:  # a bad model or adapter directory
+        print(f"vmweave {args.cmd}: error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -167,3 +167,12 @@ def test_demo_on_hf_checkpoint_with_peft_adapters(hf_zoo, capsys):
     # only the low-rank V differs between base_shared (one per agent) and base_lr_shared (one)
     kv = {m: _num(rows[m][5]) for m in MODES}
     assert kv["base_lr_shared"] < kv["base_shared"] and kv["full_shared"] < kv["non_shared"] == 1.0
+
+
+def test_demo_bad_model_and_adapter_directories(tmp_path, capsys):
+    assert main(["demo", "--model", str(tmp_path / "nope"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "vmweave demo: error:" in err and "nope" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["demo", "--lora", f"plan={tmp_path / 'empty'}", *SMALL]) == 2
+    assert "empty" in capsys.readouterr().err
