@@ -555,16 +555,19 @@ def _run(impl, q, **kw) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Input validation (shapes, dtypes, devices on the host; value checks sync once, optional)
 # --------------------------------------------------------------------------------------------
-def _need(cond: bool, msg: str, exc=ValueError) -> None:
+def _need(cond: bool, msg, exc=ValueError) -> None:
+    """Raise `exc` when `cond` is false; `msg` may be a callable so that passing checks on the
+    decode hot path do not pay for formatting their messages."""
     if not cond:
-        raise exc(msg)
+        raise exc(msg() if callable(msg) else msg)
 
 
 def _check_tensor(name: str, t, ndim: int, dtypes=None) -> None:
-    _need(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    _need(t.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    _need(isinstance(t, torch.Tensor),
+          lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    _need(t.dim() == ndim, lambda: f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if dtypes is not None:
-        _need(t.dtype in dtypes, f"{name} must have dtype in {dtypes}, got {t.dtype}", TypeError)
+        _need(t.dtype in dtypes, lambda: f"{name} must have dtype in {dtypes}, got {t.dtype}", TypeError)
 
 
 def _check_q_kv(q, k, v, *, paged: bool, per_head_ok: bool = False) -> None:
@@ -572,13 +575,14 @@ def _check_q_kv(q, k, v, *, paged: bool, per_head_ok: bool = False) -> None:
     _check_tensor("k_cache" if paged else "k", k, 4 if paged else 3, _DTYPES)
     _check_tensor("v_cache" if paged else "v", v, 4 if paged else 3, _DTYPES)
     _need(k.dtype == q.dtype and v.dtype == q.dtype,
-          f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
-    _need(k.shape == v.shape, f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+          lambda: f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    _need(k.shape == v.shape, lambda: f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     _need(k.device == q.device and v.device == q.device,
-          f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+          lambda: f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     d = q.shape[2]
-    _need(k.shape[-1] == d, f"head_dim of q ({d}) and k/v ({k.shape[-1]}) differ")
-    _need(16 <= d <= 256 and d & (d - 1) == 0, f"head_dim must be a power of two in [16, 256], got {d}")
+    _need(k.shape[-1] == d, lambda: f"head_dim of q ({d}) and k/v ({k.shape[-1]}) differ")
+    _need(16 <= d <= 256 and d & (d - 1) == 0,
+          lambda: f"head_dim must be a power of two in [16, 256], got {d}")
     _need(k.stride(-1) == 1 and v.stride(-1) == 1, "k/v must be contiguous in the head dim")
     if paged:
         bs = k.shape[1]
@@ -586,21 +590,21 @@ def _check_q_kv(q, k, v, *, paged: bool, per_head_ok: bool = False) -> None:
     hkv = k.shape[-2]
     if not per_head_ok:
         _need(hkv >= 1 and q.shape[1] % hkv == 0,
-              f"num q heads ({q.shape[1]}) must be a multiple of num kv heads ({hkv})")
+              lambda: f"num q heads ({q.shape[1]}) must be a multiple of num kv heads ({hkv})")
 
 
 def _check_int_vec(name: str, t, length: int | None, device) -> None:
     _check_tensor(name, t, 1, (torch.int32, torch.int64))
     if length is not None:
-        _need(t.shape[0] == length, f"{name} must have length {length}, got {t.shape[0]}")
-    _need(t.device == device, f"{name} must be on {device}, got {t.device}")
+        _need(t.shape[0] == length, lambda: f"{name} must have length {length}, got {t.shape[0]}")
+    _need(t.device == device, lambda: f"{name} must be on {device}, got {t.device}")
 
 
 def _check_table(name: str, bt, batch: int, device, ndim: int = 2) -> None:
     _check_tensor(name, bt, ndim, (torch.int32, torch.int64))
-    _need(bt.shape[0] == batch, f"{name} must have {batch} rows, got {bt.shape[0]}")
-    _need(bt.device == device, f"{name} must be on {device}, got {bt.device}")
-    _need(bt.stride(-1) == 1, f"{name} must be contiguous in its last dim")
+    _need(bt.shape[0] == batch, lambda: f"{name} must have {batch} rows, got {bt.shape[0]}")
+    _need(bt.device == device, lambda: f"{name} must be on {device}, got {bt.device}")
+    _need(bt.stride(-1) == 1, lambda: f"{name} must be contiguous in its last dim")
 
 
 def _check_values(seq_lens, block_size: int, max_blocks: int, num_blocks: int, bt,
@@ -609,7 +613,7 @@ def _check_values(seq_lens, block_size: int, max_blocks: int, num_blocks: int, b
     _need(bool((seq_lens >= 0).all()), "seq_lens must be >= 0")
     most = int(seq_lens.max().item()) if seq_lens.numel() else 0
     _need(most <= max_blocks * block_size,
-          f"{name} too short: a sequence of {most} tokens needs {-(-most // block_size)} blocks of "
+          lambda: f"{name} too short: a sequence of {most} tokens needs {-(-most // block_size)} blocks of "
           f"{block_size}, the table has {max_blocks}")
     if len_q is not None:
         _need(bool((len_q >= 0).all()), "cu_seqlens_q must be non-decreasing")
@@ -623,7 +627,7 @@ def _check_values(seq_lens, block_size: int, max_blocks: int, num_blocks: int, b
         vals = bt[used]
         lo = -1 if allow_unused_neg else 0
         _need(bool(((vals >= lo) & (vals < num_blocks)).all()),
-              f"{name} holds block ids outside [{lo}, {num_blocks}) for blocks in use")
+              lambda: f"{name} holds block ids outside [{lo}, {num_blocks}) for blocks in use")
 
 
 def _check_out(out, q) -> None:
@@ -631,19 +635,19 @@ def _check_out(out, q) -> None:
         return
     _check_tensor("out", out, 3)
     _need(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device,
-          f"out must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(out.shape)}, {out.dtype}")
+          lambda: f"out must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(out.shape)}, {out.dtype}")
     _need(out.stride(-1) == 1, "out must be contiguous in the head dim")
 
 
 def _check_splits(num_splits) -> None:
     if num_splits is not None:
         _need(isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits >= 1,
-              f"num_splits must be an int >= 1, got {num_splits!r}")
+              lambda: f"num_splits must be an int >= 1, got {num_splits!r}")
 
 
 def _check_scale(scale) -> None:
     _need(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale),
-          f"scale must be a finite number, got {scale!r}", TypeError)
+          lambda: f"scale must be a finite number, got {scale!r}", TypeError)
 
 
 def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int, validate: bool,
@@ -651,22 +655,22 @@ def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int
     _check_tensor("lr_cache", lr_cache, 3, _DTYPES)
     _check_tensor("lora_b", lora_b, 4, _DTYPES)
     _need(lr_cache.dtype == q.dtype and lora_b.dtype == q.dtype,
-          f"lr_cache and lora_b must have q's dtype {q.dtype}, got {lr_cache.dtype}, {lora_b.dtype}",
+          lambda: f"lr_cache and lora_b must have q's dtype {q.dtype}, got {lr_cache.dtype}, {lora_b.dtype}",
           TypeError)
     _need(lr_cache.device == q.device and lora_b.device == q.device, "lr_cache/lora_b on another device")
     r = lr_cache.shape[2]
-    _need(1 <= r <= 256, f"rank must be in [1, 256], got {r}")
+    _need(1 <= r <= 256, lambda: f"rank must be in [1, 256], got {r}")
     _need(lr_cache.stride(-1) == 1, "lr_cache must be contiguous in its last dim")
     hkv, d = k.shape[2], k.shape[3]
     _need(lora_b.shape[1:] == (hkv, r, d),
-          f"lora_b must be [num_adapters, {hkv}, {r}, {d}], got {tuple(lora_b.shape)}")
+          lambda: f"lora_b must be [num_adapters, {hkv}, {r}, {d}], got {tuple(lora_b.shape)}")
     _need(lora_b.stride(-1) == 1, "lora_b must be contiguous in its last dim")
     _check_table("lr_block_tables", lr_block_tables, batch, q.device)
     _check_int_vec("adapter_ids", adapter_ids, batch, q.device)
     if validate and batch:
         lo, hi = int(adapter_ids.min().item()), int(adapter_ids.max().item())
         _need(lo >= -1 and hi < lora_b.shape[0],
-              f"adapter_ids must be in [-1, {lora_b.shape[0]}), got values in [{lo}, {hi}]")
+              lambda: f"adapter_ids must be in [-1, {lora_b.shape[0]}), got values in [{lo}, {hi}]")
         if seq_lens is not None:
             has = adapter_ids >= 0
             if bool(has.any()):
@@ -696,7 +700,7 @@ def _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scal
         if not decode:
             cq = cu_seqlens_q.long()
             _need(int(cq[0].item()) == 0 and int(cq[-1].item()) == q.shape[0],
-                  f"cu_seqlens_q must start at 0 and end at total_q={q.shape[0]}")
+                  lambda: f"cu_seqlens_q must start at 0 and end at total_q={q.shape[0]}")
             len_q = cq[1:] - cq[:-1]
         _check_values(seq_lens.long(), k_cache.shape[1], block_tables.shape[-1], k_cache.shape[0],
                       block_tables, len_q=len_q, allow_unused_neg=per_head)

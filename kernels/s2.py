@@ -193,10 +193,11 @@ class S2Pattern:
 
 
 def _check_pattern(pattern, hq: int, hkv: int) -> None:
-    _need(isinstance(pattern, S2Pattern), f"pattern must be an S2Pattern, got {type(pattern).__name__}",
+    _need(isinstance(pattern, S2Pattern),
+          lambda: f"pattern must be an S2Pattern, got {type(pattern).__name__}",
           TypeError)
     _need(pattern.num_heads == hq and pattern.num_kv_heads == hkv,
-          f"pattern is for {pattern.num_heads} q / {pattern.num_kv_heads} kv heads, "
+          lambda: f"pattern is for {pattern.num_heads} q / {pattern.num_kv_heads} kv heads, "
           f"the tensors have {hq} / {hkv}")
 
 
