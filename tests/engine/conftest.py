@@ -53,7 +53,9 @@ class HFZoo:
 
     def esft(self, arch: str) -> Path:
         ck = self.checkpoint(arch)
-        return self._once(("esft", arch), lambda d: H.build_esft(ck, d, arch, ESFT_EXPERTS, seed=31))
+        # Mixtral's adapter uses Mixtral's own expert names (w1/w3/w2), the others DeepSeek's
+        naming = "hf" if arch == "mixtral" else "deepseek"
+        return self._once(("esft", arch), lambda d: H.build_esft(ck, d, arch, ESFT_EXPERTS, seed=31, naming=naming))
 
     def merged(self, arch: str) -> Path:
         ck, e = self.checkpoint(arch), self.esft(arch)

@@ -192,9 +192,13 @@ def _expert_key(arch: str, layer: int, expert: int, proj: str) -> str:
 
 
 def build_esft(model_dir: str | Path, out_dir: str | Path, arch: str,
-               experts: dict[int, list[int]], seed: int = 2, scale: float = 0.5) -> Path:
-    """An ESFT adapter: `expert_cfg.json` plus the perturbed experts in DeepSeek naming
-    (`model.layers.{l}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight`)."""
+               experts: dict[int, list[int]], seed: int = 2, scale: float = 0.5,
+               naming: str = "deepseek") -> Path:
+    """An ESFT adapter: `expert_cfg.json` plus the perturbed experts, in DeepSeek naming
+    (`model.layers.{l}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight`) or, with
+    naming="hf", the checkpoint's own expert names (Mixtral: `block_sparse_moe.experts.{e}.w1`)."""
+    if naming not in ("deepseek", "hf"):
+        raise ValueError(f"naming must be 'deepseek' or 'hf', got {naming!r}")
     from safetensors.torch import save_file
 
     base = _read_checkpoint(Path(model_dir))
@@ -205,7 +209,9 @@ def build_esft(model_dir: str | Path, out_dir: str | Path, arch: str,
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 w = base[_expert_key(arch, layer, e, proj)]
                 noise = torch.randn(w.shape, generator=g) / math.sqrt(w.shape[-1])
-                tensors[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = (w + scale * noise).contiguous()
+                key = _expert_key(arch, layer, e, proj) if naming == "hf" else \
+                    f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+                tensors[key] = (w + scale * noise).contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "expert_weights.safetensors"), metadata={"format": "pt"})
@@ -226,9 +232,10 @@ def merge_esft(model_dir: str | Path, esft_dir: str | Path, arch: str, out_dir: 
     shutil.copytree(model_dir, out)
     weights = _read_checkpoint(model_dir)
     adapter = load_file(str(Path(esft_dir) / "expert_weights.safetensors"))
+    mixtral_proj = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
     for key, w in adapter.items():
-        parts = key.split(".")  # model.layers.{l}.mlp.experts.{e}.{proj}.weight
-        layer, expert, proj = int(parts[2]), int(parts[5]), parts[6]
+        parts = key.split(".")  # model.layers.{l}.{mlp|block_sparse_moe}.experts.{e}.{proj}.weight
+        layer, expert, proj = int(parts[2]), int(parts[5]), mixtral_proj.get(parts[6], parts[6])
         target = _expert_key(arch, layer, expert, proj)
         if weights[target].shape != w.shape:
             raise ValueError(f"{key}: {tuple(w.shape)} != base {tuple(weights[target].shape)}")
