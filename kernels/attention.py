@@ -23,6 +23,7 @@ sees no key at all (an empty sequence in decode) gets an output of zeros.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -325,8 +326,13 @@ def _next_pow2(x: int) -> int:
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 8
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: int | None):
