@@ -150,15 +150,22 @@ class PagedAttention:
                 out.append(ab[1].view(c.num_kv_heads, c.head_dim, r).transpose(1, 2))
         return torch.stack(out).to(pool.dtype).contiguous()
 
-    def _attend_kernels(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+    def _attend_kernels(self, layer: int, q: torch.Tensor, out: torch.Tensor, s2_layer: bool) -> set[int]:
+        """Run every kernel group of this layer; returns the chunks done. In S2 layers only
+        plain decodes have a kernel (s2_attention_decode); the rest takes the torch path."""
         from kernels import (flash_lora_decode, flash_lora_prefill, paged_attention_decode,
-                             paged_attention_prefill)
+                             paged_attention_prefill, s2_attention_decode)
 
+        done: set[int] = set()
         for key, g in self.groups.items():
+            if s2_layer and not (key[0] == "plain" and g["decode"]):
+                continue
             kc, vc = g["kv_pool"].layer(0, layer), g["kv_pool"].layer(1, layer)
             qg = q.index_select(0, g["rows"])
             kw = dict(impl=self.impl, validate=False)
-            if key[0] == "lora":
+            if s2_layer:
+                o = s2_attention_decode(qg, kc, vc, g["bt"], g["seq_lens"], self.s2.pattern, self.scale, **kw)
+            elif key[0] == "lora":
                 lr = g["lr_pool"].layer(0, layer)
                 b = self._lora_b(g["agents"], layer, g["lr_pool"])
                 if g["decode"]:
@@ -173,6 +180,8 @@ class PagedAttention:
                 o = paged_attention_prefill(qg, kc, vc, g["bt"], g["cu_q"], g["seq_lens"], self.scale,
                                             max_seqlen_q=g["max_q"], **kw)
             out.index_copy_(0, g["rows"], o.to(out.dtype))
+            done.update(g["idx"])
+        return done
 
     def attend(self, model, layer: int, x, q, k, v, rope: Rope) -> torch.Tensor:
         if self.kv.shared:
@@ -181,12 +190,8 @@ class PagedAttention:
             self._write_full(model, layer, x, k, v, rope)
         out = torch.empty_like(q)
         s2_layer = self.s2 is not None and self.kv.config.is_s2_layer(layer)
-        if self.groups and not s2_layer:
-            self._attend_kernels(layer, q, out)
-            todo = self.torch_chunks
-        else:
-            todo = range(len(self.chunks))
-        for i in todo:
+        done = self._attend_kernels(layer, q, out, s2_layer) if self.groups else set()
+        for i in (i for i in range(len(self.chunks)) if i not in done):
             ch = self.chunks[i]
             out[ch.rows] = self._attend_chunk(i, ch, layer, q[ch.rows])
         return out

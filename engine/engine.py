@@ -105,6 +105,20 @@ class Engine:
         eng.model_path = name
         return eng
 
+    @property
+    def tokenizer(self):
+        """The model directory's tokenizer (transformers.AutoTokenizer) when it has one, else None
+        (built-in models work on token ids)."""
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = None
+            path = getattr(self, "model_path", None)
+            names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+            if path and os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in names):
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(path)
+        return self._tokenizer
+
     # ---- agents ------------------------------------------------------------------------------
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name:
