@@ -33,7 +33,10 @@ class HFZoo:
         return self._once(("ckpt", arch), lambda d: H.build_checkpoint(arch, d, seed=11))
 
     def lora_targets(self, arch: str) -> tuple[str, ...]:
-        return H.MOE_LORA_TARGETS if arch in H.MOE_ARCHS else H.DENSE_LORA_TARGETS
+        # Qwen2-MoE's shared expert is an ordinary MLP module: gate/up/down_proj targets land there
+        if arch in H.MOE_ARCHS and arch != "qwen2_moe":
+            return H.MOE_LORA_TARGETS
+        return H.DENSE_LORA_TARGETS
 
     def lora(self, arch: str, name: str) -> Path:
         """Adapters: "plan" (r=8, alpha 16), "act" (r=8, its own B, v_proj A shared with plan),

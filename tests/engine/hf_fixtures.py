@@ -56,7 +56,8 @@ _SHARDED = ("mistral",)
 
 DENSE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # In transformers 5 the routed experts are fused 3-D parameters, not nn.Linear modules, so PEFT
-# LoRA on MoE checkpoints targets attention only.
+# LoRA on MoE checkpoints targets attention (plus, on Qwen2-MoE, the shared expert's MLP, which
+# the MLP names match).
 MOE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
