@@ -404,10 +404,12 @@ def _moe_config(num_pairs: int, num_experts: int, dtype: torch.dtype) -> dict:
     # Decode (few pairs per expert): small M tiles, weight-bandwidth bound; prefill: larger tiles
     # with L2 grouping. Chosen from the pair count only, not the table size, so a store with many
     # (mostly idle) adapter slots gets the same tiles as the base model for the same batch.
+    # BLOCK_K 128 on H200 (DeepSeek-V2-Lite experts, graph-timed): 279 vs 291 us at 64 tokens,
+    # 305 vs 365 us (BLOCK_M 16) at 256 tokens; ~3.9 of 4.8 TB/s.
     if num_pairs <= 1024:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     elif num_pairs <= 4096:
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
     if dtype == torch.float32:

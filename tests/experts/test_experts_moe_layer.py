@@ -163,3 +163,64 @@ def test_moe_layer_gpu_deepseek_lite_store(rng_seed):
     store.unload_adapter("a")
     assert store.memory_report()["adapter_bytes"] == 7 * 3 * H * I * 2
     store.close()
+
+
+def test_moe_layer_capture_graphs_errors():
+    M, H, I = 4, 8, 6
+    mod = MoELayer(torch.randn(M, H), torch.randn(M, 2 * I, H), torch.randn(M, H, I), 2)
+    with pytest.raises(ValueError, match="CUDA"):
+        mod.capture_graphs([1, 2])
+    assert mod.graph_token_counts == []
+    # nothing captured: calls run op by op and use_graph is accepted
+    x = torch.randn(3, H)
+    torch.testing.assert_close(mod(x, use_graph=False), mod(x))
+
+
+@pytest.mark.gpu
+def test_moe_layer_cuda_graphs_follow_adapter_loads(rng_seed):
+    """Graph replays equal op-by-op calls, before and after an adapter is loaded and unloaded
+    behind the captured graphs' backs; replays of other sizes do not touch earlier outputs."""
+    M, H, I, S, k, layer = 8, 256, 128, 12, 2, 0
+    g, base, store = _setup("cuda", torch.bfloat16, M, H, I, S, [layer], rng_seed)
+    ad_a = make_esft_experts(base, {layer: [0, 3, 5]}, seed=rng_seed + 1, scale=0.5)
+    ad_b = make_esft_experts(base, {layer: [1, 3, 6, 7]}, seed=rng_seed + 2, scale=0.5)
+    ida = store.load_adapter("a", ad_a)
+    gate = torch.randn(M, H, generator=g).cuda()
+    shared = ((torch.randn(64, H, generator=g) / H ** 0.5).bfloat16().cuda(),
+              (torch.randn(H, 32, generator=g) / 32 ** 0.5).bfloat16().cuda())
+    mod = MoELayer.from_store(store, layer, gate, k, router_fp32=True, shared_w13=shared[0], shared_w2=shared[1])
+    with pytest.raises(ValueError):
+        mod.capture_graphs([0])
+    with pytest.raises(TypeError):
+        mod.capture_graphs([2.0])
+    mod.capture_graphs([1, 5, 33])
+    assert mod.graph_token_counts == [1, 5, 33]
+
+    def check(T, aids):
+        x = torch.randn(T, H, generator=g).bfloat16().cuda()
+        out = mod(x, aids)
+        ref = mod(x, aids, use_graph=False)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out.float()).all()
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+        return x, out
+
+    x33, out33 = check(33, torch.randint(-1, 1, (33,), generator=g, dtype=torch.int32).cuda())
+    keep = out33.clone()
+    check(1, torch.tensor([ida], dtype=torch.int32).cuda())
+    check(5, None)
+    torch.testing.assert_close(out33, keep, rtol=0, atol=0)  # outputs are copies
+    idb = store.load_adapter("b", ad_b)  # after capture: the graphs must see it
+    aids = torch.tensor([idb, ida, -1, idb, idb], dtype=torch.int32).cuda()
+    x5, out5 = check(5, aids)
+    base_out = mod(x5, None)
+    assert not torch.allclose(base_out[aids == idb].float(), out5[aids == idb].float())
+    torch.testing.assert_close(base_out[aids == -1].float(), out5[aids == -1].float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="adapter_ids"):
+        mod(x5, torch.full((5,), 9, dtype=torch.int32).cuda())
+    store.unload_adapter("b")
+    x5b, out5b = check(5, aids.clamp(max=ida))
+    check(7, None)  # not captured: op by op
+    mod.release_graphs()
+    assert mod.graph_token_counts == []
+    store.close()
