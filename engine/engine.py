@@ -325,6 +325,7 @@ class Engine:
         inp = BatchInputs(t(ids), t(pos), t(lids), t(eids), t(rows))
         kern = kernel_impl(inp.input_ids) if use_kernels(inp.input_ids, self.model.dtype) else None
         self.lora.prepare(inp.lora_ids, kern)
+        self.model.moe_impl = kern
         backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2(), kernels=kern)
         logits = self.model.forward(inp, backend, self.lora)
         for w in works:

@@ -75,6 +75,7 @@ class DecoderModel:
         self.layers: list[dict] = weights["layers"]
         self.inv_freq = config.rope_inv_freq(self.device)
         self.esft = None  # set by the engine: routes tokens of ESFT adapters to their experts
+        self.moe_impl: str | None = None  # set per forward: kernels.fused_moe impl, None = torch
 
     # ---- pieces the attention backend calls back into --------------------------------------
     def finish_k(self, layer: int, k: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -166,7 +167,12 @@ class DecoderModel:
         w13, w2 = w["w13"], w["w2"]
         if self.esft is not None:
             topi, w13, w2 = self.esft.reroute(li, topi, inp.expert_ids, w13, w2)
-        y = moe_experts(x, w13, w2, topw, topi)
+        if self.moe_impl is not None:
+            from kernels import fused_moe
+
+            y = fused_moe(x, w13, w2, topw, topi, validate=False, impl=self.moe_impl)
+        else:
+            y = moe_experts(x, w13, w2, topw, topi)
         if c.shared_expert_intermediate_size:
             s = self._mlp(li, "mlp.shared_expert.", x, w["sh_gate"], w["sh_up"], w["sh_down"],
                           inp.lora_ids, lora)

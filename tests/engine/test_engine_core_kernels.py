@@ -159,3 +159,37 @@ def test_s2_decode_kernel_equals_torch_path(device, monkeypatch):
     if dtype == torch.float32:
         assert list(outs[0]) == list(outs[1])
         torch.testing.assert_close(outs[1].logprobs, outs[0].logprobs, atol=atol, rtol=0)
+
+
+def test_moe_kernel_path_with_esft_equals_torch_path(device, monkeypatch, tmp_path):
+    """MoE layers on the kernel path: fused_moe over the ExpertStore's extended table, tokens of
+    an ESFT agent and of the base model in one batch."""
+    import kernels
+    from engine.builtin import save_random_esft
+
+    esft = save_random_esft(str(tmp_path / "law"), "tiny-moe", {0: [1, 5], 1: [2]}, seed=1)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=True)
+    calls = []
+    orig = kernels.fused_moe
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return orig(*a, **kw)
+    monkeypatch.setattr(kernels, "fused_moe", counted, raising=False)
+    outs = []
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("VMWEAVE_KERNELS", mode)
+        eng = Engine.from_pretrained("tiny-moe", cache_mode="non_shared", device=device, dtype=dtype)
+        eng.add_esft_adapter("law", esft)
+        r = [eng.add_request(eng.new_session(), a, list(range(20 + i, 33 + i)), p)
+             for i, a in enumerate(("law", None))]
+        while eng.has_unfinished():
+            eng.step()
+        outs.append([eng.get_output(i) for i in r])
+    assert calls
+    atol = 2e-4 if dtype == torch.float32 else 0.15
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b.logprobs[:1], a.logprobs[:1], atol=atol, rtol=0)
+        if dtype == torch.float32:
+            assert list(a) == list(b)
