@@ -53,6 +53,9 @@ def _common(p: argparse.ArgumentParser, steps: int, max_tokens: int) -> None:
     p.add_argument("--prompt-len", type=int, default=16, help="tokens given to each turn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-kv-bytes", type=int, default=None, help="KV cache budget in bytes")
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and caches (default: demo auto = bfloat16 on CUDA, float32 on CPU; "
+                        "fidelity float32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,17 +125,17 @@ def cmd_demo(args, say) -> int:
             + f"; {args.steps} turns x ({args.prompt_len} prompt + {args.max_tokens} generated) tokens")
         # One untimed turn first so one-time costs (kernel compilation, allocator start-up) are
         # not charged to whichever mode happens to run first.
-        warm = open_engine(args.model, "non_shared", args.device, agents, esft, args.max_kv_bytes)
+        warm = open_engine(args.model, "non_shared", args.device, agents, esft, args.max_kv_bytes, args.dtype)
         run_trajectory(warm, turns[:1], min(2, args.max_tokens))
         del warm
         runs = []
         for mode in args.modes:
             try:
-                eng = open_engine(args.model, mode, args.device, agents, esft, args.max_kv_bytes)
+                eng = open_engine(args.model, mode, args.device, agents, esft, args.max_kv_bytes, args.dtype)
             except ValueError as e:  # e.g. base_lr_shared with agents whose v_proj A differ
                 say(f"[{mode}] skipped: {e}")
                 continue
-            say(f"[{mode}] running on {getattr(eng, 'device', args.device or '?')}")
+            say(f"[{mode}] running on {eng.device}, {str(eng.model.dtype).replace('torch.', '')}")
             run = run_trajectory(eng, turns, args.max_tokens, progress=None if args.quiet else say,
                                  label=f"[{mode}] ")
             run.mode = mode
@@ -171,7 +174,7 @@ def cmd_fidelity(args, say) -> int:
         agents = _agents(args, tmp, say)
         rows = fidelity_report(args.model, agents, modes, steps=args.steps, prompt_len=args.prompt_len,
                                max_tokens=args.max_tokens, device=args.device, seed=args.seed, esft=esft,
-                               progress=None if args.quiet else say)
+                               dtype=args.dtype or "float32", progress=None if args.quiet else say)
     say("")
     say("KL(non_shared || mode) of next-token distributions on each mode's own trajectory;")
     say("greedy agreement = same argmax as non_shared for the same context.")

@@ -15,6 +15,7 @@ agreement 1 say cached step-by-step decode equals a fresh forward pass.
 """
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -125,12 +126,29 @@ def kv_bytes(report: dict) -> int:
     return int(kv.get("used_bytes", 0))
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | None) -> torch.dtype:
+    """None / "auto": bfloat16 on CUDA (the Triton kernel path), float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        return torch.bfloat16 if cuda else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def open_engine(model: str, mode: str, device: str | None, agents: dict[str, str | None],
-                esft: dict[str, str] | None = None, max_kv_bytes: int | None = None):
+                esft: dict[str, str] | None = None, max_kv_bytes: int | None = None,
+                dtype: str | torch.dtype | None = None):
     """An Engine in `mode` with every agent and ESFT adapter registered."""
     from . import Engine
 
-    eng = Engine.from_pretrained(model, cache_mode=mode, device=device, max_kv_bytes=max_kv_bytes)
+    eng = Engine.from_pretrained(model, cache_mode=mode, device=device, max_kv_bytes=max_kv_bytes,
+                                 dtype=resolve_dtype(dtype, device))
     for name, d in (esft or {}).items():
         eng.add_esft_adapter(name, d)
     for name, d in agents.items():
@@ -207,7 +225,7 @@ def fidelity_report(model: str = "tiny", agents: dict[str, str | None] | None = 
                     modes: Sequence[str] = MODES, *, steps: int = 6, prompt_len: int = 12,
                     max_tokens: int = 8, device: str | None = None, seed: int = 0,
                     esft: dict[str, str] | None = None, tmp_dir: str | None = None,
-                    progress: Progress = None) -> list[ModeFidelity]:
+                    dtype: str | torch.dtype | None = "float32", progress: Progress = None) -> list[ModeFidelity]:
     """Fidelity of each mode in `modes` against non_shared over one multi-agent trajectory.
 
     agents: name -> PEFT dir (None: no adapter); when omitted, random plan/act/reflect adapters
@@ -222,11 +240,12 @@ def fidelity_report(model: str = "tiny", agents: dict[str, str | None] | None = 
             agents = demo_adapters(model, tmp_dir or tmp, seed=seed)
         vocab = model_config(model).vocab_size
         turns = make_turns(list(agents) + list(esft or {}), steps, prompt_len, vocab, seed)
-        reference = open_engine(model, "non_shared", device, agents, esft)
+        reference = open_engine(model, "non_shared", device, agents, esft, dtype=dtype)
         out = []
         for mode in modes:
             try:
-                eng = reference if mode == "non_shared" else open_engine(model, mode, device, agents, esft)
+                eng = reference if mode == "non_shared" else open_engine(model, mode, device, agents, esft,
+                                                                         dtype=dtype)
             except ValueError as e:  # e.g. base_lr_shared with agents whose v_proj A differ
                 if progress is not None:
                     progress(f"[{mode}] skipped: {e}")
@@ -383,6 +402,7 @@ def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, 
                 for s in ss:
                     eng.close_session(s)
                 del eng
+                gc.collect()  # the engine's page pool goes back before the next mode maps its own
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
     return rows

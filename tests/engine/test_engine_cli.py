@@ -176,3 +176,19 @@ def test_demo_bad_model_and_adapter_directories(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["demo", "--lora", f"plan={tmp_path / 'empty'}", *SMALL]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_demo_and_small_bench_on_cuda(capsys):
+    """The demo on the GPU (bfloat16: the Triton kernel path in every mode) and both benchmark
+    tables on small models, so the GPU benchmark's code paths are known to run."""
+    assert main(["demo", "--steps", "3", "--max-tokens", "4", "--prompt-len", "20", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "running on cuda" in out and "bfloat16" in out
+    rows = _table(out, "mode")
+    assert list(rows) == list(MODES)
+    assert all(_num(c[0]) > 0 for c in rows.values())
+    assert main(["bench", "--small", "--lengths", "100", "--layers", "2", "--decode-tokens", "3",
+                 "--sessions", "2", "--esft-counts", "1,2", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert [l.split()[2] for l in out.splitlines() if l.split()[:1] == ["100"]] == list(MODES)
