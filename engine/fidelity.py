@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 
-MODES = ("non_shared", "base_shared", "base_lr_shared", "full_shared")
+from .cache import MODES
+
 DEFAULT_AGENTS = ("plan", "act", "reflect")
 
 Progress = Callable[[str], None] | None
