@@ -129,7 +129,7 @@ def load_hf(model_dir: str | Path, lora_dir: str | Path | None = None):
 
 def build_lora(model_dir: str | Path, out_dir: str | Path, *, r: int = 8, alpha: float = 16,
                targets: tuple[str, ...] = DENSE_LORA_TARGETS, rslora: bool = False, seed: int = 1,
-               share_v_a_with: str | Path | None = None, bias_scale: float = 1.0) -> Path:
+               share_v_a_with: str | Path | None = None, b_scale: float = 1.0) -> Path:
     """A PEFT LoRA adapter with random non-zero A and B saved by peft itself.
 
     share_v_a_with: another adapter directory whose v_proj lora_A this one copies (LRAgent's
@@ -151,7 +151,7 @@ def build_lora(model_dir: str | Path, out_dir: str | Path, *, r: int = 8, alpha:
             elif "lora_B" in name:
                 # Keep the adapter's change a sizeable fraction of the base projection so a wrong
                 # scale (alpha/r vs alpha/sqrt(r)) or a missing module shows in the log-probs.
-                p.copy_(bias_scale * 0.5 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+                p.copy_(b_scale * 0.5 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
             if shared is not None and "v_proj.lora_A" in name:
                 key = _peft_key(name)
                 if key not in shared:
