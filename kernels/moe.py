@@ -39,6 +39,9 @@ ROUTER_RENORMALIZE = {
 
 _INT_DTYPES = (torch.int32, torch.int64)
 MAX_CHUNK_TOKENS = 4096  # fused_moe runs longer batches in chunks of this many tokens
+# moe_align_block_size runs in one program (one launch) up to these sizes (decode batches)
+ALIGN_ONE_PROGRAM_MAX_PAIRS = 2048
+ALIGN_ONE_PROGRAM_MAX_EXPERTS = 1024
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -141,6 +144,40 @@ if triton is not None:
         r = tl.load(rank_ptr + offs, mask=mask, other=0)
         start = tl.load(pad_start_ptr + e, mask=mask, other=0)
         tl.store(sorted_ptr + start + r, offs, mask=mask)
+
+    @triton.jit
+    def _align_one_program_kernel(ids_ptr, counts_ptr, pad_start_ptr, sorted_ptr, expert_ids_ptr,
+                                  num_post_ptr, N, E, EM, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, TILE_CHUNK: tl.constexpr):
+        # the three align steps in one program for decode-sized batches: on a GPU each launch
+        # and each torch.zeros/full costs more host time than the whole step takes on the device.
+        # debug_barrier (CTA barrier) makes each step's global writes visible to the next.
+        eoffs = tl.arange(0, BLOCK_E)
+        emask = eoffs < E
+        tl.store(counts_ptr + eoffs, tl.zeros([BLOCK_E], dtype=tl.int32), mask=emask)
+        offs = tl.arange(0, BLOCK)
+        for s0 in range(0, EM, BLOCK):
+            tl.store(sorted_ptr + s0 + offs, tl.full([BLOCK], 0, tl.int32) + N, mask=s0 + offs < EM)
+        tl.debug_barrier()
+        mask = offs < N
+        e = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
+        rank = tl.atomic_add(counts_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=mask)
+        tl.debug_barrier()
+        c = tl.load(counts_ptr + eoffs, mask=emask, other=0)
+        padded = (c + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        end = tl.cumsum(padded, axis=0)
+        tl.store(pad_start_ptr + eoffs, end - padded, mask=emask)
+        tl.store(num_post_ptr, tl.sum(padded, axis=0))
+        # tile b belongs to the first expert whose padded run ends past b * BLOCK_M (in chunks
+        # of tiles, so the [tiles, experts] comparison stays small)
+        num_tiles = EM // BLOCK_M
+        for t0 in range(0, num_tiles, TILE_CHUNK):
+            tiles = t0 + tl.arange(0, TILE_CHUNK)
+            before = tl.sum(((end[None, :] <= tiles[:, None] * BLOCK_M) & emask[None, :]).to(tl.int32), axis=1)
+            tl.store(expert_ids_ptr + tiles, tl.minimum(before, E - 1), mask=tiles < num_tiles)
+        tl.debug_barrier()
+        start = tl.load(pad_start_ptr + e, mask=mask, other=0)
+        tl.store(sorted_ptr + start + rank, offs, mask=mask)
 
     @triton.jit
     def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, rw_ptr, sorted_ids_ptr, expert_ids_ptr,
@@ -363,12 +400,27 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     where padding entries hold `tokens * k` (an invalid pair). `EM` is an upper bound known without
     a device sync, so this never waits on the GPU; tiles at or past `num_post_padded` are empty
     (their `expert_ids` entries are unspecified). Pairs of one expert come in pair order with the
-    torch implementation, in arbitrary order with the Triton one (3 launches instead of ~25).
+    torch implementation, in arbitrary order with the Triton one (1 launch up to
+    `ALIGN_ONE_PROGRAM_MAX_PAIRS` pairs, else 3, instead of ~25).
     """
     flat = topk_ids.reshape(-1)
     n = flat.numel()
     dev = flat.device
     em = _align_bound(n, block_m, num_experts)
+    if choose_impl(flat, impl) == "triton" and n > 0 and n <= ALIGN_ONE_PROGRAM_MAX_PAIRS \
+            and num_experts <= ALIGN_ONE_PROGRAM_MAX_EXPERTS:
+        # one scratch allocation and one launch (see _align_one_program_kernel)
+        tiles = em // block_m
+        buf = torch.empty(2 * num_experts + em + tiles + 1, dtype=torch.int32, device=dev)
+        counts, pad_start = buf[:num_experts], buf[num_experts:2 * num_experts]
+        sorted_ids = buf[2 * num_experts:2 * num_experts + em]
+        expert_ids = buf[2 * num_experts + em:2 * num_experts + em + tiles]
+        num_post = buf[2 * num_experts + em + tiles:]
+        _align_one_program_kernel[(1,)](flat.contiguous(), counts, pad_start, sorted_ids, expert_ids,
+                                        num_post, n, num_experts, em, BLOCK=_next_pow2(n),
+                                        BLOCK_E=_next_pow2(num_experts), BLOCK_M=block_m,
+                                        TILE_CHUNK=max(1, 8192 // _next_pow2(num_experts)))
+        return sorted_ids, expert_ids, num_post
     if choose_impl(flat, impl) == "triton" and n > 0:
         counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
         rank = torch.empty(n, dtype=torch.int32, device=dev)

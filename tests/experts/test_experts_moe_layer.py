@@ -48,6 +48,9 @@ def _setup(device, dtype, M, H, I, S, layers, seed):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_moe_layer_with_adapters_equals_merged_copies(impl, rng_seed):
+    from kernels._dispatch import interpreter_on
+    if impl == "triton" and not interpreter_on():  # CPU tensors: triton only through the interpreter
+        pytest.skip("the triton path of CPU tensors needs TRITON_INTERPRET=1 (CPU CI runs it)")
     M, H, I, S, k, layer = 7, 40, 24, 9, 2, 4
     g, base, store = _setup("cpu", torch.float32, M, H, I, S, [layer], rng_seed)
     ad_a = make_esft_experts(base, {layer: [0, 3, 6]}, seed=rng_seed + 1, scale=0.5)

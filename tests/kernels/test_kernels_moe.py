@@ -11,6 +11,7 @@ import contextlib
 import pytest
 import torch
 
+import kernels.moe as moe_mod
 from kernels.moe import (ROUTER_RENORMALIZE, fused_moe, moe_align_block_size, reroute_experts,
                          router_topk)
 from kernels.moe_ref import fused_moe_ref, reroute_experts_ref, router_topk_ref
@@ -151,9 +152,13 @@ def test_reroute_empty_and_errors(device):
 
 
 # ---------------------------------------------------------------- align
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("T,k,E,bm", [(23, 3, 11, 4), (1, 6, 40, 16), (300, 2, 5, 16), (9, 2, 70, 8)])
-def test_moe_align_block_size_invariants(device, rng_seed, impl, T, k, E, bm):
+@pytest.mark.parametrize("impl", ["triton", "triton-3-launch", "torch"])
+@pytest.mark.parametrize("T,k,E,bm", [(23, 3, 11, 4), (1, 6, 40, 16), (300, 2, 5, 16), (9, 2, 70, 8),
+                                      (60, 4, 300, 8)])
+def test_moe_align_block_size_invariants(device, rng_seed, impl, T, k, E, bm, monkeypatch):
+    if impl == "triton-3-launch":  # the path for batches over the one-program limit
+        monkeypatch.setattr(moe_mod, "ALIGN_ONE_PROGRAM_MAX_PAIRS", 0)
+        impl = "triton"
     ids = torch.randint(0, E, (T, k), device=device, dtype=torch.int32)
     if T > 100:
         ids[: T // 2] = 3  # one crowded expert
