@@ -1,6 +1,6 @@
 """Where does the DeepSeek-V2-Lite MoE layer's time go? (GPU only; one device call.)
 
-    PYTHONPATH=. python3 bench/profile_moe.py [--quick]
+    PYTHONPATH=. python3 bench/profile_moe.py [--quick]   # --quick: T=1 and 256 breakdown only
 
 Prints, per batch size: the layer as bench_experts times it (CUDA events, host overhead
 included), its device time alone (the layer replayed from a CUDA graph), its host time per call
@@ -208,7 +208,9 @@ def main():
     store, ours, base, w13, w2, gen = setup()
     for T in ((1, 256) if quick else (1, 16, 64, 256)):
         layer_breakdown(ours, base, T)
-    for T in ((64,) if quick else (1, 64, 256)):
+    if quick:  # layer breakdown only
+        return
+    for T in (1, 64, 256):
         tile_sweep(w13, w2, T)
     load_profile(store, w13, w2, gen)
 
