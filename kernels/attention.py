@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -542,6 +543,21 @@ def _s2_visible(s2: _S2Args, hkv: int, qpos: torch.Tensor, kpos: torch.Tensor) -
     return local[None] | in_shard[:, None, :] | dense
 
 
+_MIN_DOT = 16  # tl.dot needs K >= 16
+
+
+def _launch_padded(q, *, k, v, out=None, lora=None, **kw) -> torch.Tensor:
+    """Head dims below 16 (toy models only): zero-pad D, which changes neither q·k nor P·V,
+    run the kernel, and keep the first D columns. Copies the caches, so never a hot path."""
+    pad = (0, _MIN_DOT - q.shape[-1])
+    if lora is not None:
+        lora = _Lora(lora.lr_cache, lora.lr_block_tables, F.pad(lora.lora_b, pad), lora.adapter_ids)
+    res = _launch(F.pad(q, pad), k=F.pad(k, pad), v=F.pad(v, pad), lora=lora, **kw)[..., :q.shape[-1]]
+    if out is None:
+        return res.contiguous()
+    return out.copy_(res)
+
+
 def _run(impl, q, **kw) -> torch.Tensor:
     # The kernel indexes the head dim and every 1-D index vector with unit stride.
     if q.stride(-1) != 1:
@@ -552,6 +568,8 @@ def _run(impl, q, **kw) -> torch.Tensor:
     if kw.get("lora") is not None:
         kw["lora"].adapter_ids = kw["lora"].adapter_ids.contiguous()
     if choose_impl(q, impl) == "triton":
+        if q.shape[-1] < _MIN_DOT:
+            return _launch_padded(q, **kw)
         return _launch(q, **kw)
     kw.pop("num_splits", None)
     kw.pop("max_seqlen_q", None)
@@ -587,8 +605,8 @@ def _check_q_kv(q, k, v, *, paged: bool, per_head_ok: bool = False) -> None:
           lambda: f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     d = q.shape[2]
     _need(k.shape[-1] == d, lambda: f"head_dim of q ({d}) and k/v ({k.shape[-1]}) differ")
-    _need(16 <= d <= 256 and d & (d - 1) == 0,
-          lambda: f"head_dim must be a power of two in [16, 256], got {d}")
+    _need(1 <= d <= 256 and d & (d - 1) == 0,
+          lambda: f"head_dim must be a power of two <= 256, got {d}")
     _need(k.stride(-1) == 1 and v.stride(-1) == 1, "k/v must be contiguous in the head dim")
     if paged:
         bs = k.shape[1]

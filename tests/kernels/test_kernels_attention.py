@@ -211,6 +211,22 @@ def test_torch_fallback_matches_reference(device, rng_seed):
           flash_lora_prefill_ref(qp, k, v, lr, lbt, lb, aid, bt, cq, sl, 0.3), dtype)
 
 
+def test_tiny_head_dim(device, rng_seed):
+    """Head dims below tl.dot's minimum of 16 (toy models) run through zero padding."""
+    dtype, lens, aids = torch.float16, [21, 1, 40], [0, -1, 1]
+    k, v, bt, sl = make_paged(lens, 2, 8, 16, dtype, device)
+    lr, lbt, lb = make_lowrank(bt, lens, 16, 8, 2, 2, 8, dtype, device)
+    aid = torch.tensor(aids, dtype=torch.int32, device=device)
+    q = torch.randn(3, 4, 8, device=device).to(dtype)
+    out = poisoned(q.shape, dtype, device)
+    flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.3, out=out)
+    check(out, flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.3), dtype)
+    cq = cu([5, 1, 9], device)
+    qp = torch.randn(15, 4, 8, device=device).to(dtype)
+    check(paged_attention_prefill(qp, k, v, bt, cq, sl, 0.3),
+          paged_attention_prefill_ref(qp, k, v, bt, cq, sl, 0.3), dtype)
+
+
 def test_empty_batch_and_empty_prefill(device):
     k, v, bt, sl = make_paged([5], 2, 16, 16, torch.float16, device)
     q = torch.randn(0, 2, 16, device=device).to(torch.float16)
@@ -252,9 +268,9 @@ def test_bad_inputs_raise_before_writing(device):
     bad_bt = bt.clone()
     bad_bt[0, 0] = k.shape[0]
     raises(ValueError, paged_attention_decode, **{**base, "block_tables": bad_bt})
-    q8 = torch.randn(2, 4, 8, device=device).to(q.dtype)
-    raises(ValueError, paged_attention_decode, **{**base, "q": q8, "out": None,
-                                                   "k_cache": k[..., :8], "v_cache": v[..., :8]})
+    q12 = torch.randn(2, 4, 12, device=device).to(q.dtype)
+    raises(ValueError, paged_attention_decode, **{**base, "q": q12, "out": None,
+                                                   "k_cache": k[..., :12], "v_cache": v[..., :12]})
 
     lora = dict(q=q, k_cache=k, v_cache=v, lr_cache=lr, lr_block_tables=lbt, lora_b=lb,
                 adapter_ids=aid, block_tables=bt, seq_lens=sl, scale=0.1, out=out)
