@@ -88,7 +88,7 @@ class PagedAttention:
         self.window = c.sliding_window
         # slots are the same for every layer: compute them once per forward
         self.w_slots = [{k: s.slots(ch.start, ch.end) for k, s in ch.streams.items()} for ch in chunks]
-        self.r_slots = [{k: s.slots(0, ch.end) for k, s in ch.streams.items()} for ch in chunks]
+        self._r_slots: dict[int, dict] = {}  # read slots, built only for chunks the torch path attends
         self.k_agents = [a for a in kv._sorted() if a.k_lora] if kv.shared else []
         self.lr_keys = [k for k in kv.stream_keys(None) if k[0] == "lr"] if kv.shared else []
         self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan()
@@ -246,21 +246,27 @@ class PagedAttention:
             return self.kv.agents[key[1]]
         return next(a for a in self.kv._sorted() if a.v_rank)
 
+    def _read_slots(self, i: int) -> dict:
+        if i not in self._r_slots:
+            ch = self.chunks[i]
+            self._r_slots[i] = {k: s.slots(0, ch.end) for k, s in ch.streams.items()}
+        return self._r_slots[i]
+
     # ---- reads -------------------------------------------------------------------------------
     def _attend_chunk(self, i: int, ch: Chunk, layer: int, q: torch.Tensor) -> torch.Tensor:
         kv_key = next(k for k in ch.streams if k[0] == "kv")
         kvs = ch.streams[kv_key]
-        slots = self.r_slots[i][kv_key]
+        slots = self._read_slots(i)[kv_key]
         K = _read(kvs.pool.layer(0, layer), slots)
         V = _read(kvs.pool.layer(1, layer), slots)
         a = ch.agent
         if self.kv.shared and a is not None:
             if a.k_lora and ("k", a.name) in ch.streams:
-                K = _read(ch.streams[("k", a.name)].pool.layer(0, layer), self.r_slots[i][("k", a.name)])
+                K = _read(ch.streams[("k", a.name)].pool.layer(0, layer), self._read_slots(i)[("k", a.name)])
             ab = a.lora.get(layer, V_PROJ) if a.v_rank else None
             if ab is not None:
                 lkey = ("lr", a.name) if self.kv.mode == "base_shared" else ("lr", None)
-                L = _read(ch.streams[lkey].pool.layer(0, layer), self.r_slots[i][lkey])
+                L = _read(ch.streams[lkey].pool.layer(0, layer), self._read_slots(i)[lkey])
                 # the torch fallback materialises L·B; Flash-LoRA (kernels) never does
                 V = V + F.linear(L, ab[1]).view_as(V).to(V.dtype)
         head_mask = self.s2.mask(layer, ch.start, ch.end, q.device) if self.s2 is not None else None

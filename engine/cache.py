@@ -227,6 +227,20 @@ class KVManager:
                 st.streams.pop(key).release()
             st.covered.pop(name, None) if self.mode == "non_shared" else None
 
+    def free_other_agents(self, sid: int, keep: str | None) -> int:
+        """non_shared: free the session's streams of every agent but `keep` (they are recomputed
+        when those agents next run on it). Returns the bytes freed."""
+        st = self.sessions.get(sid)
+        if st is None or self.mode != "non_shared":
+            return 0
+        freed = 0
+        for key in [k for k in st.streams if k[1] != keep]:
+            s = st.streams.pop(key)
+            freed += s.nbytes()
+            s.release()
+            st.covered.pop(key[1], None)
+        return freed
+
     # ---- accounting ----------------------------------------------------------------------------
     def report(self) -> dict:
         pools = {n: p.report() for n, p in self.pools.items()}

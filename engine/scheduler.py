@@ -107,6 +107,12 @@ class Scheduler:
             self.preemptions += 1
             if kv.budget.used + need <= kv.budget.capacity:
                 return True
+        # last resort in non_shared: the other agents' copies of this very session
+        if kv.mode == "non_shared" and sid not in protected:
+            kv.free_other_agents(sid, agent)
+            if kv.budget.used + need <= kv.budget.capacity:
+                self.preemptions += 1
+                return True
         return kv.budget.used + need <= kv.budget.capacity
 
     # ---- the step plan -----------------------------------------------------------------------

@@ -98,7 +98,17 @@ def test_preemption_under_tiny_budget_gives_same_tokens(agents, mode):
     assert rep["used_bytes"] <= rep["budget_bytes"]
 
 
-@pytest.mark.parametrize("blocks", [3, 6])
+def test_non_shared_session_fits_one_agent_at_a_time(agents):
+    """A 3-agent non_shared trajectory whose agents' copies do not fit together still runs: the
+    other agents' copies of the session are dropped and recomputed when they run again."""
+    ref, _ = _trajectory(_engine("non_shared", agents), TURNS)
+    eng = _engine("non_shared", agents, max_kv_bytes=4 * 8192)  # one agent's copy: 4 blocks
+    got, _ = _trajectory(eng, TURNS)
+    assert got == ref
+    assert eng.memory_report()["used_bytes"] <= 4 * 8192
+
+
+@pytest.mark.parametrize("blocks", [2, 3])
 def test_too_small_budget_fails_requests_cleanly(agents, blocks):
     """Requests that can never fit end with finish_reason "error"; everything produced before
     that, and every other request, is exactly what an unconstrained engine produces."""
