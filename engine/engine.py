@@ -262,7 +262,19 @@ class Engine:
         return req.id
 
     def get_output(self, request_id: int) -> GenerationOutput:
+        """The request's output so far (complete once `.finished`); kept until `pop_output`."""
+        if request_id not in self._requests:
+            raise KeyError(f"no request {request_id!r} (unknown, or already popped)")
         return self._requests[request_id].out
+
+    def pop_output(self, request_id: int) -> GenerationOutput:
+        """The finished request's output, forgotten by the engine (servers call this to keep
+        memory flat)."""
+        out = self.get_output(request_id)
+        if not out.finished:
+            raise ValueError(f"request {request_id} is not finished")
+        del self._requests[request_id]
+        return out
 
     def has_unfinished(self) -> bool:
         return any(not r.finished for r in self._requests.values())

@@ -107,6 +107,9 @@ def test_streaming_step_outputs_concatenate_to_the_result():
     assert got[r1] == list(eng.get_output(r1)) and len(got[r1]) == 8
     assert got[r2] == list(eng.get_output(r2)) and len(got[r2]) == 3
     assert steps == 8  # both ran together: one token per step each
+    assert list(eng.pop_output(r2)) == got[r2]
+    with pytest.raises(KeyError):
+        eng.get_output(r2)
 
 
 def test_requests_of_one_session_run_in_turn(adapters):
