@@ -3,9 +3,11 @@ torch path, in every cache mode, on a mixed batch (prefill chunks, decodes, seve
 
 On CPU the kernels run in Triton's interpreter (VMWEAVE_KERNELS=triton forces them; the engine
 otherwise keeps torch on CPU), in fp32; on a GPU compiled, in bf16 (the dtype the engine uses
-them for) with bf16 tolerances.
+them for), held to the torch path's own bf16 noise (see `_check_paths`).
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -42,51 +44,71 @@ def _run(mode, names, adapters, device, dtype):
     return [eng.get_output(i) for i in ids]
 
 
+def _agree(outs) -> int:
+    """Leading steps every output decoded from the same prefix (step 0 always)."""
+    n = 1
+    while n < min(len(o) for o in outs) and len({o[n - 1] for o in outs}) == 1:
+        n += 1
+    return n
+
+
+def _check_paths(device, monkeypatch, run) -> None:
+    """run(dtype) -> outputs, under the VMWEAVE_KERNELS set here.
+
+    CPU (interpreter, fp32): the kernel path gives the torch path's tokens and log-probs.
+    GPU (bf16, the kernels' dtype): a small random model amplifies one-ulp differences, so the
+    kernel path is held to the torch path's own bf16 noise: its distance from the fp32 torch
+    result may be at most 3x (+0.05) that of the bf16 torch result, over the steps all decoded
+    from one prefix."""
+    if device == "cpu":
+        monkeypatch.setenv("VMWEAVE_KERNELS", "torch")
+        ref = run(torch.float32)
+        monkeypatch.setenv("VMWEAVE_KERNELS", "triton")
+        got = run(torch.float32)
+        for r, g in zip(ref, got):
+            assert list(g) == list(r)
+            torch.testing.assert_close(g.logprobs, r.logprobs, atol=2e-4, rtol=0)
+        return
+    monkeypatch.setenv("VMWEAVE_KERNELS", "torch")
+    ref, noisy = run(torch.float32), run(torch.bfloat16)
+    monkeypatch.setenv("VMWEAVE_KERNELS", "triton")
+    got = run(torch.bfloat16)
+    for r, t, g in zip(ref, noisy, got):
+        n = _agree([r, t, g])
+        err_t = (t.logprobs[:n] - r.logprobs[:n]).abs().max().item()
+        err_k = (g.logprobs[:n] - r.logprobs[:n]).abs().max().item()
+        assert err_k <= 3 * err_t + 0.05, (err_k, err_t)
+
+
 @pytest.mark.parametrize("mode,names", MODES)
 def test_kernel_path_equals_torch_path(mode, names, adapters, device, monkeypatch):
     if device == "cpu" and mode in ("base_lr_shared", "full_shared"):
         pytest.skip("the interpreter is slow: on CPU the two modes that cover both kernels run")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    monkeypatch.setenv("VMWEAVE_KERNELS", "torch")
-    ref = _run(mode, names, adapters, device, dtype)
-    monkeypatch.setenv("VMWEAVE_KERNELS", "triton")
     calls = []
+    import kernels
     import kernels.attention as ka
-
-    for fn in ("paged_attention_prefill", "paged_attention_decode", "flash_lora_prefill", "flash_lora_decode"):
-        orig = getattr(ka, fn)
-
-        def wrapped(*a, _orig=orig, _fn=fn, **kw):
-            calls.append(_fn)
-            return _orig(*a, **kw)
-        monkeypatch.setattr(ka, fn, wrapped)
-        import kernels
-
-        monkeypatch.setattr(kernels, fn, wrapped, raising=False)
     import kernels.lora as kl
 
-    for fn in ("lora_shrink", "lora_expand"):
-        orig = getattr(kl, fn)
+    def counting(mod, fn, also=None):
+        orig = getattr(mod, fn)
 
-        def wrapped_lora(*a, _orig=orig, _fn=fn, **kw):
-            calls.append(_fn)
-            return _orig(*a, **kw)
-        monkeypatch.setattr(kl, fn, wrapped_lora)
-    got = _run(mode, names, adapters, device, dtype)
-    assert calls, "the kernel path was not taken"
+        def wrapped(*a, **kw):
+            if os.environ.get("VMWEAVE_KERNELS") == "triton":
+                calls.append(fn)
+            return orig(*a, **kw)
+        monkeypatch.setattr(mod, fn, wrapped)
+        if also is not None:
+            monkeypatch.setattr(also, fn, wrapped, raising=False)
+
+    for fn in ("paged_attention_prefill", "paged_attention_decode", "flash_lora_prefill", "flash_lora_decode"):
+        counting(ka, fn, kernels)
+    for fn in ("lora_shrink", "lora_expand"):
+        counting(kl, fn)
+    _check_paths(device, monkeypatch, lambda dtype: _run(mode, names, adapters, device, dtype))
     assert "lora_shrink" in calls and "lora_expand" in calls
+    assert any(c.startswith("paged") or c.startswith("flash") for c in calls)
     if mode in ("base_shared", "base_lr_shared"):
         assert any(c.startswith("flash_lora") for c in calls)
-    atol = 2e-4 if dtype == torch.float32 else 0.15
-    for r, g in zip(ref, got):
-        # compare the steps both decoded from the same prefix
-        same = 0
-        while same < len(r) and r[same] == g[same]:
-            same += 1
-        n = min(len(r), same + 1)
-        torch.testing.assert_close(g.logprobs[:n], r.logprobs[:n], atol=atol, rtol=0)
-        if dtype == torch.float32:
-            assert list(g) == list(r)
 
 
 @pytest.mark.gpu
@@ -136,8 +158,6 @@ def test_cuda_bf16_engine_runs_every_mode(adapters):
 
 def test_s2_decode_kernel_equals_torch_path(device, monkeypatch):
     """S2 layers: decodes go through kernels.s2_attention_decode on the paged cache."""
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    p = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=True)
     prompt = torch.randint(0, 512, (70,), generator=torch.Generator().manual_seed(3)).tolist()
     import kernels
 
@@ -148,17 +168,14 @@ def test_s2_decode_kernel_equals_torch_path(device, monkeypatch):
         calls.append(1)
         return orig(*a, **kw)
     monkeypatch.setattr(kernels, "s2_attention_decode", counted, raising=False)
-    outs = []
-    for mode in ("torch", "triton"):
-        monkeypatch.setenv("VMWEAVE_KERNELS", mode)
+    p = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=True)
+
+    def run(dtype):
         eng = Engine.from_pretrained("tiny-s2", device=device, dtype=dtype)
-        outs.append(eng.generate(eng.new_session(), None, prompt, p))
-    assert len(calls) == 2  # two decode steps, one S2 layer
-    atol = 2e-4 if dtype == torch.float32 else 0.15
-    torch.testing.assert_close(outs[1].logprobs[:1], outs[0].logprobs[:1], atol=atol, rtol=0)
-    if dtype == torch.float32:
-        assert list(outs[0]) == list(outs[1])
-        torch.testing.assert_close(outs[1].logprobs, outs[0].logprobs, atol=atol, rtol=0)
+        return [eng.generate(eng.new_session(), None, prompt, p)]
+
+    _check_paths(device, monkeypatch, run)
+    assert len(calls) == 2  # kernel run only: two decode steps, one S2 layer
 
 
 def test_moe_kernel_path_with_esft_equals_torch_path(device, monkeypatch, tmp_path):
@@ -168,7 +185,6 @@ def test_moe_kernel_path_with_esft_equals_torch_path(device, monkeypatch, tmp_pa
     from engine.builtin import save_random_esft
 
     esft = save_random_esft(str(tmp_path / "law"), "tiny-moe", {0: [1, 5], 1: [2]}, seed=1)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     p = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=True)
     calls = []
     orig = kernels.fused_moe
@@ -177,19 +193,15 @@ def test_moe_kernel_path_with_esft_equals_torch_path(device, monkeypatch, tmp_pa
         calls.append(1)
         return orig(*a, **kw)
     monkeypatch.setattr(kernels, "fused_moe", counted, raising=False)
-    outs = []
-    for mode in ("torch", "triton"):
-        monkeypatch.setenv("VMWEAVE_KERNELS", mode)
+
+    def run(dtype):
         eng = Engine.from_pretrained("tiny-moe", cache_mode="non_shared", device=device, dtype=dtype)
         eng.add_esft_adapter("law", esft)
         r = [eng.add_request(eng.new_session(), a, list(range(20 + i, 33 + i)), p)
              for i, a in enumerate(("law", None))]
         while eng.has_unfinished():
             eng.step()
-        outs.append([eng.get_output(i) for i in r])
+        return [eng.get_output(i) for i in r]
+
+    _check_paths(device, monkeypatch, run)
     assert calls
-    atol = 2e-4 if dtype == torch.float32 else 0.15
-    for a, b in zip(*outs):
-        torch.testing.assert_close(b.logprobs[:1], a.logprobs[:1], atol=atol, rtol=0)
-        if dtype == torch.float32:
-            assert list(a) == list(b)
