@@ -67,7 +67,19 @@ def compare(table: str, case: str, *, ours: tuple[str, float], base: tuple[str, 
         "lower_is_better": lower_is_better, "goal": goal, "note": note,
     }
     ROWS.append(row)
+    _save_rows()
     return row
+
+
+def _save_rows() -> None:
+    """Write every row so far, so a suite cut off by a time limit still leaves its numbers."""
+    import json
+    import os
+    from pathlib import Path
+
+    out = Path(os.environ.get("BENCH_OUT", "bench/out"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps(ROWS, indent=1))
 
 
 def record_benchmark(benchmark, fn: Callable[[], object], rounds: int = 5) -> None:

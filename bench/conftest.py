@@ -34,9 +34,4 @@ def render(rows: list[dict]) -> str:
 def pytest_sessionfinish(session, exitstatus):
     if not common.ROWS:
         return
-    out = Path(os.environ.get("BENCH_OUT", "bench/out"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "rows.json"
-    old = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(old + common.ROWS, indent=1))
     print("\n\n" + render(common.ROWS) + "\n", flush=True)

@@ -12,7 +12,7 @@ mkdir -p "$BENCH_OUT"; rm -f "$BENCH_OUT/rows.json"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$BENCH_OUT/card.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$BENCH_OUT/card.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -x tests -p no:cacheprovider "$@" 2>&1 | tail -n 40 > "$BENCH_OUT/tests.log"
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -rf --maxfail=30 tests -p no:cacheprovider "$@" 2>&1 | tail -n 60 > "$BENCH_OUT/tests.log"
   echo "tests: $(tail -n 1 "$BENCH_OUT/tests.log")"
 fi
 timeout "${BENCH_TIMEOUT:-400}" python3 -m pytest -q -s bench -p no:cacheprovider -o python_files='bench_*.py' \
