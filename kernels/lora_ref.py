@@ -13,7 +13,7 @@ def _grouped_ref(inp: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, scale: f
     """`scale * inp[t] @ w[ids[t]]` in float64 (w [A, K, N], or [K, N] shared), zero rows where
     `ids[t] == -1`; one float64 matmul per adapter present, on the inputs' device."""
     inp = inp.detach().double()
-    w = w.detach().double()
+    w = w.detach().double().to(inp.device)  # inp may be an earlier reference, already on the CPU
     ids = ids.detach().to(device=inp.device, dtype=torch.int64)
     out = torch.zeros(inp.shape[0], w.shape[-1], dtype=torch.float64, device=inp.device)
     for a in torch.unique(ids).tolist():
