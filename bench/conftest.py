@@ -1,8 +1,6 @@
 """Prints every recorded comparison as one table at the end of a benchmark session."""
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
