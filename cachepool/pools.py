@@ -17,7 +17,7 @@ import torch
 import vmm
 
 from .blocks import BlockManager
-from .storage import PagedStore
+from .storage import PagedStore, StoreOwner
 
 
 def _gather(cache: torch.Tensor, table: Sequence[int], num_tokens: int) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
-class _Pool:
+class _Pool(StoreOwner):
     """What every block-managed pool shares: sequences, block tables, slots, accounting."""
 
     def __init__(self, store: PagedStore, block_size: int, prefix_caching: bool) -> None:
@@ -121,16 +121,6 @@ class _Pool:
         """Evict every cached block and unmap every page above the live blocks."""
         self.manager.evict()
         self.store.trim(self.manager.top)
-
-    def close(self) -> None:
-        """Release the pool's memory; its tensors must not be used afterwards."""
-        self.store.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class KVPool(_Pool):

@@ -34,7 +34,7 @@ import vmm
 
 from .allocator import BlockAllocator
 from .errors import CacheFullError
-from .storage import PagedStore
+from .storage import PagedStore, StoreOwner
 
 
 class ShardPattern(Protocol):
@@ -57,7 +57,7 @@ class _Seq:
     window: list[deque] = field(default_factory=list)  # per head: held logical blocks outside its shard
 
 
-class HeadShardedKVPool:
+class HeadShardedKVPool(StoreOwner):
     """Per-KV-head paged K/V for S2 layers, holding only blocks that will be read again.
 
     Args:
@@ -262,12 +262,3 @@ class HeadShardedKVPool:
     def trim(self) -> None:
         """Unmap every page above the live blocks (slack included)."""
         self.store.trim(self._alloc.top)
-
-    def close(self) -> None:
-        self.store.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

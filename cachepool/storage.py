@@ -152,3 +152,19 @@ class PagedStore:
         for a in self.arenas:
             a.close()
         self._mapped_pages = 0
+
+
+class StoreOwner:
+    """Closing and `with` support for a pool whose memory is one `PagedStore` in `self.store`."""
+
+    store: PagedStore
+
+    def close(self) -> None:
+        """Release the pool's memory; its tensors must not be used afterwards."""
+        self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
