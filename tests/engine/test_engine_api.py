@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from engine_test_helpers import one_thread  # noqa: F401  (autouse fixture)
+from engine_test_helpers import prompt as _prompt
 
 from engine import (CacheCapacityError, ConfigError, Engine, GenerationOutput, LoadError,
                     ModelConfig, SamplingParams)
@@ -23,20 +25,6 @@ def adapters(tmp_path_factory):
         "act": save_random_lora(str(root / "act"), c, r=8, seed=2, a_seed=100),
         "own": save_random_lora(str(root / "own"), c, r=8, seed=3, a_seed=101),
     }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are microseconds; on a shared 2-core box torch's thread pool turns
-    each into milliseconds of contention. One thread for these tests, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _prompt(n, seed):
-    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def test_generate_returns_list_with_metrics_and_extends_session(adapters):

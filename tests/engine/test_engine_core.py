@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from engine_test_helpers import one_thread  # noqa: F401  (autouse fixture)
+from engine_test_helpers import prompt as _prompt
 
 from engine import Engine, SamplingParams
 from engine.builtin import builtin_config, save_random_lora
@@ -24,20 +26,6 @@ def agents(tmp_path_factory):
     d["kq"] = save_random_lora(str(root / "kq"), c, r=4, targets=("q_proj", "k_proj", "v_proj"),
                                seed=4, a_seed=101, gain=2.0)
     return d
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are microseconds; on a shared 2-core box torch's thread pool turns
-    each into milliseconds of contention. One thread for these tests, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _prompt(n, seed):
-    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _engine(mode, agents, names=("plan", "act", "reflect"), **kw):
