@@ -44,6 +44,7 @@ __all__ = [
 _LOG2E = 1.4426950408889634
 _NEG_BIG = -1.0e38  # running-max start: finite, so a row with no key yet gives exp2(0)=1, not NaN
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,12 +76,32 @@ def _tile_start(t, n_strided, lo_tok, c0, s2_stride,
 
 
 @triton.jit
+def _block_ids(table_row, start, kpos, kmask, hi, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK: tl.constexpr):
+    """Physical block of every key of a tile (int64). Tiles start at multiples of BLOCK_N, so
+    when a cache block holds whole tiles one table entry serves the tile: a scalar load instead
+    of BLOCK_N gathers on the path every K/V address waits for."""
+    if BLOCK_SIZE % BLOCK_N == 0:
+        if MASK:
+            phys = tl.load(table_row + start // BLOCK_SIZE, mask=start < hi, other=0).to(tl.int64)
+        else:
+            phys = tl.load(table_row + start // BLOCK_SIZE).to(tl.int64)
+        return tl.zeros_like(kpos).to(tl.int64) + phys
+    else:
+        if MASK:
+            return tl.load(table_row + kpos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
+        else:
+            return tl.load(table_row + kpos // BLOCK_SIZE).to(tl.int64)
+
+
+@triton.jit
 def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
                K, V, Lr, bt_row, lbt_row, k_head_off, v_head_off, k_start,
                stride_kb, stride_ks, stride_vb, stride_vs, stride_lrb, stride_lrs,
-               block_size, lr_block_size, rank, has_adapter, qk_scale,
+               rank, has_adapter, qk_scale,
                s2_local, s2_stride, s2_shift, is_dense,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, LR_BLOCK_SIZE: tl.constexpr,
                SPARSE_BLOCK: tl.constexpr, PAGED: tl.constexpr, HAS_LORA: tl.constexpr,
                S2: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr):
     """One key tile of the online softmax. MASK=False is the interior fast path: the caller
@@ -90,11 +111,8 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
     kpos = start + offs_n
     kmask = kpos < hi
     if PAGED:
-        if MASK:
-            phys = tl.load(bt_row + kpos // block_size, mask=kmask, other=0).to(tl.int64)
-        else:
-            phys = tl.load(bt_row + kpos // block_size).to(tl.int64)
-        slot = (kpos % block_size).to(tl.int64)
+        phys = _block_ids(bt_row, start, kpos, kmask, hi, BLOCK_SIZE, BLOCK_N, MASK)
+        slot = (kpos % BLOCK_SIZE).to(tl.int64)
         k_off = phys * stride_kb + slot * stride_ks
         v_off = phys * stride_vb + slot * stride_vs
     else:
@@ -131,11 +149,11 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
         lmask = (offs_r[None, :] < rank) & has_adapter
         if MASK:
             lmask = lmask & kmask[:, None]
-            lphys = tl.load(lbt_row + kpos // lr_block_size, mask=kmask & has_adapter, other=0)
-        else:
-            lphys = tl.load(lbt_row + kpos // lr_block_size, mask=(offs_n >= 0) & has_adapter, other=0)
-        lslot = (kpos % lr_block_size).to(tl.int64)
-        l_off = lphys.to(tl.int64) * stride_lrb + lslot * stride_lrs
+        # A request without adapter reads block 0 (masked out below), never its table.
+        lphys = _block_ids(lbt_row, start, kpos, kmask & has_adapter, tl.where(has_adapter, hi, 0),
+                           LR_BLOCK_SIZE, BLOCK_N, True)
+        lslot = (kpos % LR_BLOCK_SIZE).to(tl.int64)
+        l_off = lphys * stride_lrb + lslot * stride_lrs
         lt = tl.load(Lr + l_off[:, None] + offs_r[None, :], mask=lmask, other=0.0)
         acc_lr = acc_lr * alpha[:, None] + _mm(p.to(lt.dtype), lt, UPCAST)
     return acc, acc_lr, m_new, l_i
@@ -150,10 +168,11 @@ def _attn_fwd(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_btb, stride_bth, stride_lrb, stride_lrs, stride_lbtb,
     stride_lba, stride_lbh, stride_lbr,
-    block_size, lr_block_size, rank, num_kv_heads, num_splits, group,
+    rank, num_kv_heads, num_splits, group,
     s2_local, s2_stride, s2_step, s2_offset, s2_dense_from, s2_homo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     R_PAD: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, LR_BLOCK_SIZE: tl.constexpr,
     PAGED: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LORA: tl.constexpr, S2: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -247,17 +266,17 @@ def _attn_fwd(
             acc, acc_lr, m_i, l_i = _attn_tile(
                 acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
                 k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
-                stride_lrb, stride_lrs, block_size, lr_block_size, rank, has_adapter, qk_scale,
+                stride_lrb, stride_lrs, rank, has_adapter, qk_scale,
                 s2_local, s2_stride, s2_shift, is_dense,
-                HEAD_DIM, BLOCK_N, R_PAD, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST)
+                HEAD_DIM, BLOCK_N, R_PAD, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST)
         for t in range(tl.maximum(t_lo, n_full), t_hi):
             start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
             acc, acc_lr, m_i, l_i = _attn_tile(
                 acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
                 k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
-                stride_lrb, stride_lrs, block_size, lr_block_size, rank, has_adapter, qk_scale,
+                stride_lrb, stride_lrs, rank, has_adapter, qk_scale,
                 s2_local, s2_stride, s2_shift, is_dense,
-                HEAD_DIM, BLOCK_N, R_PAD, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST)
+                HEAD_DIM, BLOCK_N, R_PAD, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST)
 
         if HAS_LORA:
             # (P·L)·B_a once per program; linear, so split partials may fold it in too.
@@ -265,7 +284,9 @@ def _attn_fwd(
             b_ptrs = (LoraB + tl.maximum(adapter, 0).to(tl.int64) * stride_lba + kvh * stride_lbh
                       + offs_r[:, None] * stride_lbr + offs_d[None, :])
             lb = tl.load(b_ptrs, mask=(offs_r[:, None] < rank) & has_adapter, other=0.0)
-            acc += tl.dot(acc_lr, lb.to(tl.float32))
+            # In the cache dtype: an fp32 [R_PAD, D] operand of B spills registers at r = 128,
+            # and P was rounded to that dtype for P·V anyway.
+            acc += _mm(acc_lr.to(lb.dtype), lb, UPCAST)
 
         if SPLIT:
             ws_row = (q_rows * num_kv_heads * group + qh) * num_splits + split
@@ -380,6 +401,7 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
     per_head_table = paged and block_tables.dim() == 3
     hkv = block_tables.shape[1] if per_head_table else k.shape[-2]
     group = hq // hkv
+    _need(batch <= _MAX_GRID_Z, lambda: f"at most {_MAX_GRID_Z} sequences per call, got {batch}")
     if out is None:
         out = torch.empty_like(q)
     if q.shape[0] == 0 or batch == 0:
@@ -401,6 +423,9 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
     else:
         block_size = 1
         max_ctx = k.shape[0]
+    if s2 is not None and s2.dense_from >= hkv:
+        # Splits follow the keys a head reads (shard + window), not the dense width.
+        max_ctx = min(max_ctx, (s2.local_blocks + 1) * s2.sparse_block + max_ctx // s2.vert_stride)
     if num_splits is None:
         num_splits = _default_splits(batch, hkv, max_ctx, bn, q.device) if decode else 1
     split = num_splits > 1
@@ -452,8 +477,9 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_btb, stride_bth, *lr_strides, *lb_strides,
-        block_size, lr_block_size, r, hkv, num_splits, group, *s2_vals,
+        r, hkv, num_splits, group, *s2_vals,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=sparse_block,
+        BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size,
         PAGED=paged, VARLEN_Q=not decode, HAS_LORA=lora is not None, S2=s2 is not None,
         SPLIT=split, UPCAST=interpreter_on(), num_warps=warps, num_stages=stages,
     )
@@ -704,7 +730,7 @@ def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int
 
 
 def _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
-                 num_splits, validate, *, per_head: bool = False):
+                 num_splits, validate, *, per_head: bool = False, max_seqlen_q: int | None = None):
     """Common checks of the paged entry points; returns the batch size."""
     _check_q_kv(q, k_cache, v_cache, paged=True, per_head_ok=per_head)
     _check_scale(scale)
@@ -726,6 +752,10 @@ def _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scal
             _need(int(cq[0].item()) == 0 and int(cq[-1].item()) == q.shape[0],
                   lambda: f"cu_seqlens_q must start at 0 and end at total_q={q.shape[0]}")
             len_q = cq[1:] - cq[:-1]
+            if max_seqlen_q is not None:
+                longest = int(len_q.max().item())
+                _need(longest <= max_seqlen_q,
+                      lambda: f"max_seqlen_q={max_seqlen_q} is below the longest query run ({longest})")
         _check_values(seq_lens.long(), k_cache.shape[1], block_tables.shape[-1], k_cache.shape[0],
                       block_tables, len_q=len_q, allow_unused_neg=per_head)
     return batch
@@ -762,7 +792,8 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     ``cu_seqlens_q [batch+1]``; new token i of sequence b sits at position
     ``seq_lens[b] - len_q(b) + i``. ``max_seqlen_q`` avoids a device sync when given.
     """
-    _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out, None, validate)
+    _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out, None, validate,
+                 max_seqlen_q=max_seqlen_q)
     return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,
                 block_tables=block_tables, cu_seqlens_q=cu_seqlens_q, out=out,
                 max_seqlen_q=max_seqlen_q)
@@ -797,7 +828,7 @@ def flash_lora_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """Flash-LoRA-Attention prefill; positions as in `paged_attention_prefill`, adapters as in
     `flash_lora_decode`."""
     batch = _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
-                         None, validate)
+                         None, validate, max_seqlen_q=max_seqlen_q)
     lora = _check_lora(q, k_cache, lr_cache, lr_block_tables, lora_b, adapter_ids, batch, validate,
                        seq_lens)
     return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,

@@ -287,6 +287,21 @@ def test_bad_inputs_raise_before_writing(device):
     raises(ValueError, paged_attention_prefill, **{**pre, "cu_seqlens_q": cu([1, 2], device)})  # != total_q
     raises(ValueError, paged_attention_prefill, **{**pre, "q": q.repeat(6, 1, 1), "out": None,
                                                    "cu_seqlens_q": cu([2, 10], device)})  # 10 > seq_len 9
+    raises(ValueError, paged_attention_prefill, **{**pre, "max_seqlen_q": 0})  # rows would go unwritten
+
+
+def test_too_many_sequences_for_one_launch_raise(device):
+    """Sequences ride on the grid's third axis (at most 65535): more is a clear error, not a
+    launch failure or rows left unwritten."""
+    n = 65536
+    q = torch.randn(n, 2, 16, device=device)
+    k = torch.randn(1, 16, 1, 16, device=device)
+    bt = torch.zeros(n, 1, dtype=torch.int32, device=device)
+    sl = torch.ones(n, dtype=torch.int32, device=device)
+    out = poisoned(q.shape, q.dtype, device)
+    with pytest.raises(ValueError, match="65535"):
+        paged_attention_decode(q, k, k, bt, sl, 0.1, out=out, validate=False, impl="triton")
+    assert out.isnan().all()
 
 
 def test_validate_false_still_correct(device):
