@@ -1,0 +1,254 @@
+"""Sweep launch configurations of the attention kernel on the GPU (a developer tool, not a test).
+
+    PYTHONPATH=. python bench/tune_attention.py --out tune.json [--quick]
+
+For the benchmark shapes (bf16, Hq=32, Hkv=8, D=128, block 16) it times paged decode, Flash-LoRA
+decode and paged prefill under every (BLOCK_N, num_warps, num_stages[, BLOCK_M], splits) of a
+small grid, by CUDA-graph replay (GPU time alone: launch overhead excluded) and eagerly, next to
+SDPA on contiguous K/V, and writes every timing as JSON. The winners go into
+`kernels.attention._config` / `_default_splits` by hand, with the numbers in the commit.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels.attention as attn
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+DT = torch.bfloat16
+SCALE = D ** -0.5
+L2_BYTES = 50 << 20
+
+
+def graph_ms(fns, reps: int = 20) -> float:
+    """GPU time of one call: `fns` (one per rotated input copy) captured `reps` times in a CUDA
+    graph, replayed, timed with events."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            for f in fns:
+                f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / (reps * len(fns)))
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def eager_ms(fns) -> float:
+    from triton.testing import do_bench
+
+    cyc = itertools.cycle(fns)
+    return float(do_bench(lambda: next(cyc)(), warmup=10, rep=40, return_mode="median"))
+
+
+def host_us(fn, n: int = 200) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
+def paged_cache(batch: int, ctx: int):
+    nblk = ctx // BS
+    need = batch * nblk
+    copies = max(1, -(-2 * L2_BYTES // (2 * need * BS * HKV * D * 2)))
+    k = torch.randn(copies * need, BS, HKV, D, device="cuda", dtype=DT)
+    v = torch.randn_like(k)
+    tables = [(torch.randperm(need, device="cuda") + c * need).view(batch, nblk).int() for c in range(copies)]
+    return k, v, tables
+
+
+class Override:
+    """Pin the kernel's launch config and split count while in scope."""
+
+    def __init__(self, cfg, splits=None):
+        self.cfg, self.splits = cfg, splits
+
+    def __enter__(self):
+        self.old = attn._config, attn._default_splits
+        cfg, splits = self.cfg, self.splits
+        attn._config = lambda *a, **k: cfg
+        if splits is not None:
+            attn._default_splits = lambda *a, **k: splits
+        return self
+
+    def __exit__(self, *exc):
+        attn._config, attn._default_splits = self.old
+
+
+def decode_sweep(cases, quick: bool, log) -> list[dict]:
+    rows = []
+    bns = (32, 64, 128)
+    warps = (2, 4, 8)
+    stages = (2, 3, 4) if not quick else (3,)
+    for batch, ctx in cases:
+        k, v, tables = paged_cache(batch, ctx)
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+        sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+        kvb = 2 * batch * ctx * HKV * D * 2
+        # SDPA baseline on contiguous copies
+        kc = [k[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables]
+        vc = [v[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables]
+        q4 = q.view(batch, HQ, 1, D)
+        sd = [lambda i=i: F.scaled_dot_product_attention(q4, kc[i], vc[i], scale=SCALE, enable_gqa=True)
+              for i in range(len(tables))]
+        base = dict(kind="sdpa", batch=batch, ctx=ctx, graph_ms=graph_ms(sd), eager_ms=eager_ms(sd), kv_bytes=kvb)
+        rows.append(base)
+        log(base)
+        del kc, vc
+        heur = attn._default_splits(batch, HKV, ctx, 64, q.device)
+        split_opts = sorted({1, max(1, heur // 2), heur, heur * 2}) if batch * HKV < 264 else [1]
+        for bn, w, st in itertools.product(bns, warps, stages):
+            for sp in split_opts:
+                fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
+                       for t in tables]
+                try:
+                    with Override((16, bn, w, st), sp):
+                        r = dict(kind="decode", batch=batch, ctx=ctx, bn=bn, warps=w, stages=st, splits=sp,
+                                 graph_ms=graph_ms(fns), kv_bytes=kvb)
+                except Exception as e:  # noqa: BLE001 - out of shared memory etc.: record, go on
+                    r = dict(kind="decode", batch=batch, ctx=ctx, bn=bn, warps=w, stages=st, splits=sp,
+                             error=str(e)[:200])
+                rows.append(r)
+                log(r)
+        best = sorted((r for r in rows if r.get("kind") == "decode" and r["batch"] == batch and r["ctx"] == ctx
+                       and "graph_ms" in r), key=lambda r: r["graph_ms"])[:3]
+        for b in best:
+            fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
+                   for t in tables]
+            with Override((16, b["bn"], b["warps"], b["stages"]), b["splits"]):
+                b["eager_ms"] = eager_ms(fns)
+                b["host_us"] = host_us(fns[0])
+            for rank in (8, 64):
+                lr = torch.randn(k.shape[0], BS, rank, device="cuda", dtype=DT)
+                lb = (torch.randn(4, HKV, rank, D, device="cuda") / rank ** 0.5).to(DT)
+                ids = torch.arange(batch, dtype=torch.int32, device="cuda") % 4
+                ids[1::5] = -1
+                lfns = [lambda t=t: attn.flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out,
+                                                           validate=False) for t in tables]
+                for w in sorted({b["warps"], 4, 8}):
+                    with Override((16, b["bn"], w, b["stages"]), b["splits"]):
+                        r = dict(kind="lora", r=rank, batch=batch, ctx=ctx, bn=b["bn"], warps=w,
+                                 stages=b["stages"], splits=b["splits"], graph_ms=graph_ms(lfns))
+                    rows.append(r)
+                    log(r)
+                del lr
+        del k, v, tables
+        torch.cuda.empty_cache()
+    return rows
+
+
+def prefill_sweep(cases, quick: bool, log) -> list[dict]:
+    rows = []
+    cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+            (128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 4), (128, 128, 4, 2)]
+    if quick:
+        cfgs = cfgs[:3]
+    for batch, seq in cases:
+        n = batch * seq
+        k = torch.randn(n // BS, BS, HKV, D, device="cuda", dtype=DT)
+        v = torch.randn_like(k)
+        bt = torch.randperm(n // BS, device="cuda").view(batch, seq // BS).int()
+        q = torch.randn(n, HQ, D, device="cuda", dtype=DT)
+        cq = torch.arange(0, n + 1, seq, dtype=torch.int32, device="cuda")
+        sl = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+        flops = 4 * batch * seq * seq / 2 * HQ * D
+        qs = q.view(batch, seq, HQ, D).transpose(1, 2)
+        kk = k[bt.flatten().long()].view(batch, seq, HKV, D).transpose(1, 2).repeat_interleave(HQ // HKV, 1)
+        vv = v[bt.flatten().long()].view(batch, seq, HKV, D).transpose(1, 2).repeat_interleave(HQ // HKV, 1)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                with sdpa_kernel(be):
+                    t = graph_ms([lambda: F.scaled_dot_product_attention(qs, kk, vv, is_causal=True, scale=SCALE)],
+                                 reps=3)
+                r = dict(kind=name, batch=batch, seq=seq, graph_ms=t, tflops=flops / t / 1e9)
+            except Exception as e:  # noqa: BLE001
+                r = dict(kind=name, batch=batch, seq=seq, error=str(e)[:200])
+            rows.append(r)
+            log(r)
+        del kk, vv
+        fns = [lambda: attn.paged_attention_prefill(q, k, v, bt, cq, sl, SCALE, out=out, max_seqlen_q=seq,
+                                                     validate=False)]
+        for cfg in cfgs:
+            try:
+                with Override(cfg, 1):
+                    t = graph_ms(fns, reps=3)
+                r = dict(kind="prefill", batch=batch, seq=seq, cfg=cfg, graph_ms=t, tflops=flops / t / 1e9)
+            except Exception as e:  # noqa: BLE001
+                r = dict(kind="prefill", batch=batch, seq=seq, cfg=cfg, error=str(e)[:200])
+            rows.append(r)
+            log(r)
+        del k, v, q
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tune.json")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--what", default="decode,prefill")
+    args = ap.parse_args()
+    rows: list[dict] = []
+
+    def log(r):
+        print(json.dumps(r), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f)
+
+    what = args.what.split(",")
+    if "decode" in what:
+        rows += decode_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096), (64, 32768)],
+                             args.quick, log)
+    if "prefill" in what:
+        rows += prefill_sweep([(16, 1024), (4, 4096), (1, 16384)], args.quick, log)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=0)
+    summarize(rows)
+
+
+def summarize(rows) -> None:
+    """The best configuration per case next to its baseline."""
+    by = {}
+    for r in rows:
+        if "graph_ms" not in r:
+            continue
+        key = (r["kind"] if r["kind"] in ("decode", "sdpa", "prefill") or r["kind"].startswith("sdpa") else
+               f"lora{r['r']}", r.get("batch"), r.get("ctx", r.get("seq")))
+        if key not in by or r["graph_ms"] < by[key]["graph_ms"]:
+            by[key] = r
+    for key in sorted(by, key=str):
+        r = by[key]
+        extra = {k: r[k] for k in ("bn", "warps", "stages", "splits", "cfg", "tflops", "eager_ms") if k in r}
+        print(f"BEST {key}: {r['graph_ms']:.4f} ms {extra}")
+
+
+if __name__ == "__main__":
+    main()
