@@ -16,6 +16,7 @@ _EXPORTS = {
     # S2-attention (kernels/s2.py)
     "S2Pattern": "s2",
     "s2_attention_prefill": "s2",
+    "s2_attention_prefill_paged": "s2",
     "s2_attention_decode": "s2",
     # multi-LoRA projections (kernels/lora.py)
     "lora_shrink": "lora",

@@ -17,13 +17,15 @@ absent blocks are never loaded.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from .attention import (_S2Args, _check_int_vec, _check_out, _check_paged, _check_q_kv,
-                        _check_scale, _check_splits, _need, _run)
+                        _check_scale, _need, _run)
 
-__all__ = ["S2Pattern", "s2_attention_prefill", "s2_attention_decode"]
+__all__ = ["S2Pattern", "s2_attention_prefill", "s2_attention_prefill_paged", "s2_attention_decode"]
 
 
 def _int(name: str, x, lo: int | None = None) -> int:
@@ -156,11 +158,16 @@ class S2Pattern:
         i = torch.arange(num_blocks)
         causal = i[None, :] <= i[:, None]
         local = (i[:, None] - i[None, :]) < self.local_blocks
-        heads = torch.arange(self.num_kv_heads)
+        return causal[None] & (local[None] | self._shard_mask(num_blocks)[:, None, :])
+
+    def _shard_mask(self, num_blocks: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """bool [num_kv_heads, num_blocks]: key block j is in KV head h's shard (dense heads:
+        every block), vectorised `in_shard`."""
+        j = torch.arange(num_blocks, device=device)
+        heads = torch.arange(self.num_kv_heads, device=device)
         s = torch.zeros_like(heads) if self.homo_head else heads
-        shard = ((i[None, :] + s[:, None] * self.head_sliding_step + self.offset) % self.vert_stride) == 0
-        shard |= (heads >= self.dense_from)[:, None]
-        return causal[None] & (local[None] | shard[:, None, :])
+        shard = ((j[None, :] + s[:, None] * self.head_sliding_step + self.offset) % self.vert_stride) == 0
+        return shard | (heads >= self.dense_from)[:, None]
 
     def mask(self, num_tokens: int, *, device: torch.device | str | None = None) -> torch.Tensor:
         """The dense reference mask: bool [num_heads, num_tokens, num_tokens], [h, q, k] = q head h
@@ -234,6 +241,92 @@ def s2_attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 max_seqlen_q=max_seqlen_q)
 
 
+def _paged_layout(q, k_cache, v_cache, block_tables) -> tuple[bool, int]:
+    """(per_head, num_kv_heads) of a paged S2 call: a shared table ``[B, W]`` over caches
+    ``[num_blocks, bs, Hkv, D]``, or a per-KV-head table ``[B, Hkv, W]`` over caches holding one
+    KV head per block ``[num_blocks, bs, 1, D]`` (cachepool.HeadShardedKVPool's layout)."""
+    per_head = isinstance(block_tables, torch.Tensor) and block_tables.dim() == 3
+    if not per_head:
+        return False, k_cache.shape[2] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else 0
+    _check_q_kv(q, k_cache, v_cache, paged=True, per_head_ok=True)
+    _need(k_cache.shape[2] == 1,
+          lambda: f"per-head block tables need caches with one KV head per block, got {tuple(k_cache.shape)}")
+    hkv = block_tables.shape[1]
+    _need(hkv >= 1 and q.shape[1] % hkv == 0,
+          lambda: f"num q heads ({q.shape[1]}) must be a multiple of num kv heads ({hkv})")
+    return True, hkv
+
+
+def _check_reads_stored(pattern: S2Pattern, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                        len_q: torch.Tensor, block_size: int) -> None:
+    """A per-head table may hold -1 only where the pattern reads nothing for the batch's queries.
+
+    Query token i of sequence b sits in query block ``(seq_lens[b] - len_q[b] + i) // sparse_block``,
+    so the queries span blocks ``i0 .. i1``; they read key block j <= i1 when j is in the head's
+    shard or ``j > i0 - local_blocks``. Checked on units of ``gcd(block_size, sparse_block)``
+    tokens, each inside exactly one table entry and one sparse block.
+    """
+    batch, hkv, width = block_tables.shape
+    sb = pattern.sparse_block
+    unit = math.gcd(block_size, sb)
+    per_block = block_size // unit
+    dev = block_tables.device
+    n = seq_lens.long().to(dev)
+    nq = len_q.long().to(dev)
+    pos = torch.arange(width * per_block, device=dev) * unit  # first token of each unit
+    j = pos // sb
+    i0 = (n - nq).clamp_min(0) // sb
+    in_use = (pos[None, :] < n[:, None]) & (nq > 0)[:, None]  # [B, units]
+    window = j[None, :] > i0[:, None] - pattern.local_blocks  # [B, units]
+    shard = pattern._shard_mask(int(j[-1]) + 1 if len(j) else 0, dev)[:, j]  # [Hkv, units]
+    reads = in_use[:, None, :] & (window[:, None, :] | shard[None])  # [B, Hkv, units]
+    reads = reads.view(batch, hkv, width, per_block).any(-1)
+    missing = reads & (block_tables < 0)
+    if bool(missing.any()):
+        b, h, blk = (int(x) for x in missing.nonzero()[0])
+        raise ValueError(f"block_tables[{b}, {h}, {blk}] is -1 but the S2 pattern reads that block: "
+                         f"KV head {h} of sequence {b} attends to tokens {blk * block_size}.."
+                         f"{(blk + 1) * block_size - 1} (only blocks the pattern never reads may be -1)")
+
+
+def _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, pattern, scale, out,
+                    num_splits, validate, max_seqlen_q=None) -> None:
+    """Every check of the paged S2 entry points (decode: cu_seqlens_q None)."""
+    per_head, hkv = _paged_layout(q, k_cache, v_cache, block_tables)
+    batch = _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
+                         num_splits, validate, per_head=per_head, max_seqlen_q=max_seqlen_q)
+    _check_pattern(pattern, q.shape[1], hkv)
+    if validate and per_head and batch:
+        if cu_seqlens_q is None:
+            len_q = torch.ones(batch, dtype=torch.long, device=q.device)
+        else:
+            len_q = cu_seqlens_q[1:].long() - cu_seqlens_q[:-1].long()
+        _check_reads_stored(pattern, block_tables, seq_lens, len_q, k_cache.shape[1])
+
+
+def s2_attention_prefill_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                               seq_lens: torch.Tensor, pattern: S2Pattern, scale: float, *,
+                               impl: str | None = None, out: torch.Tensor | None = None,
+                               max_seqlen_q: int | None = None, validate: bool = True) -> torch.Tensor:
+    """Variable-length causal S2-attention prefill over paged K/V, on top of any cached prefix.
+
+    q ``[total_q, Hq, D]`` holds each sequence's new tokens (their K/V already in the cache);
+    ``cu_seqlens_q [batch+1]``; new token i of sequence b sits at position
+    ``seq_lens[b] - len_q(b) + i`` (as in `kernels.paged_attention_prefill`). The cache layouts
+    are `s2_attention_decode`'s: a shared table ``[batch, max_blocks]`` over
+    ``[num_blocks, block_size, Hkv, D]``, or a per-KV-head table ``[batch, Hkv, max_blocks]``
+    over ``[num_blocks, block_size, 1, D]`` with -1 where a head stores nothing (allowed only
+    for blocks the pattern never reads for these queries; ``validate=True`` checks it).
+    ``max_seqlen_q`` avoids a device sync when given. Returns ``[total_q, Hq, D]`` in q's dtype.
+    """
+    _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, pattern, scale, out,
+                    None, validate, max_seqlen_q)
+    return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,
+                block_tables=block_tables, cu_seqlens_q=cu_seqlens_q, s2=pattern._kernel_args(),
+                out=out, max_seqlen_q=max_seqlen_q)
+
+
 def s2_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, seq_lens: torch.Tensor, pattern: S2Pattern,
                         scale: float, *, impl: str | None = None, out: torch.Tensor | None = None,
@@ -244,17 +337,10 @@ def s2_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     - shared: caches ``[num_blocks, block_size, Hkv, D]``, block_tables ``[batch, max_blocks]``;
     - head-sharded pool: caches ``[num_blocks, block_size, 1, D]`` (one KV head per physical
       block), block_tables ``[batch, Hkv, max_logical_blocks]`` mapping (head, logical block) to a
-      physical block, -1 where the head stores nothing; only blocks the pattern reads are read.
+      physical block, -1 where the head stores nothing; only blocks the pattern reads are read,
+      and ``validate=True`` rejects a -1 where the pattern reads.
     """
-    per_head = isinstance(block_tables, torch.Tensor) and block_tables.dim() == 3
-    if per_head:
-        _check_q_kv(q, k_cache, v_cache, paged=True, per_head_ok=True)
-        _need(k_cache.shape[2] == 1,
-              f"per-head block tables need caches with one KV head per block, got {tuple(k_cache.shape)}")
-        hkv = block_tables.shape[1]
-        _need(q.shape[1] % hkv == 0, f"num q heads ({q.shape[1]}) must be a multiple of num kv heads ({hkv})")
-    _check_paged(q, k_cache, v_cache, block_tables, seq_lens, None, scale, out, num_splits, validate,
-                 per_head=per_head)
-    _check_pattern(pattern, q.shape[1], hkv if per_head else k_cache.shape[2])
+    _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, None, pattern, scale, out,
+                    num_splits, validate)
     return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,
                 block_tables=block_tables, s2=pattern._kernel_args(), out=out, num_splits=num_splits)

@@ -8,7 +8,7 @@ import torch
 
 from kernels.attention import paged_attention_prefill
 from kernels.attention_ref import s2_attention_decode_ref, s2_attention_prefill_ref
-from kernels.s2 import S2Pattern, s2_attention_decode, s2_attention_prefill
+from kernels.s2 import S2Pattern, s2_attention_decode, s2_attention_prefill, s2_attention_prefill_paged
 
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 EXACT = 1e-5  # two fp32 computations of the same quantity (identity tests)
@@ -173,10 +173,12 @@ def test_s2_dense_pattern_equals_causal_attention(device, rng_seed):
     assert rel_err(ours, base.double()) < EXACT
 
 
-def make_shared_and_sharded(p, lens, bs, d, dtype, device):
+def make_shared_and_sharded(p, lens, bs, d, dtype, device, len_q=None):
     """One paged cache shared by all KV heads, and the same data as a head-sharded pool: blocks of
-    one KV head each, only those the head reads for its next query, -1 elsewhere, NaN in the rest."""
+    one KV head each, only those the head reads for the sequence's last `len_q` queries (default:
+    one, a decode), -1 elsewhere, NaN in the rest."""
     batch, hkv = len(lens), p.num_kv_heads
+    len_q = [1] * batch if len_q is None else len_q
     max_blocks = max(-(-n // bs) for n in lens) + 1
     nb = batch * max_blocks + 2
     k = torch.randn(nb, bs, hkv, d, device=device).to(dtype)
@@ -187,20 +189,28 @@ def make_shared_and_sharded(p, lens, bs, d, dtype, device):
     bth = torch.full((batch, hkv, max_blocks), -1, dtype=torch.int32, device=device)
     free = torch.randperm(nb * hkv).tolist()
     stored = 0
-    for b, n in enumerate(lens):
-        if n == 0:
+    for b, (n, nq) in enumerate(zip(lens, len_q)):
+        if n == 0 or nq == 0:
             continue
-        i = (n - 1) // p.sparse_block
+        q_blocks = range((n - nq) // p.sparse_block, (n - 1) // p.sparse_block + 1)
         for h in range(hkv):
             for lb in range(-(-n // bs)):
-                j_first, j_last = lb * bs // p.sparse_block, (lb * bs + bs - 1) // p.sparse_block
-                if any(p.kv_head_reads(h, i, j) for j in range(j_first, j_last + 1)):
+                j_first, j_last = lb * bs // p.sparse_block, (min(lb * bs + bs, n) - 1) // p.sparse_block
+                if any(p.kv_head_reads(h, i, j) for i in q_blocks for j in range(j_first, j_last + 1)):
                     phys = free.pop()
                     kh[phys, :, 0] = k[bt[b, lb], :, h]
                     vh[phys, :, 0] = v[bt[b, lb], :, h]
                     bth[b, h, lb] = phys
                     stored += 1
     return (k, v, bt), (kh, vh, bth), stored
+
+
+def gather_contiguous(k_cache, bt, lens):
+    """The sequences of a shared paged cache as contiguous [sum(lens), Hkv, D] (for the
+    contiguous-K/V reference)."""
+    bs = k_cache.shape[1]
+    rows = [k_cache[bt[b].long()].reshape(-1, *k_cache.shape[2:])[:n] for b, n in enumerate(lens)]
+    return torch.cat(rows)
 
 
 DECODE_CASES = [  # (pattern index, dtype, block_size, lens, num_splits)
@@ -238,6 +248,84 @@ def test_s2_decode_torch_fallback(device, rng_seed):
     check(s2_attention_decode(q, kh, vh, bth, sl, p, 0.5, impl="torch"), ref, torch.float32)
 
 
+PAGED_PREFILL_CASES = [  # (pattern index, dtype, block_size, seq_lens, len_q, impl)
+    # whole prompts, a prefill on top of a cached prefix, a one-token chunk, an idle sequence
+    (0, torch.bfloat16, 16, [101, 67, 1, 40], [101, 23, 1, 0], "triton"),
+    (1, torch.float16, 16, [150, 37], [45, 37], "triton"),
+    (2, torch.float32, 16, [131, 70], [30, 9], "triton"),   # pool blocks smaller than sparse blocks
+    (3, torch.bfloat16, 32, [203, 29], [20, 29], "triton"),  # pool blocks spanning sparse blocks
+    (1, torch.float32, 16, [150, 37], [45, 37], "torch"),
+]
+
+
+@pytest.mark.parametrize("pi,dtype,bs,lens,lq,impl", PAGED_PREFILL_CASES)
+def test_s2_prefill_paged_shared_and_sharded_match_reference(device, rng_seed, pi, dtype, bs, lens, lq, impl):
+    """New tokens at positions seq_len - len_q .. seq_len - 1, against the float64 reference on
+    the same K/V laid out contiguously; the sharded pool holds only what these queries read."""
+    p = PATTERNS[pi]
+    (k, v, bt), (kh, vh, bth), stored = make_shared_and_sharded(p, lens, bs, 32, dtype, device, lq)
+    sl = torch.tensor(lens, dtype=torch.int32, device=device)
+    cq = cu(lq, device)
+    q = torch.randn(sum(lq), p.num_heads, 32, device=device).to(dtype)
+    ref = s2_attention_prefill_ref(q, gather_contiguous(k, bt, lens), gather_contiguous(v, bt, lens),
+                                   cq, cu(lens, device), p, 0.2)
+    for cache in ((k, v, bt), (kh, vh, bth)):
+        out = torch.full_like(q, float("nan"))
+        s2_attention_prefill_paged(q, *cache, cq, sl, p, 0.2, out=out, impl=impl, max_seqlen_q=max(lq))
+        check(out, ref, dtype)
+    if p.num_dense_heads == 0:
+        assert stored < sum(-(-n // bs) for n in lens) * p.num_kv_heads  # some blocks really are -1
+
+
+def test_s2_prefill_paged_dense_pattern_equals_paged_prefill(device, rng_seed):
+    """vert_stride 1 reads every block: paged S2 prefill must equal plain causal paged prefill."""
+    p = S2Pattern(4, 16, 1, 1, num_kv_heads=2)
+    lens, lq = [83, 29], [40, 29]
+    (k, v, bt), _, _ = make_shared_and_sharded(p, lens, 16, 32, torch.float32, device, lq)
+    sl, cq = torch.tensor(lens, dtype=torch.int32, device=device), cu(lq, device)
+    q = torch.randn(sum(lq), 4, 32, device=device)
+    ours = s2_attention_prefill_paged(q, k, v, bt, cq, sl, p, 0.3)
+    assert rel_err(ours, paged_attention_prefill(q, k, v, bt, cq, sl, 0.3).double()) < EXACT
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_s2_paged_rejects_missing_blocks_the_pattern_reads(device, decode):
+    """-1 is fine where the pattern never reads; a -1 where some query of the batch reads is a
+    clear error and nothing is written."""
+    p = PATTERNS[0]  # 4 KV heads, stride 3, 2 local blocks
+    lens = [150, 61]
+    lq = [1, 1] if decode else [40, 61]
+    (_, _, _), (kh, vh, bth), _ = make_shared_and_sharded(p, lens, 16, 16, torch.float32, device, lq)
+    sl, cq = torch.tensor(lens, dtype=torch.int32, device=device), cu(lq, device)
+    q = torch.randn(sum(lq), p.num_heads, 16, device=device)
+
+    def call(table):
+        out = torch.full_like(q, float("nan"))
+        if decode:
+            s2_attention_decode(q, kh, vh, table, sl, p, 0.3, out=out)
+        else:
+            s2_attention_prefill_paged(q, kh, vh, table, cq, sl, p, 0.3, out=out)
+        return out
+
+    assert not call(bth).isnan().any()  # the table as built: -1 only where nothing reads
+    assert bool((bth[0] < 0).any())
+    # sequence 0, its first query block, KV head 1: a window block, then a shard block
+    i0 = (lens[0] - lq[0]) // p.sparse_block
+    shard = next(j for j in range(i0) if p.in_shard(1, j) and not p.in_shard(0, j))
+    for h, blk in ((1, i0 - 1), (1, shard)):
+        bad = bth.clone()
+        assert bad[0, h, blk] >= 0
+        bad[0, h, blk] = -1
+        with pytest.raises(ValueError, match=rf"block_tables\[0, {h}, {blk}\] is -1"):
+            call(bad)
+    # a block out of every head's reach may be -1: head 0's non-shard block far behind the window
+    far = next(j for j in range(i0 - p.local_blocks) if not p.in_shard(0, j))
+    assert bth[0, 0, far] == -1
+    ok = bth.clone()
+    ok[1, :, -1] = -1  # past the end of sequence 1: never in use
+    assert not call(ok).isnan().any()
+
+
 def test_s2_bad_inputs(device):
     p = S2Pattern(4, 16, 2, 2, num_kv_heads=2)
     q, k, v, cq, ck = _prefill_inputs(p, [5], [9], 16, torch.float16, device)
@@ -258,6 +346,15 @@ def test_s2_bad_inputs(device):
         s2_attention_decode(qd, kh, vh, bth[:, :1], sl, p, 0.1)  # 1 kv head vs pattern's 2
     with pytest.raises(ValueError):
         s2_attention_decode(qd, kc, vc, bt[:, :2], sl, p, 0.1)  # table too short for 40 tokens
+    cq1 = cu([1], device)
+    with pytest.raises(ValueError, match="pattern"):
+        s2_attention_prefill_paged(qd, kh, vh, bth, cq1, sl, S2Pattern(4, 16, 2, 2), 0.1)
+    with pytest.raises(ValueError, match="one KV head per block"):
+        s2_attention_prefill_paged(qd, kc, vc, bth, cq1, sl, p, 0.1)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        s2_attention_prefill_paged(qd, kh, vh, bth, cq1, sl, p, 0.1, max_seqlen_q=0)
+    with pytest.raises(ValueError, match="seq_lens"):  # more new tokens than the sequence holds
+        s2_attention_prefill_paged(qd, kh, vh, bth, cq1, torch.zeros_like(sl), p, 0.1)
 
 
 # ---------------------------------------------------------------- GPU, realistic sizes
@@ -282,3 +379,13 @@ def test_gpu_s2_realistic(rng_seed, dtype, stride, homo, dense):
             out = torch.full_like(qd, float("nan"))
             s2_attention_decode(qd, *cache, sl, p, 128 ** -0.5, out=out, num_splits=splits)
             check(out, ref, dtype)
+    # paged prefill on top of a cached prefix, shared and head-sharded
+    lq = [700, 1, 0, 300]
+    (kc, vc, bt), (kh, vh, bth), _ = make_shared_and_sharded(p, lens, 64, 128, dtype, device, lq)
+    qp, cq = torch.randn(sum(lq), 32, 128, device=device).to(dtype), cu(lq, device)
+    ref = s2_attention_prefill_ref(qp, gather_contiguous(kc, bt, lens), gather_contiguous(vc, bt, lens),
+                                   cq, cu(lens, device), p, 128 ** -0.5)
+    for cache in ((kc, vc, bt), (kh, vh, bth)):
+        out = torch.full_like(qp, float("nan"))
+        s2_attention_prefill_paged(qp, *cache, cq, sl, p, 128 ** -0.5, out=out)
+        check(out, ref, dtype)
