@@ -93,6 +93,8 @@ class BlockAllocator:
 
     def alloc_many(self, n: int) -> list[int]:
         """Hand out the `n` lowest free ids, backing them first; all or nothing."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n!r}")
         if n == 0:
             return []
         if n > len(self._free):
