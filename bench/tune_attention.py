@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import sys
 import time
 
 import torch
@@ -20,38 +22,13 @@ import torch.nn.functional as F
 
 import kernels.attention as attn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import graph_time_ms as graph_ms  # noqa: E402
+
 HQ, HKV, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
 SCALE = D ** -0.5
 L2_BYTES = 50 << 20
-
-
-def graph_ms(fns, reps: int = 20) -> float:
-    """GPU time of one call: `fns` (one per rotated input copy) captured `reps` times in a CUDA
-    graph, replayed, timed with events."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for f in fns:
-                f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / (reps * len(fns)))
-    del g
-    return sorted(times)[len(times) // 2]
 
 
 def eager_ms(fns) -> float:
@@ -162,12 +139,15 @@ def decode_sweep(cases, quick: bool, log) -> list[dict]:
     return rows
 
 
+PREFILL_CFGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                (128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 4), (128, 128, 4, 2),
+                (128, 32, 4, 4), (128, 32, 8, 3), (128, 32, 4, 2), (64, 32, 4, 3), (128, 16, 4, 3),
+                (128, 64, 4, 4), (256, 32, 8, 3), (128, 128, 8, 4)]
+
+
 def prefill_sweep(cases, quick: bool, log) -> list[dict]:
     rows = []
-    cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-            (128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 4), (128, 128, 4, 2)]
-    if quick:
-        cfgs = cfgs[:3]
+    cfgs = PREFILL_CFGS[:3] if quick else PREFILL_CFGS
     for batch, seq in cases:
         n = batch * seq
         k = torch.randn(n // BS, BS, HKV, D, device="cuda", dtype=DT)
@@ -215,6 +195,7 @@ def main() -> None:
     ap.add_argument("--out", default="tune.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--what", default="decode,prefill")
+    ap.add_argument("--prefill-cases", default="16x1024,4x4096,1x16384", help="BATCHxSEQ,...")
     args = ap.parse_args()
     rows: list[dict] = []
 
@@ -228,7 +209,8 @@ def main() -> None:
         rows += decode_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096), (64, 32768)],
                              args.quick, log)
     if "prefill" in what:
-        rows += prefill_sweep([(16, 1024), (4, 4096), (1, 16384)], args.quick, log)
+        cases = [tuple(int(x) for x in c.split("x")) for c in args.prefill_cases.split(",")]
+        rows += prefill_sweep(cases, args.quick, log)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=0)
     summarize(rows)

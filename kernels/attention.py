@@ -44,6 +44,7 @@ __all__ = [
 _LOG2E = 1.4426950408889634
 _NEG_BIG = -1.0e38  # running-max start: finite, so a row with no key yet gives exp2(0)=1, not NaN
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LONG_Q = 2048  # query runs from this length on take the wide prefill tiles (see _config)
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -98,9 +99,10 @@ def _block_ids(table_row, start, kpos, kmask, hi, BLOCK_SIZE: tl.constexpr, BLOC
 def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
                K, V, Lr, bt_row, lbt_row, k_head_off, v_head_off, k_start,
                stride_kb, stride_ks, stride_vb, stride_vs, stride_lrb, stride_lrs,
-               rank, has_adapter, qk_scale,
+               has_adapter, qk_scale,
                s2_local, s2_stride, s2_shift, is_dense,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+               RANK: tl.constexpr, LR_ALIGN: tl.constexpr,
                BLOCK_SIZE: tl.constexpr, LR_BLOCK_SIZE: tl.constexpr,
                SPARSE_BLOCK: tl.constexpr, PAGED: tl.constexpr, HAS_LORA: tl.constexpr,
                S2: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr):
@@ -146,14 +148,16 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST)
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
-        lmask = (offs_r[None, :] < rank) & has_adapter
+        lmask = (offs_r[None, :] < RANK) & has_adapter
         if MASK:
             lmask = lmask & kmask[:, None]
         # A request without adapter reads block 0 (masked out below), never its table.
         lphys = _block_ids(lbt_row, start, kpos, kmask & has_adapter, tl.where(has_adapter, hi, 0),
                            LR_BLOCK_SIZE, BLOCK_N, True)
         lslot = (kpos % LR_BLOCK_SIZE).to(tl.int64)
-        l_off = lphys * stride_lrb + lslot * stride_lrs
+        # Row starts aligned to LR_ALIGN elements and a compile-time rank let the compiler load
+        # whole rows as vectors: r = 8 rows are 16 bytes, never divisible-by-16 *elements*.
+        l_off = tl.multiple_of(lphys * stride_lrb + lslot * stride_lrs, LR_ALIGN)
         lt = tl.load(Lr + l_off[:, None] + offs_r[None, :], mask=lmask, other=0.0)
         acc_lr = acc_lr * alpha[:, None] + _mm(p.to(lt.dtype), lt, UPCAST)
     return acc, acc_lr, m_new, l_i
@@ -168,11 +172,11 @@ def _attn_fwd(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_btb, stride_bth, stride_lrb, stride_lrs, stride_lbtb,
     stride_lba, stride_lbh, stride_lbr,
-    rank, num_kv_heads, num_splits, group,
+    num_kv_heads, num_splits, group,
     s2_local, s2_stride, s2_step, s2_offset, s2_dense_from, s2_homo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     R_PAD: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, LR_BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, LR_BLOCK_SIZE: tl.constexpr, RANK: tl.constexpr, LR_ALIGN: tl.constexpr,
     PAGED: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LORA: tl.constexpr, S2: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -266,24 +270,24 @@ def _attn_fwd(
             acc, acc_lr, m_i, l_i = _attn_tile(
                 acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
                 k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
-                stride_lrb, stride_lrs, rank, has_adapter, qk_scale,
+                stride_lrb, stride_lrs, has_adapter, qk_scale,
                 s2_local, s2_stride, s2_shift, is_dense,
-                HEAD_DIM, BLOCK_N, R_PAD, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST)
+                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST)
         for t in range(tl.maximum(t_lo, n_full), t_hi):
             start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
             acc, acc_lr, m_i, l_i = _attn_tile(
                 acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
                 k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
-                stride_lrb, stride_lrs, rank, has_adapter, qk_scale,
+                stride_lrb, stride_lrs, has_adapter, qk_scale,
                 s2_local, s2_stride, s2_shift, is_dense,
-                HEAD_DIM, BLOCK_N, R_PAD, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST)
+                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST)
 
         if HAS_LORA:
             # (P·L)·B_a once per program; linear, so split partials may fold it in too.
             offs_r = tl.arange(0, R_PAD)
             b_ptrs = (LoraB + tl.maximum(adapter, 0).to(tl.int64) * stride_lba + kvh * stride_lbh
                       + offs_r[:, None] * stride_lbr + offs_d[None, :])
-            lb = tl.load(b_ptrs, mask=(offs_r[:, None] < rank) & has_adapter, other=0.0)
+            lb = tl.load(b_ptrs, mask=(offs_r[:, None] < RANK) & has_adapter, other=0.0)
             # In the cache dtype: an fp32 [R_PAD, D] operand of B spills registers at r = 128,
             # and P was rounded to that dtype for P·V anyway.
             acc += _mm(acc_lr.to(lb.dtype), lb, UPCAST)
@@ -357,19 +361,24 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: int | None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch."""
+def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: int | None,
+            long_q: bool = True):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch.
+
+    GPU values from `bench/tune_attention.py` on an H200 (bf16, Hq 32, Hkv 8, D 128, block 16):
+    decode is memory-bound and wants 32 KB K/V tiles double-buffered (BLOCK_N 128 at D 128:
+    within 4% of the best of 27 configs at batch 1-64, 4K-32K); prefill wants 128×128 tiles over
+    long query runs (366 TFLOP/s at 16K) and narrow key tiles when runs are short (1K: the
+    diagonal's masked tiles dominate; 253 vs 217 TFLOP/s)."""
     if interpreter_on():
         # Small tiles so that CPU tests with short sequences still cross many tiles.
         bm, bn, warps, stages = (16 if decode else 32), 16, 4, 1
     elif decode:
-        bm, bn = 16, (64 if head_dim <= 128 else 32)
-        warps, stages = 4, (3 if head_dim <= 128 else 2)
+        bm, bn = 16, max(16, min(128, (128 * 128) // head_dim))
+        warps, stages = 4, 2
     else:
-        if head_dim <= 64:
-            bm, bn, warps, stages = 128, 64, 4, 3
-        elif head_dim <= 128:
-            bm, bn, warps, stages = 128, 64, 8, 3
+        if head_dim <= 128:
+            bm, bn, warps, stages = (128, 128, 8, 3) if long_q else (128, 32, 4, 3)
         else:
             bm, bn, warps, stages = 64, 32, 8, 2
         if r_pad > 32:
@@ -381,13 +390,20 @@ def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: i
 
 
 def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, device) -> int:
-    """Enough programs to fill the GPU when batch × heads alone cannot, with >= 4 tiles each."""
+    """Split-KV factor for decode: none once batch × heads fills the GPU twice over; else about
+    2 programs per SM when there are very few (batch 1: long splits beat the partials' cost) and
+    about 6 per SM otherwise (batch 16: 6 splits 16% faster than 3), never under 2 tiles each.
+    Measured with `bench/tune_attention.py` (H200)."""
     if interpreter_on():
         return 1
-    programs = batch * num_kv_heads
-    want = -(-2 * _num_sms(device) // max(programs, 1))
-    most = max(1, max_ctx // (4 * block_n))
-    return int(max(1, min(want, most, 128)))
+    programs = max(batch * num_kv_heads, 1)
+    sms = _num_sms(device)
+    if programs >= 2 * sms:
+        return 1
+    per_sm = 2 if 4 * programs <= sms else 6
+    want = max(1, round(per_sm * sms / programs))
+    most = max(1, max_ctx // (2 * block_n))
+    return int(min(want, most, 128))
 
 
 def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=None,
@@ -408,14 +424,11 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
         return out
     r = lora.lr_cache.shape[-1] if lora is not None else 0
     r_pad = max(16, _next_pow2(r)) if lora is not None else 16
-    bm, bn, warps, stages = _config(d, group, decode, r_pad, s2.sparse_block if s2 else None)
-
-    if decode:
-        n_qtiles = 1
-    else:
-        if max_seqlen_q is None:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
-        n_qtiles = max(1, -(-max_seqlen_q // (bm // group)))
+    if not decode and max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    bm, bn, warps, stages = _config(d, group, decode, r_pad, s2.sparse_block if s2 else None,
+                                    long_q=decode or max_seqlen_q >= _LONG_Q)
+    n_qtiles = 1 if decode else max(1, -(-max_seqlen_q // (bm // group)))
 
     if paged:
         block_size = k.shape[1]
@@ -448,9 +461,10 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
         lr_strides = (lr.stride(0), lr.stride(1), lbt.stride(0))
         lb_strides = (lb.stride(0), lb.stride(1), lb.stride(2))
         lr_block_size = lr.shape[1]
+        lr_align = math.gcd(16, lr.stride(0), lr.stride(1))
     else:
         lr, lbt, lb, aid = dummy, dummy, dummy, dummy
-        lr_strides, lb_strides, lr_block_size = (0, 0, 0), (0, 0, 0), 1
+        lr_strides, lb_strides, lr_block_size, lr_align = (0, 0, 0), (0, 0, 0), 1, 1
     if s2 is not None:
         s2_vals = (s2.local_blocks, s2.vert_stride, s2.head_sliding_step, s2.offset % s2.vert_stride,
                    s2.dense_from, int(s2.homo_head))
@@ -477,9 +491,9 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_btb, stride_bth, *lr_strides, *lb_strides,
-        r, hkv, num_splits, group, *s2_vals,
+        hkv, num_splits, group, *s2_vals,
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=sparse_block,
-        BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size,
+        BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size, RANK=max(r, 1), LR_ALIGN=lr_align,
         PAGED=paged, VARLEN_Q=not decode, HAS_LORA=lora is not None, S2=s2 is not None,
         SPLIT=split, UPCAST=interpreter_on(), num_warps=warps, num_stages=stages,
     )

@@ -382,9 +382,11 @@ fn = A._attn_fwd
 ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32",
              "LrBlockTables": "i32", "SeqLens": "i32", "CuQ": "i32", "CuK": "i32", "AdapterIds": "i32"}
 pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
-consts = dict(HEAD_DIM=128, BLOCK_M=16 if variant == "decode" else 64, BLOCK_N=64, R_PAD=64,
-              SPARSE_BLOCK=64, PAGED=True, VARLEN_Q=variant == "prefill", HAS_LORA=True, S2=True,
-              SPLIT=variant == "decode", UPCAST=False)
+decode = variant == "decode"
+bm, bn, warps, stages = A._config(128, 4, decode, 64, None)  # the GPU config, LoRA at r = 64
+consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=64, SPARSE_BLOCK=bn, BLOCK_SIZE=16,
+              LR_BLOCK_SIZE=16, RANK=64, LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=True,
+              S2=True, SPLIT=decode, UPCAST=False)
 sig = {}
 for name in fn.arg_names:
     if name in consts:
@@ -394,7 +396,7 @@ for name in fn.arg_names:
     else:
         sig[name] = "fp32" if name == "qk_scale" else "i32"
 src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED")
 """
 
