@@ -4,6 +4,12 @@ paged caches, for a batch of chunks from many sessions and agents.
 Per layer, every chunk's new K/V are written first and only then does any chunk attend, so
 several consecutive chunks of one session (a replay of tokens that different agents processed)
 run correctly in one forward.
+
+S2-attention layers keep the kv streams' K/V in the head-sharded storage (`kv.s2`, see
+engine/s2.py). On the kernel path, chunks that read plain K/V (no LoRA inside attention) attend
+there through `kernels.s2_attention_prefill_paged` / `s2_attention_decode` with per-KV-head block
+tables. Chunks that need LoRA inside attention (shared modes: an agent's low-rank V, or its own K
+namespace) have no S2 kernel and take the torch path in S2 layers, reading the same sharded K/V.
 """
 from __future__ import annotations
 
@@ -40,6 +46,11 @@ def _write(pool_tensor: torch.Tensor, slots: torch.Tensor, values: torch.Tensor)
 
 def _read(pool_tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return pool_tensor.view(-1, *pool_tensor.shape[2:])[slots]
+
+
+def _kv_key(ch: Chunk) -> tuple:
+    """The chunk's ("kv", ...) stream key: the K/V every chunk reads."""
+    return next(k for k in ch.streams if k[0] == "kv")
 
 
 def _tables(rows: list[list[int]], device) -> torch.Tensor:
@@ -81,7 +92,8 @@ class PagedAttention:
     def __init__(self, kv: KVManager, chunks: list[Chunk], lora, lora_ids: torch.Tensor, s2=None,
                  kernels: str | None = None):
         self.kv, self.chunks, self.lora, self.ids = kv, chunks, lora, lora_ids
-        self.s2 = s2  # engine/s2.py helper or None
+        self.s2 = s2  # engine/s2.py S2Masks (the torch path's masks) or None
+        self.sharded = kv.s2  # the S2 layers' head-sharded K/V (engine/s2.py ShardedKV) or None
         self.impl = kernels  # None: torch attention per chunk; "triton"/"torch": the paged kernels
         c = kv.config
         self.scale = c.head_dim ** -0.5
@@ -89,6 +101,9 @@ class PagedAttention:
         # slots are the same for every layer: compute them once per forward
         self.w_slots = [{k: s.slots(ch.start, ch.end) for k, s in ch.streams.items()} for ch in chunks]
         self._r_slots: dict[int, dict] = {}  # read slots, built only for chunks the torch path attends
+        # the S2 layers' streams (created by the scheduler's reservation) and their write slots
+        self.s2_streams = [kv.sessions[ch.sid].sharded[_kv_key(ch)] for ch in chunks] if self.sharded else []
+        self.s2_slots = [self.sharded.slots(s, ch.start, ch.end) for s, ch in zip(self.s2_streams, chunks)]
         self.k_agents = [a for a in kv._sorted() if a.k_lora] if kv.shared else []
         self.lr_keys = [k for k in kv.stream_keys(None) if k[0] == "lr"] if kv.shared else []
         self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan()
@@ -121,7 +136,7 @@ class PagedAttention:
         dev = self.kv.device
         for key, g in groups.items():
             chs = [self.chunks[i] for i in g["idx"]]
-            kvs = [next(s for k, s in ch.streams.items() if k[0] == "kv") for ch in chs]
+            kvs = [ch.streams[_kv_key(ch)] for ch in chs]
             g["kv_pool"] = kvs[0].pool
             g["bt"] = _tables([s.blocks for s in kvs], dev)
             g["seq_lens"] = torch.tensor([ch.end for ch in chs], dtype=torch.int32, device=dev)
@@ -135,6 +150,8 @@ class PagedAttention:
                 g["lr_pool"] = lrs[0].pool
                 g["lr_bt"] = _tables([s.blocks for s in lrs], dev)
                 g["aid"] = torch.tensor([g["agents"].index(ch.agent) for ch in chs], dtype=torch.int32, device=dev)
+            elif self.sharded is not None:
+                g["s2_bt"] = self.sharded.block_tables([self.s2_streams[i] for i in g["idx"]])
         return groups, rest
 
     def _lora_b(self, agents, layer: int, pool) -> torch.Tensor:
@@ -151,37 +168,47 @@ class PagedAttention:
         return torch.stack(out).to(pool.dtype).contiguous()
 
     def _attend_kernels(self, layer: int, q: torch.Tensor, out: torch.Tensor, s2_layer: bool) -> set[int]:
-        """Run every kernel group of this layer; returns the chunks done. In S2 layers only
-        plain decodes have a kernel (s2_attention_decode); the rest takes the torch path."""
-        from kernels import (flash_lora_decode, flash_lora_prefill, paged_attention_decode,
-                             paged_attention_prefill, s2_attention_decode)
-
+        """Run every kernel group of this layer; returns the chunks done. In S2 layers only plain
+        groups have a kernel (S2 over the head-sharded K/V); Flash-LoRA groups take the torch path."""
         done: set[int] = set()
         for key, g in self.groups.items():
-            if s2_layer and not (key[0] == "plain" and g["decode"]):
+            if s2_layer and key[0] != "plain":
                 continue
-            kc, vc = g["kv_pool"].layer(0, layer), g["kv_pool"].layer(1, layer)
             qg = q.index_select(0, g["rows"])
-            kw = dict(impl=self.impl, validate=False)
-            if s2_layer:
-                o = s2_attention_decode(qg, kc, vc, g["bt"], g["seq_lens"], self.s2.pattern, self.scale, **kw)
-            elif key[0] == "lora":
-                lr = g["lr_pool"].layer(0, layer)
-                b = self._lora_b(g["agents"], layer, g["lr_pool"])
-                if g["decode"]:
-                    o = flash_lora_decode(qg, kc, vc, lr, g["lr_bt"], b, g["aid"], g["bt"], g["seq_lens"],
-                                          self.scale, **kw)
-                else:
-                    o = flash_lora_prefill(qg, kc, vc, lr, g["lr_bt"], b, g["aid"], g["bt"], g["cu_q"],
-                                           g["seq_lens"], self.scale, max_seqlen_q=g["max_q"], **kw)
-            elif g["decode"]:
-                o = paged_attention_decode(qg, kc, vc, g["bt"], g["seq_lens"], self.scale, **kw)
-            else:
-                o = paged_attention_prefill(qg, kc, vc, g["bt"], g["cu_q"], g["seq_lens"], self.scale,
-                                            max_seqlen_q=g["max_q"], **kw)
+            o = self._s2_kernel(layer, g, qg) if s2_layer else self._dense_kernel(layer, key, g, qg)
             out.index_copy_(0, g["rows"], o.to(out.dtype))
             done.update(g["idx"])
         return done
+
+    def _s2_kernel(self, layer: int, g: dict, qg: torch.Tensor) -> torch.Tensor:
+        from kernels import s2_attention_decode, s2_attention_prefill_paged
+
+        kc, vc = self.sharded.k_cache(layer), self.sharded.v_cache(layer)
+        pattern, kw = self.sharded.pattern, dict(impl=self.impl, validate=False)
+        if g["decode"]:
+            return s2_attention_decode(qg, kc, vc, g["s2_bt"], g["seq_lens"], pattern, self.scale, **kw)
+        return s2_attention_prefill_paged(qg, kc, vc, g["s2_bt"], g["cu_q"], g["seq_lens"], pattern,
+                                          self.scale, max_seqlen_q=g["max_q"], **kw)
+
+    def _dense_kernel(self, layer: int, key: tuple, g: dict, qg: torch.Tensor) -> torch.Tensor:
+        from kernels import (flash_lora_decode, flash_lora_prefill, paged_attention_decode,
+                             paged_attention_prefill)
+
+        kl = self.kv.kv_layer(layer)
+        kc, vc = g["kv_pool"].layer(0, kl), g["kv_pool"].layer(1, kl)
+        kw = dict(impl=self.impl, validate=False)
+        if key[0] == "lora":
+            lr = g["lr_pool"].layer(0, layer)
+            b = self._lora_b(g["agents"], layer, g["lr_pool"])
+            if g["decode"]:
+                return flash_lora_decode(qg, kc, vc, lr, g["lr_bt"], b, g["aid"], g["bt"], g["seq_lens"],
+                                         self.scale, **kw)
+            return flash_lora_prefill(qg, kc, vc, lr, g["lr_bt"], b, g["aid"], g["bt"], g["cu_q"],
+                                      g["seq_lens"], self.scale, max_seqlen_q=g["max_q"], **kw)
+        if g["decode"]:
+            return paged_attention_decode(qg, kc, vc, g["bt"], g["seq_lens"], self.scale, **kw)
+        return paged_attention_prefill(qg, kc, vc, g["bt"], g["cu_q"], g["seq_lens"], self.scale,
+                                       max_seqlen_q=g["max_q"], **kw)
 
     def attend(self, model, layer: int, x, q, k, v, rope: Rope) -> torch.Tensor:
         if self.kv.shared:
@@ -189,24 +216,37 @@ class PagedAttention:
         else:
             self._write_full(model, layer, x, k, v, rope)
         out = torch.empty_like(q)
-        s2_layer = self.s2 is not None and self.kv.config.is_s2_layer(layer)
+        s2_layer = self._sharded_layer(layer)
         done = self._attend_kernels(layer, q, out, s2_layer) if self.groups else set()
         for i in (i for i in range(len(self.chunks)) if i not in done):
             ch = self.chunks[i]
             out[ch.rows] = self._attend_chunk(i, ch, layer, q[ch.rows])
         return out
 
+    def _sharded_layer(self, layer: int) -> bool:
+        """Whether `layer` keeps its K/V in the head-sharded S2 storage."""
+        return self.sharded is not None and self.sharded.holds(layer)
+
     # ---- writes ------------------------------------------------------------------------------
+    def _write_kv(self, i: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Chunk i's new K/V (rows of k, v) into its kv stream: the kv pool, or in S2 layers the
+        head-sharded storage."""
+        ch = self.chunks[i]
+        if self._sharded_layer(layer):
+            self.sharded.write(layer, self.s2_slots[i], k[ch.rows], v[ch.rows])
+            return
+        key = _kv_key(ch)
+        pool, slots, kl = ch.streams[key].pool, self.w_slots[i][key], self.kv.kv_layer(layer)
+        _write(pool.layer(0, kl), slots, k[ch.rows])
+        _write(pool.layer(1, kl), slots, v[ch.rows])
+
     def _write_full(self, model, layer, x, k, v, rope):
         dk = self.lora.delta(K_PROJ, layer, x, self.ids)
         dv = self.lora.delta(V_PROJ, layer, x, self.ids)
         kf = model.finish_k(layer, k if dk is None else k + dk, rope)
         vf = model.finish_v(v if dv is None else v + dv)
-        for i, ch in enumerate(self.chunks):
-            (key, s), = ch.streams.items()
-            slots = self.w_slots[i][key]
-            _write(s.pool.layer(0, layer), slots, kf[ch.rows])
-            _write(s.pool.layer(1, layer), slots, vf[ch.rows])
+        for i in range(len(self.chunks)):
+            self._write_kv(i, layer, kf, vf)
 
     def _write_shared(self, model, layer, x, k, v, rope):
         kb = model.finish_k(layer, k, rope)
@@ -234,8 +274,7 @@ class PagedAttention:
             for key, s in ch.streams.items():
                 slots = self.w_slots[i][key]
                 if key[0] == "kv":
-                    _write(s.pool.layer(0, layer), slots, kb[rows])
-                    _write(s.pool.layer(1, layer), slots, vb[rows])
+                    self._write_kv(i, layer, kb, vb)
                 elif key[0] == "k":
                     _write(s.pool.layer(0, layer), slots, extra_k[key[1]][rows])
                 elif key in lows:
@@ -253,12 +292,18 @@ class PagedAttention:
         return self._r_slots[i]
 
     # ---- reads -------------------------------------------------------------------------------
+    def _read_kv(self, i: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [end, Hkv, D] of chunk i's kv stream up to its last token (in S2 layers zeros
+        where a head stores nothing: the S2 mask never lets those be read)."""
+        ch = self.chunks[i]
+        if self._sharded_layer(layer):
+            return self.sharded.read(layer, self.s2_streams[i], ch.end)
+        key = _kv_key(ch)
+        pool, slots, kl = ch.streams[key].pool, self._read_slots(i)[key], self.kv.kv_layer(layer)
+        return _read(pool.layer(0, kl), slots), _read(pool.layer(1, kl), slots)
+
     def _attend_chunk(self, i: int, ch: Chunk, layer: int, q: torch.Tensor) -> torch.Tensor:
-        kv_key = next(k for k in ch.streams if k[0] == "kv")
-        kvs = ch.streams[kv_key]
-        slots = self._read_slots(i)[kv_key]
-        K = _read(kvs.pool.layer(0, layer), slots)
-        V = _read(kvs.pool.layer(1, layer), slots)
+        K, V = self._read_kv(i, layer)
         a = ch.agent
         if self.kv.shared and a is not None:
             if a.k_lora and ("k", a.name) in ch.streams:

@@ -10,6 +10,12 @@ Streams of a session, by mode (`agent` = an agent name):
                   with a k_proj LoRA: its K lives in its own namespace.
 - base_lr_shared: as base_shared with one ("lr", None) stream (one A shared by all agents).
 In the shared modes every stream of a session covers the same tokens (one coverage counter).
+
+S2-attention layers keep the K/V of every ("kv", ...) stream in head-sharded storage
+(`engine.s2.ShardedKV`, one `ShardedStream` per kv stream), so the "kv" pool holds the dense
+layers only; the K namespaces and low-rank V keep every layer in their pools. Prefix sharing
+between sessions is off for such models: a session that attaches another's blocks would need
+window blocks of the S2 layers that the other session may already have given back.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch
 
 from .config import ModelConfig
 from .kvcache import BlockPool, ByteBudget, CacheFull, Stream, make_page_pool
+from .s2 import ShardedKV, ShardedStream, s2_layers, s2_pattern
 
 MODES = ("non_shared", "base_shared", "base_lr_shared", "full_shared")
 
@@ -38,6 +45,7 @@ class Agent:
 class SessionCache:
     streams: dict = field(default_factory=dict)  # key -> Stream
     covered: dict = field(default_factory=dict)  # coverage key -> tokens cached
+    sharded: dict = field(default_factory=dict)  # ("kv", ...) key -> ShardedStream (S2 layers)
 
 
 class KVManager:
@@ -52,8 +60,16 @@ class KVManager:
         self.pools: dict[str, BlockPool] = {}
         self.sessions: dict[int, SessionCache] = {}
         self.agents: dict[str, Agent] = {}  # the registered agents (shared modes write for all)
-        self.prefix_caching = prefix_caching
         self.uids: dict[str | None, int] = {None: 0}  # agent -> registration id (content-hash namespace)
+        sparse = s2_layers(config)
+        self.s2: ShardedKV | None = None
+        if sparse:
+            self.s2 = ShardedKV(s2_pattern(config), sparse, config.head_dim, block_size, dtype, self.budget,
+                                self.page_pool)
+        self.prefix_caching = prefix_caching and self.s2 is None
+        # the "kv" pool's layers: the dense ones (a model with S2 in every layer keeps one unused)
+        dense = [layer for layer in range(config.num_layers) if layer not in set(sparse)]
+        self._kv_index = {layer: i for i, layer in enumerate(dense)}
 
     @property
     def shared(self) -> bool:
@@ -65,9 +81,18 @@ class KVManager:
         if name not in self.pools:
             c = self.config
             shape, n = ((c.num_kv_heads, c.head_dim), 2 if kind == "kv" else 1) if kind != "lr" else ((rank,), 1)
-            self.pools[name] = BlockPool(name, c.num_layers, self.block_size, shape, n, self.dtype,
+            layers = max(1, len(self._kv_index)) if kind == "kv" else c.num_layers
+            self.pools[name] = BlockPool(name, layers, self.block_size, shape, n, self.dtype,
                                          self.device, self.budget, self.page_pool)
         return self.pools[name]
+
+    def kv_layer(self, layer: int) -> int:
+        """Index of model layer `layer` among the "kv" pool's layers (S2 layers are not there)."""
+        try:
+            return self._kv_index[layer]
+        except KeyError:
+            raise ValueError(f"layer {layer} keeps its K/V in the head-sharded S2 storage, "
+                             "not in the kv pool") from None
 
     # ---- which streams -----------------------------------------------------------------------
     def cov_key(self, agent: str | None):
@@ -114,13 +139,30 @@ class KVManager:
             out[key] = st.streams[key]
         return out
 
+    def sharded(self, sid: int, agent: str | None) -> dict[tuple, ShardedStream]:
+        """The S2 layers' streams `agent` writes (one per kv stream; none without S2 layers)."""
+        if self.s2 is None:
+            return {}
+        st = self.state(sid)
+        out = {}
+        for key in self.stream_keys(agent):
+            if key[0] == "kv":
+                if key not in st.sharded:
+                    st.sharded[key] = self.s2.new_stream()
+                out[key] = st.sharded[key]
+        return out
+
     def reserve(self, sid: int, agent: str | None, end: int) -> None:
         """Room for tokens [0, end) in every stream `agent` writes, all or nothing (CacheFull)."""
         streams = self.streams(sid, agent)
+        shards = self.sharded(sid, agent)
         need = sum(s.blocks_needed(end) * s.pool.block_bytes for s in streams.values())
+        need += sum(self.s2.bytes_to_reserve(s, end) for s in shards.values())
         if self.budget.used + need > self.budget.capacity:
             raise CacheFull(f"session {sid}: {need} more KV bytes needed, "
                             f"{self.budget.capacity - self.budget.used} free of {self.budget.capacity}")
+        for s in shards.values():
+            self.s2.reserve(s, end)
         for s in streams.values():
             s.reserve(end)
 
@@ -132,6 +174,8 @@ class KVManager:
             pool = self._pool_for(key)
             have = len(s.blocks) if s else 0
             total += max(0, -(-end // pool.block_size) - have) * pool.block_bytes
+            if self.s2 is not None and key[0] == "kv":
+                total += self.s2.bytes_to_reserve(st.sharded.get(key) if st else None, end)
         return total
 
     def advance(self, sid: int, agent: str | None, end: int) -> None:
@@ -140,6 +184,8 @@ class KVManager:
         st.covered[k] = max(st.covered.get(k, 0), end)
         for key in self.stream_keys(agent):
             st.streams[key].length = max(st.streams[key].length, end)
+        for s in self.sharded(sid, agent).values():
+            self.s2.trim(s, end)  # the window has moved: give back what no later query reads
 
     # ---- prefix sharing (content-addressed full blocks) ---------------------------------------
     def _hash_chain(self, key: tuple, tokens: list[int], procs: list, n_blocks: int, start: int = 0,
@@ -207,24 +253,36 @@ class KVManager:
         return common * self.block_size
 
     # ---- freeing -----------------------------------------------------------------------------
+    def _drop_stream(self, st: SessionCache, key: tuple) -> int:
+        """Free one stream of a session (and its S2 layers' blocks); returns the bytes freed."""
+        s = st.streams.pop(key)
+        n = s.nbytes()
+        s.release()
+        shard = st.sharded.pop(key, None)
+        if shard is not None:
+            n += self.s2.release(shard)
+        return n
+
     def free_session(self, sid: int) -> int:
-        st = self.sessions.pop(sid, None)
+        st = self.sessions.get(sid)
         if st is None:
             return 0
-        n = sum(s.nbytes() for s in st.streams.values())
-        for s in st.streams.values():
-            s.release()
+        n = sum(self._drop_stream(st, key) for key in list(st.streams))
+        del self.sessions[sid]
         return n
 
     def session_bytes(self, sid: int) -> int:
         st = self.sessions.get(sid)
-        return 0 if st is None else sum(s.nbytes() for s in st.streams.values())
+        if st is None:
+            return 0
+        return (sum(s.nbytes() for s in st.streams.values())
+                + sum(self.s2.nbytes(s) for s in st.sharded.values()))
 
     def drop_agent(self, name: str) -> None:
         """Free every stream that belongs to agent `name` (its own K/V, K namespace, low-rank V)."""
         for st in self.sessions.values():
             for key in [k for k in st.streams if k[1] == name]:
-                st.streams.pop(key).release()
+                self._drop_stream(st, key)
             st.covered.pop(name, None) if self.mode == "non_shared" else None
 
     def free_other_agents(self, sid: int, keep: str | None) -> int:
@@ -235,9 +293,7 @@ class KVManager:
             return 0
         freed = 0
         for key in [k for k in st.streams if k[1] != keep]:
-            s = st.streams.pop(key)
-            freed += s.nbytes()
-            s.release()
+            freed += self._drop_stream(st, key)
             st.covered.pop(key[1], None)
         return freed
 
@@ -269,14 +325,21 @@ class KVManager:
             "base_shared": kv_tok + nk * k_tok + lr_tok * sum(v_ranks),
             "base_lr_shared": kv_tok + nk * k_tok + lr_tok * (max(v_ranks) if v_ranks else 0),
         }
+        stores = list(pools.values())
+        s2 = None
+        if self.s2 is not None:
+            s2 = self.s2.report([s for st in self.sessions.values() for s in st.sharded.values()])
+            stores.append(s2)
         return {
             "cache_mode": self.mode,
             "block_size": self.block_size,
             "budget_bytes": self.budget.capacity,
             "used_bytes": self.budget.used,
-            "mapped_bytes": sum(p["mapped_bytes"] for p in pools.values()),
-            "reserved_bytes": sum(p["reserved_bytes"] for p in pools.values()),
-            "pages_mapped": sum(p["pages_mapped"] for p in pools.values()),
+            "mapped_bytes": sum(p["mapped_bytes"] for p in stores),
+            "reserved_bytes": sum(p["reserved_bytes"] for p in stores),
+            "pages_mapped": sum(p["pages_mapped"] for p in stores),
+            # S2 layers' head-sharded K/V: used_bytes vs full_bytes (every block, every KV head)
+            "s2": s2,
             "page_pool": self.page_pool.stats(),
             "pools": pools,
             "namespaces": ns,
