@@ -3,8 +3,10 @@
 A pool holds, per layer, `[max_blocks, block_size, *token_shape]` tensors: K and V for a full KV
 pool (`token_shape = (Hkv, D)`), K alone for an agent's own K namespace, or one rank-r vector per
 token for a low-rank V pool. The tensors are `cachepool.PagedStore` views over `vmm` arenas
-reserved for the whole budget: pages are mapped only as blocks are handed out (lowest free id
-first, so the top of the reservation is the free end) and unmapped when the top empties.
+reserved for the whole budget. Which block ids are free lives in a `cachepool.BlockAllocator`
+over that store: lowest free id first, so the top of the reservation is the free end, pages
+mapped as blocks are handed out and unmapped when the top empties. A pool adds what the engine's
+streams need on top: the shared byte budget, refcounts and a content-hash registry.
 
 All pools draw blocks from one byte budget (`max_kv_bytes`), so running out raises `CacheFull`
 — which the scheduler answers by preempting — and changes nothing. The layouts are the
@@ -12,23 +14,32 @@ All pools draw blocks from one byte budget (`max_kv_bytes`), so running out rais
 """
 from __future__ import annotations
 
-import heapq
 import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 import torch
 
 import vmm
-from cachepool import CacheFullError, PagedStore
+from cachepool import BlockAllocator, CacheFullError, PagedStore
+from cachepool.storage import StoreOwner
 
 
 class CacheFull(RuntimeError):
-    """The KV byte budget cannot hold the blocks asked for (nothing was allocated)."""
+    """The KV byte budget (or the page pool behind it) cannot hold the blocks asked for; nothing
+    was allocated."""
 
 
 class ByteBudget:
+    """Bytes of KV blocks that every pool of one engine may hold together."""
+
     def __init__(self, capacity_bytes: int):
         self.capacity = int(capacity_bytes)
         self.used = 0
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether `nbytes` more bytes stay within the capacity."""
+        return self.used + nbytes <= self.capacity
 
 
 def make_page_pool(device, budget_bytes: int, num_layers: int) -> vmm.PagePool:
@@ -40,7 +51,21 @@ def make_page_pool(device, budget_bytes: int, num_layers: int) -> vmm.PagePool:
     return vmm.PagePool(backend, budget_bytes + slack)
 
 
-class BlockPool:
+class BlockPool(StoreOwner):
+    """Refcounted, content-addressable blocks of one kind (K+V, K, or low-rank V) on vmm pages.
+
+    Args:
+        name: "kv", "k" or "lr<rank>"; names the planes and the errors.
+        num_layers, block_size: every block holds `block_size` tokens of every layer.
+        token_shape: one token's shape in one tensor, e.g. (Hkv, D) or (r,).
+        n_tensors: 2 for K and V, 1 otherwise.
+        budget: the byte budget shared by all pools of one engine.
+        page_pool: the physical pages shared by all pools of one engine.
+
+    `refs[b]` counts the streams holding block b (present exactly while b is in use);
+    `by_hash` / `hash_of` map content hashes of full, written blocks to blocks and back.
+    """
+
     def __init__(self, name: str, num_layers: int, block_size: int, token_shape: tuple[int, ...],
                  n_tensors: int, dtype: torch.dtype, device, budget: ByteBudget, page_pool: vmm.PagePool):
         self.name = name
@@ -54,82 +79,87 @@ class BlockPool:
         max_blocks = max(1, budget.capacity // self.block_bytes)
         self.store = PagedStore(page_pool, num_layers, self.planes, (block_size, *self.token_shape), dtype,
                                 max_blocks)
-        self.top = 0  # ids >= top are free and may be unmapped
-        self._free: list[int] = []  # free ids below top (a heap: lowest first)
-        self._free_set: set[int] = set()
-        self.in_use = 0
-        # prefix sharing: full blocks by content hash (refcounted; dropped when the last user goes)
+        self.allocator = BlockAllocator(max_blocks, self.store)
         self.refs: dict[int, int] = {}
         self.by_hash: dict[int, int] = {}
         self.hash_of: dict[int, int] = {}
 
+    @property
+    def top(self) -> int:
+        """1 + the highest block id in use: ids at or above it are free and their pages unmapped."""
+        return self.allocator.top
+
+    @property
+    def in_use(self) -> int:
+        """Blocks held by at least one stream."""
+        return self.allocator.num_allocated
+
     def can_allocate(self, n: int) -> bool:
-        return self.budget.used + n * self.block_bytes <= self.budget.capacity
+        """Whether `allocate(n)` would succeed now (budget and physical pages)."""
+        return self.budget.fits(n * self.block_bytes) and self.allocator.num_obtainable(enough=n) >= n
 
     def allocate(self, n: int) -> list[int]:
-        if n <= 0:
+        """Hand out the `n` lowest free block ids, each with one reference. All or nothing:
+        CacheFull when the budget or the page pool cannot hold them."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"pool {self.name!r}: block count must be an int >= 0, got {n!r}")
+        if n == 0:
             return []
-        if not self.can_allocate(n):
+        if not self.budget.fits(n * self.block_bytes):
             raise CacheFull(f"pool {self.name!r}: {n} blocks of {self.block_bytes} B exceed the KV budget "
                             f"({self.budget.used} of {self.budget.capacity} B in use)")
-        take = min(n, len(self._free))
-        low = [heapq.heappop(self._free) for _ in range(take)]
-        new_top = self.top + n - take
         try:
-            self.store.grow_to(new_top)
-        except CacheFullError as e:
-            for b in low:
-                heapq.heappush(self._free, b)
-            raise CacheFull(f"pool {self.name!r}: {e}") from None
-        self._free_set.difference_update(low)
-        out = low + list(range(self.top, new_top))
-        self.top = new_top
-        for b in out:
-            self.refs[b] = 1
+            ids = self.allocator.alloc_many(n)
+        except CacheFullError as e:  # the allocator has rolled back: nothing taken, nothing mapped
+            raise CacheFull(f"pool {self.name!r}: {e}") from e
+        self.refs.update(dict.fromkeys(ids, 1))
         self.budget.used += n * self.block_bytes
-        self.in_use += n
-        return out
+        return ids
+
+    def _check_in_use(self, block: int) -> None:
+        if block not in self.refs:
+            raise ValueError(f"pool {self.name!r}: block {block!r} is not in use")
 
     def share(self, block: int) -> None:
         """One more user of a (content-addressed) block."""
+        self._check_in_use(block)
         self.refs[block] += 1
 
     def register(self, block: int, h: int) -> None:
         """Make a full, written block findable by its content hash (first writer wins)."""
+        self._check_in_use(block)
         if h not in self.by_hash and block not in self.hash_of:
             self.by_hash[h] = block
             self.hash_of[block] = h
 
-    def free(self, blocks: list[int]) -> None:
+    def free(self, blocks: Iterable[int]) -> None:
+        """Drop one reference per listed block; a block nobody holds any more goes back to the
+        allocator, loses its hash and its bytes. A block listed more often than it is held
+        raises ValueError and changes nothing."""
+        drops = Counter(blocks)
+        over = sorted(b for b, k in drops.items() if self.refs.get(b, 0) < k)
+        if over:
+            raise ValueError(f"pool {self.name!r}: blocks {over} are freed more often than they are held")
         gone = []
-        for b in blocks:
-            self.refs[b] -= 1
-            if self.refs[b] == 0:
-                del self.refs[b]
-                h = self.hash_of.pop(b, None)
-                if h is not None:
-                    del self.by_hash[h]
-                gone.append(b)
-        for b in gone:
-            heapq.heappush(self._free, b)
-            self._free_set.add(b)
+        for b, k in drops.items():
+            left = self.refs[b] - k
+            if left:
+                self.refs[b] = left
+                continue
+            del self.refs[b]
+            h = self.hash_of.pop(b, None)
+            if h is not None:
+                del self.by_hash[h]
+            gone.append(b)
+        self.allocator.release_many(gone)  # unmaps the pages above the new top
         self.budget.used -= len(gone) * self.block_bytes
-        self.in_use -= len(gone)
-        top = self.top
-        while top > 0 and (top - 1) in self._free_set:
-            top -= 1
-            self._free_set.discard(top)
-        if top != self.top:
-            self._free = [b for b in self._free if b < top]
-            heapq.heapify(self._free)
-            self.top = top
-            self.store.shrink_to(top)  # unmaps the pages above the live blocks
 
     def layer(self, i: int, layer: int) -> torch.Tensor:
         """Tensor i (0 = K or the low-rank values, 1 = V) of one layer: [max_blocks, bs, *token_shape]."""
         return self.store.tensors[self.planes[i]][layer]
 
     def report(self) -> dict:
+        """Blocks and bytes of this pool: in use, backed by pages, mapped and reserved."""
         return {
             "block_bytes": self.block_bytes,
             "token_bytes": self.token_bytes,
@@ -141,41 +171,114 @@ class BlockPool:
             "pages_mapped": self.store.mapped_bytes // self.store.page_size,
         }
 
-    def close(self) -> None:
-        self.store.close()
-
 
 class Stream:
-    """One token sequence's blocks in one pool (a block table); `length` tokens are valid."""
+    """One token sequence's blocks in one pool (a block table); `length` tokens are valid.
+
+    The block table is also kept as an int64 tensor on the pool's device, extended as blocks are
+    reserved, so `slots` (called for every chunk of every forward) never converts the whole
+    Python list. Replace `blocks` by assignment, not element by element in place.
+    """
 
     def __init__(self, pool: BlockPool):
         self.pool = pool
-        self.blocks: list[int] = []
         self.length = 0
         self.hashes: list[int] = []  # content hashes of the leading full blocks
+        self._offsets = torch.arange(pool.block_size, dtype=torch.int64, device=pool.device)
+        self.blocks = []
+
+    @property
+    def blocks(self) -> list[int]:
+        """Block ids in token order: token t lives in block `blocks[t // block_size]`."""
+        return self._blocks
+
+    @blocks.setter
+    def blocks(self, ids: Sequence[int]) -> None:
+        self._blocks: list[int] = []
+        self._table = torch.empty(0, dtype=torch.int64, device=self.pool.device)
+        self._tabled = 0  # entries of _table that mirror _blocks
+        self._extend(list(ids))
+
+    def _extend(self, ids: list[int]) -> None:
+        """Append block ids to the table and its tensor (capacity doubles, so growing a block at
+        a time costs amortised O(1) copies)."""
+        self._blocks.extend(ids)
+        self._sync_table()
+
+    def _sync_table(self) -> None:
+        """Make `_table[:len(blocks)]` mirror `blocks`, writing only the entries added since."""
+        n, old = len(self._blocks), self._tabled
+        if n == old:
+            return
+        if n < old:  # the list was shortened in place: rebuild
+            self.blocks = list(self._blocks)
+            return
+        if n > self._table.numel():
+            grown = torch.empty(max(n, 2 * self._table.numel()), dtype=torch.int64, device=self.pool.device)
+            grown[:old] = self._table[:old]
+            self._table = grown
+        self._table[old:n] = torch.tensor(self._blocks[old:n], dtype=torch.int64)
+        self._tabled = n
 
     def blocks_needed(self, n_tokens: int) -> int:
-        return max(0, -(-n_tokens // self.pool.block_size) - len(self.blocks))
+        """Blocks to add so that `n_tokens` tokens fit."""
+        return max(0, -(-n_tokens // self.pool.block_size) - len(self._blocks))
 
     def reserve(self, n_tokens: int) -> None:
         """Make room for `n_tokens` tokens in total (CacheFull leaves the stream as it was)."""
-        self.blocks.extend(self.pool.allocate(self.blocks_needed(n_tokens)))
+        need = self.blocks_needed(n_tokens)
+        if need:
+            self._extend(self.pool.allocate(need))
+
+    def truncate_blocks(self, n_blocks: int) -> None:
+        """Give back every block from index `n_blocks` on (undoes a `reserve`)."""
+        if not 0 <= n_blocks <= len(self._blocks):
+            raise ValueError(f"n_blocks must be in [0, {len(self._blocks)}], got {n_blocks}")
+        self.pool.free(self._blocks[n_blocks:])
+        self.blocks = self._blocks[:n_blocks]
+        del self.hashes[n_blocks:]
+        self.length = min(self.length, n_blocks * self.pool.block_size)
 
     def slots(self, start: int, end: int) -> torch.Tensor:
-        """Flat slot indices (block * block_size + offset) of tokens [start, end)."""
+        """Flat slot indices (block * block_size + offset) of tokens [start, end), int64 on the
+        pool's device."""
         bs = self.pool.block_size
-        pos = torch.arange(start, end)
-        table = torch.tensor(self.blocks, dtype=torch.int64)
-        return (table[pos // bs] * bs + pos % bs).to(self.pool.device)
+        if not 0 <= start <= end <= len(self._blocks) * bs:
+            raise ValueError(f"tokens [{start}, {end}) are outside the stream's "
+                             f"{len(self._blocks) * bs} reserved slots")
+        self._sync_table()  # cheap guard against an append to `blocks` made in place
+        first, last = start // bs, -(-end // bs)
+        per_token = (self._table[first:last, None] * bs + self._offsets).view(-1)
+        return per_token[start - first * bs:end - first * bs]
 
     def block_table(self) -> torch.Tensor:
-        return torch.tensor(self.blocks, dtype=torch.int32, device=self.pool.device)
+        """The block ids as an int32 tensor on the pool's device."""
+        self._sync_table()
+        return self._table[:self._tabled].to(torch.int32)
 
     def release(self) -> None:
-        self.pool.free(self.blocks)
+        """Drop this stream's reference to every block and forget its tokens."""
+        self.pool.free(self._blocks)
         self.blocks = []
         self.hashes = []
         self.length = 0
 
     def nbytes(self) -> int:
-        return len(self.blocks) * self.pool.block_bytes
+        """Bytes of the blocks this stream holds (shared blocks counted in full)."""
+        return len(self._blocks) * self.pool.block_bytes
+
+
+def reserve_all(streams: Iterable[Stream], n_tokens: int) -> None:
+    """Room for `n_tokens` tokens in every stream, all or nothing: if any stream cannot get its
+    blocks (budget or page pool), those already reserved by this call are given back and
+    CacheFull is raised."""
+    done: list[tuple[Stream, int]] = []
+    try:
+        for s in streams:
+            had = len(s.blocks)
+            s.reserve(n_tokens)
+            done.append((s, had))
+    except CacheFull:
+        for s, had in reversed(done):
+            s.truncate_blocks(had)
+        raise
