@@ -139,6 +139,52 @@ def decode_sweep(cases, quick: bool, log) -> list[dict]:
     return rows
 
 
+def lora_sweep(cases, log) -> list[dict]:
+    """Flash-LoRA decode against paged decode (both at the default config) and under other
+    accumulator paddings / tiles, r = 8 and 64."""
+    rows = []
+    for batch, ctx in cases:
+        k, v, tables = paged_cache(batch, ctx)
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+        sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+        fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
+               for t in tables]
+        r0 = dict(kind="paged_default", batch=batch, ctx=ctx, graph_ms=graph_ms(fns), eager_ms=eager_ms(fns))
+        rows.append(r0)
+        log(r0)
+        ids = torch.arange(batch, dtype=torch.int32, device="cuda") % 4
+        ids[1::5] = -1
+        long = ctx >= attn._LONG
+        for rank in (8, 64):
+            lr = torch.randn(k.shape[0], BS, rank, device="cuda", dtype=DT)
+            lb = (torch.randn(4, HKV, rank, D, device="cuda") / rank ** 0.5).to(DT)
+            lfns = [lambda t=t: attn.flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out,
+                                                       validate=False) for t in tables]
+            rd = dict(kind="lora_default", r=rank, batch=batch, ctx=ctx, graph_ms=graph_ms(lfns))
+            rows.append(rd)
+            log(rd)
+            pads = (16, 32, 64) if rank < 64 else (64,)
+            for pad, bn, w in itertools.product(pads, (64, 128), (2, 4)):
+                old_pad, old_cfg = attn._lora_pad, attn._config
+                attn._lora_pad = lambda r_, d_, pad=pad: pad
+                attn._config = lambda *a, bn=bn, w=w, **kw: (16, bn, w, 2)
+                try:
+                    r = dict(kind="lora", r=rank, pad=pad, batch=batch, ctx=ctx, bn=bn, warps=w,
+                             graph_ms=graph_ms(lfns), ratio=None)
+                    r["ratio"] = r["graph_ms"] / r0["graph_ms"]
+                except Exception as e:  # noqa: BLE001
+                    r = dict(kind="lora", r=rank, pad=pad, batch=batch, ctx=ctx, bn=bn, warps=w, error=str(e)[:200])
+                finally:
+                    attn._lora_pad, attn._config = old_pad, old_cfg
+                rows.append(r)
+                log(r)
+            del lr
+        del k, v, tables
+        torch.cuda.empty_cache()
+    return rows
+
+
 PREFILL_CFGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                 (128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 4), (128, 128, 4, 2),
                 (128, 32, 4, 4), (128, 32, 8, 3), (128, 32, 4, 2), (64, 32, 4, 3), (128, 16, 4, 3),
@@ -208,6 +254,8 @@ def main() -> None:
     if "decode" in what:
         rows += decode_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096), (64, 32768)],
                              args.quick, log)
+    if "lora" in what:
+        rows += lora_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096)], log)
     if "prefill" in what:
         cases = [tuple(int(x) for x in c.split("x")) for c in args.prefill_cases.split(",")]
         rows += prefill_sweep(cases, args.quick, log)
@@ -222,13 +270,14 @@ def summarize(rows) -> None:
     for r in rows:
         if "graph_ms" not in r:
             continue
-        key = (r["kind"] if r["kind"] in ("decode", "sdpa", "prefill") or r["kind"].startswith("sdpa") else
-               f"lora{r['r']}", r.get("batch"), r.get("ctx", r.get("seq")))
+        kind = r["kind"] if "r" not in r else f"{r['kind']}{r['r']}"
+        key = (kind, r.get("batch"), r.get("ctx", r.get("seq")))
         if key not in by or r["graph_ms"] < by[key]["graph_ms"]:
             by[key] = r
     for key in sorted(by, key=str):
         r = by[key]
-        extra = {k: r[k] for k in ("bn", "warps", "stages", "splits", "cfg", "tflops", "eager_ms") if k in r}
+        extra = {k: r[k] for k in ("bn", "warps", "stages", "splits", "pad", "cfg", "tflops", "eager_ms", "ratio")
+                 if k in r}
         print(f"BEST {key}: {r['graph_ms']:.4f} ms {extra}")
 
 

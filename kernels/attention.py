@@ -44,7 +44,7 @@ __all__ = [
 _LOG2E = 1.4426950408889634
 _NEG_BIG = -1.0e38  # running-max start: finite, so a row with no key yet gives exp2(0)=1, not NaN
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LONG_Q = 2048  # query runs from this length on take the wide prefill tiles (see _config)
+_LONG = 8192  # contexts (decode) or query runs (prefill) from here on take wide tiles (_config)
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -362,23 +362,28 @@ def _cuda_sms(index: int) -> int:
 
 
 def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: int | None,
-            long_q: bool = True):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch.
+            long: bool = True):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch. `r_pad`: the P·L accumulator's
+    columns (0: no LoRA); `long`: keys per sequence (decode) or query run (prefill) of 8K and more.
 
     GPU values from `bench/tune_attention.py` on an H200 (bf16, Hq 32, Hkv 8, D 128, block 16):
-    decode is memory-bound and wants 32 KB K/V tiles double-buffered (BLOCK_N 128 at D 128:
-    within 4% of the best of 27 configs at batch 1-64, 4K-32K); prefill wants 128×128 tiles over
-    long query runs (366 TFLOP/s at 16K) and narrow key tiles when runs are short (1K: the
-    diagonal's masked tiles dominate; 253 vs 217 TFLOP/s)."""
+    decode is memory-bound and wants K/V tiles double-buffered, 32 KB over long contexts (128 keys
+    at D 128) and 16 KB over short ones (more splits of fewer tiles): within 2% of the best of 27
+    configs at batch 1-64, 4K-32K. Prefill wants 128×128 tiles over long query runs (368 TFLOP/s
+    at 16K) and narrow key tiles over short ones, where the diagonal's masked tiles weigh more
+    (1K: 266 vs 217 TFLOP/s; 4K: 335 vs 331)."""
     if interpreter_on():
         # Small tiles so that CPU tests with short sequences still cross many tiles.
         bm, bn, warps, stages = (16 if decode else 32), 16, 4, 1
     elif decode:
-        bm, bn = 16, max(16, min(128, (128 * 128) // head_dim))
+        # Flash-LoRA keeps the long-context tiles at every length: with 64-key tiles its second
+        # accumulator costs 1.3-1.5× paged decode, with 128 1.01-1.12× (r = 8, batch 1-64).
+        wide = long or r_pad > 0
+        bm, bn = 16, max(16, min(128, (128 if wide else 64) * 128 // head_dim))
         warps, stages = 4, 2
     else:
         if head_dim <= 128:
-            bm, bn, warps, stages = (128, 128, 8, 3) if long_q else (128, 32, 4, 3)
+            bm, bn, warps, stages = (128, 128, 8, 3) if long else (128, 32, 4, 2)
         else:
             bm, bn, warps, stages = 64, 32, 8, 2
         if r_pad > 32:
@@ -387,6 +392,13 @@ def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: i
     if sparse_block is not None:
         bn = min(bn, sparse_block)
     return bm, bn, warps, stages
+
+
+def _lora_pad(rank: int, decode: bool) -> int:
+    """Columns of the P·L accumulator: a power of two >= 16 (tl.dot's minimum); decode pads
+    small ranks to 32, measured 1.2-1.3× faster than 16 at r = 8 (the tile layouts of the two
+    dots line up)."""
+    return max(32 if decode else 16, _next_pow2(rank))
 
 
 def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, device) -> int:
@@ -423,19 +435,15 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
     if q.shape[0] == 0 or batch == 0:
         return out
     r = lora.lr_cache.shape[-1] if lora is not None else 0
-    r_pad = max(16, _next_pow2(r)) if lora is not None else 16
+    r_pad = _lora_pad(r, decode) if lora is not None else 0
     if not decode and max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    max_ctx = block_tables.shape[-1] * k.shape[1] if paged else k.shape[0]
     bm, bn, warps, stages = _config(d, group, decode, r_pad, s2.sparse_block if s2 else None,
-                                    long_q=decode or max_seqlen_q >= _LONG_Q)
+                                    long=(max_ctx if decode else max_seqlen_q) >= _LONG)
     n_qtiles = 1 if decode else max(1, -(-max_seqlen_q // (bm // group)))
 
-    if paged:
-        block_size = k.shape[1]
-        max_ctx = block_tables.shape[-1] * block_size
-    else:
-        block_size = 1
-        max_ctx = k.shape[0]
+    block_size = k.shape[1] if paged else 1
     if s2 is not None and s2.dense_from >= hkv:
         # Splits follow the keys a head reads (shard + window), not the dense width.
         max_ctx = min(max_ctx, (s2.local_blocks + 1) * s2.sparse_block + max_ctx // s2.vert_stride)
@@ -492,7 +500,7 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_btb, stride_bth, *lr_strides, *lb_strides,
         hkv, num_splits, group, *s2_vals,
-        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=sparse_block,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=max(r_pad, 16), SPARSE_BLOCK=sparse_block,
         BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size, RANK=max(r, 1), LR_ALIGN=lr_align,
         PAGED=paged, VARLEN_Q=not decode, HAS_LORA=lora is not None, S2=s2 is not None,
         SPLIT=split, UPCAST=interpreter_on(), num_warps=warps, num_stages=stages,
