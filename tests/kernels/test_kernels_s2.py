@@ -250,7 +250,7 @@ def test_s2_decode_torch_fallback(device, rng_seed):
 
 PAGED_PREFILL_CASES = [  # (pattern index, dtype, block_size, seq_lens, len_q, impl)
     # whole prompts, a prefill on top of a cached prefix, a one-token chunk, an idle sequence
-    (0, torch.bfloat16, 16, [101, 67, 1, 40], [101, 23, 1, 0], "triton"),
+    (0, torch.bfloat16, 16, [77, 50, 1, 40], [77, 19, 1, 0], "triton"),
     (1, torch.float16, 16, [150, 37], [45, 37], "triton"),
     (2, torch.float32, 16, [131, 70], [30, 9], "triton"),   # pool blocks smaller than sparse blocks
     (3, torch.bfloat16, 32, [203, 29], [20, 29], "triton"),  # pool blocks spanning sparse blocks
@@ -293,8 +293,8 @@ def test_s2_paged_rejects_missing_blocks_the_pattern_reads(device, decode):
     """-1 is fine where the pattern never reads; a -1 where some query of the batch reads is a
     clear error and nothing is written."""
     p = PATTERNS[0]  # 4 KV heads, stride 3, 2 local blocks
-    lens = [150, 61]
-    lq = [1, 1] if decode else [40, 61]
+    lens = [110, 45]
+    lq = [1, 1] if decode else [30, 45]
     (_, _, _), (kh, vh, bth), _ = make_shared_and_sharded(p, lens, 16, 16, torch.float32, device, lq)
     sl, cq = torch.tensor(lens, dtype=torch.int32, device=device), cu(lq, device)
     q = torch.randn(sum(lq), p.num_heads, 16, device=device)
