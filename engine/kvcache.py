@@ -217,7 +217,10 @@ class Stream:
             grown = torch.empty(max(n, 2 * self._table.numel()), dtype=torch.int64, device=self.pool.device)
             grown[:old] = self._table[:old]
             self._table = grown
-        self._table[old:n] = torch.tensor(self._blocks[old:n], dtype=torch.int64)
+        if n - old == 1:  # decode's case: a scalar fill, no host-to-device copy (which would sync)
+            self._table[old] = self._blocks[old]
+        else:
+            self._table[old:n] = torch.tensor(self._blocks[old:n], dtype=torch.int64)
         self._tabled = n
 
     def blocks_needed(self, n_tokens: int) -> int:
