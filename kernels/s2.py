@@ -241,20 +241,15 @@ def s2_attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 max_seqlen_q=max_seqlen_q)
 
 
-def _paged_layout(q, k_cache, v_cache, block_tables) -> tuple[bool, int]:
-    """(per_head, num_kv_heads) of a paged S2 call: a shared table ``[B, W]`` over caches
-    ``[num_blocks, bs, Hkv, D]``, or a per-KV-head table ``[B, Hkv, W]`` over caches holding one
-    KV head per block ``[num_blocks, bs, 1, D]`` (cachepool.HeadShardedKVPool's layout)."""
-    per_head = isinstance(block_tables, torch.Tensor) and block_tables.dim() == 3
-    if not per_head:
-        return False, k_cache.shape[2] if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 else 0
+def _check_per_head_layout(q, k_cache, v_cache, block_tables) -> None:
+    """A per-KV-head table ``[B, Hkv, W]`` reads caches holding one KV head per block
+    ``[num_blocks, bs, 1, D]`` (cachepool.HeadShardedKVPool's layout)."""
     _check_q_kv(q, k_cache, v_cache, paged=True, per_head_ok=True)
     _need(k_cache.shape[2] == 1,
           lambda: f"per-head block tables need caches with one KV head per block, got {tuple(k_cache.shape)}")
     hkv = block_tables.shape[1]
     _need(hkv >= 1 and q.shape[1] % hkv == 0,
           lambda: f"num q heads ({q.shape[1]}) must be a multiple of num kv heads ({hkv})")
-    return True, hkv
 
 
 def _check_reads_stored(pattern: S2Pattern, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -292,10 +287,12 @@ def _check_reads_stored(pattern: S2Pattern, block_tables: torch.Tensor, seq_lens
 def _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, pattern, scale, out,
                     num_splits, validate, max_seqlen_q=None) -> None:
     """Every check of the paged S2 entry points (decode: cu_seqlens_q None)."""
-    per_head, hkv = _paged_layout(q, k_cache, v_cache, block_tables)
+    per_head = isinstance(block_tables, torch.Tensor) and block_tables.dim() == 3
+    if per_head:
+        _check_per_head_layout(q, k_cache, v_cache, block_tables)
     batch = _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
                          num_splits, validate, per_head=per_head, max_seqlen_q=max_seqlen_q)
-    _check_pattern(pattern, q.shape[1], hkv)
+    _check_pattern(pattern, q.shape[1], block_tables.shape[1] if per_head else k_cache.shape[2])
     if validate and per_head and batch:
         if cu_seqlens_q is None:
             len_q = torch.ones(batch, dtype=torch.long, device=q.device)
