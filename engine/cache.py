@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelConfig
-from .kvcache import BlockPool, ByteBudget, CacheFull, Stream, make_page_pool
+from .kvcache import BlockPool, ByteBudget, CacheFull, Stream, make_page_pool, reserve_all
 from .s2 import ShardedKV, ShardedStream, s2_layers, s2_pattern
 
 MODES = ("non_shared", "base_shared", "base_lr_shared", "full_shared")
@@ -161,10 +161,18 @@ class KVManager:
         if self.budget.used + need > self.budget.capacity:
             raise CacheFull(f"session {sid}: {need} more KV bytes needed, "
                             f"{self.budget.capacity - self.budget.used} free of {self.budget.capacity}")
-        for s in shards.values():
-            self.s2.reserve(s, end)
-        for s in streams.values():
-            s.reserve(end)
+        # Dense streams first (all or nothing across them), then the head-sharded one (a call
+        # writes at most one "kv" stream); a page pool that runs out half-way hands back what
+        # this call took.
+        had = {k: len(s.blocks) for k, s in streams.items()}
+        reserve_all(streams.values(), end)
+        try:
+            for s in shards.values():
+                self.s2.reserve(s, end)
+        except CacheFull:
+            for k, s in streams.items():
+                s.truncate_blocks(had[k])
+            raise
 
     def bytes_to_reserve(self, sid: int, agent: str | None, end: int) -> int:
         st = self.sessions.get(sid)
