@@ -236,6 +236,10 @@ def s2_attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
         _need(bool((lq >= 0).all() and (lk >= 0).all()), "cu_seqlens must be non-decreasing")
         _need(bool((lq <= lk).all()), "every sequence needs len_k >= len_q")
+        if max_seqlen_q is not None and batch:
+            longest = int(lq.max())
+            _need(longest <= max_seqlen_q,
+                  lambda: f"max_seqlen_q={max_seqlen_q} is below the longest query run ({longest})")
     return _run(impl, q, k=k, v=v, scale=scale, paged=False, cu_seqlens_q=cu_seqlens_q,
                 cu_seqlens_k=cu_seqlens_k, s2=pattern._kernel_args(), out=out,
                 max_seqlen_q=max_seqlen_q)

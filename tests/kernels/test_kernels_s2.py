@@ -337,6 +337,8 @@ def test_s2_bad_inputs(device):
         s2_attention_prefill(q, k, v, ck, cq, p, 0.1)  # len_q > len_k
     with pytest.raises(ValueError):
         s2_attention_prefill(q, k, v, cq, cu([9, 1], device), p, 0.1)  # wrong batch
+    with pytest.raises(ValueError, match="max_seqlen_q"):  # rows would go unwritten
+        s2_attention_prefill(q, k, v, cq, ck, p, 0.1, max_seqlen_q=4)
     (kc, vc, bt), (kh, vh, bth), _ = make_shared_and_sharded(p, [40], 16, 16, torch.float16, device)
     sl = torch.tensor([40], dtype=torch.int32, device=device)
     qd = torch.randn(1, 4, 16, device=device).to(torch.float16)
