@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import torch
@@ -19,6 +20,35 @@ from .model import BatchInputs, DecoderModel
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import CacheCapacityError, Scheduler, Work
 from .sequence import GenerationOutput, Request, Session, Status
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one `Engine.step()` computed: `chunks` holds (session id, start, end) of every run of
+    tokens its forward processed (empty: nothing ran), `sampled` the tokens it generated."""
+    chunks: tuple[tuple[int, int, int], ...] = ()
+    sampled: int = 0
+
+    @property
+    def decode_only(self) -> bool:
+        """Every chunk was one token: a pure decode step (no prefill or recompute rode along)."""
+        return bool(self.chunks) and all(end - start == 1 for _, start, end in self.chunks)
+
+
+@dataclass
+class EngineCounters:
+    """Work the engine has done since it was built (steps, forwards and what they computed;
+    `score()` runs forwards too, outside any step).
+
+    `kernel_chunks` / `torch_chunks`: chunks the attention backend planned onto the paged kernels
+    and onto its torch fallback (on the kernel path the fallback is for what no kernel covers)."""
+    steps: int = 0
+    forwards: int = 0
+    computed_tokens: int = 0  # tokens run through the model (prefill, recompute and decode)
+    decode_steps: int = 0  # steps whose every chunk was a single token
+    recomputed_tokens: int = 0  # tokens computed again after preemption or cache invalidation
+    kernel_chunks: int = 0
+    torch_chunks: int = 0
 
 
 def _default_device() -> torch.device:
@@ -38,7 +68,8 @@ class Engine:
     Agents: `add_lora_agent(name, peft_dir or None)`; on MoE models `add_esft_adapter(name, dir)`
     registers agent `name` whose tokens are routed to that ESFT adapter's experts. A session is
     one token trajectory; `generate(session, agent, prompt, params)` appends the prompt and the
-    output to it. `add_request` / `step` are the same machinery driven from outside.
+    output to it. `add_request` / `step` are the same machinery driven from outside;
+    `last_step` says what the latest step computed and `stats()` counts the work so far.
     """
 
     def __init__(self, model: DecoderModel, cache_mode: str, max_kv_bytes: int | None,
@@ -67,6 +98,8 @@ class Engine:
         self._ids = itertools.count()
         self._sids = itertools.count()
         self._requests: dict[int, Request] = {}
+        self.counters = EngineCounters()
+        self.last_step = StepInfo()
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -303,6 +336,7 @@ class Engine:
             logits = self._forward(works, all_rows=False)
             for w, row in zip([w for w in works if w.sample], logits):
                 self._sampled(w.req, row)
+        self._count_step(works)
         out = {}
         for req in list(self._requests.values()):
             if req.new_tokens or (req.finished and not req.out.finished):
@@ -310,6 +344,18 @@ class Engine:
                 req.new_tokens = []
                 req.out.finished = req.finished
         return out
+
+    def _count_step(self, works: list[Work]) -> None:
+        self.last_step = StepInfo(tuple((w.req.session.id, a, b) for w in works for _, a, b in w.segments),
+                                  sum(1 for w in works if w.sample))
+        self.counters.steps += 1
+        self.counters.decode_steps += int(self.last_step.decode_only)
+
+    def stats(self) -> dict:
+        """The work counters (see EngineCounters) with the scheduler's preemptions (running
+        requests whose cache was freed) and evictions (idle sessions' caches freed)."""
+        return {**asdict(self.counters), "preemptions": self.sched.preemptions,
+                "evictions": self.sched.evictions}
 
     # ---- forward -----------------------------------------------------------------------------
     def _forward(self, works: list[Work], all_rows: bool) -> torch.Tensor:
@@ -340,14 +386,24 @@ class Engine:
         self.model.moe_impl = kern
         backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2(), kernels=kern)
         logits = self.model.forward(inp, backend, self.lora)
+        self._count_forward(len(ids), len(chunks), len(backend.torch_chunks))
         for w in works:
             sess, key = w.req.session, self.sched.stream_agent(w.req)
             high = sess.high.get(key, 0)
-            w.req.out.recomputed_tokens += sum(max(0, min(b, high) - a) for _, a, b in w.segments)
+            again = sum(max(0, min(b, high) - a) for _, a, b in w.segments)
+            w.req.out.recomputed_tokens += again
+            self.counters.recomputed_tokens += again
             sess.high[key] = max(high, w.segments[-1][2])
             self.kv.advance(sess.id, key, w.segments[-1][2])
             self.kv.register(sess.id, key, sess.tokens, sess.procs)
         return logits
+
+    def _count_forward(self, tokens: int, chunks: int, torch_chunks: int) -> None:
+        c = self.counters
+        c.forwards += 1
+        c.computed_tokens += tokens
+        c.torch_chunks += torch_chunks
+        c.kernel_chunks += chunks - torch_chunks
 
     def _s2(self):
         if self.config.s2 is None:
