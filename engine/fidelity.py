@@ -19,7 +19,7 @@ import gc
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -28,6 +28,7 @@ from .cache import MODES
 DEFAULT_AGENTS = ("plan", "act", "reflect")
 
 Progress = Callable[[str], None] | None
+T = TypeVar("T")
 
 
 def model_config(model: str):
@@ -321,41 +322,140 @@ class E2ERow:
     tokens: int  # the trajectory length reached (context turns + the measured round)
     mode: str
     sessions: int
-    decode_tok_s: float  # all sessions together, decode steps only
-    tpot_ms: float
+    decode_tok_s: float  # all sessions together, decode-only steps (see RoundTiming)
+    tpot_ms: float  # wall time of one decode-only step
     ttft_ms: float  # a new turn at full context (non_shared: the agent first catches up)
     kv_bytes: int
     wall_s: float
+    preemptions: int = 0  # over the measured pass: running requests whose cache was freed
+    recomputed_tokens: int = 0  # tokens computed again (preemption or cache invalidation)
+    torch_chunks: int = 0  # chunks the attention backend sent to its torch fallback
 
 
-def _lockstep(eng, sessions, agent, prompts: list[list[int]], max_tokens: int):
+@dataclass
+class RoundTiming:
+    """One lockstep round (one turn on every session at once), timed step by step.
+
+    Decode throughput and TPOT come from *decode-only* steps, where every chunk is one token: a
+    step that also carries another request's prefill or catch-up (non_shared agents re-running
+    what others added) measures prefill, not decode, and is left out."""
+    outputs: list  # GenerationOutput per session
+    decode_s: float  # wall time of the decode-only steps
+    decode_tokens: int  # tokens they generated, all sessions together
+    decode_steps: int
+    shapes: list[tuple]  # per step, the (start, end) of every chunk computed: what kernels ran on
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def tpot_s(self) -> float:
+        """Time per output token of a request decoding in the lockstep batch (one decode step)."""
+        return self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+
+
+def _timed_round(eng, sessions, agent, prompts: list[list[int]], max_tokens: int) -> RoundTiming:
     """One turn on every session at once (one batch); `agent` is one name for all or a list with
-    one per session. Returns the outputs."""
+    one per session."""
     from . import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     names = agent if isinstance(agent, list) else [agent] * len(sessions)
     rids = [eng.add_request(s, a, p, params) for s, a, p in zip(sessions, names, prompts)]
+    decode_s, decode_tokens, decode_steps, shapes = 0.0, 0, 0, []
     while eng.has_unfinished():
-        eng.step()
-    return [eng.get_output(r) for r in rids]
+        t0 = time.perf_counter()
+        eng.step()  # returns after sampling, which reads the logits: the device work is done
+        dt = time.perf_counter() - t0
+        info = eng.last_step
+        shapes.append(tuple((a, b) for _, a, b in info.chunks))
+        if info.decode_only:
+            decode_s, decode_tokens, decode_steps = decode_s + dt, decode_tokens + info.sampled, decode_steps + 1
+    return RoundTiming([eng.get_output(r) for r in rids], decode_s, decode_tokens, decode_steps, shapes)
+
+
+def _fresh_round(eng, agents: list, prompts: list[list[int]], max_tokens: int) -> RoundTiming:
+    """`_timed_round` on new sessions, closed afterwards (their blocks freed, so a later round
+    with the same prompts shares nothing with this one)."""
+    ss = [eng.new_session() for _ in prompts]
+    try:
+        return _timed_round(eng, ss, agents, prompts, max_tokens)
+    finally:
+        for s in ss:
+            eng.close_session(s)
+
+
+def _after_warmup(run: Callable[[], T]) -> T:
+    """`run()` once untimed, then again for the numbers: the first pays Triton compiles (each new
+    specialisation of a kernel's integer arguments, e.g. the split-KV count that grows with the
+    context), CUDA graph capture and allocator growth for exactly the shapes the second runs."""
+    run()
+    return run()
+
+
+@dataclass
+class _E2EPass:
+    probe: list[RoundTiming]  # the measured round, one per agent
+    tokens: int
+    kv_bytes: int
+    stats: dict
+    wall_s: float
+
+
+def _e2e_pass(model, mode: str, dirs: dict[str, str], context: list, probe: list, decode_tokens: int,
+              max_batched_tokens: int) -> _E2EPass:
+    """One engine in `mode`: the context turns, then the probe round; the engine is freed before
+    returning (its page pool goes back before the next pass maps its own)."""
+    from . import Engine
+
+    t0 = time.perf_counter()
+    eng = Engine(model, mode, None, max_batched_tokens=max_batched_tokens)
+    for a, d in dirs.items():
+        eng.add_lora_agent(a, d)
+    ss = [eng.new_session() for _ in context[0]]
+    for a, prompts in zip(dirs, context):
+        _timed_round(eng, ss, a, prompts, decode_tokens)
+    timed = [_timed_round(eng, ss, a, prompts, decode_tokens) for a, prompts in zip(dirs, probe)]
+    out = _E2EPass(timed, len(ss[0]), kv_bytes(eng.memory_report()), eng.stats(), time.perf_counter() - t0)
+    for s in ss:
+        eng.close_session(s)
+    del eng
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _e2e_row(length: int, mode: str, sessions: int, run: _E2EPass) -> E2ERow:
+    decode_s = sum(t.decode_s for t in run.probe)
+    steps = sum(t.decode_steps for t in run.probe)
+    toks = sum(t.decode_tokens for t in run.probe)
+    ttft = [o.ttft_s for t in run.probe for o in t.outputs]
+    return E2ERow(length, run.tokens, mode, sessions,
+                  toks / decode_s if decode_s > 0 else float("nan"),
+                  1e3 * decode_s / steps if steps else float("nan"),
+                  1e3 * sum(ttft) / len(ttft), run.kv_bytes, run.wall_s,
+                  run.stats["preemptions"], run.stats["recomputed_tokens"], run.stats["torch_chunks"])
 
 
 def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, decode_tokens: int = 16,
               sessions: int = 4, modes: Sequence[str] = MODES, device: str | None = None,
               small: bool = False, seed: int = 0, progress: Progress = None,
-              max_batched_tokens: int = 2048) -> list[E2ERow]:
+              max_batched_tokens: int = 2048, warmup: bool = True) -> list[E2ERow]:
     """LRAgent's end-to-end case: plan / act / reflect (r=8 LoRA on q and v, one shared v_proj A)
     take turns on `sessions` trajectories at once, built up to each length, in every cache mode.
 
     Per (length, mode): three context turns (each agent adds about a third of the length), then a
     measured round where each agent gets a 32-token prompt and decodes `decode_tokens`: TTFT of
     that round (at full context; in non_shared the agent first re-runs what the others added),
-    decode throughput of all sessions together, and the KV bytes held at the end.
+    decode throughput of all sessions together over decode-only steps, and the KV bytes held at
+    the end. With `warmup`, every (length, mode) first runs the identical pass untimed on its own
+    engine, so no measured step pays a compile the same shapes need (without it, the first mode
+    of each kernel family to reach a length paid them inside its TPOT).
     """
     import tempfile
 
-    from . import Engine
     from .builtin import save_random_lora
     from .config import config_from_dict
 
@@ -381,31 +481,15 @@ def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, 
             context = [toks(per_turn) for _ in agents]
             probe = [toks(32) for _ in agents]
             for mode in modes:
-                t0 = time.perf_counter()
-                eng = Engine(model, mode, None, max_batched_tokens=max_batched_tokens)
-                for a in agents:
-                    eng.add_lora_agent(a, dirs[a])
-                ss = [eng.new_session() for _ in range(sessions)]
-                for a, prompts in zip(agents, context):
-                    _lockstep(eng, ss, a, prompts, decode_tokens)
-                ttft, tpot = [], []
-                for a, prompts in zip(agents, probe):
-                    outs = _lockstep(eng, ss, a, prompts, decode_tokens)
-                    ttft += [o.ttft_s for o in outs]
-                    tpot += [o.tpot_s for o in outs if o.tpot_s]
-                kv = kv_bytes(eng.memory_report())
-                mean_tpot = sum(tpot) / len(tpot) if tpot else float("nan")
-                row = E2ERow(length, len(ss[0]), mode, sessions, sessions / mean_tpot, mean_tpot * 1e3,
-                             1e3 * sum(ttft) / len(ttft), kv, time.perf_counter() - t0)
+                def one_pass(mode=mode):
+                    return _e2e_pass(model, mode, dirs, context, probe, decode_tokens, max_batched_tokens)
+
+                row = _e2e_row(length, mode, sessions, _after_warmup(one_pass) if warmup else one_pass())
                 rows.append(row)
                 say(f"[L={length} {mode}] {row.decode_tok_s:.1f} tok/s, TPOT {row.tpot_ms:.2f} ms, "
-                    f"TTFT {row.ttft_ms:.1f} ms, KV {row.kv_bytes / 2**20:.1f} MiB ({row.wall_s:.1f} s)")
-                for s in ss:
-                    eng.close_session(s)
-                del eng
-                gc.collect()  # the engine's page pool goes back before the next mode maps its own
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+                    f"TTFT {row.ttft_ms:.1f} ms, KV {row.kv_bytes / 2**20:.1f} MiB, "
+                    f"{row.preemptions} preemptions, {row.recomputed_tokens} recomputed, "
+                    f"{row.torch_chunks} torch-path chunks ({row.wall_s:.1f} s)")
     return rows
 
 
@@ -441,8 +525,8 @@ SMALL_MOE = dict(MOE_LITE, vocab_size=256, hidden_size=64, intermediate_size=128
 class EsftRow:
     adapters: int  # ESFT adapters loaded (0: the base alone)
     sessions: int
-    decode_tok_s: float
-    tpot_ms: float
+    decode_tok_s: float  # all sessions together, decode-only steps of the warm round
+    tpot_ms: float  # wall time of one decode-only step
     free_bytes: int  # device memory left (for KV) with these adapters loaded
     merged_free_bytes: int  # what would be left with a full merged model copy per adapter
     adapter_bytes: int  # bytes the expert store mapped for adapters
@@ -488,7 +572,9 @@ def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2
                small: bool = False, seed: int = 0, progress: Progress = None) -> list[EsftRow]:
     """ExpertWeave's end-to-end case: `sessions` requests decode together, spread round-robin
     over the loaded ESFT adapters (all on the base for the 0-adapter row), on one engine that
-    loads more adapters between rows. Memory left for KV is read from the driver; the merged-model
+    loads more adapters between rows. Each row is timed on its second identical round (fresh
+    sessions, same prompts), after an untimed one: every row, the base alone included, is measured
+    warm. Memory left for KV is read from the driver before either round; the merged-model
     baseline (one full copy of the model per adapter) is computed from the model's weight bytes."""
     import shutil
     import tempfile
@@ -522,22 +608,17 @@ def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2
                 loaded.append(name)
             free = _free_device_bytes(dev)
             names = [loaded[i % n] if n else None for i in range(sessions)]
-            ss = [eng.new_session() for _ in range(sessions)]
-            prompts = [torch.randint(0, c.vocab_size, (prompt_len,), generator=g).tolist() for _ in ss]
-            _lockstep(eng, ss, names, [p[:8] for p in prompts], 2)  # warm-up: kernels for this mix
-            outs = _lockstep(eng, ss, names, prompts, decode_tokens)
-            tpot = sum(o.tpot_s for o in outs) / len(outs)
+            prompts = [torch.randint(0, c.vocab_size, (prompt_len,), generator=g).tolist() for _ in names]
+            timing = _after_warmup(lambda: _fresh_round(eng, names, prompts, decode_tokens))
             rep = eng.memory_report().get("experts", {})
             # pages the store mapped beyond the base experts (exact bytes + shared boundary pages)
             adapter_bytes = int(rep.get("mapped_bytes", 0)) - int(rep.get("base_bytes", 0)) if rep else 0
             free0 = rows[0].free_bytes if rows else free
-            rows.append(EsftRow(n, sessions, sessions / tpot, tpot * 1e3, free,
+            rows.append(EsftRow(n, sessions, timing.decode_tok_s, timing.tpot_s * 1e3, free,
                                 free0 - n * weight_bytes if dev.type == "cuda" else 0, adapter_bytes,
                                 n * weight_bytes, note))
-            say(f"[{n} ESFT adapters] {rows[-1].decode_tok_s:.1f} tok/s, TPOT {tpot * 1e3:.2f} ms, "
+            say(f"[{n} ESFT adapters] {rows[-1].decode_tok_s:.1f} tok/s, TPOT {rows[-1].tpot_ms:.2f} ms, "
                 f"free {free / 2**30:.2f} GiB")
-            for s in ss:
-                eng.close_session(s)
     return rows
 
 
