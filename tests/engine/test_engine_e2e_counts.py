@@ -1,0 +1,117 @@
+"""What the end-to-end benchmark's lockstep scenario makes the engine do, counted (no timing):
+no preemption, no recomputation and no torch-path chunk in the shared modes; decode throughput
+taken only from decode-only steps; and every measured round preceded by an untimed round of
+exactly the same shapes (the GPU table's base_shared / non_shared collapse at 4K was Triton
+compiling a new specialisation of the attention kernel inside the measured round, and its ESFT
+"base alone" row carried the first compiles)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine.fidelity as fid
+from engine import Engine
+from engine.builtin import builtin_config, save_random_lora
+from engine_test_helpers import one_thread, prompt  # noqa: F401  (autouse fixture)
+
+AGENTS = ("plan", "act", "reflect")
+
+
+@pytest.fixture(scope="module")
+def shared_a_adapters(tmp_path_factory):
+    """plan / act / reflect: r=8 on q and v, one shared v_proj A (as in the benchmark)."""
+    root = tmp_path_factory.mktemp("e2e_adapters")
+    c = builtin_config("tiny")
+    return {a: save_random_lora(str(root / a), c, r=8, seed=i + 1, a_seed=77, gain=0.5)
+            for i, a in enumerate(AGENTS)}
+
+
+def test_base_shared_lockstep_computes_each_token_once_on_the_kernels(shared_a_adapters, monkeypatch,
+                                                                      rng_seed):
+    """Two sessions, three agents taking turns in lockstep, then a short round each: base_shared
+    (one low-rank V stream per agent) computes every token exactly once (no preemption, no
+    recompute, no catch-up), runs every chunk on the Flash-LoRA kernels, and after each round's
+    first step only decode-only steps remain. (base_lr_shared differs only in sharing one
+    low-rank stream; the interpreter's time is spent on the mode the GPU table flagged.)"""
+    monkeypatch.setenv("VMWEAVE_KERNELS", "triton")  # the Triton interpreter on CPU
+    eng = Engine.from_pretrained("tiny", cache_mode="base_shared", max_batched_tokens=64)
+    for a in AGENTS:
+        eng.add_lora_agent(a, shared_a_adapters[a])
+    ss = [eng.new_session() for _ in range(2)]
+    g = torch.Generator().manual_seed(rng_seed)
+    decode = 2
+    for length in (21, 4):  # a context turn per agent, then the short round
+        for a in AGENTS:
+            prompts = [torch.randint(0, 512, (length,), generator=g).tolist() for _ in ss]
+            r = fid._timed_round(eng, ss, a, prompts, decode)
+            assert all(len(o) == decode for o in r.outputs)
+            assert r.decode_steps == decode - 1 and r.decode_tokens == len(ss) * (decode - 1)
+    st = eng.stats()
+    assert st["preemptions"] == 0 and st["evictions"] == 0
+    assert st["recomputed_tokens"] == 0
+    assert st["torch_chunks"] == 0 and st["kernel_chunks"] > 0
+    # the last sampled token of each session is the only one not yet run through the model
+    assert st["computed_tokens"] == sum(len(s) - 1 for s in ss)
+
+
+def test_decode_throughput_leaves_out_steps_that_carry_a_prefill():
+    """non_shared: agent b first catches up on a session a built, 50 tokens per session with 64
+    tokens per step, so session 0's second token shares a step with session 1's prefill. That
+    step is not a decode step; the decode-only ones are counted exactly."""
+    eng = Engine.from_pretrained("tiny", cache_mode="non_shared", max_batched_tokens=64)
+    eng.add_lora_agent("a", None)
+    eng.add_lora_agent("b", None)
+    ss = [eng.new_session() for _ in range(2)]
+    fid._timed_round(eng, ss, "a", [prompt(30, 1), prompt(30, 2)], 2)  # 32 tokens per session, a covers 31
+    n = 6
+    r = fid._timed_round(eng, ss, "b", [prompt(18, 3), prompt(18, 4)], n)  # b's pending: all 50
+    # step k >= 3 runs s0's token at 48 + k and s1's at 47 + k; s1 ends one step after s0
+    expected = ([((0, 50), (0, 14)), ((50, 51), (14, 50))]  # s0 decodes while s1 ends its prefill
+                + [((48 + k, 49 + k), (47 + k, 48 + k)) for k in range(3, n + 1)] + [((48 + n, 49 + n),)])
+    assert r.shapes == expected
+    assert [len(o) for o in r.outputs] == [n, n]
+    assert r.decode_steps == n - 1  # steps 3 .. n + 1
+    assert r.decode_tokens == 2 * n - 3  # all but the two first tokens and s0's second
+    assert r.decode_s > 0
+    assert eng.stats()["recomputed_tokens"] == 0
+
+
+def _record_rounds(monkeypatch) -> list[fid.RoundTiming]:
+    seen: list[fid.RoundTiming] = []
+    real = fid._timed_round
+
+    def recording(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(fid, "_timed_round", recording)
+    return seen
+
+
+def test_e2e_bench_measures_each_mode_after_an_identical_warmup_pass(monkeypatch):
+    rounds = _record_rounds(monkeypatch)
+    modes = ("non_shared", "base_shared")
+    rows = fid.e2e_bench([61], layers=1, decode_tokens=3, sessions=2, modes=modes, small=True)
+    per_pass = 2 * len(AGENTS)  # context turns, then the measured round
+    assert len(rounds) == 2 * len(modes) * per_pass
+    for i, row in enumerate(rows):
+        warm = rounds[2 * i * per_pass:(2 * i + 1) * per_pass]
+        timed = rounds[(2 * i + 1) * per_pass:(2 * i + 2) * per_pass]
+        assert [r.shapes for r in warm] == [r.shapes for r in timed]
+        probe = timed[len(AGENTS):]
+        steps = sum(r.decode_steps for r in probe)
+        assert steps > 0
+        assert row.tpot_ms == pytest.approx(1e3 * sum(r.decode_s for r in probe) / steps)
+        assert row.preemptions == 0 and row.recomputed_tokens == 0
+
+
+def test_esft_bench_measures_every_row_after_an_identical_warmup_round(monkeypatch):
+    rounds = _record_rounds(monkeypatch)
+    rows = fid.esft_bench((1, 2), sessions=3, prompt_len=11, decode_tokens=4, small=True)
+    assert [r.adapters for r in rows] == [0, 1, 2]  # the base alone first, as before
+    assert len(rounds) == 2 * len(rows)
+    for row, warm, timed in zip(rows, rounds[::2], rounds[1::2]):
+        assert warm.shapes == timed.shapes
+        assert timed.shapes[0] == ((0, 11),) * 3  # the whole prompt, nothing shared with warm-up
+        assert row.tpot_ms == pytest.approx(1e3 * timed.tpot_s)
+        assert row.decode_tok_s == pytest.approx(timed.decode_tok_s)
