@@ -4,10 +4,12 @@
    with random weights, trimmed to LAYERS layers to fit the time budget (every row says so), over
    trajectories of 1K, 4K and 16K tokens, all four cache modes in one run: decode throughput,
    TTFT at full context, KV bytes. Goals: base_lr_shared throughput >= 0.95x full_shared, KV bytes
-   <= 0.34x non_shared.
+   <= 0.34x non_shared. Each (length, mode) is measured on the second of two identical passes
+   (the first pays the Triton compiles its shapes need), decode over decode-only steps.
 2. An MoE model (DeepSeek-V2-Lite's expert shape, 4 layers, random weights) with 1, 5 and 20 ESFT
    adapters vs the base alone on one engine: decode throughput, TPOT, and the GPU memory left for
-   KV (vs one full merged-model copy per adapter, computed from the model's weight bytes).
+   KV (vs one full merged-model copy per adapter, computed from the model's weight bytes). Every
+   row, the base alone included, is timed on the second of two identical rounds.
 
 Environment knobs (to trade time for coverage): VMWEAVE_E2E_LENGTHS, VMWEAVE_E2E_LAYERS,
 VMWEAVE_E2E_SESSIONS.
@@ -41,7 +43,7 @@ def test_engine_e2e_cache_modes(benchmark):
     print("\n" + format_e2e(rows), flush=True)
     by = {(r.length, r.mode): r for r in rows}
     note = (f"Llama-3.1-8B shape, {LAYERS}/32 layers, random bf16; {SESSIONS} sessions x 3 agents "
-            f"(r=8 q,v, shared A)")
+            f"(r=8 q,v, shared A); warm pass, decode-only steps")
     for L in LENGTHS:
         lr, full, ns, bs = (by[(L, m)] for m in ("base_lr_shared", "full_shared", "non_shared", "base_shared"))
         compare("engine e2e", f"{L} tok: decode throughput", ours=("base_lr_shared", lr.decode_tok_s),
