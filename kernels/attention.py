@@ -163,7 +163,9 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
     return acc, acc_lr, m_new, l_i
 
 
-@triton.jit
+# Integers that change with the context length are not specialised on (1 / multiple of 16 /
+# other): otherwise the first request to cross a threshold pays a compile mid-serving.
+@triton.jit(do_not_specialize=["num_splits", "stride_btb", "stride_lbtb"])
 def _attn_fwd(
     Q, K, V, Lr, LoraB, Out, WsM, WsL, WsAcc,
     BlockTables, LrBlockTables, SeqLens, CuQ, CuK, AdapterIds,
@@ -303,7 +305,7 @@ def _attn_fwd(
             tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _split_reduce(WsM, WsL, WsAcc, Out, stride_ot, stride_oh, num_heads, num_splits,
                   HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     """Combine the split-KV partials of one (query token, head) row."""

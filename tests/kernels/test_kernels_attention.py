@@ -425,3 +425,28 @@ def test_kernel_compiles_for_hopper(variant):
         pytest.skip("no ptxas on this machine")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "COMPILED" in res.stdout, "register spills in the compiled kernel"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_no_recompile_as_contexts_grow(rng_seed):
+    """Table widths and split counts change as contexts grow; none of them may trigger a new
+    compile mid-serving (a stall of seconds for whichever request crosses first)."""
+    from kernels.attention import _attn_fwd, _split_reduce
+
+    def compiled() -> int:
+        caches = getattr(_attn_fwd, "device_caches", None)
+        if caches is None:
+            pytest.skip("this triton keeps its kernel cache elsewhere")
+        return sum(len(c[0]) for c in caches.values()) + sum(len(c[0]) for c in _split_reduce.device_caches.values())
+
+    dtype, hq, hkv, d, bs = torch.bfloat16, 8, 2, 64, 16
+    counts = []
+    for lens, splits in (([4096, 37], 3), ([4131, 50], 5), ([4099, 1], 16), ([4101, 3], 17)):
+        k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, "cuda")
+        q = torch.randn(len(lens), hq, d, device="cuda").to(dtype)
+        out = poisoned(q.shape, dtype, "cuda")
+        paged_attention_decode(q, k, v, bt, sl, d ** -0.5, out=out, num_splits=splits)
+        check(out, paged_attention_decode_ref(q, k, v, bt, sl, d ** -0.5), dtype)
+        counts.append(compiled())
+    assert counts[1:] == counts[:1] * 3, counts
