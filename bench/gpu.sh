@@ -3,6 +3,8 @@
 # then a summary table of ratios (last, so it ends up in the device tool's output tail).
 #   bash bench/gpu.sh            # everything
 #   bash bench/gpu.sh -k vmm     # only suites / tests matching an expression
+#   BENCH_K="attention or s2" bash bench/gpu.sh   # every test, only these benchmark suites
+#   (also: SKIP_TESTS=1, TEST_TIMEOUT / BENCH_TIMEOUT seconds, VMWEAVE_E2E_* in bench_engine.py)
 # Logs and pytest-benchmark JSON land in $OUT (the device tool's folder) or bench/out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   echo "tests: $(tail -n 1 "$BENCH_OUT/tests.log")"
 fi
 timeout "${BENCH_TIMEOUT:-400}" python3 -m pytest -q -s bench -p no:cacheprovider -o python_files='bench_*.py' \
-  --benchmark-json="$BENCH_OUT/bench.json" "$@" > "$BENCH_OUT/bench.log" 2>&1
+  --benchmark-json="$BENCH_OUT/bench.json" ${BENCH_K:+-k "$BENCH_K"} "$@" > "$BENCH_OUT/bench.log" 2>&1
 echo "bench exit: $?"
 grep -E "passed|failed|error" "$BENCH_OUT/bench.log" | tail -n 5
 python3 bench/summary.py "$BENCH_OUT/rows.json" | tee "$BENCH_OUT/summary.md"
