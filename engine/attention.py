@@ -53,9 +53,18 @@ def _kv_key(ch: Chunk) -> tuple:
     return next(k for k in ch.streams if k[0] == "kv")
 
 
+TABLE_ALIGN = 16  # table widths a multiple of 16: the kernels' row strides keep one
+# specialisation (Triton compiles per "1 / multiple of 16 / other") as contexts grow
+
+
+def table_width(n_blocks: int) -> int:
+    """Block-table width for `n_blocks` blocks, rounded up to TABLE_ALIGN."""
+    return max(1, -(-n_blocks // TABLE_ALIGN)) * TABLE_ALIGN
+
+
 def _tables(rows: list[list[int]], device) -> torch.Tensor:
-    """Block tables [batch, max_blocks] int32, short rows padded with block 0 (never read)."""
-    width = max(1, max(len(r) for r in rows))
+    """Block tables [batch, width] int32, short rows padded with block 0 (never read)."""
+    width = table_width(max(len(r) for r in rows))
     t = torch.zeros(len(rows), width, dtype=torch.int32)
     for i, r in enumerate(rows):
         t[i, : len(r)] = torch.tensor(r, dtype=torch.int32)

@@ -217,7 +217,7 @@ class ShardedKV(StoreOwner):
 
     def block_tables(self, streams: Sequence[ShardedStream]) -> torch.Tensor:
         """int32 [len(streams), num_kv_heads, width] (the kernels' per-head tables), -1 padded."""
-        width = max(1, max(s.num_blocks for s in streams))
+        width = -(-max(1, max(s.num_blocks for s in streams)) // 16) * 16  # see engine.attention.TABLE_ALIGN
         out = torch.full((len(streams), self.num_kv_heads, width), -1, dtype=torch.int32, device=self.device)
         for i, s in enumerate(streams):
             out[i, :, :s.num_blocks] = self.table(s)

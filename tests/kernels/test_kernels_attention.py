@@ -430,8 +430,8 @@ def test_kernel_compiles_for_hopper(variant):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_no_recompile_as_contexts_grow(rng_seed):
-    """Table widths and split counts change as contexts grow; none of them may trigger a new
-    compile mid-serving (a stall of seconds for whichever request crosses first)."""
+    """Split counts and (16-padded, as the engine pads them) table widths change as contexts
+    grow; none of them may trigger a new compile mid-serving (a stall of seconds)."""
     from kernels.attention import _attn_fwd, _split_reduce
 
     def compiled() -> int:
@@ -444,6 +444,7 @@ def test_gpu_no_recompile_as_contexts_grow(rng_seed):
     counts = []
     for lens, splits in (([4096, 37], 3), ([4131, 50], 5), ([4099, 1], 16), ([4101, 3], 17)):
         k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, "cuda")
+        bt = torch.nn.functional.pad(bt, (0, -bt.shape[1] % 16))
         q = torch.randn(len(lens), hq, d, device="cuda").to(dtype)
         out = poisoned(q.shape, dtype, "cuda")
         paged_attention_decode(q, k, v, bt, sl, d ** -0.5, out=out, num_splits=splits)
