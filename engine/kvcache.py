@@ -51,6 +51,14 @@ def make_page_pool(device, budget_bytes: int, num_layers: int) -> vmm.PagePool:
     return vmm.PagePool(backend, budget_bytes + slack)
 
 
+def _concrete(device) -> torch.device:
+    """`cuda` as `cuda:<current>`, so a pool's device equals its tensors' `.device`."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 class BlockPool(StoreOwner):
     """Refcounted, content-addressable blocks of one kind (K+V, K, or low-rank V) on vmm pages.
 
@@ -71,7 +79,7 @@ class BlockPool(StoreOwner):
         self.name = name
         self.num_layers, self.block_size = num_layers, block_size
         self.token_shape, self.n_tensors = tuple(token_shape), n_tensors
-        self.dtype, self.device, self.budget = dtype, torch.device(device), budget
+        self.dtype, self.device, self.budget = dtype, _concrete(device), budget
         elt = torch.empty((), dtype=dtype).element_size()
         self.token_bytes = num_layers * n_tensors * math.prod(token_shape) * elt
         self.block_bytes = self.token_bytes * block_size

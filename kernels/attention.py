@@ -188,8 +188,12 @@ def _attn_fwd(
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_hs = tl.program_id(1)
     b = tl.program_id(2)
-    kvh = pid_hs // num_splits
-    split = pid_hs % num_splits
+    if SPLIT:
+        kvh = pid_hs // num_splits
+        split = pid_hs % num_splits
+    else:  # compiled apart from the split path: no runtime division on its addressing
+        kvh = pid_hs
+        split = 0
 
     if VARLEN_Q:
         q_start = tl.load(CuQ + b)
@@ -310,20 +314,31 @@ def _attn_fwd(
 @triton.jit(do_not_specialize=["num_splits"])
 def _split_reduce(WsM, WsL, WsAcc, Out, stride_ot, stride_oh, num_heads, num_splits,
                   HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Combine the split-KV partials of one (query token, head) row."""
+    """Combine the split-KV partials of one (query token, head) row, BLOCK_S splits at a time
+    (a fixed chunk: the split count varies with batch and context and must not recompile)."""
     row = tl.program_id(0).to(tl.int64)
     tok = row // num_heads
     h = row % num_heads
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    smask = offs_s < num_splits
-    m = tl.load(WsM + row * num_splits + offs_s, mask=smask, other=float("-inf"))
-    l = tl.load(WsL + row * num_splits + offs_s, mask=smask, other=0.0)
-    acc = tl.load(WsAcc + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=smask[:, None], other=0.0)
-    w = tl.exp2(m - tl.max(m, 0))
-    total = tl.sum(w * l, 0)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
+    base = row * num_splits
+    m_all = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        smask = s0 + offs_s < num_splits
+        m_all = tl.maximum(m_all, tl.load(WsM + base + s0 + offs_s, mask=smask, other=float("-inf")))
+    m_max = tl.max(m_all, 0)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        smask = s0 + offs_s < num_splits
+        m = tl.load(WsM + base + s0 + offs_s, mask=smask, other=float("-inf"))
+        w = tl.exp2(m - m_max)
+        total += w * tl.load(WsL + base + s0 + offs_s, mask=smask, other=0.0)
+        part = tl.load(WsAcc + (base + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=smask[:, None], other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
+    denom = tl.sum(total, 0)
+    out = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(Out + tok * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
@@ -512,7 +527,7 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
     if split:
         _split_reduce[(q.shape[0] * hq,)](
             ws_m, ws_l, ws_acc, out, out.stride(0), out.stride(1), hq, num_splits,
-            HEAD_DIM=d, BLOCK_S=max(2, _next_pow2(num_splits)), num_warps=4)
+            HEAD_DIM=d, BLOCK_S=16, num_warps=4)
     return out
 
 

@@ -1,6 +1,8 @@
 """Helpers shared by the engine's own test files."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -18,3 +20,10 @@ def one_thread():
 def prompt(n: int, seed: int) -> list[int]:
     """A reproducible random prompt of `n` token ids below 512."""
     return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# Tests that drive the engine's kernel path on CPU tensors: Triton's interpreter runs them in
+# CPU CI; on a GPU machine (interpreter off) the compiled kernels are covered by the GPU tests.
+cpu_kernels = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="the kernel path on CPU tensors needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU)")

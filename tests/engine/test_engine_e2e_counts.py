@@ -12,7 +12,7 @@ import torch
 import engine.fidelity as fid
 from engine import Engine
 from engine.builtin import builtin_config, save_random_lora
-from engine_test_helpers import one_thread, prompt  # noqa: F401  (autouse fixture)
+from engine_test_helpers import cpu_kernels, one_thread, prompt  # noqa: F401  (autouse fixture)
 
 AGENTS = ("plan", "act", "reflect")
 
@@ -26,6 +26,7 @@ def shared_a_adapters(tmp_path_factory):
             for i, a in enumerate(AGENTS)}
 
 
+@cpu_kernels
 def test_base_shared_lockstep_computes_each_token_once_on_the_kernels(shared_a_adapters, monkeypatch,
                                                                       rng_seed):
     """Two sessions, three agents taking turns in lockstep, then a short round each: base_shared

@@ -13,7 +13,7 @@ import torch
 from engine import Engine, SamplingParams
 from engine.builtin import builtin_config, save_random_lora
 from engine_test_helpers import one_thread  # noqa: F401  (autouse fixture)
-from engine_test_helpers import prompt
+from engine_test_helpers import cpu_kernels, prompt
 
 CONFIG = builtin_config("tiny-s2")  # layer 0 is S2 (sparse_block 16, 2 local blocks, stride 2), layer 1 dense
 S2_LAYERS = [layer for layer in range(CONFIG.num_layers) if CONFIG.is_s2_layer(layer)]
@@ -87,6 +87,7 @@ def run_two_sessions(monkeypatch, kernels_env: str, check_memory: bool):
     return eng, sessions, [eng.get_output(i) for i in ids]
 
 
+@cpu_kernels
 def test_kernel_path_equals_torch_path_on_sharded_storage(monkeypatch):
     calls = count_calls(monkeypatch, ["s2_attention_prefill_paged", "s2_attention_decode"])
     _, _, ref = run_two_sessions(monkeypatch, "torch", check_memory=True)
@@ -102,6 +103,7 @@ def test_kernel_path_equals_torch_path_on_sharded_storage(monkeypatch):
     assert n == 75 + 6 - 1 and expected_head_blocks(n) < full_head_blocks(n)  # the window moved
 
 
+@cpu_kernels
 def test_score_kernel_path_equals_torch_path(monkeypatch):
     toks = prompt(83, 70)
     out = {}
@@ -134,7 +136,7 @@ def test_memory_report_counts_s2_layers_sharded():
     assert rep["used_bytes"] == 0 and rep["s2"]["used_bytes"] == 0 and rep["s2"]["mapped_bytes"] == 0
 
 
-@pytest.mark.parametrize("kernels_env", ["torch", "triton"])
+@pytest.mark.parametrize("kernels_env", ["torch", pytest.param("triton", marks=cpu_kernels)])
 def test_preemption_and_close_free_the_sharded_blocks(monkeypatch, kernels_env):
     """A budget too small for three sessions at once: sessions are preempted (their sharded
     blocks freed) and recomputed; the outputs equal an unconstrained run and closing every
@@ -172,6 +174,7 @@ def adapters(tmp_path_factory):
                                     gain=2.0)}
 
 
+@cpu_kernels
 @pytest.mark.parametrize("mode", ["base_shared", "non_shared"])
 def test_lora_agents_in_s2_layers(monkeypatch, adapters, mode):
     """Agents with LoRA on sharded storage: in base_shared their S2 layers take the torch path
