@@ -89,6 +89,7 @@ DECODE_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits)
     (torch.float16, 6, 2, 16, 32, [70, 5, 33], 3),
     (torch.float32, 3, 3, 64, 24, [29, 48], 2),
     (torch.bfloat16, 8, 1, 32, 16, [61], 4),
+    (torch.float32, 4, 2, 16, 16, [300, 5, 0], 37),  # > 16 splits: the reduce loops; empty splits
 ]
 
 
