@@ -379,7 +379,7 @@ from triton.compiler import ASTSource
 from kernels import attention as A
 
 variant = sys.argv[1]
-fn = A._attn_fwd
+fn = A._split_reduce if variant == "reduce" else A._attn_fwd
 ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32",
              "LrBlockTables": "i32", "SeqLens": "i32", "CuQ": "i32", "CuK": "i32", "AdapterIds": "i32"}
 pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
@@ -388,6 +388,8 @@ bm, bn, warps, stages = A._config(128, 4, decode, 64, None)  # the GPU config, L
 consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=64, SPARSE_BLOCK=bn, BLOCK_SIZE=16,
               LR_BLOCK_SIZE=16, RANK=64, LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=True,
               S2=True, SPLIT=decode, UPCAST=False)
+if variant == "reduce":
+    consts, warps = dict(HEAD_DIM=128, BLOCK_S=16), 4
 sig = {}
 for name in fn.arg_names:
     if name in consts:
@@ -403,7 +405,7 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
-@pytest.mark.parametrize("variant", ["decode", "prefill"])
+@pytest.mark.parametrize("variant", ["decode", "prefill", "reduce"])
 def test_kernel_compiles_for_hopper(variant):
     """The interpreter accepts code the compiler rejects: compile the widest variants (every flag
     on) for sm_90 without a GPU, in a process without TRITON_INTERPRET, so CPU-only CI catches it."""
