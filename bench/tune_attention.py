@@ -120,20 +120,6 @@ def decode_sweep(cases, quick: bool, log) -> list[dict]:
             with Override((16, b["bn"], b["warps"], b["stages"]), b["splits"]):
                 b["eager_ms"] = eager_ms(fns)
                 b["host_us"] = host_us(fns[0])
-            for rank in (8, 64):
-                lr = torch.randn(k.shape[0], BS, rank, device="cuda", dtype=DT)
-                lb = (torch.randn(4, HKV, rank, D, device="cuda") / rank ** 0.5).to(DT)
-                ids = torch.arange(batch, dtype=torch.int32, device="cuda") % 4
-                ids[1::5] = -1
-                lfns = [lambda t=t: attn.flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out,
-                                                           validate=False) for t in tables]
-                for w in sorted({b["warps"], 4, 8}):
-                    with Override((16, b["bn"], w, b["stages"]), b["splits"]):
-                        r = dict(kind="lora", r=rank, batch=batch, ctx=ctx, bn=b["bn"], warps=w,
-                                 stages=b["stages"], splits=b["splits"], graph_ms=graph_ms(lfns))
-                    rows.append(r)
-                    log(r)
-                del lr
         del k, v, tables
         torch.cuda.empty_cache()
     return rows
@@ -240,7 +226,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tune.json")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--what", default="decode,prefill")
+    ap.add_argument("--what", default="decode,lora,prefill")
     ap.add_argument("--prefill-cases", default="16x1024,4x4096,1x16384", help="BATCHxSEQ,...")
     args = ap.parse_args()
     rows: list[dict] = []
