@@ -178,8 +178,7 @@ class Engine:
 
     def _register(self, agent: Agent) -> None:
         if agent.lora is not None:
-            agent.lora_id = max(self.lora.adapters, default=-1) + 1
-            self.lora.adapters[agent.lora_id] = agent.lora
+            agent.lora_id = self.lora.add(agent.lora)
         changes_streams = self.kv.shared and (
             agent.k_lora or (agent.v_rank and (self.cache_mode == "base_shared"
                                                or not any(a.v_rank for a in self.agents.values()))))
@@ -222,7 +221,7 @@ class Engine:
         agent = self.agents.pop(name)
         self.kv.uids.pop(name, None)
         if agent.lora_id >= 0:
-            del self.lora.adapters[agent.lora_id]
+            self.lora.remove(agent.lora_id)
         if agent.esft is not None:
             self.esft.unload(agent.esft)
         self.kv.drop_agent(name)

@@ -11,6 +11,8 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -152,55 +154,104 @@ class LoraSet:
 
     Two paths: per-adapter torch matmuls over the rows of each adapter (CPU, fp32 parity), or
     `kernels.lora_shrink` / `lora_expand` (Punica-style grouped GEMMs) over adapters stacked per
-    (layer, module), one plan per forward (`impl` set by `prepare`)."""
+    (layer, module), one plan per forward (`impl` set by `prepare`).
+
+    Register and unregister adapters through `add` / `remove`: everything derived from the
+    adapters (the stacks above, and what other parts of the engine keep through `memo`) is built
+    once and reused by every layer of every forward until the set of adapters changes.
+    """
 
     def __init__(self):
-        self.adapters: dict[int, LoraAdapter] = {}
+        self._adapters: dict[int, LoraAdapter] = {}
         self._groups: list[tuple[int, torch.Tensor]] = []
         self.impl: str | None = None
         self._stacks: dict = {}
-        self._stacked_for: tuple = ()
+        self._memo: dict = {}
+        self._stacked_for: tuple[int, ...] = ()
         self._plan = None
         self._kids = None
+        self._kid_lut: torch.Tensor | None = None
 
+    # ---- the adapter set ---------------------------------------------------------------------
+    @property
+    def adapters(self) -> Mapping[int, LoraAdapter]:
+        """The registered adapters by id (read-only: change the set through `add` / `remove`)."""
+        return MappingProxyType(self._adapters)
+
+    def add(self, adapter: LoraAdapter) -> int:
+        """Register `adapter`; returns its id (one past the highest id in use)."""
+        lora_id = max(self._adapters, default=-1) + 1
+        self._adapters[lora_id] = adapter
+        self._forget()
+        return lora_id
+
+    def remove(self, lora_id: int) -> None:
+        """Unregister the adapter with id `lora_id` (KeyError if there is none)."""
+        if lora_id not in self._adapters:
+            raise KeyError(f"no LoRA adapter with id {lora_id!r}")
+        del self._adapters[lora_id]
+        self._forget()
+
+    def _forget(self) -> None:
+        # an id can come back with another adapter (ids are max + 1), so no derived tensor
+        # survives a change of the set
+        self._stacks, self._memo, self._kid_lut = {}, {}, None
+        self._stacked_for = tuple(sorted(self._adapters))
+
+    def memo(self, key, build: Callable[[], object]):
+        """`build()` once per `key` while the adapter set stays the same (per-layer tensors derived
+        from the adapters, e.g. stacked B matrices, reused by every forward)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    # ---- per forward -------------------------------------------------------------------------
     def prepare(self, ids: torch.Tensor, impl: str | None = None) -> None:
         """Group the batch's tokens by adapter once per forward (one host sync, not one per layer)."""
-        self.impl = impl if self.adapters else None
+        self.impl = impl if self._adapters else None
         self._groups = []
         if self.impl is None:
             for a in torch.unique(ids).tolist():
-                if a >= 0 and a in self.adapters:
+                if a >= 0 and a in self._adapters:
                     self._groups.append((a, torch.nonzero(ids == a).squeeze(1)))
             return
         from kernels.lora import lora_plan
 
-        slots = sorted(self.adapters)
-        if tuple(slots) != self._stacked_for:
-            self._stacks, self._stacked_for = {}, tuple(slots)
-        lut = torch.full((max(slots) + 2,), -1, dtype=torch.int32)
-        lut[torch.tensor(slots)] = torch.arange(len(slots), dtype=torch.int32)
-        self._kids = lut.to(ids.device)[ids.clamp(min=-1)]  # -1 -> lut[-1] = -1
-        self._plan = lora_plan(self._kids, len(slots))
+        self._kids = self._kernel_ids(ids)
+        self._plan = lora_plan(self._kids, len(self._stacked_for))
+
+    def _kernel_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each token's index into the stacks (int32, -1 = no adapter) from its adapter id."""
+        if self._kid_lut is None or self._kid_lut.device != ids.device:
+            slots = self._stacked_for
+            lut = torch.full((max(slots) + 2,), -1, dtype=torch.int32)
+            lut[torch.tensor(slots)] = torch.arange(len(slots), dtype=torch.int32)
+            self._kid_lut = lut.to(ids.device)
+        return self._kid_lut[ids.clamp(min=-1)]  # -1 -> lut[-1] = -1
 
     def _stack(self, layer: int, module: str):
         key = (layer, module)
         if key not in self._stacks:
-            pairs = [self.adapters[s].get(layer, module) for s in self._stacked_for]
-            have = [p for p in pairs if p is not None]
-            if not have:
-                self._stacks[key] = None
-            else:
-                r = max(a.shape[0] for a, _ in have)
-                fin, fout = have[0][0].shape[1], have[0][1].shape[0]
-                like = have[0][0]
-                A = torch.zeros(len(pairs), fin, r, dtype=like.dtype, device=like.device)
-                B = torch.zeros(len(pairs), r, fout, dtype=like.dtype, device=like.device)
-                for i, p in enumerate(pairs):
-                    if p is not None:
-                        A[i, :, : p[0].shape[0]] = p[0].t()
-                        B[i, : p[1].shape[1]] = p[1].t()
-                self._stacks[key] = (A, B)
+            self._stacks[key] = self._build_stack(layer, module)
         return self._stacks[key]
+
+    def _build_stack(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A [n, in, r] and B [n, r, out] of every registered adapter (zero-padded to the highest
+        rank, zeros for adapters without this module), or None if none has it."""
+        pairs = [self._adapters[s].get(layer, module) for s in self._stacked_for]
+        have = [p for p in pairs if p is not None]
+        if not have:
+            return None
+        r = max(a.shape[0] for a, _ in have)
+        fin, fout = have[0][0].shape[1], have[0][1].shape[0]
+        like = have[0][0]
+        A = torch.zeros(len(pairs), fin, r, dtype=like.dtype, device=like.device)
+        B = torch.zeros(len(pairs), r, fout, dtype=like.dtype, device=like.device)
+        for i, p in enumerate(pairs):
+            if p is not None:
+                A[i, :, : p[0].shape[0]] = p[0].t()
+                B[i, : p[1].shape[1]] = p[1].t()
+        return A, B
 
     def delta(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         if self.impl is not None:
@@ -213,7 +264,7 @@ class LoraSet:
             return lora_expand(y, st[1], self._kids, plan=self._plan, impl=self.impl)
         out = None
         for a, rows in self._groups:
-            ab = self.adapters[a].get(layer, module)
+            ab = self._adapters[a].get(layer, module)
             if ab is None:
                 continue
             A, B = ab

@@ -1,0 +1,164 @@
+"""The engine's host work per decode step, measured on CPU (no GPU needed).
+
+    PYTHONPATH=. python3 bench/profile_engine_step.py [--layers 32] [--context 256] [--profile]
+
+Builds an Engine on a Llama-3.1-8B-structured model with small hidden sizes (engine/fidelity.py's
+SMALL_LLAMA: GQA, 32 layers), three LoRA agents (r=8 on q and v, one shared v_proj A) and a few
+sessions, fills each session with a context turn, then times decode-only steps of one round in
+which every session decodes with a different agent. Two paths:
+
+- kernel: the engine's kernel path (paged / Flash-LoRA attention, grouped LoRA GEMMs) with every
+  kernel replaced by a stand-in that returns an empty tensor of the right shape, so what is left
+  is the engine's own host work (what bounds TPOT on a GPU when the engine runs eagerly);
+- torch: the torch path as is (CPU math included).
+
+Prints the median host time per decode step per (mode, path) and, with --profile, the top of a
+cProfile of the kernel path's decode steps.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+AGENTS = ("plan", "act", "reflect")
+
+
+def _empty_like_q(q, *args, **kwargs):
+    return torch.empty_like(q)
+
+
+def _empty_shrink(x, lora_a, *args, **kwargs):
+    return torch.empty(x.shape[0], lora_a.shape[-1], dtype=x.dtype, device=x.device)
+
+
+def _empty_expand(y, lora_b, *args, out=None, **kwargs):
+    if out is not None:
+        return out
+    return torch.empty(y.shape[0], lora_b.shape[-1], dtype=y.dtype, device=y.device)
+
+
+@contextlib.contextmanager
+def stand_in_kernels():
+    """The engine's kernel path with each kernel replaced by a shape-correct stand-in."""
+    import kernels
+    import kernels.lora as klora
+
+    import engine.engine as eng_mod
+
+    names = ("paged_attention_decode", "paged_attention_prefill", "flash_lora_decode",
+             "flash_lora_prefill", "s2_attention_decode", "s2_attention_prefill_paged")
+    saved = {n: getattr(kernels, n) for n in names}
+    saved_lora = (klora.lora_shrink, klora.lora_expand)
+    saved_policy = (eng_mod.use_kernels, eng_mod.kernel_impl)
+    try:
+        for n in names:
+            setattr(kernels, n, _empty_like_q)
+        klora.lora_shrink, klora.lora_expand = _empty_shrink, _empty_expand
+        eng_mod.use_kernels = lambda t, dtype: True
+        eng_mod.kernel_impl = lambda t: "triton"
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(kernels, n, f)
+        klora.lora_shrink, klora.lora_expand = saved_lora
+        eng_mod.use_kernels, eng_mod.kernel_impl = saved_policy
+
+
+def build(mode: str, layers: int, tmp: str, sessions: int, context: int, seed: int = 0):
+    from engine import Engine, SamplingParams
+    from engine.builtin import save_random_lora
+    from engine.config import config_from_dict
+    from engine.fidelity import SMALL_LLAMA, random_model
+
+    hf = dict(SMALL_LLAMA, num_hidden_layers=layers)
+    cfg = config_from_dict(dict(hf))
+    model = random_model(hf, "cpu", torch.float32, seed)
+    eng = Engine(model, mode, 1 << 28, max_batched_tokens=4096)
+    for i, a in enumerate(AGENTS):
+        d = os.path.join(tmp, f"{a}-{layers}")
+        if not os.path.isdir(d):
+            save_random_lora(d, cfg, r=8, targets=("q_proj", "v_proj"), seed=i, a_seed=999, gain=0.2)
+        eng.add_lora_agent(a, d)
+    g = torch.Generator().manual_seed(seed)
+    ss = [eng.new_session() for _ in range(sessions)]
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for i, s in enumerate(ss):
+        eng.add_request(s, AGENTS[i % 3], torch.randint(0, cfg.vocab_size, (context,), generator=g).tolist(), params)
+    while eng.has_unfinished():
+        eng.step()
+    return eng, ss, cfg
+
+
+def decode_round(eng, ss, cfg, tokens: int, profiler=None) -> list[float]:
+    """One round (a short prompt, then `tokens` greedy tokens) on every session with a different
+    agent each; returns the wall time of each decode-only step."""
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    for i, s in enumerate(ss):
+        eng.add_request(s, AGENTS[(i + 1) % 3], [1, 2, 3], params)
+    times = []
+    while eng.has_unfinished():
+        if profiler is not None:
+            profiler.enable()
+        t0 = time.perf_counter()
+        eng.step()
+        dt = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.disable()
+        if eng.last_step.decode_only:
+            times.append(dt)
+    return times
+
+
+def measure(mode: str, path: str, args, tmp: str) -> tuple[float, pstats.Stats | None]:
+    ctx = stand_in_kernels() if path == "kernel" else contextlib.nullcontext()
+    with ctx:
+        eng, ss, cfg = build(mode, args.layers, tmp, args.sessions, args.context)
+        decode_round(eng, ss, cfg, 4)  # warm
+        prof = cProfile.Profile() if args.profile and path == "kernel" else None
+        times = decode_round(eng, ss, cfg, args.tokens, prof)
+    stats = None
+    if prof is not None:
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf)
+        stats.sort_stats("cumulative").print_stats(45)
+        stats.sort_stats("tottime").print_stats(30)
+        print(buf.getvalue())
+    return statistics.median(times), stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--sessions", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--modes", default="base_lr_shared,base_shared")
+    ap.add_argument("--paths", default="kernel,torch")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="vmweave-step-") as tmp:
+        for mode in args.modes.split(","):
+            for path in args.paths.split(","):
+                med, _ = measure(mode, path, args, tmp)
+                print(f"{mode:<16} {path:<7} layers={args.layers} sessions={args.sessions} "
+                      f"context={args.context}: {1e3 * med:.2f} ms / decode step "
+                      f"({1e3 * med / args.layers:.3f} ms / layer)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
