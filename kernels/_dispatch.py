@@ -14,8 +14,15 @@ import torch
 IMPLS = ("triton", "torch")
 
 
+# Read once, at import: Triton itself picks interpreter or compiler when a @triton.jit function
+# is decorated (when kernels/ is imported), so a later change of the variable could not switch
+# the kernels anyway; and reading os.environ costs about a microsecond on every kernel call.
+_INTERPRETER_ON = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton kernels run in Triton's interpreter (TRITON_INTERPRET set at import)."""
+    return _INTERPRETER_ON
 
 
 def choose_impl(t: torch.Tensor, impl: str | None = None) -> str:
