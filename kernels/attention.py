@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ __all__ = [
 _LOG2E = 1.4426950408889634
 _NEG_BIG = -1.0e38  # running-max start: finite, so a row with no key yet gives exp2(0)=1, not NaN
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
 _LONG = 8192  # contexts (decode) or query runs (prefill) from here on take wide tiles (_config)
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
@@ -437,61 +439,117 @@ def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, d
     return int(min(want, most, 128))
 
 
-def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=None,
-            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int | None = None,
-            lora: _Lora | None = None, s2: _S2Args | None = None,
-            out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """Run `_attn_fwd` (and the split reduce). Inputs are already validated."""
-    decode = cu_seqlens_q is None
-    batch = q.shape[0] if decode else cu_seqlens_q.shape[0] - 1
-    hq, d = q.shape[1], q.shape[2]
-    per_head_table = paged and block_tables.dim() == 3
-    hkv = block_tables.shape[1] if per_head_table else k.shape[-2]
-    group = hq // hkv
-    _need(batch <= _MAX_GRID_Z, lambda: f"at most {_MAX_GRID_Z} sequences per call, got {batch}")
-    if out is None:
-        out = torch.empty_like(q)
-    if q.shape[0] == 0 or batch == 0:
-        return out
-    r = lora.lr_cache.shape[-1] if lora is not None else 0
-    r_pad = _lora_pad(r, decode) if lora is not None else 0
-    if not decode and max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
-    max_ctx = block_tables.shape[-1] * k.shape[1] if paged else k.shape[0]
-    bm, bn, warps, stages = _config(d, group, decode, r_pad, s2.sparse_block if s2 else None,
-                                    long=(max_ctx if decode else max_seqlen_q) >= _LONG)
-    n_qtiles = 1 if decode else max(1, -(-max_seqlen_q // (bm // group)))
+class _LaunchKey(NamedTuple):
+    """Everything a launch plan is computed from: tensor shapes and strides, the variant, the
+    device (its SM count sets the split factor), whether the kernels run interpreted and the
+    tuning functions. The plan is a function of the key alone (`_launch_plan` reads nothing
+    else), so equal keys may share one."""
+    paged: bool
+    decode: bool
+    batch: int
+    q_shape: tuple[int, ...]
+    q_strides: tuple[int, ...]
+    out_strides: tuple[int, ...]
+    kv_shape: tuple[int, ...]
+    k_strides: tuple[int, ...]
+    v_strides: tuple[int, ...]
+    table: tuple | None  # (shape, strides) of the block table; None when not paged
+    lora: tuple | None  # (lr_cache shape, lr_cache strides, lr table row stride, lora_b strides)
+    s2: _S2Args | None
+    max_seqlen_q: int | None  # prefill only (known by then)
+    num_splits: int | None  # as the caller forced it
+    device: torch.device
+    interpret: bool
+    # The tuning functions the plan is computed with: bench/tune_attention.py swaps them to sweep
+    # configurations, and a swapped one must not be answered with a plan made by the old one.
+    policy: tuple
 
-    block_size = k.shape[1] if paged else 1
+
+@dataclass(frozen=True)
+class _LaunchPlan:
+    """How to launch `_attn_fwd` (and the split reduce) for one `_LaunchKey`."""
+    grid: tuple[int, int, int]
+    int_args: tuple[int, ...]  # the kernel's integer arguments after qk_scale, in order
+    meta: dict  # constexprs and launch options; read-only
+    # Split-KV only (ws_total 0 without): the (max, sum, acc) partials' sizes in one fp32
+    # workspace, and `_split_reduce`'s grid, integer arguments and constexprs.
+    ws_sizes: tuple[int, int, int]
+    ws_total: int
+    reduce_grid: tuple[int]
+    reduce_args: tuple[int, ...]
+    reduce_meta: dict
+
+
+_WS_ALIGN = 32  # fp32 elements (128 B): each partial starts as aligned as its own allocation
+_PLAN_CACHE_SIZE = 512  # distinct (batch, table width, ...) combinations kept
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_tables,
+                lora: _Lora | None, s2: _S2Args | None, max_seqlen_q: int | None,
+                num_splits: int | None) -> _LaunchKey:
+    bt = block_tables
+    lora_key = None
+    if lora is not None:
+        lr = lora.lr_cache
+        lora_key = (lr.shape, lr.stride(), lora.lr_block_tables.stride()[0], lora.lora_b.stride())
+    return _LaunchKey(paged, decode, batch, q.shape, q.stride(), out.stride(), k.shape, k.stride(),
+                      v.stride(), (bt.shape, bt.stride()) if paged else None, lora_key, s2,
+                      max_seqlen_q, num_splits, q.device, interpreter_on(),
+                      (_config, _lora_pad, _default_splits, _num_sms))
+
+
+@functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
+def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
+    """The launch configuration (tiles, splits, grid, strides, constexprs) of a key: computed
+    once per distinct key, so a repeated call with the same shapes only validates and launches."""
+    paged, decode, batch = key.paged, key.decode, key.batch
+    config, lora_pad, default_splits, _ = key.policy  # _num_sms: called by _default_splits
+    total_q, hq, d = key.q_shape
+    per_head_table = paged and len(key.table[0]) == 3
+    hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
+    group = hq // hkv
+    s2 = key.s2
+    r = key.lora[0][-1] if key.lora is not None else 0
+    r_pad = lora_pad(r, decode) if key.lora is not None else 0
+    max_ctx = key.table[0][-1] * key.kv_shape[1] if paged else key.kv_shape[0]
+    bm, bn, warps, stages = config(d, group, decode, r_pad, s2.sparse_block if s2 else None,
+                                   long=(max_ctx if decode else key.max_seqlen_q) >= _LONG)
+    n_qtiles = 1 if decode else max(1, -(-key.max_seqlen_q // (bm // group)))
+
+    block_size = key.kv_shape[1] if paged else 1
     if s2 is not None and s2.dense_from >= hkv:
         # Splits follow the keys a head reads (shard + window), not the dense width.
         max_ctx = min(max_ctx, (s2.local_blocks + 1) * s2.sparse_block + max_ctx // s2.vert_stride)
+    num_splits = key.num_splits
     if num_splits is None:
-        num_splits = _default_splits(batch, hkv, max_ctx, bn, q.device) if decode else 1
+        num_splits = default_splits(batch, hkv, max_ctx, bn, key.device) if decode else 1
     split = num_splits > 1
 
-    dummy = q  # pointer arguments a variant does not read
+    ks, vs = key.k_strides, key.v_strides
     if paged:
-        bt = block_tables
-        stride_btb = bt.stride(0)
-        stride_bth = bt.stride(1) if per_head_table else 0
+        bt_strides = key.table[1]
+        stride_btb = bt_strides[0]
+        stride_bth = bt_strides[1] if per_head_table else 0
         # A per-head table points each KV head at blocks holding only that head (Hkv dim = 1).
-        stride_kh = 0 if per_head_table else k.stride(2)
-        stride_vh = 0 if per_head_table else v.stride(2)
-        stride_kb, stride_ks, stride_vb, stride_vs = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
+        stride_kh = 0 if per_head_table else ks[2]
+        stride_vh = 0 if per_head_table else vs[2]
+        stride_kb, stride_ks, stride_vb, stride_vs = ks[0], ks[1], vs[0], vs[1]
     else:
-        bt, stride_btb, stride_bth = dummy, 0, 0
-        stride_kb, stride_ks, stride_kh = 0, k.stride(0), k.stride(1)
-        stride_vb, stride_vs, stride_vh = 0, v.stride(0), v.stride(1)
-    if lora is not None:
-        lr, lbt, lb, aid = lora.lr_cache, lora.lr_block_tables, lora.lora_b, lora.adapter_ids
-        lr_strides = (lr.stride(0), lr.stride(1), lbt.stride(0))
-        lb_strides = (lb.stride(0), lb.stride(1), lb.stride(2))
-        lr_block_size = lr.shape[1]
-        lr_align = math.gcd(16, lr.stride(0), lr.stride(1))
+        stride_btb, stride_bth = 0, 0
+        stride_kb, stride_ks, stride_kh = 0, ks[0], ks[1]
+        stride_vb, stride_vs, stride_vh = 0, vs[0], vs[1]
+    if key.lora is not None:
+        lr_shape, lr_strides, lbt_row_stride, lb_strides = key.lora
+        lr_args = (lr_strides[0], lr_strides[1], lbt_row_stride)
+        lb_args = lb_strides[:3]
+        lr_block_size = lr_shape[1]
+        lr_align = math.gcd(16, lr_strides[0], lr_strides[1])
     else:
-        lr, lbt, lb, aid = dummy, dummy, dummy, dummy
-        lr_strides, lb_strides, lr_block_size, lr_align = (0, 0, 0), (0, 0, 0), 1, 1
+        lr_args, lb_args, lr_block_size, lr_align = (0, 0, 0), (0, 0, 0), 1, 1
     if s2 is not None:
         s2_vals = (s2.local_blocks, s2.vert_stride, s2.head_sliding_step, s2.offset % s2.vert_stride,
                    s2.dense_from, int(s2.homo_head))
@@ -500,34 +558,61 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
         s2_vals = (1, 1, 0, 0, 0, 0)
         sparse_block = bn
 
-    if split:
-        rows = q.shape[0] * hq
-        ws_m = torch.empty(rows * num_splits, device=q.device, dtype=torch.float32)
-        ws_l = torch.empty_like(ws_m)
-        ws_acc = torch.empty(rows * num_splits * d, device=q.device, dtype=torch.float32)
+    int_args = (key.q_strides[0], key.q_strides[1], key.out_strides[0], key.out_strides[1],
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                stride_btb, stride_bth, *lr_args, *lb_args,
+                hkv, num_splits, group, *s2_vals)
+    meta = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=max(r_pad, 16), SPARSE_BLOCK=sparse_block,
+                BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size, RANK=max(r, 1), LR_ALIGN=lr_align,
+                PAGED=paged, VARLEN_Q=not decode, HAS_LORA=key.lora is not None, S2=s2 is not None,
+                SPLIT=split, UPCAST=key.interpret, num_warps=warps, num_stages=stages)
+    ws_rows = total_q * hq * num_splits if split else 0
+    ws_sizes = (_round_up(ws_rows, _WS_ALIGN), _round_up(ws_rows, _WS_ALIGN), ws_rows * d)
+    return _LaunchPlan(
+        grid=(n_qtiles, hkv * num_splits, batch), int_args=int_args, meta=meta,
+        ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if split else 0, reduce_grid=(total_q * hq,),
+        reduce_args=(key.out_strides[0], key.out_strides[1], hq, num_splits),
+        reduce_meta=dict(HEAD_DIM=d, BLOCK_S=16, num_warps=4))
+
+
+def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=None,
+            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int | None = None,
+            lora: _Lora | None = None, s2: _S2Args | None = None,
+            out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Run `_attn_fwd` (and the split reduce). Inputs are already validated."""
+    decode = cu_seqlens_q is None
+    batch = q.shape[0] if decode else cu_seqlens_q.shape[0] - 1
+    if batch > _MAX_GRID_Z:
+        raise ValueError(f"at most {_MAX_GRID_Z} sequences per call, got {batch}")
+    if out is None:
+        out = torch.empty_like(q)
+    if q.shape[0] == 0 or batch == 0:
+        return out
+    if not decode and max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item())
+    plan = _launch_plan(_launch_key(q, k, v, out, paged=paged, decode=decode, batch=batch,
+                                    block_tables=block_tables, lora=lora, s2=s2,
+                                    max_seqlen_q=max_seqlen_q, num_splits=num_splits))
+    dummy = q  # pointer arguments a variant does not read
+    if plan.ws_total:
+        # One allocation for the three partials (views into it), not three.
+        ws_m, ws_l, ws_acc = torch.empty(plan.ws_total, device=q.device,
+                                         dtype=torch.float32).split_with_sizes(plan.ws_sizes)
     else:
         ws_m = ws_l = ws_acc = dummy
-
-    grid = (n_qtiles, hkv * num_splits, batch)
-    _attn_fwd[grid](
+    if lora is not None:
+        lr, lbt, lb, aid = lora.lr_cache, lora.lr_block_tables, lora.lora_b, lora.adapter_ids
+    else:
+        lr = lbt = lb = aid = dummy
+    _attn_fwd[plan.grid](
         q, k, v, lr, lb, out, ws_m, ws_l, ws_acc,
-        bt, lbt, seq_lens if seq_lens is not None else dummy,
+        block_tables if paged else dummy, lbt, seq_lens if seq_lens is not None else dummy,
         cu_seqlens_q if cu_seqlens_q is not None else dummy,
         cu_seqlens_k if cu_seqlens_k is not None else dummy, aid,
-        float(scale) * _LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        stride_btb, stride_bth, *lr_strides, *lb_strides,
-        hkv, num_splits, group, *s2_vals,
-        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=max(r_pad, 16), SPARSE_BLOCK=sparse_block,
-        BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size, RANK=max(r, 1), LR_ALIGN=lr_align,
-        PAGED=paged, VARLEN_Q=not decode, HAS_LORA=lora is not None, S2=s2 is not None,
-        SPLIT=split, UPCAST=interpreter_on(), num_warps=warps, num_stages=stages,
-    )
-    if split:
-        _split_reduce[(q.shape[0] * hq,)](
-            ws_m, ws_l, ws_acc, out, out.stride(0), out.stride(1), hq, num_splits,
-            HEAD_DIM=d, BLOCK_S=16, num_warps=4)
+        float(scale) * _LOG2E, *plan.int_args, **plan.meta)
+    if plan.ws_total:
+        _split_reduce[plan.reduce_grid](ws_m, ws_l, ws_acc, out, *plan.reduce_args,
+                                        **plan.reduce_meta)
     return out
 
 
@@ -625,22 +710,30 @@ def _launch_padded(q, *, k, v, out=None, lora=None, **kw) -> torch.Tensor:
     return out.copy_(res)
 
 
-def _run(impl, q, **kw) -> torch.Tensor:
+def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` itself when None or contiguous (no copy, no new tensor object), else a contiguous copy."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _run(impl, q, *, k, v, scale: float, paged: bool, seq_lens=None, block_tables=None,
+         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int | None = None,
+         lora: _Lora | None = None, s2: _S2Args | None = None, out: torch.Tensor | None = None,
+         num_splits: int | None = None) -> torch.Tensor:
     # The kernel indexes the head dim and every 1-D index vector with unit stride.
-    if q.stride(-1) != 1:
+    if q.stride()[-1] != 1:
         q = q.contiguous()
-    for name in ("seq_lens", "cu_seqlens_q", "cu_seqlens_k"):
-        if kw.get(name) is not None:
-            kw[name] = kw[name].contiguous()
-    if kw.get("lora") is not None:
-        kw["lora"].adapter_ids = kw["lora"].adapter_ids.contiguous()
-    if choose_impl(q, impl) == "triton":
-        if q.shape[-1] < _MIN_DOT:
-            return _launch_padded(q, **kw)
-        return _launch(q, **kw)
-    kw.pop("num_splits", None)
-    kw.pop("max_seqlen_q", None)
-    return _torch_attention(q, **kw)
+    seq_lens, cu_seqlens_q, cu_seqlens_k = (_unit_stride(seq_lens), _unit_stride(cu_seqlens_q),
+                                            _unit_stride(cu_seqlens_k))
+    if lora is not None:
+        lora.adapter_ids = _unit_stride(lora.adapter_ids)
+    if choose_impl(q, impl) == "torch":
+        return _torch_attention(q, k, v, scale=scale, paged=paged, seq_lens=seq_lens,
+                                block_tables=block_tables, cu_seqlens_q=cu_seqlens_q,
+                                cu_seqlens_k=cu_seqlens_k, lora=lora, s2=s2, out=out)
+    launch = _launch_padded if q.shape[-1] < _MIN_DOT else _launch
+    return launch(q, k=k, v=v, scale=scale, paged=paged, seq_lens=seq_lens, block_tables=block_tables,
+                  cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                  lora=lora, s2=s2, out=out, num_splits=num_splits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,48 +747,57 @@ def _need(cond: bool, msg, exc=ValueError) -> None:
 
 
 def _check_tensor(name: str, t, ndim: int, dtypes=None) -> None:
-    _need(isinstance(t, torch.Tensor),
-          lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-    _need(t.dim() == ndim, lambda: f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if dtypes is not None:
-        _need(t.dtype in dtypes, lambda: f"{name} must have dtype in {dtypes}, got {t.dtype}", TypeError)
+    # Plain `if`s rather than `_need`: these run several times on every decode call.
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
 
 
 def _check_q_kv(q, k, v, *, paged: bool, per_head_ok: bool = False) -> None:
+    kv_dims = 4 if paged else 3
     _check_tensor("q", q, 3, _DTYPES)
-    _check_tensor("k_cache" if paged else "k", k, 4 if paged else 3, _DTYPES)
-    _check_tensor("v_cache" if paged else "v", v, 4 if paged else 3, _DTYPES)
-    _need(k.dtype == q.dtype and v.dtype == q.dtype,
-          lambda: f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
-    _need(k.shape == v.shape, lambda: f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    _need(k.device == q.device and v.device == q.device,
-          lambda: f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    d = q.shape[2]
-    _need(k.shape[-1] == d, lambda: f"head_dim of q ({d}) and k/v ({k.shape[-1]}) differ")
-    _need(1 <= d <= 256 and d & (d - 1) == 0,
-          lambda: f"head_dim must be a power of two <= 256, got {d}")
-    _need(k.stride(-1) == 1 and v.stride(-1) == 1, "k/v must be contiguous in the head dim")
-    if paged:
-        bs = k.shape[1]
-        _need(bs >= 1, "block_size must be >= 1")
-    hkv = k.shape[-2]
-    if not per_head_ok:
-        _need(hkv >= 1 and q.shape[1] % hkv == 0,
-              lambda: f"num q heads ({q.shape[1]}) must be a multiple of num kv heads ({hkv})")
+    _check_tensor("k_cache" if paged else "k", k, kv_dims, _DTYPES)
+    _check_tensor("v_cache" if paged else "v", v, kv_dims, _DTYPES)
+    dtype, device, q_shape, k_shape = q.dtype, q.device, q.shape, k.shape
+    if k.dtype != dtype or v.dtype != dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if v.shape != k_shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.device != device or v.device != device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    d = q_shape[2]
+    if k_shape[-1] != d:
+        raise ValueError(f"head_dim of q ({d}) and k/v ({k_shape[-1]}) differ")
+    if not (1 <= d <= 256 and d & (d - 1) == 0):
+        raise ValueError(f"head_dim must be a power of two <= 256, got {d}")
+    if k.stride()[-1] != 1 or v.stride()[-1] != 1:
+        raise ValueError("k/v must be contiguous in the head dim")
+    if paged and k_shape[1] < 1:
+        raise ValueError("block_size must be >= 1")
+    hkv = k_shape[-2]
+    if not per_head_ok and (hkv < 1 or q_shape[1] % hkv != 0):
+        raise ValueError(f"num q heads ({q_shape[1]}) must be a multiple of num kv heads ({hkv})")
 
 
 def _check_int_vec(name: str, t, length: int | None, device) -> None:
-    _check_tensor(name, t, 1, (torch.int32, torch.int64))
-    if length is not None:
-        _need(t.shape[0] == length, lambda: f"{name} must have length {length}, got {t.shape[0]}")
-    _need(t.device == device, lambda: f"{name} must be on {device}, got {t.device}")
+    _check_tensor(name, t, 1, _INDEX_DTYPES)
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{name} must have length {length}, got {t.shape[0]}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
 def _check_table(name: str, bt, batch: int, device, ndim: int = 2) -> None:
-    _check_tensor(name, bt, ndim, (torch.int32, torch.int64))
-    _need(bt.shape[0] == batch, lambda: f"{name} must have {batch} rows, got {bt.shape[0]}")
-    _need(bt.device == device, lambda: f"{name} must be on {device}, got {bt.device}")
-    _need(bt.stride(-1) == 1, lambda: f"{name} must be contiguous in its last dim")
+    _check_tensor(name, bt, ndim, _INDEX_DTYPES)
+    if bt.shape[0] != batch:
+        raise ValueError(f"{name} must have {batch} rows, got {bt.shape[0]}")
+    if bt.device != device:
+        raise ValueError(f"{name} must be on {device}, got {bt.device}")
+    if bt.stride()[-1] != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim")
 
 
 def _check_values(seq_lens, block_size: int, max_blocks: int, num_blocks: int, bt,
@@ -725,39 +827,45 @@ def _check_out(out, q) -> None:
     if out is None:
         return
     _check_tensor("out", out, 3)
-    _need(out.shape == q.shape and out.dtype == q.dtype and out.device == q.device,
-          lambda: f"out must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(out.shape)}, {out.dtype}")
-    _need(out.stride(-1) == 1, "out must be contiguous in the head dim")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(out.shape)}, {out.dtype}")
+    if out.stride()[-1] != 1:
+        raise ValueError("out must be contiguous in the head dim")
 
 
 def _check_splits(num_splits) -> None:
-    if num_splits is not None:
-        _need(isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits >= 1,
-              lambda: f"num_splits must be an int >= 1, got {num_splits!r}")
+    if num_splits is not None and (type(num_splits) is bool or not isinstance(num_splits, int)
+                                   or num_splits < 1):
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
 
 
 def _check_scale(scale) -> None:
-    _need(isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale),
-          lambda: f"scale must be a finite number, got {scale!r}", TypeError)
+    if type(scale) is bool or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite number, got {scale!r}")
 
 
 def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int, validate: bool,
                 seq_lens=None) -> _Lora:
     _check_tensor("lr_cache", lr_cache, 3, _DTYPES)
     _check_tensor("lora_b", lora_b, 4, _DTYPES)
-    _need(lr_cache.dtype == q.dtype and lora_b.dtype == q.dtype,
-          lambda: f"lr_cache and lora_b must have q's dtype {q.dtype}, got {lr_cache.dtype}, {lora_b.dtype}",
-          TypeError)
-    _need(lr_cache.device == q.device and lora_b.device == q.device, "lr_cache/lora_b on another device")
+    if lr_cache.dtype != q.dtype or lora_b.dtype != q.dtype:
+        raise TypeError(f"lr_cache and lora_b must have q's dtype {q.dtype}, got {lr_cache.dtype}, "
+                        f"{lora_b.dtype}")
+    device = q.device
+    if lr_cache.device != device or lora_b.device != device:
+        raise ValueError("lr_cache/lora_b on another device")
     r = lr_cache.shape[2]
-    _need(1 <= r <= 256, lambda: f"rank must be in [1, 256], got {r}")
-    _need(lr_cache.stride(-1) == 1, "lr_cache must be contiguous in its last dim")
+    if not 1 <= r <= 256:
+        raise ValueError(f"rank must be in [1, 256], got {r}")
+    if lr_cache.stride()[-1] != 1:
+        raise ValueError("lr_cache must be contiguous in its last dim")
     hkv, d = k.shape[2], k.shape[3]
-    _need(lora_b.shape[1:] == (hkv, r, d),
-          lambda: f"lora_b must be [num_adapters, {hkv}, {r}, {d}], got {tuple(lora_b.shape)}")
-    _need(lora_b.stride(-1) == 1, "lora_b must be contiguous in its last dim")
-    _check_table("lr_block_tables", lr_block_tables, batch, q.device)
-    _check_int_vec("adapter_ids", adapter_ids, batch, q.device)
+    if lora_b.shape[1:] != (hkv, r, d):
+        raise ValueError(f"lora_b must be [num_adapters, {hkv}, {r}, {d}], got {tuple(lora_b.shape)}")
+    if lora_b.stride()[-1] != 1:
+        raise ValueError("lora_b must be contiguous in its last dim")
+    _check_table("lr_block_tables", lr_block_tables, batch, device)
+    _check_int_vec("adapter_ids", adapter_ids, batch, device)
     if validate and batch:
         lo, hi = int(adapter_ids.min().item()), int(adapter_ids.max().item())
         _need(lo >= -1 and hi < lora_b.shape[0],
@@ -778,14 +886,15 @@ def _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scal
     _check_out(out, q)
     _check_splits(num_splits)
     decode = cu_seqlens_q is None
+    device = q.device
     if decode:
         batch = q.shape[0]
     else:
-        _check_int_vec("cu_seqlens_q", cu_seqlens_q, None, q.device)
+        _check_int_vec("cu_seqlens_q", cu_seqlens_q, None, device)
         _need(cu_seqlens_q.shape[0] >= 1, "cu_seqlens_q needs batch + 1 entries")
         batch = cu_seqlens_q.shape[0] - 1
-    _check_int_vec("seq_lens", seq_lens, batch, q.device)
-    _check_table("block_tables", block_tables, batch, q.device, ndim=3 if per_head else 2)
+    _check_int_vec("seq_lens", seq_lens, batch, device)
+    _check_table("block_tables", block_tables, batch, device, ndim=3 if per_head else 2)
     if validate and batch:
         len_q = None
         if not decode:
