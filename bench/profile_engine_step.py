@@ -12,8 +12,9 @@ which every session decodes with a different agent. Two paths:
   is the engine's own host work (what bounds TPOT on a GPU when the engine runs eagerly);
 - torch: the torch path as is (CPU math included).
 
-Prints the median host time per decode step per (mode, path) and, with --profile, the top of a
-cProfile of the kernel path's decode steps.
+Prints the median host time per decode step per (mode, path) and the aten ops one decode step
+dispatches (each is a kernel launch or a dispatch on a GPU); with --ops which ops, with --profile
+the top of a cProfile of the kernel path's decode steps.
 """
 from __future__ import annotations
 
@@ -101,6 +102,46 @@ def build(mode: str, layers: int, tmp: str, sessions: int, context: int, seed: i
     return eng, ss, cfg
 
 
+class OpCounter:
+    """Counts the aten ops torch runs (on a GPU each is a kernel launch or at least a dispatch:
+    the host work per op the engine pays when it runs eagerly)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.ops: dict[str, int] = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket)
+                counter.ops[name] = counter.ops.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def count_ops(eng, ss, cfg) -> OpCounter:
+    """Aten ops of one decode-only step."""
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    for i, s in enumerate(ss):
+        eng.add_request(s, AGENTS[(i + 1) % 3], [1, 2, 3], params)
+    eng.step()  # the prompts' prefill
+    eng.step()  # a decode step: warm anything built on first use
+    counter = OpCounter()
+    with counter.mode:
+        eng.step()
+    assert eng.last_step.decode_only
+    while eng.has_unfinished():
+        eng.step()
+    return counter
+
+
 def decode_round(eng, ss, cfg, tokens: int, profiler=None) -> list[float]:
     """One round (a short prompt, then `tokens` greedy tokens) on every session with a different
     agent each; returns the wall time of each decode-only step."""
@@ -123,21 +164,24 @@ def decode_round(eng, ss, cfg, tokens: int, profiler=None) -> list[float]:
     return times
 
 
-def measure(mode: str, path: str, args, tmp: str) -> tuple[float, pstats.Stats | None]:
+def measure(mode: str, path: str, args, tmp: str) -> tuple[float, OpCounter]:
     ctx = stand_in_kernels() if path == "kernel" else contextlib.nullcontext()
     with ctx:
         eng, ss, cfg = build(mode, args.layers, tmp, args.sessions, args.context)
         decode_round(eng, ss, cfg, 4)  # warm
+        ops = count_ops(eng, ss, cfg)
         prof = cProfile.Profile() if args.profile and path == "kernel" else None
         times = decode_round(eng, ss, cfg, args.tokens, prof)
-    stats = None
     if prof is not None:
         buf = io.StringIO()
         stats = pstats.Stats(prof, stream=buf)
         stats.sort_stats("cumulative").print_stats(45)
         stats.sort_stats("tottime").print_stats(30)
         print(buf.getvalue())
-    return statistics.median(times), stats
+    if args.ops:
+        top = sorted(ops.ops.items(), key=lambda kv: -kv[1])[:25]
+        print("  aten ops per decode step:", ", ".join(f"{n} {c}" for n, c in top))
+    return statistics.median(times), ops
 
 
 def main() -> None:
@@ -149,15 +193,17 @@ def main() -> None:
     ap.add_argument("--modes", default="base_lr_shared,base_shared")
     ap.add_argument("--paths", default="kernel,torch")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--ops", action="store_true", help="list the aten ops of one decode step")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="vmweave-step-") as tmp:
         for mode in args.modes.split(","):
             for path in args.paths.split(","):
-                med, _ = measure(mode, path, args, tmp)
+                med, ops = measure(mode, path, args, tmp)
                 print(f"{mode:<16} {path:<7} layers={args.layers} sessions={args.sessions} "
                       f"context={args.context}: {1e3 * med:.2f} ms / decode step "
-                      f"({1e3 * med / args.layers:.3f} ms / layer)", flush=True)
+                      f"({1e3 * med / args.layers:.3f} ms / layer), {ops.total()} aten ops / step",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ namespace) have no S2 kernel and take the torch path in S2 layers, reading the s
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +64,46 @@ def table_width(n_blocks: int) -> int:
     return max(1, -(-n_blocks // TABLE_ALIGN)) * TABLE_ALIGN
 
 
-def _tables(rows: list[list[int]], device) -> torch.Tensor:
-    """Block tables [batch, width] int32, short rows padded with block 0 (never read)."""
+PACK_ALIGN = 16  # elements (64 bytes of int32): each packed array starts as aligned as its own
+# allocation would (Triton specialises pointer arguments on 16-byte alignment)
+
+
+def to_device_packed(parts: Sequence[Sequence[int]], dtype: torch.dtype, device) -> list[torch.Tensor]:
+    """1-D tensors holding `parts`, on `device`, from ONE host->device copy: the small index arrays
+    of a forward go over together (a separate copy per array is a transfer each, and on CUDA an
+    unpinned blocking copy also waits for the stream; this one is pinned and does not). Each
+    tensor is a view into one buffer, starting PACK_ALIGN-element aligned."""
+    if not parts:
+        return []
+    flat: list[int] = []
+    spans = []
+    for part in parts:
+        pad = -len(flat) % PACK_ALIGN
+        flat.extend(itertools.repeat(0, pad))
+        spans.append((len(flat), len(part)))
+        flat.extend(part)
+    buf = torch.tensor(flat, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        # from pinned memory the copy is asynchronous: the host does not wait for the stream
+        buf = buf.pin_memory().to(device, non_blocking=True)
+    else:
+        buf = buf.to(device)
+    return [buf[start:start + n] for start, n in spans]
+
+
+def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+
+def _padded_table(rows: list[list[int]]) -> tuple[list[int], tuple[int, int]]:
+    """Block tables as one flat row-major list, short rows padded with block 0 (never read), and
+    their shape [batch, width]."""
     width = table_width(max(len(r) for r in rows))
-    t = torch.zeros(len(rows), width, dtype=torch.int32)
-    for i, r in enumerate(rows):
-        t[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
-    return t.to(device)
+    flat: list[int] = []
+    for r in rows:
+        flat.extend(r)
+        flat.extend(itertools.repeat(0, width - len(r)))
+    return flat, (len(rows), width)
 
 
 def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float,
@@ -95,8 +130,33 @@ def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int
     return torch.einsum("hnt,thd->nhd", p, vf).to(q.dtype)
 
 
+@dataclass
+class _Writes:
+    """Where one layer's new tokens go for one stream group, for every chunk of a forward at once
+    (one indexed write per layer, not one per chunk)."""
+    pool: object  # the group's BlockPool
+    slots: torch.Tensor  # flat slots of its chunks' new tokens, in batch-row order
+    rows: torch.Tensor | None  # the batch rows they come from; None: every row, in order
+    s2_slots: torch.Tensor | None = None  # kv group, S2 layers: per-KV-head slots [n, Hkv]
+
+    def pick(self, values: torch.Tensor) -> torch.Tensor:
+        """The rows of `values` [N, ...] this group writes."""
+        return values if self.rows is None else values.index_select(0, self.rows)
+
+
+def _write_group(key: tuple) -> tuple:
+    """The write group of a stream key: every chunk's K/V stream ("kv") goes to the one kv pool,
+    so they form one group; each K namespace / low-rank stream key is its own."""
+    return ("kv",) if key[0] == "kv" else key
+
+
 class PagedAttention:
-    """AttentionBackend for one forward over `chunks` (see engine/model.py)."""
+    """AttentionBackend for one forward over `chunks` (see engine/model.py).
+
+    What is the same for every layer (write slots, kernel groups, block tables, sequence
+    lengths) is computed once in the constructor; what is the same for every forward until the
+    adapter set changes (the stacked v_proj A of the low-rank streams, Flash-LoRA's B stacks) is
+    kept by the LoraSet (`LoraSet.memo`)."""
 
     def __init__(self, kv: KVManager, chunks: list[Chunk], lora, lora_ids: torch.Tensor, s2=None,
                  kernels: str | None = None):
@@ -107,21 +167,61 @@ class PagedAttention:
         c = kv.config
         self.scale = c.head_dim ** -0.5
         self.window = c.sliding_window
-        # slots are the same for every layer: compute them once per forward
-        self.w_slots = [{k: s.slots(ch.start, ch.end) for k, s in ch.streams.items()} for ch in chunks]
+        self.kv_keys = [_kv_key(ch) for ch in chunks]
+        self.n_rows = sum(ch.end - ch.start for ch in chunks)
         self._r_slots: dict[int, dict] = {}  # read slots, built only for chunks the torch path attends
-        # the S2 layers' streams (created by the scheduler's reservation) and their write slots
-        self.s2_streams = [kv.sessions[ch.sid].sharded[_kv_key(ch)] for ch in chunks] if self.sharded else []
-        self.s2_slots = [self.sharded.slots(s, ch.start, ch.end) for s, ch in zip(self.s2_streams, chunks)]
+        # the S2 layers' streams (created by the scheduler's reservation)
+        self.s2_streams = [kv.sessions[ch.sid].sharded[k] for ch, k in zip(chunks, self.kv_keys)] \
+            if self.sharded else []
         self.k_agents = [a for a in kv._sorted() if a.k_lora] if kv.shared else []
         self.lr_keys = [k for k in kv.stream_keys(None) if k[0] == "lr"] if kv.shared else []
+        # which adapter owns each low-rank stream: part of the key of the stacked A (see _lr_a)
+        self._lr_owners = tuple((k, self._lr_owner(k).lora_id) for k in self.lr_keys)
+        self.writes = self._plan_writes()
         self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan()
+
+    # ---- the plan, once per forward ------------------------------------------------------------
+    def _all_rows_in_order(self, idx: list[int]) -> bool:
+        """Whether chunks `idx` (ascending) cover the batch's rows 0..N-1 in order."""
+        row = 0
+        for i in idx:
+            if self.chunks[i].row0 != row:
+                return False
+            row += self.chunks[i].end - self.chunks[i].start
+        return row == self.n_rows
+
+    def _rows_of(self, idx: list[int]) -> list[int]:
+        return [r for i in idx for r in range(self.chunks[i].row0, self.chunks[i].row0
+                                                 + self.chunks[i].end - self.chunks[i].start)]
+
+    def _plan_writes(self) -> dict[tuple, _Writes]:
+        """Per write group, the slots of every member chunk's new tokens, concatenated (slots
+        are the same for every layer: computed once per forward)."""
+        members: dict[tuple, list[tuple[int, tuple]]] = {}
+        for i, ch in enumerate(self.chunks):
+            for key in ch.streams:
+                members.setdefault(_write_group(key), []).append((i, key))
+        partial = [g for g, m in members.items() if not self._all_rows_in_order([i for i, _ in m])]
+        sent = to_device_packed([self._rows_of([i for i, _ in members[g]]) for g in partial],
+                                torch.int64, self.kv.device)
+        rows = dict(zip(partial, sent))
+        out = {}
+        for g, m in members.items():
+            pools = {id(self.chunks[i].streams[k].pool) for i, k in m}
+            assert len(pools) == 1, f"write group {g} spans {len(pools)} pools"
+            slots = [self.chunks[i].streams[k].slots(self.chunks[i].start, self.chunks[i].end) for i, k in m]
+            out[g] = _Writes(self.chunks[m[0][0]].streams[m[0][1]].pool, _cat(slots), rows.get(g))
+        if self.sharded is not None and "kv" in {g[0] for g in out}:
+            out[("kv",)].s2_slots = _cat([self.sharded.slots(s, ch.start, ch.end)
+                                          for s, ch in zip(self.s2_streams, self.chunks)])
+        return out
 
     # ---- the kernel path: chunks grouped into one paged-kernel call each ---------------------
     def _plan(self):
         """Group chunks by what they read: plain paged attention over the KV pool, or
         Flash-LoRA over the KV pool plus one low-rank pool. Chunks the kernels do not cover
-        (an agent's own K namespace, a sliding window in reach) take the torch path."""
+        (an agent's own K namespace, a sliding window in reach) take the torch path. Every
+        group's index arrays reach the device in one copy."""
         groups: dict[tuple, dict] = {}
         rest = []
         for i, ch in enumerate(self.chunks):
@@ -133,38 +233,68 @@ class PagedAttention:
                 rest.append(i)
                 continue
             if self.kv.shared and a is not None and a.v_rank:
-                lkey = ("lr", a.name) if self.kv.mode == "base_shared" else ("lr", None)
+                lkey = self._lr_key(a)
                 key = ("lora", ch.streams[lkey].pool.name)
             else:
                 lkey, key = None, ("plain",)
-            g = groups.setdefault(key, {"idx": [], "lkeys": [], "agents": []})
+            g = groups.setdefault(key, {"idx": [], "lkeys": []})
             g["idx"].append(i)
             g["lkeys"].append(lkey)
-            if lkey is not None and a not in g["agents"]:
-                g["agents"].append(a)
-        dev = self.kv.device
+        names, parts = [], []
         for key, g in groups.items():
-            chs = [self.chunks[i] for i in g["idx"]]
-            kvs = [ch.streams[_kv_key(ch)] for ch in chs]
-            g["kv_pool"] = kvs[0].pool
-            g["bt"] = _tables([s.blocks for s in kvs], dev)
-            g["seq_lens"] = torch.tensor([ch.end for ch in chs], dtype=torch.int32, device=dev)
-            n = [ch.end - ch.start for ch in chs]
-            g["decode"] = all(x == 1 for x in n)
-            g["max_q"] = max(n)
-            g["cu_q"] = torch.tensor([0] + list(itertools.accumulate(n)), dtype=torch.int32, device=dev)
-            g["rows"] = torch.cat([torch.arange(ch.row0, ch.row0 + m) for ch, m in zip(chs, n)]).to(dev)
-            if key[0] == "lora":
-                lrs = [ch.streams[lk] for ch, lk in zip(chs, g["lkeys"])]
-                g["lr_pool"] = lrs[0].pool
-                g["lr_bt"] = _tables([s.blocks for s in lrs], dev)
-                g["aid"] = torch.tensor([g["agents"].index(ch.agent) for ch in chs], dtype=torch.int32, device=dev)
-            elif self.sharded is not None:
+            for name, part in self._group_arrays(key, g).items():
+                names.append((key, name))
+                parts.append(part)
+        sent = to_device_packed([flat for flat, _ in parts], torch.int32, self.kv.device)
+        for (key, name), (_, shape), t in zip(names, parts, sent):
+            groups[key][name] = t.view(shape)
+        for key, g in groups.items():
+            g["rows"] = g["rows"].long() if "rows" in g else None  # None: every row, in order
+            if key[0] != "lora" and self.sharded is not None:
                 g["s2_bt"] = self.sharded.block_tables([self.s2_streams[i] for i in g["idx"]])
         return groups, rest
 
-    def _lora_b(self, agents, layer: int, pool) -> torch.Tensor:
-        """[n_agents, Hkv, r, D] B matrices (LoRA scale folded in) of v_proj in `layer`."""
+    def _lr_key(self, a: Agent) -> tuple:
+        """The low-rank stream agent `a` reads its V adapter part from."""
+        return ("lr", a.name) if self.kv.mode == "base_shared" else ("lr", None)
+
+    def _group_arrays(self, key: tuple, g: dict) -> dict[str, tuple[list[int], tuple]]:
+        """A group's host-side facts (pools, agents, shapes) into `g`; returns its index arrays
+        (flat int lists with their shapes) for the one upload."""
+        chs = [self.chunks[i] for i in g["idx"]]
+        kvs = [ch.streams[k] for ch, k in zip(chs, (self.kv_keys[i] for i in g["idx"]))]
+        n = [ch.end - ch.start for ch in chs]
+        g["kv_pool"] = kvs[0].pool
+        g["decode"] = all(x == 1 for x in n)
+        g["max_q"] = max(n)
+        arrays = {"bt": _padded_table([s.blocks for s in kvs]),
+                  "seq_lens": ([ch.end for ch in chs], (len(chs),)),
+                  "cu_q": ([0, *itertools.accumulate(n)], (len(chs) + 1,))}
+        if not self._all_rows_in_order(g["idx"]):
+            rows = self._rows_of(g["idx"])
+            arrays["rows"] = (rows, (len(rows),))
+        if key[0] == "lora":
+            lrs = [ch.streams[lk] for ch, lk in zip(chs, g["lkeys"])]
+            g["lr_pool"] = lrs[0].pool
+            g["agents"] = self._pool_agents(g["lr_pool"])
+            arrays["lr_bt"] = _padded_table([s.blocks for s in lrs])
+            arrays["aid"] = ([g["agents"].index(ch.agent) for ch in chs], (len(chs),))
+        return arrays
+
+    def _pool_agents(self, pool) -> list[Agent]:
+        """Every registered agent whose low-rank V lives in `pool`, in name order: the rows of
+        the pool's Flash-LoRA B stack (the same for every forward while the agents stay)."""
+        r = pool.token_shape[0]  # base_shared keeps one low-rank pool per rank
+        return [a for a in self.kv._sorted() if a.v_rank and (self.kv.mode != "base_shared" or a.v_rank == r)]
+
+    # ---- what is derived from the adapters, kept across forwards -------------------------------
+    def _lora_b(self, agents: list[Agent], layer: int, pool) -> torch.Tensor:
+        """[n_agents, Hkv, r, D] B matrices (LoRA scale folded in) of v_proj in `layer`, built
+        once per (agents, layer, pool) while the adapter set stays the same."""
+        key = ("flash_lora_b", layer, pool.name, tuple(a.lora_id for a in agents))
+        return self.lora.memo(key, lambda: self._stack_lora_b(agents, layer, pool))
+
+    def _stack_lora_b(self, agents: list[Agent], layer: int, pool) -> torch.Tensor:
         c = self.kv.config
         r = pool.token_shape[0]
         out = []
@@ -176,18 +306,40 @@ class PagedAttention:
                 out.append(ab[1].view(c.num_kv_heads, c.head_dim, r).transpose(1, 2))
         return torch.stack(out).to(pool.dtype).contiguous()
 
-    def _attend_kernels(self, layer: int, q: torch.Tensor, out: torch.Tensor, s2_layer: bool) -> set[int]:
-        """Run every kernel group of this layer; returns the chunks done. In S2 layers only plain
+    def _lr_a(self, layer: int) -> tuple[torch.Tensor | None, list[tuple], list[int]]:
+        """The v_proj A of every low-rank stream's owner in `layer`, stacked [sum of ranks, H]
+        for one shrink, with the stream keys and ranks it holds (A None: no adapter in this
+        layer); built once per layer while the adapter set stays the same."""
+        return self.lora.memo(("lr_a", layer, self._lr_owners), lambda: self._stack_lr_a(layer))
+
+    def _stack_lr_a(self, layer: int) -> tuple[torch.Tensor | None, list[tuple], list[int]]:
+        mats, keys = [], []
+        for key in self.lr_keys:
+            ab = self._lr_owner(key).lora.get(layer, V_PROJ)
+            if ab is not None:
+                mats.append(ab[0])
+                keys.append(key)
+        return (torch.cat(mats, 0) if mats else None), keys, [m.shape[0] for m in mats]
+
+    # ---- attention ---------------------------------------------------------------------------
+    def _attend_kernels(self, layer: int, q: torch.Tensor, s2_layer: bool) -> tuple[torch.Tensor | None, set[int]]:
+        """Run every kernel group of this layer. Returns the output rows the kernels computed —
+        the kernel's own output when one group covers the whole batch in order (no gather, no
+        scatter), else an [N, Hq, D] tensor — and the chunks done. In S2 layers only plain
         groups have a kernel (S2 over the head-sharded K/V); Flash-LoRA groups take the torch path."""
-        done: set[int] = set()
-        for key, g in self.groups.items():
-            if s2_layer and key[0] != "plain":
-                continue
-            qg = q.index_select(0, g["rows"])
-            o = self._s2_kernel(layer, g, qg) if s2_layer else self._dense_kernel(layer, key, g, qg)
+        runs = [(key, g) for key, g in self.groups.items() if not (s2_layer and key[0] != "plain")]
+        if len(runs) == 1 and runs[0][1]["rows"] is None:
+            key, g = runs[0]
+            return self._run_group(layer, key, g, q, s2_layer).to(q.dtype), set(g["idx"])
+        out, done = torch.empty_like(q), set()
+        for key, g in runs:
+            o = self._run_group(layer, key, g, q.index_select(0, g["rows"]), s2_layer)
             out.index_copy_(0, g["rows"], o.to(out.dtype))
             done.update(g["idx"])
-        return done
+        return out, done
+
+    def _run_group(self, layer: int, key: tuple, g: dict, qg: torch.Tensor, s2_layer: bool) -> torch.Tensor:
+        return self._s2_kernel(layer, g, qg) if s2_layer else self._dense_kernel(layer, key, g, qg)
 
     def _s2_kernel(self, layer: int, g: dict, qg: torch.Tensor) -> torch.Tensor:
         from kernels import s2_attention_decode, s2_attention_prefill_paged
@@ -224,9 +376,10 @@ class PagedAttention:
             self._write_shared(model, layer, x, k, v, rope)
         else:
             self._write_full(model, layer, x, k, v, rope)
-        out = torch.empty_like(q)
         s2_layer = self._sharded_layer(layer)
-        done = self._attend_kernels(layer, q, out, s2_layer) if self.groups else set()
+        out, done = self._attend_kernels(layer, q, s2_layer) if self.groups else (None, set())
+        if out is None:
+            out = torch.empty_like(q)
         for i in (i for i in range(len(self.chunks)) if i not in done):
             ch = self.chunks[i]
             out[ch.rows] = self._attend_chunk(i, ch, layer, q[ch.rows])
@@ -237,57 +390,48 @@ class PagedAttention:
         return self.sharded is not None and self.sharded.holds(layer)
 
     # ---- writes ------------------------------------------------------------------------------
-    def _write_kv(self, i: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Chunk i's new K/V (rows of k, v) into its kv stream: the kv pool, or in S2 layers the
+    def _write_kv(self, layer: int, w: _Writes, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The new K/V (rows of k, v) of every chunk into the kv pool, or in S2 layers into the
         head-sharded storage."""
-        ch = self.chunks[i]
+        k, v = w.pick(k), w.pick(v)
         if self._sharded_layer(layer):
-            self.sharded.write(layer, self.s2_slots[i], k[ch.rows], v[ch.rows])
+            self.sharded.write(layer, w.s2_slots, k, v)
             return
-        key = _kv_key(ch)
-        pool, slots, kl = ch.streams[key].pool, self.w_slots[i][key], self.kv.kv_layer(layer)
-        _write(pool.layer(0, kl), slots, k[ch.rows])
-        _write(pool.layer(1, kl), slots, v[ch.rows])
+        kl = self.kv.kv_layer(layer)
+        _write(w.pool.layer(0, kl), w.slots, k)
+        _write(w.pool.layer(1, kl), w.slots, v)
+
+    def _write_all(self, layer: int, k: torch.Tensor, v: torch.Tensor, others: dict) -> None:
+        """Every write group of this layer: K/V to the kv group, `others[stream key]` [N, ...]
+        to that stream's group (a K namespace or a low-rank V)."""
+        for g, w in self.writes.items():
+            if g[0] == "kv":
+                self._write_kv(layer, w, k, v)
+            elif g in others:
+                _write(w.pool.layer(0, layer), w.slots, w.pick(others[g]))
 
     def _write_full(self, model, layer, x, k, v, rope):
         dk = self.lora.delta(K_PROJ, layer, x, self.ids)
         dv = self.lora.delta(V_PROJ, layer, x, self.ids)
         kf = model.finish_k(layer, k if dk is None else k + dk, rope)
         vf = model.finish_v(v if dv is None else v + dv)
-        for i in range(len(self.chunks)):
-            self._write_kv(i, layer, kf, vf)
+        self._write_all(layer, kf, vf, {})
 
     def _write_shared(self, model, layer, x, k, v, rope):
         kb = model.finish_k(layer, k, rope)
         vb = model.finish_v(v)
-        extra_k = {}
+        others = {}
         for a in self.k_agents:
             ab = a.lora.get(layer, K_PROJ)
-            extra_k[a.name] = kb if ab is None else model.finish_k(layer, k + F.linear(F.linear(x, ab[0]), ab[1]), rope)
+            others[("k", a.name)] = kb if ab is None else model.finish_k(
+                layer, k + F.linear(F.linear(x, ab[0]), ab[1]), rope)
         # LRAgent: the low-rank V of every agent from one shrink with the A matrices stacked
-        lows = {}
         if self.lr_keys:
-            mats, keys = [], []
-            for key in self.lr_keys:
-                a = self._lr_owner(key)
-                ab = a.lora.get(layer, V_PROJ)
-                if ab is not None:
-                    mats.append(ab[0])
-                    keys.append(key)
-            if mats:
-                low = F.linear(x, torch.cat(mats, 0))
-                for key, part in zip(keys, torch.split(low, [m.shape[0] for m in mats], dim=1)):
-                    lows[key] = part
-        for i, ch in enumerate(self.chunks):
-            rows = ch.rows
-            for key, s in ch.streams.items():
-                slots = self.w_slots[i][key]
-                if key[0] == "kv":
-                    self._write_kv(i, layer, kb, vb)
-                elif key[0] == "k":
-                    _write(s.pool.layer(0, layer), slots, extra_k[key[1]][rows])
-                elif key in lows:
-                    _write(s.pool.layer(0, layer), slots, lows[key][rows])
+            a_all, keys, ranks = self._lr_a(layer)
+            if a_all is not None:
+                low = F.linear(x, a_all)
+                others.update(zip(keys, torch.split(low, ranks, dim=1)) if len(keys) > 1 else [(keys[0], low)])
+        self._write_all(layer, kb, vb, others)
 
     def _lr_owner(self, key) -> Agent:
         if key[1] is not None:
@@ -307,7 +451,7 @@ class PagedAttention:
         ch = self.chunks[i]
         if self._sharded_layer(layer):
             return self.sharded.read(layer, self.s2_streams[i], ch.end)
-        key = _kv_key(ch)
+        key = self.kv_keys[i]
         pool, slots, kl = ch.streams[key].pool, self._read_slots(i)[key], self.kv.kv_layer(layer)
         return _read(pool.layer(0, kl), slots), _read(pool.layer(1, kl), slots)
 

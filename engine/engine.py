@@ -9,7 +9,7 @@ from typing import Iterable
 
 import torch
 
-from .attention import Chunk, PagedAttention
+from .attention import Chunk, PagedAttention, to_device_packed
 from .builtin import BUILTIN, builtin_weights
 from .cache import MODES, Agent, KVManager
 from .config import ModelConfig, load_config
@@ -17,7 +17,7 @@ from .kernel_policy import kernel_impl, use_kernels
 from .loader import LoadError, load_weights
 from .lora import LoraSet, load_peft_adapter, same_v_a
 from .model import BatchInputs, DecoderModel
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, make_generator, sample_rows
 from .scheduler import CacheCapacityError, Scheduler, Work
 from .sequence import GenerationOutput, Request, Session, Status
 
@@ -333,8 +333,7 @@ class Engine:
             self._finish(req)
         if works:
             logits = self._forward(works, all_rows=False)
-            for w, row in zip([w for w in works if w.sample], logits):
-                self._sampled(w.req, row)
+            self._sample([w.req for w in works if w.sample], logits)
         self._count_step(works)
         out = {}
         for req in list(self._requests.values()):
@@ -377,9 +376,7 @@ class Engine:
                 row += b - a
             if w.sample and not all_rows:
                 rows.append(row - 1)
-        dev = self.device
-        t = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)  # noqa: E731
-        inp = BatchInputs(t(ids), t(pos), t(lids), t(eids), t(rows))
+        inp = BatchInputs(*to_device_packed([ids, pos, lids, eids, rows], torch.int64, self.device))
         kern = kernel_impl(inp.input_ids) if use_kernels(inp.input_ids, self.model.dtype) else None
         self.lora.prepare(inp.lora_ids, kern)
         self.model.moe_impl = kern
@@ -413,17 +410,30 @@ class Engine:
             self._s2_helper = S2Masks(self.config)
         return self._s2_helper
 
-    def _sampled(self, req: Request, logits_row: torch.Tensor) -> None:
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Draw the next token of each request (row i of `logits` is reqs[i]'s): one device->host
+        transfer for the step, one more when some request keeps its log-prob rows."""
+        if not reqs:
+            return
+        drawn = sample_rows(logits, [r.params for r in reqs], [r.gen for r in reqs])
+        keep = [i for i, r in enumerate(reqs) if r.params.logprobs]
+        # one copy of the kept rows; each request keeps its own row, not a view that would pin
+        # every other request's row of this step until it finishes
+        rows = {i: row.clone() for i, row in zip(keep, drawn.rows[keep].cpu())} if keep else {}
+        for i, req in enumerate(reqs):
+            self._sampled(req, drawn.tokens[i], drawn.logprobs[i], rows.get(i))
+
+    def _sampled(self, req: Request, tok: int, logprob: float, row: torch.Tensor | None) -> None:
+        """Append a drawn token (its log-prob, and its log-softmax row when the request keeps
+        them) to the request and its session; finish the request if it stops here."""
         now = time.perf_counter()
-        lp = torch.log_softmax(logits_row.float(), -1)
-        tok = sample(logits_row, req.params, req.gen)
         s = req.session
         s.tokens.append(tok)
         s.procs.append(req.agent)
         req.out.append(tok)
-        req.out.token_logprobs.append(float(lp[tok]))
-        if req.params.logprobs:
-            req.rows.append(lp.cpu())
+        req.out.token_logprobs.append(logprob)
+        if row is not None:
+            req.rows.append(row)
         req.new_tokens.append(tok)
         if req.t_first is None:
             req.t_first = now

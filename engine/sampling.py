@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -54,10 +55,11 @@ def make_generator(params: SamplingParams, device) -> torch.Generator | None:
     return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """One token id from a row of logits [vocab] (float32)."""
+def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """One token id from a row of logits [vocab] (float32) as a 0-d/1-element device tensor (no
+    device->host transfer)."""
     if params.greedy:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     x = logits / params.temperature
     if 0 < params.top_k < x.shape[-1]:
         kth = torch.topk(x, params.top_k).values[-1]
@@ -69,4 +71,37 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
         drop = cum - torch.softmax(sp, -1) >= params.top_p
         x = x.scatter(0, si, sp.masked_fill(drop, float("-inf")))
     probs = torch.softmax(x, -1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return torch.multinomial(probs, 1, generator=gen)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    """One token id from a row of logits [vocab] (float32)."""
+    return int(_draw(logits, params, gen))
+
+
+@dataclass
+class Sampled:
+    """What `sample_rows` drew: per row the token, its log-prob, and the log-softmax rows
+    [M, vocab] (float32, on the logits' device) for callers that keep them."""
+    tokens: list[int]
+    logprobs: list[float]
+    rows: torch.Tensor
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                gens: Sequence[torch.Generator | None]) -> Sampled:
+    """A token for every row of `logits` [M, vocab] (row i with params[i] and gens[i], drawn in
+    row order, exactly as `sample` would), with one device->host transfer for the whole batch
+    (on a GPU each transfer is a sync: one per step, not two per request)."""
+    if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(gens):
+        raise ValueError(f"need logits [M, vocab] and M params and generators, got {list(logits.shape)}, "
+                         f"{len(params)} params, {len(gens)} generators")
+    lp = torch.log_softmax(logits.float(), -1)
+    toks = torch.argmax(logits, dim=-1)  # every greedy row; the others are drawn below
+    for i, (p, g) in enumerate(zip(params, gens)):
+        if not p.greedy:
+            toks[i] = _draw(logits[i], p, g).view(())
+    picked = lp.gather(1, toks[:, None])[:, 0]
+    # token ids (< 2**53) and float32 log-probs are exact in float64: one tensor, one transfer
+    host = torch.stack((toks.to(torch.float64), picked.to(torch.float64))).tolist()
+    return Sampled([int(t) for t in host[0]], host[1], lp)
