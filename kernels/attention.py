@@ -347,9 +347,9 @@ def _split_reduce(WsM, WsL, WsAcc, Out, stride_ot, stride_oh, num_heads, num_spl
 # --------------------------------------------------------------------------------------------
 # Launch plumbing shared with kernels.s2
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _S2Args:
-    """The runtime integers of an S2 pattern as the kernel reads them (see kernels.s2)."""
+class _S2Args(NamedTuple):
+    """The runtime integers of an S2 pattern as the kernel reads them (see kernels.s2). A tuple:
+    it is part of every S2 launch key, hashed on each call."""
     sparse_block: int
     local_blocks: int
     vert_stride: int
@@ -880,8 +880,12 @@ def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int
 
 def _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
                  num_splits, validate, *, per_head: bool = False, max_seqlen_q: int | None = None):
-    """Common checks of the paged entry points; returns the batch size."""
+    """Common checks of the paged entry points; returns the batch size. `per_head`: a per-KV-head
+    table ``[B, Hkv, W]`` over caches holding one KV head per block (kernels.s2)."""
     _check_q_kv(q, k_cache, v_cache, paged=True, per_head_ok=per_head)
+    if per_head and k_cache.shape[2] != 1:
+        raise ValueError("per-head block tables need caches with one KV head per block, got "
+                         f"{tuple(k_cache.shape)}")
     _check_scale(scale)
     _check_out(out, q)
     _check_splits(num_splits)
@@ -895,6 +899,10 @@ def _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scal
         batch = cu_seqlens_q.shape[0] - 1
     _check_int_vec("seq_lens", seq_lens, batch, device)
     _check_table("block_tables", block_tables, batch, device, ndim=3 if per_head else 2)
+    if per_head:
+        hkv = block_tables.shape[1]
+        if hkv < 1 or q.shape[1] % hkv != 0:
+            raise ValueError(f"num q heads ({q.shape[1]}) must be a multiple of num kv heads ({hkv})")
     if validate and batch:
         len_q = None
         if not decode:

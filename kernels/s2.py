@@ -45,8 +45,10 @@ class S2Pattern:
     and reads a shard; ``reads`` answers for a q head.
     """
 
-    __slots__ = ("num_heads", "num_kv_heads", "group", "sparse_block", "local_blocks",
-                 "vert_stride", "homo_head", "num_dense_heads", "head_sliding_step", "offset")
+    _FIELDS = ("num_heads", "num_kv_heads", "group", "sparse_block", "local_blocks",
+               "vert_stride", "homo_head", "num_dense_heads", "head_sliding_step", "offset")
+    # _kernel: the pattern as the kernel reads it, built once (it keys every launch).
+    __slots__ = _FIELDS + ("_kernel",)
 
     def __init__(self, num_heads: int, sparse_block: int, local_blocks: int, vert_stride: int, *,
                  num_kv_heads: int | None = None, homo_head: bool = False,
@@ -78,12 +80,15 @@ class S2Pattern:
                           ("num_dense_heads", num_dense_heads),
                           ("head_sliding_step", head_sliding_step), ("offset", offset)):
             object.__setattr__(self, name, val)
+        object.__setattr__(self, "_kernel", _S2Args(
+            self.sparse_block, self.local_blocks, self.vert_stride, self.head_sliding_step,
+            self.offset, self.dense_from, self.homo_head))
 
     def __setattr__(self, name, value):
         raise AttributeError("S2Pattern is immutable")
 
     def _key(self):
-        return tuple(getattr(self, n) for n in self.__slots__)
+        return tuple(getattr(self, n) for n in self._FIELDS)
 
     def __eq__(self, other):
         return isinstance(other, S2Pattern) and self._key() == other._key()
@@ -195,8 +200,7 @@ class S2Pattern:
         return total / (self.num_kv_heads * float(num_tokens) ** 2)
 
     def _kernel_args(self) -> _S2Args:
-        return _S2Args(self.sparse_block, self.local_blocks, self.vert_stride,
-                       self.head_sliding_step, self.offset, self.dense_from, self.homo_head)
+        return self._kernel
 
 
 def _check_pattern(pattern, hq: int, hkv: int) -> None:
@@ -245,17 +249,6 @@ def s2_attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 max_seqlen_q=max_seqlen_q)
 
 
-def _check_per_head_layout(q, k_cache, v_cache, block_tables) -> None:
-    """A per-KV-head table ``[B, Hkv, W]`` reads caches holding one KV head per block
-    ``[num_blocks, bs, 1, D]`` (cachepool.HeadShardedKVPool's layout)."""
-    _check_q_kv(q, k_cache, v_cache, paged=True, per_head_ok=True)
-    _need(k_cache.shape[2] == 1,
-          lambda: f"per-head block tables need caches with one KV head per block, got {tuple(k_cache.shape)}")
-    hkv = block_tables.shape[1]
-    _need(hkv >= 1 and q.shape[1] % hkv == 0,
-          lambda: f"num q heads ({q.shape[1]}) must be a multiple of num kv heads ({hkv})")
-
-
 def _check_reads_stored(pattern: S2Pattern, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                         len_q: torch.Tensor, block_size: int) -> None:
     """A per-head table may hold -1 only where the pattern reads nothing for the batch's queries.
@@ -291,9 +284,9 @@ def _check_reads_stored(pattern: S2Pattern, block_tables: torch.Tensor, seq_lens
 def _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, pattern, scale, out,
                     num_splits, validate, max_seqlen_q=None) -> None:
     """Every check of the paged S2 entry points (decode: cu_seqlens_q None)."""
+    # A per-KV-head table ``[B, Hkv, W]`` reads caches holding one KV head per block
+    # ``[num_blocks, bs, 1, D]`` (cachepool.HeadShardedKVPool's layout); _check_paged checks it.
     per_head = isinstance(block_tables, torch.Tensor) and block_tables.dim() == 3
-    if per_head:
-        _check_per_head_layout(q, k_cache, v_cache, block_tables)
     batch = _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
                          num_splits, validate, per_head=per_head, max_seqlen_q=max_seqlen_q)
     _check_pattern(pattern, q.shape[1], block_tables.shape[1] if per_head else k_cache.shape[2])
