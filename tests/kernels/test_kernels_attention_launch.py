@@ -1,0 +1,352 @@
+"""The attention kernels' launch path: cached launch plans, the one split-KV workspace, and the
+host checks that must still reject bad input before anything is launched or written.
+
+A launch plan (grid, splits, strides, constexprs) is cached per `_LaunchKey`; these tests change
+one key component at a time on fresh random inputs, NaN-poisoned outputs, against the float64
+references, so a component missing from the key would serve a stale plan (wrong strides, grid
+or constexprs) and show up as a wrong or unwritten output.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import attention as A
+from kernels.attention import flash_lora_decode, paged_attention_decode, paged_attention_prefill
+from kernels.attention_ref import (flash_lora_decode_ref, paged_attention_decode_ref,
+                                   paged_attention_prefill_ref, s2_attention_decode_ref,
+                                   s2_attention_prefill_ref)
+from kernels.s2 import S2Pattern, s2_attention_decode, s2_attention_prefill
+
+TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+if torch.cuda.is_available():  # fp32 dots run on TF32 tensor cores on the GPU
+    TOL[torch.float32] = 5e-3
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert not out.isnan().any(), "some output element was never written"
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < TOL[out.dtype], err
+
+
+def poisoned_like(q: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(q, float("nan"))
+
+
+def make_paged(lens, hkv, d, bs, dtype, device, *, width=None):
+    """Random paged K/V, blocks scattered at random, NaN in every slot no sequence owns; the
+    table is `width` wide (default: just enough) with far-out-of-range ids past each sequence."""
+    need = [-(-n // bs) for n in lens]
+    width = max(need + [1]) if width is None else width
+    num_blocks = sum(need) + 2
+    k = torch.full((num_blocks, bs, hkv, d), float("nan"), dtype=dtype, device=device)
+    v = torch.full_like(k, float("nan"))
+    perm = torch.randperm(num_blocks, device=device).int()
+    table = torch.full((len(lens), width), 10**6, dtype=torch.int32, device=device)
+    used = 0
+    for b, n in enumerate(lens):
+        table[b, :need[b]] = perm[used:used + need[b]]
+        used += need[b]
+        for i, blk in enumerate(table[b, :need[b]].tolist()):
+            m = min(bs, n - i * bs)
+            k[blk, :m] = torch.randn(m, hkv, d, device=device).to(dtype)
+            v[blk, :m] = torch.randn(m, hkv, d, device=device).to(dtype)
+    return k, v, table, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def decode_case(device, *, lens=(37, 5, 50), hq=4, hkv=2, d=32, bs=16, dtype=torch.float32,
+                width=None, q_stride_pad=0):
+    k, v, table, seq_lens = make_paged(list(lens), hkv, d, bs, dtype, device, width=width)
+    q = torch.randn(len(lens), hq, d + q_stride_pad, device=device).to(dtype)[..., :d]
+    return q, k, v, table, seq_lens
+
+
+def run_decode(q, k, v, table, seq_lens, *, out=None, num_splits=None):
+    out = poisoned_like(q) if out is None else out
+    res = paged_attention_decode(q, k, v, table, seq_lens, 0.3, out=out, num_splits=num_splits)
+    assert res is out
+    check(out, paged_attention_decode_ref(q, k, v, table, seq_lens, 0.3))
+    return out
+
+
+@pytest.fixture
+def plan_misses():
+    """The number of launch plans computed since the test began (from an empty cache), as a
+    function."""
+    A._launch_plan.cache_clear()
+    return lambda: A._launch_plan.cache_info().misses
+
+
+# ---------------------------------------------------------------- the plan cache
+def test_repeated_call_reuses_its_plan(device, rng_seed, plan_misses):
+    """A second call with the same shapes computes no configuration: it validates and launches.
+    New values in tensors of the same shapes (fresh data, other lengths) are the same key."""
+    run_decode(*decode_case(device, lens=(29, 41)))
+    q, k, v, table, seq_lens = decode_case(device, lens=(29, 41))
+    run_decode(q, k, v, table, seq_lens)
+    run_decode(q, k, v, table, torch.tensor([3, 17], dtype=torch.int32, device=device))
+    assert plan_misses() == 1
+    assert A._launch_plan.cache_info().hits == 2
+
+
+def test_swapped_tuning_function_is_not_served_a_stale_plan(device, rng_seed, plan_misses,
+                                                            monkeypatch):
+    """bench/tune_attention.py swaps `_config` / `_default_splits` to sweep configurations: a
+    plan cached before the swap must not answer for the swapped function."""
+    case = decode_case(device, lens=(70, 33))
+    run_decode(*case)
+    asked = []
+
+    def three_splits(*args):
+        asked.append(args)
+        return 3
+
+    monkeypatch.setattr(A, "_default_splits", three_splits)
+    run_decode(*case)
+    assert len(asked) == 1 and plan_misses() == 2
+    monkeypatch.undo()
+    run_decode(*case)  # the original function's plan again, still cached
+    assert plan_misses() == 2
+
+
+# Each variation changes one thing the plan is computed from, relative to decode_case()'s defaults.
+DECODE_VARIATIONS = {
+    "base": {},
+    "table width": dict(width=9),
+    "table width again": dict(width=12),
+    "head dim": dict(d=64),
+    "block size": dict(bs=32),
+    "batch": dict(lens=(37, 5, 50, 1, 23)),
+    "gqa group": dict(hq=8),
+    "kv heads": dict(hq=6, hkv=3),
+    "dtype": dict(dtype=torch.bfloat16),
+    "q strides": dict(q_stride_pad=16),
+}
+
+
+def test_changing_any_key_component_gives_a_fresh_plan(device, rng_seed, plan_misses):
+    """Alternating configurations (each one's plan cached by then) stay right: a stale plan would
+    carry the wrong table stride, head dim, block size, grid or strides."""
+    names = list(DECODE_VARIATIONS)
+    for name in names + names[::-1]:
+        run_decode(*decode_case(device, **DECODE_VARIATIONS[name]))
+    # A fresh plan per configuration but the dtype, which no launch parameter depends on
+    # (Triton specialises on it itself); the second pass is all cache hits.
+    assert plan_misses() == len(names) - 1
+
+
+def test_out_strides_and_split_counts_key_the_plan(device, rng_seed, plan_misses):
+    q, k, v, table, seq_lens = decode_case(device, lens=(70, 9, 33))
+    wide = torch.full((q.shape[0], q.shape[1] + 3, q.shape[2] + 8), float("nan"), device=device,
+                      dtype=q.dtype)
+    for splits in (None, 3, 5, 3, None):
+        run_decode(q, k, v, table, seq_lens, num_splits=splits)
+        out = run_decode(q, k, v, table, seq_lens, out=wide[:, 1:1 + q.shape[1], :q.shape[2]],
+                         num_splits=splits)
+        assert out.stride() != q.stride()
+        outside = torch.ones_like(wide, dtype=torch.bool)
+        outside[:, 1:1 + q.shape[1], :q.shape[2]] = False
+        assert wide[outside].isnan().all(), "wrote outside the out view"
+        wide.fill_(float("nan"))
+    assert plan_misses() == 6  # 3 split settings × 2 out layouts
+
+
+def test_prefill_keys_on_max_seqlen_q(device, rng_seed, plan_misses):
+    """The query-tile count comes from max_seqlen_q: the same shapes with a longer run need more
+    tiles (a stale plan would leave its last rows unwritten)."""
+    hq, hkv, d, bs = 4, 2, 32, 16
+    k, v, table, seq_lens = make_paged([40, 70], hkv, d, bs, torch.float32, device)
+    # (11, 11) then (1, 21): same total_q, one query tile more (16 rows a tile in the interpreter).
+    for runs in ((11, 11), (1, 21), (21, 1), (3, 30), (11, 11)):
+        cq = torch.tensor([0, runs[0], sum(runs)], dtype=torch.int32, device=device)
+        q = torch.randn(sum(runs), hq, d, device=device)
+        for max_q in (max(runs), None):
+            out = poisoned_like(q)
+            paged_attention_prefill(q, k, v, table, cq, seq_lens, 0.3, out=out, max_seqlen_q=max_q)
+            check(out, paged_attention_prefill_ref(q, k, v, table, cq, seq_lens, 0.3))
+    assert plan_misses() == 3  # one per (total_q, longest run): given or synced, the same key
+
+
+def test_flash_lora_keys_on_rank_and_tables(device, rng_seed, plan_misses):
+    hq, hkv, d, bs, lens = 4, 2, 32, 16, [37, 20]
+    k, v, table, seq_lens = make_paged(lens, hkv, d, bs, torch.float32, device)
+    aid = torch.tensor([1, -1], dtype=torch.int32, device=device)
+    q = torch.randn(len(lens), hq, d, device=device)
+    for rank, lr_bs, lr_width in ((8, 16, 3), (24, 16, 3), (8, 8, 6), (8, 16, 7), (8, 16, 3)):
+        need = [-(-n // lr_bs) for n in lens]
+        lr = torch.randn(sum(need) + 1, lr_bs, rank, device=device)
+        lbt = torch.full((len(lens), lr_width), 10**6, dtype=torch.int32, device=device)
+        lbt[0, :need[0]] = torch.arange(need[0], dtype=torch.int32)
+        lbt[1, :need[1]] = torch.arange(need[0], sum(need), dtype=torch.int32)
+        lora_b = torch.randn(2, hkv, rank, d, device=device) / math.sqrt(rank)
+        out = poisoned_like(q)
+        flash_lora_decode(q, k, v, lr, lbt, lora_b, aid, table, seq_lens, 0.3, out=out)
+        check(out, flash_lora_decode_ref(q, k, v, lr, lbt, lora_b, aid, table, seq_lens, 0.3))
+    assert plan_misses() == 4
+
+
+def test_s2_shared_and_per_head_tables_get_their_own_plans(device, rng_seed, plan_misses):
+    """The same q and pattern over a shared and a per-KV-head table (the per-head one zeroes the
+    cache's head stride); equal patterns share plans, a different pattern does not."""
+    p = S2Pattern(4, 16, 1, 3, num_kv_heads=2)
+    d, bs, lens = 16, 16, [90, 41]
+    k, v, table, seq_lens = make_paged(lens, 2, d, bs, torch.float32, device)
+    # The head-sharded layout of the same data, every block stored (no -1 needed here).
+    kh = k.permute(0, 2, 1, 3).reshape(-1, bs, 1, d).contiguous()
+    vh = v.permute(0, 2, 1, 3).reshape(-1, bs, 1, d).contiguous()
+    heads = torch.arange(2, dtype=torch.int32, device=device)
+    per_head = torch.where(table[:, None, :] < k.shape[0], table[:, None, :] * 2 + heads[:, None],
+                           table[:, None, :])
+    q = torch.randn(len(lens), 4, d, device=device)
+    ref = s2_attention_decode_ref(q, k, v, table, seq_lens, p, 0.3)
+    same = S2Pattern(4, 16, 1, 3, num_kv_heads=2)
+    for pattern, kc, vc, bt in ((p, k, v, table), (p, kh, vh, per_head), (same, k, v, table),
+                                (same, kh, vh, per_head)):
+        out = poisoned_like(q)
+        s2_attention_decode(q, kc, vc, bt, seq_lens, pattern, 0.3, out=out)
+        check(out, ref)
+    other = S2Pattern(4, 16, 2, 2, num_kv_heads=2)
+    out = poisoned_like(q)
+    s2_attention_decode(q, k, v, table, seq_lens, other, 0.3, out=out)
+    check(out, s2_attention_decode_ref(q, k, v, table, seq_lens, other, 0.3))
+    assert plan_misses() == 3
+
+
+def test_contiguous_prefill_keys_on_the_batch(device, rng_seed, plan_misses):
+    """Contiguous K/V: the batch shows in no tensor shape the kernel reads (only in cu_seqlens),
+    so it keys the plan by itself: the same total_q, longest run and total_k over 2 then 3
+    sequences (a stale grid would leave the third sequence unwritten)."""
+    p = S2Pattern(4, 16, 1, 2, num_kv_heads=2)
+    d = 16
+    k = torch.randn(40, 2, d, device=device)
+    v = torch.randn_like(k)
+
+    def cu(lengths):
+        return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
+                            device=device)
+
+    for len_q, len_k in (((6, 6), (20, 20)), ((6, 3, 3), (20, 10, 10)), ((6, 6), (20, 20))):
+        q = torch.randn(12, 4, d, device=device)
+        cq, ck = cu(len_q), cu(len_k)
+        out = poisoned_like(q)
+        s2_attention_prefill(q, k, v, cq, ck, p, 0.3, out=out, max_seqlen_q=6)
+        check(out, s2_attention_prefill_ref(q, k, v, cq, ck, p, 0.3))
+    assert plan_misses() == 2
+
+
+# ---------------------------------------------------------------- the split-KV workspace
+class _RecordingLauncher:
+    """Stands in for a @triton.jit kernel: records each launch's arguments, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(args)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_split_partials_share_one_aligned_workspace(device, rng_seed, monkeypatch):
+    """An odd number of partial rows (3 heads × 1 token × 5 splits): each partial still starts
+    16-byte aligned, as its own allocation would (Triton specialises pointers on it: a misaligned
+    one would compile another kernel mid-serving), and they do not overlap."""
+    rec = _RecordingLauncher(A._attn_fwd)
+    monkeypatch.setattr(A, "_attn_fwd", rec)
+    q, k, v, table, seq_lens = decode_case(device, lens=(75,), hq=3, hkv=1, d=16)
+    run_decode(q, k, v, table, seq_lens, num_splits=5)
+    ws_m, ws_l, ws_acc = rec.calls[-1][6:9]
+    rows = 3 * 5
+    assert all(t.data_ptr() % 16 == 0 for t in (ws_m, ws_l, ws_acc))
+    assert ws_m.numel() >= rows and ws_l.numel() >= rows and ws_acc.numel() == rows * 16
+    assert ws_m.data_ptr() + rows * 4 <= ws_l.data_ptr()
+    assert ws_l.data_ptr() + rows * 4 <= ws_acc.data_ptr()
+
+
+# ---------------------------------------------------------------- bad input, warm cache
+def _no_launch(*args, **kwargs):
+    raise AssertionError("a rejected call reached a kernel launch")
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return _no_launch
+
+
+BAD_DECODE = [  # (what, change to the valid arguments, exception, message)
+    ("k dtype", lambda a: a.update(k_cache=a["k_cache"].double()), TypeError, "dtype"),
+    ("q dtype", lambda a: a.update(q=a["q"].int()), TypeError, "q must have dtype"),
+    ("v shape", lambda a: a.update(v_cache=a["v_cache"][:, :8]), ValueError, "shapes differ"),
+    ("k not contiguous in D", lambda a: a.update(k_cache=a["k_cache"].transpose(1, 3).contiguous()
+                                                 .transpose(1, 3)), ValueError, "head dim"),
+    ("seq_lens dims", lambda a: a.update(seq_lens=a["seq_lens"].view(-1, 1)), ValueError, "seq_lens"),
+    ("seq_lens length", lambda a: a.update(seq_lens=a["seq_lens"][:1]), ValueError, "length"),
+    ("table dtype", lambda a: a.update(block_tables=a["block_tables"].float()), TypeError,
+     "block_tables"),
+    ("table rows", lambda a: a.update(block_tables=a["block_tables"][:1]), ValueError, "rows"),
+    ("table strided", lambda a: a.update(block_tables=a["block_tables"].repeat(1, 2)[:, ::2]),
+     ValueError, "contiguous"),
+    ("q heads", lambda a: a.update(q=a["q"][:, :3], out=None), ValueError, "multiple"),
+    ("out shape", lambda a: a.update(out=a["out"][:, :2]), ValueError, "out must match"),
+    ("out strided", lambda a: a.update(out=torch.full_like(a["out"].transpose(0, 2).contiguous(),
+                                                           float("nan")).transpose(0, 2)),
+     ValueError, "out must be contiguous"),
+    ("scale", lambda a: a.update(scale=float("nan")), TypeError, "scale"),
+    ("scale bool", lambda a: a.update(scale=True), TypeError, "scale"),
+    ("splits", lambda a: a.update(num_splits=0), ValueError, "num_splits"),
+    ("splits bool", lambda a: a.update(num_splits=True), ValueError, "num_splits"),
+    ("not a tensor", lambda a: a.update(seq_lens=[20, 9]), TypeError, "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("what,change,exc,msg", BAD_DECODE, ids=[c[0] for c in BAD_DECODE])
+def test_bad_decode_input_raises_before_any_launch(device, rng_seed, monkeypatch, what, change, exc, msg):
+    """With the valid call's plan cached (and validate=False, the hot path), a bad input still
+    raises its clear error, launches nothing and writes nothing."""
+    q, k, v, table, seq_lens = decode_case(device, lens=(20, 9))
+    args = dict(q=q, k_cache=k, v_cache=v, block_tables=table, seq_lens=seq_lens, scale=0.3,
+                out=poisoned_like(q), validate=False)
+    paged_attention_decode(**args)  # warms the plan
+    args["out"] = poisoned_like(q)
+    change(args)
+    monkeypatch.setattr(A, "_attn_fwd", _NoLaunch())
+    monkeypatch.setattr(A, "_split_reduce", _NoLaunch())
+    with pytest.raises(exc, match=msg):
+        paged_attention_decode(**args)
+    if args.get("out") is not None:
+        assert args["out"].isnan().all(), "a rejected call must not write"
+
+
+BAD_LORA = [
+    ("rank", lambda a: a.update(lr_cache=a["lr_cache"][..., :4]), ValueError, "lora_b must be"),
+    ("lr dtype", lambda a: a.update(lr_cache=a["lr_cache"].half()), TypeError, "lr_cache"),
+    ("lora_b heads", lambda a: a.update(lora_b=a["lora_b"][:, :1]), ValueError, "lora_b must be"),
+    ("lr table rows", lambda a: a.update(lr_block_tables=a["lr_block_tables"][:1]), ValueError,
+     "lr_block_tables"),
+    ("adapter ids dtype", lambda a: a.update(adapter_ids=a["adapter_ids"].float()), TypeError,
+     "adapter_ids"),
+    ("lr not contiguous", lambda a: a.update(lr_cache=a["lr_cache"].transpose(1, 2).contiguous()
+                                             .transpose(1, 2)), ValueError, "lr_cache"),
+]
+
+
+@pytest.mark.parametrize("what,change,exc,msg", BAD_LORA, ids=[c[0] for c in BAD_LORA])
+def test_bad_lora_input_raises_before_any_launch(device, rng_seed, monkeypatch, what, change, exc, msg):
+    q, k, v, table, seq_lens = decode_case(device, lens=(20, 9))
+    args = dict(q=q, k_cache=k, v_cache=v, lr_cache=torch.randn(4, 16, 8, device=device),
+                lr_block_tables=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=device),
+                lora_b=torch.randn(2, 2, 8, 32, device=device),
+                adapter_ids=torch.tensor([1, -1], dtype=torch.int32, device=device),
+                block_tables=table, seq_lens=seq_lens, scale=0.3, out=poisoned_like(q),
+                validate=False)
+    flash_lora_decode(**args)  # warms the plan
+    args["out"] = poisoned_like(q)
+    change(args)
+    monkeypatch.setattr(A, "_attn_fwd", _NoLaunch())
+    monkeypatch.setattr(A, "_split_reduce", _NoLaunch())
+    with pytest.raises(exc, match=msg):
+        flash_lora_decode(**args)
+    assert args["out"].isnan().all(), "a rejected call must not write"
