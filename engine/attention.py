@@ -14,9 +14,9 @@ namespace) have no S2 kernel and take the torch path in S2 layers, reading the s
 from __future__ import annotations
 
 import itertools
-import math
+from array import array
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,31 +64,66 @@ def table_width(n_blocks: int) -> int:
     return max(1, -(-n_blocks // TABLE_ALIGN)) * TABLE_ALIGN
 
 
-PACK_ALIGN = 16  # elements (64 bytes of int32): each packed array starts as aligned as its own
-# allocation would (Triton specialises pointer arguments on 16-byte alignment)
+PACK_ALIGN = 64  # bytes: each packed array starts as aligned as its own allocation would
+# (Triton specialises pointer arguments on 16-byte alignment)
+_TYPECODES = {torch.int32: "i", torch.int64: "q"}  # array module codes (4 and 8 bytes on Linux)
 
 
-def to_device_packed(parts: Sequence[Sequence[int]], dtype: torch.dtype, device) -> list[torch.Tensor]:
-    """1-D tensors holding `parts`, on `device`, from ONE host->device copy: the small index arrays
-    of a forward go over together (a separate copy per array is a transfer each, and on CUDA an
-    unpinned blocking copy also waits for the stream; this one is pinned and does not). Each
-    tensor is a view into one buffer, starting PACK_ALIGN-element aligned."""
+def to_device_packed(parts: Sequence[tuple[Sequence[int], torch.dtype]], device) -> list[torch.Tensor]:
+    """1-D tensors holding `parts` ((values, torch.int32 or torch.int64) each), on `device`, from
+    ONE host->device copy: the small index arrays of a forward go over together (a separate copy
+    per array is a transfer each, and on CUDA an unpinned blocking copy also waits for the
+    stream; this one is pinned and does not). Each tensor is a view into one byte buffer,
+    starting PACK_ALIGN-byte aligned."""
     if not parts:
         return []
-    flat: list[int] = []
+    buf = bytearray()
     spans = []
-    for part in parts:
-        pad = -len(flat) % PACK_ALIGN
-        flat.extend(itertools.repeat(0, pad))
-        spans.append((len(flat), len(part)))
-        flat.extend(part)
-    buf = torch.tensor(flat, dtype=dtype)
+    for values, dtype in parts:
+        code = _TYPECODES.get(dtype)
+        if code is None:
+            raise TypeError(f"to_device_packed packs int32 / int64 arrays, got {dtype}")
+        buf.extend(bytes(-len(buf) % PACK_ALIGN))
+        packed = array(code, values)
+        assert packed.itemsize == dtype.itemsize
+        spans.append((len(buf), len(packed) * packed.itemsize, dtype))
+        buf.extend(packed.tobytes())
+    host = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
     if torch.device(device).type == "cuda":
         # from pinned memory the copy is asynchronous: the host does not wait for the stream
-        buf = buf.pin_memory().to(device, non_blocking=True)
+        dev = host.pin_memory().to(device, non_blocking=True)
     else:
-        buf = buf.to(device)
-    return [buf[start:start + n] for start, n in spans]
+        dev = host.to(device)
+    return [dev[start:start + n].view(dtype) for start, n, dtype in spans]
+
+
+class _Uploads:
+    """Index arrays a forward's plan needs on the device, collected on the host and sent in one
+    copy (`to_device_packed`); each lands in its place through its `assign` callback."""
+
+    def __init__(self):
+        self._parts: list[tuple[list[int], torch.dtype]] = []
+        self._assign: list[tuple[Callable[[torch.Tensor], None], tuple[int, ...]]] = []
+
+    def add(self, values: list[int], dtype: torch.dtype, assign: Callable[[torch.Tensor], None],
+            shape: tuple[int, ...] | None = None) -> None:
+        self._parts.append((values, dtype))
+        self._assign.append((assign, shape or (len(values),)))
+
+    def send(self, device) -> None:
+        for t, (assign, shape) in zip(to_device_packed(self._parts, device), self._assign):
+            assign(t.view(shape))
+        self._parts, self._assign = [], []
+
+
+def _host_slots(stream, start: int, end: int) -> list[int]:
+    """Flat slots (block * block_size + offset) of tokens [start, end) of a kv / low-rank stream,
+    computed on the host from its block list (engine.kvcache.Stream.slots without the device
+    ops: the forward's slots go to the device in its one upload)."""
+    bs, blocks = stream.pool.block_size, stream.blocks
+    if not 0 <= start <= end <= len(blocks) * bs:
+        raise ValueError(f"tokens [{start}, {end}) are outside the stream's {len(blocks) * bs} reserved slots")
+    return [blocks[t // bs] * bs + t % bs for t in range(start, end)]
 
 
 def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -135,8 +170,8 @@ class _Writes:
     """Where one layer's new tokens go for one stream group, for every chunk of a forward at once
     (one indexed write per layer, not one per chunk)."""
     pool: object  # the group's BlockPool
-    slots: torch.Tensor  # flat slots of its chunks' new tokens, in batch-row order
-    rows: torch.Tensor | None  # the batch rows they come from; None: every row, in order
+    slots: torch.Tensor | None = None  # flat slots of its chunks' new tokens, in batch-row order
+    rows: torch.Tensor | None = None  # the batch rows they come from; None: every row, in order
     s2_slots: torch.Tensor | None = None  # kv group, S2 layers: per-KV-head slots [n, Hkv]
 
     def pick(self, values: torch.Tensor) -> torch.Tensor:
@@ -177,8 +212,10 @@ class PagedAttention:
         self.lr_keys = [k for k in kv.stream_keys(None) if k[0] == "lr"] if kv.shared else []
         # which adapter owns each low-rank stream: part of the key of the stacked A (see _lr_a)
         self._lr_owners = tuple((k, self._lr_owner(k).lora_id) for k in self.lr_keys)
-        self.writes = self._plan_writes()
-        self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan()
+        uploads = _Uploads()
+        self.writes = self._plan_writes(uploads)
+        self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan(uploads)
+        uploads.send(kv.device)
 
     # ---- the plan, once per forward ------------------------------------------------------------
     def _all_rows_in_order(self, idx: list[int]) -> bool:
@@ -194,34 +231,35 @@ class PagedAttention:
         return [r for i in idx for r in range(self.chunks[i].row0, self.chunks[i].row0
                                                  + self.chunks[i].end - self.chunks[i].start)]
 
-    def _plan_writes(self) -> dict[tuple, _Writes]:
+    def _plan_writes(self, uploads: _Uploads) -> dict[tuple, _Writes]:
         """Per write group, the slots of every member chunk's new tokens, concatenated (slots
-        are the same for every layer: computed once per forward)."""
+        are the same for every layer: computed once per forward, on the host)."""
         members: dict[tuple, list[tuple[int, tuple]]] = {}
         for i, ch in enumerate(self.chunks):
             for key in ch.streams:
                 members.setdefault(_write_group(key), []).append((i, key))
-        partial = [g for g, m in members.items() if not self._all_rows_in_order([i for i, _ in m])]
-        sent = to_device_packed([self._rows_of([i for i, _ in members[g]]) for g in partial],
-                                torch.int64, self.kv.device)
-        rows = dict(zip(partial, sent))
         out = {}
         for g, m in members.items():
             pools = {id(self.chunks[i].streams[k].pool) for i, k in m}
             assert len(pools) == 1, f"write group {g} spans {len(pools)} pools"
-            slots = [self.chunks[i].streams[k].slots(self.chunks[i].start, self.chunks[i].end) for i, k in m]
-            out[g] = _Writes(self.chunks[m[0][0]].streams[m[0][1]].pool, _cat(slots), rows.get(g))
+            w = out[g] = _Writes(self.chunks[m[0][0]].streams[m[0][1]].pool)
+            slots = [x for i, k in m for x in _host_slots(self.chunks[i].streams[k], self.chunks[i].start,
+                                                          self.chunks[i].end)]
+            uploads.add(slots, torch.int64, lambda t, w=w: setattr(w, "slots", t))
+            idx = [i for i, _ in m]
+            if not self._all_rows_in_order(idx):
+                uploads.add(self._rows_of(idx), torch.int64, lambda t, w=w: setattr(w, "rows", t))
         if self.sharded is not None and "kv" in {g[0] for g in out}:
             out[("kv",)].s2_slots = _cat([self.sharded.slots(s, ch.start, ch.end)
                                           for s, ch in zip(self.s2_streams, self.chunks)])
         return out
 
     # ---- the kernel path: chunks grouped into one paged-kernel call each ---------------------
-    def _plan(self):
+    def _plan(self, uploads: _Uploads):
         """Group chunks by what they read: plain paged attention over the KV pool, or
         Flash-LoRA over the KV pool plus one low-rank pool. Chunks the kernels do not cover
         (an agent's own K namespace, a sliding window in reach) take the torch path. Every
-        group's index arrays reach the device in one copy."""
+        group's index arrays go into `uploads`."""
         groups: dict[tuple, dict] = {}
         rest = []
         for i, ch in enumerate(self.chunks):
@@ -240,16 +278,8 @@ class PagedAttention:
             g = groups.setdefault(key, {"idx": [], "lkeys": []})
             g["idx"].append(i)
             g["lkeys"].append(lkey)
-        names, parts = [], []
         for key, g in groups.items():
-            for name, part in self._group_arrays(key, g).items():
-                names.append((key, name))
-                parts.append(part)
-        sent = to_device_packed([flat for flat, _ in parts], torch.int32, self.kv.device)
-        for (key, name), (_, shape), t in zip(names, parts, sent):
-            groups[key][name] = t.view(shape)
-        for key, g in groups.items():
-            g["rows"] = g["rows"].long() if "rows" in g else None  # None: every row, in order
+            self._group_arrays(key, g, uploads)
             if key[0] != "lora" and self.sharded is not None:
                 g["s2_bt"] = self.sharded.block_tables([self.s2_streams[i] for i in g["idx"]])
         return groups, rest
@@ -258,28 +288,31 @@ class PagedAttention:
         """The low-rank stream agent `a` reads its V adapter part from."""
         return ("lr", a.name) if self.kv.mode == "base_shared" else ("lr", None)
 
-    def _group_arrays(self, key: tuple, g: dict) -> dict[str, tuple[list[int], tuple]]:
-        """A group's host-side facts (pools, agents, shapes) into `g`; returns its index arrays
-        (flat int lists with their shapes) for the one upload."""
+    def _group_arrays(self, key: tuple, g: dict, uploads: _Uploads) -> None:
+        """A group's host-side facts (pools, agents, shapes) into `g`, and its index arrays
+        (block tables, lengths, adapter slots, rows) into `uploads`, to land in `g`."""
         chs = [self.chunks[i] for i in g["idx"]]
         kvs = [ch.streams[k] for ch, k in zip(chs, (self.kv_keys[i] for i in g["idx"]))]
         n = [ch.end - ch.start for ch in chs]
         g["kv_pool"] = kvs[0].pool
         g["decode"] = all(x == 1 for x in n)
         g["max_q"] = max(n)
-        arrays = {"bt": _padded_table([s.blocks for s in kvs]),
-                  "seq_lens": ([ch.end for ch in chs], (len(chs),)),
-                  "cu_q": ([0, *itertools.accumulate(n)], (len(chs) + 1,))}
+
+        def put(name: str, values: list[int], shape=None, dtype=torch.int32) -> None:
+            uploads.add(values, dtype, lambda t: g.__setitem__(name, t), shape)
+
+        put("bt", *_padded_table([s.blocks for s in kvs]))
+        put("seq_lens", [ch.end for ch in chs])
+        put("cu_q", [0, *itertools.accumulate(n)])
+        g["rows"] = None  # every row, in order
         if not self._all_rows_in_order(g["idx"]):
-            rows = self._rows_of(g["idx"])
-            arrays["rows"] = (rows, (len(rows),))
+            put("rows", self._rows_of(g["idx"]), dtype=torch.int64)  # index_copy_ takes int64 only
         if key[0] == "lora":
             lrs = [ch.streams[lk] for ch, lk in zip(chs, g["lkeys"])]
             g["lr_pool"] = lrs[0].pool
             g["agents"] = self._pool_agents(g["lr_pool"])
-            arrays["lr_bt"] = _padded_table([s.blocks for s in lrs])
-            arrays["aid"] = ([g["agents"].index(ch.agent) for ch in chs], (len(chs),))
-        return arrays
+            put("lr_bt", *_padded_table([s.blocks for s in lrs]))
+            put("aid", [g["agents"].index(ch.agent) for ch in chs])
 
     def _pool_agents(self, pool) -> list[Agent]:
         """Every registered agent whose low-rank V lives in `pool`, in name order: the rows of

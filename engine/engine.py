@@ -376,7 +376,7 @@ class Engine:
                 row += b - a
             if w.sample and not all_rows:
                 rows.append(row - 1)
-        inp = BatchInputs(*to_device_packed([ids, pos, lids, eids, rows], torch.int64, self.device))
+        inp = BatchInputs(*to_device_packed([(x, torch.int64) for x in (ids, pos, lids, eids, rows)], self.device))
         kern = kernel_impl(inp.input_ids) if use_kernels(inp.input_ids, self.model.dtype) else None
         self.lora.prepare(inp.lora_ids, kern)
         self.model.moe_impl = kern

@@ -175,8 +175,8 @@ _SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten._unique2", "aten.
 
 class DeviceTraffic:
     """Counts, while active, device->host syncs (the ops above and `.tolist()`, which on CPU
-    tensors does not go through torch's dispatcher), tensors made from host data (`torch.tensor`:
-    a host->device copy each on a GPU) and every aten op dispatched."""
+    tensors does not go through torch's dispatcher), tensors made from host data (`torch.tensor`,
+    `torch.frombuffer`: a host->device copy each on a GPU) and every aten op dispatched."""
 
     def __init__(self, monkeypatch):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -201,6 +201,13 @@ class DeviceTraffic:
             return real_tolist(t)
 
         monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        real_frombuffer = torch.frombuffer
+
+        def frombuffer(*args, **kwargs):
+            traffic.uploads += traffic.active
+            return real_frombuffer(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "frombuffer", frombuffer)
 
     def __enter__(self):
         self.active = True
@@ -275,8 +282,9 @@ def test_decode_step_syncs_and_uploads_are_bounded_and_do_not_grow(stand_in_kern
                                                                    tmp_path, mode):
     """A decode step of the kernel path makes two device->host syncs — sampling (one for every
     request together) and kernels.lora_plan's id check — and three host->device copies (the
-    batch inputs, the attention plan's index arrays, lora_plan's tiles), however long the
-    context and however many layers; its op count does not depend on the context length."""
+    batch inputs, the attention plan's index arrays and write slots, lora_plan's tiles), however
+    long the context and however many layers; its op count does not depend on the context
+    length."""
     shallow = _small_llama_engine(mode, 2, tmp_path)
     deep = _small_llama_engine(mode, 5, tmp_path)
     short = _decode_step_traffic(shallow, monkeypatch, context=21)
@@ -317,20 +325,25 @@ def test_sample_rows_draws_what_sample_draws_row_by_row(monkeypatch):
 
 
 def test_to_device_packed_keeps_values_and_alignment(monkeypatch):
-    """Parts of odd lengths (one empty) come back equal, in the dtype asked for, as views into
-    one buffer made by one host->device copy, each starting PACK_ALIGN-aligned."""
+    """Parts of odd lengths (one empty) and mixed dtypes come back equal, in their dtypes, as
+    views into one buffer made by one host->device copy, each starting PACK_ALIGN-byte aligned;
+    a dtype it cannot pack is a clear error."""
     from engine.attention import PACK_ALIGN, to_device_packed
 
     g = torch.Generator().manual_seed(9)
-    parts = [torch.randint(-5, 1 << 20, (n,), generator=g).tolist() for n in (7, 0, 33, 1, 16)]
-    for dtype in (torch.int32, torch.int64):
-        traffic = DeviceTraffic(monkeypatch)
-        with traffic:
-            out = to_device_packed(parts, dtype, "cpu")
-        assert traffic.uploads == 1
-        base = out[0].untyped_storage().data_ptr()
-        for t, part in zip(out, parts):
-            assert t.dtype == dtype and t.tolist() == part
-            assert t.untyped_storage().data_ptr() == base
-            assert t.storage_offset() % PACK_ALIGN == 0
-    assert to_device_packed([], torch.int32, "cpu") == []
+    lengths = (7, 0, 33, 1, 16, 5)
+    dtypes = (torch.int64, torch.int32, torch.int32, torch.int64, torch.int32, torch.int64)
+    parts = [(torch.randint(-5, 1 << 30, (n,), generator=g).tolist(), dt) for n, dt in zip(lengths, dtypes)]
+    parts[0][0][0] = 1 << 40  # needs int64
+    traffic = DeviceTraffic(monkeypatch)
+    with traffic:
+        out = to_device_packed(parts, "cpu")
+    assert traffic.uploads == 1
+    base = out[0].untyped_storage().data_ptr()
+    for t, (values, dtype) in zip(out, parts):
+        assert t.dtype == dtype and t.tolist() == values
+        assert t.untyped_storage().data_ptr() == base
+        assert (t.storage_offset() * t.element_size()) % PACK_ALIGN == 0
+    assert to_device_packed([], "cpu") == []
+    with pytest.raises(TypeError, match="int32 / int64"):
+        to_device_packed([([1, 2], torch.float32)], "cpu")
