@@ -204,12 +204,11 @@ class S2Pattern:
 
 
 def _check_pattern(pattern, hq: int, hkv: int) -> None:
-    _need(isinstance(pattern, S2Pattern),
-          lambda: f"pattern must be an S2Pattern, got {type(pattern).__name__}",
-          TypeError)
-    _need(pattern.num_heads == hq and pattern.num_kv_heads == hkv,
-          lambda: f"pattern is for {pattern.num_heads} q / {pattern.num_kv_heads} kv heads, "
-          f"the tensors have {hq} / {hkv}")
+    if not isinstance(pattern, S2Pattern):
+        raise TypeError(f"pattern must be an S2Pattern, got {type(pattern).__name__}")
+    if pattern.num_heads != hq or pattern.num_kv_heads != hkv:
+        raise ValueError(f"pattern is for {pattern.num_heads} q / {pattern.num_kv_heads} kv heads, "
+                         f"the tensors have {hq} / {hkv}")
 
 
 def s2_attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
