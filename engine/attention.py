@@ -10,6 +10,12 @@ engine/s2.py). On the kernel path, chunks that read plain K/V (no LoRA inside at
 there through `kernels.s2_attention_prefill_paged` / `s2_attention_decode` with per-KV-head block
 tables. Chunks that need LoRA inside attention (shared modes: an agent's low-rank V, or its own K
 namespace) have no S2 kernel and take the torch path in S2 layers, reading the same sharded K/V.
+
+Host work is paid once where it can be: per forward, the constructor plans every layer's cache
+writes (one indexed write per stream group, all chunks together) and kernel groups, and sends
+their index arrays (slots, block tables, lengths) to the device in one copy; per adapter set,
+what is derived from the adapters (Flash-LoRA's B stacks, the stacked low-rank A) is kept in the
+LoraSet until an adapter is added or removed. A layer then only launches its math.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import Agent, KVManager
+from .kvcache import BlockPool, Stream
 from .model import Rope
 
 V_PROJ, K_PROJ = "self_attn.v_proj", "self_attn.k_proj"
@@ -116,7 +123,7 @@ class _Uploads:
         self._parts, self._assign = [], []
 
 
-def _host_slots(stream, start: int, end: int) -> list[int]:
+def _host_slots(stream: Stream, start: int, end: int) -> list[int]:
     """Flat slots (block * block_size + offset) of tokens [start, end) of a kv / low-rank stream,
     computed on the host from its block list (engine.kvcache.Stream.slots without the device
     ops: the forward's slots go to the device in its one upload)."""
@@ -169,7 +176,7 @@ def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int
 class _Writes:
     """Where one layer's new tokens go for one stream group, for every chunk of a forward at once
     (one indexed write per layer, not one per chunk)."""
-    pool: object  # the group's BlockPool
+    pool: BlockPool
     slots: torch.Tensor | None = None  # flat slots of its chunks' new tokens, in batch-row order
     rows: torch.Tensor | None = None  # the batch rows they come from; None: every row, in order
     s2_slots: torch.Tensor | None = None  # kv group, S2 layers: per-KV-head slots [n, Hkv]
