@@ -480,7 +480,10 @@ class _LaunchPlan:
     reduce_meta: dict
 
 
-_WS_ALIGN = 32  # fp32 elements (128 B): each partial starts as aligned as its own allocation
+# Each partial of the one workspace starts on 128 B (32 fp32), as its own allocation did: Triton
+# specialises pointer arguments on 16 B alignment, so a misaligned partial would compile another
+# kernel variant mid-serving.
+_WS_ALIGN = 32
 _PLAN_CACHE_SIZE = 512  # distinct (batch, table width, ...) combinations kept
 
 
@@ -491,6 +494,7 @@ def _round_up(x: int, m: int) -> int:
 def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_tables,
                 lora: _Lora | None, s2: _S2Args | None, max_seqlen_q: int | None,
                 num_splits: int | None) -> _LaunchKey:
+    """The key of a launch: read off the (validated) tensors' metadata, never their values."""
     bt = block_tables
     lora_key = None
     if lora is not None:
@@ -740,14 +744,14 @@ def _run(impl, q, *, k, v, scale: float, paged: bool, seq_lens=None, block_table
 # Input validation (shapes, dtypes, devices on the host; value checks sync once, optional)
 # --------------------------------------------------------------------------------------------
 def _need(cond: bool, msg, exc=ValueError) -> None:
-    """Raise `exc` when `cond` is false; `msg` may be a callable so that passing checks on the
-    decode hot path do not pay for formatting their messages."""
+    """Raise `exc` when `cond` is false; `msg` may be a callable, formatted only then. The host
+    checks run on every call use plain `if`s instead: a call plus a lambda cost more than the
+    check itself."""
     if not cond:
         raise exc(msg() if callable(msg) else msg)
 
 
 def _check_tensor(name: str, t, ndim: int, dtypes=None) -> None:
-    # Plain `if`s rather than `_need`: these run several times on every decode call.
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
