@@ -309,13 +309,19 @@ def test_bad_decode_input_raises_before_any_launch(device, rng_seed, monkeypatch
     q, k, v, table, seq_lens = decode_case(device, lens=(20, 9))
     args = dict(q=q, k_cache=k, v_cache=v, block_tables=table, seq_lens=seq_lens, scale=0.3,
                 out=poisoned_like(q), validate=False)
-    paged_attention_decode(**args)  # warms the plan
-    args["out"] = poisoned_like(q)
+    _assert_rejected_after_warm_plan(paged_attention_decode, args, change, exc, msg, monkeypatch)
+
+
+def _assert_rejected_after_warm_plan(fn, args, change, exc, msg, monkeypatch) -> None:
+    """Warm `fn`'s launch plan with the valid `args`, apply `change`, and check the call raises
+    `exc` (matching `msg`) without launching or writing `out`."""
+    fn(**args)
+    args["out"] = poisoned_like(args["q"])
     change(args)
     monkeypatch.setattr(A, "_attn_fwd", _NoLaunch())
     monkeypatch.setattr(A, "_split_reduce", _NoLaunch())
     with pytest.raises(exc, match=msg):
-        paged_attention_decode(**args)
+        fn(**args)
     if args.get("out") is not None:
         assert args["out"].isnan().all(), "a rejected call must not write"
 
@@ -342,11 +348,4 @@ def test_bad_lora_input_raises_before_any_launch(device, rng_seed, monkeypatch, 
                 adapter_ids=torch.tensor([1, -1], dtype=torch.int32, device=device),
                 block_tables=table, seq_lens=seq_lens, scale=0.3, out=poisoned_like(q),
                 validate=False)
-    flash_lora_decode(**args)  # warms the plan
-    args["out"] = poisoned_like(q)
-    change(args)
-    monkeypatch.setattr(A, "_attn_fwd", _NoLaunch())
-    monkeypatch.setattr(A, "_split_reduce", _NoLaunch())
-    with pytest.raises(exc, match=msg):
-        flash_lora_decode(**args)
-    assert args["out"].isnan().all(), "a rejected call must not write"
+    _assert_rejected_after_warm_plan(flash_lora_decode, args, change, exc, msg, monkeypatch)
