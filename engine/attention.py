@@ -123,16 +123,6 @@ class _Uploads:
         self._parts, self._assign = [], []
 
 
-def _host_slots(stream: Stream, start: int, end: int) -> list[int]:
-    """Flat slots (block * block_size + offset) of tokens [start, end) of a kv / low-rank stream,
-    computed on the host from its block list (engine.kvcache.Stream.slots without the device
-    ops: the forward's slots go to the device in its one upload)."""
-    bs, blocks = stream.pool.block_size, stream.blocks
-    if not 0 <= start <= end <= len(blocks) * bs:
-        raise ValueError(f"tokens [{start}, {end}) are outside the stream's {len(blocks) * bs} reserved slots")
-    return [blocks[t // bs] * bs + t % bs for t in range(start, end)]
-
-
 def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts)
 
@@ -250,8 +240,8 @@ class PagedAttention:
             pools = {id(self.chunks[i].streams[k].pool) for i, k in m}
             assert len(pools) == 1, f"write group {g} spans {len(pools)} pools"
             w = out[g] = _Writes(self.chunks[m[0][0]].streams[m[0][1]].pool)
-            slots = [x for i, k in m for x in _host_slots(self.chunks[i].streams[k], self.chunks[i].start,
-                                                          self.chunks[i].end)]
+            slots = [x for i, k in m
+                     for x in self.chunks[i].streams[k].host_slots(self.chunks[i].start, self.chunks[i].end)]
             uploads.add(slots, torch.int64, lambda t, w=w: setattr(w, "slots", t))
             idx = [i for i, _ in m]
             if not self._all_rows_in_order(idx):

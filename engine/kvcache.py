@@ -250,13 +250,22 @@ class Stream:
         del self.hashes[n_blocks:]
         self.length = min(self.length, n_blocks * self.pool.block_size)
 
+    def _check_range(self, start: int, end: int) -> None:
+        n = len(self.blocks) * self.pool.block_size
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"tokens [{start}, {end}) are outside the stream's {n} reserved slots")
+
+    def host_slots(self, start: int, end: int) -> list[int]:
+        """`slots` as a host list, with no device op (for callers that upload many at once)."""
+        self._check_range(start, end)
+        bs, blocks = self.pool.block_size, self.blocks
+        return [blocks[t // bs] * bs + t % bs for t in range(start, end)]
+
     def slots(self, start: int, end: int) -> torch.Tensor:
         """Flat slot indices (block * block_size + offset) of tokens [start, end), int64 on the
         pool's device."""
         bs = self.pool.block_size
-        if not 0 <= start <= end <= len(self._blocks) * bs:
-            raise ValueError(f"tokens [{start}, {end}) are outside the stream's "
-                             f"{len(self._blocks) * bs} reserved slots")
+        self._check_range(start, end)
         self._sync_table()  # cheap guard against an append to `blocks` made in place
         first, last = start // bs, -(-end // bs)
         per_token = (self._table[first:last, None] * bs + self._offsets).view(-1)

@@ -221,6 +221,7 @@ def _check_slots(s: Stream, rnd: random.Random, tries: int = 6) -> None:
         got = s.slots(a, b)
         assert got.dtype == torch.int64 and got.device == s.pool.device
         assert got.tolist() == _reference_slots(s.blocks, bs, a, b), (a, b)
+        assert s.host_slots(a, b) == got.tolist(), (a, b)
     assert s.block_table().tolist() == s.blocks and s.block_table().dtype == torch.int32
 
 
