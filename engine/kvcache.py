@@ -183,9 +183,10 @@ class BlockPool(StoreOwner):
 class Stream:
     """One token sequence's blocks in one pool (a block table); `length` tokens are valid.
 
-    The block table is also kept as an int64 tensor on the pool's device, extended as blocks are
-    reserved, so `slots` (called for every chunk of every forward) never converts the whole
-    Python list. Replace `blocks` by assignment, not element by element in place.
+    `host_slots` computes slots on the host (the engine's forward uploads them with its other
+    index arrays); `slots` / `block_table` answer on the device from an int64 mirror of the
+    table, brought up to date when they are asked (only the entries added since), so reserving
+    blocks does no device work. Replace `blocks` by assignment, not element by element in place.
     """
 
     def __init__(self, pool: BlockPool):
@@ -202,25 +203,19 @@ class Stream:
 
     @blocks.setter
     def blocks(self, ids: Sequence[int]) -> None:
-        self._blocks: list[int] = []
+        self._blocks: list[int] = list(ids)
         self._table = torch.empty(0, dtype=torch.int64, device=self.pool.device)
         self._tabled = 0  # entries of _table that mirror _blocks
-        self._extend(list(ids))
-
-    def _extend(self, ids: list[int]) -> None:
-        """Append block ids to the table and its tensor (capacity doubles, so growing a block at
-        a time costs amortised O(1) copies)."""
-        self._blocks.extend(ids)
-        self._sync_table()
 
     def _sync_table(self) -> None:
-        """Make `_table[:len(blocks)]` mirror `blocks`, writing only the entries added since."""
+        """Make `_table[:len(blocks)]` mirror `blocks`, writing only the entries added since
+        (capacity doubles, so growing a block at a time costs amortised O(1) copies)."""
         n, old = len(self._blocks), self._tabled
         if n == old:
             return
-        if n < old:  # the list was shortened in place: rebuild
+        if n < old:  # the list was shortened in place: mirror it from the start
             self.blocks = list(self._blocks)
-            return
+            old = 0
         if n > self._table.numel():
             grown = torch.empty(max(n, 2 * self._table.numel()), dtype=torch.int64, device=self.pool.device)
             grown[:old] = self._table[:old]
@@ -239,7 +234,7 @@ class Stream:
         """Make room for `n_tokens` tokens in total (CacheFull leaves the stream as it was)."""
         need = self.blocks_needed(n_tokens)
         if need:
-            self._extend(self.pool.allocate(need))
+            self._blocks.extend(self.pool.allocate(need))
 
     def truncate_blocks(self, n_blocks: int) -> None:
         """Give back every block from index `n_blocks` on (undoes a `reserve`)."""
