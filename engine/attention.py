@@ -460,7 +460,7 @@ class PagedAttention:
             a_all, keys, ranks = self._lr_a(layer)
             if a_all is not None:
                 low = F.linear(x, a_all)
-                others.update(zip(keys, torch.split(low, ranks, dim=1)) if len(keys) > 1 else [(keys[0], low)])
+                others.update(zip(keys, torch.split(low, ranks, dim=1)))
         self._write_all(layer, kb, vb, others)
 
     def _lr_owner(self, key) -> Agent:
@@ -493,7 +493,7 @@ class PagedAttention:
                 K = _read(ch.streams[("k", a.name)].pool.layer(0, layer), self._read_slots(i)[("k", a.name)])
             ab = a.lora.get(layer, V_PROJ) if a.v_rank else None
             if ab is not None:
-                lkey = ("lr", a.name) if self.kv.mode == "base_shared" else ("lr", None)
+                lkey = self._lr_key(a)
                 L = _read(ch.streams[lkey].pool.layer(0, layer), self._read_slots(i)[lkey])
                 # the torch fallback materialises L·B; Flash-LoRA (kernels) never does
                 V = V + F.linear(L, ab[1]).view_as(V).to(V.dtype)

@@ -165,7 +165,6 @@ class LoraSet:
         self._adapters: dict[int, LoraAdapter] = {}
         self._groups: list[tuple[int, torch.Tensor]] = []
         self.impl: str | None = None
-        self._stacks: dict = {}
         self._memo: dict = {}
         self._stacked_for: tuple[int, ...] = ()
         self._plan = None
@@ -195,7 +194,7 @@ class LoraSet:
     def _forget(self) -> None:
         # an id can come back with another adapter (ids are max + 1), so no derived tensor
         # survives a change of the set
-        self._stacks, self._memo, self._kid_lut = {}, {}, None
+        self._memo, self._kid_lut = {}, None
         self._stacked_for = tuple(sorted(self._adapters))
 
     def memo(self, key, build: Callable[[], object]):
@@ -230,10 +229,7 @@ class LoraSet:
         return self._kid_lut[ids.clamp(min=-1)]  # -1 -> lut[-1] = -1
 
     def _stack(self, layer: int, module: str):
-        key = (layer, module)
-        if key not in self._stacks:
-            self._stacks[key] = self._build_stack(layer, module)
-        return self._stacks[key]
+        return self.memo(("stack", layer, module), lambda: self._build_stack(layer, module))
 
     def _build_stack(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A [n, in, r] and B [n, r, out] of every registered adapter (zero-padded to the highest
