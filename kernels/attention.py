@@ -882,6 +882,15 @@ def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int
     return _Lora(lr_cache, lr_block_tables, lora_b, adapter_ids)
 
 
+def _check_max_seqlen_q(len_q: torch.Tensor, max_seqlen_q: int | None) -> None:
+    """A given `max_seqlen_q` must cover the longest query run (one sync): a smaller one would
+    launch too few query tiles and leave rows unwritten."""
+    if max_seqlen_q is not None and len_q.numel():
+        longest = int(len_q.max().item())
+        _need(longest <= max_seqlen_q,
+              lambda: f"max_seqlen_q={max_seqlen_q} is below the longest query run ({longest})")
+
+
 def _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
                  num_splits, validate, *, per_head: bool = False, max_seqlen_q: int | None = None):
     """Common checks of the paged entry points; returns the batch size. `per_head`: a per-KV-head
@@ -914,10 +923,7 @@ def _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scal
             _need(int(cq[0].item()) == 0 and int(cq[-1].item()) == q.shape[0],
                   lambda: f"cu_seqlens_q must start at 0 and end at total_q={q.shape[0]}")
             len_q = cq[1:] - cq[:-1]
-            if max_seqlen_q is not None:
-                longest = int(len_q.max().item())
-                _need(longest <= max_seqlen_q,
-                      lambda: f"max_seqlen_q={max_seqlen_q} is below the longest query run ({longest})")
+            _check_max_seqlen_q(len_q, max_seqlen_q)
         _check_values(seq_lens.long(), k_cache.shape[1], block_tables.shape[-1], k_cache.shape[0],
                       block_tables, len_q=len_q, allow_unused_neg=per_head)
     return batch

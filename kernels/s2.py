@@ -22,8 +22,8 @@ import math
 import numpy as np
 import torch
 
-from .attention import (_S2Args, _check_int_vec, _check_out, _check_paged, _check_q_kv,
-                        _check_scale, _need, _run)
+from .attention import (_S2Args, _check_int_vec, _check_max_seqlen_q, _check_out, _check_paged,
+                        _check_q_kv, _check_scale, _need, _run)
 
 __all__ = ["S2Pattern", "s2_attention_prefill", "s2_attention_prefill_paged", "s2_attention_decode"]
 
@@ -239,10 +239,7 @@ def s2_attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
         _need(bool((lq >= 0).all() and (lk >= 0).all()), "cu_seqlens must be non-decreasing")
         _need(bool((lq <= lk).all()), "every sequence needs len_k >= len_q")
-        if max_seqlen_q is not None and batch:
-            longest = int(lq.max())
-            _need(longest <= max_seqlen_q,
-                  lambda: f"max_seqlen_q={max_seqlen_q} is below the longest query run ({longest})")
+        _check_max_seqlen_q(lq, max_seqlen_q)
     return _run(impl, q, k=k, v=v, scale=scale, paged=False, cu_seqlens_q=cu_seqlens_q,
                 cu_seqlens_k=cu_seqlens_k, s2=pattern._kernel_args(), out=out,
                 max_seqlen_q=max_seqlen_q)
