@@ -354,6 +354,13 @@ class RoundTiming:
         """Time per output token of a request decoding in the lockstep batch (one decode step)."""
         return self.decode_s / self.decode_steps if self.decode_steps else float("nan")
 
+    @classmethod
+    def merged(cls, rounds: Sequence[RoundTiming]) -> RoundTiming:
+        """Several rounds as one: outputs, decode time, tokens, steps and shapes together."""
+        return cls([o for r in rounds for o in r.outputs], sum(r.decode_s for r in rounds),
+                   sum(r.decode_tokens for r in rounds), sum(r.decode_steps for r in rounds),
+                   [sh for r in rounds for sh in r.shapes])
+
 
 def _timed_round(eng, sessions, agent, prompts: list[list[int]], max_tokens: int) -> RoundTiming:
     """One turn on every session at once (one batch); `agent` is one name for all or a list with
@@ -428,13 +435,9 @@ def _e2e_pass(model, mode: str, dirs: dict[str, str], context: list, probe: list
 
 
 def _e2e_row(length: int, mode: str, sessions: int, run: _E2EPass) -> E2ERow:
-    decode_s = sum(t.decode_s for t in run.probe)
-    steps = sum(t.decode_steps for t in run.probe)
-    toks = sum(t.decode_tokens for t in run.probe)
-    ttft = [o.ttft_s for t in run.probe for o in t.outputs]
-    return E2ERow(length, run.tokens, mode, sessions,
-                  toks / decode_s if decode_s > 0 else float("nan"),
-                  1e3 * decode_s / steps if steps else float("nan"),
+    probe = RoundTiming.merged(run.probe)
+    ttft = [o.ttft_s for o in probe.outputs]
+    return E2ERow(length, run.tokens, mode, sessions, probe.decode_tok_s, 1e3 * probe.tpot_s,
                   1e3 * sum(ttft) / len(ttft), run.kv_bytes, run.wall_s,
                   run.stats["preemptions"], run.stats["recomputed_tokens"], run.stats["torch_chunks"])
 
