@@ -60,7 +60,11 @@ def test_engine_e2e_cache_modes(benchmark):
         compare("engine e2e", f"{L} tok: TTFT at full context", ours=("base_lr_shared", lr.ttft_ms),
                 base=("non_shared", ns.ttft_ms), unit="ms", note=note + "; non_shared re-runs others' turns")
         compare("engine e2e", f"{L} tok: TPOT", ours=("base_lr_shared", lr.tpot_ms),
-                base=("full_shared", full.tpot_ms), unit="ms", note=note)
+                base=("full_shared", full.tpot_ms), unit="ms",
+                note=note + f"; slowest step {lr.tpot_max_ms:.2f} / {full.tpot_max_ms:.2f} ms")
+        compare("engine e2e", f"{L} tok: TPOT, median step", ours=("base_lr_shared", lr.tpot_median_ms),
+                base=("full_shared", full.tpot_median_ms), unit="ms", goal="<= 1.05x (0.95x throughput)",
+                note=note + "; the median ignores rare slow steps the mean above includes")
 
     # pytest-benchmark's JSON gets one short decode on a small engine (the table above holds the
     # real numbers; re-running the whole grid here would blow the GPU time budget).
@@ -87,7 +91,10 @@ def test_engine_e2e_esft_adapters(benchmark):
         compare("engine ESFT", f"{r.adapters} adapters: decode throughput", ours=("ExpertWeave", r.decode_tok_s),
                 base=("base alone", base.decode_tok_s), unit="tok/s", lower_is_better=False, note=note)
         compare("engine ESFT", f"{r.adapters} adapters: TPOT", ours=("ExpertWeave", r.tpot_ms),
-                base=("base alone", base.tpot_ms), unit="ms", goal="<= 1.05x", note=note)
+                base=("base alone", base.tpot_ms), unit="ms", goal="<= 1.05x",
+                note=note + f"; slowest step {r.tpot_max_ms:.2f} / {base.tpot_max_ms:.2f} ms")
+        compare("engine ESFT", f"{r.adapters} adapters: TPOT, median step", ours=("ExpertWeave", r.tpot_median_ms),
+                base=("base alone", base.tpot_median_ms), unit="ms", goal="<= 1.05x", note=note)
         compare("engine ESFT", f"{r.adapters} adapters: adapter memory", ours=("ExpertWeave mapped", r.adapter_bytes),
                 base=("merged model copies", r.merged_bytes), unit="B", note=note)
         compare("engine ESFT", f"{r.adapters} adapters: free GPU memory for KV", ours=("ExpertWeave", r.free_bytes),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
@@ -330,6 +331,8 @@ class E2ERow:
     preemptions: int = 0  # over the measured pass: running requests whose cache was freed
     recomputed_tokens: int = 0  # tokens computed again (preemption or cache invalidation)
     torch_chunks: int = 0  # chunks the attention backend sent to its torch fallback
+    tpot_median_ms: float = float("nan")  # the median decode-only step (tpot_ms is the mean)
+    tpot_max_ms: float = float("nan")
 
 
 @dataclass
@@ -344,6 +347,17 @@ class RoundTiming:
     decode_tokens: int  # tokens they generated, all sessions together
     decode_steps: int
     shapes: list[tuple]  # per step, the (start, end) of every chunk computed: what kernels ran on
+    step_s: list[float] = field(default_factory=list)  # wall time of each decode-only step
+
+    @property
+    def median_step_s(self) -> float:
+        """The typical decode step: unmoved by a rare slow one (a garbage collection, a first
+        launch of some shape), which the mean `tpot_s` includes."""
+        return statistics.median(self.step_s) if self.step_s else float("nan")
+
+    @property
+    def max_step_s(self) -> float:
+        return max(self.step_s) if self.step_s else float("nan")
 
     @property
     def decode_tok_s(self) -> float:
@@ -359,7 +373,7 @@ class RoundTiming:
         """Several rounds as one: outputs, decode time, tokens, steps and shapes together."""
         return cls([o for r in rounds for o in r.outputs], sum(r.decode_s for r in rounds),
                    sum(r.decode_tokens for r in rounds), sum(r.decode_steps for r in rounds),
-                   [sh for r in rounds for sh in r.shapes])
+                   [sh for r in rounds for sh in r.shapes], [t for r in rounds for t in r.step_s])
 
 
 def _timed_round(eng, sessions, agent, prompts: list[list[int]], max_tokens: int) -> RoundTiming:
@@ -370,7 +384,7 @@ def _timed_round(eng, sessions, agent, prompts: list[list[int]], max_tokens: int
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     names = agent if isinstance(agent, list) else [agent] * len(sessions)
     rids = [eng.add_request(s, a, p, params) for s, a, p in zip(sessions, names, prompts)]
-    decode_s, decode_tokens, decode_steps, shapes = 0.0, 0, 0, []
+    decode_s, decode_tokens, decode_steps, shapes, step_s = 0.0, 0, 0, [], []
     while eng.has_unfinished():
         t0 = time.perf_counter()
         eng.step()  # returns after sampling, which reads the logits: the device work is done
@@ -379,7 +393,8 @@ def _timed_round(eng, sessions, agent, prompts: list[list[int]], max_tokens: int
         shapes.append(tuple((a, b) for _, a, b in info.chunks))
         if info.decode_only:
             decode_s, decode_tokens, decode_steps = decode_s + dt, decode_tokens + info.sampled, decode_steps + 1
-    return RoundTiming([eng.get_output(r) for r in rids], decode_s, decode_tokens, decode_steps, shapes)
+            step_s.append(dt)
+    return RoundTiming([eng.get_output(r) for r in rids], decode_s, decode_tokens, decode_steps, shapes, step_s)
 
 
 def _fresh_round(eng, agents: list, prompts: list[list[int]], max_tokens: int) -> RoundTiming:
@@ -439,7 +454,8 @@ def _e2e_row(length: int, mode: str, sessions: int, run: _E2EPass) -> E2ERow:
     ttft = [o.ttft_s for o in probe.outputs]
     return E2ERow(length, run.tokens, mode, sessions, probe.decode_tok_s, 1e3 * probe.tpot_s,
                   1e3 * sum(ttft) / len(ttft), run.kv_bytes, run.wall_s,
-                  run.stats["preemptions"], run.stats["recomputed_tokens"], run.stats["torch_chunks"])
+                  run.stats["preemptions"], run.stats["recomputed_tokens"], run.stats["torch_chunks"],
+                  1e3 * probe.median_step_s, 1e3 * probe.max_step_s)
 
 
 def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, decode_tokens: int = 16,
@@ -489,7 +505,8 @@ def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, 
 
                 row = _e2e_row(length, mode, sessions, _after_warmup(one_pass) if warmup else one_pass())
                 rows.append(row)
-                say(f"[L={length} {mode}] {row.decode_tok_s:.1f} tok/s, TPOT {row.tpot_ms:.2f} ms, "
+                say(f"[L={length} {mode}] {row.decode_tok_s:.1f} tok/s, TPOT {row.tpot_ms:.2f} ms "
+                    f"(median {row.tpot_median_ms:.2f}, max {row.tpot_max_ms:.2f}), "
                     f"TTFT {row.ttft_ms:.1f} ms, KV {row.kv_bytes / 2**20:.1f} MiB, "
                     f"{row.preemptions} preemptions, {row.recomputed_tokens} recomputed, "
                     f"{row.torch_chunks} torch-path chunks ({row.wall_s:.1f} s)")
@@ -535,6 +552,8 @@ class EsftRow:
     adapter_bytes: int  # bytes the expert store mapped for adapters
     merged_bytes: int  # bytes of one full merged model copy per adapter
     note: str = ""
+    tpot_median_ms: float = float("nan")  # the median decode-only step (tpot_ms is the mean)
+    tpot_max_ms: float = float("nan")
 
 
 def _free_device_bytes(dev: torch.device) -> int:
@@ -619,8 +638,9 @@ def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2
             free0 = rows[0].free_bytes if rows else free
             rows.append(EsftRow(n, sessions, timing.decode_tok_s, timing.tpot_s * 1e3, free,
                                 free0 - n * weight_bytes if dev.type == "cuda" else 0, adapter_bytes,
-                                n * weight_bytes, note))
-            say(f"[{n} ESFT adapters] {rows[-1].decode_tok_s:.1f} tok/s, TPOT {rows[-1].tpot_ms:.2f} ms, "
+                                n * weight_bytes, note, 1e3 * timing.median_step_s, 1e3 * timing.max_step_s))
+            say(f"[{n} ESFT adapters] {rows[-1].decode_tok_s:.1f} tok/s, TPOT {rows[-1].tpot_ms:.2f} ms "
+                f"(median {rows[-1].tpot_median_ms:.2f}, max {rows[-1].tpot_max_ms:.2f}), "
                 f"free {free / 2**30:.2f} GiB")
     return rows
 

@@ -6,6 +6,8 @@ compiling a new specialisation of the attention kernel inside the measured round
 "base alone" row carried the first compiles)."""
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -103,6 +105,10 @@ def test_e2e_bench_measures_each_mode_after_an_identical_warmup_pass(monkeypatch
         steps = sum(r.decode_steps for r in probe)
         assert steps > 0
         assert row.tpot_ms == pytest.approx(1e3 * sum(r.decode_s for r in probe) / steps)
+        step_s = [t for r in probe for t in r.step_s]
+        assert len(step_s) == steps and sum(step_s) == pytest.approx(sum(r.decode_s for r in probe))
+        assert row.tpot_median_ms == pytest.approx(1e3 * statistics.median(step_s))
+        assert min(step_s) * 1e3 <= row.tpot_median_ms <= row.tpot_max_ms == pytest.approx(1e3 * max(step_s))
         assert row.preemptions == 0 and row.recomputed_tokens == 0
 
 
@@ -116,3 +122,6 @@ def test_esft_bench_measures_every_row_after_an_identical_warmup_round(monkeypat
         assert timed.shapes[0] == ((0, 11),) * 3  # the whole prompt, nothing shared with warm-up
         assert row.tpot_ms == pytest.approx(1e3 * timed.tpot_s)
         assert row.decode_tok_s == pytest.approx(timed.decode_tok_s)
+        assert len(timed.step_s) == timed.decode_steps and sum(timed.step_s) == pytest.approx(timed.decode_s)
+        assert row.tpot_median_ms == pytest.approx(1e3 * timed.median_step_s)
+        assert row.tpot_max_ms == pytest.approx(1e3 * max(timed.step_s))
