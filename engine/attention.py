@@ -6,10 +6,11 @@ several consecutive chunks of one session (a replay of tokens that different age
 run correctly in one forward.
 
 S2-attention layers keep the kv streams' K/V in the head-sharded storage (`kv.s2`, see
-engine/s2.py). On the kernel path, chunks that read plain K/V (no LoRA inside attention) attend
-there through `kernels.s2_attention_prefill_paged` / `s2_attention_decode` with per-KV-head block
-tables. Chunks that need LoRA inside attention (shared modes: an agent's low-rank V, or its own K
-namespace) have no S2 kernel and take the torch path in S2 layers, reading the same sharded K/V.
+engine/s2.py). On the kernel path every group attends there through
+`kernels.s2_attention_prefill_paged` / `s2_attention_decode` with per-KV-head block tables; a
+group reading an agent's low-rank V passes its low-rank cache and B stack too (Flash-LoRA inside
+S2, as in the dense layers). Chunks of an agent with its own K namespace take the torch path in
+every layer, reading the same sharded K/V in S2 layers.
 
 Host work is paid once where it can be: per forward, the constructor plans every layer's cache
 writes (one indexed write per stream group, all chunks together) and kernel groups, and sends
@@ -277,7 +278,7 @@ class PagedAttention:
             g["lkeys"].append(lkey)
         for key, g in groups.items():
             self._group_arrays(key, g, uploads)
-            if key[0] != "lora" and self.sharded is not None:
+            if self.sharded is not None:
                 g["s2_bt"] = self.sharded.block_tables([self.s2_streams[i] for i in g["idx"]])
         return groups, rest
 
@@ -355,9 +356,9 @@ class PagedAttention:
     def _attend_kernels(self, layer: int, q: torch.Tensor, s2_layer: bool) -> tuple[torch.Tensor | None, set[int]]:
         """Run every kernel group of this layer. Returns the output rows the kernels computed —
         the kernel's own output when one group covers the whole batch in order (no gather, no
-        scatter), else an [N, Hq, D] tensor — and the chunks done. In S2 layers only plain
-        groups have a kernel (S2 over the head-sharded K/V); Flash-LoRA groups take the torch path."""
-        runs = [(key, g) for key, g in self.groups.items() if not (s2_layer and key[0] != "plain")]
+        scatter), else an [N, Hq, D] tensor — and the chunks done. In S2 layers every group
+        runs the S2 kernels over the head-sharded K/V (with its low-rank V where it has one)."""
+        runs = list(self.groups.items())
         if len(runs) == 1 and runs[0][1]["rows"] is None:
             key, g = runs[0]
             return self._run_group(layer, key, g, q, s2_layer).to(q.dtype), set(g["idx"])
@@ -369,13 +370,20 @@ class PagedAttention:
         return out, done
 
     def _run_group(self, layer: int, key: tuple, g: dict, qg: torch.Tensor, s2_layer: bool) -> torch.Tensor:
-        return self._s2_kernel(layer, g, qg) if s2_layer else self._dense_kernel(layer, key, g, qg)
+        return self._s2_kernel(layer, key, g, qg) if s2_layer else self._dense_kernel(layer, key, g, qg)
 
-    def _s2_kernel(self, layer: int, g: dict, qg: torch.Tensor) -> torch.Tensor:
+    def _flash_lora_args(self, layer: int, g: dict) -> dict:
+        """A Flash-LoRA group's low-rank operands for `layer`, as the kernels' keywords."""
+        return dict(lr_cache=g["lr_pool"].layer(0, layer), lr_block_tables=g["lr_bt"],
+                    lora_b=self._lora_b(g["agents"], layer, g["lr_pool"]), adapter_ids=g["aid"])
+
+    def _s2_kernel(self, layer: int, key: tuple, g: dict, qg: torch.Tensor) -> torch.Tensor:
         from kernels import s2_attention_decode, s2_attention_prefill_paged
 
         kc, vc = self.sharded.k_cache(layer), self.sharded.v_cache(layer)
         pattern, kw = self.sharded.pattern, dict(impl=self.impl, validate=False)
+        if key[0] == "lora":
+            kw.update(self._flash_lora_args(layer, g))
         if g["decode"]:
             return s2_attention_decode(qg, kc, vc, g["s2_bt"], g["seq_lens"], pattern, self.scale, **kw)
         return s2_attention_prefill_paged(qg, kc, vc, g["s2_bt"], g["cu_q"], g["seq_lens"], pattern,
@@ -389,8 +397,8 @@ class PagedAttention:
         kc, vc = g["kv_pool"].layer(0, kl), g["kv_pool"].layer(1, kl)
         kw = dict(impl=self.impl, validate=False)
         if key[0] == "lora":
-            lr = g["lr_pool"].layer(0, layer)
-            b = self._lora_b(g["agents"], layer, g["lr_pool"])
+            la = self._flash_lora_args(layer, g)
+            lr, b = la["lr_cache"], la["lora_b"]
             if g["decode"]:
                 return flash_lora_decode(qg, kc, vc, lr, g["lr_bt"], b, g["aid"], g["bt"], g["seq_lens"],
                                          self.scale, **kw)

@@ -849,7 +849,9 @@ def _check_scale(scale) -> None:
 
 
 def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int, validate: bool,
-                seq_lens=None) -> _Lora:
+                seq_lens=None, num_kv_heads: int | None = None) -> _Lora:
+    """`num_kv_heads`: where k's head dim is not the model's (per-head S2 tables, one head per
+    block)."""
     _check_tensor("lr_cache", lr_cache, 3, _DTYPES)
     _check_tensor("lora_b", lora_b, 4, _DTYPES)
     if lr_cache.dtype != q.dtype or lora_b.dtype != q.dtype:
@@ -863,7 +865,7 @@ def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int
         raise ValueError(f"rank must be in [1, 256], got {r}")
     if lr_cache.stride()[-1] != 1:
         raise ValueError("lr_cache must be contiguous in its last dim")
-    hkv, d = k.shape[2], k.shape[3]
+    hkv, d = (k.shape[2] if num_kv_heads is None else num_kv_heads), k.shape[3]
     if lora_b.shape[1:] != (hkv, r, d):
         raise ValueError(f"lora_b must be [num_adapters, {hkv}, {r}, {d}], got {tuple(lora_b.shape)}")
     if lora_b.stride()[-1] != 1:

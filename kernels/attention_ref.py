@@ -16,6 +16,7 @@ __all__ = [
     "flash_lora_prefill_ref",
     "s2_attention_prefill_ref",
     "s2_attention_decode_ref",
+    "s2_attention_prefill_paged_ref",
 ]
 
 
@@ -120,5 +121,15 @@ def s2_attention_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, pattern, scale
     return out
 
 
-def s2_attention_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, pattern, scale):
-    return _paged(q, k_cache, v_cache, block_tables, seq_lens, scale, None, mask_fn=pattern.mask)
+def s2_attention_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, pattern, scale, lora=None):
+    """`lora`: (lr_cache, lr_block_tables, lora_b, adapter_ids), V = V_base + L·B_a as in
+    `flash_lora_decode_ref`."""
+    return _paged(q, k_cache, v_cache, block_tables, seq_lens, scale, None, lora=lora,
+                  mask_fn=pattern.mask)
+
+
+def s2_attention_prefill_paged_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, pattern,
+                                   scale, lora=None):
+    """Paged S2 prefill (positions as in `paged_attention_prefill_ref`); `lora` as above."""
+    return _paged(q, k_cache, v_cache, block_tables, seq_lens, scale, cu_seqlens_q, lora=lora,
+                  mask_fn=pattern.mask)

@@ -22,8 +22,8 @@ import math
 import numpy as np
 import torch
 
-from .attention import (_S2Args, _check_int_vec, _check_max_seqlen_q, _check_out, _check_paged,
-                        _check_q_kv, _check_scale, _need, _run)
+from .attention import (_Lora, _S2Args, _check_int_vec, _check_lora, _check_max_seqlen_q, _check_out,
+                        _check_paged, _check_q_kv, _check_scale, _need, _run)
 
 __all__ = ["S2Pattern", "s2_attention_prefill", "s2_attention_prefill_paged", "s2_attention_decode"]
 
@@ -278,8 +278,10 @@ def _check_reads_stored(pattern: S2Pattern, block_tables: torch.Tensor, seq_lens
 
 
 def _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, pattern, scale, out,
-                    num_splits, validate, max_seqlen_q=None) -> None:
-    """Every check of the paged S2 entry points (decode: cu_seqlens_q None)."""
+                    num_splits, validate, max_seqlen_q=None, lora_args=(None, None, None, None)
+                    ) -> _Lora | None:
+    """Every check of the paged S2 entry points (decode: cu_seqlens_q None); returns the
+    Flash-LoRA operands when `lora_args` (lr_cache, lr_block_tables, lora_b, adapter_ids) are given."""
     # A per-KV-head table ``[B, Hkv, W]`` reads caches holding one KV head per block
     # ``[num_blocks, bs, 1, D]`` (cachepool.HeadShardedKVPool's layout); _check_paged checks it.
     per_head = isinstance(block_tables, torch.Tensor) and block_tables.dim() == 3
@@ -292,13 +294,25 @@ def _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, p
         else:
             len_q = cu_seqlens_q[1:].long() - cu_seqlens_q[:-1].long()
         _check_reads_stored(pattern, block_tables, seq_lens, len_q, k_cache.shape[1])
+    given = [x is not None for x in lora_args]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("LoRA inside S2 attention needs lr_cache, lr_block_tables, lora_b and "
+                         "adapter_ids together")
+    hkv = block_tables.shape[1] if per_head else k_cache.shape[2]
+    return _check_lora(q, k_cache, *lora_args, batch, validate, seq_lens, num_kv_heads=hkv)
 
 
 def s2_attention_prefill_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                seq_lens: torch.Tensor, pattern: S2Pattern, scale: float, *,
                                impl: str | None = None, out: torch.Tensor | None = None,
-                               max_seqlen_q: int | None = None, validate: bool = True) -> torch.Tensor:
+                               max_seqlen_q: int | None = None, validate: bool = True,
+                               lr_cache: torch.Tensor | None = None,
+                               lr_block_tables: torch.Tensor | None = None,
+                               lora_b: torch.Tensor | None = None,
+                               adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Variable-length causal S2-attention prefill over paged K/V, on top of any cached prefix.
 
     q ``[total_q, Hq, D]`` holds each sequence's new tokens (their K/V already in the cache);
@@ -309,18 +323,24 @@ def s2_attention_prefill_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     over ``[num_blocks, block_size, 1, D]`` with -1 where a head stores nothing (allowed only
     for blocks the pattern never reads for these queries; ``validate=True`` checks it).
     ``max_seqlen_q`` avoids a device sync when given. Returns ``[total_q, Hq, D]`` in q's dtype.
+    With ``lr_cache, lr_block_tables, lora_b, adapter_ids`` (as in `kernels.flash_lora_prefill`)
+    V is ``V_base + L·B_a`` inside the same loop (Flash-LoRA over the S2 pattern's keys).
     """
-    _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, pattern, scale, out,
-                    None, validate, max_seqlen_q)
+    lora = _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, pattern, scale,
+                           out, None, validate, max_seqlen_q,
+                           (lr_cache, lr_block_tables, lora_b, adapter_ids))
     return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,
                 block_tables=block_tables, cu_seqlens_q=cu_seqlens_q, s2=pattern._kernel_args(),
-                out=out, max_seqlen_q=max_seqlen_q)
+                lora=lora, out=out, max_seqlen_q=max_seqlen_q)
 
 
 def s2_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, seq_lens: torch.Tensor, pattern: S2Pattern,
                         scale: float, *, impl: str | None = None, out: torch.Tensor | None = None,
-                        num_splits: int | None = None, validate: bool = True) -> torch.Tensor:
+                        num_splits: int | None = None, validate: bool = True,
+                        lr_cache: torch.Tensor | None = None, lr_block_tables: torch.Tensor | None = None,
+                        lora_b: torch.Tensor | None = None,
+                        adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Paged S2-attention decode, q ``[batch, Hq, D]``.
 
     Two cache layouts, one kernel:
@@ -329,8 +349,14 @@ def s2_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
       block), block_tables ``[batch, Hkv, max_logical_blocks]`` mapping (head, logical block) to a
       physical block, -1 where the head stores nothing; only blocks the pattern reads are read,
       and ``validate=True`` rejects a -1 where the pattern reads.
+
+    Flash-LoRA inside S2: with ``lr_cache [num_lr_blocks, lr_block_size, r]``, ``lr_block_tables
+    [batch, max_lr_blocks]`` (per sequence, not per head), ``lora_b [num_adapters, Hkv, r, D]``
+    and ``adapter_ids [batch]`` (-1: none), V is ``V_base + L·B_a`` as in
+    `kernels.flash_lora_decode`, computed ``P·V + (P·L)·B_a`` over the keys the pattern reads.
     """
-    _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, None, pattern, scale, out,
-                    num_splits, validate)
+    lora = _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, None, pattern, scale, out,
+                           num_splits, validate, None, (lr_cache, lr_block_tables, lora_b, adapter_ids))
     return _run(impl, q, k=k_cache, v=v_cache, scale=scale, paged=True, seq_lens=seq_lens,
-                block_tables=block_tables, s2=pattern._kernel_args(), out=out, num_splits=num_splits)
+                block_tables=block_tables, s2=pattern._kernel_args(), lora=lora, out=out,
+                num_splits=num_splits)

@@ -205,3 +205,40 @@ def test_moe_kernel_path_with_esft_equals_torch_path(device, monkeypatch, tmp_pa
 
     _check_paths(device, monkeypatch, run)
     assert calls
+
+
+@pytest.mark.parametrize("mode", ["base_lr_shared", "base_shared"])
+def test_s2_layers_run_flash_lora_in_the_s2_kernels(mode, device, monkeypatch, tmp_path):
+    """Shared modes on an S2 model: agents with low-rank V attend in the S2 layers through the S2
+    kernels with their low-rank cache (no torch-path chunk), and give the torch path's result."""
+    import kernels
+
+    c = builtin_config("tiny-s2")
+    dirs = {"plan": save_random_lora(str(tmp_path / "plan"), c, r=8, seed=1, a_seed=100, gain=2.0),
+            "act": save_random_lora(str(tmp_path / "act"), c, r=8, seed=2, a_seed=100, gain=2.0)}
+    calls = []
+    for fn in ("s2_attention_decode", "s2_attention_prefill_paged"):
+        orig = getattr(kernels, fn)
+
+        def counted(*a, _orig=orig, _fn=fn, **kw):
+            if os.environ.get("VMWEAVE_KERNELS") == "triton":
+                calls.append((_fn, kw.get("lr_cache") is not None))
+            return _orig(*a, **kw)
+        monkeypatch.setattr(kernels, fn, counted, raising=False)
+    p = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=True)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (53, 9)]
+    torch_chunks = []
+
+    def run(dtype):
+        eng = Engine.from_pretrained("tiny-s2", cache_mode=mode, device=device, dtype=dtype)
+        for n, d in dirs.items():
+            eng.add_lora_agent(n, d)
+        s = eng.new_session()
+        outs = [eng.generate(s, "plan", prompts[0], p), eng.generate(s, "act", prompts[1], p)]
+        torch_chunks.append(eng.stats()["torch_chunks"])
+        return outs
+
+    _check_paths(device, monkeypatch, run)
+    assert ("s2_attention_decode", True) in calls and ("s2_attention_prefill_paged", True) in calls
+    assert torch_chunks[-1] == 0  # the kernel run: nothing fell back to torch

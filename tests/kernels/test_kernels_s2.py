@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels.attention import paged_attention_prefill
-from kernels.attention_ref import s2_attention_decode_ref, s2_attention_prefill_ref
+from kernels.attention_ref import s2_attention_decode_ref, s2_attention_prefill_paged_ref, s2_attention_prefill_ref
 from kernels.s2 import S2Pattern, s2_attention_decode, s2_attention_prefill, s2_attention_prefill_paged
 
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 5e-3, torch.float32: 1e-4}
@@ -391,3 +391,82 @@ def test_gpu_s2_realistic(rng_seed, dtype, stride, homo, dense):
         out = torch.full_like(qp, float("nan"))
         s2_attention_prefill_paged(qp, *cache, cq, sl, p, 128 ** -0.5, out=out)
         check(out, ref, dtype)
+
+
+# ---------------------------------------------------------------- Flash-LoRA inside S2
+def make_low_rank(lens, r, num_adapters, hkv, d, dtype, device, lr_bs=16):
+    """A low-rank cache [blocks, lr_bs, r] with its own shuffled per-sequence table, B stacks
+    [num_adapters, Hkv, r, D] and adapter ids cycling through -1 and every adapter."""
+    batch = len(lens)
+    width = max(-(-n // lr_bs) for n in lens) + 1
+    nb = batch * width + 3
+    lr = torch.randn(nb, lr_bs, r, device=device).to(dtype)
+    lbt = torch.randperm(nb, device=device)[:batch * width].view(batch, width).int()
+    lora_b = (0.5 * torch.randn(num_adapters, hkv, r, d, device=device)).to(dtype)
+    aid = torch.tensor([(i % (num_adapters + 1)) - 1 for i in range(1, batch + 1)], dtype=torch.int32,
+                       device=device)
+    return lr, lbt, lora_b, aid
+
+
+S2_LORA_CASES = [  # (pattern index, dtype, block size, lens, len_q (None: decode), rank)
+    (0, torch.bfloat16, 16, [130, 1, 0, 77], None, 8),
+    (1, torch.float16, 16, [161, 33, 90], None, 16),
+    (2, torch.float32, 16, [131, 70], [30, 9], 8),
+    (3, torch.bfloat16, 32, [203, 29, 57], [20, 29, 1], 64),
+]
+
+
+@pytest.mark.parametrize("pi,dtype,bs,lens,lq,r", S2_LORA_CASES)
+def test_s2_flash_lora_matches_reference(device, rng_seed, pi, dtype, bs, lens, lq, r):
+    """S2 attention with V = V_base + L·B_a (per sequence; -1 = no adapter), decode and prefill,
+    over the shared cache and the head-sharded pool, against the float64 reference; the
+    adapter part must matter (the plain S2 output is far from it)."""
+    p = PATTERNS[pi]
+    d = 32
+    (k, v, bt), (kh, vh, bth), _ = make_shared_and_sharded(p, lens, bs, d, dtype, device, lq)
+    lr, lbt, lora_b, aid = make_low_rank(lens, r, 2, p.num_kv_heads, d, dtype, device)
+    sl = torch.tensor(lens, dtype=torch.int32, device=device)
+    nq = len(lens) if lq is None else sum(lq)
+    q = torch.randn(nq, p.num_heads, d, device=device).to(dtype)
+    lora = (lr, lbt, lora_b, aid)
+    kw = dict(lr_cache=lr, lr_block_tables=lbt, lora_b=lora_b, adapter_ids=aid)
+    if lq is None:
+        ref = s2_attention_decode_ref(q, k, v, bt, sl, p, 0.2, lora=lora)
+        plain = s2_attention_decode_ref(q, k, v, bt, sl, p, 0.2)
+    else:
+        cq = cu(lq, device)
+        ref = s2_attention_prefill_paged_ref(q, k, v, bt, cq, sl, p, 0.2, lora=lora)
+        plain = s2_attention_prefill_paged_ref(q, k, v, bt, cq, sl, p, 0.2)
+    assert rel_err(plain, ref) > 20 * TOL[dtype]
+    for cache in ((k, v, bt), (kh, vh, bth)):
+        for splits in ((None, 3) if lq is None else (None,)):
+            out = torch.full_like(q, float("nan"))
+            if lq is None:
+                s2_attention_decode(q, *cache, sl, p, 0.2, out=out, num_splits=splits, **kw)
+            else:
+                s2_attention_prefill_paged(q, *cache, cq, sl, p, 0.2, out=out, max_seqlen_q=max(lq), **kw)
+            check(out, ref, dtype)
+
+
+def test_s2_flash_lora_torch_fallback_and_bad_inputs(device, rng_seed):
+    """The torch fallback agrees with the reference; LoRA arguments given in part, an adapter id
+    out of range or a B stack of the wrong head count raise before anything is written."""
+    p = PATTERNS[1]
+    lens = [150, 1, 40]
+    (k, v, bt), (kh, vh, bth), _ = make_shared_and_sharded(p, lens, 16, 16, torch.float32, device)
+    lr, lbt, lora_b, aid = make_low_rank(lens, 8, 2, p.num_kv_heads, 16, torch.float32, device)
+    sl = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(3, p.num_heads, 16, device=device)
+    ref = s2_attention_decode_ref(q, k, v, bt, sl, p, 0.5, lora=(lr, lbt, lora_b, aid))
+    kw = dict(lr_cache=lr, lr_block_tables=lbt, lora_b=lora_b, adapter_ids=aid)
+    for cache in ((k, v, bt), (kh, vh, bth)):
+        check(s2_attention_decode(q, *cache, sl, p, 0.5, impl="torch", **kw), ref, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    bad = [(dict(kw, lora_b=None), "together"),
+           (dict(kw, adapter_ids=torch.tensor([0, 2, -1], dtype=torch.int32, device=device)), "adapter_ids"),
+           (dict(kw, lora_b=lora_b[:, :1].contiguous()), "lora_b must be")]
+    for args, msg in bad:
+        for cache in ((k, v, bt), (kh, vh, bth)):
+            with pytest.raises(ValueError, match=msg):
+                s2_attention_decode(q, *cache, sl, p, 0.5, out=out, **args)
+    assert out.isnan().all()
