@@ -164,6 +164,9 @@ def test_lora_plan(benchmark):
 
     for T in (16, 256, 4096):
         ids = _ids(T, 16)
-        compare("lora plan", f"T={T} A=16", ours=("lora_plan (host, synced)", host_time_us(lambda: lora_plan(ids, 16))),
-                unit="us", note="once per batch, shared by all layers")
-    record_benchmark(benchmark, lambda: lora_plan(ids, 16))
+        host = ids.cpu().numpy()
+        synced = host_time_us(lambda: lora_plan(ids, 16))
+        compare("lora plan", f"T={T} A=16", ours=("lora_plan from host ids", host_time_us(
+                lambda: lora_plan(host, 16, device="cuda"))), base=("lora_plan from device ids (synced)", synced),
+                unit="us", note="once per batch, shared by all layers; the engine plans from host ids")
+    record_benchmark(benchmark, lambda: lora_plan(host, 16, device="cuda"))

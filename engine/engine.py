@@ -378,7 +378,7 @@ class Engine:
                 rows.append(row - 1)
         inp = BatchInputs(*to_device_packed([(x, torch.int64) for x in (ids, pos, lids, eids, rows)], self.device))
         kern = kernel_impl(inp.input_ids) if use_kernels(inp.input_ids, self.model.dtype) else None
-        self.lora.prepare(inp.lora_ids, kern)
+        self.lora.prepare(inp.lora_ids, kern, host_ids=lids)
         self.model.moe_impl = kern
         backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2(), kernels=kern)
         logits = self.model.forward(inp, backend, self.lora)

@@ -12,8 +12,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -205,8 +206,9 @@ class LoraSet:
         return self._memo[key]
 
     # ---- per forward -------------------------------------------------------------------------
-    def prepare(self, ids: torch.Tensor, impl: str | None = None) -> None:
-        """Group the batch's tokens by adapter once per forward (one host sync, not one per layer)."""
+    def prepare(self, ids: torch.Tensor, impl: str | None = None, host_ids: Sequence[int] | None = None) -> None:
+        """Group the batch's tokens by adapter once per forward (not once per layer). `host_ids`:
+        the same ids as a host list, which lets the kernel path plan without a device sync."""
         self.impl = impl if self._adapters else None
         self._groups = []
         if self.impl is None:
@@ -216,6 +218,13 @@ class LoraSet:
             return
         from kernels.lora import lora_plan
 
+        if host_ids is not None:
+            slot = {a: i for i, a in enumerate(self._stacked_for)}
+            kids = np.fromiter((slot.get(a, -1) for a in host_ids), dtype=np.int32, count=len(host_ids))
+            # planned on the host, sent in one copy: no sync
+            self._plan = lora_plan(kids, len(self._stacked_for), device=ids.device)
+            self._kids = self._plan.adapter_ids
+            return
         self._kids = self._kernel_ids(ids)
         self._plan = lora_plan(self._kids, len(self._stacked_for))
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -170,24 +171,80 @@ def _pick_block_m(counts: list[int]) -> int:
     return 16 if avg <= 16 else 32 if avg <= 32 else 64
 
 
-def lora_plan(adapter_ids: torch.Tensor, num_adapters: int, *, block_m: int | None = None) -> LoraPlan:
+def lora_plan(adapter_ids: torch.Tensor | np.ndarray, num_adapters: int, *, block_m: int | None = None,
+              device: torch.device | str | None = None) -> LoraPlan:
     """Group a batch's tokens by adapter for `lora_shrink` / `lora_expand` (`plan=`).
 
-    Validates the ids (-1 or in [0, num_adapters)), which costs one device->host sync; the plan
-    depends only on the ids, so one per batch serves every layer and both projections.
+    Validates the ids (-1 or in [0, num_adapters)); the plan depends only on the ids, so one per
+    batch serves every layer and both projections. `device`: where the plan's tensors go
+    (default: the ids' device). Ids on the CPU are planned on the host (numpy) and the plan sent
+    in one copy, with no device sync: a serving engine, which knows its batch's ids on the host,
+    passes them so with `device="cuda"` (as a CPU tensor or a 1-D numpy integer array). Ids
+    already on a GPU cost one device->host sync.
     """
     if not isinstance(num_adapters, int) or num_adapters < 1:
         raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
     if block_m is not None and block_m not in (16, 32, 64, 128):
         raise ValueError(f"block_m must be one of 16, 32, 64, 128, got {block_m}")
+    if isinstance(adapter_ids, np.ndarray):
+        if adapter_ids.dtype.kind not in "iu" or adapter_ids.ndim != 1:
+            raise TypeError(f"numpy adapter_ids must be a 1-D integer array, got {adapter_ids.dtype} "
+                            f"{list(adapter_ids.shape)}")
+        if adapter_ids.size:  # before the cast to int32 could wrap a huge id into range
+            _check_id_range(int(adapter_ids.min()), int(adapter_ids.max()), num_adapters)
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        return _host_plan(np.ascontiguousarray(adapter_ids, dtype=np.int32), num_adapters, block_m, dev)
     if not isinstance(adapter_ids, torch.Tensor):
         raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(adapter_ids).__name__}")
     ids = _check_ids(adapter_ids, adapter_ids.numel(), adapter_ids.device)
-    T = ids.numel()
-    dev = ids.device
+    dev = ids.device if device is None else torch.device(device)
+    if ids.device.type == "cpu":
+        return _host_plan(ids.numpy(), num_adapters, block_m, dev)
+    if dev != ids.device:
+        raise ValueError(f"a plan for {dev} is built from ids on that device or on the CPU, "
+                         f"got ids on {ids.device}")
+    return _device_plan(ids, num_adapters, block_m)
+
+
+def _tile_rows(counts, bm: int) -> list[tuple[int, int, int]]:
+    """(adapter or -1, start in the sorted order, length) of every tile: tiles never straddle
+    adapters."""
+    rows, seg = [], 0
+    for a, c in enumerate(counts):
+        rows.extend((a - 1, seg + s, min(bm, c - s)) for s in range(0, c, bm))
+        seg += c
+    return rows
+
+
+def _empty_plan(num_adapters: int, block_m: int | None, dev: torch.device) -> LoraPlan:
+    e = torch.empty(0, dtype=torch.int32, device=dev)
+    return LoraPlan(e, num_adapters, block_m or 16, e, e.view(0, 3), (0,) * (num_adapters + 1))
+
+
+def _host_plan(ids: np.ndarray, num_adapters: int, block_m: int | None, dev: torch.device) -> LoraPlan:
+    """The plan of int32 host ids, built with numpy; ids, order and tiles reach `dev` as views
+    of one int32 tensor (one host->device copy)."""
+    T = ids.size
     if T == 0:
-        return LoraPlan(ids, num_adapters, block_m or 16, torch.empty(0, dtype=torch.int32, device=dev),
-                        torch.empty((0, 3), dtype=torch.int32, device=dev), (0,) * (num_adapters + 1))
+        return _empty_plan(num_adapters, block_m, dev)
+    _check_id_range(int(ids.min()), int(ids.max()), num_adapters)
+    counts = np.bincount(ids + 1, minlength=num_adapters + 1).tolist()
+    bm = block_m or _pick_block_m(counts)
+    order = np.argsort(ids, kind="stable").astype(np.int32)
+    tiles = np.asarray(_tile_rows(counts, bm), dtype=np.int32).reshape(-1)
+    packed = torch.frombuffer(np.concatenate([ids, order, tiles]), dtype=torch.int32)
+    if dev.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(dev, non_blocking=True)
+    return LoraPlan(packed[:T], num_adapters, bm, packed[T:2 * T], packed[2 * T:].view(-1, 3),
+                    tuple(counts))
+
+
+def _device_plan(ids: torch.Tensor, num_adapters: int, block_m: int | None) -> LoraPlan:
+    """The plan of int32 ids on their device: one sync for the range check and the counts."""
+    dev = ids.device
+    if ids.numel() == 0:
+        return _empty_plan(num_adapters, block_m, dev)
     key = ids.to(torch.int64) + 1
     # Out-of-range ids go to clamped buckets so bincount cannot fail before we can report them.
     hist = torch.bincount(key.clamp(0, num_adapters + 1), minlength=num_adapters + 2)
@@ -196,11 +253,7 @@ def lora_plan(adapter_ids: torch.Tensor, num_adapters: int, *, block_m: int | No
     counts = stats[2:2 + num_adapters + 1]
     bm = block_m or _pick_block_m(counts)
     order = torch.argsort(key, stable=True).to(torch.int32)
-    rows, seg = [], 0
-    for a, c in enumerate(counts):
-        rows.extend((a - 1, seg + s, min(bm, c - s)) for s in range(0, c, bm))
-        seg += c
-    tiles = torch.tensor(rows, dtype=torch.int32).to(dev, non_blocking=True)
+    tiles = torch.tensor(_tile_rows(counts, bm), dtype=torch.int32).view(-1, 3).to(dev, non_blocking=True)
     return LoraPlan(ids, num_adapters, bm, order, tiles, tuple(counts))
 
 

@@ -188,6 +188,55 @@ def test_plan_partitions_tokens_by_adapter(block_m, device, rng_seed):
     assert list(plan.counts) == torch.bincount(ids_c + 1, minlength=A + 1).tolist()
 
 
+def test_plan_from_host_ids_equals_plan_from_device_ids(device, rng_seed):
+    """Ids on the host, plan wanted on `device` (the engine's way: no sync): the same plan as
+    the one built from the ids on the device, its tensors views of one copy; and it drives
+    shrink + expand to the reference result."""
+    import kernels.lora as kl
+
+    T, H, r, N, A = 61, 40, 8, 33, 4
+    host = mixed_ids(T, A, "cpu")
+    ref = kl._device_plan(host.to(device), A, None)  # the on-device algorithm, also on CPU ids
+    for bm in (None, 16):
+        want = kl._device_plan(host.to(device), A, bm)
+        plan = lora_plan(host, A, device=device, block_m=bm)
+        assert plan.adapter_ids.device.type == torch.device(device).type
+        for f in ("adapter_ids", "order", "tiles"):
+            assert torch.equal(getattr(plan, f).cpu(), getattr(want, f).cpu()), f
+        assert plan.counts == want.counts and plan.block_m == want.block_m
+        base = plan.adapter_ids.untyped_storage().data_ptr()
+        assert plan.order.untyped_storage().data_ptr() == base == plan.tiles.untyped_storage().data_ptr()
+    assert lora_plan(host, A).counts == ref.counts
+    x = torch.randn(T, H, device=device)
+    a, b = weights(A, H, r, torch.float32, device), weights(A, r, N, torch.float32, device)
+    ids = host.to(device)
+    want_out = lora_expand_ref(lora_shrink_ref(x, a, ids), b, ids)
+    plan = lora_plan(host, A, device=device)
+    got = lora_expand(lora_shrink(x, a, ids, plan=plan), b, ids, plan=plan)
+    assert rel_err(got, want_out) < 1e-4
+    for bad in ([0, A], [-2, 1]):
+        for build in (lambda t: lora_plan(t, A, device=device), lambda t: kl._device_plan(t, A, None)):
+            with pytest.raises(ValueError, match="out of range"):
+                build(torch.tensor(bad, dtype=torch.int32))
+    numpy_plan = lora_plan(host.numpy().astype("int64"), A, device=device)
+    assert torch.equal(numpy_plan.tiles.cpu(), ref.tiles.cpu()) and numpy_plan.counts == ref.counts
+    import numpy as np
+    with pytest.raises(ValueError, match="out of range"):
+        lora_plan(np.array([0, 2 ** 32 + 1]), A, device=device)  # not wrapped into range by a cast
+    with pytest.raises(TypeError, match="integer array"):
+        lora_plan(np.zeros(3), A, device=device)
+    empty = lora_plan(torch.zeros(0, dtype=torch.int32), A, device=device)
+    assert empty.num_tokens == 0 and empty.num_tiles == 0 and sum(empty.counts) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_plan_for_another_device_needs_host_ids():
+    ids = torch.tensor([0, 1, -1], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="on that device or on the CPU"):
+        lora_plan(ids, 2, device="cpu")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_edge_batches(impl, device, rng_seed, poison):
     H, r, N, A = 67, 8, 45, 3
