@@ -17,24 +17,22 @@ from .config import ModelConfig
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    # statistics in fp32, as HF does, then scale in the weight's dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+    # statistics in fp32, as HF does, then scale in the weight's dtype; torch.rms_norm is one
+    # fused kernel where torch has one (CUDA) and HF's op sequence where it has not
+    return w * torch.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 @dataclass
 class Rope:
+    """Rotary embedding of a batch's positions (HF's rotate-half convention), built once per
+    forward: `sin_signed` is sin with its first half negated, so that
+    `x·cos + rotate_half(x)·sin == x·cos + roll(x, D/2)·sin_signed` with one roll instead of
+    two slices, a negation and a concatenation per call (exactly: only signs move)."""
     cos: torch.Tensor  # [N, 1, D]
-    sin: torch.Tensor
+    sin_signed: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:  # x [N, H, D]
-        return x * self.cos + rotate_half(x) * self.sin
+        return x * self.cos + torch.roll(x, x.shape[-1] // 2, -1) * self.sin_signed
 
 
 class LoraProvider(Protocol):
@@ -110,7 +108,8 @@ class DecoderModel:
     def rope(self, positions: torch.Tensor) -> Rope:
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return Rope(emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :])
+        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        return Rope(emb.cos().to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :])
 
     # ---- the forward -----------------------------------------------------------------------
     @torch.inference_mode()
