@@ -49,6 +49,11 @@ class EsftManager:
     def unload(self, name: str) -> None:
         self.store.unload_adapter(name)
 
+    def tables(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`layer`'s expert map and the extended w13 / w2 tables it indexes (for
+        `kernels.router_topk(..., expert_map=)`, which reroutes inside the router kernel)."""
+        return self.store.expert_map(layer), self.store.w13(layer), self.store.w2(layer)
+
     def reroute(self, layer: int, topk_ids: torch.Tensor, expert_ids: torch.Tensor, w13, w2):
         """Extended expert ids for a batch of tokens of mixed adapters (-1: base) and the
         extended tables they index."""

@@ -179,20 +179,26 @@ def test_s2_decode_kernel_equals_torch_path(device, monkeypatch):
 
 
 def test_moe_kernel_path_with_esft_equals_torch_path(device, monkeypatch, tmp_path):
-    """MoE layers on the kernel path: fused_moe over the ExpertStore's extended table, tokens of
-    an ESFT agent and of the base model in one batch."""
+    """MoE layers on the kernel path: the router kernel reroutes (ExpertWeave: no separate
+    reroute launch) and fused_moe runs over the ExpertStore's extended table, tokens of an ESFT
+    agent and of the base model in one batch."""
     import kernels
     from engine.builtin import save_random_esft
 
     esft = save_random_esft(str(tmp_path / "law"), "tiny-moe", {0: [1, 5], 1: [2]}, seed=1)
     p = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=True)
-    calls = []
-    orig = kernels.fused_moe
+    calls, routed = [], []
+    orig, orig_router = kernels.fused_moe, kernels.router_topk
 
     def counted(*a, **kw):
         calls.append(1)
         return orig(*a, **kw)
+
+    def counted_router(*a, **kw):
+        routed.append(kw.get("expert_map") is not None)
+        return orig_router(*a, **kw)
     monkeypatch.setattr(kernels, "fused_moe", counted, raising=False)
+    monkeypatch.setattr(kernels, "router_topk", counted_router, raising=False)
 
     def run(dtype):
         eng = Engine.from_pretrained("tiny-moe", cache_mode="non_shared", device=device, dtype=dtype)
@@ -204,7 +210,7 @@ def test_moe_kernel_path_with_esft_equals_torch_path(device, monkeypatch, tmp_pa
         return [eng.get_output(i) for i in r]
 
     _check_paths(device, monkeypatch, run)
-    assert calls
+    assert calls and routed and all(routed)
 
 
 @pytest.mark.parametrize("mode", ["base_lr_shared", "base_shared"])
