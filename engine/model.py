@@ -78,15 +78,7 @@ class DecoderModel:
     # ---- pieces the attention backend calls back into --------------------------------------
     def finish_k(self, layer: int, k: torch.Tensor, rope: Rope) -> torch.Tensor:
         """k [N, Hkv*D] (bias and any LoRA included) -> normed, clipped, rotated [N, Hkv, D]."""
-        c, w = self.config, self.layers[layer]
-        if c.qk_norm == "full":
-            k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
-        if c.clip_qkv is not None:
-            k = k.clamp(-c.clip_qkv, c.clip_qkv)
-        k = k.view(-1, c.num_kv_heads, c.head_dim)
-        if c.qk_norm == "head":
-            k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
-        return rope.apply(k)
+        return self._finish_qk(layer, k, rope, "k_norm", self.config.num_kv_heads)
 
     def finish_v(self, v: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -95,15 +87,19 @@ class DecoderModel:
         return v.view(-1, c.num_kv_heads, c.head_dim)
 
     def _finish_q(self, layer: int, q: torch.Tensor, rope: Rope) -> torch.Tensor:
+        return self._finish_qk(layer, q, rope, "q_norm", self.config.num_heads)
+
+    def _finish_qk(self, layer: int, t: torch.Tensor, rope: Rope, norm: str, heads: int) -> torch.Tensor:
+        """QK-norm over the whole projection (OLMoE) or per head (Qwen3), clip (OLMo), RoPE."""
         c, w = self.config, self.layers[layer]
         if c.qk_norm == "full":
-            q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
+            t = rms_norm(t, w[norm], c.rms_norm_eps)
         if c.clip_qkv is not None:
-            q = q.clamp(-c.clip_qkv, c.clip_qkv)
-        q = q.view(-1, c.num_heads, c.head_dim)
+            t = t.clamp(-c.clip_qkv, c.clip_qkv)
+        t = t.view(-1, heads, c.head_dim)
         if c.qk_norm == "head":
-            q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
-        return rope.apply(q)
+            t = rms_norm(t, w[norm], c.rms_norm_eps)
+        return rope.apply(t)
 
     def rope(self, positions: torch.Tensor) -> Rope:
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
