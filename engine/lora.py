@@ -280,6 +280,26 @@ class LoraSet:
         return out
 
 
+    def add_to(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
+               base: torch.Tensor) -> torch.Tensor:
+        """`base` plus this module's LoRA delta, added in place: `base` is a projection's fresh
+        output that the caller owns. On the kernel path the expand adds into it (fp32
+        accumulation, one rounding), so the delta is never a tensor of its own."""
+        if self.impl is not None:
+            st = self._stack(layer, module)
+            if st is None:
+                return base
+            from kernels.lora import lora_expand, lora_shrink
+
+            y = lora_shrink(x, st[0], self._kids, plan=self._plan, impl=self.impl)
+            return lora_expand(y, st[1], self._kids, plan=self._plan, out=base, impl=self.impl)
+        for a, rows in self._groups:
+            ab = self._adapters[a].get(layer, module)
+            if ab is not None:
+                base.index_add_(0, rows, F_linear(F_linear(x[rows], ab[0]), ab[1]).to(base.dtype))
+        return base
+
+
 def F_linear(x, w):
     return torch.nn.functional.linear(x, w)
 
@@ -287,3 +307,6 @@ def F_linear(x, w):
 class NoLora:
     def delta(self, module, layer, x, ids):
         return None
+
+    def add_to(self, module, layer, x, ids, base):
+        return base

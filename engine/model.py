@@ -38,6 +38,9 @@ class Rope:
 class LoraProvider(Protocol):
     def delta(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None: ...
 
+    def add_to(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
+               base: torch.Tensor) -> torch.Tensor: ...
+
 
 class AttentionBackend(Protocol):
     def attend(self, model: "DecoderModel", layer: int, x: torch.Tensor, q: torch.Tensor,
@@ -116,19 +119,12 @@ class DecoderModel:
         rope = self.rope(inp.positions)
         for li, w in enumerate(self.layers):
             x = rms_norm(h, w["in_norm"], c.rms_norm_eps)
-            q = _lin(x, w["q"], w.get("q_bias"))
-            dq = lora.delta("self_attn.q_proj", li, x, inp.lora_ids)
-            if dq is not None:
-                q = q + dq
+            q = lora.add_to("self_attn.q_proj", li, x, inp.lora_ids, _lin(x, w["q"], w.get("q_bias")))
             q = self._finish_q(li, q, rope)
             k = _lin(x, w["k"], w.get("k_bias"))
             v = _lin(x, w["v"], w.get("v_bias"))
             o = attn.attend(self, li, x, q, k, v, rope).reshape(x.shape[0], -1)
-            out = F.linear(o, w["o"])
-            do = lora.delta("self_attn.o_proj", li, o, inp.lora_ids)
-            if do is not None:
-                out = out + do
-            h = h + out
+            h = h + lora.add_to("self_attn.o_proj", li, o, inp.lora_ids, F.linear(o, w["o"]))
             x = rms_norm(h, w["post_norm"], c.rms_norm_eps)
             if c.is_moe_layer(li):
                 h = h + self._moe(li, x, inp, lora)
@@ -138,18 +134,10 @@ class DecoderModel:
         return F.linear(h, self.lm_head).float()
 
     def _mlp(self, li, prefix, x, wg, wu, wd, ids, lora) -> torch.Tensor:
-        g = F.linear(x, wg)
-        u = F.linear(x, wu)
-        dg = lora.delta(prefix + "gate_proj", li, x, ids)
-        du = lora.delta(prefix + "up_proj", li, x, ids)
-        if dg is not None:
-            g = g + dg
-        if du is not None:
-            u = u + du
+        g = lora.add_to(prefix + "gate_proj", li, x, ids, F.linear(x, wg))
+        u = lora.add_to(prefix + "up_proj", li, x, ids, F.linear(x, wu))
         a = F.silu(g) * u
-        y = F.linear(a, wd)
-        dd = lora.delta(prefix + "down_proj", li, a, ids)
-        return y if dd is None else y + dd
+        return lora.add_to(prefix + "down_proj", li, a, ids, F.linear(a, wd))
 
     def _moe(self, li: int, x: torch.Tensor, inp: BatchInputs, lora) -> torch.Tensor:
         c, w = self.config, self.layers[li]

@@ -233,7 +233,8 @@ def stand_in_kernels(monkeypatch):
                  "flash_lora_prefill"):
         monkeypatch.setattr(kernels, name, attention, raising=False)
     monkeypatch.setattr(klora, "lora_shrink", lambda x, a, *args, **kw: x.new_zeros(x.shape[0], a.shape[-1]))
-    monkeypatch.setattr(klora, "lora_expand", lambda y, b, *args, **kw: y.new_zeros(y.shape[0], b.shape[-1]))
+    monkeypatch.setattr(klora, "lora_expand", lambda y, b, *args, out=None, **kw:
+                        y.new_zeros(y.shape[0], b.shape[-1]) if out is None else out)
     monkeypatch.setattr(engine_mod, "use_kernels", lambda t, dtype: True)
     monkeypatch.setattr(engine_mod, "kernel_impl", lambda t: "triton")
 
