@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One call measures the whole project on a GPU: the GPU tests, then every benchmark suite,
-# then a summary table of ratios (last, so it ends up in the device tool's output tail).
-#   bash bench/gpu.sh            # everything
+# Measures the project on a GPU: the GPU tests, then the benchmark suites, then a summary table
+# of ratios (last, so it ends up in the device tool's output tail). Tests and every suite take
+# more than one 10-minute device call: split them.
+#   SKIP_BENCH=1 bash bench/gpu.sh                 # the tests alone (~6-8 min with xdist)
+#   SKIP_TESTS=1 BENCH_K="attention or s2" bash bench/gpu.sh   # these suites alone
 #   bash bench/gpu.sh -k vmm     # only suites / tests matching an expression
-#   BENCH_K="attention or s2" bash bench/gpu.sh   # every test, only these benchmark suites
-#   (also: SKIP_TESTS=1, TEST_TIMEOUT / BENCH_TIMEOUT seconds, TEST_PROCS, VMWEAVE_E2E_* in bench_engine.py)
+#   (also: TEST_TIMEOUT / BENCH_TIMEOUT seconds, TEST_PROCS, VMWEAVE_E2E_* in bench_engine.py)
 # The GPU tests are compile-bound (each new kernel specialisation is a Triton build): with
 # pytest-xdist they run in TEST_PROCS processes (default 12). On an H200 host of 16 cores 8
 # processes ran ~95% of the tree in 5 min; one process did not finish it in 10.
@@ -21,6 +22,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -rf --maxfail=30 $XDIST tests -p no:cacheprovider "$@" 2>&1 | tail -n 60 > "$BENCH_OUT/tests.log"
   echo "tests: $(tail -n 1 "$BENCH_OUT/tests.log")"
 fi
+[ -n "${SKIP_BENCH:-}" ] && exit 0
 timeout "${BENCH_TIMEOUT:-400}" python3 -m pytest -q -s bench -p no:cacheprovider -o python_files='bench_*.py' \
   --benchmark-json="$BENCH_OUT/bench.json" ${BENCH_K:+-k "$BENCH_K"} "$@" > "$BENCH_OUT/bench.log" 2>&1
 echo "bench exit: $?"
