@@ -143,17 +143,16 @@ class DecoderModel:
         c, w = self.config, self.layers[li]
         logits = F.linear(x, w["router"])
         w13, w2 = w["w13"], w["w2"]
-        if self.moe_impl is not None:
-            from kernels import fused_moe, router_topk
+        if self.moe_impl is not None and self.esft is not None:
+            from kernels import router_topk
 
-            # softmax, top-k, renormalisation and the ESFT reroute in one launch (ExpertWeave)
-            emap = aids = None
-            if self.esft is not None:
-                emap, w13, w2 = self.esft.tables(li)
-                aids = inp.expert_ids
-            topw, topi = router_topk(logits, c.top_k, renormalize=c.norm_topk_prob, adapter_ids=aids,
-                                     expert_map=emap, validate=False, impl=self.moe_impl)
-            y = fused_moe(x, w13, w2, topw.to(x.dtype), topi, validate=False, impl=self.moe_impl)
+            # ExpertWeave: softmax, top-k, renormalisation and the reroute of each token to its
+            # adapter's experts in one launch (no separate reroute kernel)
+            emap, w13, w2 = self.esft.tables(li)
+            topw, topi = router_topk(logits, c.top_k, renormalize=c.norm_topk_prob,
+                                     adapter_ids=inp.expert_ids, expert_map=emap, validate=False,
+                                     impl=self.moe_impl)
+            topw = topw.to(x.dtype)
         else:
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             topw, topi = torch.topk(probs, c.top_k, dim=-1)
@@ -162,6 +161,11 @@ class DecoderModel:
             topw = topw.to(x.dtype)
             if self.esft is not None:
                 topi, w13, w2 = self.esft.reroute(li, topi, inp.expert_ids, w13, w2)
+        if self.moe_impl is not None:
+            from kernels import fused_moe
+
+            y = fused_moe(x, w13, w2, topw, topi, validate=False, impl=self.moe_impl)
+        else:
             y = moe_experts(x, w13, w2, topw, topi)
         if c.shared_expert_intermediate_size:
             s = self._mlp(li, "mlp.shared_expert.", x, w["sh_gate"], w["sh_up"], w["sh_down"],
