@@ -9,7 +9,8 @@ which every session decodes with a different agent. Two paths:
 
 - kernel: the engine's kernel path (paged / Flash-LoRA attention, grouped LoRA GEMMs) with every
   kernel replaced by a stand-in that returns an empty tensor of the right shape, so what is left
-  is the engine's own host work (what bounds TPOT on a GPU when the engine runs eagerly);
+  is the engine's own host work (what bounds TPOT on a GPU when the engine runs eagerly); the
+  stand-ins count the kernel calls a step makes (each a Triton launch or two on a GPU);
 - torch: the torch path as is (CPU math included).
 
 Prints the median host time per decode step per (mode, path) and the aten ops one decode step
@@ -19,6 +20,7 @@ the top of a cProfile of the kernel path's decode steps.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import cProfile
 import io
@@ -50,6 +52,16 @@ def _empty_expand(y, lora_b, *args, out=None, **kwargs):
     return torch.empty(y.shape[0], lora_b.shape[-1], dtype=y.dtype, device=y.device)
 
 
+KERNEL_CALLS: collections.Counter = collections.Counter()  # stand-in calls by kernel name
+
+
+def _counted(name: str, fn):
+    def call(*args, **kwargs):
+        KERNEL_CALLS[name] += 1
+        return fn(*args, **kwargs)
+    return call
+
+
 @contextlib.contextmanager
 def stand_in_kernels():
     """The engine's kernel path with each kernel replaced by a shape-correct stand-in."""
@@ -65,8 +77,9 @@ def stand_in_kernels():
     saved_policy = (eng_mod.use_kernels, eng_mod.kernel_impl)
     try:
         for n in names:
-            setattr(kernels, n, _empty_like_q)
-        klora.lora_shrink, klora.lora_expand = _empty_shrink, _empty_expand
+            setattr(kernels, n, _counted(n, _empty_like_q))
+        klora.lora_shrink = _counted("lora_shrink", _empty_shrink)
+        klora.lora_expand = _counted("lora_expand", _empty_expand)
         eng_mod.use_kernels = lambda t, dtype: True
         eng_mod.kernel_impl = lambda t: "triton"
         yield
@@ -119,6 +132,7 @@ class OpCounter:
                 return func(*args, **(kwargs or {}))
 
         self.mode = Mode()
+        self.kernels: dict[str, int] = {}  # our kernels' calls (kernel path), each a Triton launch or more
 
     def total(self) -> int:
         return sum(self.ops.values())
@@ -134,8 +148,10 @@ def count_ops(eng, ss, cfg) -> OpCounter:
     eng.step()  # the prompts' prefill
     eng.step()  # a decode step: warm anything built on first use
     counter = OpCounter()
+    KERNEL_CALLS.clear()
     with counter.mode:
         eng.step()
+    counter.kernels = dict(KERNEL_CALLS)
     assert eng.last_step.decode_only
     while eng.has_unfinished():
         eng.step()
@@ -202,8 +218,10 @@ def main() -> None:
                 med, ops = measure(mode, path, args, tmp)
                 print(f"{mode:<16} {path:<7} layers={args.layers} sessions={args.sessions} "
                       f"context={args.context}: {1e3 * med:.2f} ms / decode step "
-                      f"({1e3 * med / args.layers:.3f} ms / layer), {ops.total()} aten ops / step",
-                      flush=True)
+                      f"({1e3 * med / args.layers:.3f} ms / layer), {ops.total()} aten ops / step"
+                      + (f", {sum(ops.kernels.values())} kernel calls / step "
+                         f"({', '.join(f'{n} {c}' for n, c in sorted(ops.kernels.items()))})"
+                         if path == "kernel" else ""), flush=True)
 
 
 if __name__ == "__main__":
