@@ -449,10 +449,10 @@ class PagedAttention:
                 _write(w.pool.layer(0, layer), w.slots, w.pick(others[g]))
 
     def _write_full(self, model, layer, x, k, v, rope):
-        dk = self.lora.delta(K_PROJ, layer, x, self.ids)
-        dv = self.lora.delta(V_PROJ, layer, x, self.ids)
-        kf = model.finish_k(layer, k if dk is None else k + dk, rope)
-        vf = model.finish_v(v if dv is None else v + dv)
+        # k and v are this layer's fresh projections, read by nothing after the write: their
+        # LoRA deltas go straight into them
+        kf = model.finish_k(layer, self.lora.add_to(K_PROJ, layer, x, self.ids, k), rope)
+        vf = model.finish_v(self.lora.add_to(V_PROJ, layer, x, self.ids, v))
         self._write_all(layer, kf, vf, {})
 
     def _write_shared(self, model, layer, x, k, v, rope):

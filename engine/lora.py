@@ -258,28 +258,6 @@ class LoraSet:
                 B[i, : p[1].shape[1]] = p[1].t()
         return A, B
 
-    def delta(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
-        if self.impl is not None:
-            st = self._stack(layer, module)
-            if st is None:
-                return None
-            from kernels.lora import lora_expand, lora_shrink
-
-            y = lora_shrink(x, st[0], self._kids, plan=self._plan, impl=self.impl)
-            return lora_expand(y, st[1], self._kids, plan=self._plan, impl=self.impl)
-        out = None
-        for a, rows in self._groups:
-            ab = self._adapters[a].get(layer, module)
-            if ab is None:
-                continue
-            A, B = ab
-            d = F_linear(F_linear(x[rows], A), B)
-            if out is None:
-                out = torch.zeros(x.shape[0], B.shape[0], dtype=x.dtype, device=x.device)
-            out.index_add_(0, rows, d)
-        return out
-
-
     def add_to(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
                base: torch.Tensor) -> torch.Tensor:
         """`base` plus this module's LoRA delta, added in place: `base` is a projection's fresh
@@ -302,11 +280,3 @@ class LoraSet:
 
 def F_linear(x, w):
     return torch.nn.functional.linear(x, w)
-
-
-class NoLora:
-    def delta(self, module, layer, x, ids):
-        return None
-
-    def add_to(self, module, layer, x, ids, base):
-        return base

@@ -36,8 +36,6 @@ class Rope:
 
 
 class LoraProvider(Protocol):
-    def delta(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None: ...
-
     def add_to(self, module: str, layer: int, x: torch.Tensor, ids: torch.Tensor,
                base: torch.Tensor) -> torch.Tensor: ...
 
