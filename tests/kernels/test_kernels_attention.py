@@ -90,6 +90,7 @@ DECODE_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits)
     (torch.float32, 3, 3, 64, 24, [29, 48], 2),
     (torch.bfloat16, 8, 1, 32, 16, [61], 4),
     (torch.float32, 4, 2, 16, 16, [300, 5, 0], 37),  # > 16 splits: the reduce loops; empty splits
+    (torch.float16, 4, 1, 16, 256, [301, 9], 2),     # the largest block size: one block, many tiles
 ]
 
 
@@ -109,6 +110,7 @@ PREFILL_CASES = [  # (dtype, hq, hkv, d, block_size, seq_lens, new tokens)
     (torch.bfloat16, 4, 2, 32, 16, [45, 1, 0, 20], [45, 1, 0, 7]),
     (torch.float16, 6, 3, 32, 16, [67, 9], [31, 9]),
     (torch.float32, 2, 1, 16, 32, [40], [13]),
+    (torch.bfloat16, 4, 2, 16, 128, [150, 3], [41, 3]),
 ]
 
 
@@ -126,6 +128,7 @@ LORA_CASES = [  # (dtype, hq, hkv, d, bs, r, lens, adapters, num_splits)
     (torch.bfloat16, 4, 2, 32, 16, 8, [37, 1, 0, 50, 21], [0, -1, 1, 2, -1], None),
     (torch.float16, 6, 3, 16, 32, 24, [58, 17], [1, 0], 2),   # low-rank blocks of 16 (below)
     (torch.float32, 2, 2, 32, 16, 64, [33, 40], [-1, 0], None),
+    (torch.bfloat16, 4, 2, 16, 64, 128, [77, 12], [1, 0], 2),  # the largest rank
 ]
 
 
