@@ -397,13 +397,11 @@ class PagedAttention:
         kc, vc = g["kv_pool"].layer(0, kl), g["kv_pool"].layer(1, kl)
         kw = dict(impl=self.impl, validate=False)
         if key[0] == "lora":
-            la = self._flash_lora_args(layer, g)
-            lr, b = la["lr_cache"], la["lora_b"]
+            kw.update(self._flash_lora_args(layer, g), block_tables=g["bt"], seq_lens=g["seq_lens"],
+                      scale=self.scale)
             if g["decode"]:
-                return flash_lora_decode(qg, kc, vc, lr, g["lr_bt"], b, g["aid"], g["bt"], g["seq_lens"],
-                                         self.scale, **kw)
-            return flash_lora_prefill(qg, kc, vc, lr, g["lr_bt"], b, g["aid"], g["bt"], g["cu_q"],
-                                      g["seq_lens"], self.scale, max_seqlen_q=g["max_q"], **kw)
+                return flash_lora_decode(qg, kc, vc, **kw)
+            return flash_lora_prefill(qg, kc, vc, cu_seqlens_q=g["cu_q"], max_seqlen_q=g["max_q"], **kw)
         if g["decode"]:
             return paged_attention_decode(qg, kc, vc, g["bt"], g["seq_lens"], self.scale, **kw)
         return paged_attention_prefill(qg, kc, vc, g["bt"], g["cu_q"], g["seq_lens"], self.scale,

@@ -170,7 +170,7 @@ class LoraSet:
         self._stacked_for: tuple[int, ...] = ()
         self._plan = None
         self._kids = None
-        self._kid_lut: torch.Tensor | None = None
+        self._slot_of: dict[int, int] = {}  # adapter id -> its row in the stacks
 
     # ---- the adapter set ---------------------------------------------------------------------
     @property
@@ -195,8 +195,9 @@ class LoraSet:
     def _forget(self) -> None:
         # an id can come back with another adapter (ids are max + 1), so no derived tensor
         # survives a change of the set
-        self._memo, self._kid_lut = {}, None
+        self._memo = {}
         self._stacked_for = tuple(sorted(self._adapters))
+        self._slot_of = {a: i for i, a in enumerate(self._stacked_for)}
 
     def memo(self, key, build: Callable[[], object]):
         """`build()` once per `key` while the adapter set stays the same (per-layer tensors derived
@@ -208,7 +209,8 @@ class LoraSet:
     # ---- per forward -------------------------------------------------------------------------
     def prepare(self, ids: torch.Tensor, impl: str | None = None, host_ids: Sequence[int] | None = None) -> None:
         """Group the batch's tokens by adapter once per forward (not once per layer). `host_ids`:
-        the same ids as a host list, which lets the kernel path plan without a device sync."""
+        the same ids as a host list, which lets the kernel path plan without a device sync
+        (without them it reads `ids` back: one sync)."""
         self.impl = impl if self._adapters else None
         self._groups = []
         if self.impl is None:
@@ -218,24 +220,13 @@ class LoraSet:
             return
         from kernels.lora import lora_plan
 
-        if host_ids is not None:
-            slot = {a: i for i, a in enumerate(self._stacked_for)}
-            kids = np.fromiter((slot.get(a, -1) for a in host_ids), dtype=np.int32, count=len(host_ids))
-            # planned on the host, sent in one copy: no sync
-            self._plan = lora_plan(kids, len(self._stacked_for), device=ids.device)
-            self._kids = self._plan.adapter_ids
-            return
-        self._kids = self._kernel_ids(ids)
-        self._plan = lora_plan(self._kids, len(self._stacked_for))
-
-    def _kernel_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Each token's index into the stacks (int32, -1 = no adapter) from its adapter id."""
-        if self._kid_lut is None or self._kid_lut.device != ids.device:
-            slots = self._stacked_for
-            lut = torch.full((max(slots) + 2,), -1, dtype=torch.int32)
-            lut[torch.tensor(slots)] = torch.arange(len(slots), dtype=torch.int32)
-            self._kid_lut = lut.to(ids.device)
-        return self._kid_lut[ids.clamp(min=-1)]  # -1 -> lut[-1] = -1
+        if host_ids is None:
+            host_ids = ids.tolist()
+        slot = self._slot_of
+        kids = np.fromiter((slot.get(a, -1) for a in host_ids), dtype=np.int32, count=len(host_ids))
+        # each token's row in the stacks (-1: none), planned on the host and sent in one copy
+        self._plan = lora_plan(kids, len(self._stacked_for), device=ids.device)
+        self._kids = self._plan.adapter_ids
 
     def _stack(self, layer: int, module: str):
         return self.memo(("stack", layer, module), lambda: self._build_stack(layer, module))

@@ -104,9 +104,9 @@ class DecoderModel:
 
     def rope(self, positions: torch.Tensor) -> Rope:
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
-        return Rope(emb.cos().to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :])
+        cos, sin = freqs.cos(), freqs.sin()
+        return Rope(torch.cat((cos, cos), dim=-1).to(self.dtype)[:, None, :],
+                    torch.cat((-sin, sin), dim=-1).to(self.dtype)[:, None, :])
 
     # ---- the forward -----------------------------------------------------------------------
     @torch.inference_mode()

@@ -190,10 +190,8 @@ def lora_plan(adapter_ids: torch.Tensor | np.ndarray, num_adapters: int, *, bloc
         if adapter_ids.dtype.kind not in "iu" or adapter_ids.ndim != 1:
             raise TypeError(f"numpy adapter_ids must be a 1-D integer array, got {adapter_ids.dtype} "
                             f"{list(adapter_ids.shape)}")
-        if adapter_ids.size:  # before the cast to int32 could wrap a huge id into range
-            _check_id_range(int(adapter_ids.min()), int(adapter_ids.max()), num_adapters)
         dev = torch.device("cpu") if device is None else torch.device(device)
-        return _host_plan(np.ascontiguousarray(adapter_ids, dtype=np.int32), num_adapters, block_m, dev)
+        return _host_plan(adapter_ids, num_adapters, block_m, dev)
     if not isinstance(adapter_ids, torch.Tensor):
         raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(adapter_ids).__name__}")
     ids = _check_ids(adapter_ids, adapter_ids.numel(), adapter_ids.device)
@@ -222,12 +220,14 @@ def _empty_plan(num_adapters: int, block_m: int | None, dev: torch.device) -> Lo
 
 
 def _host_plan(ids: np.ndarray, num_adapters: int, block_m: int | None, dev: torch.device) -> LoraPlan:
-    """The plan of int32 host ids, built with numpy; ids, order and tiles reach `dev` as views
-    of one int32 tensor (one host->device copy)."""
+    """The plan of 1-D integer host ids, built with numpy; ids, order and tiles reach `dev` as
+    views of one int32 tensor (one host->device copy)."""
     T = ids.size
     if T == 0:
         return _empty_plan(num_adapters, block_m, dev)
+    # checked before the cast to int32, which could wrap a huge id into range
     _check_id_range(int(ids.min()), int(ids.max()), num_adapters)
+    ids = np.ascontiguousarray(ids, dtype=np.int32)
     counts = np.bincount(ids + 1, minlength=num_adapters + 1).tolist()
     bm = block_m or _pick_block_m(counts)
     order = np.argsort(ids, kind="stable").astype(np.int32)
