@@ -78,6 +78,36 @@ def test_engine_e2e_cache_modes(benchmark):
         s, "plan", [3], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
 
 
+def test_engine_decode_cuda_graphs_vs_eager(benchmark):
+    """The engine's decode step replayed from CUDA graphs against the same engine run eagerly
+    (VMWEAVE_CUDA_GRAPHS off), in base_lr_shared at 4K tokens: what the host cost of a step is."""
+    from engine.fidelity import e2e_bench
+
+    length = 4096 if not SMALL else 256
+    got = {}
+    for graphs in (True, False):
+        (row,) = e2e_bench((length,), layers=LAYERS, decode_tokens=DECODE, sessions=SESSIONS, small=SMALL,
+                           modes=("base_lr_shared",), cuda_graphs=graphs)
+        got[graphs] = row
+        print(f"[graphs={graphs}] median step {row.tpot_median_ms:.3f} ms, mean {row.tpot_ms:.3f} ms, "
+              f"{row.decode_tok_s:.1f} tok/s", flush=True)
+    note = (f"Llama-3.1-8B shape, {LAYERS}/32 layers, random bf16; {SESSIONS} sessions x 3 agents, "
+            f"base_lr_shared, {length} tokens; warm pass; the mean includes each round's capture")
+    compare("engine graphs", "decode step, median", ours=("CUDA graphs", got[True].tpot_median_ms),
+            base=("eager", got[False].tpot_median_ms), unit="ms", note=note)
+    compare("engine graphs", "decode throughput", ours=("CUDA graphs", got[True].decode_tok_s),
+            base=("eager", got[False].decode_tok_s), unit="tok/s", lower_is_better=False, note=note)
+
+    # pytest-benchmark's JSON: decode on the tiny model in bf16, where graphs replay every step
+    from engine import Engine, SamplingParams
+
+    eng = Engine.from_pretrained("tiny", device=DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    s = eng.new_session()
+    eng.generate(s, None, list(range(1, 65)), SamplingParams(max_tokens=2, temperature=0.0))
+    record_benchmark(benchmark, lambda: eng.generate(
+        s, None, [3], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
+
+
 def test_engine_e2e_esft_adapters(benchmark):
     from engine.fidelity import esft_bench, format_esft
 

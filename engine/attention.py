@@ -215,6 +215,31 @@ class PagedAttention:
         self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan(uploads)
         uploads.send(kv.device)
 
+    # ---- for CUDA graphs (engine/graphs.py) ------------------------------------------------------
+    _GROUP_TENSORS = ("bt", "seq_lens", "cu_q", "rows", "lr_bt", "aid", "s2_bt")
+
+    def graph_inputs(self) -> list[torch.Tensor]:
+        """Every device tensor this forward's plan made (slots, rows, block tables, lengths,
+        adapter slots), in a fixed order: what differs between two forwards of one graph key."""
+        out = []
+        for w in self.writes.values():
+            out += [t for t in (w.slots, w.rows, w.s2_slots) if t is not None]
+        for g in self.groups.values():
+            out += [g[n] for n in self._GROUP_TENSORS if g.get(n) is not None]
+        return out
+
+    def graph_key(self) -> tuple | None:
+        """Everything this forward decided on the host, or None when it is not graphable (some
+        chunk takes the torch path, which builds device tensors as it goes)."""
+        if self.torch_chunks or self.impl is None:
+            return None
+        writes = tuple((g, id(w.pool), w.rows is None, w.s2_slots is None) for g, w in self.writes.items())
+        groups = tuple((key, tuple(g["idx"]), g["decode"], g["max_q"], id(g["kv_pool"]), id(g.get("lr_pool")),
+                        tuple(a.lora_id for a in g.get("agents", ())),
+                        tuple(n for n in self._GROUP_TENSORS if g.get(n) is not None))
+                       for key, g in self.groups.items())
+        return self.impl, len(self.chunks), writes, groups
+
     # ---- the plan, once per forward ------------------------------------------------------------
     def _all_rows_in_order(self, idx: list[int]) -> bool:
         """Whether chunks `idx` (ascending) cover the batch's rows 0..N-1 in order."""

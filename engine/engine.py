@@ -13,6 +13,7 @@ from .attention import Chunk, PagedAttention, to_device_packed
 from .builtin import BUILTIN, builtin_weights
 from .cache import MODES, Agent, KVManager
 from .config import ModelConfig, load_config
+from .graphs import StepGraphs
 from .kernel_policy import kernel_impl, use_kernels
 from .loader import LoadError, load_weights
 from .lora import LoraSet, load_peft_adapter, same_v_a
@@ -49,6 +50,7 @@ class EngineCounters:
     recomputed_tokens: int = 0  # tokens computed again after preemption or cache invalidation
     kernel_chunks: int = 0
     torch_chunks: int = 0
+    graph_replays: int = 0  # forwards replayed from a CUDA graph (engine/graphs.py)
 
 
 def _default_device() -> torch.device:
@@ -74,7 +76,7 @@ class Engine:
 
     def __init__(self, model: DecoderModel, cache_mode: str, max_kv_bytes: int | None,
                  block_size: int = 16, max_batched_tokens: int = 512, max_running: int = 64,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, cuda_graphs: bool = True):
         if cache_mode not in MODES:
             raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
         if not isinstance(block_size, int) or block_size < 1:
@@ -100,6 +102,10 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self.counters = EngineCounters()
         self.last_step = StepInfo()
+        # decode forwards replayed from CUDA graphs (engine/graphs.py); VMWEAVE_CUDA_GRAPHS=0
+        # turns them off everywhere (e.g. to time the eager engine)
+        use_graphs = cuda_graphs and self.device.type == "cuda" and os.environ.get("VMWEAVE_CUDA_GRAPHS", "1") != "0"
+        self.graphs: StepGraphs | None = StepGraphs() if use_graphs else None
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -107,13 +113,14 @@ class Engine:
                         device: str | torch.device | None = None, max_kv_bytes: int | None = None, *,
                         dtype: torch.dtype = torch.float32, block_size: int = 16,
                         max_batched_tokens: int = 512, max_running: int = 64, seed: int = 0,
-                        prefix_caching: bool = True) -> "Engine":
+                        prefix_caching: bool = True, cuda_graphs: bool = True) -> "Engine":
         """Load a HF checkpoint directory or a built-in model ("tiny", "tiny-moe", "tiny-s2").
 
         device None: cuda if usable, else cpu. max_kv_bytes None: half the free GPU memory, or
         1 GiB on CPU. dtype: weights and caches (float32 default, for parity with transformers).
         block_size: tokens per KV block. max_batched_tokens: tokens per step (prefill chunks +
         decodes). prefix_caching: share full blocks of identical prefixes between sessions.
+        cuda_graphs: replay decode steps from CUDA graphs on a GPU (engine/graphs.py).
         """
         if cache_mode not in MODES:
             raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
@@ -134,7 +141,7 @@ class Engine:
             weights = load_weights(name, config, dev, dtype)
         model = DecoderModel(config, weights, dev, dtype)
         eng = cls(model, cache_mode, max_kv_bytes, block_size, max_batched_tokens, max_running,
-                  prefix_caching)
+                  prefix_caching, cuda_graphs)
         eng.model_path = name
         return eng
 
@@ -176,7 +183,13 @@ class Engine:
                         f"{name!r} and {other.name!r} have different A (use 'base_shared')")
         self._register(agent)
 
+    def _adapters_changed(self) -> None:
+        # graphs hold what was derived from the adapter set (stacked A/B, expert maps, pools)
+        if self.graphs is not None:
+            self.graphs.clear()
+
     def _register(self, agent: Agent) -> None:
+        self._adapters_changed()
         if agent.lora is not None:
             agent.lora_id = self.lora.add(agent.lora)
         changes_streams = self.kv.shared and (
@@ -218,6 +231,7 @@ class Engine:
         busy = [r.id for r in self._requests.values() if r.agent == name and not r.finished]
         if busy:
             raise ValueError(f"agent {name!r} has unfinished requests {busy}")
+        self._adapters_changed()
         agent = self.agents.pop(name)
         self.kv.uids.pop(name, None)
         if agent.lora_id >= 0:
@@ -381,7 +395,7 @@ class Engine:
         self.lora.prepare(inp.lora_ids, kern, host_ids=lids)
         self.model.moe_impl = kern
         backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2(), kernels=kern)
-        logits = self.model.forward(inp, backend, self.lora)
+        logits = self._run_model(inp, backend, kern, graphable=not all_rows and len(ids) == len(chunks))
         self._count_forward(len(ids), len(chunks), len(backend.torch_chunks))
         for w in works:
             sess, key = w.req.session, self.sched.stream_agent(w.req)
@@ -393,6 +407,29 @@ class Engine:
             self.kv.advance(sess.id, key, w.segments[-1][2])
             self.kv.register(sess.id, key, sess.tokens, sess.procs)
         return logits
+
+    def _run_model(self, inp: BatchInputs, backend: PagedAttention, kern: str | None, graphable: bool) -> torch.Tensor:
+        """The model's forward, from a CUDA graph where the step allows one (decode steps on the
+        kernel path: see engine/graphs.py); `graphable`: the caller's part of that judgement."""
+        lora_state = self.lora.step_state()
+
+        def forward() -> torch.Tensor:
+            # a captured forward may run again (emulated graphs) after later steps changed these
+            self.lora.use_step(lora_state)
+            self.model.moe_impl = kern
+            return self.model.forward(inp, backend, self.lora)
+
+        if self.graphs is None or not graphable or kern is None:
+            return forward()
+        bkey, lkey = backend.graph_key(), self.lora.graph_key()
+        if bkey is None or lkey is None:
+            return forward()
+        inputs = [inp.input_ids, inp.positions, inp.lora_ids, inp.expert_ids, inp.logits_rows,
+                  *self.lora.graph_inputs(), *backend.graph_inputs()]
+        before = self.graphs.replays
+        out = self.graphs.run((bkey, lkey, self.model.esft is not None), inputs, forward)
+        self.counters.graph_replays += self.graphs.replays - before
+        return out
 
     def _count_forward(self, tokens: int, chunks: int, torch_chunks: int) -> None:
         c = self.counters

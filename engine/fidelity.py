@@ -426,13 +426,13 @@ class _E2EPass:
 
 
 def _e2e_pass(model, mode: str, dirs: dict[str, str], context: list, probe: list, decode_tokens: int,
-              max_batched_tokens: int) -> _E2EPass:
+              max_batched_tokens: int, cuda_graphs: bool = True) -> _E2EPass:
     """One engine in `mode`: the context turns, then the probe round; the engine is freed before
     returning (its page pool goes back before the next pass maps its own)."""
     from . import Engine
 
     t0 = time.perf_counter()
-    eng = Engine(model, mode, None, max_batched_tokens=max_batched_tokens)
+    eng = Engine(model, mode, None, max_batched_tokens=max_batched_tokens, cuda_graphs=cuda_graphs)
     for a, d in dirs.items():
         eng.add_lora_agent(a, d)
     ss = [eng.new_session() for _ in context[0]]
@@ -461,7 +461,7 @@ def _e2e_row(length: int, mode: str, sessions: int, run: _E2EPass) -> E2ERow:
 def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, decode_tokens: int = 16,
               sessions: int = 4, modes: Sequence[str] = MODES, device: str | None = None,
               small: bool = False, seed: int = 0, progress: Progress = None,
-              max_batched_tokens: int = 2048, warmup: bool = True) -> list[E2ERow]:
+              max_batched_tokens: int = 2048, warmup: bool = True, cuda_graphs: bool = True) -> list[E2ERow]:
     """LRAgent's end-to-end case: plan / act / reflect (r=8 LoRA on q and v, one shared v_proj A)
     take turns on `sessions` trajectories at once, built up to each length, in every cache mode.
 
@@ -471,7 +471,10 @@ def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, 
     decode throughput of all sessions together over decode-only steps, and the KV bytes held at
     the end. With `warmup`, every (length, mode) first runs the identical pass untimed on its own
     engine, so no measured step pays a compile the same shapes need (without it, the first mode
-    of each kernel family to reach a length paid them inside its TPOT).
+    of each kernel family to reach a length paid them inside its TPOT). `cuda_graphs`: decode
+    steps replayed from CUDA graphs (the engine's default on a GPU) or run eagerly. Each pass is
+    a new engine, so its graphs are captured inside the measured round (on a decode key's second
+    step): the mean TPOT includes captures, the median step does not.
     """
     import tempfile
 
@@ -501,7 +504,8 @@ def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, 
             probe = [toks(32) for _ in agents]
             for mode in modes:
                 def one_pass(mode=mode):
-                    return _e2e_pass(model, mode, dirs, context, probe, decode_tokens, max_batched_tokens)
+                    return _e2e_pass(model, mode, dirs, context, probe, decode_tokens, max_batched_tokens,
+                                     cuda_graphs)
 
                 row = _e2e_row(length, mode, sessions, _after_warmup(one_pass) if warmup else one_pass())
                 rows.append(row)

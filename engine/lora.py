@@ -228,6 +228,30 @@ class LoraSet:
         self._plan = lora_plan(kids, len(self._stacked_for), device=ids.device)
         self._kids = self._plan.adapter_ids
 
+    # ---- the per-forward state, for CUDA graphs (engine/graphs.py) ------------------------------
+    def step_state(self) -> tuple:
+        """What `prepare` set for the current forward; `use_step` puts it back (a captured
+        forward runs again with the state of the step it was captured in)."""
+        return self.impl, self._groups, self._plan, self._kids
+
+    def use_step(self, state: tuple) -> None:
+        self.impl, self._groups, self._plan, self._kids = state
+
+    def graph_inputs(self) -> list[torch.Tensor]:
+        """The current forward's device tensors that vary from step to step (the kernel plan)."""
+        if self.impl is None:
+            return []
+        p = self._plan
+        return [p.adapter_ids, p.order, p.tiles]
+
+    def graph_key(self) -> tuple | None:
+        """What the current forward decided on the host (None: not graphable, the torch path
+        groups rows with device index tensors of data-dependent sizes)."""
+        if self.impl is None:
+            return None if self._groups else ("none",)
+        p = self._plan
+        return self.impl, self._stacked_for, p.block_m, p.counts
+
     def _stack(self, layer: int, module: str):
         return self.memo(("stack", layer, module), lambda: self._build_stack(layer, module))
 

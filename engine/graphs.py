@@ -1,0 +1,144 @@
+"""CUDA graphs of the engine's decode forwards.
+
+A decode step of a few layers costs the host more than the GPU: a few hundred torch ops and a
+dozen Triton launches, each some microseconds of Python and driver time (see
+bench/profile_engine_step.py). A CUDA graph replays the whole forward in one launch.
+
+A forward is graphable when everything the host decides for it (shapes, which kernels, their
+launch plans, the groups of chunks, the adapters in play) is fixed by a *key*, and everything
+else it reads lives in device tensors: its *inputs* (token ids, positions, slots, block tables,
+sequence lengths, LoRA plans), which the engine builds each step as usual. `StepGraphs.run`
+runs the first forward of a key eagerly (it compiles the kernels and builds what is memoised
+per adapter set), captures the second into a graph, and from then on copies each step's inputs
+into the captured step's tensors and replays. Keys repeat: a decode batch keeps its shapes until
+a request joins or leaves or a block table grows past its 16-block alignment.
+
+Inputs are copied buffer by buffer: the engine packs a step's index arrays into a few device
+buffers (engine.attention.to_device_packed, kernels.lora's host plans), and the key holds the
+layout of every input inside its buffer, so equal keys mean byte-identical layouts.
+
+What a graph holds (tensors derived from the adapters, the caches' addresses) is valid until
+the adapter set changes: the engine calls `clear()` then.
+
+On a machine without CUDA, `StepGraphs(emulate=True)` replays by running the captured forward
+again on the captured step's tensors, after the same copies: a graph in all but speed, so CPU
+tests check that every value a step varies reaches the forward through its inputs (a value that
+bypassed them would come out stale, as it would from a real graph).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import torch
+
+_NEVER = -1  # a key whose capture failed
+
+
+def _whole(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor over all of `storage`."""
+    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+
+
+def buffer_layout(inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], tuple]:
+    """The distinct buffers (storages) `inputs` live in, in first-use order, as uint8 tensors,
+    and a hashable description of where each input sits (buffer index, byte offset, shape,
+    strides, dtype) with each buffer's size: equal layouts let one step's buffers be copied onto
+    another's whole."""
+    bufs: list[torch.Tensor] = []
+    index: dict[tuple, int] = {}
+    where = []
+    for t in inputs:
+        st = t.untyped_storage()
+        sk = (st.data_ptr(), st.nbytes())
+        i = index.setdefault(sk, len(bufs))
+        if i == len(bufs):
+            bufs.append(_whole(st, t.device))
+        where.append((i, t.storage_offset() * t.element_size(), tuple(t.shape), t.stride(), t.dtype))
+    return bufs, (tuple(where), tuple(b.numel() for b in bufs))
+
+
+@dataclass
+class _Captured:
+    buffers: list[torch.Tensor]  # the captured step's input buffers: each replay's copies land here
+    replay: Callable[[], torch.Tensor]
+
+
+class StepGraphs:
+    """Captured forwards by key (see the module doc). `max_graphs` bounds how many are kept
+    (least recently used go first); `capture_after`: eager runs of a key before it is captured."""
+
+    def __init__(self, *, emulate: bool = False, max_graphs: int = 32, capture_after: int = 1):
+        if max_graphs < 1 or capture_after < 1:
+            raise ValueError("max_graphs and capture_after must be >= 1")
+        self.emulate = emulate
+        self.max_graphs = max_graphs
+        self.capture_after = capture_after
+        self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
+        self._seen: dict[Hashable, int] = {}
+        self._pool = None
+        self.captures = 0
+        self.replays = 0
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Forget every graph (what they captured may no longer be valid)."""
+        self._graphs.clear()
+        self._seen.clear()
+
+    def run(self, key: Hashable, inputs: Sequence[torch.Tensor], forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`forward()`'s result, from a graph where `key` has one. `forward` reads the step's
+        device data only through `inputs` (and what stays fixed while the key does)."""
+        roots, layout = buffer_layout(inputs)
+        full_key = (key, layout)
+        cap = self._graphs.get(full_key)
+        if cap is not None:
+            self._graphs.move_to_end(full_key)
+            for dst, src in zip(cap.buffers, roots):
+                dst.copy_(src, non_blocking=True)
+            self.replays += 1
+            return cap.replay()
+        n = self._seen.get(full_key, 0)
+        if n == _NEVER:
+            return forward()
+        if n < self.capture_after:
+            self._seen[full_key] = n + 1
+            return forward()
+        self._seen.pop(full_key, None)
+        try:
+            cap, out = self._capture(roots, forward)
+        except Exception as e:  # an op that cannot be captured: this key stays eager
+            self._seen[full_key] = _NEVER
+            warnings.warn(f"CUDA graph capture failed, the step runs eagerly: {e}", RuntimeWarning,
+                          stacklevel=2)
+            if not self.emulate:
+                torch.cuda.synchronize()
+            return forward()
+        self._graphs[full_key] = cap
+        if len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        self.captures += 1
+        return out
+
+    def _capture(self, roots: list[torch.Tensor], forward) -> tuple[_Captured, torch.Tensor]:
+        if self.emulate:
+            return _Captured(roots, lambda: forward()), forward()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        # the graph's own stream must see the inputs the current stream copied in
+        torch.cuda.current_stream().synchronize()
+        with torch.cuda.graph(g, pool=self._pool):
+            static_out = forward()
+        g.replay()  # capture only records: this step's forward runs now
+
+        def replay() -> torch.Tensor:
+            g.replay()
+            # the next replay of any graph of the pool may reuse this memory: hand out a copy
+            return static_out.clone()
+
+        return _Captured(roots, replay), static_out.clone()
