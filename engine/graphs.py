@@ -27,6 +27,7 @@ bypassed them would come out stale, as it would from a real graph).
 """
 from __future__ import annotations
 
+import gc
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -116,7 +117,10 @@ class StepGraphs:
             warnings.warn(f"CUDA graph capture failed, the step runs eagerly: {e}", RuntimeWarning,
                           stacklevel=2)
             if not self.emulate:
-                torch.cuda.synchronize()
+                try:
+                    torch.cuda.synchronize()
+                except Exception:
+                    pass  # the eager forward below reports a real error
             return forward()
         self._graphs[full_key] = cap
         if len(self._graphs) > self.max_graphs:
@@ -132,8 +136,16 @@ class StepGraphs:
         g = torch.cuda.CUDAGraph()
         # the graph's own stream must see the inputs the current stream copied in
         torch.cuda.current_stream().synchronize()
-        with torch.cuda.graph(g, pool=self._pool):
-            static_out = forward()
+        # No garbage collection while capturing: a collected engine's finalizers synchronise and
+        # unmap its pages (vmm), CUDA calls that a capturing stream forbids.
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+                static_out = forward()
+        finally:
+            if gc_was_on:
+                gc.enable()
         g.replay()  # capture only records: this step's forward runs now
 
         def replay() -> torch.Tensor:
