@@ -79,7 +79,6 @@ class StepGraphs:
         self.capture_after = capture_after
         self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
         self._seen: dict[Hashable, int] = {}
-        self._pool = None
         self.captures = 0
         self.replays = 0
 
@@ -131,8 +130,6 @@ class StepGraphs:
     def _capture(self, roots: list[torch.Tensor], forward) -> tuple[_Captured, torch.Tensor]:
         if self.emulate:
             return _Captured(roots, lambda: forward()), forward()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         # the graph's own stream must see the inputs the current stream copied in
         torch.cuda.current_stream().synchronize()
@@ -141,7 +138,10 @@ class StepGraphs:
         gc_was_on = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            # Each graph has its own memory pool: a pool shared by graphs that are dropped and
+            # captured again (clear(), eviction) hits a use-count assert in torch's caching
+            # allocator once its last graph is gone (seen with torch 2.11 on an H200).
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
                 static_out = forward()
         finally:
             if gc_was_on:
