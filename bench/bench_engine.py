@@ -80,7 +80,7 @@ def test_engine_e2e_cache_modes(benchmark):
 
 def test_engine_decode_cuda_graphs_vs_eager(benchmark):
     """The engine's decode step replayed from CUDA graphs against the same engine run eagerly
-    (VMWEAVE_CUDA_GRAPHS off), in base_lr_shared at 4K tokens: what the host cost of a step is."""
+    (`cuda_graphs=False`), in base_lr_shared at 4K tokens: what the host cost of a step is."""
     from engine.fidelity import e2e_bench
 
     length = 4096 if not SMALL else 256
@@ -101,7 +101,8 @@ def test_engine_decode_cuda_graphs_vs_eager(benchmark):
     # pytest-benchmark's JSON: decode on the tiny model in bf16, where graphs replay every step
     from engine import Engine, SamplingParams
 
-    eng = Engine.from_pretrained("tiny", device=DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    eng = Engine.from_pretrained("tiny", device=DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32,
+                                 cuda_graphs=True)
     s = eng.new_session()
     eng.generate(s, None, list(range(1, 65)), SamplingParams(max_tokens=2, temperature=0.0))
     record_benchmark(benchmark, lambda: eng.generate(

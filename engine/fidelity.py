@@ -595,13 +595,15 @@ def _write_random_esft(path: str, model, experts_per_layer: int, seed: int, scal
 
 def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2, sessions: int = 16,
                prompt_len: int = 128, decode_tokens: int = 32, device: str | None = None,
-               small: bool = False, seed: int = 0, progress: Progress = None) -> list[EsftRow]:
+               small: bool = False, seed: int = 0, progress: Progress = None,
+               cuda_graphs: bool = True) -> list[EsftRow]:
     """ExpertWeave's end-to-end case: `sessions` requests decode together, spread round-robin
     over the loaded ESFT adapters (all on the base for the 0-adapter row), on one engine that
     loads more adapters between rows. Each row is timed on its second identical round (fresh
     sessions, same prompts), after an untimed one: every row, the base alone included, is measured
     warm. Memory left for KV is read from the driver before either round; the merged-model
-    baseline (one full copy of the model per adapter) is computed from the model's weight bytes."""
+    baseline (one full copy of the model per adapter) is computed from the model's weight bytes.
+    `cuda_graphs`: decode steps from CUDA graphs (captured in the untimed round) or eager."""
     import shutil
     import tempfile
 
@@ -619,7 +621,8 @@ def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2
             f"{c.num_layers} layers, random {str(dtype).split('.')[-1]}; {experts_per_layer} experts/layer "
             f"per adapter; {sessions} sessions")
     say = progress or (lambda m: None)
-    eng = Engine(model, "non_shared", 1 << 30 if dev.type == "cuda" else None, max_batched_tokens=4096)
+    eng = Engine(model, "non_shared", 1 << 30 if dev.type == "cuda" else None, max_batched_tokens=4096,
+                 cuda_graphs=cuda_graphs)
     g = torch.Generator().manual_seed(seed)
     rows: list[EsftRow] = []
     loaded: list[str] = []
