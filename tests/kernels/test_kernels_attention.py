@@ -91,6 +91,7 @@ DECODE_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits)
     (torch.bfloat16, 8, 1, 32, 16, [61], 4),
     (torch.float32, 4, 2, 16, 16, [300, 5, 0], 37),  # > 16 splits: the reduce loops; empty splits
     (torch.float16, 4, 1, 16, 256, [301, 9], 2),     # the largest block size: one block, many tiles
+    (torch.bfloat16, 4, 2, 32, 2, [37, 1, 66], 3),    # blocks below a tile (an engine may use them)
 ]
 
 
@@ -129,6 +130,8 @@ LORA_CASES = [  # (dtype, hq, hkv, d, bs, r, lens, adapters, num_splits)
     (torch.float16, 6, 3, 16, 32, 24, [58, 17], [1, 0], 2),   # low-rank blocks of 16 (below)
     (torch.float32, 2, 2, 32, 16, 64, [33, 40], [-1, 0], None),
     (torch.bfloat16, 4, 2, 16, 64, 128, [77, 12], [1, 0], 2),  # the largest rank
+    (torch.bfloat16, 4, 2, 32, 2, 8, [37, 1, 66, 29], [0, -1, 1, 2], 3),  # blocks of 2, both caches
+    (torch.bfloat16, 4, 2, 32, 4, 8, [45, 20], [1, 0], None),
 ]
 
 
@@ -136,8 +139,9 @@ LORA_CASES = [  # (dtype, hq, hkv, d, bs, r, lens, adapters, num_splits)
 def test_flash_lora_decode_matches_reference(device, rng_seed, dtype, hq, hkv, d, bs, r, lens, aids,
                                              splits):
     k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
-    # the low-rank pool has its own block size when the base blocks are large
-    lr, lbt, lb = make_lowrank(bt, lens, 16, r, 3, hkv, d, dtype, device)
+    # the low-rank pool has its own block size when the base blocks are large; small blocks
+    # are the engine's case (both pools share its block size)
+    lr, lbt, lb = make_lowrank(bt, lens, 16 if bs >= 16 else bs, r, 3, hkv, d, dtype, device)
     aid = torch.tensor(aids, dtype=torch.int32, device=device)
     q = torch.randn(len(lens), hq, d, device=device).to(dtype)
     out = poisoned(q.shape, dtype, device)
