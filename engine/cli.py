@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="plan / act / reflect agents on one trajectory, per cache mode")
     _common(d, steps=6, max_tokens=16)
     d.add_argument("--quiet", action="store_true", help="no per-turn progress lines")
+    d.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps from CUDA graphs (GPU, half precision; opt-in for now)")
     f = sub.add_parser("fidelity", help="each shared cache mode vs non_shared (KL, greedy agreement)")
     _common(f, steps=6, max_tokens=8)
     f.add_argument("--quiet", action="store_true", help="no per-turn progress lines")
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ESFT adapter counts for the MoE table (empty: skip it)")
     b.add_argument("--only", choices=("modes", "esft"), default=None, help="run one of the two tables")
     b.add_argument("--small", action="store_true", help="tiny models instead (CPU smoke run)")
+    b.add_argument("--eager", action="store_true", help="decode eagerly, without CUDA graphs (on by default here)")
     return p
 
 
@@ -125,13 +128,16 @@ def cmd_demo(args, say) -> int:
             + f"; {args.steps} turns x ({args.prompt_len} prompt + {args.max_tokens} generated) tokens")
         # One untimed turn first so one-time costs (kernel compilation, allocator start-up) are
         # not charged to whichever mode happens to run first.
-        warm = open_engine(args.model, "non_shared", args.device, agents, esft, args.max_kv_bytes, args.dtype)
+        graphs = args.cuda_graphs or None
+        warm = open_engine(args.model, "non_shared", args.device, agents, esft, args.max_kv_bytes, args.dtype,
+                           cuda_graphs=graphs)
         run_trajectory(warm, turns[:1], min(2, args.max_tokens))
         del warm
         runs = []
         for mode in args.modes:
             try:
-                eng = open_engine(args.model, mode, args.device, agents, esft, args.max_kv_bytes, args.dtype)
+                eng = open_engine(args.model, mode, args.device, agents, esft, args.max_kv_bytes, args.dtype,
+                                  cuda_graphs=graphs)
             except ValueError as e:  # e.g. base_lr_shared with agents whose v_proj A differ
                 say(f"[{mode}] skipped: {e}")
                 continue
@@ -202,7 +208,7 @@ def cmd_bench(args, say) -> int:
             f"random weights; plan/act/reflect r=8 LoRA on q,v with a shared A; {args.sessions} sessions")
         rows = e2e_bench(lengths=lengths, layers=args.layers, decode_tokens=args.decode_tokens,
                          sessions=args.sessions, modes=args.modes, device=args.device, small=args.small,
-                         progress=say)
+                         progress=say, cuda_graphs=not args.eager)
         say("")
         say(format_e2e(rows))
     if args.only != "modes" and counts:
@@ -211,7 +217,7 @@ def cmd_bench(args, say) -> int:
             f"{args.sessions * 4} sessions spread over the adapters")
         erows = esft_bench(counts, sessions=args.sessions * 4, device=args.device, small=args.small,
                            decode_tokens=max(args.decode_tokens, 2), prompt_len=16 if args.small else 128,
-                           progress=say)
+                           progress=say, cuda_graphs=not args.eager)
         say("")
         say(format_esft(erows))
     return 0

@@ -146,12 +146,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | None) -> torch.
 
 def open_engine(model: str, mode: str, device: str | None, agents: dict[str, str | None],
                 esft: dict[str, str] | None = None, max_kv_bytes: int | None = None,
-                dtype: str | torch.dtype | None = None):
-    """An Engine in `mode` with every agent and ESFT adapter registered."""
+                dtype: str | torch.dtype | None = None, cuda_graphs: bool | None = None):
+    """An Engine in `mode` with every agent and ESFT adapter registered (`cuda_graphs`: see
+    `Engine.from_pretrained`)."""
     from . import Engine
 
     eng = Engine.from_pretrained(model, cache_mode=mode, device=device, max_kv_bytes=max_kv_bytes,
-                                 dtype=resolve_dtype(dtype, device))
+                                 dtype=resolve_dtype(dtype, device), cuda_graphs=cuda_graphs)
     for name, d in (esft or {}).items():
         eng.add_esft_adapter(name, d)
     for name, d in agents.items():

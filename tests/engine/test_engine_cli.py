@@ -71,6 +71,13 @@ def test_demo_modes_flag_and_own_adapters(tmp_path, capsys):
     assert list(rows) == ["non_shared", "base_shared"]
 
 
+def test_demo_cuda_graphs_flag_is_accepted_on_cpu(capsys):
+    # graphs are a GPU feature: on CPU the flag is accepted and the demo runs as without it
+    assert main(["demo", *SMALL, "--modes", "non_shared", "--cuda-graphs"]) == 0
+    rows = _table(capsys.readouterr().out, "mode")
+    assert list(rows) == ["non_shared"] and _num(rows["non_shared"][0]) > 0
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["demo", "--lora", "nodir"], "NAME=DIR"),
     (["demo", "--modes", "all_shared"], "--modes"),
@@ -182,12 +189,14 @@ def test_demo_bad_model_and_adapter_directories(tmp_path, capsys):
 def test_demo_and_small_bench_on_cuda(capsys):
     """The demo on the GPU (bfloat16: the Triton kernel path in every mode) and both benchmark
     tables on small models, so the GPU benchmark's code paths are known to run."""
-    assert main(["demo", "--steps", "3", "--max-tokens", "4", "--prompt-len", "20", "--device", "cuda"]) == 0
-    out = capsys.readouterr().out
-    assert "running on cuda" in out and "bfloat16" in out
-    rows = _table(out, "mode")
-    assert list(rows) == list(MODES)
-    assert all(_num(c[0]) > 0 for c in rows.values())
+    for graphs in ([], ["--cuda-graphs"]):
+        assert main(["demo", "--steps", "3", "--max-tokens", "6", "--prompt-len", "20", "--device", "cuda",
+                     *graphs]) == 0
+        out = capsys.readouterr().out
+        assert "running on cuda" in out and "bfloat16" in out
+        rows = _table(out, "mode")
+        assert list(rows) == list(MODES)
+        assert all(_num(c[0]) > 0 for c in rows.values())
     assert main(["bench", "--small", "--lengths", "100", "--layers", "2", "--decode-tokens", "3",
                  "--sessions", "2", "--esft-counts", "1,2", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
