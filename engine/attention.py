@@ -21,10 +21,10 @@ LoraSet until an adapter is added or removed. A layer then only launches its mat
 from __future__ import annotations
 
 import itertools
-from array import array
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,35 +74,38 @@ def table_width(n_blocks: int) -> int:
 
 PACK_ALIGN = 64  # bytes: each packed array starts as aligned as its own allocation would
 # (Triton specialises pointer arguments on 16-byte alignment)
-_TYPECODES = {torch.int32: "i", torch.int64: "q"}  # array module codes (4 and 8 bytes on Linux)
+_NP_DTYPES = {torch.int32: np.int32, torch.int64: np.int64}
 
 
-def to_device_packed(parts: Sequence[tuple[Sequence[int], torch.dtype]], device) -> list[torch.Tensor]:
-    """1-D tensors holding `parts` ((values, torch.int32 or torch.int64) each), on `device`, from
-    ONE host->device copy: the small index arrays of a forward go over together (a separate copy
-    per array is a transfer each, and on CUDA an unpinned blocking copy also waits for the
-    stream; this one is pinned and does not). Each tensor is a view into one byte buffer,
-    starting PACK_ALIGN-byte aligned."""
+def to_device_packed(parts: Sequence[tuple[Sequence[int] | np.ndarray, torch.dtype]], device) -> list[torch.Tensor]:
+    """1-D tensors holding `parts` ((values, torch.int32 or torch.int64) each; values a sequence
+    of ints or a numpy array), on `device`, from ONE host->device copy: the small index arrays of
+    a forward go over together (a separate copy per array is a transfer each, and on CUDA an
+    unpinned blocking copy also waits for the stream; this one is pinned and does not). Each
+    tensor is a view into one byte buffer, starting PACK_ALIGN-byte aligned."""
     if not parts:
         return []
-    buf = bytearray()
     spans = []
+    end = 0
     for values, dtype in parts:
-        code = _TYPECODES.get(dtype)
-        if code is None:
+        npdt = _NP_DTYPES.get(dtype)
+        if npdt is None:
             raise TypeError(f"to_device_packed packs int32 / int64 arrays, got {dtype}")
-        buf.extend(bytes(-len(buf) % PACK_ALIGN))
-        packed = array(code, values)
-        assert packed.itemsize == dtype.itemsize
-        spans.append((len(buf), len(packed) * packed.itemsize, dtype))
-        buf.extend(packed.tobytes())
-    host = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+        start = -(-end // PACK_ALIGN) * PACK_ALIGN
+        end = start + len(values) * dtype.itemsize
+        spans.append((start, end, dtype, npdt, values))
+    buf = np.zeros(end, dtype=np.uint8)
+    for start, stop, _, npdt, values in spans:
+        # numpy converts a list of ints (or copies an array) in C; an int64 id that does not
+        # fit int32 raises here instead of wrapping
+        buf[start:stop].view(npdt)[:] = values
+    host = torch.frombuffer(buf, dtype=torch.uint8) if end else torch.empty(0, dtype=torch.uint8)
     if torch.device(device).type == "cuda":
         # from pinned memory the copy is asynchronous: the host does not wait for the stream
         dev = host.pin_memory().to(device, non_blocking=True)
     else:
         dev = host.to(device)
-    return [dev[start:start + n].view(dtype) for start, n, dtype in spans]
+    return [dev[start:stop].view(dtype) for start, stop, dtype, _, _ in spans]
 
 
 class _Uploads:
@@ -128,15 +131,14 @@ def _cat(ts: list[torch.Tensor]) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts)
 
 
-def _padded_table(rows: list[list[int]]) -> tuple[list[int], tuple[int, int]]:
-    """Block tables as one flat row-major list, short rows padded with block 0 (never read), and
-    their shape [batch, width]."""
-    width = table_width(max(len(r) for r in rows))
-    flat: list[int] = []
-    for r in rows:
-        flat.extend(r)
-        flat.extend(itertools.repeat(0, width - len(r)))
-    return flat, (len(rows), width)
+def _padded_table(streams: Sequence[Stream]) -> np.ndarray:
+    """The streams' block tables as one int32 [batch, width] array, short rows padded with block
+    0 (never read); rows are copied from each stream's host mirror (no per-id Python work)."""
+    rows = [s.host_table() for s in streams]
+    out = np.zeros((len(rows), table_width(max(len(r) for r in rows))), dtype=np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
 def attend_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float,
@@ -324,7 +326,8 @@ class PagedAttention:
         def put(name: str, values: list[int], shape=None, dtype=torch.int32) -> None:
             uploads.add(values, dtype, lambda t: g.__setitem__(name, t), shape)
 
-        put("bt", *_padded_table([s.blocks for s in kvs]))
+        bt = _padded_table(kvs)
+        put("bt", bt.reshape(-1), bt.shape)
         put("seq_lens", [ch.end for ch in chs])
         put("cu_q", [0, *itertools.accumulate(n)])
         g["rows"] = None  # every row, in order
@@ -334,7 +337,8 @@ class PagedAttention:
             lrs = [ch.streams[lk] for ch, lk in zip(chs, g["lkeys"])]
             g["lr_pool"] = lrs[0].pool
             g["agents"] = self._pool_agents(g["lr_pool"])
-            put("lr_bt", *_padded_table([s.blocks for s in lrs]))
+            lbt = _padded_table(lrs)
+            put("lr_bt", lbt.reshape(-1), lbt.shape)
             put("aid", [g["agents"].index(ch.agent) for ch in chs])
 
     def _pool_agents(self, pool) -> list[Agent]:

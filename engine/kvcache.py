@@ -18,6 +18,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 import vmm
@@ -206,6 +207,26 @@ class Stream:
         self._blocks: list[int] = list(ids)
         self._table = torch.empty(0, dtype=torch.int64, device=self.pool.device)
         self._tabled = 0  # entries of _table that mirror _blocks
+        self._host = np.empty(0, dtype=np.int32)  # host mirror, kept like _table
+        self._hosted = 0
+
+    def host_table(self) -> np.ndarray:
+        """The block ids as an int32 numpy array (a read-only view of a host mirror brought up to
+        date with the entries added since the last call: a decode step copies one id, not the
+        whole table)."""
+        n, old = len(self._blocks), self._hosted
+        if n < old:  # shortened in place: mirror from the start
+            old = 0
+        if n > self._host.size:
+            grown = np.empty(max(n, 2 * self._host.size, 16), dtype=np.int32)
+            grown[:old] = self._host[:old]
+            self._host = grown
+        if n > old:
+            self._host[old:n] = self._blocks[old:n]
+        self._hosted = n
+        view = self._host[:n]
+        view.flags.writeable = False
+        return view
 
     def _sync_table(self) -> None:
         """Make `_table[:len(blocks)]` mirror `blocks`, writing only the entries added since

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from engine_test_helpers import one_thread  # noqa: F401  (autouse fixture)
@@ -223,6 +224,8 @@ def _check_slots(s: Stream, rnd: random.Random, tries: int = 6) -> None:
         assert got.tolist() == _reference_slots(s.blocks, bs, a, b), (a, b)
         assert s.host_slots(a, b) == got.tolist(), (a, b)
     assert s.block_table().tolist() == s.blocks and s.block_table().dtype == torch.int32
+    host = s.host_table()  # the host mirror the forward's block tables are built from
+    assert host.dtype == np.int32 and host.tolist() == s.blocks and not host.flags.writeable
 
 
 @pytest.mark.parametrize("bs", [1, 5, 16])
@@ -249,6 +252,8 @@ def test_slots_match_a_python_reference(device, rng_seed, bs):
     _check_slots(s, rnd)
     s.truncate_blocks(3)
     assert len(s.blocks) == 3
+    _check_slots(s, rnd)
+    s.reserve(40 * bs)  # grows the mirrors past their capacity again
     _check_slots(s, rnd)
 
 

@@ -8,6 +8,7 @@ Flash-LoRA's B stacks) runs at CPU speed; the kernels themselves are checked in 
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from engine_test_helpers import one_thread  # noqa: F401  (autouse fixture)
@@ -346,5 +347,11 @@ def test_to_device_packed_keeps_values_and_alignment(monkeypatch):
         assert t.untyped_storage().data_ptr() == base
         assert (t.storage_offset() * t.element_size()) % PACK_ALIGN == 0
     assert to_device_packed([], "cpu") == []
+    # numpy arrays pack as they are (block tables come as int32 arrays)
+    arr = np.arange(-3, 38, dtype=np.int32)
+    got = to_device_packed([([5], torch.int64), (arr, torch.int32)], "cpu")
+    assert got[1].tolist() == arr.tolist() and got[0].tolist() == [5]
+    with pytest.raises(OverflowError):  # an id that does not fit int32 is an error, not a wrap
+        to_device_packed([([1 << 40], torch.int32)], "cpu")
     with pytest.raises(TypeError, match="int32 / int64"):
         to_device_packed([([1, 2], torch.float32)], "cpu")
