@@ -126,6 +126,9 @@ def test_engine_e2e_esft_adapters(benchmark):
                 note=note + f"; slowest step {r.tpot_max_ms:.2f} / {base.tpot_max_ms:.2f} ms")
         compare("engine ESFT", f"{r.adapters} adapters: TPOT, median step", ours=("ExpertWeave", r.tpot_median_ms),
                 base=("base alone", base.tpot_median_ms), unit="ms", goal="<= 1.05x", note=note)
+        compare("engine ESFT", f"{r.adapters} adapters: decode throughput", ours=("ExpertWeave", r.decode_tok_s),
+                base=("merged copies, one at a time", r.merged_decode_tok_s), unit="tok/s", lower_is_better=False,
+                note=note + "; a copy per adapter, each decoding its adapter's sessions, served in turn")
         compare("engine ESFT", f"{r.adapters} adapters: adapter memory", ours=("ExpertWeave mapped", r.adapter_bytes),
                 base=("merged model copies", r.merged_bytes), unit="B", note=note)
         compare("engine ESFT", f"{r.adapters} adapters: free GPU memory for KV", ours=("ExpertWeave", r.free_bytes),

@@ -16,6 +16,7 @@ agreement 1 say cached step-by-step decode equals a fresh forward pass.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import statistics
 import time
@@ -559,6 +560,15 @@ class EsftRow:
     note: str = ""
     tpot_median_ms: float = float("nan")  # the median decode-only step (tpot_ms is the mean)
     tpot_max_ms: float = float("nan")
+    # one merged model copy per adapter, the copies served one at a time, each decoding its own
+    # adapter's sessions: all sessions' decode tokens over the copies' summed decode time
+    merged_decode_tok_s: float = float("nan")
+
+
+def _merged_copy_sizes(sessions: int, n: int) -> list[int]:
+    """Sessions per merged copy when `sessions` are spread round-robin over `n` adapters (copies
+    with no session left out)."""
+    return [k for k in (len(range(i, sessions, n)) for i in range(n)) if k]
 
 
 def _free_device_bytes(dev: torch.device) -> int:
@@ -603,7 +613,9 @@ def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2
     loads more adapters between rows. Each row is timed on its second identical round (fresh
     sessions, same prompts), after an untimed one: every row, the base alone included, is measured
     warm. Memory left for KV is read from the driver before either round; the merged-model
-    baseline (one full copy of the model per adapter) is computed from the model's weight bytes.
+    baseline (one full copy of the model per adapter) is computed from the model's weight bytes;
+    its throughput from the base model's rounds at each copy's share of the sessions (a merged
+    copy costs what the base costs at the same batch), the copies served one at a time.
     `cuda_graphs`: decode steps from CUDA graphs (captured in the untimed round) or eager."""
     import shutil
     import tempfile
@@ -640,16 +652,26 @@ def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2
             names = [loaded[i % n] if n else None for i in range(sessions)]
             prompts = [torch.randint(0, c.vocab_size, (prompt_len,), generator=g).tolist() for _ in names]
             timing = _after_warmup(lambda: _fresh_round(eng, names, prompts, decode_tokens))
+            if n == 0:
+                # The merged-copies baseline: a merged copy costs what the base model costs at the
+                # same batch, so each copy's round is the base model's round at its session count
+                # (measured here, before any adapter exists, warm like every row).
+                per_size = {k: _after_warmup(lambda k=k: _fresh_round(eng, [None] * k, prompts[:k], decode_tokens))
+                            for k in sorted({k for m in counts for k in _merged_copy_sizes(sessions, m)})}
             rep = eng.memory_report().get("experts", {})
             # pages the store mapped beyond the base experts (exact bytes + shared boundary pages)
             adapter_bytes = int(rep.get("mapped_bytes", 0)) - int(rep.get("base_bytes", 0)) if rep else 0
             free0 = rows[0].free_bytes if rows else free
+            copies = [per_size[k] for k in _merged_copy_sizes(sessions, n)] if n else []
+            merged_tok_s = RoundTiming.merged(copies).decode_tok_s if copies else float("nan")
             rows.append(EsftRow(n, sessions, timing.decode_tok_s, timing.tpot_s * 1e3, free,
                                 free0 - n * weight_bytes if dev.type == "cuda" else 0, adapter_bytes,
-                                n * weight_bytes, note, 1e3 * timing.median_step_s, 1e3 * timing.max_step_s))
+                                n * weight_bytes, note, 1e3 * timing.median_step_s, 1e3 * timing.max_step_s,
+                                merged_tok_s))
             say(f"[{n} ESFT adapters] {rows[-1].decode_tok_s:.1f} tok/s, TPOT {rows[-1].tpot_ms:.2f} ms "
                 f"(median {rows[-1].tpot_median_ms:.2f}, max {rows[-1].tpot_max_ms:.2f}), "
-                f"free {free / 2**30:.2f} GiB")
+                f"free {free / 2**30:.2f} GiB"
+                + (f"; merged copies one at a time {merged_tok_s:.1f} tok/s" if n else ""))
     return rows
 
 
@@ -670,9 +692,10 @@ def _weight_bytes(model) -> int:
 def format_esft(rows: Sequence[EsftRow]) -> str:
     base = next((r for r in rows if r.adapters == 0), None)
     lines = [f"{'adapters':>8}{'decode tok/s':>14}{'vs base':>9}{'TPOT ms':>9}{'adapter MiB':>12}"
-             f"{'free GiB':>10}{'merged GiB':>12}"]
+             f"{'free GiB':>10}{'merged GiB':>12}{'merged tok/s':>14}"]
     for r in rows:
         rel = f"{r.decode_tok_s / base.decode_tok_s:.3f}x" if base else "-"
+        merged = "-" if math.isnan(r.merged_decode_tok_s) else f"{r.merged_decode_tok_s:.1f}"
         lines.append(f"{r.adapters:>8}{r.decode_tok_s:>14.1f}{rel:>9}{r.tpot_ms:>9.2f}{r.adapter_bytes / 2**20:>12.1f}"
-                     f"{r.free_bytes / 2**30:>10.2f}{r.merged_free_bytes / 2**30:>12.2f}")
+                     f"{r.free_bytes / 2**30:>10.2f}{r.merged_free_bytes / 2**30:>12.2f}{merged:>14}")
     return "\n".join(lines)

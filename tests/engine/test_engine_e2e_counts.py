@@ -6,6 +6,8 @@ compiling a new specialisation of the attention kernel inside the measured round
 "base alone" row carried the first compiles)."""
 from __future__ import annotations
 
+import math
+
 import statistics
 
 import pytest
@@ -116,8 +118,19 @@ def test_esft_bench_measures_every_row_after_an_identical_warmup_round(monkeypat
     rounds = _record_rounds(monkeypatch)
     rows = fid.esft_bench((1, 2), sessions=3, prompt_len=11, decode_tokens=4, small=True)
     assert [r.adapters for r in rows] == [0, 1, 2]  # the base alone first, as before
-    assert len(rounds) == 2 * len(rows)
-    for row, warm, timed in zip(rows, rounds[::2], rounds[1::2]):
+    # after the base row, the merged-copies baseline: base-model rounds at each copy's session
+    # count (3 sessions over 1 adapter: one copy of 3; over 2: copies of 2 and 1), warm too
+    sizes = [1, 2, 3]
+    assert len(rounds) == 2 * (len(rows) + len(sizes))
+    copies = {k: rounds[3 + 2 * i] for i, k in enumerate(sizes)}
+    for k, warm, timed in zip(sizes, rounds[2:8:2], rounds[3:8:2]):
+        assert warm.shapes == timed.shapes and timed.shapes[0] == ((0, 11),) * k
+    assert math.isnan(rows[0].merged_decode_tok_s)
+    for row, parts in ((rows[1], [3]), (rows[2], [2, 1])):
+        want = sum(copies[k].decode_tokens for k in parts) / sum(copies[k].decode_s for k in parts)
+        assert row.merged_decode_tok_s == pytest.approx(want)
+    main = [rounds[0], rounds[1], *rounds[8:]]
+    for row, warm, timed in zip(rows, main[::2], main[1::2]):
         assert warm.shapes == timed.shapes
         assert timed.shapes[0] == ((0, 11),) * 3  # the whole prompt, nothing shared with warm-up
         assert row.tpot_ms == pytest.approx(1e3 * timed.tpot_s)
@@ -125,3 +138,9 @@ def test_esft_bench_measures_every_row_after_an_identical_warmup_round(monkeypat
         assert len(timed.step_s) == timed.decode_steps and sum(timed.step_s) == pytest.approx(timed.decode_s)
         assert row.tpot_median_ms == pytest.approx(1e3 * timed.median_step_s)
         assert row.tpot_max_ms == pytest.approx(1e3 * max(timed.step_s))
+
+
+def test_merged_copy_sizes_spread_sessions_round_robin():
+    assert fid._merged_copy_sizes(16, 5) == [4, 3, 3, 3, 3]
+    assert fid._merged_copy_sizes(16, 20) == [1] * 16  # copies with no session are not served
+    assert fid._merged_copy_sizes(3, 2) == [2, 1] and fid._merged_copy_sizes(7, 1) == [7]
