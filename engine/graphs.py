@@ -36,6 +36,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 _NEVER = -1  # a key whose capture failed
+_MAX_SEEN = 4096  # keys counted towards a capture (a long-running server sees many once)
 
 
 def _whole(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
@@ -106,6 +107,8 @@ class StepGraphs:
         if n == _NEVER:
             return forward()
         if n < self.capture_after:
+            if len(self._seen) >= _MAX_SEEN:  # keys seen once and never again: forget them
+                self._seen = {k: v for k, v in self._seen.items() if v == _NEVER}
             self._seen[full_key] = n + 1
             return forward()
         self._seen.pop(full_key, None)

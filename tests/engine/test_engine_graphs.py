@@ -98,6 +98,20 @@ def test_step_graphs_capture_failure_leaves_the_key_eager():
     assert (g.captures, g.replays, len(calls)) == (0, 0, 5)
 
 
+def test_step_graphs_forgets_keys_seen_once(monkeypatch):
+    import engine.graphs as eg
+
+    monkeypatch.setattr(eg, "_MAX_SEEN", 8)
+    g = StepGraphs(emulate=True)
+    buf = torch.randn(11, dtype=torch.float64)
+    for i in range(30):
+        g.run(("once", i), *_step(buf.clone()))
+    assert len(g._seen) <= 8 and g.captures == 0
+    for _ in range(3):
+        g.run("again", *_step(buf.clone()))
+    assert g.captures == 1 and g.replays == 1
+
+
 def test_step_graphs_rejects_bad_limits():
     with pytest.raises(ValueError):
         StepGraphs(max_graphs=0)
