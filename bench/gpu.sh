@@ -5,7 +5,8 @@
 #   SKIP_BENCH=1 bash bench/gpu.sh                 # the tests alone (~6-8 min with xdist)
 #   SKIP_TESTS=1 BENCH_K="attention or s2" bash bench/gpu.sh   # these suites alone
 #   bash bench/gpu.sh -k vmm     # only suites / tests matching an expression
-#   (also: TEST_TIMEOUT / BENCH_TIMEOUT seconds, TEST_PROCS, VMWEAVE_E2E_* in bench_engine.py)
+#   (also: TEST_TIMEOUT / BENCH_TIMEOUT seconds, TEST_PROCS, VMWEAVE_E2E_* in bench_engine.py,
+#    SAVE_TRITON_CACHE=MAX_MB to bring the compile cache back: bench/triton_cache.sh)
 # The GPU tests are compile-bound (each new kernel specialisation is a Triton build): with
 # pytest-xdist they run in TEST_PROCS processes (default 12). On an H200 host of 16 cores 8
 # processes ran ~95% of the tree in 5 min; one process did not finish it in 10.
@@ -15,6 +16,12 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export BENCH_OUT=${OUT:-bench/out}
 mkdir -p "$BENCH_OUT"; rm -f "$BENCH_OUT/rows.json"
+# Triton's compile cache: unpacked from .gpu/triton-cache (carried from an earlier call, see
+# bench/triton_cache.sh); SAVE_TRITON_CACHE=MAX_MB packs it into $OUT at the end (mind the
+# device tool's 8 files: the tests alone write 2, a bench run 6)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/vmweave-triton-cache}
+bash bench/triton_cache.sh load
+save_cache() { [ -n "${SAVE_TRITON_CACHE:-}" ] && bash bench/triton_cache.sh save "$BENCH_OUT" "$SAVE_TRITON_CACHE"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$BENCH_OUT/card.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$BENCH_OUT/card.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
@@ -22,9 +29,10 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -rf --maxfail=30 $XDIST tests -p no:cacheprovider "$@" 2>&1 | tail -n 60 > "$BENCH_OUT/tests.log"
   echo "tests: $(tail -n 1 "$BENCH_OUT/tests.log")"
 fi
-[ -n "${SKIP_BENCH:-}" ] && exit 0
+[ -n "${SKIP_BENCH:-}" ] && { save_cache; exit 0; }
 timeout "${BENCH_TIMEOUT:-400}" python3 -m pytest -q -s bench -p no:cacheprovider -o python_files='bench_*.py' \
   --benchmark-json="$BENCH_OUT/bench.json" ${BENCH_K:+-k "$BENCH_K"} "$@" > "$BENCH_OUT/bench.log" 2>&1
 echo "bench exit: $?"
 grep -E "passed|failed|error" "$BENCH_OUT/bench.log" | tail -n 5
 python3 bench/summary.py "$BENCH_OUT/rows.json" | tee "$BENCH_OUT/summary.md"
+save_cache
