@@ -54,24 +54,29 @@ class UnboundedStore:
 
 
 class BlockAllocator:
-    """Free-list of block ids `[0, num_blocks)`, lowest id first, backed on demand by `store`."""
+    """Free-list of block ids `[0, num_blocks)`, lowest id first, backed on demand by `store`.
+
+    Memory is O(blocks in use), not O(num_blocks): every id at or above `top` is free by
+    construction (a budget of tens of GB over blocks of a few dozen bytes is a billion ids), and
+    only ids returned below `top` are kept, in a set and a heap (lazily pruned: an entry whose
+    id left the set is skipped)."""
 
     def __init__(self, num_blocks: int, store: BlockStore | None = None) -> None:
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
         self.num_blocks = num_blocks
         self.store: BlockStore = store if store is not None else UnboundedStore(num_blocks)
-        self._heap = list(range(num_blocks))  # already a valid heap
-        self._free = set(self._heap)
         self._top = 0  # 1 + highest id handed out and not yet returned
+        self._freed: set[int] = set()  # free ids below _top
+        self._heap: list[int] = []  # the ids of _freed (and stale entries, skipped)
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._freed) + self.num_blocks - self._top
 
     @property
     def num_allocated(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self._top - len(self._freed)
 
     @property
     def top(self) -> int:
@@ -79,17 +84,26 @@ class BlockAllocator:
         return self._top
 
     def is_free(self, block: int) -> bool:
-        return block in self._free
+        return block in self._freed or self._top <= block < self.num_blocks
 
     def num_obtainable(self, enough: int | None = None) -> int:
         """How many blocks `alloc_many` can hand out now, growing the store if it may. With
         `enough`, the answer may stop at any count >= enough (skips asking the store)."""
         backed = min(self.store.backed_blocks(), self.num_blocks)
-        free_backed = len(self._free) - (self.num_blocks - backed)
+        free_backed = self.num_free - (self.num_blocks - backed)
         if enough is not None and free_backed >= enough:
             return free_backed
         growable = max(0, min(self.store.max_backable(), self.num_blocks) - backed)
         return free_backed + growable
+
+    def _pop_freed(self, n: int) -> list[int]:
+        """Up to `n` of the lowest returned ids, taken off the heap (not yet off the set)."""
+        heap, freed, out = self._heap, self._freed, []
+        while heap and len(out) < n:
+            b = heapq.heappop(heap)
+            if b in freed and (not out or b != out[-1]):
+                out.append(b)
+        return out
 
     def alloc_many(self, n: int) -> list[int]:
         """Hand out the `n` lowest free ids, backing them first; all or nothing."""
@@ -97,18 +111,20 @@ class BlockAllocator:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
         if n == 0:
             return []
-        if n > len(self._free):
-            raise CacheFullError(f"asked for {n} blocks, {len(self._free)} of {self.num_blocks} free")
-        ids = [heapq.heappop(self._heap) for _ in range(n)]
+        if n > self.num_free:
+            raise CacheFullError(f"asked for {n} blocks, {self.num_free} of {self.num_blocks} free")
+        # returned ids lie below _top, so they come before any id from _top on
+        reused = self._pop_freed(n)
+        ids = reused + list(range(self._top, self._top + n - len(reused)))
         need = ids[-1] + 1
         if need > self.store.backed_blocks():
             try:
                 self.store.grow_to(need)
             except BaseException:
-                for b in ids:
+                for b in reused:
                     heapq.heappush(self._heap, b)
                 raise
-        self._free.difference_update(ids)
+        self._freed.difference_update(reused)
         self._top = max(self._top, need)
         return ids
 
@@ -118,19 +134,22 @@ class BlockAllocator:
 
     def release_many(self, blocks) -> None:
         """Return several blocks at once (one walk of the top, one shrink)."""
-        free, heap = self._free, self._heap
+        freed, heap = self._freed, self._heap
         blocks = list(blocks)
         for b in blocks:
-            if not 0 <= b < self.num_blocks or b in free:
+            if not 0 <= b < self._top or b in freed:
                 raise ValueError(f"block {b} is not allocated")
         if len(set(blocks)) != len(blocks):
             raise ValueError("a block is returned twice")
         for b in blocks:
-            free.add(b)
+            freed.add(b)
             heapq.heappush(heap, b)
         top = self._top
-        if top - 1 in free:
-            while top > 0 and (top - 1) in free:
+        if top - 1 in freed:
+            while top > 0 and (top - 1) in freed:
                 top -= 1
+                freed.remove(top)  # at or above the top: free by construction
             self._top = top
+            if len(heap) > 2 * len(freed) + 64:  # drop the stale entries
+                self._heap = sorted(freed)
             self.store.shrink_to(top)

@@ -108,7 +108,7 @@ class Engine:
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("VMWEAVE_CUDA_GRAPHS", "0") == "1"
         use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
-        self.graphs: StepGraphs | None = StepGraphs() if use_graphs else None
+        self.graphs: StepGraphs | None = StepGraphs(device=self.device) if use_graphs else None
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod

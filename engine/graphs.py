@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import gc
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
 import torch
 
-_NEVER = -1  # a key whose capture failed
 _MAX_SEEN = 4096  # keys counted towards a capture (a long-running server sees many once)
 
 
@@ -69,17 +67,24 @@ class _Captured:
 
 
 class StepGraphs:
-    """Captured forwards by key (see the module doc). `max_graphs` bounds how many are kept
-    (least recently used go first); `capture_after`: eager runs of a key before it is captured."""
+    """Captured forwards by key (see the module doc). At most `max_graphs` are kept: capturing
+    one more drops them all first (destroying a graph may release what the graphs captured on
+    the same stream share, so none outlives another's destruction); `capture_after`: eager
+    runs of a key before it is captured. After a capture fails, every step runs eagerly.
+    `device`: the CUDA device the forwards run on (default: the current one)."""
 
-    def __init__(self, *, emulate: bool = False, max_graphs: int = 32, capture_after: int = 1):
+    def __init__(self, *, emulate: bool = False, max_graphs: int = 32, capture_after: int = 1,
+                 device: torch.device | str | None = None):
         if max_graphs < 1 or capture_after < 1:
             raise ValueError("max_graphs and capture_after must be >= 1")
         self.emulate = emulate
         self.max_graphs = max_graphs
         self.capture_after = capture_after
-        self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
+        self.device = None if device is None else torch.device(device)
+        self.failed: str | None = None  # why capturing was given up, once it was
+        self._graphs: dict[Hashable, _Captured] = {}
         self._seen: dict[Hashable, int] = {}
+        self._stream = None  # this object's capture stream (CUDA), made on first capture
         self.captures = 0
         self.replays = 0
 
@@ -94,30 +99,32 @@ class StepGraphs:
     def run(self, key: Hashable, inputs: Sequence[torch.Tensor], forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """`forward()`'s result, from a graph where `key` has one. `forward` reads the step's
         device data only through `inputs` (and what stays fixed while the key does)."""
+        if self.failed is not None:
+            return forward()
         roots, layout = buffer_layout(inputs)
         full_key = (key, layout)
         cap = self._graphs.get(full_key)
         if cap is not None:
-            self._graphs.move_to_end(full_key)
             for dst, src in zip(cap.buffers, roots):
                 dst.copy_(src, non_blocking=True)
             self.replays += 1
             return cap.replay()
         n = self._seen.get(full_key, 0)
-        if n == _NEVER:
-            return forward()
         if n < self.capture_after:
             if len(self._seen) >= _MAX_SEEN:  # keys seen once and never again: forget them
-                self._seen = {k: v for k, v in self._seen.items() if v == _NEVER}
+                self._seen.clear()
             self._seen[full_key] = n + 1
             return forward()
         self._seen.pop(full_key, None)
+        if len(self._graphs) >= self.max_graphs:
+            self._graphs.clear()
         try:
             cap, out = self._capture(roots, forward)
-        except Exception as e:  # an op that cannot be captured: this key stays eager
-            self._seen[full_key] = _NEVER
-            warnings.warn(f"CUDA graph capture failed, the step runs eagerly: {e}", RuntimeWarning,
-                          stacklevel=2)
+        except Exception as e:  # an op that cannot be captured, or the driver refused
+            self.failed = f"{type(e).__name__}: {e}"
+            self._graphs.clear()
+            warnings.warn(f"CUDA graph capture failed, steps run eagerly from now on: {self.failed}",
+                          RuntimeWarning, stacklevel=2)
             if not self.emulate:
                 try:
                     torch.cuda.synchronize()
@@ -125,35 +132,55 @@ class StepGraphs:
                     pass  # the eager forward below reports a real error
             return forward()
         self._graphs[full_key] = cap
-        if len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
         self.captures += 1
         return out
 
     def _capture(self, roots: list[torch.Tensor], forward) -> tuple[_Captured, torch.Tensor]:
         if self.emulate:
             return _Captured(roots, lambda: forward()), forward()
+        dev = self.device if self.device is not None else torch.device("cuda", torch.cuda.current_device())
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=dev)
+        stream, current = self._stream, torch.cuda.current_stream(dev)
+        # the capture stream must see the inputs the current stream copied in
+        stream.wait_stream(current)
         g = torch.cuda.CUDAGraph()
-        # the graph's own stream must see the inputs the current stream copied in
-        torch.cuda.current_stream().synchronize()
-        # No garbage collection while capturing: a collected engine's finalizers synchronise and
-        # unmap its pages (vmm), CUDA calls that a capturing stream forbids.
-        gc_was_on = gc.isenabled()
-        gc.disable()
-        try:
-            # Each graph has its own memory pool: a pool shared by graphs that are dropped and
-            # captured again (clear(), eviction) hits a use-count assert in torch's caching
-            # allocator once its last graph is gone (seen with torch 2.11 on an H200).
-            with torch.cuda.graph(g, capture_error_mode="thread_local"):
-                static_out = forward()
-        finally:
-            if gc_was_on:
-                gc.enable()
+        # Driven by hand rather than through torch.cuda.graph: its __enter__ switches streams
+        # before capture_begin, so a capture_begin that raises would leave this thread on the
+        # capture stream; it also flushes the allocator's cache at every capture.
+        with torch.cuda.device(dev), torch.cuda.stream(stream):
+            _warm_blas(dev)
+            # No garbage collection while capturing: a collected engine's finalizers synchronise
+            # and unmap its pages (vmm), CUDA calls that a capturing stream forbids.
+            gc_was_on = gc.isenabled()
+            gc.disable()
+            try:
+                # Each graph gets its own memory pool (pool=None): a pool shared by graphs that
+                # are dropped and captured again trips a use-count assert in torch's caching
+                # allocator once its last graph is gone (seen with torch 2.11 on an H200).
+                g.capture_begin(capture_error_mode="thread_local")
+                try:
+                    static_out = forward()
+                finally:
+                    g.capture_end()
+            finally:
+                if gc_was_on:
+                    gc.enable()
+        current.wait_stream(stream)
         g.replay()  # capture only records: this step's forward runs now
 
         def replay() -> torch.Tensor:
             g.replay()
-            # the next replay of any graph of the pool may reuse this memory: hand out a copy
+            # the next replay of any graph may reuse this memory: hand out a copy
             return static_out.clone()
 
         return _Captured(roots, replay), static_out.clone()
+
+
+def _warm_blas(dev: torch.device) -> None:
+    """A matmul per float type on the capture stream, outside any capture: torch keeps one
+    cuBLAS workspace per (handle, stream), made on the stream's first GEMM, and one made inside
+    a capture would live in that graph's memory pool."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a = torch.ones(16, 16, dtype=dtype, device=dev)
+        torch.nn.functional.linear(a, a)

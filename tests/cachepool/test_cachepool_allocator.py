@@ -44,7 +44,7 @@ def test_lowest_free_ids_first_against_a_reference(rng_seed):
     n = 37
     a = BlockAllocator(n, RecordingStore(n))
     held: set[int] = set()
-    for _ in range(200):
+    for _ in range(600):
         if held and rnd.random() < 0.45:
             gone = rnd.sample(sorted(held), rnd.randint(1, len(held)))
             a.release_many(gone)
@@ -55,7 +55,25 @@ def test_lowest_free_ids_first_against_a_reference(rng_seed):
             assert a.alloc_many(k) == free[:k]
             held.update(free[:k])
         assert a.top == (max(held) + 1 if held else 0)
-        assert a.num_allocated == len(held)
+        assert a.num_allocated == len(held) and a.num_free == n - len(held)
+        assert [b for b in range(n) if not a.is_free(b)] == sorted(held)
+
+
+def test_a_huge_id_space_costs_only_what_is_in_use():
+    """A budget of tens of GB over blocks of a few dozen bytes is a billion ids: nothing may be
+    built per id (the free list holds only ids returned below the top)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    a = BlockAllocator(10**12)
+    ids = a.alloc_many(1000)
+    a.release_many(ids[10:20])
+    assert a.alloc_many(12) == [*range(10, 20), 1000, 1001]
+    a.release_many(list(range(900, 1002)))
+    assert a.top == 900 and a.num_free == 10**12 - 900
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 10 << 20
 
 
 def test_store_grows_to_the_top_and_shrinks_when_the_top_empties():

@@ -11,6 +11,7 @@ the graphs are real (torch.cuda.CUDAGraph) and the kernels compiled.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -59,15 +60,23 @@ def test_step_graphs_key_and_layout_separate_graphs():
     assert g.replays == 1
 
 
-def test_step_graphs_keeps_the_most_recent_graphs():
+def test_step_graphs_when_full_drop_every_graph_before_capturing():
+    # destroying a graph may release what graphs captured on one stream share: none may
+    # outlive another's destruction, so a full set is dropped whole, not one at a time
     g = StepGraphs(emulate=True, max_graphs=2)
     buf = torch.randn(11, dtype=torch.float64)
-    for k in ("a", "b", "c"):
+    for k in ("a", "b"):
         for _ in range(2):
             g.run(k, *_step(buf.clone()))
-    assert len(g) == 2 and g.captures == 3
-    g.run("a", *_step(buf.clone()))  # "a" went first: eager again (seen once more)
+    assert len(g) == 2
+    for _ in range(2):
+        g.run("c", *_step(buf.clone()))
+    assert len(g) == 1 and g.captures == 3
+    g.run("a", *_step(buf.clone()))  # "a" went with the rest: eager again
     assert g.replays == 0
+    inputs, fwd = _step(buf.clone())
+    torch.testing.assert_close(g.run("c", inputs, fwd), fwd(), rtol=0, atol=0)
+    assert g.replays == 1
 
 
 def test_buffer_layout_groups_views_by_storage():
@@ -78,24 +87,29 @@ def test_buffer_layout_groups_views_by_storage():
     assert [w[:3] for w in where] == [(0, 16, (2,)), (1, 0, (7,)), (0, 80, (2, 5)), (0, 24, (2,))]
 
 
-def test_step_graphs_capture_failure_leaves_the_key_eager():
+def test_step_graphs_capture_failure_turns_graphs_off():
     g = StepGraphs(emulate=True)
     buf = torch.randn(11, dtype=torch.float64)
+    for _ in range(2):
+        g.run("ok", [buf], lambda: buf.sum())
+    assert len(g) == 1
     calls = []
 
     def fwd():
         calls.append(1)
         if len(calls) == 2:  # the capture
             raise RuntimeError("operation not permitted when stream is capturing")
-        return buf.sum()
+        return buf.sum() * 2
 
     with pytest.warns(RuntimeWarning, match="capture failed"):
         for _ in range(2):
             got = g.run("k", [buf], fwd)
-    for _ in range(2):
-        got = g.run("k", [buf], fwd)
-    torch.testing.assert_close(got, buf.sum())
-    assert (g.captures, g.replays, len(calls)) == (0, 0, 5)
+    torch.testing.assert_close(got, buf.sum() * 2)
+    assert "RuntimeError" in g.failed and len(g) == 0
+    for _ in range(3):  # every key eager from now on, the one captured before too
+        g.run("k", [buf], fwd)
+        g.run("ok", [buf], lambda: buf.sum())
+    assert (g.captures, g.replays, len(calls)) == (1, 0, 6)
 
 
 def test_step_graphs_forgets_keys_seen_once(monkeypatch):
@@ -178,6 +192,47 @@ def test_engine_graphs_equal_eager(mode, loras, device, monkeypatch):
             # keys change as requests finish and as each group's table width grows
             assert graphs.captures >= 3 and eng.stats()["graph_replays"] >= 4
     _same(*outs, atol=1e-6 if device == "cpu" else 1e-2)
+
+
+def test_engine_graphs_equal_eager_keeping_one_graph(loras, device, monkeypatch):
+    """max_graphs=1: every new key drops the graph before it (keys alternate as requests
+    finish and tables grow); results still equal the eager engine's."""
+    dtype = _kernel_env(device, monkeypatch)
+    bs, first = (2, 25) if device == "cpu" else (16, 249)
+    outs = []
+    for graphs in (None, StepGraphs(emulate=device == "cpu", max_graphs=1)):
+        eng = Engine.from_pretrained("tiny", cache_mode="non_shared", device=device, dtype=dtype, block_size=bs)
+        eng.add_lora_agent("plan", loras["plan"])
+        eng.graphs = graphs
+        outs.append(_decode_run(eng, ["plan", None, "plan"], [first + 2, first + 4, first], [12, 8, 16]))
+        if graphs is not None:
+            assert graphs.captures >= 3 and len(graphs) == 1 and eng.stats()["graph_replays"] >= 4
+    _same(*outs, atol=1e-6 if device == "cpu" else 1e-2)
+
+
+@pytest.mark.gpu
+def test_engine_survives_a_failed_capture(loras, monkeypatch):
+    """A forward that does something a capturing stream forbids (here a device sync): the
+    capture fails, the engine warns, stays on its own stream and runs every step eagerly with
+    the eager engine's results."""
+    outs = []
+    for graphs in (None, StepGraphs(device="cuda")):
+        eng = Engine.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16)
+        eng.graphs = graphs
+        real = eng.model.forward
+
+        def syncing(*a, real=real, **kw):
+            if torch.cuda.is_current_stream_capturing():
+                torch.cuda.synchronize()
+            return real(*a, **kw)
+
+        eng.model.forward = syncing
+        with pytest.warns(RuntimeWarning, match="capture failed") if graphs is not None else nullcontext():
+            outs.append(_decode_run(eng, [None, None], [9, 11], [6, 6]))
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()
+        if graphs is not None:
+            assert graphs.failed and graphs.captures == 0 and eng.stats()["graph_replays"] == 0
+    _same(*outs, atol=1e-2)
 
 
 def test_engine_graphs_equal_eager_moe_esft_and_s2(device, monkeypatch, tmp_path):
