@@ -66,7 +66,7 @@ class BlockManager:
         self.prefix_caching = prefix_caching
         self._alloc = BlockAllocator(num_blocks, store)
         self.num_blocks = num_blocks
-        self._ref = [0] * num_blocks
+        self._ref: dict[int, int] = {}  # references of every block in use (O(in use), not O(num_blocks))
         self._hash_of: dict[int, bytes] = {}  # registered block -> content hash
         self._by_hash: dict[bytes, int] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
@@ -103,7 +103,9 @@ class BlockManager:
         return self._alloc.num_obtainable() + len(self._lru)
 
     def refcount(self, block: int) -> int:
-        return self._ref[block]
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"block {block} out of range [0, {self.num_blocks})")
+        return self._ref.get(block, 0)
 
     def __contains__(self, seq_id: Hashable) -> bool:
         return seq_id in self._seqs
@@ -189,7 +191,7 @@ class BlockManager:
 
     def _can_take(self, need: int, reclaimed: Iterable[int] = ()) -> bool:
         # Hits sitting in the LRU become referenced, so they are no longer evictable.
-        lru_hits = sum(1 for b in set(reclaimed) if self._ref[b] == 0)
+        lru_hits = sum(1 for b in set(reclaimed) if b not in self._ref)
         spare = len(self._lru) - lru_hits
         return need <= self._alloc.num_obtainable(enough=need - spare) + spare
 
@@ -214,16 +216,20 @@ class BlockManager:
         return ids
 
     def _ref_inc(self, b: int) -> None:
-        if self._ref[b] == 0:
+        n = self._ref.get(b, 0)
+        if n == 0:
             self._lru.pop(b, None)
             self._num_referenced += 1
-        self._ref[b] += 1
+        self._ref[b] = n + 1
 
     def _ref_dec(self, b: int, to_release: list[int] | None = None) -> None:
         """Drop a reference; an unreferenced block is cached if registered, else released
         (now, or appended to `to_release` for the caller to release in one go)."""
-        self._ref[b] -= 1
-        if self._ref[b] == 0:
+        n = self._ref[b] - 1
+        if n:
+            self._ref[b] = n
+        else:
+            del self._ref[b]
             self._num_referenced -= 1
             if b in self._hash_of:
                 self._lru[b] = None
