@@ -398,7 +398,6 @@ class Engine:
         inp = BatchInputs(*to_device_packed([(x, torch.int64) for x in (ids, pos, lids, eids, rows)], self.device))
         kern = kernel_impl(inp.input_ids) if use_kernels(inp.input_ids, self.model.dtype) else None
         self.lora.prepare(inp.lora_ids, kern, host_ids=lids)
-        self.model.moe_impl = kern
         backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2(), kernels=kern)
         logits = self._run_model(inp, backend, kern, graphable=not all_rows and len(ids) == len(chunks))
         self._count_forward(len(ids), len(chunks), len(backend.torch_chunks))
@@ -424,9 +423,9 @@ class Engine:
             self.model.moe_impl = kern
             return self.model.forward(inp, backend, self.lora)
 
-        if self.graphs is None or not graphable or kern is None:
+        if self.graphs is None or not graphable:
             return forward()
-        bkey, lkey = backend.graph_key(), self.lora.graph_key()
+        bkey, lkey = backend.graph_key(), self.lora.graph_key()  # None off the kernel path
         if bkey is None or lkey is None:
             return forward()
         inputs = [inp.input_ids, inp.positions, inp.lora_ids, inp.expert_ids, inp.logits_rows,
