@@ -18,6 +18,10 @@ IMPLS = ("triton", "torch")
 # is decorated (when kernels/ is imported), so a later change of the variable could not switch
 # the kernels anyway; and reading os.environ costs about a microsecond on every kernel call.
 _INTERPRETER_ON = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if _INTERPRETER_ON:
+    from kernels import _interpreter_fix
+
+    _interpreter_fix.apply()
 
 
 def interpreter_on() -> bool:
