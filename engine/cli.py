@@ -64,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="plan / act / reflect agents on one trajectory, per cache mode")
     _common(d, steps=6, max_tokens=16)
     d.add_argument("--quiet", action="store_true", help="no per-turn progress lines")
-    d.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps from CUDA graphs (GPU, half precision; opt-in for now)")
+    graphs = d.add_mutually_exclusive_group()
+    graphs.add_argument("--cuda-graphs", action="store_true",
+                        help="replay decode steps from CUDA graphs (the default on a GPU)")
+    graphs.add_argument("--eager", action="store_true",
+                        help="decode eagerly, without CUDA graphs (also VMWEAVE_CUDA_GRAPHS=0)")
     f = sub.add_parser("fidelity", help="each shared cache mode vs non_shared (KL, greedy agreement)")
     _common(f, steps=6, max_tokens=8)
     f.add_argument("--quiet", action="store_true", help="no per-turn progress lines")
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ESFT adapter counts for the MoE table (empty: skip it)")
     b.add_argument("--only", choices=("modes", "esft"), default=None, help="run one of the two tables")
     b.add_argument("--small", action="store_true", help="tiny models instead (CPU smoke run)")
-    b.add_argument("--eager", action="store_true", help="decode eagerly, without CUDA graphs (on by default here)")
+    b.add_argument("--eager", action="store_true", help="decode eagerly, without CUDA graphs (the default on a GPU)")
     return p
 
 
@@ -128,7 +131,7 @@ def cmd_demo(args, say) -> int:
             + f"; {args.steps} turns x ({args.prompt_len} prompt + {args.max_tokens} generated) tokens")
         # One untimed turn first so one-time costs (kernel compilation, allocator start-up) are
         # not charged to whichever mode happens to run first.
-        graphs = args.cuda_graphs or None
+        graphs = True if args.cuda_graphs else False if args.eager else None
         warm = open_engine(args.model, "non_shared", args.device, agents, esft, args.max_kv_bytes, args.dtype,
                            cuda_graphs=graphs)
         run_trajectory(warm, turns[:1], min(2, args.max_tokens))

@@ -71,11 +71,17 @@ def test_demo_modes_flag_and_own_adapters(tmp_path, capsys):
     assert list(rows) == ["non_shared", "base_shared"]
 
 
-def test_demo_cuda_graphs_flag_is_accepted_on_cpu(capsys):
-    # graphs are a GPU feature: on CPU the flag is accepted and the demo runs as without it
-    assert main(["demo", *SMALL, "--modes", "non_shared", "--cuda-graphs"]) == 0
+@pytest.mark.parametrize("flag", ["--cuda-graphs", "--eager"])
+def test_demo_cuda_graphs_flags_are_accepted_on_cpu(capsys, flag):
+    # graphs are a GPU feature: on CPU either flag is accepted and the demo runs as without it
+    assert main(["demo", *SMALL, "--modes", "non_shared", flag]) == 0
     rows = _table(capsys.readouterr().out, "mode")
     assert list(rows) == ["non_shared"] and _num(rows["non_shared"][0]) > 0
+
+
+def test_demo_graph_flags_exclude_each_other():
+    with pytest.raises(SystemExit):
+        main(["demo", *SMALL, "--cuda-graphs", "--eager"])
 
 
 @pytest.mark.parametrize("argv, msg", [

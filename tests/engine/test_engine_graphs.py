@@ -278,16 +278,16 @@ def test_engine_graphs_forget_on_adapter_change(loras, device, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_engine_cuda_graphs_opt_in_on_gpu(loras, monkeypatch):
+def test_engine_cuda_graphs_on_by_default_on_gpu(loras, monkeypatch):
     monkeypatch.delenv("VMWEAVE_CUDA_GRAPHS", raising=False)
-    eng = Engine.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16, cuda_graphs=True)
+    eng = Engine.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16)
     assert isinstance(eng.graphs, StepGraphs) and not eng.graphs.emulate
     _decode_run(eng, [None, None], [9, 11], [6, 6])
     assert eng.stats()["graph_replays"] >= 3
-    assert Engine.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16).graphs is None
-    monkeypatch.setenv("VMWEAVE_CUDA_GRAPHS", "1")
-    assert Engine.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16).graphs is not None
     assert Engine.from_pretrained("tiny", device="cuda", cuda_graphs=False).graphs is None
+    monkeypatch.setenv("VMWEAVE_CUDA_GRAPHS", "0")
+    assert Engine.from_pretrained("tiny", device="cuda", dtype=torch.bfloat16).graphs is None
+    assert Engine.from_pretrained("tiny", device="cuda", cuda_graphs=True).graphs is not None
 
 
 def test_engine_has_no_graphs_on_cpu():
