@@ -125,6 +125,59 @@ def decode_sweep(cases, quick: bool, log) -> list[dict]:
     return rows
 
 
+class _NoLaunch:
+    """Stands in for `_split_reduce`: a launch that does nothing (to time the main kernel alone)."""
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: None
+
+
+def split_sweep(cases, log) -> list[dict]:
+    """Split-KV decode: the default against SDPA, the main kernel alone (what the split reduce
+    costs), then every split count (1 .. 96) under tiles × warps × stages (1 included)."""
+    rows = []
+    for batch, ctx in cases:
+        k, v, tables = paged_cache(batch, ctx)
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+        sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+        kvb = 2 * batch * ctx * HKV * D * 2
+        kc = [k[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables]
+        vc = [v[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables]
+        q4 = q.view(batch, HQ, 1, D)
+        sd = [lambda i=i: F.scaled_dot_product_attention(q4, kc[i], vc[i], scale=SCALE, enable_gqa=True)
+              for i in range(len(tables))]
+        t_sdpa = graph_ms(sd)
+        del kc, vc
+        fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
+               for t in tables]
+        t_def = graph_ms(fns)
+        real, attn._split_reduce = attn._split_reduce, _NoLaunch()
+        try:
+            t_main = graph_ms(fns)
+        finally:
+            attn._split_reduce = real
+        r = dict(kind="split_default", batch=batch, ctx=ctx, sdpa_ms=t_sdpa, graph_ms=t_def, main_only_ms=t_main,
+                 kv_bytes=kvb)
+        rows.append(r)
+        log(r)
+        counts = [c for c in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96) if c <= max(1, ctx // 64)]
+        for bn, w, st, sp in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), counts):
+            try:
+                with Override((16, bn, w, st), sp):
+                    r = dict(kind="split", batch=batch, ctx=ctx, bn=bn, warps=w, stages=st, splits=sp,
+                             graph_ms=graph_ms(fns, reps=10), vs_sdpa=None)
+                r["vs_sdpa"] = r["graph_ms"] / t_sdpa
+            except Exception as e:  # noqa: BLE001 - out of shared memory etc.: record, go on
+                r = dict(kind="split", batch=batch, ctx=ctx, bn=bn, warps=w, stages=st, splits=sp,
+                         error=str(e)[:200])
+            rows.append(r)
+            log(r)
+        del k, v, tables
+        torch.cuda.empty_cache()
+    return rows
+
+
 def lora_sweep(cases, log) -> list[dict]:
     """Flash-LoRA decode against paged decode (both at the default config) and under other
     accumulator paddings / tiles, r = 8 and 64."""
@@ -226,7 +279,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tune.json")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--what", default="decode,lora,prefill")
+    ap.add_argument("--what", default="decode,lora,prefill", help="comma list of decode, splits, lora, prefill")
     ap.add_argument("--prefill-cases", default="16x1024,4x4096,1x16384", help="BATCHxSEQ,...")
     args = ap.parse_args()
     rows: list[dict] = []
@@ -240,6 +293,8 @@ def main() -> None:
     if "decode" in what:
         rows += decode_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096), (64, 32768)],
                              args.quick, log)
+    if "splits" in what:
+        rows += split_sweep([(16, 4096), (1, 32768), (1, 4096), (16, 8192), (4, 8192)], log)
     if "lora" in what:
         rows += lora_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096)], log)
     if "prefill" in what:

@@ -89,7 +89,8 @@ DECODE_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits)
     (torch.float16, 6, 2, 16, 32, [70, 5, 33], 3),
     (torch.float32, 3, 3, 64, 24, [29, 48], 2),
     (torch.bfloat16, 8, 1, 32, 16, [61], 4),
-    (torch.float32, 4, 2, 16, 16, [300, 5, 0], 37),  # > 16 splits: the reduce loops; empty splits
+    (torch.float32, 4, 2, 16, 16, [300, 5, 0], 37),  # many splits in one reduce pass; empty splits
+    (torch.float32, 8, 2, 16, 16, [2000, 7], 130),  # > 64 splits: the reduce's online pass loops
     (torch.float16, 4, 1, 16, 256, [301, 9], 2),     # the largest block size: one block, many tiles
     (torch.bfloat16, 4, 2, 32, 2, [37, 1, 66], 3),    # blocks below a tile (an engine may use them)
 ]

@@ -111,6 +111,21 @@ def test_swapped_tuning_function_is_not_served_a_stale_plan(device, rng_seed, pl
     assert plan_misses() == 2
 
 
+@pytest.mark.parametrize("batch, hkv, ctx, block_n, want", [
+    (16, 8, 4096, 64, 2),      # 128 programs on 132 SMs: ~2 per SM
+    (1, 8, 32768, 128, 32),    # 264 // 8 = 33, rounded down to a power of two
+    (4, 8, 8192, 128, 8),
+    (1, 8, 4096, 128, 16),     # capped: at least 2 tiles per split
+    (64, 8, 4096, 64, 1),      # the batch fills the GPU twice over: no split
+    (1, 1, 100, 64, 1),        # too few tiles to split
+])
+def test_default_splits_about_two_programs_per_sm(monkeypatch, batch, hkv, ctx, block_n, want):
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    got = A._default_splits(batch, hkv, ctx, block_n, torch.device("cpu"))
+    assert got == want and got & (got - 1) == 0
+
+
 # Each variation changes one thing the plan is computed from, relative to decode_case()'s defaults.
 DECODE_VARIATIONS = {
     "base": {},
