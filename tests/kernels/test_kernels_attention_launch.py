@@ -364,3 +364,26 @@ def test_bad_lora_input_raises_before_any_launch(device, rng_seed, monkeypatch, 
                 block_tables=table, seq_lens=seq_lens, scale=0.3, out=poisoned_like(q),
                 validate=False)
     _assert_rejected_after_warm_plan(flash_lora_decode, args, change, exc, msg, monkeypatch)
+
+
+@pytest.mark.parametrize("batch, ctx, splits, block_n", [
+    (16, 4096, 2, 128),   # 2 splits of 2048 keys: the long-context (wide) tiles
+    (1, 4096, 32, 64),    # 32 splits of 128 keys: short tiles, more splits
+    (48, 4096, 1, 64),    # 384 programs: no split, short tiles
+    (1, 32768, 32, 128),  # a long context: wide tiles whatever the split
+])
+def test_decode_plan_picks_tiles_from_keys_per_split(monkeypatch, batch, ctx, splits, block_n):
+    """The plan a GPU launch would get (interpreter off, 132 SMs), read off shapes alone (meta
+    tensors: a plan never reads values)."""
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    hq, hkv, d, bs = 32, 8, 128, 16
+    nblk = batch * ctx // bs
+    k = torch.empty(nblk, bs, hkv, d, dtype=torch.bfloat16, device="meta")
+    q = torch.empty(batch, hq, d, dtype=torch.bfloat16, device="meta")
+    bt = torch.empty(batch, ctx // bs, dtype=torch.int32, device="meta")
+    key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=batch, block_tables=bt, lora=None,
+                        s2=None, max_seqlen_q=None, num_splits=None)
+    plan = A._launch_plan(key)
+    assert plan.meta["BLOCK_N"] == block_n and plan.grid[1] == hkv * splits
+    assert plan.meta["SPLIT"] == (splits > 1)
