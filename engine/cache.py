@@ -48,6 +48,47 @@ class SessionCache:
     sharded: dict = field(default_factory=dict)  # ("kv", ...) key -> ShardedStream (S2 layers)
 
 
+class AgentTable(dict):
+    """The registered agents by name; `version` changes with every insertion or removal, so what
+    is derived from the set (each agent's stream keys) can be cached against it."""
+
+    version = 0
+
+    def _bump(self) -> None:
+        self.version = AgentTable.version = AgentTable.version + 1  # unique across tables too
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._bump()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._bump()
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self._bump()
+        return out
+
+    def popitem(self):
+        out = super().popitem()
+        self._bump()
+        return out
+
+    def setdefault(self, key, default=None):
+        out = super().setdefault(key, default)
+        self._bump()
+        return out
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._bump()
+
+    def clear(self) -> None:
+        super().clear()
+        self._bump()
+
+
 class KVManager:
     def __init__(self, config: ModelConfig, mode: str, block_size: int, budget_bytes: int, device, dtype,
                  prefix_caching: bool = True):
@@ -59,7 +100,8 @@ class KVManager:
         self.page_pool = make_page_pool(device, budget_bytes, config.num_layers)
         self.pools: dict[str, BlockPool] = {}
         self.sessions: dict[int, SessionCache] = {}
-        self.agents: dict[str, Agent] = {}  # the registered agents (shared modes write for all)
+        self.agents: dict[str, Agent] = AgentTable()  # the registered agents (shared modes write for all)
+        self._keys: dict = {}  # (agent, agents.version) -> stream_keys(agent): asked ~20 times a step
         self.uids: dict[str | None, int] = {None: 0}  # agent -> registration id (content-hash namespace)
         sparse = s2_layers(config)
         self.s2: ShardedKV | None = None
@@ -99,7 +141,17 @@ class KVManager:
         return agent if self.mode == "non_shared" else None
 
     def stream_keys(self, agent: str | None) -> list[tuple]:
-        """Every stream a chunk processed by `agent` writes (in shared modes: for all agents)."""
+        """Every stream a chunk processed by `agent` writes (in shared modes: for all agents).
+        The list is shared between calls: do not modify it."""
+        ck = (agent, self.agents.version)
+        keys = self._keys.get(ck)
+        if keys is None:
+            if len(self._keys) > 4096:  # old versions' entries
+                self._keys.clear()
+            keys = self._keys[ck] = self._stream_keys(agent)
+        return keys
+
+    def _stream_keys(self, agent: str | None) -> list[tuple]:
         if self.mode == "non_shared":
             return [("kv", agent)]
         if self.mode == "full_shared":
@@ -121,6 +173,8 @@ class KVManager:
         return max(a.v_rank for a in self.agents.values())
 
     def _pool_for(self, key: tuple) -> BlockPool:
+        if key[0] == "kv":  # the common case, without the rank lookup
+            return self.pool("kv")
         return self.pool(key[0], self.lr_rank(key) if key[0] == "lr" else 0)
 
     def state(self, sid: int) -> SessionCache:

@@ -282,3 +282,27 @@ def test_slots_outside_the_reserved_tokens_raise(device):
         with pytest.raises(ValueError, match="outside"):
             s.slots(a, b)
     pool.close()
+
+
+@pytest.mark.parametrize("mode", ["base_shared", "base_lr_shared"])
+def test_stream_keys_follow_the_agent_set(mode):
+    """The per-agent stream keys are cached against the agent table's version: every insertion
+    or removal must show in the next answer."""
+    from engine.builtin import builtin_weights
+    from engine.cache import Agent, AgentTable, KVManager
+
+    config, _ = builtin_weights("tiny", torch.device("cpu"), torch.float32, 0)
+    kv = KVManager(config, mode, 16, 1 << 20, torch.device("cpu"), torch.float32)
+    assert isinstance(kv.agents, AgentTable)
+    assert kv.stream_keys(None) == [("kv", None)]
+    kv.agents["plan"] = Agent("plan", v_rank=8)
+    lr_plan = ("lr", "plan") if mode == "base_shared" else ("lr", None)
+    assert kv.stream_keys(None) == [("kv", None), lr_plan]
+    kv.agents["act"] = Agent("act", k_lora=True, v_rank=4)
+    keys = kv.stream_keys("act")
+    assert ("k", "act") in keys and lr_plan in keys
+    assert (("lr", "act") in keys) == (mode == "base_shared")
+    kv.agents.pop("act")
+    assert kv.stream_keys("act") == [("kv", None), lr_plan]
+    del kv.agents["plan"]
+    assert kv.stream_keys(None) == [("kv", None)]
