@@ -208,10 +208,14 @@ class PagedAttention:
         # the S2 layers' streams (created by the scheduler's reservation)
         self.s2_streams = [kv.sessions[ch.sid].sharded[k] for ch, k in zip(chunks, self.kv_keys)] \
             if self.sharded else []
-        self.k_agents = [a for a in kv._sorted() if a.k_lora] if kv.shared else []
-        self.lr_keys = [k for k in kv.stream_keys(None) if k[0] == "lr"] if kv.shared else []
+        # what follows from the agent set alone is cached by the KVManager until it changes
+        self.k_agents = kv.derived("k_agents", lambda: [a for a in kv._sorted() if a.k_lora]) \
+            if kv.shared else []
+        self.lr_keys = kv.derived("lr_keys", lambda: [k for k in kv.stream_keys(None) if k[0] == "lr"]) \
+            if kv.shared else []
         # which adapter owns each low-rank stream: part of the key of the stacked A (see _lr_a)
-        self._lr_owners = tuple((k, self._lr_owner(k).lora_id) for k in self.lr_keys)
+        self._lr_owners = kv.derived("lr_owners", lambda: tuple((k, self._lr_owner(k).lora_id)
+                                                                 for k in self.lr_keys))
         uploads = _Uploads()
         self.writes = self._plan_writes(uploads)
         self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan(uploads)
@@ -345,7 +349,8 @@ class PagedAttention:
         """Every registered agent whose low-rank V lives in `pool`, in name order: the rows of
         the pool's Flash-LoRA B stack (the same for every forward while the agents stay)."""
         r = pool.token_shape[0]  # base_shared keeps one low-rank pool per rank
-        return [a for a in self.kv._sorted() if a.v_rank and (self.kv.mode != "base_shared" or a.v_rank == r)]
+        return self.kv.derived(("pool_agents", pool.name), lambda: [
+            a for a in self.kv._sorted() if a.v_rank and (self.kv.mode != "base_shared" or a.v_rank == r)])
 
     # ---- what is derived from the adapters, kept across forwards -------------------------------
     def _lora_b(self, agents: list[Agent], layer: int, pool) -> torch.Tensor:

@@ -19,6 +19,7 @@ window blocks of the S2 layers that the other session may already have given bac
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -101,7 +102,7 @@ class KVManager:
         self.pools: dict[str, BlockPool] = {}
         self.sessions: dict[int, SessionCache] = {}
         self.agents: dict[str, Agent] = AgentTable()  # the registered agents (shared modes write for all)
-        self._keys: dict = {}  # (agent, agents.version) -> stream_keys(agent): asked ~20 times a step
+        self._derived: dict = {}  # (name, agents.version) -> a value derived from the agent set
         self.uids: dict[str | None, int] = {None: 0}  # agent -> registration id (content-hash namespace)
         sparse = s2_layers(config)
         self.s2: ShardedKV | None = None
@@ -143,13 +144,20 @@ class KVManager:
     def stream_keys(self, agent: str | None) -> list[tuple]:
         """Every stream a chunk processed by `agent` writes (in shared modes: for all agents).
         The list is shared between calls: do not modify it."""
-        ck = (agent, self.agents.version)
-        keys = self._keys.get(ck)
-        if keys is None:
-            if len(self._keys) > 4096:  # old versions' entries
-                self._keys.clear()
-            keys = self._keys[ck] = self._stream_keys(agent)
-        return keys
+        return self.derived(("stream_keys", agent), lambda: self._stream_keys(agent))
+
+    def derived(self, name, build: Callable[[], object]):
+        """`build()`, a value derived from the registered agents alone, cached until the agent
+        set changes (a decode step asks for stream keys and agent lists ~20 times). Callers
+        must not modify what it returns."""
+        key = (name, self.agents.version)
+        try:
+            return self._derived[key]
+        except KeyError:
+            if len(self._derived) > 4096:  # entries of earlier agent sets
+                self._derived.clear()
+            out = self._derived[key] = build()
+            return out
 
     def _stream_keys(self, agent: str | None) -> list[tuple]:
         if self.mode == "non_shared":
@@ -165,7 +173,7 @@ class KVManager:
         return keys
 
     def _sorted(self) -> list[Agent]:
-        return [self.agents[n] for n in sorted(self.agents)]
+        return self.derived("sorted", lambda: [self.agents[n] for n in sorted(self.agents)])
 
     def lr_rank(self, key: tuple) -> int:
         if key[1] is not None:
