@@ -141,15 +141,17 @@ class DecoderModel:
         c, w = self.config, self.layers[li]
         logits = F.linear(x, w["router"])
         w13, w2 = w["w13"], w["w2"]
-        if self.moe_impl is not None and self.esft is not None:
+        if self.moe_impl is not None:
             from kernels import router_topk
 
-            # ExpertWeave: softmax, top-k, renormalisation and the reroute of each token to its
-            # adapter's experts in one launch (no separate reroute kernel)
-            emap, w13, w2 = self.esft.tables(li)
-            topw, topi = router_topk(logits, c.top_k, renormalize=c.norm_topk_prob,
-                                     adapter_ids=inp.expert_ids, expert_map=emap, validate=False,
-                                     impl=self.moe_impl)
+            # softmax, top-k and renormalisation in one launch (torch takes four), and with
+            # ExpertWeave the reroute of each token to its adapter's experts in the same one
+            reroute = {}
+            if self.esft is not None:
+                emap, w13, w2 = self.esft.tables(li)
+                reroute = dict(adapter_ids=inp.expert_ids, expert_map=emap)
+            topw, topi = router_topk(logits, c.top_k, renormalize=c.norm_topk_prob, validate=False,
+                                     impl=self.moe_impl, **reroute)
             topw = topw.to(x.dtype)
         else:
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)

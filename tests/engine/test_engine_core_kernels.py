@@ -111,6 +111,34 @@ def test_kernel_path_equals_torch_path(mode, names, adapters, device, monkeypatc
         assert any(c.startswith("flash_lora") for c in calls)
 
 
+def test_moe_kernel_path_equals_torch_path_without_esft(device, monkeypatch):
+    """The plain MoE model (no ESFT adapter) on the kernel path routes with kernels.router_topk
+    and runs kernels.fused_moe: the torch path's tokens and log-probs."""
+    import kernels
+    import kernels.moe as km
+
+    calls = []
+    for fn in ("router_topk", "fused_moe"):
+        orig = getattr(km, fn)
+
+        def wrapped(*a, _orig=orig, _fn=fn, **kw):
+            if os.environ.get("VMWEAVE_KERNELS") == "triton":
+                calls.append(_fn)
+            return _orig(*a, **kw)
+        monkeypatch.setattr(km, fn, wrapped)
+        monkeypatch.setattr(kernels, fn, wrapped, raising=False)
+
+    def run(dtype):
+        eng = Engine.from_pretrained("tiny-moe", cache_mode="non_shared", device=device, dtype=dtype)
+        p = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=True)
+        g = torch.Generator().manual_seed(3)
+        return [eng.generate(eng.new_session(), None, torch.randint(0, 512, (n,), generator=g).tolist(), p)
+                for n in (13, 6)]
+
+    _check_paths(device, monkeypatch, run)
+    assert "router_topk" in calls and "fused_moe" in calls
+
+
 @pytest.mark.gpu
 def test_cuda_engine_matches_cpu_engine(adapters, tmp_path):
     """The whole engine on the GPU (vmm cuda pages, fp32 torch math, ESFT store on cuda) gives the
