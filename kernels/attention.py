@@ -172,7 +172,7 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
 # callers keep them stable by padding table widths to 16 (as the engine does).
 @triton.jit(do_not_specialize=["num_splits"])
 def _attn_fwd(
-    Q, K, V, Lr, LoraB, Out, WsM, WsL, WsAcc, WsLr,
+    Q, K, V, Lr, LoraB, Out, WsM, WsL, WsAcc,
     BlockTables, LrBlockTables, SeqLens, CuQ, CuK, AdapterIds,
     qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -293,9 +293,8 @@ def _attn_fwd(
                 s2_local, s2_stride, s2_shift, is_dense,
                 HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST)
 
-        if HAS_LORA and not SPLIT:
-            # (P·L)·B_a once per program. Split partials leave it to _split_reduce, once per
-            # row on the combined P·L: B is read by a row's reduce, not by each of its splits.
+        if HAS_LORA:
+            # (P·L)·B_a once per program; linear, so split partials may fold it in too.
             offs_r = tl.arange(0, R_PAD)
             b_ptrs = (LoraB + tl.maximum(adapter, 0).to(tl.int64) * stride_lba + kvh * stride_lbh
                       + offs_r[:, None] * stride_lbr + offs_d[None, :])
@@ -309,9 +308,6 @@ def _attn_fwd(
             tl.store(WsM + ws_row, m_i, mask=row_ok)
             tl.store(WsL + ws_row, l_i, mask=row_ok)
             tl.store(WsAcc + ws_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
-            if HAS_LORA:
-                offs_r = tl.arange(0, R_PAD)
-                tl.store(WsLr + ws_row[:, None] * R_PAD + offs_r[None, :], acc_lr, mask=row_ok[:, None])
         else:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             o_ptrs = Out + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + offs_d[None, :]
@@ -319,16 +315,13 @@ def _attn_fwd(
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _split_reduce(WsM, WsL, WsAcc, WsLr, LoraB, AdapterIds, Out, stride_ot, stride_oh, num_heads,
-                  num_splits, group, stride_lba, stride_lbh, stride_lbr,
-                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LORA: tl.constexpr,
-                  R_PAD: tl.constexpr, RANK: tl.constexpr):
+def _split_reduce(WsM, WsL, WsAcc, Out, stride_ot, stride_oh, num_heads, num_splits,
+                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     """Combine the split-KV partials of one (query token, head) row, BLOCK_S splits at a time
     (a fixed chunk: the split count varies with batch and context and must not recompile).
     One pass with an online max: the (max, sum, acc) loads of a chunk are independent, so a
     launch with num_splits <= BLOCK_S waits on memory once, not once per pass (on an H200 the
-    two-pass version cost 5.6 us after a 1 x 32K decode of 40 us). Flash-LoRA: the P·L partials
-    combine the same way, then (P·L)·B_a once per row, in fp32 (decode only: row = token = request)."""
+    two-pass version cost 5.6 us after a 1 x 32K decode of 40 us)."""
     row = tl.program_id(0).to(tl.int64)
     tok = row // num_heads
     h = row % num_heads
@@ -338,8 +331,6 @@ def _split_reduce(WsM, WsL, WsAcc, WsLr, LoraB, AdapterIds, Out, stride_ot, stri
     m_run = float("-inf")
     l_run = 0.0
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    offs_r = tl.arange(0, R_PAD)
-    acc_lr = tl.zeros([R_PAD], tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         smask = s0 + offs_s < num_splits
         # a written partial's max is finite (the kernel starts rows at _NEG_BIG), so m_new is too
@@ -352,17 +343,7 @@ def _split_reduce(WsM, WsL, WsAcc, WsLr, LoraB, AdapterIds, Out, stride_ot, stri
         w = tl.exp2(m - m_new)
         l_run = l_run * alpha + tl.sum(w * l, 0)
         acc = acc * alpha + tl.sum(w[:, None] * part, 0)
-        if HAS_LORA:
-            lpart = tl.load(WsLr + (base + s0 + offs_s)[:, None] * R_PAD + offs_r[None, :],
-                            mask=smask[:, None], other=0.0)
-            acc_lr = acc_lr * alpha + tl.sum(w[:, None] * lpart, 0)
         m_run = m_new
-    if HAS_LORA:
-        adapter = tl.load(AdapterIds + tok)
-        b_ptrs = (LoraB + tl.maximum(adapter, 0).to(tl.int64) * stride_lba + (h // group) * stride_lbh
-                  + offs_r[:, None] * stride_lbr + offs_d[None, :])
-        lb = tl.load(b_ptrs, mask=(offs_r[:, None] < RANK) & (adapter >= 0), other=0.0)
-        acc += tl.sum(acc_lr[:, None] * lb.to(tl.float32), 0)
     out = acc / tl.where(l_run > 0, l_run, 1.0)
     tl.store(Out + tok * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
@@ -502,10 +483,9 @@ class _LaunchPlan:
     grid: tuple[int, int, int]
     int_args: tuple[int, ...]  # the kernel's integer arguments after qk_scale, in order
     meta: dict  # constexprs and launch options; read-only
-    # Split-KV only (ws_total 0 without): the (max, sum, acc, P·L) partials' sizes in one fp32
-    # workspace (P·L: Flash-LoRA only, else 0), and `_split_reduce`'s grid, integer arguments
-    # and constexprs.
-    ws_sizes: tuple[int, int, int, int]
+    # Split-KV only (ws_total 0 without): the (max, sum, acc) partials' sizes in one fp32
+    # workspace, and `_split_reduce`'s grid, integer arguments and constexprs.
+    ws_sizes: tuple[int, int, int]
     ws_total: int
     reduce_grid: tuple[int]
     reduce_args: tuple[int, ...]
@@ -609,14 +589,12 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                 PAGED=paged, VARLEN_Q=not decode, HAS_LORA=key.lora is not None, S2=s2 is not None,
                 SPLIT=split, UPCAST=key.interpret, num_warps=warps, num_stages=stages)
     ws_rows = total_q * hq * num_splits if split else 0
-    r_cols = max(r_pad, 16) if key.lora is not None else 0
-    ws_sizes = (_round_up(ws_rows, _WS_ALIGN), _round_up(ws_rows, _WS_ALIGN), ws_rows * d, ws_rows * r_cols)
+    ws_sizes = (_round_up(ws_rows, _WS_ALIGN), _round_up(ws_rows, _WS_ALIGN), ws_rows * d)
     return _LaunchPlan(
         grid=(n_qtiles, hkv * num_splits, batch), int_args=int_args, meta=meta,
         ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if split else 0, reduce_grid=(total_q * hq,),
-        reduce_args=(key.out_strides[0], key.out_strides[1], hq, num_splits, group, *lb_args),
-        reduce_meta=dict(HEAD_DIM=d, BLOCK_S=_reduce_chunk(d), HAS_LORA=key.lora is not None,
-                         R_PAD=max(r_pad, 16), RANK=max(r, 1), num_warps=4))
+        reduce_args=(key.out_strides[0], key.out_strides[1], hq, num_splits),
+        reduce_meta=dict(HEAD_DIM=d, BLOCK_S=_reduce_chunk(d), num_warps=4))
 
 
 def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=None,
@@ -640,22 +618,22 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
     dummy = q  # pointer arguments a variant does not read
     if plan.ws_total:
         # One allocation for the three partials (views into it), not three.
-        ws_m, ws_l, ws_acc, ws_lr = torch.empty(plan.ws_total, device=q.device,
-                                                dtype=torch.float32).split_with_sizes(plan.ws_sizes)
+        ws_m, ws_l, ws_acc = torch.empty(plan.ws_total, device=q.device,
+                                         dtype=torch.float32).split_with_sizes(plan.ws_sizes)
     else:
-        ws_m = ws_l = ws_acc = ws_lr = dummy
+        ws_m = ws_l = ws_acc = dummy
     if lora is not None:
         lr, lbt, lb, aid = lora.lr_cache, lora.lr_block_tables, lora.lora_b, lora.adapter_ids
     else:
         lr = lbt = lb = aid = dummy
     _attn_fwd[plan.grid](
-        q, k, v, lr, lb, out, ws_m, ws_l, ws_acc, ws_lr,
+        q, k, v, lr, lb, out, ws_m, ws_l, ws_acc,
         block_tables if paged else dummy, lbt, seq_lens if seq_lens is not None else dummy,
         cu_seqlens_q if cu_seqlens_q is not None else dummy,
         cu_seqlens_k if cu_seqlens_k is not None else dummy, aid,
         float(scale) * _LOG2E, *plan.int_args, **plan.meta)
     if plan.ws_total:
-        _split_reduce[plan.reduce_grid](ws_m, ws_l, ws_acc, ws_lr, lb, aid, out, *plan.reduce_args,
+        _split_reduce[plan.reduce_grid](ws_m, ws_l, ws_acc, out, *plan.reduce_args,
                                         **plan.reduce_meta)
     return out
 

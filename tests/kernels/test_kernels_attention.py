@@ -388,7 +388,7 @@ from kernels import attention as A
 
 variant = sys.argv[1]
 fn = A._split_reduce if variant == "reduce" else A._attn_fwd
-ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "WsLr": "fp32", "BlockTables": "i32",
+ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32",
              "LrBlockTables": "i32", "SeqLens": "i32", "CuQ": "i32", "CuK": "i32", "AdapterIds": "i32"}
 pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
 decode = variant == "decode"
@@ -397,8 +397,7 @@ consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=64, SPARSE_BLOCK=bn, B
               LR_BLOCK_SIZE=16, RANK=64, LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=True,
               S2=True, SPLIT=decode, UPCAST=False)
 if variant == "reduce":
-    # the Flash-LoRA reduce at r = 64 with every split in one pass, as the GPU runs it
-    consts, warps = dict(HEAD_DIM=128, BLOCK_S=A._reduce_chunk(128), HAS_LORA=True, R_PAD=64, RANK=64), 4
+    consts, warps = dict(HEAD_DIM=128, BLOCK_S=16), 4
 sig = {}
 for name in fn.arg_names:
     if name in consts:
