@@ -401,10 +401,10 @@ def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: i
         # Small tiles so that CPU tests with short sequences still cross many tiles.
         bm, bn, warps, stages = (16 if decode else 32), 16, 4, 1
     elif decode:
-        # Flash-LoRA takes the same tiles as paged decode (H200, with ~2 programs per SM: at
-        # 1 × 4K 64-key tiles 13.7 us vs 14.9 at r = 8, 14.7 vs 15.9 at r = 64; at 64 × 4K
-        # 0.253 vs 0.260 ms; splits of 2048+ keys get the wide tiles from _launch_plan).
-        bm, bn = 16, max(16, min(128, (128 if long else 64) * 128 // head_dim))
+        # Flash-LoRA keeps the long-context tiles at every length: with 64-key tiles its second
+        # accumulator costs 1.3-1.5× paged decode, with 128 1.01-1.12× (r = 8, batch 1-64).
+        wide = long or r_pad > 0
+        bm, bn = 16, max(16, min(128, (128 if wide else 64) * 128 // head_dim))
         warps, stages = 4, 2
     else:
         if head_dim <= 128:
