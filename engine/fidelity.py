@@ -474,7 +474,7 @@ def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, 
     the end. With `warmup`, every (length, mode) first runs the identical pass untimed on its own
     engine, so no measured step pays a compile the same shapes need (without it, the first mode
     of each kernel family to reach a length paid them inside its TPOT). `cuda_graphs`: decode
-    steps replayed from CUDA graphs (opt-in for an Engine, on here by default) or run eagerly. Each pass is
+    steps replayed from CUDA graphs (an Engine's default on a GPU) or run eagerly. Each pass is
     a new engine, so its graphs are captured inside the measured round (on a decode key's second
     step): the mean TPOT includes captures, the median step does not.
     """
