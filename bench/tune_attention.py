@@ -58,6 +58,25 @@ def paged_cache(batch: int, ctx: int):
     return k, v, tables
 
 
+def decode_inputs(batch: int, ctx: int):
+    """A paged decode case: (k, v, tables, q, seq_lens, out, K/V bytes read per call)."""
+    k, v, tables = paged_cache(batch, ctx)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
+    sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return k, v, tables, q, sl, torch.empty_like(q), 2 * batch * ctx * HKV * D * 2
+
+
+def sdpa_decode(q, k, v, tables) -> list:
+    """The SDPA baseline: one call per table, on contiguous [batch, Hkv, ctx, D] copies of its
+    K/V (held by the calls: drop the list to free them)."""
+    batch, ctx = tables[0].shape[0], tables[0].shape[1] * BS
+    kc = [k[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables]
+    vc = [v[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables]
+    q4 = q.view(batch, HQ, 1, D)
+    return [lambda i=i: F.scaled_dot_product_attention(q4, kc[i], vc[i], scale=SCALE, enable_gqa=True)
+            for i in range(len(tables))]
+
+
 class Override:
     """Pin the kernel's launch config and split count while in scope."""
 
@@ -82,21 +101,12 @@ def decode_sweep(cases, quick: bool, log) -> list[dict]:
     warps = (2, 4, 8)
     stages = (2, 3, 4) if not quick else (3,)
     for batch, ctx in cases:
-        k, v, tables = paged_cache(batch, ctx)
-        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
-        sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-        out = torch.empty_like(q)
-        kvb = 2 * batch * ctx * HKV * D * 2
-        # SDPA baseline on contiguous copies
-        kc = [k[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables]
-        vc = [v[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables]
-        q4 = q.view(batch, HQ, 1, D)
-        sd = [lambda i=i: F.scaled_dot_product_attention(q4, kc[i], vc[i], scale=SCALE, enable_gqa=True)
-              for i in range(len(tables))]
+        k, v, tables, q, sl, out, kvb = decode_inputs(batch, ctx)
+        sd = sdpa_decode(q, k, v, tables)
         base = dict(kind="sdpa", batch=batch, ctx=ctx, graph_ms=graph_ms(sd), eager_ms=eager_ms(sd), kv_bytes=kvb)
         rows.append(base)
         log(base)
-        del kc, vc
+        del sd  # frees the contiguous copies
         heur = attn._default_splits(batch, HKV, ctx, 64, q.device)
         split_opts = sorted({1, max(1, heur // 2), heur, heur * 2}) if batch * HKV < 264 else [1]
         for bn, w, st in itertools.product(bns, warps, stages):
@@ -137,18 +147,10 @@ def split_sweep(cases, log) -> list[dict]:
     costs), then every split count (1 .. 96) under tiles × warps × stages (1 included)."""
     rows = []
     for batch, ctx in cases:
-        k, v, tables = paged_cache(batch, ctx)
-        q = torch.randn(batch, HQ, D, device="cuda", dtype=DT)
-        sl = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-        out = torch.empty_like(q)
-        kvb = 2 * batch * ctx * HKV * D * 2
-        kc = [k[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables]
-        vc = [v[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables]
-        q4 = q.view(batch, HQ, 1, D)
-        sd = [lambda i=i: F.scaled_dot_product_attention(q4, kc[i], vc[i], scale=SCALE, enable_gqa=True)
-              for i in range(len(tables))]
+        k, v, tables, q, sl, out, kvb = decode_inputs(batch, ctx)
+        sd = sdpa_decode(q, k, v, tables)
         t_sdpa = graph_ms(sd)
-        del kc, vc
+        del sd
         fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
                for t in tables]
         t_def = graph_ms(fns)
