@@ -56,7 +56,7 @@ class AgentTable(dict):
     version = 0
 
     def _bump(self) -> None:
-        self.version = AgentTable.version = AgentTable.version + 1  # unique across tables too
+        self.version += 1
 
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
@@ -102,7 +102,8 @@ class KVManager:
         self.pools: dict[str, BlockPool] = {}
         self.sessions: dict[int, SessionCache] = {}
         self.agents: dict[str, Agent] = AgentTable()  # the registered agents (shared modes write for all)
-        self._derived: dict = {}  # (name, agents.version) -> a value derived from the agent set
+        self._derived: dict = {}  # name -> a value derived from the agent set of version _derived_at
+        self._derived_at = self.agents.version
         self.uids: dict[str | None, int] = {None: 0}  # agent -> registration id (content-hash namespace)
         sparse = s2_layers(config)
         self.s2: ShardedKV | None = None
@@ -150,13 +151,13 @@ class KVManager:
         """`build()`, a value derived from the registered agents alone, cached until the agent
         set changes (a decode step asks for stream keys and agent lists ~20 times). Callers
         must not modify what it returns."""
-        key = (name, self.agents.version)
+        if self._derived_at != self.agents.version:
+            self._derived.clear()
+            self._derived_at = self.agents.version
         try:
-            return self._derived[key]
+            return self._derived[name]
         except KeyError:
-            if len(self._derived) > 4096:  # entries of earlier agent sets
-                self._derived.clear()
-            out = self._derived[key] = build()
+            out = self._derived[name] = build()
             return out
 
     def _stream_keys(self, agent: str | None) -> list[tuple]:
@@ -181,8 +182,6 @@ class KVManager:
         return max(a.v_rank for a in self.agents.values())
 
     def _pool_for(self, key: tuple) -> BlockPool:
-        if key[0] == "kv":  # the common case, without the rank lookup
-            return self.pool("kv")
         return self.pool(key[0], self.lr_rank(key) if key[0] == "lr" else 0)
 
     def state(self, sid: int) -> SessionCache:

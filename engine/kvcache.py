@@ -181,6 +181,16 @@ class BlockPool(StoreOwner):
         }
 
 
+def _with_room(mirror, n: int, keep: int, empty):
+    """`mirror` (a 1-D numpy array or tensor) with room for `n` entries, its first `keep` kept:
+    capacity doubles, so growing a block at a time costs amortised O(1) copies."""
+    if n <= len(mirror):
+        return mirror
+    grown = empty(max(n, 2 * len(mirror), 16))
+    grown[:keep] = mirror[:keep]
+    return grown
+
+
 class Stream:
     """One token sequence's blocks in one pool (a block table); `length` tokens are valid.
 
@@ -217,10 +227,7 @@ class Stream:
         n, old = len(self._blocks), self._hosted
         if n < old:  # shortened in place: mirror from the start
             old = 0
-        if n > self._host.size:
-            grown = np.empty(max(n, 2 * self._host.size, 16), dtype=np.int32)
-            grown[:old] = self._host[:old]
-            self._host = grown
+        self._host = _with_room(self._host, n, old, lambda size: np.empty(size, dtype=np.int32))
         if n > old:
             self._host[old:n] = self._blocks[old:n]
         self._hosted = n
@@ -229,18 +236,15 @@ class Stream:
         return view
 
     def _sync_table(self) -> None:
-        """Make `_table[:len(blocks)]` mirror `blocks`, writing only the entries added since
-        (capacity doubles, so growing a block at a time costs amortised O(1) copies)."""
+        """Make `_table[:len(blocks)]` mirror `blocks`, writing only the entries added since."""
         n, old = len(self._blocks), self._tabled
         if n == old:
             return
         if n < old:  # the list was shortened in place: mirror it from the start
             self.blocks = list(self._blocks)
             old = 0
-        if n > self._table.numel():
-            grown = torch.empty(max(n, 2 * self._table.numel()), dtype=torch.int64, device=self.pool.device)
-            grown[:old] = self._table[:old]
-            self._table = grown
+        self._table = _with_room(self._table, n, old, lambda size: torch.empty(
+            size, dtype=torch.int64, device=self.pool.device))
         if n - old == 1:  # decode's case: a scalar fill, no host-to-device copy (which would sync)
             self._table[old] = self._blocks[old]
         else:

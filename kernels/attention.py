@@ -446,8 +446,8 @@ def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, d
 
 
 def _reduce_chunk(head_dim: int) -> int:
-    """Splits `_split_reduce` combines per pass: every split of a launch in one pass up to 64
-    (the default split count stays under that), fewer at wide heads to bound registers."""
+    """Splits `_split_reduce` combines per pass: up to 64 (one pass for the default split count
+    unless batch × KV heads is 4 or fewer), fewer at wide heads to bound registers."""
     return max(16, min(64, 8192 // head_dim))
 
 
