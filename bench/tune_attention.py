@@ -11,6 +11,7 @@ SDPA on contiguous K/V, and writes every timing as JSON. The winners go into
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ import kernels.attention as attn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import graph_time_ms as graph_ms  # noqa: E402
+from common import time_ms  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -135,6 +137,16 @@ def decode_sweep(cases, quick: bool, log) -> list[dict]:
     return rows
 
 
+@functools.lru_cache(maxsize=None)
+def copy_bw() -> float:
+    """Device copy bandwidth in bytes/s (read + write; 512 MB of bf16), measured once a run as
+    bench_attention measures it: the yardstick of the decode rows' copy_frac."""
+    x = torch.randn(256 << 20, device="cuda", dtype=DT)
+    y = torch.empty_like(x)
+    t = time_ms(lambda: y.copy_(x), warmup_ms=10.0, rep_ms=50.0)
+    return 2 * x.numel() * x.element_size() / (t * 1e-3)
+
+
 class _NoLaunch:
     """Stands in for `_split_reduce`: a launch that does nothing (to time the main kernel alone)."""
 
@@ -142,9 +154,11 @@ class _NoLaunch:
         return lambda *a, **k: None
 
 
-def split_sweep(cases, log) -> list[dict]:
-    """Split-KV decode: the default against SDPA, the main kernel alone (what the split reduce
-    costs), then every split count (1 .. 96) under tiles × warps × stages (1 included)."""
+def split_sweep(cases, log, sweep: bool = True) -> list[dict]:
+    """Split-KV decode: the default (partials combined by the last split program) against SDPA,
+    against combining in a second launch (`_split_reduce`) and against the main kernel alone
+    (the second launch made a no-op: what any combine costs); then, when `sweep`, every split
+    count (1 .. 96) under tiles × warps × stages (1 included)."""
     rows = []
     for batch, ctx in cases:
         k, v, tables, q, sl, out, kvb = decode_inputs(batch, ctx)
@@ -154,15 +168,25 @@ def split_sweep(cases, log) -> list[dict]:
         fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
                for t in tables]
         t_def = graph_ms(fns)
-        real, attn._split_reduce = attn._split_reduce, _NoLaunch()
+        fused, attn._fuse_reduce = attn._fuse_reduce, lambda device: False
         try:
-            t_main = graph_ms(fns)
+            t_two = graph_ms(fns)
+            real, attn._split_reduce = attn._split_reduce, _NoLaunch()
+            try:
+                t_main = graph_ms(fns)
+            finally:
+                attn._split_reduce = real
         finally:
-            attn._split_reduce = real
-        r = dict(kind="split_default", batch=batch, ctx=ctx, sdpa_ms=t_sdpa, graph_ms=t_def, main_only_ms=t_main,
-                 kv_bytes=kvb)
+            attn._fuse_reduce = fused
+        r = dict(kind="split_default", batch=batch, ctx=ctx, sdpa_ms=t_sdpa, graph_ms=t_def,
+                 two_launch_ms=t_two, main_only_ms=t_main, kv_bytes=kvb,
+                 copy_frac=kvb / (t_def * 1e-3) / copy_bw(), two_launch_copy_frac=kvb / (t_two * 1e-3) / copy_bw())
         rows.append(r)
         log(r)
+        if not sweep:
+            del k, v, tables
+            torch.cuda.empty_cache()
+            continue
         counts = [c for c in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96) if c <= max(1, ctx // 64)]
         for bn, w, st, sp in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), counts):
             try:
@@ -281,7 +305,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tune.json")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--what", default="decode,lora,prefill", help="comma list of decode, splits, lora, prefill")
+    ap.add_argument("--what", default="decode,lora,prefill", help="comma list of decode, splits (combine and the split sweep), combine, lora, "
+                         "prefill")
     ap.add_argument("--prefill-cases", default="16x1024,4x4096,1x16384", help="BATCHxSEQ,...")
     args = ap.parse_args()
     rows: list[dict] = []
@@ -295,8 +320,9 @@ def main() -> None:
     if "decode" in what:
         rows += decode_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096), (64, 32768)],
                              args.quick, log)
-    if "splits" in what:
-        rows += split_sweep([(16, 4096), (1, 32768), (1, 4096), (16, 8192), (4, 8192)], log)
+    if "splits" in what or "combine" in what:
+        rows += split_sweep([(16, 4096), (1, 32768), (1, 4096), (16, 8192), (4, 8192), (1, 16384)], log,
+                            sweep="splits" in what)
     if "lora" in what:
         rows += lora_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096)], log)
     if "prefill" in what:

@@ -11,7 +11,8 @@ the variant instead of copies of the kernel:
 - ``S2``: S2-attention block skipping: the key tiles a KV head reads (its strided shard plus the
   local window) are enumerated arithmetically, absent blocks are never loaded.
 - ``SPLIT``: flash-decoding: the key tiles of one (query, KV head) are split over programs that
-  write partial (max, sum, acc) rows, combined by `_split_reduce`.
+  write partial (max, sum, acc) rows, combined by the last of them to finish (``FUSE_REDUCE``,
+  decode) or by a second launch, `_split_reduce`.
 
 GQA: a program owns one KV head and packs ``tokens × group`` query rows into its M dimension,
 so every K/V tile is loaded once for the whole group. Rows are token-major because q is
@@ -172,7 +173,7 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
 # callers keep them stable by padding table widths to 16 (as the engine does).
 @triton.jit(do_not_specialize=["num_splits"])
 def _attn_fwd(
-    Q, K, V, Lr, LoraB, Out, WsM, WsL, WsAcc,
+    Q, K, V, Lr, LoraB, Out, WsM, WsL, WsAcc, SplitCounters,
     BlockTables, LrBlockTables, SeqLens, CuQ, CuK, AdapterIds,
     qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -186,6 +187,7 @@ def _attn_fwd(
     BLOCK_SIZE: tl.constexpr, LR_BLOCK_SIZE: tl.constexpr, RANK: tl.constexpr, LR_ALIGN: tl.constexpr,
     PAGED: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LORA: tl.constexpr, S2: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    FUSE_REDUCE: tl.constexpr, GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr,
 ):
     # Last query tiles first: under causality they have the most keys, so the tail is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -308,10 +310,58 @@ def _attn_fwd(
             tl.store(WsM + ws_row, m_i, mask=row_ok)
             tl.store(WsL + ws_row, l_i, mask=row_ok)
             tl.store(WsAcc + ws_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+            if FUSE_REDUCE:
+                # Decode only (one token per sequence). The last of a (sequence, KV head)'s split
+                # programs to finish combines all of them, in place of a second launch whose
+                # gap and tail cost more than the combine (see _fuse_reduce). The barrier orders
+                # every thread's partial stores before the release of the one arrival atomic.
+                tl.debug_barrier()
+                counter = SplitCounters + b * num_kv_heads + kvh
+                arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                if arrived == num_splits - 1:
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                    _combine_splits(WsM, WsL, WsAcc, Out, q_start, kvh, group, num_kv_heads,
+                                    num_splits, stride_ot, stride_oh,
+                                    HEAD_DIM, GROUP_P2, REDUCE_S)
         else:
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             o_ptrs = Out + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + offs_d[None, :]
             tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_splits(WsM, WsL, WsAcc, Out, tok, kvh, group, num_kv_heads, num_splits,
+                    stride_ot, stride_oh,
+                    HEAD_DIM: tl.constexpr, GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr):
+    """Combine the split partials of the `group` query heads of one (token, KV head), REDUCE_S
+    splits of every head per pass: one [heads, splits, D] load a pass, so the usual split
+    counts cost one round trip to L2, not one per split. Loads bypass L1 (.cg): the partials
+    were written by other SMs."""
+    offs_g = tl.arange(0, GROUP_P2)
+    offs_s = tl.arange(0, REDUCE_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < group
+    qh = kvh * group + offs_g
+    base = (tok.to(tl.int64) * num_kv_heads * group + qh) * num_splits  # [G] first partial
+    m_run = tl.full([GROUP_P2], -1.0e38, tl.float32)  # _NEG_BIG: padded heads never give NaN
+    l_run = tl.zeros([GROUP_P2], tl.float32)
+    acc = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
+    for s0 in range(0, num_splits, REDUCE_S):
+        ok = g_ok[:, None] & (s0 + offs_s < num_splits)[None, :]
+        idx = base[:, None] + s0 + offs_s[None, :]
+        m = tl.load(WsM + idx, mask=ok, other=-1.0e38, cache_modifier=".cg")
+        l = tl.load(WsL + idx, mask=ok, other=0.0, cache_modifier=".cg")
+        part = tl.load(WsAcc + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                       mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, 1))
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(m - m_new[:, None])
+        l_run = l_run * alpha + tl.sum(w * l, 1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, 1)
+        m_run = m_new
+    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
+    o_ptrs = Out + tok.to(tl.int64) * stride_ot + qh[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=g_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -445,6 +495,20 @@ def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, d
     return int(min(want, most, 128))
 
 
+def _fuse_reduce(device: torch.device) -> bool:
+    """Whether decode's split partials are combined by the last split program to finish (one
+    launch) rather than by `_split_reduce` (two). Fused on every device: the second launch's
+    gap and tail were most of what kept split decode under its bandwidth goals."""
+    return True
+
+
+def _combine_chunk(group_p2: int, head_dim: int) -> int:
+    """Splits per pass of the fused combine: its [heads, splits, D] fp32 load is bounded to 16K
+    elements (128 registers a thread at 4 warps) so that it does not spill; 32 splits of 4
+    heads at D 128 (the default split count at batch 1) take one pass."""
+    return max(1, min(64, 16384 // (group_p2 * head_dim)))
+
+
 def _reduce_chunk(head_dim: int) -> int:
     """Splits `_split_reduce` combines per pass: up to 64 (one pass for the default split count
     unless batch × KV heads is 4 or fewer), fewer at wide heads to bound registers."""
@@ -487,7 +551,8 @@ class _LaunchPlan:
     # workspace, and `_split_reduce`'s grid, integer arguments and constexprs.
     ws_sizes: tuple[int, int, int]
     ws_total: int
-    reduce_grid: tuple[int]
+    counters: int  # fused combine: arrival counters needed (one per sequence × KV head), else 0
+    reduce_grid: tuple[int] | None  # None: no `_split_reduce` launch
     reduce_args: tuple[int, ...]
     reduce_meta: dict
 
@@ -515,7 +580,7 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
     return _LaunchKey(paged, decode, batch, q.shape, q.stride(), out.stride(), k.shape, k.stride(),
                       v.stride(), (bt.shape, bt.stride()) if paged else None, lora_key, s2,
                       max_seqlen_q, num_splits, q.device, interpreter_on(),
-                      (_config, _lora_pad, _default_splits, _num_sms))
+                      (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce))
 
 
 @functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
@@ -523,7 +588,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     """The launch configuration (tiles, splits, grid, strides, constexprs) of a key: computed
     once per distinct key, so a repeated call with the same shapes only validates and launches."""
     paged, decode, batch = key.paged, key.decode, key.batch
-    config, lora_pad, default_splits, _ = key.policy  # _num_sms: called by _default_splits
+    config, lora_pad, default_splits, _, fuse_reduce = key.policy  # _num_sms: by _default_splits
     total_q, hq, d = key.q_shape
     per_head_table = paged and len(key.table[0]) == 3
     hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
@@ -549,6 +614,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
             bm, bn, warps, stages = config(d, group, decode, r_pad, sparse, long=True)
             num_splits = default_splits(batch, hkv, max_ctx, bn, key.device)
     split = num_splits > 1
+    fused = split and decode and fuse_reduce(key.device)
+    group_p2 = _next_pow2(group) if fused else 1
     n_qtiles = 1 if decode else max(1, -(-key.max_seqlen_q // (bm // group)))
 
     ks, vs = key.k_strides, key.v_strides
@@ -587,14 +654,58 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     meta = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=max(r_pad, 16), SPARSE_BLOCK=sparse_block,
                 BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size, RANK=max(r, 1), LR_ALIGN=lr_align,
                 PAGED=paged, VARLEN_Q=not decode, HAS_LORA=key.lora is not None, S2=s2 is not None,
-                SPLIT=split, UPCAST=key.interpret, num_warps=warps, num_stages=stages)
+                SPLIT=split, UPCAST=key.interpret, FUSE_REDUCE=fused, GROUP_P2=group_p2,
+                REDUCE_S=_combine_chunk(group_p2, d) if fused else 1,
+                num_warps=warps, num_stages=stages)
     ws_rows = total_q * hq * num_splits if split else 0
     ws_sizes = (_round_up(ws_rows, _WS_ALIGN), _round_up(ws_rows, _WS_ALIGN), ws_rows * d)
     return _LaunchPlan(
         grid=(n_qtiles, hkv * num_splits, batch), int_args=int_args, meta=meta,
-        ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if split else 0, reduce_grid=(total_q * hq,),
+        ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if split else 0,
+        counters=batch * hkv if fused else 0, reduce_grid=(total_q * hq,) if split and not fused else None,
         reduce_args=(key.out_strides[0], key.out_strides[1], hq, num_splits),
         reduce_meta=dict(HEAD_DIM=d, BLOCK_S=_reduce_chunk(d), num_warps=4))
+
+
+# Arrival counters of the fused split combine. Every launch leaves its counters at zero (the
+# last arrival resets its own), so one buffer zeroed once serves every later launch. One buffer
+# per (device, stream): launches running at once on two streams would count each other's
+# arrivals. Under CUDA-graph capture nothing runs, so a buffer cannot be zeroed then: a capture
+# gets its own, zeroed by a memset node at the start of the replay; like any temporary of the
+# graph it is free for other use once the replay has passed it.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+_CAPTURE_COUNTERS: list = [None, None]  # [capture id, buffer] of the latest capture
+_MIN_COUNTERS = 1 << 12  # 16 KiB: batch × KV heads of any default split launch fits
+
+
+def _capture_id(stream: int) -> int:
+    from cuda.bindings import runtime as cudart
+
+    err, _status, cid, *_ = cudart.cudaStreamGetCaptureInfo(stream)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"cudaStreamGetCaptureInfo failed: {err}")
+    return int(cid)
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least `n` arrival counters for a launch on the current stream."""
+    if device.type != "cuda":
+        stream = 0
+    else:
+        stream = torch.cuda.current_stream(device).cuda_stream
+        if torch.cuda.is_current_stream_capturing():
+            cid = _capture_id(stream)
+            cur_id, buf = _CAPTURE_COUNTERS
+            if cur_id != cid or buf.numel() < n:
+                buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+                _CAPTURE_COUNTERS[:] = [cid, buf]
+            return buf
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=None,
@@ -622,17 +733,18 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
                                          dtype=torch.float32).split_with_sizes(plan.ws_sizes)
     else:
         ws_m = ws_l = ws_acc = dummy
+    counters = _split_counters(q.device, plan.counters) if plan.counters else dummy
     if lora is not None:
         lr, lbt, lb, aid = lora.lr_cache, lora.lr_block_tables, lora.lora_b, lora.adapter_ids
     else:
         lr = lbt = lb = aid = dummy
     _attn_fwd[plan.grid](
-        q, k, v, lr, lb, out, ws_m, ws_l, ws_acc,
+        q, k, v, lr, lb, out, ws_m, ws_l, ws_acc, counters,
         block_tables if paged else dummy, lbt, seq_lens if seq_lens is not None else dummy,
         cu_seqlens_q if cu_seqlens_q is not None else dummy,
         cu_seqlens_k if cu_seqlens_k is not None else dummy, aid,
         float(scale) * _LOG2E, *plan.int_args, **plan.meta)
-    if plan.ws_total:
+    if plan.reduce_grid is not None:
         _split_reduce[plan.reduce_grid](ws_m, ws_l, ws_acc, out, *plan.reduce_args,
                                         **plan.reduce_meta)
     return out

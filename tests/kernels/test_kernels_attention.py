@@ -133,6 +133,8 @@ LORA_CASES = [  # (dtype, hq, hkv, d, bs, r, lens, adapters, num_splits)
     (torch.bfloat16, 4, 2, 16, 64, 128, [77, 12], [1, 0], 2),  # the largest rank
     (torch.bfloat16, 4, 2, 32, 2, 8, [37, 1, 66, 29], [0, -1, 1, 2], 3),  # blocks of 2, both caches
     (torch.bfloat16, 4, 2, 32, 4, 8, [45, 20], [1, 0], None),
+    # group 8 at D 128: the fused split combine takes 20 splits in two passes
+    (torch.bfloat16, 8, 1, 128, 16, 16, [301, 5], [0, -1], 20),
 ]
 
 
@@ -389,13 +391,15 @@ from kernels import attention as A
 variant = sys.argv[1]
 fn = A._split_reduce if variant == "reduce" else A._attn_fwd
 ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32",
-             "LrBlockTables": "i32", "SeqLens": "i32", "CuQ": "i32", "CuK": "i32", "AdapterIds": "i32"}
+             "LrBlockTables": "i32", "SeqLens": "i32", "CuQ": "i32", "CuK": "i32", "AdapterIds": "i32",
+             "SplitCounters": "i32"}
 pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
 decode = variant == "decode"
 bm, bn, warps, stages = A._config(128, 4, decode, 64, None)  # the GPU config, LoRA at r = 64
 consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=64, SPARSE_BLOCK=bn, BLOCK_SIZE=16,
               LR_BLOCK_SIZE=16, RANK=64, LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=True,
-              S2=True, SPLIT=decode, UPCAST=False)
+              S2=True, SPLIT=decode, UPCAST=False, FUSE_REDUCE=decode, GROUP_P2=4,
+              REDUCE_S=A._combine_chunk(4, 128))
 if variant == "reduce":
     consts, warps = dict(HEAD_DIM=128, BLOCK_S=16), 4
 sig = {}

@@ -281,6 +281,30 @@ def test_split_partials_share_one_aligned_workspace(device, rng_seed, monkeypatc
     assert ws_l.data_ptr() + rows * 4 <= ws_acc.data_ptr()
 
 
+# ---------------------------------------------------------------- combining split partials
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "second-launch"])
+@pytest.mark.parametrize("hq, hkv, d, splits, lens", [
+    (4, 2, 32, 3, (37, 5, 50)),  # a short sequence: some splits hold no tile at all
+    (6, 2, 16, 5, (75, 0, 1)),  # group 3 (padded to 4 in the combine); empty and length-1
+    (8, 1, 128, 19, (301,)),  # group 8 at D 128: 16 splits a pass, so the combine takes two
+])
+def test_split_partials_combine_fused_or_in_a_second_launch(device, rng_seed, monkeypatch, fused,
+                                                            hq, hkv, d, splits, lens):
+    """Both ways of combining the split-KV partials give the reference; the fused one launches
+    nothing after the main kernel and leaves its arrival counters at zero for the next launch,
+    which a repeat on fresh data (the same counters) checks."""
+    monkeypatch.setattr(A, "_fuse_reduce", lambda device: fused)
+    reduce = _RecordingLauncher(A._split_reduce)
+    monkeypatch.setattr(A, "_split_reduce", reduce)
+    for _ in range(2):
+        q, k, v, table, seq_lens = decode_case(device, lens=lens, hq=hq, hkv=hkv, d=d)
+        run_decode(q, k, v, table, seq_lens, num_splits=splits)
+    assert len(reduce.calls) == (0 if fused else 2)
+    if fused:
+        counters = A._split_counters(torch.device(device), len(lens) * hkv)
+        assert int(counters.abs().sum()) == 0
+
+
 # ---------------------------------------------------------------- bad input, warm cache
 def _no_launch(*args, **kwargs):
     raise AssertionError("a rejected call reached a kernel launch")
@@ -387,3 +411,41 @@ def test_decode_plan_picks_tiles_from_keys_per_split(monkeypatch, batch, ctx, sp
     plan = A._launch_plan(key)
     assert plan.meta["BLOCK_N"] == block_n and plan.grid[1] == hkv * splits
     assert plan.meta["SPLIT"] == (splits > 1)
+
+
+# ---------------------------------------------------------------- GPU: fused combine under load
+@pytest.mark.gpu
+def test_gpu_fused_combine_in_a_cuda_graph_and_back_to_back(rng_seed):
+    """The fused combine's arrival counters on a real GPU: a split decode captured in a CUDA
+    graph (its own counters, zeroed by the graph) replays right on fresh data each time, eager
+    launches on the same stream before and after it stay right, and 50 back-to-back launches at
+    128 splits (where a missing memory fence would let a combine read a stale partial) all
+    match the reference."""
+    device = "cuda"
+    q, k, v, table, seq_lens = decode_case(device, lens=(4099, 1, 2500), hq=32, hkv=8, d=128,
+                                           dtype=torch.bfloat16)
+    ref = paged_attention_decode_ref(q, k, v, table, seq_lens, 0.3)
+    out = poisoned_like(q)
+    paged_attention_decode(q, k, v, table, seq_lens, 0.3, out=out, num_splits=16)  # warm-up
+    check(out, ref)
+    graph = torch.cuda.CUDAGraph()
+    out.fill_(float("nan"))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph, stream=s):
+            paged_attention_decode(q, k, v, table, seq_lens, 0.3, out=out, num_splits=16,
+                                   validate=False)  # value checks sync: not under capture
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        graph.replay()
+        check(out, paged_attention_decode_ref(q, k, v, table, seq_lens, 0.3))
+        run_decode(q, k, v, table, seq_lens, num_splits=16)
+    outs = [poisoned_like(q) for _ in range(50)]
+    for o in outs:
+        paged_attention_decode(q, k, v, table, seq_lens, 0.3, out=o, num_splits=128)
+    ref = paged_attention_decode_ref(q, k, v, table, seq_lens, 0.3)
+    for o in outs:
+        check(o, ref)
