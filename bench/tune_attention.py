@@ -307,6 +307,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--what", default="decode,lora,prefill", help="comma list of decode, splits (combine and the split sweep), combine, lora, "
                          "prefill")
+    ap.add_argument("--split-cases", default="16x4096,1x32768,1x4096,16x8192,4x8192,1x16384",
+                    help="BATCHxCTX,... for splits / combine")
     ap.add_argument("--prefill-cases", default="16x1024,4x4096,1x16384", help="BATCHxSEQ,...")
     args = ap.parse_args()
     rows: list[dict] = []
@@ -321,8 +323,8 @@ def main() -> None:
         rows += decode_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096), (64, 32768)],
                              args.quick, log)
     if "splits" in what or "combine" in what:
-        rows += split_sweep([(16, 4096), (1, 32768), (1, 4096), (16, 8192), (4, 8192), (1, 16384)], log,
-                            sweep="splits" in what)
+        cases = [tuple(int(x) for x in c.split("x")) for c in args.split_cases.split(",")]
+        rows += split_sweep(cases, log, sweep="splits" in what)
     if "lora" in what:
         rows += lora_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096)], log)
     if "prefill" in what:
