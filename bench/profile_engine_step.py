@@ -11,6 +11,8 @@ which every session decodes with a different agent. Two paths:
   kernel replaced by a stand-in that returns an empty tensor of the right shape, so what is left
   is the engine's own host work (what bounds TPOT on a GPU when the engine runs eagerly); the
   stand-ins count the kernel calls a step makes (each a Triton launch or two on a GPU);
+- graph: the kernel path as a CUDA graph leaves it: the forward is not run at all (a replay is
+  one launch), its graph key and inputs are; what is left is the host planning around a graph;
 - torch: the torch path as is (CPU math included).
 
 Prints the median host time per decode step per (mode, path) and the aten ops one decode step
@@ -180,13 +182,38 @@ def decode_round(eng, ss, cfg, tokens: int, profiler=None) -> list[float]:
     return times
 
 
+@contextlib.contextmanager
+def planning_only():
+    """The kernel path with the model's forward itself replaced by what a CUDA-graph replay
+    leaves on the host: the graph key and the input list are computed, the forward is not (a
+    replay is one launch). What is left is the step's host planning around the graph."""
+    import engine.engine as eng_mod
+
+    real = eng_mod.Engine._run_model
+
+    def run_model(self, inp, backend, kern, graphable):
+        if not graphable or backend.graph_key() is None or self.lora.graph_key() is None:
+            return real(self, inp, backend, kern, graphable)
+        self.lora.step_state()
+        [inp.input_ids, inp.positions, *self.lora.graph_inputs(), *backend.graph_inputs()]
+        return torch.zeros(inp.logits_rows.shape[0], self.config.vocab_size)
+
+    with stand_in_kernels():
+        eng_mod.Engine._run_model = run_model
+        try:
+            yield
+        finally:
+            eng_mod.Engine._run_model = real
+
+
 def measure(mode: str, path: str, args, tmp: str) -> tuple[float, OpCounter]:
-    ctx = stand_in_kernels() if path == "kernel" else contextlib.nullcontext()
+    ctx = (stand_in_kernels() if path == "kernel" else planning_only() if path == "graph"
+           else contextlib.nullcontext())
     with ctx:
         eng, ss, cfg = build(mode, args.layers, tmp, args.sessions, args.context)
         decode_round(eng, ss, cfg, 4)  # warm
         ops = count_ops(eng, ss, cfg)
-        prof = cProfile.Profile() if args.profile and path == "kernel" else None
+        prof = cProfile.Profile() if args.profile and path in ("kernel", "graph") else None
         times = decode_round(eng, ss, cfg, args.tokens, prof)
     if prof is not None:
         buf = io.StringIO()
@@ -221,7 +248,7 @@ def main() -> None:
                       f"({1e3 * med / args.layers:.3f} ms / layer), {ops.total()} aten ops / step"
                       + (f", {sum(ops.kernels.values())} kernel calls / step "
                          f"({', '.join(f'{n} {c}' for n, c in sorted(ops.kernels.items()))})"
-                         if path == "kernel" else ""), flush=True)
+                         if path != "torch" else ""), flush=True)
 
 
 if __name__ == "__main__":

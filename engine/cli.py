@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, default=4, help="layers of the Llama-3.1-8B-shaped model")
     b.add_argument("--decode-tokens", type=int, default=16, help="tokens each agent decodes per turn")
     b.add_argument("--sessions", type=int, default=4, help="trajectories decoded together")
+    b.add_argument("--repeats", type=int, default=1,
+                   help="measured passes per (length, mode), modes interleaved; the median is shown")
     b.add_argument("--modes", default=",".join(MODES), type=_modes, help="comma list of cache modes")
     b.add_argument("--esft-counts", default="1,5,20",
                    help="ESFT adapter counts for the MoE table (empty: skip it)")
@@ -204,14 +206,16 @@ def cmd_bench(args, say) -> int:
     counts = ints(args.esft_counts, "--esft-counts")
     if any(n < 1 for n in counts):
         raise SystemExit("vmweave: --esft-counts must be >= 1")
-    if not lengths or min(lengths) < 8 or args.layers < 1 or args.decode_tokens < 2 or args.sessions < 1:
-        raise SystemExit("vmweave: need --lengths >= 8, --layers >= 1, --decode-tokens >= 2, --sessions >= 1")
+    if not lengths or min(lengths) < 8 or args.layers < 1 or args.decode_tokens < 2 or args.sessions < 1 \
+            or args.repeats < 1:
+        raise SystemExit("vmweave: need --lengths >= 8, --layers >= 1, --decode-tokens >= 2, --sessions >= 1, "
+                         "--repeats >= 1")
     if args.only != "esft":
         say(f"end-to-end: {'small' if args.small else 'Llama-3.1-8B-shaped'} model, {args.layers} layers, "
             f"random weights; plan/act/reflect r=8 LoRA on q,v with a shared A; {args.sessions} sessions")
         rows = e2e_bench(lengths=lengths, layers=args.layers, decode_tokens=args.decode_tokens,
                          sessions=args.sessions, modes=args.modes, device=args.device, small=args.small,
-                         progress=say, cuda_graphs=not args.eager)
+                         progress=say, cuda_graphs=not args.eager, repeats=args.repeats)
         say("")
         say(format_e2e(rows))
     if args.only != "modes" and counts:

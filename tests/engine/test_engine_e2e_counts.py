@@ -99,9 +99,9 @@ def test_e2e_bench_measures_each_mode_after_an_identical_warmup_pass(monkeypatch
     rows = fid.e2e_bench([61], layers=1, decode_tokens=3, sessions=2, modes=modes, small=True)
     per_pass = 2 * len(AGENTS)  # context turns, then the measured round
     assert len(rounds) == 2 * len(modes) * per_pass
-    for i, row in enumerate(rows):
-        warm = rounds[2 * i * per_pass:(2 * i + 1) * per_pass]
-        timed = rounds[(2 * i + 1) * per_pass:(2 * i + 2) * per_pass]
+    for i, row in enumerate(rows):  # every mode's warm pass first, then the measured ones
+        warm = rounds[i * per_pass:(i + 1) * per_pass]
+        timed = rounds[(len(modes) + i) * per_pass:(len(modes) + i + 1) * per_pass]
         assert [r.shapes for r in warm] == [r.shapes for r in timed]
         probe = timed[len(AGENTS):]
         steps = sum(r.decode_steps for r in probe)
@@ -112,6 +112,27 @@ def test_e2e_bench_measures_each_mode_after_an_identical_warmup_pass(monkeypatch
         assert row.tpot_median_ms == pytest.approx(1e3 * statistics.median(step_s))
         assert min(step_s) * 1e3 <= row.tpot_median_ms <= row.tpot_max_ms == pytest.approx(1e3 * max(step_s))
         assert row.preemptions == 0 and row.recomputed_tokens == 0
+
+
+def test_e2e_bench_repeats_interleave_the_modes_and_keep_each_ones_median_pass(monkeypatch):
+    """repeats=3: after one warm pass per mode, three rounds of measured passes, every other one
+    in reverse mode order; each mode's row is its pass of median throughput, rows in mode order."""
+    modes = ("non_shared", "base_shared", "full_shared")
+    calls: list[str] = []
+    speeds = {"non_shared": [5.0, 9.0, 7.0], "base_shared": [3.0, 1.0, 2.0], "full_shared": [4.0, 4.5, 8.0]}
+    monkeypatch.setattr(fid, "_e2e_pass", lambda model, mode, *a, **k: calls.append(mode) or mode)
+
+    def row(length, mode, sessions, run):
+        done = sum(1 for c in calls[len(modes):] if c == mode)  # measured passes of mode so far
+        return fid.E2ERow(length, length, mode, sessions, speeds[mode][done - 1], 1.0, 1.0, 1, 0.0)
+
+    monkeypatch.setattr(fid, "_e2e_row", row)
+    rows = fid.e2e_bench([40], layers=1, decode_tokens=2, sessions=2, modes=modes, small=True, repeats=3)
+    assert calls == list(modes) + list(modes) + list(modes[::-1]) + list(modes)
+    assert [r.mode for r in rows] == list(modes)
+    assert [r.decode_tok_s for r in rows] == [7.0, 2.0, 4.5]
+    with pytest.raises(ValueError, match="repeats"):
+        fid.e2e_bench([40], layers=1, small=True, repeats=0)
 
 
 def test_esft_bench_measures_every_row_after_an_identical_warmup_round(monkeypatch):
