@@ -60,8 +60,12 @@ def test_engine_e2e_cache_modes(benchmark):
                 base=("full_shared", full.decode_tok_s), unit="tok/s", lower_is_better=False, note=note)
         compare("engine e2e", f"{L} tok: decode throughput", ours=("non_shared", ns.decode_tok_s),
                 base=("full_shared", full.decode_tok_s), unit="tok/s", lower_is_better=False, note=note)
-        compare("engine e2e", f"{L} tok: KV bytes", ours=("base_lr_shared", lr.kv_bytes),
-                base=("non_shared", ns.kv_bytes), unit="B", goal="<= 0.34x", note=note)
+        compare("engine e2e", f"{L} tok: KV bytes, every agent caught up", ours=("base_lr_shared", lr.kv_bytes_all_agents),
+                base=("non_shared", ns.kv_bytes_all_agents), unit="B", goal="<= 0.34x",
+                note=note + "; after one more 1-token turn per agent, so each non_shared agent holds the whole trajectory")
+        compare("engine e2e", f"{L} tok: KV bytes, end of the measured round", ours=("base_lr_shared", lr.kv_bytes),
+                base=("non_shared", ns.kv_bytes), unit="B",
+                note=note + "; non_shared agents that spoke first have not re-run the later turns yet")
         compare("engine e2e", f"{L} tok: KV bytes", ours=("base_shared", bs.kv_bytes),
                 base=("non_shared", ns.kv_bytes), unit="B", note=note)
         compare("engine e2e", f"{L} tok: TTFT at full context", ours=("base_lr_shared", lr.ttft_ms),

@@ -97,13 +97,15 @@ def test_e2e_bench_measures_each_mode_after_an_identical_warmup_pass(monkeypatch
     rounds = _record_rounds(monkeypatch)
     modes = ("non_shared", "base_shared")
     rows = fid.e2e_bench([61], layers=1, decode_tokens=3, sessions=2, modes=modes, small=True)
-    per_pass = 2 * len(AGENTS)  # context turns, then the measured round
+    per_pass = 3 * len(AGENTS)  # context turns, the measured round, then the catch-up turns
     assert len(rounds) == 2 * len(modes) * per_pass
     for i, row in enumerate(rows):  # every mode's warm pass first, then the measured ones
         warm = rounds[i * per_pass:(i + 1) * per_pass]
         timed = rounds[(len(modes) + i) * per_pass:(len(modes) + i + 1) * per_pass]
         assert [r.shapes for r in warm] == [r.shapes for r in timed]
-        probe = timed[len(AGENTS):]
+        probe = timed[len(AGENTS):2 * len(AGENTS)]
+        catch_up = timed[2 * len(AGENTS):]
+        assert all(len(o) == 1 for r in catch_up for o in r.outputs)
         steps = sum(r.decode_steps for r in probe)
         assert steps > 0
         assert row.tpot_ms == pytest.approx(1e3 * sum(r.decode_s for r in probe) / steps)
@@ -112,6 +114,11 @@ def test_e2e_bench_measures_each_mode_after_an_identical_warmup_pass(monkeypatch
         assert row.tpot_median_ms == pytest.approx(1e3 * statistics.median(step_s))
         assert min(step_s) * 1e3 <= row.tpot_median_ms <= row.tpot_max_ms == pytest.approx(1e3 * max(step_s))
         assert row.preemptions == 0 and row.recomputed_tokens == 0
+    # non_shared agents re-run the turns they missed before their catch-up token; the shared
+    # modes only add the catch-up turns' few tokens
+    ns, bs = rows
+    assert ns.kv_bytes_all_agents > ns.kv_bytes
+    assert bs.kv_bytes <= bs.kv_bytes_all_agents < ns.kv_bytes_all_agents
 
 
 def test_e2e_bench_repeats_interleave_the_modes_and_keep_each_ones_median_pass(monkeypatch):
