@@ -676,6 +676,10 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 _CAPTURE_COUNTERS: list = [None, None]  # [capture id, buffer] of the latest capture
 _MIN_COUNTERS = 1 << 12  # 16 KiB: batch × KV heads of any default split launch fits
+# Streams remembered: a server that makes a stream per request would otherwise grow the table
+# forever. Dropping the oldest is safe: the caching allocator hands a freed buffer out again
+# only in the order of the stream it was made on, after the launches queued there.
+_MAX_COUNTER_STREAMS = 64
 
 
 def _capture_id(stream: int) -> int:
@@ -687,23 +691,28 @@ def _capture_id(stream: int) -> int:
     return int(cid)
 
 
+def _current_stream(device: torch.device) -> int:
+    """The handle of the current stream on `device` (0 off CUDA)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     """A zeroed int32 buffer of at least `n` arrival counters for a launch on the current stream."""
-    if device.type != "cuda":
-        stream = 0
-    else:
-        stream = torch.cuda.current_stream(device).cuda_stream
-        if torch.cuda.is_current_stream_capturing():
-            cid = _capture_id(stream)
-            cur_id, buf = _CAPTURE_COUNTERS
-            if cur_id != cid or buf.numel() < n:
-                buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
-                _CAPTURE_COUNTERS[:] = [cid, buf]
-            return buf
+    stream = _current_stream(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        cid = _capture_id(stream)
+        cur_id, buf = _CAPTURE_COUNTERS
+        if cur_id != cid or buf.numel() < n:
+            buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+            _CAPTURE_COUNTERS[:] = [cid, buf]
+        return buf
     key = (device, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS.pop(key, None)
+        while len(_COUNTERS) >= _MAX_COUNTER_STREAMS:
+            del _COUNTERS[next(iter(_COUNTERS))]
         _COUNTERS[key] = buf
     return buf
 
