@@ -11,8 +11,9 @@ which every session decodes with a different agent. Two paths:
   kernel replaced by a stand-in that returns an empty tensor of the right shape, so what is left
   is the engine's own host work (what bounds TPOT on a GPU when the engine runs eagerly); the
   stand-ins count the kernel calls a step makes (each a Triton launch or two on a GPU);
-- graph: the kernel path as a CUDA graph leaves it: the forward is not run at all (a replay is
-  one launch), its graph key and inputs are; what is left is the host planning around a graph;
+- graph: the kernel path as CUDA graphs leave it: the engine's StepGraphs with a replay that
+  does not run the forward (on a GPU it is one launch); what is left is the host planning
+  around a graph;
 - torch: the torch path as is (CPU math included).
 
 Prints the median host time per decode step per (mode, path) and the aten ops one decode step
@@ -182,35 +183,26 @@ def decode_round(eng, ss, cfg, tokens: int, profiler=None) -> list[float]:
     return times
 
 
-@contextlib.contextmanager
-def planning_only():
-    """The kernel path with the model's forward itself replaced by what a CUDA-graph replay
-    leaves on the host: the graph key and the input list are computed, the forward is not (a
-    replay is one launch). What is left is the step's host planning around the graph."""
-    import engine.engine as eng_mod
+def replay_stand_in():
+    """The engine's StepGraphs with a replay that does not run the forward: what a CUDA-graph
+    replay leaves on the host (graph key, input layout, the copies into the captured inputs)
+    stays the engine's own code; the captured forward's output is handed back as a replay's."""
+    from engine.graphs import StepGraphs, _Captured
 
-    real = eng_mod.Engine._run_model
+    class ReplayStandIn(StepGraphs):
+        def _capture(self, roots, forward):
+            out = forward()
+            return _Captured(roots, lambda: out.clone()), out.clone()
 
-    def run_model(self, inp, backend, kern, graphable):
-        if not graphable or backend.graph_key() is None or self.lora.graph_key() is None:
-            return real(self, inp, backend, kern, graphable)
-        self.lora.step_state()
-        [inp.input_ids, inp.positions, *self.lora.graph_inputs(), *backend.graph_inputs()]
-        return torch.zeros(inp.logits_rows.shape[0], self.config.vocab_size)
-
-    with stand_in_kernels():
-        eng_mod.Engine._run_model = run_model
-        try:
-            yield
-        finally:
-            eng_mod.Engine._run_model = real
+    return ReplayStandIn()
 
 
 def measure(mode: str, path: str, args, tmp: str) -> tuple[float, OpCounter]:
-    ctx = (stand_in_kernels() if path == "kernel" else planning_only() if path == "graph"
-           else contextlib.nullcontext())
+    ctx = stand_in_kernels() if path in ("kernel", "graph") else contextlib.nullcontext()
     with ctx:
         eng, ss, cfg = build(mode, args.layers, tmp, args.sessions, args.context)
+        if path == "graph":
+            eng.graphs = replay_stand_in()
         decode_round(eng, ss, cfg, 4)  # warm
         ops = count_ops(eng, ss, cfg)
         prof = cProfile.Profile() if args.profile and path in ("kernel", "graph") else None
