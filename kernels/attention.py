@@ -365,37 +365,13 @@ def _combine_splits(WsM, WsL, WsAcc, Out, tok, kvh, group, num_kv_heads, num_spl
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _split_reduce(WsM, WsL, WsAcc, Out, stride_ot, stride_oh, num_heads, num_splits,
-                  HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Combine the split-KV partials of one (query token, head) row, BLOCK_S splits at a time
-    (a fixed chunk: the split count varies with batch and context and must not recompile).
-    One pass with an online max: the (max, sum, acc) loads of a chunk are independent, so a
-    launch with num_splits <= BLOCK_S waits on memory once, not once per pass (on an H200 the
-    two-pass version cost 5.6 us after a 1 x 32K decode of 40 us)."""
-    row = tl.program_id(0).to(tl.int64)
-    tok = row // num_heads
-    h = row % num_heads
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = row * num_splits
-    m_run = float("-inf")
-    l_run = 0.0
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        smask = s0 + offs_s < num_splits
-        # a written partial's max is finite (the kernel starts rows at _NEG_BIG), so m_new is too
-        m = tl.load(WsM + base + s0 + offs_s, mask=smask, other=float("-inf"))
-        l = tl.load(WsL + base + s0 + offs_s, mask=smask, other=0.0)
-        part = tl.load(WsAcc + (base + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                       mask=smask[:, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, 0))
-        alpha = tl.exp2(m_run - m_new)
-        w = tl.exp2(m - m_new)
-        l_run = l_run * alpha + tl.sum(w * l, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * part, 0)
-        m_run = m_new
-    out = acc / tl.where(l_run > 0, l_run, 1.0)
-    tl.store(Out + tok * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+def _split_reduce(WsM, WsL, WsAcc, Out, stride_ot, stride_oh, group, num_kv_heads, num_splits,
+                  HEAD_DIM: tl.constexpr, GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr):
+    """The split partials combined by a second launch instead (`_fuse_reduce` off): one program
+    per (query token, KV head), the same combine the fused path runs."""
+    row = tl.program_id(0)
+    _combine_splits(WsM, WsL, WsAcc, Out, row // num_kv_heads, row % num_kv_heads, group,
+                    num_kv_heads, num_splits, stride_ot, stride_oh, HEAD_DIM, GROUP_P2, REDUCE_S)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,16 +479,11 @@ def _fuse_reduce(device: torch.device) -> bool:
 
 
 def _combine_chunk(group_p2: int, head_dim: int) -> int:
-    """Splits per pass of the fused combine: its [heads, splits, D] fp32 load is bounded to 16K
+    """Splits per pass of the split combine: its [heads, splits, D] fp32 load is bounded to 16K
     elements (128 registers a thread at 4 warps) so that it does not spill; 32 splits of 4
-    heads at D 128 (the default split count at batch 1) take one pass."""
+    heads at D 128 (the default split count at batch 1) take one pass. One pass waits on memory
+    once: on an H200 a two-pass combine cost 5.6 us after a 1 x 32K decode of 40 us."""
     return max(1, min(64, 16384 // (group_p2 * head_dim)))
-
-
-def _reduce_chunk(head_dim: int) -> int:
-    """Splits `_split_reduce` combines per pass: up to 64 (one pass for the default split count
-    unless batch × KV heads is 4 or fewer), fewer at wide heads to bound registers."""
-    return max(16, min(64, 8192 // head_dim))
 
 
 class _LaunchKey(NamedTuple):
@@ -615,7 +586,9 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
             num_splits = default_splits(batch, hkv, max_ctx, bn, key.device)
     split = num_splits > 1
     fused = split and decode and fuse_reduce(key.device)
-    group_p2 = _next_pow2(group) if fused else 1
+    # the combine's constexprs (one set for either path; the main kernel takes them only fused)
+    g_p2 = _next_pow2(group)
+    combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))
     n_qtiles = 1 if decode else max(1, -(-key.max_seqlen_q // (bm // group)))
 
     ks, vs = key.k_strides, key.v_strides
@@ -654,17 +627,17 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     meta = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=max(r_pad, 16), SPARSE_BLOCK=sparse_block,
                 BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size, RANK=max(r, 1), LR_ALIGN=lr_align,
                 PAGED=paged, VARLEN_Q=not decode, HAS_LORA=key.lora is not None, S2=s2 is not None,
-                SPLIT=split, UPCAST=key.interpret, FUSE_REDUCE=fused, GROUP_P2=group_p2,
-                REDUCE_S=_combine_chunk(group_p2, d) if fused else 1,
+                SPLIT=split, UPCAST=key.interpret, FUSE_REDUCE=fused,
+                **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
     ws_rows = total_q * hq * num_splits if split else 0
     ws_sizes = (_round_up(ws_rows, _WS_ALIGN), _round_up(ws_rows, _WS_ALIGN), ws_rows * d)
     return _LaunchPlan(
         grid=(n_qtiles, hkv * num_splits, batch), int_args=int_args, meta=meta,
         ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if split else 0,
-        counters=batch * hkv if fused else 0, reduce_grid=(total_q * hq,) if split and not fused else None,
-        reduce_args=(key.out_strides[0], key.out_strides[1], hq, num_splits),
-        reduce_meta=dict(HEAD_DIM=d, BLOCK_S=_reduce_chunk(d), num_warps=4))
+        counters=batch * hkv if fused else 0, reduce_grid=(total_q * hkv,) if split and not fused else None,
+        reduce_args=(key.out_strides[0], key.out_strides[1], group, hkv, num_splits),
+        reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4))
 
 
 # Arrival counters of the fused split combine. Every launch leaves its counters at zero (the

@@ -401,7 +401,7 @@ consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=64, SPARSE_BLOCK=bn, B
               S2=True, SPLIT=decode, UPCAST=False, FUSE_REDUCE=decode, GROUP_P2=4,
               REDUCE_S=A._combine_chunk(4, 128))
 if variant == "reduce":
-    consts, warps = dict(HEAD_DIM=128, BLOCK_S=16), 4
+    consts, warps = dict(HEAD_DIM=128, GROUP_P2=4, REDUCE_S=A._combine_chunk(4, 128)), 4
 sig = {}
 for name in fn.arg_names:
     if name in consts:
