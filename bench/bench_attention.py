@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import compare, graph_time_ms, record_benchmark, sync, time_ms
+from common import compare, copy_time_ms, graph_time_ms, record_benchmark, sync, time_ms
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -37,13 +37,10 @@ COPY_ELEMS = 256 << 20
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write), measured once per session."""
     if not _COPY_BW:
-        x = torch.randn(COPY_ELEMS, device=DEV, dtype=DT)
-        y = torch.empty_like(x)
-        t = time_ms(lambda: y.copy_(x), **TIMING)
-        _COPY_BW.append(2 * x.numel() * x.element_size() / (t * 1e-3))
+        t, nbytes = copy_time_ms(COPY_ELEMS, DT, DEV)
+        _COPY_BW.append(nbytes / (t * 1e-3))
         compare("attn decode bw", "device copy 512 MB", ours=("copy_", t), unit="ms",
                 note=f"{_COPY_BW[0] / 1e12:.2f} TB/s read+write")
-        del x, y
     return _COPY_BW[0]
 
 

@@ -38,6 +38,15 @@ def one_host_core():
             os.sched_setaffinity(0, old_cores)
 
 
+def copy_time_ms(numel: int, dtype: torch.dtype, device: str = "cuda") -> tuple[float, int]:
+    """One device-to-device copy of `numel` elements: (time in ms, bytes moved, read + write),
+    the yardstick memory-bound kernels are measured against."""
+    x = torch.randn(numel, device=device, dtype=dtype)
+    y = torch.empty_like(x)
+    t = time_ms(lambda: y.copy_(x), warmup_ms=10.0, rep_ms=50.0)
+    return t, 2 * x.numel() * x.element_size()
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

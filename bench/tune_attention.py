@@ -25,7 +25,7 @@ import kernels.attention as attn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import graph_time_ms as graph_ms  # noqa: E402
-from common import time_ms  # noqa: E402
+from common import copy_time_ms  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -141,10 +141,8 @@ def decode_sweep(cases, quick: bool, log) -> list[dict]:
 def copy_bw() -> float:
     """Device copy bandwidth in bytes/s (read + write; 512 MB of bf16), measured once a run as
     bench_attention measures it: the yardstick of the decode rows' copy_frac."""
-    x = torch.randn(256 << 20, device="cuda", dtype=DT)
-    y = torch.empty_like(x)
-    t = time_ms(lambda: y.copy_(x), warmup_ms=10.0, rep_ms=50.0)
-    return 2 * x.numel() * x.element_size() / (t * 1e-3)
+    t, nbytes = copy_time_ms(256 << 20, DT)
+    return nbytes / (t * 1e-3)
 
 
 class _NoLaunch:
