@@ -129,6 +129,37 @@ def test_engine_decode_cuda_graphs_vs_eager(benchmark):
         s, None, [3], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)))
 
 
+def test_engine_decode_async_vs_sync_steps():
+    """Overlapped steps (the host plans step n+1 while the GPU runs step n; `async_steps=True`,
+    the default on a GPU) against the same engine waiting for each step's tokens
+    (`async_steps=False`), both with CUDA graphs, in full_shared and base_lr_shared at 4K:
+    throughput, and the base_lr_shared / full_shared ratio each way."""
+    from engine.fidelity import e2e_bench
+
+    length = 4096 if not SMALL else 256
+    modes = ("full_shared", "base_lr_shared")
+    got = {}
+    for overlap in (True, False):
+        rows = e2e_bench((length,), layers=LAYERS, decode_tokens=DECODE, sessions=SESSIONS, small=SMALL,
+                         modes=modes, async_steps=overlap, repeats=REPEATS)
+        got[overlap] = {r.mode: r for r in rows}
+        for r in rows:
+            print(f"[async={overlap} {r.mode}] median step {r.tpot_median_ms:.3f} ms, "
+                  f"{r.decode_tok_s:.1f} tok/s", flush=True)
+    note = (f"Llama-3.1-8B shape, {LAYERS}/32 layers, random bf16; {SESSIONS} sessions x 3 agents, "
+            f"{length} tokens, CUDA graphs; median of {REPEATS} interleaved passes; host on one pinned core")
+    for m in modes:
+        compare("engine async steps", f"{m}: decode throughput", ours=("overlapped", got[True][m].decode_tok_s),
+                base=("synchronous", got[False][m].decode_tok_s), unit="tok/s", lower_is_better=False, note=note)
+        compare("engine async steps", f"{m}: decode step, median", ours=("overlapped", got[True][m].tpot_median_ms),
+                base=("synchronous", got[False][m].tpot_median_ms), unit="ms", note=note)
+    for overlap, label in ((True, "overlapped"), (False, "synchronous")):
+        compare("engine async steps", f"{label}: decode throughput",
+                ours=("base_lr_shared", got[overlap]["base_lr_shared"].decode_tok_s),
+                base=("full_shared", got[overlap]["full_shared"].decode_tok_s), unit="tok/s",
+                goal=">= 0.95x", lower_is_better=False, note=note)
+
+
 def test_engine_e2e_esft_adapters(benchmark):
     from engine.fidelity import esft_bench, format_esft
 

@@ -18,9 +18,9 @@ from .kernel_policy import kernel_impl, use_kernels
 from .loader import LoadError, load_weights
 from .lora import LoraSet, load_peft_adapter, same_v_a
 from .model import BatchInputs, DecoderModel
-from .sampling import SamplingParams, make_generator, sample_rows
+from .sampling import Drawn, SamplingParams, draw_rows, make_generator
 from .scheduler import CacheCapacityError, Scheduler, Work
-from .sequence import GenerationOutput, Request, Session, Status
+from .sequence import PLACEHOLDER, GenerationOutput, Request, Session, Status
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,22 @@ class EngineCounters:
     graph_replays: int = 0  # forwards replayed from a CUDA graph (engine/graphs.py)
 
 
+@dataclass
+class _InFlight:
+    """A step's draws not yet read back. Each live request's session ends in a PLACEHOLDER
+    token at `places[i]`; `where[session id] = (position, row of drawn.tokens)` tells the next
+    forward which input ids to take from the device."""
+    reqs: list[Request]
+    drawn: Drawn
+    places: dict[int, int]  # index in reqs -> position of its placeholder
+    where: dict[int, tuple[int, int]]
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    v = os.environ.get(name)
+    return default if v is None else v != "0"
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -76,7 +92,8 @@ class Engine:
 
     def __init__(self, model: DecoderModel, cache_mode: str, max_kv_bytes: int | None,
                  block_size: int = 16, max_batched_tokens: int = 512, max_running: int = 64,
-                 prefix_caching: bool = True, cuda_graphs: bool | None = None):
+                 prefix_caching: bool = True, cuda_graphs: bool | None = None,
+                 async_steps: bool | None = None):
         if cache_mode not in MODES:
             raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
         if not isinstance(block_size, int) or block_size < 1:
@@ -109,6 +126,14 @@ class Engine:
             cuda_graphs = os.environ.get("VMWEAVE_CUDA_GRAPHS", "1") != "0"
         use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.graphs: StepGraphs | None = StepGraphs(device=self.device) if use_graphs else None
+        # Overlapped steps: a step's sampled tokens stay on the device and the next step's forward
+        # reads them there, so the host plans step n+1 while the GPU runs step n (the tokens are
+        # read back one step() later). On by default on a GPU, where the host work of a step is
+        # about as long as its device work; VMWEAVE_ASYNC_STEPS="0" turns it off.
+        if async_steps is None:
+            async_steps = _env_flag("VMWEAVE_ASYNC_STEPS", self.device.type == "cuda")
+        self.async_steps = bool(async_steps)
+        self._inflight: _InFlight | None = None
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -116,7 +141,8 @@ class Engine:
                         device: str | torch.device | None = None, max_kv_bytes: int | None = None, *,
                         dtype: torch.dtype = torch.float32, block_size: int = 16,
                         max_batched_tokens: int = 512, max_running: int = 64, seed: int = 0,
-                        prefix_caching: bool = True, cuda_graphs: bool | None = None) -> "Engine":
+                        prefix_caching: bool = True, cuda_graphs: bool | None = None,
+                        async_steps: bool | None = None) -> "Engine":
         """Load a HF checkpoint directory or a built-in model ("tiny", "tiny-moe", "tiny-s2").
 
         device None: cuda if usable, else cpu. max_kv_bytes None: half the free GPU memory, or
@@ -126,6 +152,9 @@ class Engine:
         cuda_graphs: replay decode steps from CUDA graphs on a GPU (engine/graphs.py; about 2x
         decode throughput on a 4-layer 8B-shaped model, bench/RESULTS.md); None: the
         VMWEAVE_CUDA_GRAPHS environment variable ("0" turns them off), on by default on a GPU.
+        async_steps: overlap the host's planning of a step with the device's run of the previous
+        one (sampled tokens are read back one `step()` later; `generate` is unaffected); None:
+        VMWEAVE_ASYNC_STEPS ("0" turns it off), on by default on a GPU.
         """
         if cache_mode not in MODES:
             raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
@@ -146,7 +175,7 @@ class Engine:
             weights = load_weights(name, config, dev, dtype)
         model = DecoderModel(config, weights, dev, dtype)
         eng = cls(model, cache_mode, max_kv_bytes, block_size, max_batched_tokens, max_running,
-                  prefix_caching, cuda_graphs)
+                  prefix_caching, cuda_graphs, async_steps)
         eng.model_path = name
         return eng
 
@@ -174,6 +203,7 @@ class Engine:
     def add_lora_agent(self, name: str, peft_dir: str | None = None) -> None:
         """Register agent `name` with the PEFT LoRA adapter in `peft_dir` (None: no adapter)."""
         self._check_new_name(name)
+        self._drain()
         adapter = None
         if peft_dir is not None:
             adapter = load_peft_adapter(peft_dir, self.config, self.device, self.model.dtype, name)
@@ -217,6 +247,7 @@ class Engine:
         """Load an ESFT expert adapter and register agent `name` whose tokens use its experts
         (MoE models only). The agent has no LoRA; remove it with `remove_adapter(name)`."""
         self._check_new_name(name)
+        self._drain()
         if not self.config.is_moe:
             raise ValueError(f"add_esft_adapter needs an MoE model; {self.config.model_type!r} is dense")
         from .esft import EsftManager
@@ -233,6 +264,7 @@ class Engine:
         tokens are re-run without its adapter."""
         if name not in self.agents:
             raise KeyError(f"no agent named {name!r}")
+        self._drain()
         busy = [r.id for r in self._requests.values() if r.agent == name and not r.finished]
         if busy:
             raise ValueError(f"agent {name!r} has unfinished requests {busy}")
@@ -260,6 +292,7 @@ class Engine:
 
     def close_session(self, session: Session | int) -> None:
         s = self._session(session)
+        self._drain()
         if s.active is not None or s.queue:
             raise ValueError(f"session {s.id} has unfinished requests")
         self.kv.free_session(s.id)
@@ -345,14 +378,30 @@ class Engine:
 
     def step(self) -> dict[int, list[int]]:
         """Run one batch. Returns {request_id: tokens generated in this step} for every request
-        that got tokens or finished (streaming); `get_output(id)` has the whole output."""
-        works, failed = self.sched.schedule()
-        for req, msg in failed:
-            req.out.error, req.out.finish_reason = msg, "error"
-            self._finish(req)
-        if works:
-            logits = self._forward(works, all_rows=False)
-            self._sample([w.req for w in works if w.sample], logits)
+        that got tokens or finished (streaming); `get_output(id)` has the whole output. With
+        async_steps a step's tokens come back from the next `step()` call (whose forward is
+        already on the device by then): `has_unfinished()` stays true until they have."""
+        prev, self._inflight = self._inflight, None
+        drawn = None
+        try:
+            works, failed = self.sched.schedule()
+            for req, msg in failed:
+                req.out.error, req.out.finish_reason = msg, "error"
+                self._finish(req)
+            if works:
+                logits = self._forward(works, all_rows=False, prev=prev)
+                reqs = [w.req for w in works if w.sample]
+                if reqs:
+                    drawn = (reqs, draw_rows(logits, [r.params for r in reqs], [r.gen for r in reqs]))
+        finally:
+            if prev is not None:  # read back while this step's forward runs
+                self._resolve(prev)
+        self._register_blocks(works)
+        if drawn is not None:
+            if self.async_steps:
+                self._inflight = self._hold(*drawn)
+            else:
+                self._collect(*drawn)
         self._count_step(works)
         out = {}
         for req in list(self._requests.values()):
@@ -361,6 +410,63 @@ class Engine:
                 req.new_tokens = []
                 req.out.finished = req.finished
         return out
+
+    def _drain(self) -> None:
+        """Read back the draws still in flight (before anything that changes agents or caches
+        under them, or reads sessions whole)."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            self._resolve(prev)
+
+    def _hold(self, reqs: list[Request], drawn: Drawn) -> _InFlight | None:
+        """Leave this step's draws in flight: each live request's session gets a PLACEHOLDER
+        token (so the scheduler plans its next decode), and a request whose draw is its last
+        by length is held back from more work."""
+        places, where = {}, {}
+        for i, req in enumerate(reqs):
+            if req.finished:  # stopped when the previous step's draws came back: this one is void
+                continue
+            s = req.session
+            places[i] = len(s.tokens)
+            where[s.id] = (len(s.tokens), i)
+            s.tokens.append(PLACEHOLDER)
+            s.procs.append(req.agent)
+            req.held = len(req.out) + 1 >= req.params.max_tokens
+        return _InFlight(reqs, drawn, places, where) if places else None
+
+    def _resolve(self, f: _InFlight) -> None:
+        """Put the draws of a step in flight in their sessions' places (waits for them)."""
+        rows = self._kept_rows(f.reqs, f.drawn)
+        host = f.drawn.host()
+        for i, pos in f.places.items():
+            req = f.reqs[i]
+            req.held = False
+            if req.finished:  # failed while its token was in flight: the token goes with it
+                del req.session.tokens[pos:], req.session.procs[pos:]
+                continue
+            self._sampled(req, host.tokens[i], host.logprobs[i], rows.get(i), place=pos)
+
+    def _collect(self, reqs: list[Request], drawn: Drawn) -> None:
+        """Append the draws of the step just run to their requests (waits for them)."""
+        rows = self._kept_rows(reqs, drawn)
+        host = drawn.host()
+        for i, req in enumerate(reqs):
+            self._sampled(req, host.tokens[i], host.logprobs[i], rows.get(i))
+
+    @staticmethod
+    def _kept_rows(reqs: list[Request], drawn: Drawn) -> dict[int, torch.Tensor]:
+        """The log-softmax rows of the requests that keep them, on the host. One copy of the
+        kept rows; each request keeps its own row, not a view that would pin every other
+        request's row of this step until it finishes."""
+        keep = [i for i, r in enumerate(reqs) if r.params.logprobs and not r.finished]
+        return {i: row.clone() for i, row in zip(keep, drawn.rows[keep].cpu())} if keep else {}
+
+    def _register_blocks(self, works: list[Work]) -> None:
+        """Make the full blocks the works completed findable by content (after every token in
+        them is known: a token drawn by the previous step is read back only now)."""
+        for w in works:
+            sess = w.req.session
+            self.kv.register(sess.id, self.sched.stream_agent(w.req), sess.tokens, sess.procs)
 
     def _count_step(self, works: list[Work]) -> None:
         self.last_step = StepInfo(tuple((w.req.session.id, a, b) for w in works for _, a, b in w.segments),
@@ -375,15 +481,23 @@ class Engine:
                 "evictions": self.sched.evictions}
 
     # ---- forward -----------------------------------------------------------------------------
-    def _forward(self, works: list[Work], all_rows: bool) -> torch.Tensor:
+    def _forward(self, works: list[Work], all_rows: bool, prev: _InFlight | None = None) -> torch.Tensor:
+        """The model over the works' tokens; the logits of every row (`all_rows`) or of each
+        sampling work's last row. Tokens that `prev` drew are read from the device."""
         chunks: list[Chunk] = []
         ids, pos, lids, eids, rows = [], [], [], [], []
+        dst, src = [], []  # input rows whose token is prev's draw, and which draw
+        where = prev.where if prev is not None else {}
         row = 0
         for w in works:
             s = w.req.session
             stream_agent = self.sched.stream_agent(w.req)
             streams = self.kv.streams(s.id, stream_agent)
+            late = where.get(s.id)
             for proc, a, b in w.segments:
+                if late is not None and a <= late[0] < b:
+                    dst.append(row + late[0] - a)
+                    src.append(late[1])
                 agent = self.agents.get(proc) if proc is not None else None
                 chunks.append(Chunk(s.id, agent, a, b, row, streams))
                 ids += s.tokens[a:b]
@@ -395,7 +509,10 @@ class Engine:
                 row += b - a
             if w.sample and not all_rows:
                 rows.append(row - 1)
-        inp = BatchInputs(*to_device_packed([(x, torch.int64) for x in (ids, pos, lids, eids, rows)], self.device))
+        packed = to_device_packed([(x, torch.int64) for x in (ids, pos, lids, eids, rows, dst, src)], self.device)
+        inp = BatchInputs(*packed[:5])
+        if dst:  # stream-ordered after prev's draw: the host never waits for it
+            inp.input_ids.index_copy_(0, packed[5], prev.drawn.tokens.index_select(0, packed[6]))
         kern = kernel_impl(inp.input_ids) if use_kernels(inp.input_ids, self.model.dtype) else None
         self.lora.prepare(inp.lora_ids, kern, host_ids=lids)
         backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2(), kernels=kern)
@@ -409,7 +526,6 @@ class Engine:
             self.counters.recomputed_tokens += again
             sess.high[key] = max(high, w.segments[-1][2])
             self.kv.advance(sess.id, key, w.segments[-1][2])
-            self.kv.register(sess.id, key, sess.tokens, sess.procs)
         return logits
 
     def _run_model(self, inp: BatchInputs, backend: PagedAttention, kern: str | None, graphable: bool) -> torch.Tensor:
@@ -451,26 +567,18 @@ class Engine:
             self._s2_helper = S2Masks(self.config)
         return self._s2_helper
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        """Draw the next token of each request (row i of `logits` is reqs[i]'s): one device->host
-        transfer for the step, one more when some request keeps its log-prob rows."""
-        if not reqs:
-            return
-        drawn = sample_rows(logits, [r.params for r in reqs], [r.gen for r in reqs])
-        keep = [i for i, r in enumerate(reqs) if r.params.logprobs]
-        # one copy of the kept rows; each request keeps its own row, not a view that would pin
-        # every other request's row of this step until it finishes
-        rows = {i: row.clone() for i, row in zip(keep, drawn.rows[keep].cpu())} if keep else {}
-        for i, req in enumerate(reqs):
-            self._sampled(req, drawn.tokens[i], drawn.logprobs[i], rows.get(i))
-
-    def _sampled(self, req: Request, tok: int, logprob: float, row: torch.Tensor | None) -> None:
+    def _sampled(self, req: Request, tok: int, logprob: float, row: torch.Tensor | None,
+                 place: int | None = None) -> None:
         """Append a drawn token (its log-prob, and its log-softmax row when the request keeps
-        them) to the request and its session; finish the request if it stops here."""
+        them) to the request and its session (or put it in its session's placeholder at
+        `place`); finish the request if it stops here."""
         now = time.perf_counter()
         s = req.session
-        s.tokens.append(tok)
-        s.procs.append(req.agent)
+        if place is None:
+            s.tokens.append(tok)
+            s.procs.append(req.agent)
+        else:
+            s.tokens[place] = tok
         req.out.append(tok)
         req.out.token_logprobs.append(logprob)
         if row is not None:
@@ -506,6 +614,7 @@ class Engine:
         toks = self._tokens(token_ids, "token_ids")
         if not toks:
             raise ValueError("token_ids is empty")
+        self._drain()
         s = Session(-1 - next(self._sids))
         s.tokens, s.procs = list(toks), [name] * len(toks)
         req = Request(-1, s, name, [], SamplingParams(), None)
@@ -521,6 +630,7 @@ class Engine:
                 self.kv.reserve(s.id, stream_agent, end)
                 w = Work(req, [(name, start, end)], sample=False)
                 outs.append(self._forward([w], all_rows=True))
+                self._register_blocks([w])
                 start = end
         finally:
             self.kv.free_session(s.id)

@@ -392,15 +392,26 @@ def _timed_round(eng, sessions, agent, prompts: list[list[int]], max_tokens: int
     names = agent if isinstance(agent, list) else [agent] * len(sessions)
     rids = [eng.add_request(s, a, p, params) for s, a, p in zip(sessions, names, prompts)]
     decode_s, decode_tokens, decode_steps, shapes, step_s = 0.0, 0, 0, [], []
+    overlapped = getattr(eng, "async_steps", False)
+    after_decode = False
     while eng.has_unfinished():
         t0 = time.perf_counter()
-        eng.step()  # returns after sampling, which reads the logits: the device work is done
+        # returns after sampling, which reads the logits: the device work is done; with
+        # overlapped steps it returns once the previous step's draws are back and this one runs
+        eng.step()
         dt = time.perf_counter() - t0
         info = eng.last_step
         shapes.append(tuple((a, b) for _, a, b in info.chunks))
         if info.decode_only:
-            decode_s, decode_tokens, decode_steps = decode_s + dt, decode_tokens + info.sampled, decode_steps + 1
-            step_s.append(dt)
+            # overlapped: the first decode step waits for the prefill before it, not counted
+            if after_decode or not overlapped:
+                decode_s, decode_tokens, decode_steps = decode_s + dt, decode_tokens + info.sampled, decode_steps + 1
+                step_s.append(dt)
+            after_decode = True
+            continue
+        if overlapped and after_decode and not info.chunks:
+            decode_s += dt  # the wait for the last decode step's draws
+        after_decode = False
     return RoundTiming([eng.get_output(r) for r in rids], decode_s, decode_tokens, decode_steps, shapes, step_s)
 
 
@@ -434,13 +445,14 @@ class _E2EPass:
 
 
 def _e2e_pass(model, mode: str, dirs: dict[str, str], context: list, probe: list, decode_tokens: int,
-              max_batched_tokens: int, cuda_graphs: bool = True) -> _E2EPass:
+              max_batched_tokens: int, cuda_graphs: bool = True, async_steps: bool | None = None) -> _E2EPass:
     """One engine in `mode`: the context turns, then the probe round; the engine is freed before
     returning (its page pool goes back before the next pass maps its own)."""
     from . import Engine
 
     t0 = time.perf_counter()
-    eng = Engine(model, mode, None, max_batched_tokens=max_batched_tokens, cuda_graphs=cuda_graphs)
+    eng = Engine(model, mode, None, max_batched_tokens=max_batched_tokens, cuda_graphs=cuda_graphs,
+                 async_steps=async_steps)
     for a, d in dirs.items():
         eng.add_lora_agent(a, d)
     ss = [eng.new_session() for _ in context[0]]
@@ -473,7 +485,7 @@ def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, 
               sessions: int = 4, modes: Sequence[str] = MODES, device: str | None = None,
               small: bool = False, seed: int = 0, progress: Progress = None,
               max_batched_tokens: int = 2048, warmup: bool = True, cuda_graphs: bool = True,
-              repeats: int = 1) -> list[E2ERow]:
+              repeats: int = 1, async_steps: bool | None = None) -> list[E2ERow]:
     """LRAgent's end-to-end case: plan / act / reflect (r=8 LoRA on q and v, one shared v_proj A)
     take turns on `sessions` trajectories at once, built up to each length, in every cache mode.
 
@@ -486,7 +498,10 @@ def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, 
     of each kernel family to reach a length paid them inside its TPOT). `cuda_graphs`: decode
     steps replayed from CUDA graphs (an Engine's default on a GPU) or run eagerly. Each pass is
     a new engine, so its graphs are captured inside the measured round (on a decode key's second
-    step): the mean TPOT includes captures, the median step does not.
+    step): the mean TPOT includes captures, the median step does not. `async_steps`: the
+    Engine's overlapped steps (None: its default, on on a GPU); overlapped, the first decode step
+    of a round (which waits for the prefill before it) is not timed, and the wait for the last
+    step's draws is.
 
     `repeats` > 1: each length's measured passes run that many times, the modes interleaved (in
     reverse order every other time, so that a drift of the machine's speed over the run weighs on
@@ -523,7 +538,7 @@ def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, 
             probe = [toks(32) for _ in agents]
             def one_pass(mode):
                 return _e2e_pass(model, mode, dirs, context, probe, decode_tokens, max_batched_tokens,
-                                 cuda_graphs)
+                                 cuda_graphs, async_steps)
 
             if warmup:  # untimed: see _after_warmup
                 for mode in modes:

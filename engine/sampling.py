@@ -88,11 +88,42 @@ class Sampled:
     rows: torch.Tensor
 
 
-def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
-                gens: Sequence[torch.Generator | None]) -> Sampled:
+class Drawn:
+    """Tokens drawn on the device, on their way to the host (`draw_rows`).
+
+    `tokens` (int64 [M]) stays on the device for the next forward to read; `host()` waits for
+    the one device->host copy (started when drawn, into pinned memory on CUDA, so the host is
+    free to plan the next step meanwhile) and returns the `Sampled` lists."""
+
+    def __init__(self, tokens: torch.Tensor, picked: torch.Tensor, rows: torch.Tensor):
+        self.tokens, self.rows = tokens, rows
+        # token ids (< 2**53) and float32 log-probs are exact in float64: one tensor, one transfer
+        both = torch.stack((tokens.to(torch.float64), picked.to(torch.float64)))
+        self._event = None
+        if both.device.type == "cuda":
+            self._buf = torch.empty(both.shape, dtype=torch.float64, pin_memory=True)
+            self._buf.copy_(both, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._buf = both
+        self._host: Sampled | None = None
+
+    def host(self) -> Sampled:
+        """The drawn tokens and log-probs as host lists (waits for the copy, once)."""
+        if self._host is None:
+            if self._event is not None:
+                self._event.synchronize()
+            t, lp = self._buf.tolist()
+            self._host = Sampled([int(x) for x in t], lp, self.rows)
+        return self._host
+
+
+def draw_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+              gens: Sequence[torch.Generator | None]) -> Drawn:
     """A token for every row of `logits` [M, vocab] (row i with params[i] and gens[i], drawn in
-    row order, exactly as `sample` would), with one device->host transfer for the whole batch
-    (on a GPU each transfer is a sync: one per step, not two per request)."""
+    row order, exactly as `sample` would), left on the device with its copy to the host started
+    (`Drawn.host()` collects it: one transfer for the whole batch, no wait until asked)."""
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(gens):
         raise ValueError(f"need logits [M, vocab] and M params and generators, got {list(logits.shape)}, "
                          f"{len(params)} params, {len(gens)} generators")
@@ -102,6 +133,11 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
         if not p.greedy:
             toks[i] = _draw(logits[i], p, g).view(())
     picked = lp.gather(1, toks[:, None])[:, 0]
-    # token ids (< 2**53) and float32 log-probs are exact in float64: one tensor, one transfer
-    host = torch.stack((toks.to(torch.float64), picked.to(torch.float64))).tolist()
-    return Sampled([int(t) for t in host[0]], host[1], lp)
+    return Drawn(toks, picked, lp)
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                gens: Sequence[torch.Generator | None]) -> Sampled:
+    """`draw_rows` collected at once: the tokens and log-probs on the host (one device->host
+    transfer for the batch; on a GPU each transfer is a sync: one per step, not two per request)."""
+    return draw_rows(logits, params, gens).host()

@@ -127,6 +127,8 @@ class Scheduler:
         for req in list(self.running):
             if budget <= 0:
                 break
+            if req.held:  # its last token is still on its way back: nothing more to run
+                continue
             s = req.session
             req.out.cached_tokens += self.kv.attach_prefix(s.id, self.stream_agent(req), s.tokens, s.procs)
             runs = self.pending(req)

@@ -9,6 +9,9 @@ import torch
 from .sampling import SamplingParams
 
 
+PLACEHOLDER = -1  # a session token drawn on the device and not yet read back
+
+
 class GenerationOutput(list):
     """The generated token ids (it IS a list) plus what was measured on the way.
 
@@ -59,6 +62,9 @@ class Request:
         self.t_first: float | None = None
         self.new_tokens: list[int] = []  # since the last step() (streaming)
         self.rows: list[torch.Tensor] = []
+        # its latest token, still on its way from the device, is its last (max_tokens): the
+        # scheduler gives it no more work (engine.py, overlapped steps)
+        self.held = False
 
     @property
     def finished(self) -> bool:
@@ -70,6 +76,8 @@ class Session:
 
     `tokens[i]` was added by agent `procs[i]` (its prompt or its output); the K/V of a token come
     from the forward pass of the agent that processed it. The cache state lives in engine/cache.py.
+    With overlapped steps (Engine(async_steps=True)) the last token may be PLACEHOLDER between
+    two `step()` calls: drawn on the device, not yet read back (never once a request finishes).
     """
 
     def __init__(self, sid: int):
