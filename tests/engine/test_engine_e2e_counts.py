@@ -59,26 +59,47 @@ def test_base_shared_lockstep_computes_each_token_once_on_the_kernels(shared_a_a
     assert st["computed_tokens"] == sum(len(s) - 1 for s in ss)
 
 
-def test_decode_throughput_leaves_out_steps_that_carry_a_prefill():
-    """non_shared: agent b first catches up on a session a built, 50 tokens per session with 64
-    tokens per step, so session 0's second token shares a step with session 1's prefill. That
-    step is not a decode step; the decode-only ones are counted exactly."""
-    eng = Engine.from_pretrained("tiny", cache_mode="non_shared", max_batched_tokens=64)
+def _two_agent_round(async_steps: bool, n: int) -> fid.RoundTiming:
+    eng = Engine.from_pretrained("tiny", cache_mode="non_shared", max_batched_tokens=64, async_steps=async_steps)
     eng.add_lora_agent("a", None)
     eng.add_lora_agent("b", None)
     ss = [eng.new_session() for _ in range(2)]
     fid._timed_round(eng, ss, "a", [prompt(30, 1), prompt(30, 2)], 2)  # 32 tokens per session, a covers 31
-    n = 6
     r = fid._timed_round(eng, ss, "b", [prompt(18, 3), prompt(18, 4)], n)  # b's pending: all 50
+    assert eng.stats()["recomputed_tokens"] == 0
+    return r
+
+
+def _two_agent_shapes(n: int) -> list:
     # step k >= 3 runs s0's token at 48 + k and s1's at 47 + k; s1 ends one step after s0
-    expected = ([((0, 50), (0, 14)), ((50, 51), (14, 50))]  # s0 decodes while s1 ends its prefill
-                + [((48 + k, 49 + k), (47 + k, 48 + k)) for k in range(3, n + 1)] + [((48 + n, 49 + n),)])
-    assert r.shapes == expected
+    return ([((0, 50), (0, 14)), ((50, 51), (14, 50))]  # s0 decodes while s1 ends its prefill
+            + [((48 + k, 49 + k), (47 + k, 48 + k)) for k in range(3, n + 1)] + [((48 + n, 49 + n),)])
+
+
+def test_decode_throughput_leaves_out_steps_that_carry_a_prefill():
+    """non_shared: agent b first catches up on a session a built, 50 tokens per session with 64
+    tokens per step, so session 0's second token shares a step with session 1's prefill. That
+    step is not a decode step; the decode-only ones are counted exactly."""
+    n = 6
+    r = _two_agent_round(False, n)
+    assert r.shapes == _two_agent_shapes(n)
     assert [len(o) for o in r.outputs] == [n, n]
     assert r.decode_steps == n - 1  # steps 3 .. n + 1
     assert r.decode_tokens == 2 * n - 3  # all but the two first tokens and s0's second
-    assert r.decode_s > 0
-    assert eng.stats()["recomputed_tokens"] == 0
+    assert r.decode_s > 0 and r.decode_s == pytest.approx(sum(r.step_s))
+
+
+def test_decode_throughput_with_overlapped_steps():
+    """The same round with overlapped steps: the same forwards (a token in flight counts as a
+    session token), then one step that only reads the last draws back. Timed: the decode-only
+    steps but the first (which waits for the prefill step before it), plus that last wait."""
+    n = 6
+    r = _two_agent_round(True, n)
+    assert r.shapes == _two_agent_shapes(n) + [()]
+    assert [len(o) for o in r.outputs] == [n, n]
+    assert r.decode_steps == n - 2  # steps 4 .. n + 1
+    assert r.decode_tokens == 2 * n - 5  # step 3's two tokens are left out too
+    assert len(r.step_s) == r.decode_steps and r.decode_s > sum(r.step_s) > 0
 
 
 def _record_rounds(monkeypatch) -> list[fid.RoundTiming]:
@@ -94,6 +115,7 @@ def _record_rounds(monkeypatch) -> list[fid.RoundTiming]:
 
 
 def test_e2e_bench_measures_each_mode_after_an_identical_warmup_pass(monkeypatch):
+    monkeypatch.setenv("VMWEAVE_ASYNC_STEPS", "0")  # counts of synchronous steps (overlapped: above)
     rounds = _record_rounds(monkeypatch)
     modes = ("non_shared", "base_shared")
     rows = fid.e2e_bench([61], layers=1, decode_tokens=3, sessions=2, modes=modes, small=True)
@@ -143,6 +165,7 @@ def test_e2e_bench_repeats_interleave_the_modes_and_keep_each_ones_median_pass(m
 
 
 def test_esft_bench_measures_every_row_after_an_identical_warmup_round(monkeypatch):
+    monkeypatch.setenv("VMWEAVE_ASYNC_STEPS", "0")  # counts of synchronous steps
     rounds = _record_rounds(monkeypatch)
     rows = fid.esft_bench((1, 2), sessions=3, prompt_len=11, decode_tokens=4, small=True)
     assert [r.adapters for r in rows] == [0, 1, 2]  # the base alone first, as before
