@@ -173,6 +173,7 @@ class _Writes:
     slots: torch.Tensor | None = None  # flat slots of its chunks' new tokens, in batch-row order
     rows: torch.Tensor | None = None  # the batch rows they come from; None: every row, in order
     s2_slots: torch.Tensor | None = None  # kv group, S2 layers: per-KV-head slots [n, Hkv]
+    twin: bool = False  # slots and rows are the kv group's (same chunks, same block ids)
 
     def pick(self, values: torch.Tensor) -> torch.Tensor:
         """The rows of `values` [N, ...] this group writes."""
@@ -220,6 +221,9 @@ class PagedAttention:
         self.writes = self._plan_writes(uploads)
         self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan(uploads)
         uploads.send(kv.device)
+        for w in self.writes.values():
+            if w.twin:
+                w.slots, w.rows = self.writes[("kv",)].slots, self.writes[("kv",)].rows
 
     # ---- for CUDA graphs (engine/graphs.py) ------------------------------------------------------
     _GROUP_TENSORS = ("bt", "seq_lens", "cu_q", "rows", "lr_bt", "aid", "s2_bt")
@@ -229,7 +233,8 @@ class PagedAttention:
         adapter slots), in a fixed order: what differs between two forwards of one graph key."""
         out = []
         for w in self.writes.values():
-            out += [t for t in (w.slots, w.rows, w.s2_slots) if t is not None]
+            if not w.twin:  # a twin's tensors are the kv group's, listed once
+                out += [t for t in (w.slots, w.rows, w.s2_slots) if t is not None]
         for g in self.groups.values():
             out += [g[n] for n in self._GROUP_TENSORS if g.get(n) is not None]
         return out
@@ -239,8 +244,9 @@ class PagedAttention:
         chunk takes the torch path, which builds device tensors as it goes)."""
         if self.torch_chunks or self.impl is None:
             return None
-        writes = tuple((g, id(w.pool), w.rows is None, w.s2_slots is None) for g, w in self.writes.items())
+        writes = tuple((g, id(w.pool), w.rows is None, w.s2_slots is None, w.twin) for g, w in self.writes.items())
         groups = tuple((key, tuple(g["idx"]), g["decode"], g["max_q"], id(g["kv_pool"]), id(g.get("lr_pool")),
+                        g.get("lr_twin", False),
                         tuple(a.lora_id for a in g.get("agents", ())),
                         tuple(n for n in self._GROUP_TENSORS if g.get(n) is not None))
                        for key, g in self.groups.items())
@@ -260,6 +266,13 @@ class PagedAttention:
         return [r for i in idx for r in range(self.chunks[i].row0, self.chunks[i].row0
                                                  + self.chunks[i].end - self.chunks[i].start)]
 
+    def _twins(self, stream: Stream, i: int) -> bool:
+        """Whether `stream` (a low-rank V stream of chunk i) holds the same block ids as the
+        chunk's kv stream: in base_lr_shared both are reserved and freed together from pools
+        that hand out the lowest free id, so they do, and one block table and one set of
+        write slots serve both (checked, not assumed: base_shared's per-rank pools differ)."""
+        return stream.blocks == self.chunks[i].streams[self.kv_keys[i]].blocks
+
     def _plan_writes(self, uploads: _Uploads) -> dict[tuple, _Writes]:
         """Per write group, the slots of every member chunk's new tokens, concatenated (slots
         are the same for every layer: computed once per forward, on the host)."""
@@ -268,10 +281,15 @@ class PagedAttention:
             for key in ch.streams:
                 members.setdefault(_write_group(key), []).append((i, key))
         out = {}
+        kv_idx = [i for i, _ in members.get(("kv",), ())]
         for g, m in members.items():
             pools = {id(self.chunks[i].streams[k].pool) for i, k in m}
             assert len(pools) == 1, f"write group {g} spans {len(pools)} pools"
             w = out[g] = _Writes(self.chunks[m[0][0]].streams[m[0][1]].pool)
+            if g[0] == "lr" and [i for i, _ in m] == kv_idx and all(
+                    self._twins(self.chunks[i].streams[k], i) for i, k in m):
+                w.twin = True  # the kv group's slots and rows (set once they are on the device)
+                continue
             slots = [x for i, k in m
                      for x in self.chunks[i].streams[k].host_slots(self.chunks[i].start, self.chunks[i].end)]
             uploads.add(slots, torch.int64, lambda t, w=w: setattr(w, "slots", t))
@@ -341,8 +359,10 @@ class PagedAttention:
             lrs = [ch.streams[lk] for ch, lk in zip(chs, g["lkeys"])]
             g["lr_pool"] = lrs[0].pool
             g["agents"] = self._pool_agents(g["lr_pool"])
-            lbt = _padded_table(lrs)
-            put("lr_bt", lbt.reshape(-1), lbt.shape)
+            g["lr_twin"] = all(self._twins(lr, i) for lr, i in zip(lrs, g["idx"]))
+            if not g["lr_twin"]:  # else the kv table serves the low-rank cache too
+                lbt = _padded_table(lrs)
+                put("lr_bt", lbt.reshape(-1), lbt.shape)
             put("aid", [g["agents"].index(ch.agent) for ch in chs])
 
     def _pool_agents(self, pool) -> list[Agent]:
@@ -408,7 +428,7 @@ class PagedAttention:
 
     def _flash_lora_args(self, layer: int, g: dict) -> dict:
         """A Flash-LoRA group's low-rank operands for `layer`, as the kernels' keywords."""
-        return dict(lr_cache=g["lr_pool"].layer(0, layer), lr_block_tables=g["lr_bt"],
+        return dict(lr_cache=g["lr_pool"].layer(0, layer), lr_block_tables=g["bt"] if g["lr_twin"] else g["lr_bt"],
                     lora_b=self._lora_b(g["agents"], layer, g["lr_pool"]), adapter_ids=g["aid"])
 
     def _s2_kernel(self, layer: int, key: tuple, g: dict, qg: torch.Tensor) -> torch.Tensor:

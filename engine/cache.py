@@ -182,7 +182,8 @@ class KVManager:
         return max(a.v_rank for a in self.agents.values())
 
     def _pool_for(self, key: tuple) -> BlockPool:
-        return self.pool(key[0], self.lr_rank(key) if key[0] == "lr" else 0)
+        # a decode step asks for every stream's pool several times: kept per agent set
+        return self.derived(("pool_for", key), lambda: self.pool(key[0], self.lr_rank(key) if key[0] == "lr" else 0))
 
     def state(self, sid: int) -> SessionCache:
         return self.sessions.setdefault(sid, SessionCache())
@@ -238,7 +239,11 @@ class KVManager:
             raise
 
     def bytes_to_reserve(self, sid: int, agent: str | None, end: int) -> int:
+        """KV bytes `reserve(sid, agent, end)` would take."""
         st = self.sessions.get(sid)
+        keys = self.stream_keys(agent)
+        if st is not None and self.s2 is None and all(k in st.streams for k in keys):
+            return sum(st.streams[k].blocks_needed(end) * st.streams[k].pool.block_bytes for k in keys)
         total = 0
         for key in self.stream_keys(agent):
             s = st.streams.get(key) if st else None

@@ -509,7 +509,8 @@ class Engine:
                 row += b - a
             if w.sample and not all_rows:
                 rows.append(row - 1)
-        packed = to_device_packed([(x, torch.int64) for x in (ids, pos, lids, eids, rows, dst, src)], self.device)
+        packed = to_device_packed([(x, torch.int64) for x in (ids, pos, lids, eids, rows, *((dst, src) if dst else ()))],
+                                  self.device)
         inp = BatchInputs(*packed[:5])
         if dst:  # stream-ordered after prev's draw: the host never waits for it
             inp.input_ids.index_copy_(0, packed[5], prev.drawn.tokens.index_select(0, packed[6]))
