@@ -276,3 +276,43 @@ def test_s2_layers_run_flash_lora_in_the_s2_kernels(mode, device, monkeypatch, t
     _check_paths(device, monkeypatch, run)
     assert ("s2_attention_decode", True) in calls and ("s2_attention_prefill_paged", True) in calls
     assert torch_chunks[-1] == 0  # the kernel run: nothing fell back to torch
+
+
+def test_low_rank_stream_shares_the_kv_table_only_when_block_ids_match(adapters, device, monkeypatch):
+    """base_lr_shared: the kv and low-rank V streams get the same block ids (reserved and freed
+    together), so a forward plans one table and one set of write slots for both. With the
+    low-rank pool's ids shifted by a block taken beforehand, each forward sees they differ and
+    sends the low-rank stream's own; the tokens and log-probs are the same either way."""
+    from engine.attention import PagedAttention
+
+    if device == "cpu":
+        monkeypatch.setenv("VMWEAVE_KERNELS", "triton")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    seen = []
+    real = PagedAttention.__init__
+
+    def spying(self, *a, **kw):
+        real(self, *a, **kw)
+        seen.append((any(w.twin for w in self.writes.values()),
+                     any(g.get("lr_twin") for g in self.groups.values())))
+
+    monkeypatch.setattr(PagedAttention, "__init__", spying)
+    outs = {}
+    for shifted in (False, True):
+        eng = Engine.from_pretrained("tiny", cache_mode="base_lr_shared", device=device, dtype=dtype,
+                                     block_size=4)
+        for n in ("plan", "act"):
+            eng.add_lora_agent(n, adapters[n])
+        if shifted:
+            eng.kv.pool("lr", 8).allocate(1)
+        seen.clear()
+        p = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=True)
+        ids = [eng.add_request(eng.new_session(), a, list(range(3 + 5 * i, 14 + 6 * i)), p)
+               for i, a in enumerate(("plan", "act"))]
+        while eng.has_unfinished():
+            eng.step()
+        outs[shifted] = [eng.get_output(i) for i in ids]
+        assert seen and all(s == (not shifted, not shifted) for s in seen), seen
+    for r, g in zip(outs[False], outs[True]):
+        assert list(g) == list(r)
+        torch.testing.assert_close(g.logprobs, r.logprobs, atol=1e-6 if device == "cpu" else 1e-2, rtol=0)
