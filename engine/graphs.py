@@ -148,6 +148,19 @@ class StepGraphs:
         # Driven by hand rather than through torch.cuda.graph: its __enter__ switches streams
         # before capture_begin, so a capture_begin that raises would leave this thread on the
         # capture stream; it also flushes the allocator's cache at every capture.
+        # capture_begin puts the device's default CUDA generator into capture mode and only a
+        # capture_end that succeeds takes it out: a failed capture would leave every later
+        # random op on the device (sampling, randperm) raising "Offset increment outside graph
+        # capture". Its state from before is put back on failure.
+        rng = torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()]
+        rng_before = rng.clone_state()
+        try:
+            return self._capture_on(g, dev, stream, current, forward, roots)
+        except BaseException:
+            rng.graphsafe_set_state(rng_before)
+            raise
+
+    def _capture_on(self, g, dev, stream, current, forward, roots) -> tuple[_Captured, torch.Tensor]:
         with torch.cuda.device(dev), torch.cuda.stream(stream):
             _warm_blas(dev)
             # No garbage collection while capturing: a collected engine's finalizers synchronise

@@ -232,6 +232,11 @@ def test_engine_survives_a_failed_capture(loras, monkeypatch):
         assert torch.cuda.current_stream() == torch.cuda.default_stream()
         if graphs is not None:
             assert graphs.failed and graphs.captures == 0 and eng.stats()["graph_replays"] == 0
+            # the failed capture left the device's random generator usable (sampling, randperm)
+            assert sorted(torch.randperm(7, device="cuda").tolist()) == list(range(7))
+            sampled = eng.generate(eng.new_session(), None, prompt(5, 3),
+                                   SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True))
+            assert len(sampled) == 4
     _same(*outs, atol=1e-2)
 
 
