@@ -109,7 +109,8 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
                RANK: tl.constexpr, LR_ALIGN: tl.constexpr,
                BLOCK_SIZE: tl.constexpr, LR_BLOCK_SIZE: tl.constexpr,
                SPARSE_BLOCK: tl.constexpr, PAGED: tl.constexpr, HAS_LORA: tl.constexpr,
-               S2: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr):
+               S2: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
+               LR_SHARED_TABLE: tl.constexpr):
     """One key tile of the online softmax. MASK=False is the interior fast path: the caller
     guarantees every key of the tile is in range and visible to every query row."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -155,10 +156,16 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
         lmask = (offs_r[None, :] < RANK) & has_adapter
         if MASK:
             lmask = lmask & kmask[:, None]
-        # A request without adapter reads block 0 (masked out below), never its table.
-        lphys = _block_ids(lbt_row, start, kpos, kmask & has_adapter, tl.where(has_adapter, hi, 0),
-                           LR_BLOCK_SIZE, BLOCK_N, True)
-        lslot = (kpos % LR_BLOCK_SIZE).to(tl.int64)
+        if LR_SHARED_TABLE:
+            # the low-rank cache is paged by the K/V table itself (same ids, same block size):
+            # no second table walk on the path every L address waits for
+            lphys = phys
+            lslot = slot
+        else:
+            # A request without adapter reads block 0 (masked out below), never its table.
+            lphys = _block_ids(lbt_row, start, kpos, kmask & has_adapter, tl.where(has_adapter, hi, 0),
+                               LR_BLOCK_SIZE, BLOCK_N, True)
+            lslot = (kpos % LR_BLOCK_SIZE).to(tl.int64)
         # Row starts aligned to LR_ALIGN elements and a compile-time rank let the compiler load
         # whole rows as vectors: r = 8 rows are 16 bytes, never divisible-by-16 *elements*.
         l_off = tl.multiple_of(lphys * stride_lrb + lslot * stride_lrs, LR_ALIGN)
@@ -188,6 +195,7 @@ def _attn_fwd(
     PAGED: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LORA: tl.constexpr, S2: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     FUSE_REDUCE: tl.constexpr, GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr,
+    LR_SHARED_TABLE: tl.constexpr, PREFETCH_B: tl.constexpr,
 ):
     # Last query tiles first: under causality they have the most keys, so the tail is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -277,6 +285,13 @@ def _attn_fwd(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         acc_lr = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+        if HAS_LORA:
+            offs_r = tl.arange(0, R_PAD)
+            b_ptrs = (LoraB + tl.maximum(adapter, 0).to(tl.int64) * stride_lba + kvh * stride_lbh
+                      + offs_r[:, None] * stride_lbr + offs_d[None, :])
+            b_mask = (offs_r[:, None] < RANK) & has_adapter
+            if PREFETCH_B:  # issued before the key loop: its latency hides behind the loop's
+                lb = tl.load(b_ptrs, mask=b_mask, other=0.0)
 
         for t in range(t_lo, tl.minimum(t_hi, n_full)):
             start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
@@ -285,7 +300,7 @@ def _attn_fwd(
                 k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
                 stride_lrb, stride_lrs, has_adapter, qk_scale,
                 s2_local, s2_stride, s2_shift, is_dense,
-                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST)
+                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST, LR_SHARED_TABLE)
         for t in range(tl.maximum(t_lo, n_full), t_hi):
             start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
             acc, acc_lr, m_i, l_i = _attn_tile(
@@ -293,14 +308,12 @@ def _attn_fwd(
                 k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
                 stride_lrb, stride_lrs, has_adapter, qk_scale,
                 s2_local, s2_stride, s2_shift, is_dense,
-                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST)
+                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST, LR_SHARED_TABLE)
 
         if HAS_LORA:
             # (P·L)·B_a once per program; linear, so split partials may fold it in too.
-            offs_r = tl.arange(0, R_PAD)
-            b_ptrs = (LoraB + tl.maximum(adapter, 0).to(tl.int64) * stride_lba + kvh * stride_lbh
-                      + offs_r[:, None] * stride_lbr + offs_d[None, :])
-            lb = tl.load(b_ptrs, mask=(offs_r[:, None] < RANK) & has_adapter, other=0.0)
+            if not PREFETCH_B:
+                lb = tl.load(b_ptrs, mask=b_mask, other=0.0)
             # In the cache dtype: an fp32 [R_PAD, D] operand of B spills registers at r = 128,
             # and P was rounded to that dtype for P·V anyway.
             acc += _mm(acc_lr.to(lb.dtype), lb, UPCAST)
@@ -471,6 +484,12 @@ def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, d
     return int(min(want, most, 128))
 
 
+def _prefetch_lora_b(decode: bool, split: bool) -> bool:
+    """Whether Flash-LoRA loads B before the key loop (its latency hidden behind the loop, its
+    registers held through it) rather than after it."""
+    return False
+
+
 def _fuse_reduce(device: torch.device) -> bool:
     """Whether decode's split partials are combined by the last split program to finish (one
     launch) rather than by `_split_reduce` (two). Fused on every device: the second launch's
@@ -501,7 +520,9 @@ class _LaunchKey(NamedTuple):
     k_strides: tuple[int, ...]
     v_strides: tuple[int, ...]
     table: tuple | None  # (shape, strides) of the block table; None when not paged
-    lora: tuple | None  # (lr_cache shape, lr_cache strides, lr table row stride, lora_b strides)
+    # (lr_cache shape, lr_cache strides, lr table row stride, lora_b strides, whether the lr
+    # table is the K/V table itself)
+    lora: tuple | None
     s2: _S2Args | None
     max_seqlen_q: int | None  # prefill only (known by then)
     num_splits: int | None  # as the caller forced it
@@ -546,12 +567,15 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
     bt = block_tables
     lora_key = None
     if lora is not None:
-        lr = lora.lr_cache
-        lora_key = (lr.shape, lr.stride(), lora.lr_block_tables.stride()[0], lora.lora_b.stride())
+        lr, lbt = lora.lr_cache, lora.lr_block_tables
+        # The engine's base_lr_shared passes its K/V table as the low-rank one (same block ids).
+        shared = bool(paged and bt.dim() == 2 and lbt.data_ptr() == bt.data_ptr() and lbt.shape == bt.shape
+                      and lbt.stride() == bt.stride() and lbt.dtype == bt.dtype and lr.shape[1] == k.shape[1])
+        lora_key = (lr.shape, lr.stride(), lbt.stride()[0], lora.lora_b.stride(), shared)
     return _LaunchKey(paged, decode, batch, q.shape, q.stride(), out.stride(), k.shape, k.stride(),
                       v.stride(), (bt.shape, bt.stride()) if paged else None, lora_key, s2,
                       max_seqlen_q, num_splits, q.device, interpreter_on(),
-                      (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce))
+                      (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce, _prefetch_lora_b))
 
 
 @functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
@@ -559,7 +583,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     """The launch configuration (tiles, splits, grid, strides, constexprs) of a key: computed
     once per distinct key, so a repeated call with the same shapes only validates and launches."""
     paged, decode, batch = key.paged, key.decode, key.batch
-    config, lora_pad, default_splits, _, fuse_reduce = key.policy  # _num_sms: by _default_splits
+    config, lora_pad, default_splits, _, fuse_reduce, prefetch_b = key.policy  # _num_sms: by _default_splits
     total_q, hq, d = key.q_shape
     per_head_table = paged and len(key.table[0]) == 3
     hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
@@ -605,13 +629,13 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         stride_kb, stride_ks, stride_kh = 0, ks[0], ks[1]
         stride_vb, stride_vs, stride_vh = 0, vs[0], vs[1]
     if key.lora is not None:
-        lr_shape, lr_strides, lbt_row_stride, lb_strides = key.lora
+        lr_shape, lr_strides, lbt_row_stride, lb_strides, lr_shared = key.lora
         lr_args = (lr_strides[0], lr_strides[1], lbt_row_stride)
         lb_args = lb_strides[:3]
         lr_block_size = lr_shape[1]
         lr_align = math.gcd(16, lr_strides[0], lr_strides[1])
     else:
-        lr_args, lb_args, lr_block_size, lr_align = (0, 0, 0), (0, 0, 0), 1, 1
+        lr_args, lb_args, lr_block_size, lr_align, lr_shared = (0, 0, 0), (0, 0, 0), 1, 1, False
     if s2 is not None:
         s2_vals = (s2.local_blocks, s2.vert_stride, s2.head_sliding_step, s2.offset % s2.vert_stride,
                    s2.dense_from, int(s2.homo_head))
@@ -628,6 +652,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                 BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size, RANK=max(r, 1), LR_ALIGN=lr_align,
                 PAGED=paged, VARLEN_Q=not decode, HAS_LORA=key.lora is not None, S2=s2 is not None,
                 SPLIT=split, UPCAST=key.interpret, FUSE_REDUCE=fused,
+                LR_SHARED_TABLE=lr_shared, PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
                 **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
     ws_rows = total_q * hq * num_splits if split else 0

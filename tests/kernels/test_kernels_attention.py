@@ -202,6 +202,45 @@ def test_flash_lora_equals_paged_attention_on_materialised_cache(device, rng_see
     assert rel_err(ours, base.double()) < EXACT
 
 
+@pytest.mark.parametrize("prefetch_b", [False, True], ids=["b-after-loop", "b-prefetched"])
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_flash_lora_on_the_kv_table_itself_and_b_prefetch(device, rng_seed, monkeypatch, mode, prefetch_b):
+    """The low-rank cache paged by the K/V block table itself (the same tensor passed twice, as
+    the engine's base_lr_shared does: the kernel reuses the K block ids) or by an equal copy (its
+    own table walk); B loaded before or after the key loop: the reference every way."""
+    from kernels import attention as A
+
+    monkeypatch.setattr(A, "_prefetch_lora_b", lambda decode, split: prefetch_b)
+    metas = []
+    real_plan = A._launch_plan
+
+    def spying(key):
+        plan = real_plan(key)
+        metas.append(plan.meta)
+        return plan
+
+    monkeypatch.setattr(A, "_launch_plan", spying)
+    dtype, hq, hkv, d, bs, r = torch.bfloat16, 6, 2, 32, 16, 24
+    lens, aids = [53, 17, 1, 40], [1, -1, 0, 2]
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    lr = torch.randn(k.shape[0], bs, r, device=device).to(dtype)
+    lb = (torch.randn(3, hkv, r, d, device=device) / r ** 0.5).to(dtype)
+    aid = torch.tensor(aids, dtype=torch.int32, device=device)
+    lq = [20, 17, 1, 3]
+    q = torch.randn(len(lens) if mode == "decode" else sum(lq), hq, d, device=device).to(dtype)
+    cq = cu(lq, device)
+    for lbt, shared in ((bt, True), (bt.clone(), False)):
+        out = poisoned(q.shape, dtype, device)
+        if mode == "decode":
+            flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.3, out=out, num_splits=3)
+            ref = flash_lora_decode_ref(q, k, v, lr, bt, lb, aid, bt, sl, 0.3)
+        else:
+            flash_lora_prefill(q, k, v, lr, lbt, lb, aid, bt, cq, sl, 0.3, out=out)
+            ref = flash_lora_prefill_ref(q, k, v, lr, bt, lb, aid, bt, cq, sl, 0.3)
+        check(out, ref, dtype)
+        assert metas[-1]["LR_SHARED_TABLE"] is shared and metas[-1]["PREFETCH_B"] is prefetch_b
+
+
 def test_torch_fallback_matches_reference(device, rng_seed):
     """impl='torch' (the CPU serving path) against the same references."""
     dtype, hq, hkv, d, bs = torch.bfloat16, 4, 2, 16, 16
@@ -394,12 +433,13 @@ ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32"
              "LrBlockTables": "i32", "SeqLens": "i32", "CuQ": "i32", "CuK": "i32", "AdapterIds": "i32",
              "SplitCounters": "i32"}
 pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
-decode = variant == "decode"
+decode = variant.startswith("decode")
 bm, bn, warps, stages = A._config(128, 4, decode, 64, None)  # the GPU config, LoRA at r = 64
 consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=64, SPARSE_BLOCK=bn, BLOCK_SIZE=16,
               LR_BLOCK_SIZE=16, RANK=64, LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=True,
               S2=True, SPLIT=decode, UPCAST=False, FUSE_REDUCE=decode, GROUP_P2=4,
-              REDUCE_S=A._combine_chunk(4, 128))
+              REDUCE_S=A._combine_chunk(4, 128), LR_SHARED_TABLE=variant == "decode-shared-table",
+              PREFETCH_B=variant == "decode-prefetch-b")
 if variant == "reduce":
     consts, warps = dict(HEAD_DIM=128, GROUP_P2=4, REDUCE_S=A._combine_chunk(4, 128)), 4
 sig = {}
@@ -417,7 +457,7 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
-@pytest.mark.parametrize("variant", ["decode", "prefill", "reduce"])
+@pytest.mark.parametrize("variant", ["decode", "decode-shared-table", "decode-prefetch-b", "prefill", "reduce"])
 def test_kernel_compiles_for_hopper(variant):
     """The interpreter accepts code the compiler rejects: compile the widest variants (every flag
     on) for sm_90 without a GPU, in a process without TRITON_INTERPRET, so CPU-only CI catches it."""
