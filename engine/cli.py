@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replay decode steps from CUDA graphs (the default on a GPU)")
     graphs.add_argument("--eager", action="store_true",
                         help="decode eagerly, without CUDA graphs (also VMWEAVE_CUDA_GRAPHS=0)")
+    d.add_argument("--sync-steps", action="store_true",
+                   help="wait for each step's tokens instead of overlapping the next step's host work "
+                        "with it (the default on a GPU; also VMWEAVE_ASYNC_STEPS=0)")
     f = sub.add_parser("fidelity", help="each shared cache mode vs non_shared (KL, greedy agreement)")
     _common(f, steps=6, max_tokens=8)
     f.add_argument("--quiet", action="store_true", help="no per-turn progress lines")
@@ -86,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", choices=("modes", "esft"), default=None, help="run one of the two tables")
     b.add_argument("--small", action="store_true", help="tiny models instead (CPU smoke run)")
     b.add_argument("--eager", action="store_true", help="decode eagerly, without CUDA graphs (the default on a GPU)")
+    b.add_argument("--sync-steps", action="store_true",
+                   help="synchronous steps, not overlapped ones (overlapped is the default on a GPU)")
     return p
 
 
@@ -134,15 +139,16 @@ def cmd_demo(args, say) -> int:
         # One untimed turn first so one-time costs (kernel compilation, allocator start-up) are
         # not charged to whichever mode happens to run first.
         graphs = True if args.cuda_graphs else False if args.eager else None
+        overlap = False if args.sync_steps else None
         warm = open_engine(args.model, "non_shared", args.device, agents, esft, args.max_kv_bytes, args.dtype,
-                           cuda_graphs=graphs)
+                           cuda_graphs=graphs, async_steps=overlap)
         run_trajectory(warm, turns[:1], min(2, args.max_tokens))
         del warm
         runs = []
         for mode in args.modes:
             try:
                 eng = open_engine(args.model, mode, args.device, agents, esft, args.max_kv_bytes, args.dtype,
-                                  cuda_graphs=graphs)
+                                  cuda_graphs=graphs, async_steps=overlap)
             except ValueError as e:  # e.g. base_lr_shared with agents whose v_proj A differ
                 say(f"[{mode}] skipped: {e}")
                 continue
@@ -215,7 +221,8 @@ def cmd_bench(args, say) -> int:
             f"random weights; plan/act/reflect r=8 LoRA on q,v with a shared A; {args.sessions} sessions")
         rows = e2e_bench(lengths=lengths, layers=args.layers, decode_tokens=args.decode_tokens,
                          sessions=args.sessions, modes=args.modes, device=args.device, small=args.small,
-                         progress=say, cuda_graphs=not args.eager, repeats=args.repeats)
+                         progress=say, cuda_graphs=not args.eager, repeats=args.repeats,
+                         async_steps=False if args.sync_steps else None)
         say("")
         say(format_e2e(rows))
     if args.only != "modes" and counts:
@@ -224,7 +231,8 @@ def cmd_bench(args, say) -> int:
             f"{args.sessions * 4} sessions spread over the adapters")
         erows = esft_bench(counts, sessions=args.sessions * 4, device=args.device, small=args.small,
                            decode_tokens=max(args.decode_tokens, 2), prompt_len=16 if args.small else 128,
-                           progress=say, cuda_graphs=not args.eager)
+                           progress=say, cuda_graphs=not args.eager,
+                           async_steps=False if args.sync_steps else None)
         say("")
         say(format_esft(erows))
     return 0

@@ -147,13 +147,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | None) -> torch.
 
 def open_engine(model: str, mode: str, device: str | None, agents: dict[str, str | None],
                 esft: dict[str, str] | None = None, max_kv_bytes: int | None = None,
-                dtype: str | torch.dtype | None = None, cuda_graphs: bool | None = None):
-    """An Engine in `mode` with every agent and ESFT adapter registered (`cuda_graphs`: see
-    `Engine.from_pretrained`)."""
+                dtype: str | torch.dtype | None = None, cuda_graphs: bool | None = None,
+                async_steps: bool | None = None):
+    """An Engine in `mode` with every agent and ESFT adapter registered (`cuda_graphs`,
+    `async_steps`: see `Engine.from_pretrained`)."""
     from . import Engine
 
     eng = Engine.from_pretrained(model, cache_mode=mode, device=device, max_kv_bytes=max_kv_bytes,
-                                 dtype=resolve_dtype(dtype, device), cuda_graphs=cuda_graphs)
+                                 dtype=resolve_dtype(dtype, device), cuda_graphs=cuda_graphs,
+                                 async_steps=async_steps)
     for name, d in (esft or {}).items():
         eng.add_esft_adapter(name, d)
     for name, d in agents.items():
@@ -650,7 +652,7 @@ def _write_random_esft(path: str, model, experts_per_layer: int, seed: int, scal
 def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2, sessions: int = 16,
                prompt_len: int = 128, decode_tokens: int = 32, device: str | None = None,
                small: bool = False, seed: int = 0, progress: Progress = None,
-               cuda_graphs: bool = True) -> list[EsftRow]:
+               cuda_graphs: bool = True, async_steps: bool | None = None) -> list[EsftRow]:
     """ExpertWeave's end-to-end case: `sessions` requests decode together, spread round-robin
     over the loaded ESFT adapters (all on the base for the 0-adapter row), on one engine that
     loads more adapters between rows. Each row is timed on its second identical round (fresh
@@ -678,7 +680,7 @@ def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2
             f"per adapter; {sessions} sessions")
     say = progress or (lambda m: None)
     eng = Engine(model, "non_shared", 1 << 30 if dev.type == "cuda" else None, max_batched_tokens=4096,
-                 cuda_graphs=cuda_graphs)
+                 cuda_graphs=cuda_graphs, async_steps=async_steps)
     g = torch.Generator().manual_seed(seed)
     rows: list[EsftRow] = []
     loaded: list[str] = []

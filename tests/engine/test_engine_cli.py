@@ -79,6 +79,22 @@ def test_demo_cuda_graphs_flags_are_accepted_on_cpu(capsys, flag):
     assert list(rows) == ["non_shared"] and _num(rows["non_shared"][0]) > 0
 
 
+@pytest.mark.parametrize("argv,want", [([], None), (["--sync-steps"], False)])
+def test_demo_sync_steps_flag_reaches_every_engine(monkeypatch, capsys, argv, want):
+    import engine.fidelity as fid
+
+    seen = []
+    real = fid.open_engine
+
+    def spying(*a, **kw):
+        seen.append(kw.get("async_steps", "missing"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fid, "open_engine", spying)  # the demo imports it when it runs
+    assert main(["demo", *SMALL, "--modes", "non_shared,base_shared", *argv]) == 0
+    assert len(seen) == 3 and all(x is want for x in seen)  # the warm-up engine and one per mode
+
+
 def test_demo_graph_flags_exclude_each_other():
     with pytest.raises(SystemExit):
         main(["demo", *SMALL, "--cuda-graphs", "--eager"])
