@@ -17,6 +17,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+AGENTS = ("plan", "act", "reflect")
+
+
+def shared_a_loras(root, a_seed: int, gain: float) -> dict[str, str]:
+    """PEFT directories under `root` for plan / act / reflect on the built-in tiny model: r=8 on
+    q and v, one shared v_proj A (LRAgent's setting, as in the benchmark)."""
+    from engine.builtin import builtin_config, save_random_lora
+
+    c = builtin_config("tiny")
+    return {a: save_random_lora(str(root / a), c, r=8, seed=i + 1, a_seed=a_seed, gain=gain)
+            for i, a in enumerate(AGENTS)}
+
+
 def prompt(n: int, seed: int) -> list[int]:
     """A reproducible random prompt of `n` token ids below 512."""
     return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -19,18 +19,14 @@ from engine import Engine, SamplingParams
 from engine.builtin import builtin_config, save_random_lora
 from engine.graphs import StepGraphs
 from engine.sequence import PLACEHOLDER
-from engine_test_helpers import one_thread, prompt  # noqa: F401
+from engine_test_helpers import AGENTS, one_thread, prompt, shared_a_loras  # noqa: F401
 
 MODES = ["non_shared", "base_shared", "base_lr_shared", "full_shared"]
-AGENTS = ("plan", "act", "reflect")
 
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
-    root = tmp_path_factory.mktemp("async_adapters")
-    c = builtin_config("tiny")
-    return {a: save_random_lora(str(root / a), c, r=8, seed=i + 1, a_seed=100, gain=2.0)
-            for i, a in enumerate(AGENTS)}
+    return shared_a_loras(tmp_path_factory.mktemp("async_adapters"), a_seed=100, gain=2.0)
 
 
 def _engine(device, mode, loras, async_steps, **kw) -> Engine:

@@ -15,19 +15,13 @@ import torch
 
 import engine.fidelity as fid
 from engine import Engine
-from engine.builtin import builtin_config, save_random_lora
-from engine_test_helpers import cpu_kernels, one_thread, prompt  # noqa: F401  (autouse fixture)
-
-AGENTS = ("plan", "act", "reflect")
+from engine_test_helpers import AGENTS, cpu_kernels, one_thread, prompt, shared_a_loras  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def shared_a_adapters(tmp_path_factory):
     """plan / act / reflect: r=8 on q and v, one shared v_proj A (as in the benchmark)."""
-    root = tmp_path_factory.mktemp("e2e_adapters")
-    c = builtin_config("tiny")
-    return {a: save_random_lora(str(root / a), c, r=8, seed=i + 1, a_seed=77, gain=0.5)
-            for i, a in enumerate(AGENTS)}
+    return shared_a_loras(tmp_path_factory.mktemp("e2e_adapters"), a_seed=77, gain=0.5)
 
 
 @cpu_kernels
