@@ -108,9 +108,9 @@ def to_device_packed(parts: Sequence[tuple[Sequence[int] | np.ndarray, torch.dty
     return [dev[start:stop].view(dtype) for start, stop, dtype, _, _ in spans]
 
 
-class _Uploads:
-    """Index arrays a forward's plan needs on the device, collected on the host and sent in one
-    copy (`to_device_packed`); each lands in its place through its `assign` callback."""
+class Uploads:
+    """Index arrays a forward needs on the device, collected on the host and sent in one copy
+    (`to_device_packed`); each lands in its place through its `assign` callback."""
 
     def __init__(self):
         self._parts: list[tuple[list[int], torch.dtype]] = []
@@ -194,8 +194,8 @@ class PagedAttention:
     adapter set changes (the stacked v_proj A of the low-rank streams, Flash-LoRA's B stacks) is
     kept by the LoraSet (`LoraSet.memo`)."""
 
-    def __init__(self, kv: KVManager, chunks: list[Chunk], lora, lora_ids: torch.Tensor, s2=None,
-                 kernels: str | None = None):
+    def __init__(self, kv: KVManager, chunks: list[Chunk], lora, lora_ids: torch.Tensor | None, s2=None,
+                 kernels: str | None = None, uploads: Uploads | None = None):
         self.kv, self.chunks, self.lora, self.ids = kv, chunks, lora, lora_ids
         self.s2 = s2  # engine/s2.py S2Masks (the torch path's masks) or None
         self.sharded = kv.s2  # the S2 layers' head-sharded K/V (engine/s2.py ShardedKV) or None
@@ -217,10 +217,19 @@ class PagedAttention:
         # which adapter owns each low-rank stream: part of the key of the stacked A (see _lr_a)
         self._lr_owners = kv.derived("lr_owners", lambda: tuple((k, self._lr_owner(k).lora_id)
                                                                  for k in self.lr_keys))
-        uploads = _Uploads()
+        # `uploads` given: the caller sends them (with its own arrays, one copy a forward), then
+        # calls `sent()` and sets `ids`; else they go now
+        mine = uploads is None
+        uploads = Uploads() if mine else uploads
         self.writes = self._plan_writes(uploads)
         self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan(uploads)
-        uploads.send(kv.device)
+        if mine:
+            uploads.send(kv.device)
+            self.sent()
+
+    def sent(self) -> None:
+        """What follows the plan's arrays reaching the device: twin write groups take the kv
+        group's slots and rows."""
         for w in self.writes.values():
             if w.twin:
                 w.slots, w.rows = self.writes[("kv",)].slots, self.writes[("kv",)].rows
@@ -273,7 +282,7 @@ class PagedAttention:
         write slots serve both (checked, not assumed: base_shared's per-rank pools differ)."""
         return stream.blocks == self.chunks[i].streams[self.kv_keys[i]].blocks
 
-    def _plan_writes(self, uploads: _Uploads) -> dict[tuple, _Writes]:
+    def _plan_writes(self, uploads: Uploads) -> dict[tuple, _Writes]:
         """Per write group, the slots of every member chunk's new tokens, concatenated (slots
         are the same for every layer: computed once per forward, on the host)."""
         members: dict[tuple, list[tuple[int, tuple]]] = {}
@@ -302,7 +311,7 @@ class PagedAttention:
         return out
 
     # ---- the kernel path: chunks grouped into one paged-kernel call each ---------------------
-    def _plan(self, uploads: _Uploads):
+    def _plan(self, uploads: Uploads):
         """Group chunks by what they read: plain paged attention over the KV pool, or
         Flash-LoRA over the KV pool plus one low-rank pool. Chunks the kernels do not cover
         (an agent's own K namespace, a sliding window in reach) take the torch path. Every
@@ -335,7 +344,7 @@ class PagedAttention:
         """The low-rank stream agent `a` reads its V adapter part from."""
         return ("lr", a.name) if self.kv.mode == "base_shared" else ("lr", None)
 
-    def _group_arrays(self, key: tuple, g: dict, uploads: _Uploads) -> None:
+    def _group_arrays(self, key: tuple, g: dict, uploads: Uploads) -> None:
         """A group's host-side facts (pools, agents, shapes) into `g`, and its index arrays
         (block tables, lengths, adapter slots, rows) into `uploads`, to land in `g`."""
         chs = [self.chunks[i] for i in g["idx"]]

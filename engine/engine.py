@@ -9,7 +9,7 @@ from typing import Iterable
 
 import torch
 
-from .attention import Chunk, PagedAttention, to_device_packed
+from .attention import Chunk, PagedAttention, Uploads
 from .builtin import BUILTIN, builtin_weights
 from .cache import MODES, Agent, KVManager
 from .config import ModelConfig, load_config
@@ -134,6 +134,7 @@ class Engine:
             async_steps = _env_flag("VMWEAVE_ASYNC_STEPS", self.device.type == "cuda")
         self.async_steps = bool(async_steps)
         self._inflight: _InFlight | None = None
+        self._probe = torch.empty(0, device=self.device)  # where kernel_policy looks for the device
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -509,14 +510,20 @@ class Engine:
                 row += b - a
             if w.sample and not all_rows:
                 rows.append(row - 1)
-        packed = to_device_packed([(x, torch.int64) for x in (ids, pos, lids, eids, rows, *((dst, src) if dst else ()))],
-                                  self.device)
-        inp = BatchInputs(*packed[:5])
+        # the batch's index arrays and the attention plan's go to the device in one copy
+        uploads, got = Uploads(), []
+        for x in (ids, pos, lids, eids, rows, *((dst, src) if dst else ())):
+            uploads.add(x, torch.int64, got.append)
+        probe = self._probe
+        kern = kernel_impl(probe) if use_kernels(probe, self.model.dtype) else None
+        backend = PagedAttention(self.kv, chunks, self.lora, None, s2=self._s2(), kernels=kern, uploads=uploads)
+        uploads.send(self.device)
+        backend.sent()
+        inp = BatchInputs(*got[:5])
+        backend.ids = inp.lora_ids
         if dst:  # stream-ordered after prev's draw: the host never waits for it
-            inp.input_ids.index_copy_(0, packed[5], prev.drawn.tokens.index_select(0, packed[6]))
-        kern = kernel_impl(inp.input_ids) if use_kernels(inp.input_ids, self.model.dtype) else None
+            inp.input_ids.index_copy_(0, got[5], prev.drawn.tokens.index_select(0, got[6]))
         self.lora.prepare(inp.lora_ids, kern, host_ids=lids)
-        backend = PagedAttention(self.kv, chunks, self.lora, inp.lora_ids, s2=self._s2(), kernels=kern)
         logits = self._run_model(inp, backend, kern, graphable=not all_rows and len(ids) == len(chunks))
         self._count_forward(len(ids), len(chunks), len(backend.torch_chunks))
         for w in works:

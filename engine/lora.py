@@ -169,6 +169,7 @@ class LoraSet:
         self._memo: dict = {}
         self._stacked_for: tuple[int, ...] = ()
         self._plan = None
+        self._plan_key = None  # the host ids (and device) `_plan` was built for
         self._kids = None
         self._slot_of: dict[int, int] = {}  # adapter id -> its row in the stacks
 
@@ -196,6 +197,7 @@ class LoraSet:
         # an id can come back with another adapter (ids are max + 1), so no derived tensor
         # survives a change of the set
         self._memo = {}
+        self._plan_key = None
         self._stacked_for = tuple(sorted(self._adapters))
         self._slot_of = {a: i for i, a in enumerate(self._stacked_for)}
 
@@ -210,7 +212,7 @@ class LoraSet:
     def prepare(self, ids: torch.Tensor, impl: str | None = None, host_ids: Sequence[int] | None = None) -> None:
         """Group the batch's tokens by adapter once per forward (not once per layer). `host_ids`:
         the same ids as a host list, which lets the kernel path plan without a device sync
-        (without them it reads `ids` back: one sync)."""
+        (without them it reads `ids` back: one sync); the plan is kept while the ids repeat."""
         self.impl = impl if self._adapters else None
         self._groups = []
         if self.impl is None:
@@ -222,10 +224,13 @@ class LoraSet:
 
         if host_ids is None:
             host_ids = ids.tolist()
-        slot = self._slot_of
-        kids = np.fromiter((slot.get(a, -1) for a in host_ids), dtype=np.int32, count=len(host_ids))
-        # each token's row in the stacks (-1: none), planned on the host and sent in one copy
-        self._plan = lora_plan(kids, len(self._stacked_for), device=ids.device)
+        key = (tuple(host_ids), ids.device)
+        if key != self._plan_key:  # a steady decode batch has the same ids step after step
+            slot = self._slot_of
+            kids = np.fromiter((slot.get(a, -1) for a in host_ids), dtype=np.int32, count=len(host_ids))
+            # each token's row in the stacks (-1: none), planned on the host and sent in one copy
+            self._plan = lora_plan(kids, len(self._stacked_for), device=ids.device)
+            self._plan_key = key
         self._kids = self._plan.adapter_ids
 
     # ---- the per-forward state, for CUDA graphs (engine/graphs.py) ------------------------------

@@ -166,6 +166,31 @@ def test_kernel_path_gives_the_torch_paths_tokens_and_logprobs(adapters, keyed_a
         torch.testing.assert_close(g.logprobs, r.logprobs, atol=2e-4, rtol=0)
 
 
+def test_lora_plan_is_kept_while_the_batch_ids_repeat(adapters):
+    """LoraSet.prepare keeps its plan while a step's per-token adapter ids repeat (a steady
+    decode batch) and builds a new one when they change or when the adapter set does: the plan
+    of each step groups exactly that step's tokens."""
+    from engine.lora import LoraSet, load_peft_adapter
+
+    c = builtin_config("tiny")
+    ls = LoraSet()
+    ids_of = {n: ls.add(load_peft_adapter(adapters[n], c, "cpu", torch.float32, n)) for n in ("plan", "act")}
+    p, a = ids_of["plan"], ids_of["act"]
+
+    def plan(host):
+        ls.prepare(torch.tensor(host), "torch", host_ids=host)
+        return ls._plan
+
+    first = plan([p, a, -1, p])
+    assert plan([p, a, -1, p]) is first
+    other = plan([a, a, -1, p])
+    assert other is not first and other.adapter_ids.tolist() == [ls._slot_of[a], ls._slot_of[a], -1, ls._slot_of[p]]
+    assert plan([p, a, -1, p]) is not first  # only the latest plan is kept
+    kept = plan([p, a, -1, p])
+    ls.add(load_peft_adapter(adapters["reflect"], c, "cpu", torch.float32, "reflect"))
+    assert plan([p, a, -1, p]) is not kept  # a new adapter set plans again
+
+
 # ---- what a decode step asks of the device: syncs, uploads, ops ---------------------------------
 
 # ops that make the host wait for the device on a GPU: reading a value (`.item()`, `int()`,
@@ -240,7 +265,7 @@ def stand_in_kernels(monkeypatch):
     monkeypatch.setattr(engine_mod, "kernel_impl", lambda t: "triton")
 
 
-def _small_llama_engine(mode: str, layers: int, root) -> Engine:
+def _small_llama_engine(mode: str, layers: int, root, async_steps: bool = False) -> Engine:
     """Llama-3.1-8B's structure (GQA, LoRA on q and v, three agents with one shared v_proj A) at
     small sizes, `layers` deep."""
     from engine.config import config_from_dict
@@ -248,7 +273,7 @@ def _small_llama_engine(mode: str, layers: int, root) -> Engine:
 
     hf = dict(SMALL_LLAMA, num_hidden_layers=layers)
     cfg = config_from_dict(dict(hf))
-    eng = Engine(random_model(hf, "cpu", torch.float32, seed=1), mode, 1 << 26)
+    eng = Engine(random_model(hf, "cpu", torch.float32, seed=1), mode, 1 << 26, async_steps=async_steps)
     for i, name in enumerate(("plan", "act", "reflect")):
         d = root / f"{name}-{layers}"
         if not d.exists():
@@ -279,21 +304,23 @@ def _decode_step_traffic(eng: Engine, monkeypatch, context: int) -> DeviceTraffi
     return traffic
 
 
+@pytest.mark.parametrize("async_steps", [False, True], ids=["sync", "overlapped"])
 @pytest.mark.parametrize("mode", ["base_lr_shared", "base_shared"])
 def test_decode_step_syncs_and_uploads_are_bounded_and_do_not_grow(stand_in_kernels, monkeypatch,
-                                                                   tmp_path, mode):
+                                                                   tmp_path, mode, async_steps):
     """A decode step of the kernel path makes one device->host sync — sampling, one for every
-    request together (the LoRA plan is built from the ids on the host) — and three host->device
-    copies (the batch inputs, the attention plan's index arrays and write slots, the LoRA plan),
-    however long the context and however many layers; its op count does not depend on the
-    context length."""
-    shallow = _small_llama_engine(mode, 2, tmp_path)
-    deep = _small_llama_engine(mode, 5, tmp_path)
+    request together (the LoRA plan is built from the ids on the host; overlapped, the sync reads
+    the previous step's draws) — and one host->device copy (the batch inputs with the attention
+    plan's index arrays and write slots; the LoRA plan of the step before serves again, the same
+    agents decoding), however long the context and however many layers; its op count does not
+    depend on the context length."""
+    shallow = _small_llama_engine(mode, 2, tmp_path, async_steps)
+    deep = _small_llama_engine(mode, 5, tmp_path, async_steps)
     short = _decode_step_traffic(shallow, monkeypatch, context=21)
     long = _decode_step_traffic(shallow, monkeypatch, context=150)
     deeper = _decode_step_traffic(deep, monkeypatch, context=150)
     for t in (short, long, deeper):
-        assert (t.syncs, t.uploads) == (1, 3)
+        assert (t.syncs, t.uploads) == (1, 1)
     assert long.ops == short.ops
     assert deeper.ops > long.ops  # the counter sees the layers' work
 
