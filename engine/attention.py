@@ -94,6 +94,7 @@ def to_device_packed(parts: Sequence[tuple[Sequence[int] | np.ndarray, torch.dty
         start = -(-end // PACK_ALIGN) * PACK_ALIGN
         end = start + len(values) * dtype.itemsize
         spans.append((start, end, dtype, npdt, values))
+    end = -(-end // 8) * 8  # the buffer is viewed as int64 whole (one view per dtype, not per part)
     buf = np.zeros(end, dtype=np.uint8)
     for start, stop, _, npdt, values in spans:
         # numpy converts a list of ints (or copies an array) in C; an int64 id that does not
@@ -105,7 +106,8 @@ def to_device_packed(parts: Sequence[tuple[Sequence[int] | np.ndarray, torch.dty
         dev = host.pin_memory().to(device, non_blocking=True)
     else:
         dev = host.to(device)
-    return [dev[start:stop].view(dtype) for start, stop, dtype, _, _ in spans]
+    typed = {dtype: dev.view(dtype) for dtype in {sp[2] for sp in spans}}
+    return [typed[dtype][start // dtype.itemsize:stop // dtype.itemsize] for start, stop, dtype, _, _ in spans]
 
 
 class Uploads:
@@ -123,7 +125,7 @@ class Uploads:
 
     def send(self, device) -> None:
         for t, (assign, shape) in zip(to_device_packed(self._parts, device), self._assign):
-            assign(t.view(shape))
+            assign(t if len(shape) == 1 else t.view(shape))
         self._parts, self._assign = [], []
 
 
