@@ -218,10 +218,10 @@ class KVManager:
         """Room for tokens [0, end) in every stream `agent` writes, all or nothing (CacheFull)."""
         streams = self.streams(sid, agent)
         shards = self.sharded(sid, agent)
-        if not shards and all(s.blocks_needed(end) == 0 for s in streams.values()):
-            return  # a decode step inside the last block: nothing to take (most steps)
         need = sum(s.blocks_needed(end) * s.pool.block_bytes for s in streams.values())
         need += sum(self.s2.bytes_to_reserve(s, end) for s in shards.values())
+        if need == 0:
+            return  # e.g. a decode step inside the last block (most steps)
         if self.budget.used + need > self.budget.capacity:
             raise CacheFull(f"session {sid}: {need} more KV bytes needed, "
                             f"{self.budget.capacity - self.budget.used} free of {self.budget.capacity}")
@@ -241,15 +241,14 @@ class KVManager:
     def bytes_to_reserve(self, sid: int, agent: str | None, end: int) -> int:
         """KV bytes `reserve(sid, agent, end)` would take."""
         st = self.sessions.get(sid)
-        keys = self.stream_keys(agent)
-        if st is not None and self.s2 is None and all(k in st.streams for k in keys):
-            return sum(st.streams[k].blocks_needed(end) * st.streams[k].pool.block_bytes for k in keys)
         total = 0
         for key in self.stream_keys(agent):
             s = st.streams.get(key) if st else None
-            pool = self._pool_for(key)
-            have = len(s.blocks) if s else 0
-            total += max(0, -(-end // pool.block_size) - have) * pool.block_bytes
+            if s is not None:
+                total += s.blocks_needed(end) * s.pool.block_bytes
+            else:  # a stream not started yet
+                pool = self._pool_for(key)
+                total += -(-end // pool.block_size) * pool.block_bytes
             if self.s2 is not None and key[0] == "kv":
                 total += self.s2.bytes_to_reserve(st.sharded.get(key) if st else None, end)
         return total
