@@ -399,10 +399,11 @@ class Engine:
                 self._resolve(prev)
         self._register_blocks(works)
         if drawn is not None:
+            held = self._hold(*drawn)
             if self.async_steps:
-                self._inflight = self._hold(*drawn)
-            else:
-                self._collect(*drawn)
+                self._inflight = held
+            elif held is not None:  # synchronous: read this step's draws back now
+                self._resolve(held)
         self._count_step(works)
         out = {}
         for req in list(self._requests.values()):
@@ -420,9 +421,9 @@ class Engine:
             self._resolve(prev)
 
     def _hold(self, reqs: list[Request], drawn: Drawn) -> _InFlight | None:
-        """Leave this step's draws in flight: each live request's session gets a PLACEHOLDER
-        token (so the scheduler plans its next decode), and a request whose draw is its last
-        by length is held back from more work."""
+        """This step's draws as in flight: each live request's session gets a PLACEHOLDER token
+        (so the scheduler plans its next decode), and a request whose draw is its last by length
+        is held back from more work. Synchronous steps resolve it at once."""
         places, where = {}, {}
         for i, req in enumerate(reqs):
             if req.finished:  # stopped when the previous step's draws came back: this one is void
@@ -446,13 +447,6 @@ class Engine:
                 del req.session.tokens[pos:], req.session.procs[pos:]
                 continue
             self._sampled(req, host.tokens[i], host.logprobs[i], rows.get(i), place=pos)
-
-    def _collect(self, reqs: list[Request], drawn: Drawn) -> None:
-        """Append the draws of the step just run to their requests (waits for them)."""
-        rows = self._kept_rows(reqs, drawn)
-        host = drawn.host()
-        for i, req in enumerate(reqs):
-            self._sampled(req, host.tokens[i], host.logprobs[i], rows.get(i))
 
     @staticmethod
     def _kept_rows(reqs: list[Request], drawn: Drawn) -> dict[int, torch.Tensor]:
@@ -575,18 +569,13 @@ class Engine:
             self._s2_helper = S2Masks(self.config)
         return self._s2_helper
 
-    def _sampled(self, req: Request, tok: int, logprob: float, row: torch.Tensor | None,
-                 place: int | None = None) -> None:
-        """Append a drawn token (its log-prob, and its log-softmax row when the request keeps
-        them) to the request and its session (or put it in its session's placeholder at
-        `place`); finish the request if it stops here."""
+    def _sampled(self, req: Request, tok: int, logprob: float, row: torch.Tensor | None, place: int) -> None:
+        """Put a drawn token in its session's placeholder at `place` and append it (its
+        log-prob, and its log-softmax row when the request keeps them) to the request; finish
+        the request if it stops here."""
         now = time.perf_counter()
         s = req.session
-        if place is None:
-            s.tokens.append(tok)
-            s.procs.append(req.agent)
-        else:
-            s.tokens[place] = tok
+        s.tokens[place] = tok
         req.out.append(tok)
         req.out.token_logprobs.append(logprob)
         if row is not None:

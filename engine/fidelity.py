@@ -394,7 +394,7 @@ def _timed_round(eng, sessions, agent, prompts: list[list[int]], max_tokens: int
     names = agent if isinstance(agent, list) else [agent] * len(sessions)
     rids = [eng.add_request(s, a, p, params) for s, a, p in zip(sessions, names, prompts)]
     decode_s, decode_tokens, decode_steps, shapes, step_s = 0.0, 0, 0, [], []
-    overlapped = getattr(eng, "async_steps", False)
+    overlapped = eng.async_steps
     after_decode = False
     while eng.has_unfinished():
         t0 = time.perf_counter()
