@@ -66,7 +66,7 @@ def _free():
         torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("batch,ctx", [(1, 4096), (1, 32768), (16, 4096), (16, 32768),
+@pytest.mark.parametrize("batch,ctx", [(1, 4096), (1, 32768), (8, 4096), (16, 4096), (16, 32768),
                                        (64, 4096), (64, 32768)])
 def test_decode(benchmark, batch, ctx):
     from kernels.attention import flash_lora_decode, paged_attention_decode
@@ -115,7 +115,7 @@ def test_decode(benchmark, batch, ctx):
 
     ids = torch.arange(batch, dtype=torch.int32, device=DEV) % 4
     ids[1::5] = -1
-    for r in (8, 64):
+    for r in (8, 16, 64):  # the ranks
         lr = torch.randn(k.shape[0], BS, r, device=DEV, dtype=DT)
         lb = (torch.randn(4, HKV, r, D, device=DEV) / r ** 0.5).to(DT)
 

@@ -48,7 +48,9 @@ _NEG_BIG = -1.0e38  # running-max start: finite, so a row with no key yet gives 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _LONG = 8192  # contexts (decode) or query runs (prefill) from here on take wide tiles (_config)
-_LONG_SPLIT = 2048  # ... and decode splits of this many keys each (see _launch_plan)
+# Split decode takes narrow tiles over wide ones only when they keep this many times more of the
+# GPU's resident program slots busy (see _launch_plan).
+_NARROW_GAIN = 1.2
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -431,17 +433,19 @@ def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: i
     columns (0: no LoRA); `long`: keys per sequence (decode) or query run (prefill) of 8K and more.
 
     GPU values from `bench/tune_attention.py` on an H200 (bf16, Hq 32, Hkv 8, D 128, block 16):
-    decode is memory-bound and wants K/V tiles double-buffered, 32 KB over long contexts (128 keys
-    at D 128) and 16 KB over short ones (more splits of fewer tiles): within 2% of the best of 27
-    configs at batch 1-64, 4K-32K. Prefill wants 128×128 tiles over long query runs (368 TFLOP/s
+    decode is memory-bound and wants K/V tiles of 32 KB (128 keys at D 128; "wide") or 16 KB
+    ("narrow", 3 programs an SM instead of 2): `long` picks for unsplit launches, and split ones
+    take whichever fills more of the GPU (`_launch_plan`); within 1.3% of the best tile and
+    split count at 23 shapes, batch 1-64 × 1K-32K, 7% at 3 (Run N). Prefill wants 128×128 tiles over long query runs (368 TFLOP/s
     at 16K) and narrow key tiles over short ones, where the diagonal's masked tiles weigh more
     (1K: 266 vs 217 TFLOP/s; 4K: 335 vs 331)."""
     if interpreter_on():
         # Small tiles so that CPU tests with short sequences still cross many tiles.
         bm, bn, warps, stages = (16 if decode else 32), 16, 4, 1
     elif decode:
-        # Flash-LoRA keeps the long-context tiles at every length: with 64-key tiles its second
-        # accumulator costs 1.3-1.5× paged decode, with 128 1.01-1.12× (r = 8, batch 1-64).
+        # Flash-LoRA keeps the wide tiles at every length: its second accumulator makes narrow
+        # ones slower (H200, r = 8: 4 × 4K 29.6 vs 26.2 us, 8 × 4K 48.6 vs 42.4; 1 × 4K the
+        # exception, 13.2 vs 13.8).
         wide = long or r_pad > 0
         bm, bn = 16, max(16, min(128, (128 if wide else 64) * 128 // head_dim))
         warps, stages = 4, 2
@@ -465,23 +469,39 @@ def _lora_pad(rank: int, decode: bool) -> int:
     return max(32 if decode else 16, _next_pow2(rank))
 
 
-def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, device) -> int:
-    """Split-KV factor for decode: none once batch × heads fills the GPU twice over; else about
-    2 programs per SM, rounded down to a power of two (splits then divide a power-of-two tile
-    count evenly), never under 2 tiles each. Measured on an H200 (bf16, Hq 32, Hkv 8, D 128,
-    block 16, `bench/tune_attention.py --what splits`): batch 16 × 4K 2 splits
-    73.9 us vs 6 splits 77.7; 16 × 8K 134.9 vs 140.5; 1 × 32K 32 splits 44.0 vs 33 45.2;
-    4 × 8K and 1 × 4K best at the 8 and 32 this gives."""
+def _resident_per_sm(block_n: int, head_dim: int) -> int:
+    """Decode programs an SM runs at once, bounded by registers (4 warps): on an H200 at D 128
+    the kernel takes 226 registers a thread with 128-key tiles (2 programs an SM) and 168 with
+    64-key tiles (3). Tiles hold block_n × head_dim elements at every head dim (`_config`)."""
+    return 2 if block_n * head_dim >= 128 * 128 else 3
+
+
+def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, device,
+                    per_sm: int = 2) -> int:
+    """Split-KV factor for decode: none once batch × heads fills every SM's `per_sm` resident
+    programs; else as many splits as fill them, rounded down to a power of two (splits then
+    divide a power-of-two tile count evenly), never under one tile each. Measured on an H200
+    (bf16, Hq 32, Hkv 8, D 128, block 16; `bench/tune_attention.py --what splits`, Run N of
+    bench/RESULTS.md): a second wave costs more than idle SMs (16 × 4K 2 splits 73.9 us vs 6
+    splits 77.7; 1 × 32K 32 splits 44.0 vs 33 45.2), one tile a program is fine while the
+    programs fit (1 × 1K 16 splits of one 64-key tile 7.3 us vs 8 of two 8.9)."""
     if interpreter_on():
         return 1
     programs = max(batch * num_kv_heads, 1)
-    sms = _num_sms(device)
-    if programs >= 2 * sms:
+    slots = per_sm * _num_sms(device)
+    if programs >= slots:
         return 1
-    want = max(1, (2 * sms) // programs)
+    want = max(1, slots // programs)
     want = 1 << (want.bit_length() - 1)
-    most = max(1, max_ctx // (2 * block_n))
+    most = max(1, max_ctx // block_n)
     return int(min(want, most, 128))
+
+
+def _slot_fill(programs: int, per_sm: int, device) -> float:
+    """The share of the GPU's resident program slots a launch of `programs` keeps busy, over
+    its waves."""
+    slots = per_sm * _num_sms(device)
+    return programs / (slots * -(-programs // slots))
 
 
 def _prefetch_lora_b(decode: bool, split: bool) -> bool:
@@ -604,13 +624,29 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         # Splits follow the keys a head reads (shard + window), not the dense width.
         max_ctx = min(max_ctx, (s2.local_blocks + 1) * s2.sparse_block + max_ctx // s2.vert_stride)
     num_splits = key.num_splits
-    if num_splits is None:
-        num_splits = default_splits(batch, hkv, max_ctx, bn, key.device) if decode else 1
-        if decode and not long and num_splits > 1 and max_ctx // num_splits >= _LONG_SPLIT:
-            # A few splits of many keys each stream like a long context: its wide tiles (H200,
-            # 16 × 4K: 2 splits of 128-key tiles 73.9 us, of 64-key tiles 90.4)
-            bm, bn, warps, stages = config(d, group, decode, r_pad, sparse, long=True)
-            num_splits = default_splits(batch, hkv, max_ctx, bn, key.device)
+    if num_splits is None and not decode:
+        num_splits = 1
+    elif num_splits is None:
+        programs = batch * hkv
+        wide = config(d, group, decode, r_pad, sparse, long=True)
+        narrow = config(d, group, decode, r_pad, sparse, long=False)
+        if wide != narrow and programs < _resident_per_sm(wide[1], d) * _num_sms(key.device):
+            # Splitting: wide tiles stream better (H200: 8 × 4K 41.1 vs 47.8 us, 32 × 1K 37.7
+            # vs 42.3, 16 × 2K 40.8 vs 47.8) unless the narrow tiles' third resident program
+            # an SM fills slots the wide ones leave idle (12 × 2K: 4 splits of 64-key tiles
+            # 33.9 us, 2 of 128-key tiles 36.0; 12 × 16K 201.5 vs 215.5; 1 × 1K 16 of 64 7.3,
+            # 8 of 128 8.3). Unsplit launches keep the tiles of their context length
+            # (64 × 1K: 67.0 vs 70.7 us for wide ones).
+            fills = []
+            for cfg in (wide, narrow):
+                per_sm = _resident_per_sm(cfg[1], d)
+                splits = default_splits(batch, hkv, max_ctx, cfg[1], key.device, per_sm)
+                fills.append(_slot_fill(programs * splits, per_sm, key.device))
+            if fills[0] * _NARROW_GAIN < fills[1]:
+                bm, bn, warps, stages = narrow
+            else:
+                bm, bn, warps, stages = wide
+        num_splits = default_splits(batch, hkv, max_ctx, bn, key.device, _resident_per_sm(bn, d))
     split = num_splits > 1
     fused = split and decode and fuse_reduce(key.device)
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)

@@ -111,19 +111,59 @@ def test_swapped_tuning_function_is_not_served_a_stale_plan(device, rng_seed, pl
     assert plan_misses() == 2
 
 
-@pytest.mark.parametrize("batch, hkv, ctx, block_n, want", [
-    (16, 8, 4096, 64, 2),      # 128 programs on 132 SMs: ~2 per SM
-    (1, 8, 32768, 128, 32),    # 264 // 8 = 33, rounded down to a power of two
-    (4, 8, 8192, 128, 8),
-    (1, 8, 4096, 128, 16),     # capped: at least 2 tiles per split
-    (64, 8, 4096, 64, 1),      # the batch fills the GPU twice over: no split
-    (1, 1, 100, 64, 1),        # too few tiles to split
+@pytest.mark.parametrize("batch, hkv, ctx, block_n, per_sm, want", [
+    (16, 8, 4096, 64, 2, 2),      # 128 programs on 132 SMs: ~2 per SM
+    (1, 8, 32768, 128, 2, 32),    # 264 // 8 = 33, rounded down to a power of two
+    (4, 8, 8192, 128, 2, 8),
+    (1, 8, 4096, 128, 2, 32),     # one tile a split
+    (1, 8, 1024, 128, 2, 8),      # capped: at least one tile a split
+    (12, 8, 2048, 64, 3, 4),      # three resident programs an SM: 396 // 96
+    (64, 8, 4096, 64, 2, 1),      # the batch fills the GPU twice over: no split
+    (1, 1, 100, 64, 2, 1),        # too few tiles to split
 ])
-def test_default_splits_about_two_programs_per_sm(monkeypatch, batch, hkv, ctx, block_n, want):
+def test_default_splits_fill_the_resident_programs(monkeypatch, batch, hkv, ctx, block_n, per_sm, want):
     monkeypatch.setattr(A, "interpreter_on", lambda: False)
     monkeypatch.setattr(A, "_num_sms", lambda device: 132)
-    got = A._default_splits(batch, hkv, ctx, block_n, torch.device("cpu"))
+    got = A._default_splits(batch, hkv, ctx, block_n, torch.device("cpu"), per_sm)
     assert got == want and got & (got - 1) == 0
+
+
+@pytest.mark.parametrize("batch, ctx, lora, block_n, splits", [
+    (16, 4096, False, 128, 2),    # splitting: wide tiles, 256 programs of 264 slots
+    (8, 4096, False, 128, 4),
+    (1, 4096, False, 128, 32),    # one 128-key tile a split (narrow: 256 of 396 slots)
+    (48, 4096, False, 64, 1),     # 384 programs: no split, short tiles
+    (16, 2048, False, 128, 2),
+    (1, 32768, False, 128, 32),
+    (12, 2048, False, 64, 4),     # wide: 2 splits fill 192 of 264; narrow: 4 fill 384 of 396
+    (1, 1024, False, 64, 16),     # wide: 8 one-tile splits fill 64 of 264; narrow 128 of 396
+    (64, 1024, False, 64, 1),     # unsplit: the short-context tiles
+    (64, 16384, False, 128, 1),   # unsplit, long context
+    (12, 16384, False, 64, 4),    # long context, but 2 wide splits leave a quarter idle
+    (4, 8192, False, 128, 8),
+    (12, 2048, True, 128, 2),     # Flash-LoRA keeps wide tiles (see _config)
+])
+def test_split_decode_picks_tile_width_by_slot_fill(monkeypatch, batch, ctx, lora, block_n, splits):
+    """Which tile width and split count a GPU decode launch gets (interpreter off, the H200's
+    132 SMs; Hq 32, Hkv 8, D 128, block 16, bf16), read off shapes alone (meta tensors: a plan
+    never reads values)."""
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    A._launch_plan.cache_clear()
+    hq, hkv, d, bs = 32, 8, 128, 16
+    nblk = ctx // bs
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    q = torch.empty(batch, hq, d, **meta)
+    k = torch.empty(batch * nblk, bs, hkv, d, **meta)
+    bt = torch.empty(batch, nblk, dtype=torch.int32, device="meta")
+    lr = A._Lora(torch.empty(k.shape[0], bs, 16, **meta), bt, torch.empty(2, hkv, 16, d, **meta),
+                 torch.empty(batch, dtype=torch.int32, device="meta")) if lora else None
+    key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=batch, block_tables=bt,
+                        lora=lr, s2=None, max_seqlen_q=None, num_splits=None)
+    plan = A._launch_plan(key)
+    A._launch_plan.cache_clear()
+    assert plan.meta["BLOCK_N"] == block_n
+    assert plan.grid == (1, hkv * splits, batch) and plan.meta["SPLIT"] == (splits > 1)
 
 
 # Each variation changes one thing the plan is computed from, relative to decode_case()'s defaults.
@@ -388,29 +428,6 @@ def test_bad_lora_input_raises_before_any_launch(device, rng_seed, monkeypatch, 
                 block_tables=table, seq_lens=seq_lens, scale=0.3, out=poisoned_like(q),
                 validate=False)
     _assert_rejected_after_warm_plan(flash_lora_decode, args, change, exc, msg, monkeypatch)
-
-
-@pytest.mark.parametrize("batch, ctx, splits, block_n", [
-    (16, 4096, 2, 128),   # 2 splits of 2048 keys: the long-context (wide) tiles
-    (1, 4096, 32, 64),    # 32 splits of 128 keys: short tiles, more splits
-    (48, 4096, 1, 64),    # 384 programs: no split, short tiles
-    (1, 32768, 32, 128),  # a long context: wide tiles whatever the split
-])
-def test_decode_plan_picks_tiles_from_keys_per_split(monkeypatch, batch, ctx, splits, block_n):
-    """The plan a GPU launch would get (interpreter off, 132 SMs), read off shapes alone (meta
-    tensors: a plan never reads values)."""
-    monkeypatch.setattr(A, "interpreter_on", lambda: False)
-    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
-    hq, hkv, d, bs = 32, 8, 128, 16
-    nblk = batch * ctx // bs
-    k = torch.empty(nblk, bs, hkv, d, dtype=torch.bfloat16, device="meta")
-    q = torch.empty(batch, hq, d, dtype=torch.bfloat16, device="meta")
-    bt = torch.empty(batch, ctx // bs, dtype=torch.int32, device="meta")
-    key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=batch, block_tables=bt, lora=None,
-                        s2=None, max_seqlen_q=None, num_splits=None)
-    plan = A._launch_plan(key)
-    assert plan.meta["BLOCK_N"] == block_n and plan.grid[1] == hkv * splits
-    assert plan.meta["SPLIT"] == (splits > 1)
 
 
 # ---------------------------------------------------------------- GPU: fused combine under load
