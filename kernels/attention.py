@@ -435,10 +435,10 @@ def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: i
     GPU values from `bench/tune_attention.py` on an H200 (bf16, Hq 32, Hkv 8, D 128, block 16):
     decode is memory-bound and wants K/V tiles of 32 KB (128 keys at D 128; "wide") or 16 KB
     ("narrow", 3 programs an SM instead of 2): `long` picks for unsplit launches, and split ones
-    take whichever fills more of the GPU (`_launch_plan`); within 1.3% of the best tile and
-    split count at 23 shapes, batch 1-64 × 1K-32K, 7% at 3 (Run N). Prefill wants 128×128 tiles over long query runs (368 TFLOP/s
-    at 16K) and narrow key tiles over short ones, where the diagonal's masked tiles weigh more
-    (1K: 266 vs 217 TFLOP/s; 4K: 335 vs 331)."""
+    take whichever fills more of the GPU (`_launch_plan`); within 1.7% of the best tile and
+    split count at 23 shapes, batch 1-64 × 1K-32K (Run N of bench/RESULTS.md). Prefill wants
+    128×128 tiles over long query runs (368 TFLOP/s at 16K) and narrow key tiles over short ones,
+    where the diagonal's masked tiles weigh more (1K: 266 vs 217 TFLOP/s; 4K: 335 vs 331)."""
     if interpreter_on():
         # Small tiles so that CPU tests with short sequences still cross many tiles.
         bm, bn, warps, stages = (16 if decode else 32), 16, 4, 1
@@ -481,7 +481,7 @@ def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, d
     """Split-KV factor for decode: none once batch × heads fills every SM's `per_sm` resident
     programs; else as many splits as fill them, rounded down to a power of two (splits then
     divide a power-of-two tile count evenly), never under one tile each. Measured on an H200
-    (bf16, Hq 32, Hkv 8, D 128, block 16; `bench/tune_attention.py --what splits`, Run N of
+    (bf16, Hq 32, Hkv 8, D 128, block 16; `bench/tune_attention.py --what splits` and Run N of
     bench/RESULTS.md): a second wave costs more than idle SMs (16 × 4K 2 splits 73.9 us vs 6
     splits 77.7; 1 × 32K 32 splits 44.0 vs 33 45.2), one tile a program is fine while the
     programs fit (1 × 1K 16 splits of one 64-key tile 7.3 us vs 8 of two 8.9)."""
