@@ -248,6 +248,43 @@ def lora_sweep(cases, log) -> list[dict]:
     return rows
 
 
+TILE_CASES = ("1x1024,1x2048,1x4096,2x4096,3x4096,4x4096,6x4096,8x4096,12x4096,12x1024,12x2048,"
+              "24x2048,48x1024,8x2048,32x2048,16x2048,64x1024,12x8192,12x16384,6x16384,16x4096,"
+              "64x4096,1x32768")
+
+
+def tile_sweep(cases, log) -> list[dict]:
+    """Split decode's tile width and split count (`kernels.attention._launch_plan`): the
+    policy's pick against 64- and 128-key tiles at the split count the policy would give each
+    (`_default_splits` with `_resident_per_sm`), half and double it, and SDPA on contiguous K/V."""
+    rows = []
+    for batch, ctx in cases:
+        k, v, tables, q, sl, out, kvb = decode_inputs(batch, ctx)
+        fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
+               for t in tables]
+        key = attn._launch_key(q, k, v, out, paged=True, decode=True, batch=batch, block_tables=tables[0],
+                               lora=None, s2=None, max_seqlen_q=None, num_splits=None)
+        plan = attn._launch_plan(key)
+        r = dict(kind="tiles_policy", batch=batch, ctx=ctx, bn=plan.meta["BLOCK_N"],
+                 splits=plan.grid[1] // HKV, graph_ms=graph_ms(fns), kv_bytes=kvb)
+        sd = sdpa_decode(q, k, v, tables)
+        r["sdpa_ms"] = graph_ms(sd)
+        del sd
+        rows.append(r)
+        log(r)
+        for bn in (64, 128):
+            pol = attn._default_splits(batch, HKV, ctx, bn, q.device, attn._resident_per_sm(bn, D))
+            for sp in sorted({max(1, pol // 2), pol, pol * 2}):
+                with Override((16, bn, 4, 2), sp):
+                    r = dict(kind="tiles", batch=batch, ctx=ctx, bn=bn, warps=4, stages=2, splits=sp,
+                             policy_splits=sp == pol, graph_ms=graph_ms(fns))
+                rows.append(r)
+                log(r)
+        del k, v, tables
+        torch.cuda.empty_cache()
+    return rows
+
+
 PREFILL_CFGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                 (128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 4), (128, 128, 4, 2),
                 (128, 32, 4, 4), (128, 32, 8, 3), (128, 32, 4, 2), (64, 32, 4, 3), (128, 16, 4, 3),
@@ -304,7 +341,8 @@ def main() -> None:
     ap.add_argument("--out", default="tune.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--what", default="decode,lora,prefill", help="comma list of decode, splits (combine and the split sweep), combine, lora, "
-                         "prefill")
+                         "prefill, tiles (split decode's tile width and split count)")
+    ap.add_argument("--tile-cases", default=TILE_CASES, help="BATCHxCTX,... for tiles")
     ap.add_argument("--split-cases", default="16x4096,1x32768,1x4096,16x8192,4x8192,1x16384",
                     help="BATCHxCTX,... for splits / combine")
     ap.add_argument("--prefill-cases", default="16x1024,4x4096,1x16384", help="BATCHxSEQ,...")
@@ -323,6 +361,8 @@ def main() -> None:
     if "splits" in what or "combine" in what:
         cases = [tuple(int(x) for x in c.split("x")) for c in args.split_cases.split(",")]
         rows += split_sweep(cases, log, sweep="splits" in what)
+    if "tiles" in what:
+        rows += tile_sweep([tuple(int(x) for x in c.split("x")) for c in args.tile_cases.split(",")], log)
     if "lora" in what:
         rows += lora_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096)], log)
     if "prefill" in what:
@@ -340,6 +380,7 @@ def summarize(rows) -> None:
         if "graph_ms" not in r:
             continue
         kind = r["kind"] if "r" not in r else f"{r['kind']}{r['r']}"
+        kind = "tiles" if kind == "tiles_policy" else kind  # the policy competes with the sweep
         key = (kind, r.get("batch"), r.get("ctx", r.get("seq")))
         if key not in by or r["graph_ms"] < by[key]["graph_ms"]:
             by[key] = r

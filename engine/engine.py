@@ -134,7 +134,6 @@ class Engine:
             async_steps = _env_flag("VMWEAVE_ASYNC_STEPS", self.device.type == "cuda")
         self.async_steps = bool(async_steps)
         self._inflight: _InFlight | None = None
-        self._probe = torch.empty(0, device=self.device)  # where kernel_policy looks for the device
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -508,8 +507,7 @@ class Engine:
         uploads, got = Uploads(), []
         for x in (ids, pos, lids, eids, rows, *((dst, src) if dst else ())):
             uploads.add(x, torch.int64, got.append)
-        probe = self._probe
-        kern = kernel_impl(probe) if use_kernels(probe, self.model.dtype) else None
+        kern = kernel_impl(self.device) if use_kernels(self.device, self.model.dtype) else None
         backend = PagedAttention(self.kv, chunks, self.lora, None, s2=self._s2(), kernels=kern, uploads=uploads)
         uploads.send(self.device)
         backend.sent()

@@ -16,25 +16,30 @@ import os
 import torch
 
 
-def kernel_impl(t: torch.Tensor) -> str:
-    """"triton" or "torch" for a kernel call on tensor `t` (see the module doc)."""
+def _on_cuda(where: torch.Tensor | torch.device) -> bool:
+    return where.is_cuda if isinstance(where, torch.Tensor) else torch.device(where).type == "cuda"
+
+
+def kernel_impl(where: torch.Tensor | torch.device) -> str:
+    """"triton" or "torch" for a kernel call on tensor (or device) `where` (see the module doc)."""
     force = os.environ.get("VMWEAVE_KERNELS", "").strip().lower()
     if force == "torch":
         return "torch"
     if force == "triton":
-        if t.is_cuda:
+        if _on_cuda(where):
             return "triton"
         from kernels._dispatch import interpreter_on
 
         return "triton" if interpreter_on() else "torch"
-    return "triton" if t.is_cuda else "torch"
+    return "triton" if _on_cuda(where) else "torch"
 
 
-def use_kernels(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the engine takes the kernel path (paged / Flash-LoRA attention, fused MoE)."""
+def use_kernels(where: torch.Tensor | torch.device, dtype: torch.dtype) -> bool:
+    """Whether the engine takes the kernel path (paged / Flash-LoRA attention, fused MoE) for a
+    model of `dtype` on `where`'s device."""
     force = os.environ.get("VMWEAVE_KERNELS", "").strip().lower()
     if force == "torch":
         return False
     if force == "triton":
-        return kernel_impl(t) == "triton"
-    return t.is_cuda and dtype in (torch.float16, torch.bfloat16)
+        return kernel_impl(where) == "triton"
+    return _on_cuda(where) and dtype in (torch.float16, torch.bfloat16)
