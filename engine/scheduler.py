@@ -86,10 +86,15 @@ class Scheduler:
     def make_room(self, sid: int, agent: str | None, end: int, protected: set[int]) -> bool:
         """Free caches until session `sid` can hold [0, end); False if even freeing all others
         cannot make it fit. Sessions in `protected` are never freed."""
+        return self._room_for(sid, agent, end, protected) is not None
+
+    def _room_for(self, sid: int, agent: str | None, end: int, protected: set[int]) -> int | None:
+        """`make_room`, answering the bytes `kv.reserve(sid, agent, end)` will take once the room
+        is made (freeing other sessions does not change them), or None when it cannot be made."""
         need = self.kv.bytes_to_reserve(sid, agent, end)
         kv = self.kv
         if kv.budget.used + need <= kv.budget.capacity:
-            return True
+            return need
         active = {r.session.id for r in self.running}
         idle = sorted((x for x in kv.sessions if x not in active and x not in protected and x != sid),
                       key=lambda x: self.last_used.get(x, -1))
@@ -97,7 +102,7 @@ class Scheduler:
             kv.free_session(victim)
             self.evictions += 1
             if kv.budget.used + need <= kv.budget.capacity:
-                return True
+                return need
         for req in reversed(list(self.running)):
             vs = req.session.id
             if vs == sid or vs in protected or vs not in kv.sessions:
@@ -106,14 +111,14 @@ class Scheduler:
             req.status = Status.WAITING
             self.preemptions += 1
             if kv.budget.used + need <= kv.budget.capacity:
-                return True
+                return need
         # last resort in non_shared: the other agents' copies of this very session
         if kv.mode == "non_shared" and sid not in protected:
             kv.free_other_agents(sid, agent)
             if kv.budget.used + need <= kv.budget.capacity:
                 self.preemptions += 1
-                return True
-        return kv.budget.used + need <= kv.budget.capacity
+                return need
+        return need if kv.budget.used + need <= kv.budget.capacity else None
 
     # ---- the step plan -----------------------------------------------------------------------
     def schedule(self) -> tuple[list[Work], list[tuple[Request, str]]]:
@@ -137,17 +142,19 @@ class Scheduler:
             total_end = runs[-1][2]
             take_end = min(total_end, runs[0][1] + budget)
             sid, agent = req.session.id, self.stream_agent(req)
-            if not self.make_room(sid, agent, take_end, scheduled):
+            need = self._room_for(sid, agent, take_end, scheduled)
+            if need is None:
                 if not scheduled:  # alone and still too big: it can never run
                     need = self.kv.bytes_to_reserve(sid, agent, take_end)
                     failed.append((req, f"session {sid} needs {need} B more KV cache than "
                                         f"max_kv_bytes={self.kv.budget.capacity} can hold even with "
                                         "every other cache freed"))
                 continue
-            try:
-                self.kv.reserve(sid, agent, take_end)
-            except CacheFull:
-                continue
+            if need:  # else every block [0, take_end) needs is held already (most decode steps)
+                try:
+                    self.kv.reserve(sid, agent, take_end)
+                except CacheFull:
+                    continue
             segs = [(p, a, min(b, take_end)) for (p, a, b) in runs if a < take_end]
             works.append(Work(req, segs, sample=take_end == total_end))
             req.status = Status.RUNNING

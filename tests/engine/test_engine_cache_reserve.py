@@ -35,3 +35,36 @@ def test_reserve_changes_nothing_when_pages_run_out(monkeypatch, fail):
     with pytest.raises(CacheFull):
         kv.reserve(s.id, None, 37 + 5 * kv.block_size)
     assert _state(kv, s.id) == before
+
+
+@pytest.mark.parametrize("mode", ["non_shared", "base_lr_shared"])
+def test_scheduler_reserves_only_steps_that_need_blocks(monkeypatch, mode):
+    """The scheduler takes the bytes a step needs from making room and calls `reserve` only when
+    they are not zero (a decode step inside its last block needs none): every call it makes
+    takes blocks, calls happen exactly at block boundaries, and the streams end holding the
+    blocks their tokens need, no more, with the budget counting exactly those."""
+    from engine import SamplingParams
+
+    eng = Engine.from_pretrained("tiny-s2", cache_mode=mode, device="cpu", block_size=4)
+    kv, calls = eng.kv, []
+    real = kv.reserve
+
+    def spying(sid, agent, end):
+        calls.append((kv.bytes_to_reserve(sid, agent, end), end))
+        return real(sid, agent, end)
+
+    monkeypatch.setattr(kv, "reserve", spying)
+    s = eng.new_session()
+    out = list(eng.generate(s, None, list(range(3, 10)), SamplingParams(max_tokens=11, temperature=0.0,
+                                                                         ignore_eos=True)))
+    assert len(out) == 11
+    assert calls and all(need > 0 for need, _ in calls)
+    # prompt 7 tokens (2 blocks of 4), then decode steps end at 8, 9, ...: new blocks at 9, 13, 17
+    assert [end for _, end in calls] == [7, 9, 13, 17]
+    held = 0
+    for st in kv.streams(s.id, None).values():
+        assert len(st.blocks) == -(-st.length // 4)
+        held += len(st.blocks) * st.pool.block_bytes
+    for st in kv.sharded(s.id, None).values():
+        held += kv.s2.nbytes(st)
+    assert kv.budget.used == held > 0
