@@ -631,12 +631,12 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         wide = config(d, group, decode, r_pad, sparse, long=True)
         narrow = config(d, group, decode, r_pad, sparse, long=False)
         if wide != narrow and programs < _resident_per_sm(wide[1], d) * _num_sms(key.device):
-            # Splitting: wide tiles stream better (H200: 8 × 4K 41.1 vs 47.8 us, 32 × 1K 37.7
-            # vs 42.3, 16 × 2K 40.8 vs 47.8) unless the narrow tiles' third resident program
-            # an SM fills slots the wide ones leave idle (12 × 2K: 4 splits of 64-key tiles
-            # 33.9 us, 2 of 128-key tiles 36.0; 12 × 16K 201.5 vs 215.5; 1 × 1K 16 of 64 7.3,
-            # 8 of 128 8.3). Unsplit launches keep the tiles of their context length
-            # (64 × 1K: 67.0 vs 70.7 us for wide ones).
+            # Splitting: wide tiles stream better (H200, Run N: 8 × 4K 40.9 vs 47.3 us, 32 × 2K
+            # 68.4 vs 77.7, 16 × 2K 41.4 vs 47.5) unless the narrow tiles' third resident
+            # program an SM fills slots the wide ones leave idle (12 × 2K: 4 splits of 64-key
+            # tiles 33.7 us, 2 of 128-key tiles 35.8; 12 × 16K 201.0 vs 215.3; 1 × 1K 16 of 64
+            # 7.2, 8 of 128 8.3). Unsplit launches keep the tiles of their context length
+            # (64 × 1K: 67.9 vs 70.5 us for wide ones).
             fills = []
             for cfg in (wide, narrow):
                 per_sm = _resident_per_sm(cfg[1], d)
