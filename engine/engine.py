@@ -65,6 +65,7 @@ class _InFlight:
 
 
 def _env_flag(name: str, default: bool) -> bool:
+    """An on/off environment switch: unset gives `default`, "0" off, anything else on."""
     v = os.environ.get(name)
     return default if v is None else v != "0"
 
@@ -123,7 +124,7 @@ class Engine:
         # where a decode step is otherwise bound by kernel launches; None reads
         # VMWEAVE_CUDA_GRAPHS ("0" turns them off) so a server can opt out without code changes
         if cuda_graphs is None:
-            cuda_graphs = os.environ.get("VMWEAVE_CUDA_GRAPHS", "1") != "0"
+            cuda_graphs = _env_flag("VMWEAVE_CUDA_GRAPHS", True)
         use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.graphs: StepGraphs | None = StepGraphs(device=self.device) if use_graphs else None
         # Overlapped steps: a step's sampled tokens stay on the device and the next step's forward
