@@ -218,8 +218,7 @@ class KVManager:
         """Room for tokens [0, end) in every stream `agent` writes, all or nothing (CacheFull)."""
         streams = self.streams(sid, agent)
         shards = self.sharded(sid, agent)
-        need = sum(s.blocks_needed(end) * s.pool.block_bytes for s in streams.values())
-        need += sum(self.s2.bytes_to_reserve(s, end) for s in shards.values())
+        need = self.bytes_to_reserve(sid, agent, end)
         if need == 0:
             return  # e.g. a decode step inside the last block (most steps)
         if self.budget.used + need > self.budget.capacity:
