@@ -1,6 +1,8 @@
 """Paged attention and Flash-LoRA-Attention (kernels.attention) on the GPU.
 
-bf16, Hq=32, Hkv=8, D=128, block_size 16, every baseline measured in the same run:
+bf16, Hq=32, Hkv=8, D=128, every baseline measured in the same run. Decode at block sizes 128
+(the engine's default on Hopper, where decode reads each 128-key tile by one TMA copy) and 16
+(per-thread loads); prefill at both:
 - `attn decode bw`: paged_attention_decode vs torch SDPA on contiguous K/V (GQA), with the
   fraction of device-copy bandwidth each reaches (copy measured in this run, read + write).
   Decode rows time GPU work by CUDA-graph replay, ours and baselines alike (launch overhead is
@@ -48,12 +50,12 @@ def _copies(nbytes: int) -> int:
     return max(1, -(-2 * L2_BYTES // nbytes))
 
 
-def paged_cache(batch: int, ctx: int, copies: int):
-    """K/V of `copies` disjoint caches of batch × ctx tokens, blocks in random order; one block
-    table per copy."""
-    nblk = ctx // BS
+def paged_cache(batch: int, ctx: int, copies: int, bs: int = BS):
+    """K/V of `copies` disjoint caches of batch × ctx tokens in blocks of `bs`, blocks in random
+    order; one block table per copy."""
+    nblk = ctx // bs
     need = batch * nblk
-    k = torch.randn(copies * need, BS, HKV, D, device=DEV, dtype=DT)
+    k = torch.randn(copies * need, bs, HKV, D, device=DEV, dtype=DT)
     v = torch.randn_like(k)
     tables = [(torch.randperm(need, device=DEV) + c * need).view(batch, nblk).int()
               for c in range(copies)]
@@ -66,20 +68,21 @@ def _free():
         torch.cuda.empty_cache()
 
 
+@pytest.mark.parametrize("bs", [128, 16])
 @pytest.mark.parametrize("batch,ctx", [(1, 4096), (1, 32768), (8, 4096), (16, 4096), (16, 32768),
                                        (64, 4096), (64, 32768)])
-def test_decode(benchmark, batch, ctx):
+def test_decode(benchmark, batch, ctx, bs):
     from kernels.attention import flash_lora_decode, paged_attention_decode
 
     bw = copy_bandwidth()
     kv_bytes = 2 * batch * ctx * HKV * D * 2
     copies = _copies(kv_bytes)
-    k, v, tables = paged_cache(batch, ctx, copies)
+    k, v, tables = paged_cache(batch, ctx, copies, bs)
     cyc = itertools.cycle(range(copies))
     q = torch.randn(batch, HQ, D, device=DEV, dtype=DT)
     sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
-    case = f"b={batch} ctx={ctx // 1024}K"
+    case = f"b={batch} ctx={ctx // 1024}K bs={bs}"
 
     def paged():
         paged_attention_decode(q, k, v, tables[next(cyc)], sl, SCALE, out=out, validate=False)
@@ -116,7 +119,7 @@ def test_decode(benchmark, batch, ctx):
     ids = torch.arange(batch, dtype=torch.int32, device=DEV) % 4
     ids[1::5] = -1
     for r in (8, 16, 64):  # the issue's ranks
-        lr = torch.randn(k.shape[0], BS, r, device=DEV, dtype=DT)
+        lr = torch.randn(k.shape[0], bs, r, device=DEV, dtype=DT)
         lb = (torch.randn(4, HKV, r, D, device=DEV) / r ** 0.5).to(DT)
 
         t_lora = graph_time_ms(per_copy(
@@ -148,21 +151,22 @@ def _flops(total_tokens_sq: float) -> float:
     return 2.0 * total_tokens_sq * HQ * D
 
 
+@pytest.mark.parametrize("bs", [128, 16])
 @pytest.mark.parametrize("seq", [1024, 4096, 16384])
-def test_prefill(benchmark, seq):
+def test_prefill(benchmark, seq, bs):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from kernels.attention import flash_lora_prefill, paged_attention_prefill
 
     batch = max(1, PREFILL_TOKENS // seq)
-    k, v, tables = paged_cache(batch, seq, 1)
+    k, v, tables = paged_cache(batch, seq, 1, bs)
     bt = tables[0]
     q = torch.randn(batch * seq, HQ, D, device=DEV, dtype=DT)
     cq = torch.arange(0, batch + 1, dtype=torch.int32, device=DEV) * seq
     sl = torch.full((batch,), seq, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
     flops = _flops(batch * float(seq) ** 2)
-    case = f"{batch}×{seq // 1024}K"
+    case = f"{batch}×{seq // 1024}K bs={bs}"
 
     def ours():
         paged_attention_prefill(q, k, v, bt, cq, sl, SCALE, out=out, max_seqlen_q=seq, validate=False)
@@ -188,7 +192,7 @@ def test_prefill(benchmark, seq):
     del qs, kx, vx
     if seq == 4096:
         r = 16
-        lr = torch.randn(k.shape[0], BS, r, device=DEV, dtype=DT)
+        lr = torch.randn(k.shape[0], bs, r, device=DEV, dtype=DT)
         lb = (torch.randn(2, HKV, r, D, device=DEV) / r ** 0.5).to(DT)
         ids = (torch.arange(batch, dtype=torch.int32, device=DEV) % 2)
 

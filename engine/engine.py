@@ -14,7 +14,7 @@ from .builtin import BUILTIN, builtin_weights
 from .cache import MODES, Agent, KVManager
 from .config import ModelConfig, load_config
 from .graphs import StepGraphs
-from .kernel_policy import kernel_impl, use_kernels
+from .kernel_policy import default_block_size, kernel_impl, use_kernels
 from .loader import LoadError, load_weights
 from .lora import LoraSet, load_peft_adapter, same_v_a
 from .model import BatchInputs, DecoderModel
@@ -92,11 +92,13 @@ class Engine:
     """
 
     def __init__(self, model: DecoderModel, cache_mode: str, max_kv_bytes: int | None,
-                 block_size: int = 16, max_batched_tokens: int = 512, max_running: int = 64,
+                 block_size: int | None = None, max_batched_tokens: int = 512, max_running: int = 64,
                  prefix_caching: bool = True, cuda_graphs: bool | None = None,
                  async_steps: bool | None = None):
         if cache_mode not in MODES:
             raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
+        if block_size is None:
+            block_size = default_block_size(model.device, model.dtype)
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if max_batched_tokens < 1 or max_running < 1:
@@ -140,7 +142,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path_or_builtin_name: str, cache_mode: str = "base_lr_shared",
                         device: str | torch.device | None = None, max_kv_bytes: int | None = None, *,
-                        dtype: torch.dtype = torch.float32, block_size: int = 16,
+                        dtype: torch.dtype = torch.float32, block_size: int | None = None,
                         max_batched_tokens: int = 512, max_running: int = 64, seed: int = 0,
                         prefix_caching: bool = True, cuda_graphs: bool | None = None,
                         async_steps: bool | None = None) -> "Engine":
@@ -148,8 +150,9 @@ class Engine:
 
         device None: cuda if usable, else cpu. max_kv_bytes None: half the free GPU memory, or
         1 GiB on CPU. dtype: weights and caches (float32 default, for parity with transformers).
-        block_size: tokens per KV block. max_batched_tokens: tokens per step (prefill chunks +
-        decodes). prefix_caching: share full blocks of identical prefixes between sessions.
+        block_size: tokens per KV block; None: 128 where GPU decode streams K/V through TMA
+        (compute capability 9.0+, half precision), else 16 (`kernel_policy.default_block_size`).
+        max_batched_tokens: tokens per step (prefill chunks + decodes). prefix_caching: share full blocks of identical prefixes between sessions.
         cuda_graphs: replay decode steps from CUDA graphs on a GPU (engine/graphs.py; about 2x
         decode throughput on a 4-layer 8B-shaped model, bench/RESULTS.md); None: the
         VMWEAVE_CUDA_GRAPHS environment variable ("0" turns them off), on by default on a GPU.

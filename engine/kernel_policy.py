@@ -43,3 +43,15 @@ def use_kernels(where: torch.Tensor | torch.device, dtype: torch.dtype) -> bool:
     if force == "triton":
         return kernel_impl(where) == "triton"
     return _on_cuda(where) and dtype in (torch.float16, torch.bfloat16)
+
+
+def default_block_size(device: torch.device | str, dtype: torch.dtype) -> int:
+    """Tokens per KV block when the caller names none: 128 where decode takes the kernel path on
+    a GPU of compute capability 9.0 or later, whose paged decode then reads each 128-key tile
+    of K and V by one TMA copy (`kernels.attention._tma_loads`; on an H200 0.84-0.98x of SDPA's
+    time on contiguous K/V where blocks of 16 took 1.03-1.10x, bench/RESULTS.md); 16 elsewhere,
+    where it only sets the granularity of allocation and prefix sharing."""
+    device = torch.device(device)
+    if _on_cuda(device) and use_kernels(device, dtype) and torch.cuda.get_device_capability(device) >= (9, 0):
+        return 128
+    return 16

@@ -178,10 +178,27 @@ def test_cuda_bf16_engine_runs_every_mode(adapters):
             eng.add_lora_agent(n, adapters[n])
         s = eng.new_session()
         p = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True)
+        # blocks of 128 where decode reads K/V by TMA: the 37-token prompt and its output sit in
+        # one partly filled block, read through descriptors
+        assert eng.kv.block_size == (128 if torch.cuda.get_device_capability() >= (9, 0) else 16)
         for n in names:
             out = eng.generate(s, n, list(range(3, 40)), p)
             assert len(out) == 8 and torch.isfinite(out.logprobs).all()
             torch.testing.assert_close(out.logprobs.exp().sum(-1), torch.ones(8), atol=1e-3, rtol=0)
+
+
+def test_default_block_size_follows_the_decode_path(device):
+    """Blocks of 128 only where decode takes the kernels on a GPU with TMA; an fp32 model (torch
+    math) or the CPU keeps 16; a block size given is always kept."""
+    from engine.kernel_policy import default_block_size
+
+    assert Engine.from_pretrained("tiny", device="cpu", max_kv_bytes=1 << 22).kv.block_size == 16
+    assert Engine.from_pretrained("tiny", device="cpu", max_kv_bytes=1 << 22, block_size=32).kv.block_size == 32
+    assert default_block_size("cpu", torch.bfloat16) == 16
+    if device == "cuda":
+        assert default_block_size("cuda", torch.float32) == 16
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        assert default_block_size("cuda", torch.bfloat16) == (128 if hopper else 16)
 
 
 def test_s2_decode_kernel_equals_torch_path(device, monkeypatch):

@@ -241,6 +241,71 @@ def test_flash_lora_on_the_kv_table_itself_and_b_prefetch(device, rng_seed, monk
         assert metas[-1]["LR_SHARED_TABLE"] is shared and metas[-1]["PREFETCH_B"] is prefetch_b
 
 
+TMA_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits, low-rank table: None/"kv"/"own")
+    (torch.bfloat16, 8, 2, 32, 128, [300, 1, 0, 129, 128], None, None),
+    (torch.float16, 4, 1, 64, 256, [601, 77], 3, None),
+    (torch.float32, 6, 3, 32, 128, [257, 40], 1, None),
+    (torch.bfloat16, 8, 2, 32, 128, [290, 1, 0, 131], 2, "kv"),
+    (torch.float16, 4, 2, 64, 128, [200, 63, 5], None, "own"),
+    # rows of 12 bf16 (24 bytes) are no TMA pitch: L, and so K/V, take per-thread loads
+    (torch.bfloat16, 4, 2, 64, 128, [200, 63], None, "own-r12"),
+]
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d,bs,lens,splits,lowrank", TMA_CASES)
+def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, dtype, hq, hkv, d, bs, lens, splits,
+                                        lowrank):
+    """Decode with K/V tiles loaded through TMA tensor descriptors (whole tiles inside one cache
+    block; forced on under the interpreter, the policy's own choice on a GPU at these block
+    sizes), paged and Flash-LoRA: the keys a tile reads past a sequence's end are NaN in these
+    caches, so a missing mask shows; so are the low-rank rows of requests without adapter. The
+    plan must really take the descriptor path, and not for a cache whose rows are not dense or
+    whose row pitch is not a multiple of 16 bytes (a descriptor could not address it)."""
+    from kernels import attention as A
+
+    if device == "cpu":
+        monkeypatch.setattr(A, "_tma_loads", lambda dev, block_size, block_n: block_size % block_n == 0)
+    metas = []
+    real_plan = A._launch_plan
+
+    def spying(key):
+        plan = real_plan(key)
+        metas.append(plan.meta)
+        return plan
+
+    monkeypatch.setattr(A, "_launch_plan", spying)
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    q = torch.randn(len(lens), hq, d, device=device).to(dtype)
+    out = poisoned(q.shape, dtype, device)
+    if lowrank is None:
+        paged_attention_decode(q, k, v, bt, sl, 0.21, out=out, num_splits=splits)
+        ref = paged_attention_decode_ref(q, k, v, bt, sl, 0.21)
+    else:
+        r = 12 if lowrank == "own-r12" else 16
+        aid = torch.tensor([(i % 3) - 1 for i in range(len(lens))], dtype=torch.int32, device=device)
+        if lowrank == "kv":
+            lr, lbt = torch.randn(k.shape[0], bs, r, device=device).to(dtype), bt
+            for b, n in enumerate(lens):  # L of the requests without adapter: never to be read
+                if aid[b] < 0 and n:
+                    lr[bt[b, :-(-n // bs)].long()] = float("nan")
+            lb = (torch.randn(2, hkv, r, d, device=device) / r ** 0.5).to(dtype)
+        else:
+            lr, lbt, lb = make_lowrank(bt, lens, bs, r, 2, hkv, d, dtype, device)
+        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.21, out=out, num_splits=splits)
+        ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.21)
+        assert metas[-1]["LR_SHARED_TABLE"] is (lowrank == "kv")
+    check(out, ref, dtype)
+    assert metas[-1]["TMA"] is (lowrank != "own-r12")
+    # the same K/V as every other row of a wider buffer: strided rows, per-thread loads
+    kw = torch.full((*k.shape[:-1], d + 16), float("nan"), dtype=dtype, device=device)
+    vw = torch.full_like(kw, float("nan"))
+    kw[..., :d], vw[..., :d] = k, v
+    out = poisoned(q.shape, dtype, device)
+    paged_attention_decode(q, kw[..., :d], vw[..., :d], bt, sl, 0.21, out=out, num_splits=splits)
+    check(out, paged_attention_decode_ref(q, k, v, bt, sl, 0.21), dtype)
+    assert metas[-1]["TMA"] is False
+
+
 def test_torch_fallback_matches_reference(device, rng_seed):
     """impl='torch' (the CPU serving path) against the same references."""
     dtype, hq, hkv, d, bs = torch.bfloat16, 4, 2, 16, 16
@@ -366,7 +431,8 @@ def test_validate_false_still_correct(device):
 # cache compiled here serves bench/ too; the other rows add coverage at one compile each.
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,d,bs", [(torch.bfloat16, 128, 16), (torch.float16, 64, 64),
-                                        (torch.bfloat16, 256, 32)])
+                                        (torch.bfloat16, 256, 32), (torch.bfloat16, 128, 128),
+                                        (torch.float16, 64, 256)])
 def test_gpu_decode_and_prefill_realistic(rng_seed, dtype, d, bs):
     device = "cuda"
     hq, hkv = 32, 8
@@ -387,10 +453,11 @@ def test_gpu_decode_and_prefill_realistic(rng_seed, dtype, d, bs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,r", [(torch.bfloat16, 8), (torch.bfloat16, 64), (torch.float16, 128)])
-def test_gpu_flash_lora_realistic(rng_seed, dtype, r):
+@pytest.mark.parametrize("dtype,r,bs", [(torch.bfloat16, 8, 16), (torch.bfloat16, 64, 16), (torch.float16, 128, 16),
+                                        (torch.bfloat16, 16, 128)])
+def test_gpu_flash_lora_realistic(rng_seed, dtype, r, bs):
     device = "cuda"
-    hq, hkv, d, bs = 32, 8, 128, 16
+    hq, hkv, d = 32, 8, 128
     lens = [2049, 1, 0, 3001, 515, 64]
     aids = [0, 3, -1, 2, -1, 1]
     k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
@@ -435,11 +502,14 @@ ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32"
 pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
 decode = variant.startswith("decode")
 bm, bn, warps, stages = A._config(128, 4, decode, 64, None)  # the GPU config, LoRA at r = 64
-consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=64, SPARSE_BLOCK=bn, BLOCK_SIZE=16,
+tma = variant == "decode-tma"  # K/V through TMA descriptors: blocks of 128, no S2 (see _launch_plan)
+consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=64, SPARSE_BLOCK=bn, BLOCK_SIZE=128 if tma else 16,
               LR_BLOCK_SIZE=16, RANK=64, LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=True,
-              S2=True, SPLIT=decode, UPCAST=False, FUSE_REDUCE=decode, GROUP_P2=4,
-              REDUCE_S=A._combine_chunk(4, 128), LR_SHARED_TABLE=variant == "decode-shared-table",
-              PREFETCH_B=variant == "decode-prefetch-b")
+              S2=not tma, SPLIT=decode, UPCAST=False, FUSE_REDUCE=decode, GROUP_P2=4,
+              REDUCE_S=A._combine_chunk(4, 128), LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma"),
+              PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma"), TMA=tma)
+if tma:
+    ptr_types.update(K=f"tensordesc<bf16[{bn},128]>", V=f"tensordesc<bf16[{bn},128]>", Lr=f"tensordesc<bf16[{bn},64]>")
 if variant == "reduce":
     consts, warps = dict(HEAD_DIM=128, GROUP_P2=4, REDUCE_S=A._combine_chunk(4, 128)), 4
 sig = {}
@@ -447,7 +517,8 @@ for name in fn.arg_names:
     if name in consts:
         sig[name] = "constexpr"
     elif name in pointers:
-        sig[name] = "*" + ptr_types.get(name, "bf16")
+        t = ptr_types.get(name, "bf16")
+        sig[name] = t if t.startswith("tensordesc") else "*" + t
     else:
         sig[name] = "fp32" if name == "qk_scale" else "i32"
 src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
@@ -457,7 +528,7 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
-@pytest.mark.parametrize("variant", ["decode", "decode-shared-table", "decode-prefetch-b", "prefill", "reduce"])
+@pytest.mark.parametrize("variant", ["decode", "decode-shared-table", "decode-prefetch-b", "decode-tma", "prefill", "reduce"])
 def test_kernel_compiles_for_hopper(variant):
     """The interpreter accepts code the compiler rejects: compile the widest variants (every flag
     on) for sm_90 without a GPU, in a process without TRITON_INTERPRET, so CPU-only CI catches it."""

@@ -166,6 +166,43 @@ def test_split_decode_picks_tile_width_by_slot_fill(monkeypatch, batch, ctx, lor
     assert plan.grid == (1, hkv * splits, batch) and plan.meta["SPLIT"] == (splits > 1)
 
 
+@pytest.mark.parametrize("batch, ctx, bs, lora, tma, block_n, splits", [
+    (1, 4096, 128, False, True, 128, 32),     # paged: full-width TMA tiles whatever the batch
+    (64, 4096, 128, False, True, 128, 1),
+    (16, 32768, 128, False, True, 128, 2),
+    (1, 4096, 16, False, False, 128, 32),     # blocks of 16 hold no 128-key tile: per-thread loads
+    (1, 4096, 128, True, True, 64, 32),       # Flash-LoRA: half-width TMA tiles over short runs
+    (16, 4096, 128, True, True, 64, 2),       # 2048 keys a program: still short
+    (1, 32768, 128, True, True, 64, 32),
+    (16, 32768, 128, True, False, 128, 2),    # 16K keys a program: wide per-thread tiles
+    (64, 4096, 128, True, False, 128, 1),
+    (1, 4096, 64, True, True, 64, 32),        # blocks of 64 hold a half-width tile
+])
+def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, batch, ctx, bs, lora, tma, block_n, splits):
+    """Which decode launches read K/V (and L) through TMA descriptors, with which tiles and splits
+    (interpreter off, 132 SMs, a device that has TMA; Hq 32, Hkv 8, D 128, bf16, r 16, the
+    low-rank cache paged by the K/V table), read off shapes alone."""
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(A, "_tma_loads", lambda device, block_size, block_n: block_n >= 64 and block_size % block_n == 0)
+    A._launch_plan.cache_clear()
+    hq, hkv, d = 32, 8, 128
+    nblk = ctx // bs
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    q = torch.empty(batch, hq, d, **meta)
+    k = torch.empty(batch * nblk, bs, hkv, d, **meta)
+    bt = torch.empty(batch, nblk, dtype=torch.int32, device="meta")
+    lr = A._Lora(torch.empty(k.shape[0], bs, 16, **meta), bt, torch.empty(2, hkv, 16, d, **meta),
+                 torch.empty(batch, dtype=torch.int32, device="meta")) if lora else None
+    key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=batch, block_tables=bt,
+                        lora=lr, s2=None, max_seqlen_q=None, num_splits=None)
+    plan = A._launch_plan(key)
+    A._launch_plan.cache_clear()
+    assert plan.meta["TMA"] is tma
+    assert plan.meta["BLOCK_N"] == block_n
+    assert plan.grid == (1, hkv * splits, batch)
+
+
 # Each variation changes one thing the plan is computed from, relative to decode_case()'s defaults.
 DECODE_VARIATIONS = {
     "base": {},
