@@ -800,19 +800,26 @@ _MIN_COUNTERS = 1 << 12  # 16 KiB: batch × KV heads of any default split launch
 _MAX_COUNTER_STREAMS = 64
 
 
+# A descriptor's dims reach the kernel as int32 (and its row coordinates are computed in int32):
+# an engine's pools reserve whole budgets of virtual memory, so a small-row cache can exceed it.
+_MAX_DESCRIPTOR_ROWS = (1 << 31) - 1
+
+
 def _descriptor_layout(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     """Whether a ``[blocks, block_size, Hkv, D]`` cache is a dense row-major tensor (rows of
-    ``Hkv × D``), so that a TMA descriptor can address it as ``[blocks × block_size, Hkv × D]``."""
-    _, bs, hkv, d = shape
-    return tuple(strides) == (bs * hkv * d, hkv * d, d, 1)
+    ``Hkv × D``), so that a TMA descriptor can address it as ``[blocks × block_size, Hkv × D]``,
+    with a row count that fits int32."""
+    nb, bs, hkv, d = shape
+    return tuple(strides) == (bs * hkv * d, hkv * d, d, 1) and nb * bs <= _MAX_DESCRIPTOR_ROWS
 
 
 def _lr_descriptor_ok(lora_key: tuple, block_size: int, block_n: int) -> bool:
     """Whether Flash-LoRA's low-rank cache can come by TMA beside K/V (else neither does: TMA
     K/V with per-thread L loads measured 1.2-1.5x slower than per-thread loads of all three):
     dense rows of r elements, 16-byte row pitch, and tiles inside its blocks."""
-    (_, lbs, r), strides, _, _, shared, itemsize = lora_key
-    return tuple(strides) == (lbs * r, r, 1) and r * itemsize % 16 == 0 and (shared or lbs % block_n == 0)
+    (nb, lbs, r), strides, _, _, shared, itemsize = lora_key
+    return (tuple(strides) == (lbs * r, r, 1) and r * itemsize % 16 == 0 and (shared or lbs % block_n == 0)
+            and nb * lbs <= _MAX_DESCRIPTOR_ROWS)
 
 
 def _lr_descriptor(lr: torch.Tensor, block_n: int, r_pad: int) -> TensorDescriptor:

@@ -201,6 +201,17 @@ def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, batch, ctx, bs, lo
     assert plan.meta["TMA"] is tma
     assert plan.meta["BLOCK_N"] == block_n
     assert plan.grid == (1, hkv * splits, batch)
+    if tma:
+        # caches of more than 2^31 rows (an engine reserves its whole budget): no descriptor,
+        # whose dims reach the kernel as int32
+        huge = (1 << 31) // bs + 1
+        kh = torch.empty(huge, bs, hkv, d, **meta)
+        lrh = A._Lora(torch.empty(huge, bs, 16, **meta), bt, lr.lora_b, lr.adapter_ids) if lora else None
+        for kk, ll in ((kh, lr), (k, lrh)) if lora else ((kh, None),):
+            key = A._launch_key(q, kk, kk, q, paged=True, decode=True, batch=batch, block_tables=bt,
+                                lora=ll, s2=None, max_seqlen_q=None, num_splits=None)
+            assert A._launch_plan(key).meta["TMA"] is False
+        A._launch_plan.cache_clear()
 
 
 # Each variation changes one thing the plan is computed from, relative to decode_case()'s defaults.
