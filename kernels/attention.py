@@ -507,12 +507,14 @@ def _lora_pad(rank: int, decode: bool) -> int:
 
 def _tma_loads(device: torch.device, block_size: int, block_n: int) -> bool:
     """Whether paged decode loads K/V tiles through TMA tensor descriptors (when the cache layout
-    allows it, see `_launch_plan`). Hopper and later, tiles of at least 64 keys, each inside one
-    cache block. Measured on an H200 (bf16, Hq 32, Hkv 8, D 128, same run): with blocks of 128
-    keys, 1 × 4K 9.7 us vs 11.9 for per-thread loads (SDPA on contiguous K/V 11.6), 1 × 32K 37.1
-    vs 41.1 (SDPA 38.0), 8 × 4K 37.2 vs 41.0, 16 × 4K 66.9 vs 70.4, 64 × 4K 243 vs 246; blocks of
-    64 a little slower; blocks of 16 (one TMA copy of 16 keys a tile) 1.2-2x slower than
-    per-thread loads, so those keep them."""
+    allows it, see `_launch_plan`): Hopper and later, tiles of at least 64 keys, each inside one
+    cache block. One bulk copy a tile needs no per-thread addresses (196 registers a thread
+    instead of 226 at 128-key tiles) and Triton's pipeliner keeps the next K tile in flight.
+    Measured on an H200 (bf16, Hq 32, Hkv 8, D 128, blocks of 128, same run; bench/RESULTS.md
+    Run O): 1 × 4K 9.7 us vs 11.9 for per-thread loads (SDPA on contiguous K/V 11.6), 1 × 32K
+    36.7 (88% of copy bandwidth) vs 41.1 (SDPA 38.2), 8 × 4K 36.2 vs 41.0, 16 × 4K 65.6 vs 70.4,
+    64 × 4K 239 vs 246. Blocks of 64 are a little slower; blocks of 16 (a TMA copy of 16 keys a
+    tile) 1.2-2x slower than per-thread loads, so those keep them."""
     if interpreter_on() or device.type != "cuda":
         return False
     return (_cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
@@ -527,7 +529,8 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 def _resident_per_sm(block_n: int, head_dim: int) -> int:
     """Decode programs an SM runs at once, bounded by registers (4 warps): on an H200 at D 128
     the kernel takes 226 registers a thread with 128-key tiles (2 programs an SM) and 168 with
-    64-key tiles (3). Tiles hold block_n × head_dim elements at every head dim (`_config`)."""
+    64-key tiles (3); through TMA 196 (and 106 KB of shared memory) and, for Flash-LoRA's
+    64-key tiles, 168. Tiles hold block_n × head_dim elements at every head dim (`_config`)."""
     return 2 if block_n * head_dim >= 128 * 128 else 3
 
 
