@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/tune_attention.py --out tune.json [--quick]
 
-For the benchmark shapes (bf16, Hq=32, Hkv=8, D=128, block 16) it times paged decode, Flash-LoRA
+For the benchmark shapes (bf16, Hq=32, Hkv=8, D=128, block 16 or `--block-size`) it times paged decode, Flash-LoRA
 decode and paged prefill under every (BLOCK_N, num_warps, num_stages[, BLOCK_M], splits) of a
 small grid, by CUDA-graph replay (GPU time alone: launch overhead excluded) and eagerly, next to
 SDPA on contiguous K/V, and writes every timing as JSON. The winners go into
@@ -337,6 +337,7 @@ def prefill_sweep(cases, quick: bool, log) -> list[dict]:
 
 
 def main() -> None:
+    global BS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tune.json")
     ap.add_argument("--quick", action="store_true")
@@ -346,7 +347,10 @@ def main() -> None:
     ap.add_argument("--split-cases", default="16x4096,1x32768,1x4096,16x8192,4x8192,1x16384",
                     help="BATCHxCTX,... for splits / combine")
     ap.add_argument("--prefill-cases", default="16x1024,4x4096,1x16384", help="BATCHxSEQ,...")
+    ap.add_argument("--block-size", type=int, default=16,
+                    help="cache block size (128: the TMA decode path, the engine's default on Hopper)")
     args = ap.parse_args()
+    BS = args.block_size
     rows: list[dict] = []
 
     def log(r):

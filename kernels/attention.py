@@ -13,9 +13,9 @@ the variant instead of copies of the kernel:
 - ``SPLIT``: flash-decoding: the key tiles of one (query, KV head) are split over programs that
   write partial (max, sum, acc) rows, combined by the last of them to finish (``FUSE_REDUCE``,
   decode) or by a second launch, `_split_reduce`.
-- ``TMA``: paged decode over cache blocks that hold whole key tiles reads each K and V tile by
-  one bulk tensor-memory copy (Hopper's TMA, through tensor descriptors) instead of per-thread
-  loads (see `_tma_loads`).
+- ``TMA``: paged decode over cache blocks that hold whole key tiles reads each K and V tile (and
+  Flash-LoRA's L tile) by one bulk tensor-memory copy (Hopper's TMA, through host tensor
+  descriptors) instead of per-thread loads (see `_tma_loads`).
 
 GQA: a program owns one KV head and packs ``tokens × group`` query rows into its M dimension,
 so every K/V tile is loaded once for the whole group. Rows are token-major because q is
