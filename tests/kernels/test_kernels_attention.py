@@ -83,6 +83,23 @@ def check(out, ref, dtype):
     assert err < TOL[dtype], err
 
 
+@pytest.fixture
+def plan_metas(monkeypatch) -> list:
+    """The constexprs of every launch plan computed while the test runs, latest last."""
+    from kernels import attention as A
+
+    metas = []
+    real_plan = A._launch_plan
+
+    def spying(key):
+        plan = real_plan(key)
+        metas.append(plan.meta)
+        return plan
+
+    monkeypatch.setattr(A, "_launch_plan", spying)
+    return metas
+
+
 # ---------------------------------------------------------------- CPU (interpreter) + GPU
 DECODE_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits)
     (torch.bfloat16, 4, 2, 32, 16, [37, 1, 0, 50], None),
@@ -204,22 +221,14 @@ def test_flash_lora_equals_paged_attention_on_materialised_cache(device, rng_see
 
 @pytest.mark.parametrize("prefetch_b", [False, True], ids=["b-after-loop", "b-prefetched"])
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
-def test_flash_lora_on_the_kv_table_itself_and_b_prefetch(device, rng_seed, monkeypatch, mode, prefetch_b):
+def test_flash_lora_on_the_kv_table_itself_and_b_prefetch(device, rng_seed, monkeypatch, plan_metas, mode,
+                                                         prefetch_b):
     """The low-rank cache paged by the K/V block table itself (the same tensor passed twice, as
     the engine's base_lr_shared does: the kernel reuses the K block ids) or by an equal copy (its
     own table walk); B loaded before or after the key loop: the reference every way."""
     from kernels import attention as A
 
     monkeypatch.setattr(A, "_prefetch_lora_b", lambda decode, split: prefetch_b)
-    metas = []
-    real_plan = A._launch_plan
-
-    def spying(key):
-        plan = real_plan(key)
-        metas.append(plan.meta)
-        return plan
-
-    monkeypatch.setattr(A, "_launch_plan", spying)
     dtype, hq, hkv, d, bs, r = torch.bfloat16, 6, 2, 32, 16, 24
     lens, aids = [53, 17, 1, 40], [1, -1, 0, 2]
     k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
@@ -238,7 +247,7 @@ def test_flash_lora_on_the_kv_table_itself_and_b_prefetch(device, rng_seed, monk
             flash_lora_prefill(q, k, v, lr, lbt, lb, aid, bt, cq, sl, 0.3, out=out)
             ref = flash_lora_prefill_ref(q, k, v, lr, bt, lb, aid, bt, cq, sl, 0.3)
         check(out, ref, dtype)
-        assert metas[-1]["LR_SHARED_TABLE"] is shared and metas[-1]["PREFETCH_B"] is prefetch_b
+        assert plan_metas[-1]["LR_SHARED_TABLE"] is shared and plan_metas[-1]["PREFETCH_B"] is prefetch_b
 
 
 TMA_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits, low-rank table: None/"kv"/"own")
@@ -253,8 +262,8 @@ TMA_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits, low-rank tabl
 
 
 @pytest.mark.parametrize("dtype,hq,hkv,d,bs,lens,splits,lowrank", TMA_CASES)
-def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, dtype, hq, hkv, d, bs, lens, splits,
-                                        lowrank):
+def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, plan_metas, dtype, hq, hkv, d, bs, lens,
+                                        splits, lowrank):
     """Decode with K/V tiles loaded through TMA tensor descriptors (whole tiles inside one cache
     block; forced on under the interpreter, the policy's own choice on a GPU at these block
     sizes), paged and Flash-LoRA: the keys a tile reads past a sequence's end are NaN in these
@@ -265,15 +274,6 @@ def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, dtype, hq
 
     if device == "cpu":
         monkeypatch.setattr(A, "_tma_loads", lambda dev, block_size, block_n: block_size % block_n == 0)
-    metas = []
-    real_plan = A._launch_plan
-
-    def spying(key):
-        plan = real_plan(key)
-        metas.append(plan.meta)
-        return plan
-
-    monkeypatch.setattr(A, "_launch_plan", spying)
     k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
     q = torch.randn(len(lens), hq, d, device=device).to(dtype)
     out = poisoned(q.shape, dtype, device)
@@ -293,9 +293,9 @@ def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, dtype, hq
             lr, lbt, lb = make_lowrank(bt, lens, bs, r, 2, hkv, d, dtype, device)
         flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.21, out=out, num_splits=splits)
         ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.21)
-        assert metas[-1]["LR_SHARED_TABLE"] is (lowrank == "kv")
+        assert plan_metas[-1]["LR_SHARED_TABLE"] is (lowrank == "kv")
     check(out, ref, dtype)
-    assert metas[-1]["TMA"] is (lowrank != "own-r12")
+    assert plan_metas[-1]["TMA"] is (lowrank != "own-r12")
     # the same K/V as every other row of a wider buffer: strided rows, per-thread loads
     kw = torch.full((*k.shape[:-1], d + 16), float("nan"), dtype=dtype, device=device)
     vw = torch.full_like(kw, float("nan"))
@@ -303,7 +303,7 @@ def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, dtype, hq
     out = poisoned(q.shape, dtype, device)
     paged_attention_decode(q, kw[..., :d], vw[..., :d], bt, sl, 0.21, out=out, num_splits=splits)
     check(out, paged_attention_decode_ref(q, k, v, bt, sl, 0.21), dtype)
-    assert metas[-1]["TMA"] is False
+    assert plan_metas[-1]["TMA"] is False
 
 
 def test_torch_fallback_matches_reference(device, rng_seed):

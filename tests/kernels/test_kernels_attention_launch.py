@@ -128,6 +128,30 @@ def test_default_splits_fill_the_resident_programs(monkeypatch, batch, hkv, ctx,
     assert got == want and got & (got - 1) == 0
 
 
+def gpu_decode_plan(monkeypatch, batch: int, ctx: int, *, bs: int = 16, lora: bool = False,
+                    num_blocks: int | None = None, lr_blocks: int | None = None):
+    """The plan of a GPU decode launch read off shapes alone (meta tensors: a plan never reads
+    values): interpreter off, the H200's 132 SMs; Hq 32, Hkv 8, D 128, bf16; Flash-LoRA at
+    r 16 with the low-rank cache paged by the K/V table. Caches of `num_blocks` / `lr_blocks`
+    blocks (default: just enough)."""
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    A._launch_plan.cache_clear()
+    hq, hkv, d = 32, 8, 128
+    nblk = ctx // bs
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    q = torch.empty(batch, hq, d, **meta)
+    k = torch.empty(num_blocks or batch * nblk, bs, hkv, d, **meta)
+    bt = torch.empty(batch, nblk, dtype=torch.int32, device="meta")
+    lr = A._Lora(torch.empty(lr_blocks or batch * nblk, bs, 16, **meta), bt, torch.empty(2, hkv, 16, d, **meta),
+                 torch.empty(batch, dtype=torch.int32, device="meta")) if lora else None
+    key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=batch, block_tables=bt,
+                        lora=lr, s2=None, max_seqlen_q=None, num_splits=None)
+    plan = A._launch_plan(key)
+    A._launch_plan.cache_clear()
+    return plan
+
+
 @pytest.mark.parametrize("batch, ctx, lora, block_n, splits", [
     (16, 4096, False, 128, 2),    # splitting: wide tiles, 256 programs of 264 slots
     (8, 4096, False, 128, 4),
@@ -144,26 +168,11 @@ def test_default_splits_fill_the_resident_programs(monkeypatch, batch, hkv, ctx,
     (12, 2048, True, 128, 2),     # Flash-LoRA keeps wide tiles (see _config)
 ])
 def test_split_decode_picks_tile_width_by_slot_fill(monkeypatch, batch, ctx, lora, block_n, splits):
-    """Which tile width and split count a GPU decode launch gets (interpreter off, the H200's
-    132 SMs; Hq 32, Hkv 8, D 128, block 16, bf16), read off shapes alone (meta tensors: a plan
-    never reads values)."""
-    monkeypatch.setattr(A, "interpreter_on", lambda: False)
-    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
-    A._launch_plan.cache_clear()
-    hq, hkv, d, bs = 32, 8, 128, 16
-    nblk = ctx // bs
-    meta = dict(dtype=torch.bfloat16, device="meta")
-    q = torch.empty(batch, hq, d, **meta)
-    k = torch.empty(batch * nblk, bs, hkv, d, **meta)
-    bt = torch.empty(batch, nblk, dtype=torch.int32, device="meta")
-    lr = A._Lora(torch.empty(k.shape[0], bs, 16, **meta), bt, torch.empty(2, hkv, 16, d, **meta),
-                 torch.empty(batch, dtype=torch.int32, device="meta")) if lora else None
-    key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=batch, block_tables=bt,
-                        lora=lr, s2=None, max_seqlen_q=None, num_splits=None)
-    plan = A._launch_plan(key)
-    A._launch_plan.cache_clear()
-    assert plan.meta["BLOCK_N"] == block_n
-    assert plan.grid == (1, hkv * splits, batch) and plan.meta["SPLIT"] == (splits > 1)
+    """Which tile width and split count a GPU decode launch gets at blocks of 16 (see
+    gpu_decode_plan)."""
+    plan = gpu_decode_plan(monkeypatch, batch, ctx, lora=lora)
+    assert plan.meta["BLOCK_N"] == block_n and plan.meta["TMA"] is False
+    assert plan.grid == (1, 8 * splits, batch) and plan.meta["SPLIT"] == (splits > 1)
 
 
 @pytest.mark.parametrize("batch, ctx, bs, lora, tma, block_n, splits", [
@@ -179,39 +188,20 @@ def test_split_decode_picks_tile_width_by_slot_fill(monkeypatch, batch, ctx, lor
     (1, 4096, 64, True, True, 64, 32),        # blocks of 64 hold a half-width tile
 ])
 def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, batch, ctx, bs, lora, tma, block_n, splits):
-    """Which decode launches read K/V (and L) through TMA descriptors, with which tiles and splits
-    (interpreter off, 132 SMs, a device that has TMA; Hq 32, Hkv 8, D 128, bf16, r 16, the
-    low-rank cache paged by the K/V table), read off shapes alone."""
-    monkeypatch.setattr(A, "interpreter_on", lambda: False)
-    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    """Which decode launches read K/V (and L) through TMA descriptors, with which tiles and splits,
+    on a device that has TMA (see gpu_decode_plan)."""
     monkeypatch.setattr(A, "_tma_loads", lambda device, block_size, block_n: block_n >= 64 and block_size % block_n == 0)
-    A._launch_plan.cache_clear()
-    hq, hkv, d = 32, 8, 128
-    nblk = ctx // bs
-    meta = dict(dtype=torch.bfloat16, device="meta")
-    q = torch.empty(batch, hq, d, **meta)
-    k = torch.empty(batch * nblk, bs, hkv, d, **meta)
-    bt = torch.empty(batch, nblk, dtype=torch.int32, device="meta")
-    lr = A._Lora(torch.empty(k.shape[0], bs, 16, **meta), bt, torch.empty(2, hkv, 16, d, **meta),
-                 torch.empty(batch, dtype=torch.int32, device="meta")) if lora else None
-    key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=batch, block_tables=bt,
-                        lora=lr, s2=None, max_seqlen_q=None, num_splits=None)
-    plan = A._launch_plan(key)
-    A._launch_plan.cache_clear()
+    plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora)
     assert plan.meta["TMA"] is tma
     assert plan.meta["BLOCK_N"] == block_n
-    assert plan.grid == (1, hkv * splits, batch)
+    assert plan.grid == (1, 8 * splits, batch)
     if tma:
         # caches of more than 2^31 rows (an engine reserves its whole budget): no descriptor,
         # whose dims reach the kernel as int32
         huge = (1 << 31) // bs + 1
-        kh = torch.empty(huge, bs, hkv, d, **meta)
-        lrh = A._Lora(torch.empty(huge, bs, 16, **meta), bt, lr.lora_b, lr.adapter_ids) if lora else None
-        for kk, ll in ((kh, lr), (k, lrh)) if lora else ((kh, None),):
-            key = A._launch_key(q, kk, kk, q, paged=True, decode=True, batch=batch, block_tables=bt,
-                                lora=ll, s2=None, max_seqlen_q=None, num_splits=None)
-            assert A._launch_plan(key).meta["TMA"] is False
-        A._launch_plan.cache_clear()
+        assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, num_blocks=huge).meta["TMA"] is False
+        if lora:
+            assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, lr_blocks=huge).meta["TMA"] is False
 
 
 # Each variation changes one thing the plan is computed from, relative to decode_case()'s defaults.
