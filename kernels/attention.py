@@ -811,9 +811,9 @@ _MAX_DESCRIPTOR_ROWS = (1 << 31) - 1
 def _descriptor_layout(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     """Whether a ``[blocks, block_size, Hkv, D]`` cache is a dense row-major tensor (rows of
     ``Hkv × D``), so that a TMA descriptor can address it as ``[blocks × block_size, Hkv × D]``,
-    with a row count that fits int32."""
+    with a row count that fits int32 (and is not 0: a descriptor has no empty dims)."""
     nb, bs, hkv, d = shape
-    return tuple(strides) == (bs * hkv * d, hkv * d, d, 1) and nb * bs <= _MAX_DESCRIPTOR_ROWS
+    return tuple(strides) == (bs * hkv * d, hkv * d, d, 1) and 0 < nb * bs <= _MAX_DESCRIPTOR_ROWS
 
 
 def _lr_descriptor_ok(lora_key: tuple, block_size: int, block_n: int) -> bool:
@@ -822,7 +822,7 @@ def _lr_descriptor_ok(lora_key: tuple, block_size: int, block_n: int) -> bool:
     dense rows of r elements, 16-byte row pitch, and tiles inside its blocks."""
     (nb, lbs, r), strides, _, _, shared, itemsize = lora_key
     return (tuple(strides) == (lbs * r, r, 1) and r * itemsize % 16 == 0 and (shared or lbs % block_n == 0)
-            and nb * lbs <= _MAX_DESCRIPTOR_ROWS)
+            and 0 < nb * lbs <= _MAX_DESCRIPTOR_ROWS)
 
 
 def _lr_descriptor(lr: torch.Tensor, block_n: int, r_pad: int) -> TensorDescriptor:

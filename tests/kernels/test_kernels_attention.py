@@ -306,6 +306,29 @@ def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, plan_meta
     assert plan_metas[-1]["TMA"] is False
 
 
+def test_decode_over_empty_caches_takes_no_descriptor(device, monkeypatch, plan_metas):
+    """Caches of no block at all (every sequence empty, no adapter has low-rank rows yet): a
+    descriptor cannot have an empty dim, so those launches keep per-thread loads; zeros out."""
+    from kernels import attention as A
+
+    if device == "cpu":
+        monkeypatch.setattr(A, "_tma_loads", lambda dev, block_size, block_n: block_size % block_n == 0)
+    hq, hkv, d, bs = 8, 2, 32, 128
+    k = torch.empty(0, bs, hkv, d, dtype=torch.bfloat16, device=device)
+    bt = torch.zeros(3, 1, dtype=torch.int32, device=device)
+    sl = torch.zeros(3, dtype=torch.int32, device=device)
+    q = torch.randn(3, hq, d, device=device).to(torch.bfloat16)
+    out = poisoned(q.shape, q.dtype, device)
+    paged_attention_decode(q, k, k, bt, sl, 0.2, out=out)
+    assert (out == 0).all() and plan_metas[-1]["TMA"] is False
+    lr = torch.empty(0, bs, 16, dtype=torch.bfloat16, device=device)
+    lb = torch.randn(2, hkv, 16, d, device=device).to(torch.bfloat16)
+    aid = torch.full((3,), -1, dtype=torch.int32, device=device)
+    out = poisoned(q.shape, q.dtype, device)
+    flash_lora_decode(q, k, k, lr, bt, lb, aid, bt, sl, 0.2, out=out)
+    assert (out == 0).all() and plan_metas[-1]["TMA"] is False
+
+
 def test_torch_fallback_matches_reference(device, rng_seed):
     """impl='torch' (the CPU serving path) against the same references."""
     dtype, hq, hkv, d, bs = torch.bfloat16, 4, 2, 16, 16
@@ -502,14 +525,21 @@ ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32"
 pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
 decode = variant.startswith("decode")
 bm, bn, warps, stages = A._config(128, 4, decode, 64, None)  # the GPU config, LoRA at r = 64
-tma = variant == "decode-tma"  # K/V through TMA descriptors: blocks of 128, no S2 (see _launch_plan)
-consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=64, SPARSE_BLOCK=bn, BLOCK_SIZE=128 if tma else 16,
-              LR_BLOCK_SIZE=16, RANK=64, LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=True,
-              S2=not tma, SPLIT=decode, UPCAST=False, FUSE_REDUCE=decode, GROUP_P2=4,
-              REDUCE_S=A._combine_chunk(4, 128), LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma"),
-              PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma"), TMA=tma)
+# TMA: K/V (and L) through descriptors at blocks of 128, no S2, the low-rank cache paged by the
+# K/V table (the engine's base_lr_shared): Flash-LoRA at half-width tiles and r = 16, paged
+# decode at full width (see _launch_plan)
+tma = variant in ("decode-tma-lora", "decode-tma")
+lora = variant != "decode-tma"
 if tma:
-    ptr_types.update(K=f"tensordesc<bf16[{bn},128]>", V=f"tensordesc<bf16[{bn},128]>", Lr=f"tensordesc<bf16[{bn},64]>")
+    bn = bn // 2 if lora else bn
+consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=32 if tma else 64, SPARSE_BLOCK=bn,
+              BLOCK_SIZE=128 if tma else 16, LR_BLOCK_SIZE=128 if tma else 16, RANK=16 if tma else 64,
+              LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=lora,
+              S2=not tma, SPLIT=decode, UPCAST=False, FUSE_REDUCE=decode, GROUP_P2=4,
+              REDUCE_S=A._combine_chunk(4, 128), LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora"),
+              PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora"), TMA=tma)
+if tma:
+    ptr_types.update(K=f"tensordesc<bf16[{bn},128]>", V=f"tensordesc<bf16[{bn},128]>", Lr=f"tensordesc<bf16[{bn},32]>")
 if variant == "reduce":
     consts, warps = dict(HEAD_DIM=128, GROUP_P2=4, REDUCE_S=A._combine_chunk(4, 128)), 4
 sig = {}
@@ -528,7 +558,8 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
-@pytest.mark.parametrize("variant", ["decode", "decode-shared-table", "decode-prefetch-b", "decode-tma", "prefill", "reduce"])
+@pytest.mark.parametrize("variant", ["decode", "decode-shared-table", "decode-prefetch-b", "decode-tma",
+                                     "decode-tma-lora", "prefill", "reduce"])
 def test_kernel_compiles_for_hopper(variant):
     """The interpreter accepts code the compiler rejects: compile the widest variants (every flag
     on) for sm_90 without a GPU, in a process without TRITON_INTERPRET, so CPU-only CI catches it."""
