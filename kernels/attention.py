@@ -128,13 +128,11 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
     offs_d = tl.arange(0, HEAD_DIM)
     kpos = start + offs_n
     kmask = kpos < hi
-    if PAGED:
-        if TMA:
-            blk = tl.load(bt_row + start // BLOCK_SIZE, mask=start < hi, other=0)
-            row0 = (blk * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
-            phys = tl.zeros_like(kpos).to(tl.int64) + blk.to(tl.int64)
-        else:
-            phys = _block_ids(bt_row, start, kpos, kmask, hi, BLOCK_SIZE, BLOCK_N, MASK)
+    if TMA:  # paged; the tile's first row in the descriptor's [blocks × block_size] rows
+        blk = tl.load(bt_row + start // BLOCK_SIZE, mask=start < hi, other=0)
+        row0 = (blk * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
+    elif PAGED:
+        phys = _block_ids(bt_row, start, kpos, kmask, hi, BLOCK_SIZE, BLOCK_N, MASK)
         slot = (kpos % BLOCK_SIZE).to(tl.int64)
         k_off = phys * stride_kb + slot * stride_ks
         v_off = phys * stride_vb + slot * stride_vs
@@ -696,21 +694,21 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
            and _descriptor_layout(key.kv_shape, key.k_strides) and _descriptor_layout(key.kv_shape, key.v_strides)
            and (key.lora is None or _lr_descriptor_ok(key.lora, block_size, tile[1]))
            and tma_loads(key.device, block_size, tile[1]))
-    if tma and key.lora is not None:
+    if tma:
+        tma_splits = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device,
+                                                       _resident_per_sm(tile[1], d))
         # ... and only over short key runs a program: over long ones the wide per-thread
         # tiles stream better (H200, block 128, r = 8, TMA 64-key vs per-thread 128-key tiles:
         # 1 x 4K 11.1 vs 12.7 us, 8 x 4K 40.7 vs 43.3, 16 x 4K 72.6 vs 73.1, 1 x 32K 41.0 vs
         # 43.7; 16 x 32K 523 vs 488, 64 x 4K 308 vs 251)
-        splits = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device,
-                                                   _resident_per_sm(tile[1], d))
-        tma = max_ctx <= _TMA_LORA_KEYS * splits
+        tma = key.lora is None or max_ctx <= _TMA_LORA_KEYS * tma_splits
     if tma:
         bm, bn, warps, stages = tile
     num_splits = key.num_splits
     if num_splits is None and not decode:
         num_splits = 1
     elif num_splits is None and tma:
-        num_splits = default_splits(batch, hkv, max_ctx, bn, key.device, _resident_per_sm(bn, d))
+        num_splits = tma_splits
     elif num_splits is None:
         programs = batch * hkv
         narrow = config(d, group, decode, r_pad, sparse, long=False)
