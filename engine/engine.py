@@ -152,7 +152,8 @@ class Engine:
         1 GiB on CPU. dtype: weights and caches (float32 default, for parity with transformers).
         block_size: tokens per KV block; None: 128 where GPU decode streams K/V through TMA
         (compute capability 9.0+, half precision), else 16 (`kernel_policy.default_block_size`).
-        max_batched_tokens: tokens per step (prefill chunks + decodes). prefix_caching: share full blocks of identical prefixes between sessions.
+        max_batched_tokens: tokens per step (prefill chunks + decodes). prefix_caching: share full
+        blocks of identical prefixes between sessions.
         cuda_graphs: replay decode steps from CUDA graphs on a GPU (engine/graphs.py; about 2x
         decode throughput on a 4-layer 8B-shaped model, bench/RESULTS.md); None: the
         VMWEAVE_CUDA_GRAPHS environment variable ("0" turns them off), on by default on a GPU.
