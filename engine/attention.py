@@ -196,9 +196,12 @@ class PagedAttention:
     adapter set changes (the stacked v_proj A of the low-rank streams, Flash-LoRA's B stacks) is
     kept by the LoraSet (`LoraSet.memo`)."""
 
-    def __init__(self, kv: KVManager, chunks: list[Chunk], lora, lora_ids: torch.Tensor | None, s2=None,
-                 kernels: str | None = None, uploads: Uploads | None = None):
-        self.kv, self.chunks, self.lora, self.ids = kv, chunks, lora, lora_ids
+    def __init__(self, kv: KVManager, chunks: list[Chunk], lora, uploads: Uploads, s2=None,
+                 kernels: str | None = None):
+        """The plan's index arrays go into `uploads`, which the caller sends with the batch's
+        own (one copy a forward), then calls `sent`."""
+        self.kv, self.chunks, self.lora = kv, chunks, lora
+        self.ids: torch.Tensor | None = None  # the rows' LoRA slots (set by `sent`)
         self.s2 = s2  # engine/s2.py S2Masks (the torch path's masks) or None
         self.sharded = kv.s2  # the S2 layers' head-sharded K/V (engine/s2.py ShardedKV) or None
         self.impl = kernels  # None: torch attention per chunk; "triton"/"torch": the paged kernels
@@ -220,19 +223,13 @@ class PagedAttention:
         # which adapter owns each low-rank stream: part of the key of the stacked A (see _lr_a)
         self._lr_owners = kv.derived("lr_owners", lambda: tuple((k, self._lr_owner(k).lora_id)
                                                                  for k in self.lr_keys))
-        # `uploads` given: the caller sends them (with its own arrays, one copy a forward), then
-        # calls `sent()` and sets `ids`; else they go now
-        mine = uploads is None
-        uploads = Uploads() if mine else uploads
         self.writes = self._plan_writes(uploads)
         self.groups, self.torch_chunks = ({}, list(range(len(chunks)))) if kernels is None else self._plan(uploads)
-        if mine:
-            uploads.send(kv.device)
-            self.sent()
 
-    def sent(self) -> None:
-        """What follows the plan's arrays reaching the device: twin write groups take the kv
-        group's slots and rows."""
+    def sent(self, lora_ids: torch.Tensor) -> None:
+        """What follows the uploads reaching the device: the rows' LoRA slots (`lora_ids`, one of
+        the caller's arrays), and twin write groups take the kv group's slots and rows."""
+        self.ids = lora_ids
         for w in self.writes.values():
             if w.twin:
                 w.slots, w.rows = self.writes[("kv",)].slots, self.writes[("kv",)].rows

@@ -513,11 +513,10 @@ class Engine:
         for x in (ids, pos, lids, eids, rows, *((dst, src) if dst else ())):
             uploads.add(x, torch.int64, got.append)
         kern = kernel_impl(self.device) if use_kernels(self.device, self.model.dtype) else None
-        backend = PagedAttention(self.kv, chunks, self.lora, None, s2=self._s2(), kernels=kern, uploads=uploads)
+        backend = PagedAttention(self.kv, chunks, self.lora, uploads, s2=self._s2(), kernels=kern)
         uploads.send(self.device)
-        backend.sent()
         inp = BatchInputs(*got[:5])
-        backend.ids = inp.lora_ids
+        backend.sent(inp.lora_ids)
         if dst:  # stream-ordered after prev's draw: the host never waits for it
             inp.input_ids.index_copy_(0, got[5], prev.drawn.tokens.index_select(0, got[6]))
         self.lora.prepare(inp.lora_ids, kern, host_ids=lids)
