@@ -719,16 +719,15 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
             # tiles 33.7 us, 2 of 128-key tiles 35.8; 12 × 16K 201.0 vs 215.3; 1 × 1K 16 of 64
             # 7.2, 8 of 128 8.3). Unsplit launches keep the tiles of their context length
             # (64 × 1K: 67.9 vs 70.5 us for wide ones).
-            fills = []
+            fills, splits = [], []
             for cfg in (wide, narrow):
                 per_sm = _resident_per_sm(cfg[1], d)
-                splits = default_splits(batch, hkv, max_ctx, cfg[1], key.device, per_sm)
-                fills.append(_slot_fill(programs * splits, per_sm, key.device))
-            if fills[0] * _NARROW_GAIN < fills[1]:
-                bm, bn, warps, stages = narrow
-            else:
-                bm, bn, warps, stages = wide
-        num_splits = default_splits(batch, hkv, max_ctx, bn, key.device, _resident_per_sm(bn, d))
+                splits.append(default_splits(batch, hkv, max_ctx, cfg[1], key.device, per_sm))
+                fills.append(_slot_fill(programs * splits[-1], per_sm, key.device))
+            pick = 1 if fills[0] * _NARROW_GAIN < fills[1] else 0
+            (bm, bn, warps, stages), num_splits = (wide, narrow)[pick], splits[pick]
+        else:
+            num_splits = default_splits(batch, hkv, max_ctx, bn, key.device, _resident_per_sm(bn, d))
     split = num_splits > 1
     fused = split and decode and fuse_reduce(key.device)
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)
