@@ -55,9 +55,10 @@ _LONG = 8192  # contexts (decode) or query runs (prefill) from here on take wide
 # Split decode takes narrow tiles over wide ones only when they keep this many times more of the
 # GPU's resident program slots busy (see _launch_plan).
 _NARROW_GAIN = 1.2
-# Flash-LoRA decode reads K/V/L by TMA only when each program's key run is at most this long
-# (see _launch_plan).
-_TMA_LORA_KEYS = 2048
+# Flash-LoRA decode reads K/V/L by TMA only when each program's key run is at most this long,
+# and at full-width tiles only up to this many P·L columns (see _launch_plan).
+_TMA_LORA_KEYS = 4096
+_TMA_LORA_WIDE_RPAD = 64
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -119,7 +120,7 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
                BLOCK_SIZE: tl.constexpr, LR_BLOCK_SIZE: tl.constexpr,
                SPARSE_BLOCK: tl.constexpr, PAGED: tl.constexpr, HAS_LORA: tl.constexpr,
                S2: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
-               LR_SHARED_TABLE: tl.constexpr, TMA: tl.constexpr):
+               LR_SHARED_TABLE: tl.constexpr, TMA: tl.constexpr, SHIFT_TAIL: tl.constexpr):
     """One key tile of the online softmax. MASK=False is the interior fast path: the caller
     guarantees every key of the tile is in range and visible to every query row. TMA: K and V
     are tensor descriptors over the caches seen as ``[blocks × block_size, Hkv × D]`` and one
@@ -128,9 +129,18 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
     offs_d = tl.arange(0, HEAD_DIM)
     kpos = start + offs_n
     kmask = kpos < hi
-    if TMA:  # paged; the tile's first row in the descriptor's [blocks × block_size] rows
-        blk = tl.load(bt_row + start // BLOCK_SIZE, mask=start < hi, other=0)
-        row0 = (blk * BLOCK_SIZE + start % BLOCK_SIZE).to(tl.int32)
+    if TMA:  # paged, one cache block holds the tile: its block id and first slot in it
+        blk = tl.load(bt_row + start // BLOCK_SIZE, mask=start < hi, other=0).to(tl.int32)
+        shift = 0
+        if MASK and SHIFT_TAIL:
+            # The tail tile (decode: the only masked one) is read shifted back to end at the last
+            # key, so that it reads no slot past the sequence (never written: NaN for all we
+            # know, and 0 × NaN is not 0). Its first `shift` rows were read by the tile before
+            # (masked out below) or, before slot 0, are zero-filled by the copy. Masking V (and
+            # L) in registers instead, below, costs a second shared-memory copy of each.
+            shift = tl.maximum(start + BLOCK_N - hi, 0)
+            kpos = kpos - shift
+        slot0 = (start % BLOCK_SIZE - shift).to(tl.int32)
     elif PAGED:
         phys = _block_ids(bt_row, start, kpos, kmask, hi, BLOCK_SIZE, BLOCK_N, MASK)
         slot = (kpos % BLOCK_SIZE).to(tl.int64)
@@ -141,8 +151,7 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
         k_off = row * stride_ks
         v_off = row * stride_vs
     if TMA:
-        # Keys past the sequence are loaded too (same block): their scores are masked below.
-        kt = tl.trans(K.load([row0, k_head_off.to(tl.int32)]))
+        kt = tl.trans(K.load([blk, slot0, k_head_off.to(tl.int32)]).reshape(BLOCK_N, HEAD_DIM))
     else:
         k_ptrs = K + k_head_off + k_off[None, :] + offs_d[:, None]
         v_ptrs = V + v_head_off + v_off[:, None] + offs_d[None, :]
@@ -153,6 +162,8 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
     s = _mm(q, kt, UPCAST) * qk_scale
     if MASK:
         visible = kpos[None, :] <= qpos[:, None]
+        if SHIFT_TAIL:
+            visible = visible & (kpos[None, :] >= start)
         if S2:
             kblk = kpos // SPARSE_BLOCK
             qblk = qpos // SPARSE_BLOCK
@@ -165,8 +176,8 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if TMA:
-        v = V.load([row0, v_head_off.to(tl.int32)])
-        if MASK:  # p is 0 there, but 0 × an unwritten slot's NaN is not
+        v = V.load([blk, slot0, v_head_off.to(tl.int32)]).reshape(BLOCK_N, HEAD_DIM)
+        if MASK and not SHIFT_TAIL:  # p is 0 there, but 0 × an unwritten slot's NaN is not
             v = tl.where(kmask[:, None], v, 0.0)
     elif MASK:
         v = tl.load(v_ptrs, mask=kmask[:, None], other=0.0)
@@ -174,16 +185,17 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
         v = tl.load(v_ptrs)
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST)
     if HAS_LORA and TMA:
-        # L by TMA too (a [BLOCK_N, R_PAD] box over rows of r: the columns past r arrive as
-        # zeros). A request without adapter reads garbage here, zeroed once after the loop.
+        # L by TMA too (a [1, BLOCK_N, R_PAD] box over rows of r: the columns past r arrive as
+        # zeros), shifted as K/V are. A request without adapter reads garbage here, zeroed once
+        # after the loop.
         if LR_SHARED_TABLE:
-            lrow0 = row0
+            lblk = blk
+            lslot0 = slot0
         else:
-            lblk = tl.load(lbt_row + start // LR_BLOCK_SIZE, mask=(start < hi) & has_adapter, other=0)
-            lrow0 = (lblk * LR_BLOCK_SIZE + start % LR_BLOCK_SIZE).to(tl.int32)
-        lt = Lr.load([lrow0, 0])
-        if MASK:
-            lt = tl.where(kmask[:, None], lt, 0.0)
+            lblk = tl.load(lbt_row + start // LR_BLOCK_SIZE, mask=(start < hi) & has_adapter, other=0).to(tl.int32)
+            lslot0 = (start % LR_BLOCK_SIZE - shift).to(tl.int32)
+        tl.static_assert(SHIFT_TAIL, "Flash-LoRA reads its TMA tail tile shifted (see _launch_plan)")
+        lt = Lr.load([lblk, lslot0, 0]).reshape(BLOCK_N, R_PAD)
         acc_lr = acc_lr * alpha[:, None] + _mm(p.to(lt.dtype), lt, UPCAST)
     elif HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
@@ -230,6 +242,7 @@ def _attn_fwd(
     SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     FUSE_REDUCE: tl.constexpr, GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr,
     LR_SHARED_TABLE: tl.constexpr, PREFETCH_B: tl.constexpr, TMA: tl.constexpr,
+    SHIFT_TAIL: tl.constexpr,
 ):
     # Last query tiles first: under causality they have the most keys, so the tail is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -334,7 +347,7 @@ def _attn_fwd(
                 k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
                 stride_lrb, stride_lrs, has_adapter, qk_scale,
                 s2_local, s2_stride, s2_shift, is_dense,
-                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST, LR_SHARED_TABLE, TMA)
+                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST, LR_SHARED_TABLE, TMA, SHIFT_TAIL)
         for t in range(tl.maximum(t_lo, n_full), t_hi):
             start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
             acc, acc_lr, m_i, l_i = _attn_tile(
@@ -342,7 +355,7 @@ def _attn_fwd(
                 k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
                 stride_lrb, stride_lrs, has_adapter, qk_scale,
                 s2_local, s2_stride, s2_shift, is_dense,
-                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST, LR_SHARED_TABLE, TMA)
+                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST, LR_SHARED_TABLE, TMA, SHIFT_TAIL)
 
         if HAS_LORA:
             # (P·L)·B_a once per program; linear, so split partials may fold it in too.
@@ -527,8 +540,8 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 def _resident_per_sm(block_n: int, head_dim: int) -> int:
     """Decode programs an SM runs at once, bounded by registers (4 warps): on an H200 at D 128
     the kernel takes 226 registers a thread with 128-key tiles (2 programs an SM) and 168 with
-    64-key tiles (3); through TMA 196 (and 106 KB of shared memory) and, for Flash-LoRA's
-    64-key tiles, 168. Tiles hold block_n × head_dim elements at every head dim (`_config`)."""
+    64-key tiles (3); through TMA 196 (and 106 KB of shared memory), Flash-LoRA 162 (and 90-106
+    KB at r <= 64). Tiles hold block_n × head_dim elements at every head dim (`_config`)."""
     return 2 if block_n * head_dim >= 128 * 128 else 3
 
 
@@ -687,9 +700,20 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         # Splits follow the keys a head reads (shard + window), not the dense width.
         max_ctx = min(max_ctx, (s2.local_blocks + 1) * s2.sparse_block + max_ctx // s2.vert_stride)
     wide = config(d, group, decode, r_pad, sparse, long=True)
-    # Flash-LoRA by TMA takes half-width tiles: at full width its L buffers and registers leave
-    # one program an SM (H200, r = 8: 1 x 4K 12.5 us vs 11.1 at 64-key tiles)
-    tile = wide if key.lora is None else (wide[0], max(16, wide[1] // 2), *wide[2:])
+    # Flash-LoRA by TMA reads its tail tile shifted (SHIFT_TAIL, see _attn_tile), which keeps its
+    # full-width tiles at 2 programs an SM (162 registers, 90 KB of shared memory at r <= 32, 106
+    # at r = 64; masking V and L in registers took 123 KB at r = 8: one an SM). Against the
+    # half-width tiles that this left it before (H200, same run, Flash-LoRA / paged decode time,
+    # r = 8 and 64): 1 x 4K 1.06 / 1.09 vs 1.16 / 1.13, 8 x 4K 1.05 / 1.06 vs 1.09 / 1.11,
+    # 16 x 4K 1.04 / 1.05 vs 1.10 / 1.11, 1 x 32K 1.04 / 1.05 vs 1.10 / 1.11. Wider L tiles
+    # (r > 64) keep half-width tiles (full ones would leave one program an SM again), and so do
+    # cache blocks that hold half a wide tile but not a whole one.
+    # Paged decode keeps the masked tail: at 74 KB of shared memory its kernel would run 3 an SM,
+    # and unsplit launches over more programs than that fits end in a short second wave (same
+    # run: 64 x 4K 261 vs 238 us, 64 x 16K 1037 vs 938; split launches within 2% either way).
+    tile = wide
+    if key.lora is not None and (r_pad > _TMA_LORA_WIDE_RPAD or block_size % wide[1]):
+        tile = (wide[0], max(16, wide[1] // 2), *wide[2:])
     tma = (decode and paged and s2 is None and not per_head_table and key.aligned
            and _descriptor_layout(key.kv_shape, key.k_strides) and _descriptor_layout(key.kv_shape, key.v_strides)
            and (key.lora is None or _lr_descriptor_ok(key.lora, block_size, tile[1]))
@@ -697,10 +721,10 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     if tma:
         tma_splits = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device,
                                                        _resident_per_sm(tile[1], d))
-        # ... and only over short key runs a program: over long ones the wide per-thread
-        # tiles stream better (H200, block 128, r = 8, TMA 64-key vs per-thread 128-key tiles:
-        # 1 x 4K 11.1 vs 12.7 us, 8 x 4K 40.7 vs 43.3, 16 x 4K 72.6 vs 73.1, 1 x 32K 41.0 vs
-        # 43.7; 16 x 32K 523 vs 488, 64 x 4K 308 vs 251)
+        # ... and only over key runs of up to 4K a program: over longer ones per-thread tiles
+        # stream as well or better (H200, same run, r = 8 / 64, TMA vs per-thread 128-key tiles:
+        # 64 x 4K unsplit 247 / 254 vs 251 / 260 us; 16K keys a program: 64 x 16K 972 / 997 vs
+        # 955 / 993, 16 x 32K 496 / 509 vs 489 / 513)
         tma = key.lora is None or max_ctx <= _TMA_LORA_KEYS * tma_splits
     if tma:
         bm, bn, warps, stages = tile
@@ -772,7 +796,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                 BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size, RANK=max(r, 1), LR_ALIGN=lr_align,
                 PAGED=paged, VARLEN_Q=not decode, HAS_LORA=key.lora is not None, S2=s2 is not None,
                 SPLIT=split, UPCAST=key.interpret, FUSE_REDUCE=fused,
-                LR_SHARED_TABLE=lr_shared, TMA=tma, PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
+                LR_SHARED_TABLE=lr_shared, TMA=tma, SHIFT_TAIL=tma and key.lora is not None,
+                PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
                 **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
     ws_rows = total_q * hq * num_splits if split else 0
@@ -800,17 +825,16 @@ _MIN_COUNTERS = 1 << 12  # 16 KiB: batch × KV heads of any default split launch
 _MAX_COUNTER_STREAMS = 64
 
 
-# A descriptor's dims reach the kernel as int32 (and its row coordinates are computed in int32):
-# an engine's pools reserve whole budgets of virtual memory, so a small-row cache can exceed it.
-_MAX_DESCRIPTOR_ROWS = (1 << 31) - 1
+# A descriptor's dims reach the kernel as int32 (and its block coordinates are int32).
+_MAX_DESCRIPTOR_DIM = (1 << 31) - 1
 
 
 def _descriptor_layout(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     """Whether a ``[blocks, block_size, Hkv, D]`` cache is a dense row-major tensor (rows of
-    ``Hkv × D``), so that a TMA descriptor can address it as ``[blocks × block_size, Hkv × D]``,
-    with a row count that fits int32 (and is not 0: a descriptor has no empty dims)."""
+    ``Hkv × D``), so that a TMA descriptor can address it as ``[blocks, block_size, Hkv × D]``,
+    with a block count that fits int32 (and is not 0: a descriptor has no empty dims)."""
     nb, bs, hkv, d = shape
-    return tuple(strides) == (bs * hkv * d, hkv * d, d, 1) and 0 < nb * bs <= _MAX_DESCRIPTOR_ROWS
+    return tuple(strides) == (bs * hkv * d, hkv * d, d, 1) and 0 < nb <= _MAX_DESCRIPTOR_DIM
 
 
 def _lr_descriptor_ok(lora_key: tuple, block_size: int, block_n: int) -> bool:
@@ -819,21 +843,22 @@ def _lr_descriptor_ok(lora_key: tuple, block_size: int, block_n: int) -> bool:
     dense rows of r elements, 16-byte row pitch, and tiles inside its blocks."""
     (nb, lbs, r), strides, _, _, shared, itemsize = lora_key
     return (tuple(strides) == (lbs * r, r, 1) and r * itemsize % 16 == 0 and (shared or lbs % block_n == 0)
-            and 0 < nb * lbs <= _MAX_DESCRIPTOR_ROWS)
+            and 0 < nb <= _MAX_DESCRIPTOR_DIM)
 
 
 def _lr_descriptor(lr: torch.Tensor, block_n: int, r_pad: int) -> TensorDescriptor:
-    """A TMA descriptor over a low-rank cache seen as ``[blocks × block_size, r]``, copying
-    ``[block_n, r_pad]`` tiles (columns past r are zero-filled by the copy)."""
+    """A TMA descriptor over a low-rank cache ``[blocks, block_size, r]``, copying ``[1, block_n,
+    r_pad]`` boxes (columns past r, and slots before 0, are zero-filled by the copy)."""
     nb, bs, r = lr.shape
-    return TensorDescriptor(lr, [nb * bs, r], [r, 1], [block_n, r_pad])
+    return TensorDescriptor(lr, [nb, bs, r], [bs * r, r, 1], [1, block_n, r_pad])
 
 
 def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
-    """A TMA descriptor over a paged cache seen as ``[blocks × block_size, Hkv × D]``, copying
-    ``[block_n, D]`` tiles: one KV head's keys of one tile."""
+    """A TMA descriptor over a paged cache seen as ``[blocks, block_size, Hkv × D]``, copying
+    ``[1, block_n, D]`` boxes: one KV head's keys of one tile (slots before 0 zero-filled: see the
+    tail tile in `_attn_tile`)."""
     nb, bs, hkv, d = cache.shape
-    return TensorDescriptor(cache, [nb * bs, hkv * d], [hkv * d, 1], [block_n, d])
+    return TensorDescriptor(cache, [nb, bs, hkv * d], [bs * hkv * d, hkv * d, 1], [1, block_n, d])
 
 
 def _capture_id(stream: int) -> int:

@@ -526,20 +526,19 @@ pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
 decode = variant.startswith("decode")
 bm, bn, warps, stages = A._config(128, 4, decode, 64, None)  # the GPU config, LoRA at r = 64
 # TMA: K/V (and L) through descriptors at blocks of 128, no S2, the low-rank cache paged by the
-# K/V table (the engine's base_lr_shared): Flash-LoRA at half-width tiles and r = 16, paged
-# decode at full width (see _launch_plan)
+# K/V table (the engine's base_lr_shared): full-width tiles, Flash-LoRA at r = 16 with its tail
+# tile shifted, paged decode with it masked (see _launch_plan)
 tma = variant in ("decode-tma-lora", "decode-tma")
 lora = variant != "decode-tma"
-if tma:
-    bn = bn // 2 if lora else bn
 consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=32 if tma else 64, SPARSE_BLOCK=bn,
               BLOCK_SIZE=128 if tma else 16, LR_BLOCK_SIZE=128 if tma else 16, RANK=16 if tma else 64,
               LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=lora,
               S2=not tma, SPLIT=decode, UPCAST=False, FUSE_REDUCE=decode, GROUP_P2=4,
               REDUCE_S=A._combine_chunk(4, 128), LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora"),
-              PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora"), TMA=tma)
+              PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora"), TMA=tma, SHIFT_TAIL=tma and lora)
 if tma:
-    ptr_types.update(K=f"tensordesc<bf16[{bn},128]>", V=f"tensordesc<bf16[{bn},128]>", Lr=f"tensordesc<bf16[{bn},32]>")
+    ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
+                     Lr=f"tensordesc<bf16[1,{bn},32]>")
 if variant == "reduce":
     consts, warps = dict(HEAD_DIM=128, GROUP_P2=4, REDUCE_S=A._combine_chunk(4, 128)), 4
 sig = {}

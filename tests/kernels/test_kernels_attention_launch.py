@@ -129,10 +129,10 @@ def test_default_splits_fill_the_resident_programs(monkeypatch, batch, hkv, ctx,
 
 
 def gpu_decode_plan(monkeypatch, batch: int, ctx: int, *, bs: int = 16, lora: bool = False,
-                    num_blocks: int | None = None, lr_blocks: int | None = None):
+                    num_blocks: int | None = None, lr_blocks: int | None = None, rank: int = 16):
     """The plan of a GPU decode launch read off shapes alone (meta tensors: a plan never reads
     values): interpreter off, the H200's 132 SMs; Hq 32, Hkv 8, D 128, bf16; Flash-LoRA at
-    r 16 with the low-rank cache paged by the K/V table. Caches of `num_blocks` / `lr_blocks`
+    r `rank` with the low-rank cache paged by the K/V table. Caches of `num_blocks` / `lr_blocks`
     blocks (default: just enough)."""
     monkeypatch.setattr(A, "interpreter_on", lambda: False)
     monkeypatch.setattr(A, "_num_sms", lambda device: 132)
@@ -143,7 +143,7 @@ def gpu_decode_plan(monkeypatch, batch: int, ctx: int, *, bs: int = 16, lora: bo
     q = torch.empty(batch, hq, d, **meta)
     k = torch.empty(num_blocks or batch * nblk, bs, hkv, d, **meta)
     bt = torch.empty(batch, nblk, dtype=torch.int32, device="meta")
-    lr = A._Lora(torch.empty(lr_blocks or batch * nblk, bs, 16, **meta), bt, torch.empty(2, hkv, 16, d, **meta),
+    lr = A._Lora(torch.empty(lr_blocks or batch * nblk, bs, rank, **meta), bt, torch.empty(2, hkv, rank, d, **meta),
                  torch.empty(batch, dtype=torch.int32, device="meta")) if lora else None
     key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=batch, block_tables=bt,
                         lora=lr, s2=None, max_seqlen_q=None, num_splits=None)
@@ -175,33 +175,38 @@ def test_split_decode_picks_tile_width_by_slot_fill(monkeypatch, batch, ctx, lor
     assert plan.grid == (1, 8 * splits, batch) and plan.meta["SPLIT"] == (splits > 1)
 
 
-@pytest.mark.parametrize("batch, ctx, bs, lora, tma, block_n, splits", [
-    (1, 4096, 128, False, True, 128, 32),     # paged: full-width TMA tiles whatever the batch
-    (64, 4096, 128, False, True, 128, 1),
-    (16, 32768, 128, False, True, 128, 2),
-    (1, 4096, 16, False, False, 128, 32),     # blocks of 16 hold no 128-key tile: per-thread loads
-    (1, 4096, 128, True, True, 64, 32),       # Flash-LoRA: half-width TMA tiles over short runs
-    (16, 4096, 128, True, True, 64, 2),       # 2048 keys a program: still short
-    (1, 32768, 128, True, True, 64, 32),
-    (16, 32768, 128, True, False, 128, 2),    # 16K keys a program: wide per-thread tiles
-    (64, 4096, 128, True, False, 128, 1),
-    (1, 4096, 64, True, True, 64, 32),        # blocks of 64 hold a half-width tile
+@pytest.mark.parametrize("batch, ctx, bs, lora, tma, block_n, splits, rank", [
+    (1, 4096, 128, False, True, 128, 32, 16),     # paged: full-width TMA tiles whatever the batch
+    (64, 4096, 128, False, True, 128, 1, 16),
+    (16, 32768, 128, False, True, 128, 2, 16),
+    (1, 4096, 16, False, False, 128, 32, 16),     # blocks of 16 hold no 128-key tile: per-thread loads
+    (1, 4096, 128, True, True, 128, 32, 16),      # Flash-LoRA: full-width TMA tiles over short runs
+    (16, 4096, 128, True, True, 128, 2, 16),      # 2048 keys a program
+    (1, 32768, 128, True, True, 128, 32, 16),
+    (64, 4096, 128, True, True, 128, 1, 16),      # 4096 keys a program: still short
+    (16, 32768, 128, True, False, 128, 2, 16),    # 16K keys a program: wide per-thread tiles
+    (1, 4096, 64, True, True, 64, 32, 16),        # blocks of 64 hold a half-width tile
+    (1, 4096, 128, True, True, 64, 32, 128),      # r 128: L tiles too wide for full-width ones
 ])
-def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, batch, ctx, bs, lora, tma, block_n, splits):
+def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, batch, ctx, bs, lora, tma, block_n, splits, rank):
     """Which decode launches read K/V (and L) through TMA descriptors, with which tiles and splits,
     on a device that has TMA (see gpu_decode_plan)."""
     monkeypatch.setattr(A, "_tma_loads", lambda device, block_size, block_n: block_n >= 64 and block_size % block_n == 0)
-    plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora)
-    assert plan.meta["TMA"] is tma
+    plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank)
+    assert plan.meta["TMA"] is tma and plan.meta["SHIFT_TAIL"] is (tma and lora)
     assert plan.meta["BLOCK_N"] == block_n
     assert plan.grid == (1, 8 * splits, batch)
     if tma:
-        # caches of more than 2^31 rows (an engine reserves its whole budget): no descriptor,
-        # whose dims reach the kernel as int32
-        huge = (1 << 31) // bs + 1
-        assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, num_blocks=huge).meta["TMA"] is False
+        # Caches of more than 2^31 rows (an engine reserves its whole budget) keep TMA: the
+        # descriptors are [blocks, block_size, ...], and only a dim reaches the kernel as int32.
+        # 2^31 blocks would not fit one.
+        rows = (1 << 31) // bs + 1
+        assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, num_blocks=rows).meta["TMA"] is True
+        huge = 1 << 31
+        assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, num_blocks=huge).meta["TMA"] is False
         if lora:
-            assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, lr_blocks=huge).meta["TMA"] is False
+            assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, lr_blocks=rows).meta["TMA"] is True
+            assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, lr_blocks=huge).meta["TMA"] is False
 
 
 # Each variation changes one thing the plan is computed from, relative to decode_case()'s defaults.
