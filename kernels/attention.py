@@ -59,6 +59,7 @@ _NARROW_GAIN = 1.2
 # and at full-width tiles only up to this many P·L columns (see _launch_plan).
 _TMA_LORA_KEYS = 4096
 _TMA_LORA_WIDE_RPAD = 64
+_TMA_SHIFTED_PER_SM = 3  # paged decode programs an SM with the shifted TMA tail (see _launch_plan)
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -708,9 +709,6 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     # 16 x 4K 1.04 / 1.05 vs 1.10 / 1.11, 1 x 32K 1.04 / 1.05 vs 1.10 / 1.11. Wider L tiles
     # (r > 64) keep half-width tiles (full ones would leave one program an SM again), and so do
     # cache blocks that hold half a wide tile but not a whole one.
-    # Paged decode keeps the masked tail: at 74 KB of shared memory its kernel would run 3 an SM,
-    # and unsplit launches over more programs than that fits end in a short second wave (same
-    # run: 64 x 4K 261 vs 238 us, 64 x 16K 1037 vs 938; split launches within 2% either way).
     tile = wide
     if key.lora is not None and (r_pad > _TMA_LORA_WIDE_RPAD or block_size % wide[1]):
         tile = (wide[0], max(16, wide[1] // 2), *wide[2:])
@@ -753,6 +751,15 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         else:
             num_splits = default_splits(batch, hkv, max_ctx, bn, key.device, _resident_per_sm(bn, d))
     split = num_splits > 1
+    # Paged decode's shifted-tail kernel (74 KB of shared memory, against 106 with the masked
+    # tail) runs 3 programs an SM instead of 2: an unsplit launch that fits in one wave at 3
+    # takes it (H200, same run: 40 x 4K 158 vs 187 us, SDPA on contiguous K/V 173; 48 x 4K 181
+    # vs 193, SDPA 188; 40 x 1K 43 vs 51; 40 x 16K 621 vs 736; 33 x 4K, one wave at 2 as well,
+    # 125.2 vs 124.6); one that fits in neither
+    # ends in a short second wave at 3 (64 x 4K 261 vs 238, 64 x 16K 1037 vs 938), and split
+    # launches (sized for 2 an SM) came out within 2% either way: those keep the masked tail.
+    shift_tail = tma and (key.lora is not None or (
+        not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
     fused = split and decode and fuse_reduce(key.device)
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)
     g_p2 = _next_pow2(group)
@@ -796,7 +803,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                 BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size, RANK=max(r, 1), LR_ALIGN=lr_align,
                 PAGED=paged, VARLEN_Q=not decode, HAS_LORA=key.lora is not None, S2=s2 is not None,
                 SPLIT=split, UPCAST=key.interpret, FUSE_REDUCE=fused,
-                LR_SHARED_TABLE=lr_shared, TMA=tma, SHIFT_TAIL=tma and key.lora is not None,
+                LR_SHARED_TABLE=lr_shared, TMA=tma, SHIFT_TAIL=shift_tail,
                 PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
                 **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
