@@ -755,9 +755,9 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     # tail) runs 3 programs an SM instead of 2: an unsplit launch that fits in one wave at 3
     # takes it (H200, same run: 40 x 4K 158 vs 187 us, SDPA on contiguous K/V 173; 48 x 4K 181
     # vs 193, SDPA 188; 40 x 1K 43 vs 51; 40 x 16K 621 vs 736; 33 x 4K, one wave at 2 as well,
-    # 125.2 vs 124.6); one that fits in neither
-    # ends in a short second wave at 3 (64 x 4K 261 vs 238, 64 x 16K 1037 vs 938), and split
-    # launches (sized for 2 an SM) came out within 2% either way: those keep the masked tail.
+    # 125.2 vs 124.6); one that fits in neither ends in a short second wave at 3 (64 x 4K 261
+    # vs 238, 64 x 16K 1037 vs 938), and split launches (sized for 2 an SM) came out within 2%
+    # either way: those keep the masked tail.
     shift_tail = tma and (key.lora is not None or (
         not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
     fused = split and decode and fuse_reduce(key.device)
