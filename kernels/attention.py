@@ -124,8 +124,10 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
                LR_SHARED_TABLE: tl.constexpr, TMA: tl.constexpr, SHIFT_TAIL: tl.constexpr):
     """One key tile of the online softmax. MASK=False is the interior fast path: the caller
     guarantees every key of the tile is in range and visible to every query row. TMA: K and V
-    are tensor descriptors over the caches seen as ``[blocks × block_size, Hkv × D]`` and one
-    cache block holds the whole tile, which arrives by one bulk copy each for K and V."""
+    are tensor descriptors over the caches seen as ``[blocks, block_size, Hkv × D]`` and one
+    cache block holds the whole tile, which arrives by one bulk copy each for K and V (and L).
+    SHIFT_TAIL (TMA only): the masked tail tile is read shifted back to end at the last key
+    rather than masked in registers (required with Flash-LoRA; see `_launch_plan`)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kpos = start + offs_n
