@@ -710,10 +710,12 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     # r = 8 and 64): 1 x 4K 1.06 / 1.09 vs 1.16 / 1.13, 8 x 4K 1.05 / 1.06 vs 1.09 / 1.11,
     # 16 x 4K 1.04 / 1.05 vs 1.10 / 1.11, 1 x 32K 1.04 / 1.05 vs 1.10 / 1.11. Wider L tiles
     # (r > 64) keep half-width tiles (full ones would leave one program an SM again), and so do
-    # cache blocks that hold half a wide tile but not a whole one.
+    # K/V or low-rank cache blocks that hold half a wide tile but not a whole one.
     tile = wide
-    if key.lora is not None and (r_pad > _TMA_LORA_WIDE_RPAD or block_size % wide[1]):
-        tile = (wide[0], max(16, wide[1] // 2), *wide[2:])
+    if key.lora is not None:
+        (_, lr_bs, _), _, _, _, lr_shared_table, _ = key.lora
+        if r_pad > _TMA_LORA_WIDE_RPAD or block_size % wide[1] or (not lr_shared_table and lr_bs % wide[1]):
+            tile = (wide[0], max(16, wide[1] // 2), *wide[2:])
     tma = (decode and paged and s2 is None and not per_head_table and key.aligned
            and _descriptor_layout(key.kv_shape, key.k_strides) and _descriptor_layout(key.kv_shape, key.v_strides)
            and (key.lora is None or _lr_descriptor_ok(key.lora, block_size, tile[1]))

@@ -129,21 +129,24 @@ def test_default_splits_fill_the_resident_programs(monkeypatch, batch, hkv, ctx,
 
 
 def gpu_decode_plan(monkeypatch, batch: int, ctx: int, *, bs: int = 16, lora: bool = False,
-                    num_blocks: int | None = None, lr_blocks: int | None = None, rank: int = 16):
+                    num_blocks: int | None = None, lr_blocks: int | None = None, rank: int = 16,
+                    hkv: int = 8, lr_bs: int | None = None):
     """The plan of a GPU decode launch read off shapes alone (meta tensors: a plan never reads
-    values): interpreter off, the H200's 132 SMs; Hq 32, Hkv 8, D 128, bf16; Flash-LoRA at
-    r `rank` with the low-rank cache paged by the K/V table. Caches of `num_blocks` / `lr_blocks`
-    blocks (default: just enough)."""
+    values): interpreter off, the H200's 132 SMs; Hq 32, Hkv `hkv`, D 128, bf16; Flash-LoRA at
+    r `rank` with the low-rank cache paged by the K/V table (or by its own, in blocks of `lr_bs`).
+    Caches of `num_blocks` / `lr_blocks` blocks (default: just enough)."""
     monkeypatch.setattr(A, "interpreter_on", lambda: False)
     monkeypatch.setattr(A, "_num_sms", lambda device: 132)
     A._launch_plan.cache_clear()
-    hq, hkv, d = 32, 8, 128
+    hq, d = 32, 128
     nblk = ctx // bs
     meta = dict(dtype=torch.bfloat16, device="meta")
     q = torch.empty(batch, hq, d, **meta)
     k = torch.empty(num_blocks or batch * nblk, bs, hkv, d, **meta)
     bt = torch.empty(batch, nblk, dtype=torch.int32, device="meta")
-    lr = A._Lora(torch.empty(lr_blocks or batch * nblk, bs, rank, **meta), bt, torch.empty(2, hkv, rank, d, **meta),
+    lbs = lr_bs or bs
+    lbt = bt if lr_bs is None else torch.empty(batch, ctx // lbs, dtype=torch.int32, device="meta")
+    lr = A._Lora(torch.empty(lr_blocks or batch * (ctx // lbs), lbs, rank, **meta), lbt, torch.empty(2, hkv, rank, d, **meta),
                  torch.empty(batch, dtype=torch.int32, device="meta")) if lora else None
     key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=batch, block_tables=bt,
                         lora=lr, s2=None, max_seqlen_q=None, num_splits=None)
@@ -187,6 +190,7 @@ def test_split_decode_picks_tile_width_by_slot_fill(monkeypatch, batch, ctx, lor
     (64, 4096, 128, True, True, 128, 1, 16),      # 4096 keys a program: still short
     (16, 32768, 128, True, False, 128, 2, 16),    # 16K keys a program: wide per-thread tiles
     (1, 4096, 64, True, True, 64, 32, 16),        # blocks of 64 hold a half-width tile
+    (1, 4096, 128, True, True, 128, 32, 64),      # r 64: the widest L tiles of full-width ones
     (1, 4096, 128, True, True, 64, 32, 128),      # r 128: L tiles too wide for full-width ones
 ])
 def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, batch, ctx, bs, lora, tma, block_n, splits, rank):
@@ -209,6 +213,20 @@ def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, batch, ctx, bs, lo
         if lora:
             assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, lr_blocks=rows).meta["TMA"] is True
             assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, lr_blocks=huge).meta["TMA"] is False
+
+
+def test_tma_tail_and_tile_boundaries(monkeypatch):
+    """Where the plan's TMA choices switch: paged decode's shifted tail up to exactly 3 programs
+    an SM (unsplit; Hkv 4 so that 396 programs are reachable), and Flash-LoRA's half-width tiles
+    when its own low-rank table's blocks hold half a wide tile but not a whole one."""
+    monkeypatch.setattr(A, "_tma_loads", lambda device, block_size, block_n: block_n >= 64 and block_size % block_n == 0)
+    for batch, shifted in ((99, True), (100, False)):  # 396 and 400 programs, 132 SMs
+        plan = gpu_decode_plan(monkeypatch, batch, 4096, bs=128, hkv=4)
+        assert plan.meta["TMA"] and not plan.meta["SPLIT"] and plan.meta["SHIFT_TAIL"] is shifted
+    for lr_bs, block_n, tma in ((64, 64, True), (256, 128, True), (32, 128, False)):  # (per-thread: wide)
+        plan = gpu_decode_plan(monkeypatch, 1, 4096, bs=128, lora=True, lr_bs=lr_bs)
+        assert plan.meta["BLOCK_N"] == block_n and plan.meta["TMA"] is tma, lr_bs
+        assert plan.meta["LR_SHARED_TABLE"] is False
 
 
 # Each variation changes one thing the plan is computed from, relative to decode_case()'s defaults.
