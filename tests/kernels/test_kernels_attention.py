@@ -256,6 +256,9 @@ TMA_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits, low-rank tabl
     (torch.float32, 6, 3, 32, 128, [257, 40], 1, None),
     (torch.bfloat16, 8, 2, 32, 128, [290, 1, 0, 131], 2, "kv"),
     (torch.float16, 4, 2, 64, 128, [200, 63, 5], None, "own"),
+    # the low-rank cache in blocks of its own size (tiles inside them; 16-key tiles on CPU)
+    (torch.bfloat16, 4, 2, 32, 128, [200, 63, 5, 40, 129], None, "own-lbs32"),
+    (torch.bfloat16, 4, 2, 32, 128, [200, 70, 300, 1], 4, "own-lbs256"),
     # rows of 12 bf16 (24 bytes) are no TMA pitch: L, and so K/V, take per-thread loads
     (torch.bfloat16, 4, 2, 64, 128, [200, 63], None, "own-r12"),
 ]
@@ -282,7 +285,8 @@ def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, plan_meta
         ref = paged_attention_decode_ref(q, k, v, bt, sl, 0.21)
     else:
         r = 12 if lowrank == "own-r12" else 16
-        aid = torch.tensor([(i % 3) - 1 for i in range(len(lens))], dtype=torch.int32, device=device)
+        # adapters on long sequences too, whose tail tiles read rows of the tile before
+        aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device=device)
         if lowrank == "kv":
             lr, lbt = torch.randn(k.shape[0], bs, r, device=device).to(dtype), bt
             for b, n in enumerate(lens):  # L of the requests without adapter: never to be read
@@ -290,12 +294,18 @@ def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, plan_meta
                     lr[bt[b, :-(-n // bs)].long()] = float("nan")
             lb = (torch.randn(2, hkv, r, d, device=device) / r ** 0.5).to(dtype)
         else:
-            lr, lbt, lb = make_lowrank(bt, lens, bs, r, 2, hkv, d, dtype, device)
+            lbs = int(lowrank[len("own-lbs"):]) if lowrank.startswith("own-lbs") else bs
+            lr, lbt, lb = make_lowrank(bt, lens, lbs, r, 2, hkv, d, dtype, device)
         flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.21, out=out, num_splits=splits)
         ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.21)
         assert plan_metas[-1]["LR_SHARED_TABLE"] is (lowrank == "kv")
     check(out, ref, dtype)
-    assert plan_metas[-1]["TMA"] is (lowrank != "own-r12")
+    # (on a GPU, low-rank blocks of 32 hold no half-width tile of 64 keys: per-thread loads)
+    assert plan_metas[-1]["TMA"] is (lowrank != "own-r12" and (device == "cpu" or lowrank != "own-lbs32"))
+    if plan_metas[-1]["TMA"] and device == "cpu":
+        # the shifted tail with Flash-LoRA always, paged decode when unsplit (8 SMs under the
+        # interpreter: every case here fits one wave); the masked tail when split
+        assert plan_metas[-1]["SHIFT_TAIL"] is (lowrank is not None or splits in (None, 1))
     # the same K/V as every other row of a wider buffer: strided rows, per-thread loads
     kw = torch.full((*k.shape[:-1], d + 16), float("nan"), dtype=dtype, device=device)
     vw = torch.full_like(kw, float("nan"))
@@ -525,17 +535,20 @@ ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32"
 pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
 decode = variant.startswith("decode")
 bm, bn, warps, stages = A._config(128, 4, decode, 64, None)  # the GPU config, LoRA at r = 64
-# TMA: K/V (and L) through descriptors at blocks of 128, no S2, the low-rank cache paged by the
-# K/V table (the engine's base_lr_shared): full-width tiles, Flash-LoRA at r = 16 with its tail
-# tile shifted, paged decode with it masked (see _launch_plan)
-tma = variant in ("decode-tma-lora", "decode-tma")
-lora = variant != "decode-tma"
+# TMA: K/V (and L) through descriptors at blocks of 128, no S2: full-width tiles, Flash-LoRA at
+# r = 16 with its tail tile shifted and the low-rank cache paged by the K/V table (the engine's
+# base_lr_shared) or by its own ("-own"); paged decode split with the tail masked, or unsplit
+# with it shifted ("-shift-nosplit"; see _launch_plan)
+tma = variant.startswith("decode-tma")
+lora = variant.startswith("decode-tma-lora") or not tma
+split = decode and variant != "decode-tma-shift-nosplit"
 consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=32 if tma else 64, SPARSE_BLOCK=bn,
               BLOCK_SIZE=128 if tma else 16, LR_BLOCK_SIZE=128 if tma else 16, RANK=16 if tma else 64,
               LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=lora,
-              S2=not tma, SPLIT=decode, UPCAST=False, FUSE_REDUCE=decode, GROUP_P2=4,
+              S2=not tma, SPLIT=split, UPCAST=False, FUSE_REDUCE=split, GROUP_P2=4,
               REDUCE_S=A._combine_chunk(4, 128), LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora"),
-              PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora"), TMA=tma, SHIFT_TAIL=tma and lora)
+              PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own"), TMA=tma,
+              SHIFT_TAIL=tma and (lora or not split))
 if tma:
     ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
                      Lr=f"tensordesc<bf16[1,{bn},32]>")
@@ -558,7 +571,8 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
 @pytest.mark.parametrize("variant", ["decode", "decode-shared-table", "decode-prefetch-b", "decode-tma",
-                                     "decode-tma-lora", "prefill", "reduce"])
+                                     "decode-tma-shift-nosplit", "decode-tma-lora", "decode-tma-lora-own",
+                                     "prefill", "reduce"])
 def test_kernel_compiles_for_hopper(variant):
     """The interpreter accepts code the compiler rejects: compile the widest variants (every flag
     on) for sm_90 without a GPU, in a process without TRITON_INTERPRET, so CPU-only CI catches it."""
