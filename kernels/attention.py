@@ -712,10 +712,9 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     # (r > 64) keep half-width tiles (full ones would leave one program an SM again), and so do
     # K/V or low-rank cache blocks that hold half a wide tile but not a whole one.
     tile = wide
-    if key.lora is not None:
-        (_, lr_bs, _), _, _, _, lr_shared_table, _ = key.lora
-        if r_pad > _TMA_LORA_WIDE_RPAD or block_size % wide[1] or (not lr_shared_table and lr_bs % wide[1]):
-            tile = (wide[0], max(16, wide[1] // 2), *wide[2:])
+    if key.lora is not None and (r_pad > _TMA_LORA_WIDE_RPAD or block_size % wide[1]
+                                 or not _lr_descriptor_ok(key.lora, block_size, wide[1])):
+        tile = (wide[0], max(16, wide[1] // 2), *wide[2:])
     tma = (decode and paged and s2 is None and not per_head_table and key.aligned
            and _descriptor_layout(key.kv_shape, key.k_strides) and _descriptor_layout(key.kv_shape, key.v_strides)
            and (key.lora is None or _lr_descriptor_ok(key.lora, block_size, tile[1]))
