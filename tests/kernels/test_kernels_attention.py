@@ -250,6 +250,16 @@ def test_flash_lora_on_the_kv_table_itself_and_b_prefetch(device, rng_seed, monk
         assert plan_metas[-1]["LR_SHARED_TABLE"] is shared and plan_metas[-1]["PREFETCH_B"] is prefetch_b
 
 
+@pytest.fixture
+def tma_forced(device, monkeypatch):
+    """TMA decode under the interpreter (never chosen there on its own) wherever a tile fits a
+    cache block; a GPU keeps its own policy."""
+    from kernels import attention as A
+
+    if device == "cpu":
+        monkeypatch.setattr(A, "_tma_loads", lambda dev, block_size, block_n: block_size % block_n == 0)
+
+
 TMA_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits, low-rank table: None/"kv"/"own")
     (torch.bfloat16, 8, 2, 32, 128, [300, 1, 0, 129, 128], None, None),
     (torch.float16, 4, 1, 64, 256, [601, 77], 3, None),
@@ -265,7 +275,7 @@ TMA_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits, low-rank tabl
 
 
 @pytest.mark.parametrize("dtype,hq,hkv,d,bs,lens,splits,lowrank", TMA_CASES)
-def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, plan_metas, dtype, hq, hkv, d, bs, lens,
+def test_decode_through_tma_descriptors(device, rng_seed, tma_forced, plan_metas, dtype, hq, hkv, d, bs, lens,
                                         splits, lowrank):
     """Decode with K/V tiles loaded through TMA tensor descriptors (whole tiles inside one cache
     block; forced on under the interpreter, the policy's own choice on a GPU at these block
@@ -273,10 +283,6 @@ def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, plan_meta
     caches, so a missing mask shows; so are the low-rank rows of requests without adapter. The
     plan must really take the descriptor path, and not for a cache whose rows are not dense or
     whose row pitch is not a multiple of 16 bytes (a descriptor could not address it)."""
-    from kernels import attention as A
-
-    if device == "cpu":
-        monkeypatch.setattr(A, "_tma_loads", lambda dev, block_size, block_n: block_size % block_n == 0)
     k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
     q = torch.randn(len(lens), hq, d, device=device).to(dtype)
     out = poisoned(q.shape, dtype, device)
@@ -316,13 +322,9 @@ def test_decode_through_tma_descriptors(device, rng_seed, monkeypatch, plan_meta
     assert plan_metas[-1]["TMA"] is False
 
 
-def test_decode_over_empty_caches_takes_no_descriptor(device, monkeypatch, plan_metas):
+def test_decode_over_empty_caches_takes_no_descriptor(device, tma_forced, plan_metas):
     """Caches of no block at all (every sequence empty, no adapter has low-rank rows yet): a
     descriptor cannot have an empty dim, so those launches keep per-thread loads; zeros out."""
-    from kernels import attention as A
-
-    if device == "cpu":
-        monkeypatch.setattr(A, "_tma_loads", lambda dev, block_size, block_n: block_size % block_n == 0)
     hq, hkv, d, bs = 8, 2, 32, 128
     k = torch.empty(0, bs, hkv, d, dtype=torch.bfloat16, device=device)
     bt = torch.zeros(3, 1, dtype=torch.int32, device=device)

@@ -178,6 +178,12 @@ def test_split_decode_picks_tile_width_by_slot_fill(monkeypatch, batch, ctx, lor
     assert plan.grid == (1, 8 * splits, batch) and plan.meta["SPLIT"] == (splits > 1)
 
 
+@pytest.fixture
+def tma_device(monkeypatch):
+    """A device that has TMA (Hopper's rule of `_tma_loads`, without asking a GPU)."""
+    monkeypatch.setattr(A, "_tma_loads", lambda device, block_size, block_n: block_n >= 64 and block_size % block_n == 0)
+
+
 @pytest.mark.parametrize("batch, ctx, bs, lora, tma, block_n, splits, rank", [
     (1, 4096, 128, False, True, 128, 32, 16),     # paged: full-width TMA tiles whatever the batch
     (64, 4096, 128, False, True, 128, 1, 16),      # 512 programs: two waves either way, masked tail
@@ -193,10 +199,9 @@ def test_split_decode_picks_tile_width_by_slot_fill(monkeypatch, batch, ctx, lor
     (1, 4096, 128, True, True, 128, 32, 64),      # r 64: the widest L tiles of full-width ones
     (1, 4096, 128, True, True, 64, 32, 128),      # r 128: L tiles too wide for full-width ones
 ])
-def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, batch, ctx, bs, lora, tma, block_n, splits, rank):
+def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, tma_device, batch, ctx, bs, lora, tma, block_n, splits, rank):
     """Which decode launches read K/V (and L) through TMA descriptors, with which tiles and splits,
     on a device that has TMA (see gpu_decode_plan)."""
-    monkeypatch.setattr(A, "_tma_loads", lambda device, block_size, block_n: block_n >= 64 and block_size % block_n == 0)
     plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank)
     assert plan.meta["TMA"] is tma
     assert plan.meta["SHIFT_TAIL"] is (tma and (lora or (splits == 1 and batch * 8 <= 3 * 132)))
@@ -215,11 +220,10 @@ def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, batch, ctx, bs, lo
             assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, lr_blocks=huge).meta["TMA"] is False
 
 
-def test_tma_tail_and_tile_boundaries(monkeypatch):
+def test_tma_tail_and_tile_boundaries(monkeypatch, tma_device):
     """Where the plan's TMA choices switch: paged decode's shifted tail up to exactly 3 programs
     an SM (unsplit; Hkv 4 so that 396 programs are reachable), and Flash-LoRA's half-width tiles
     when its own low-rank table's blocks hold half a wide tile but not a whole one."""
-    monkeypatch.setattr(A, "_tma_loads", lambda device, block_size, block_n: block_n >= 64 and block_size % block_n == 0)
     for batch, shifted in ((99, True), (100, False)):  # 396 and 400 programs, 132 SMs
         plan = gpu_decode_plan(monkeypatch, batch, 4096, bs=128, hkv=4)
         assert plan.meta["TMA"] and not plan.meta["SPLIT"] and plan.meta["SHIFT_TAIL"] is shifted
