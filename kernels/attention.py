@@ -60,6 +60,14 @@ _NARROW_GAIN = 1.2
 _TMA_LORA_KEYS = 4096
 _TMA_LORA_WIDE_RPAD = 64
 _TMA_SHIFTED_PER_SM = 3  # paged decode programs an SM with the shifted TMA tail (see _launch_plan)
+# Decode's one-program-an-SM TMA variant (see _launch_plan): Triton 3.6 gives the loop's TMA
+# loads a second buffer only from num_stages 5 on (the block-table load they wait on takes
+# stages of its own; 2-4 compile to one buffer: paged decode 74 KB of shared memory with the
+# shifted tail); at 5 paged decode takes 139 KB, Flash-LoRA 164 KB (r <= 32) or 188 KB (r = 64):
+# one program an SM, which then has its next tiles in flight while it computes.
+_SINGLE_STAGES = 5
+_SINGLE_SMEM = 190 * 1024  # what that variant takes at most (sm_90, 16K-element K/V tiles)
+_SINGLE_MIN_TILES = 16  # key tiles a program at least (short runs gain nothing from a second buffer)
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -540,6 +548,20 @@ def _cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _tma_single(device: torch.device) -> bool:
+    """Whether decode may run its double-buffered TMA variant at one program an SM (see
+    `_launch_plan`): a device with TMA whose programs may take its shared memory (`_SINGLE_SMEM`)."""
+    if interpreter_on() or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_capability(index) >= (9, 0) and _smem_optin(index) >= _SINGLE_SMEM
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(index: int) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
+
+
 def _resident_per_sm(block_n: int, head_dim: int) -> int:
     """Decode programs an SM runs at once, bounded by registers (4 warps): on an H200 at D 128
     the kernel takes 226 registers a thread with 128-key tiles (2 programs an SM) and 168 with
@@ -677,7 +699,7 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
                       max_seqlen_q, _aligned16(k, v, lora.lr_cache if lora is not None else None),
                       num_splits, q.device, interpreter_on(),
                       (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce, _prefetch_lora_b,
-                       _tma_loads))
+                       _tma_loads, _tma_single))
 
 
 @functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
@@ -685,7 +707,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     """The launch configuration (tiles, splits, grid, strides, constexprs) of a key: computed
     once per distinct key, so a repeated call with the same shapes only validates and launches."""
     paged, decode, batch = key.paged, key.decode, key.batch
-    config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads = key.policy  # _num_sms: by _default_splits
+    config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single = key.policy  # _num_sms: by _default_splits
     total_q, hq, d = key.q_shape
     per_head_table = paged and len(key.table[0]) == 3
     hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
@@ -727,6 +749,22 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         # 64 x 4K unsplit 247 / 254 vs 251 / 260 us; 16K keys a program: 64 x 16K 972 / 997 vs
         # 955 / 993, 16 x 32K 496 / 509 vs 489 / 513)
         tma = key.lora is None or max_ctx <= _TMA_LORA_KEYS * tma_splits
+    # Unsplit at one program an SM, double-buffered (_SINGLE_STAGES), where 2 an SM would split
+    # in two only to fill the second slot: then no split combine either. Over 16 tiles a program
+    # or more (the second buffer needs a run to pay). H200, three runs (bf16, Hq 32, Hkv 8, D 128,
+    # blocks of 128; us, vs 2 an SM with 2 splits; SDPA on contiguous K/V): 16 x 4K 64.3 / 66.4 /
+    # 65.2 vs 65.9 / 67.7 / 67.1, SDPA 63.3 / 64.0 / 64.2; 12 x 4K 49.6 / 50.7 vs 52.0 / 52.9,
+    # SDPA 50.0 / 51.2; 16 x 32K 469.7 / 487.7 / 481.5 vs 472.3 / 484.7 / 486.9; Flash-LoRA at
+    # 12 x 4K r = 8 / 64 53.9 / 54.7 vs 55.2 / 55.8. Split launches at one an SM (the combine
+    # stays) came out within 1.6% either way (8 x 4K, 1 x 32K, 2 x 32K) and keep 2 an SM.
+    single = False
+    if tma and tma_single(key.device):
+        s1 = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device, 1)
+        single = (s1 == 1 and batch * hkv <= _num_sms(key.device)
+                  and max_ctx >= _SINGLE_MIN_TILES * tile[1]
+                  and (key.lora is None or max_ctx <= _TMA_LORA_KEYS))
+        if single:
+            tile, tma_splits = (*tile[:3], _SINGLE_STAGES), 1
     if tma:
         bm, bn, warps, stages = tile
     num_splits = key.num_splits
@@ -761,7 +799,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     # 125.2 vs 124.6); one that fits in neither ends in a short second wave at 3 (64 x 4K 261
     # vs 238, 64 x 16K 1037 vs 938), and split launches (sized for 2 an SM) came out within 2%
     # either way: those keep the masked tail.
-    shift_tail = tma and (key.lora is not None or (
+    shift_tail = tma and (key.lora is not None or single or (
         not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
     fused = split and decode and fuse_reduce(key.device)
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)

@@ -322,6 +322,43 @@ def test_decode_through_tma_descriptors(device, rng_seed, tma_forced, plan_metas
     assert plan_metas[-1]["TMA"] is False
 
 
+@pytest.mark.parametrize("lowrank, hkv, splits, single", [
+    (False, 2, 1, True),
+    (True, 2, 1, True),    # Flash-LoRA
+    (False, 1, 2, False),  # split launches stay at 2 an SM
+    (True, 2, 2, False),
+])
+def test_decode_one_program_an_sm(device, rng_seed, tma_forced, plan_metas, monkeypatch, lowrank, hkv, splits, single):
+    """The double-buffered one-program-an-SM TMA variant of unsplit launches (made possible under
+    the interpreter; on a GPU, where the device has the shared memory), and split launches that
+    keep 2 an SM: the plans, and the outputs against the reference on caches whose slots past
+    each sequence are NaN, with partial tail tiles, a sequence of one token and one of none."""
+    from kernels import attention as A
+
+    if device == "cpu":
+        monkeypatch.setattr(A, "_tma_single", lambda dev: True)
+    elif not A._tma_single(torch.device(device)):
+        pytest.skip("this GPU has no TMA or not the shared memory of the variant")
+    dtype, hq, d, bs = torch.bfloat16, 4 * hkv, 64, 128
+    # 16 tiles at least: 16-key tiles under the interpreter, 128-key ones on a GPU
+    lens = [600, 129, 1, 0] if device == "cpu" else [4000, 129, 1, 0]
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device, table_slack=0)
+    q = torch.randn(len(lens), hq, d, device=device).to(dtype)
+    out = poisoned(q.shape, dtype, device)
+    if lowrank:
+        lr, lbt, lb = make_lowrank(bt, lens, bs, 16, 2, hkv, d, dtype, device)
+        aid = torch.tensor([0, 1, -1, 0], dtype=torch.int32, device=device)
+        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.17, out=out, num_splits=splits)
+        ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.17)
+    else:
+        paged_attention_decode(q, k, v, bt, sl, 0.17, out=out, num_splits=splits)
+        ref = paged_attention_decode_ref(q, k, v, bt, sl, 0.17)
+    check(out, ref, dtype)
+    meta = plan_metas[-1]
+    assert meta["TMA"] and meta["SHIFT_TAIL"] is (single or lowrank) and meta["SPLIT"] is (splits > 1)
+    assert (meta["num_stages"] == A._SINGLE_STAGES) is single
+
+
 def test_decode_over_empty_caches_takes_no_descriptor(device, tma_forced, plan_metas):
     """Caches of no block at all (every sequence empty, no adapter has low-rank rows yet): a
     descriptor cannot have an empty dim, so those launches keep per-thread loads; zeros out."""
@@ -540,20 +577,26 @@ bm, bn, warps, stages = A._config(128, 4, decode, 64, None)  # the GPU config, L
 # TMA: K/V (and L) through descriptors at blocks of 128, no S2: full-width tiles, Flash-LoRA at
 # r = 16 with its tail tile shifted and the low-rank cache paged by the K/V table (the engine's
 # base_lr_shared) or by its own ("-own"); paged decode split with the tail masked, or unsplit
-# with it shifted ("-shift-nosplit"; see _launch_plan)
+# with it shifted ("-shift-nosplit"; see _launch_plan); "-single": one program an SM,
+# double-buffered, unsplit (Flash-LoRA at r = 64, its widest L tiles)
 tma = variant.startswith("decode-tma")
 lora = variant.startswith("decode-tma-lora") or not tma
-split = decode and variant != "decode-tma-shift-nosplit"
-consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=32 if tma else 64, SPARSE_BLOCK=bn,
-              BLOCK_SIZE=128 if tma else 16, LR_BLOCK_SIZE=128 if tma else 16, RANK=16 if tma else 64,
+single = variant.endswith("-single")
+split = decode and variant not in ("decode-tma-shift-nosplit", "decode-tma-single", "decode-tma-lora-single")
+if single:
+    stages = A._SINGLE_STAGES
+r_pad, rank = (32, 16) if tma and not (single and lora) else (64, 64)
+consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=bn,
+              BLOCK_SIZE=128 if tma else 16, LR_BLOCK_SIZE=128 if tma else 16, RANK=rank,
               LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=lora,
               S2=not tma, SPLIT=split, UPCAST=False, FUSE_REDUCE=split, GROUP_P2=4,
-              REDUCE_S=A._combine_chunk(4, 128), LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora"),
-              PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own"), TMA=tma,
-              SHIFT_TAIL=tma and (lora or not split))
+              REDUCE_S=A._combine_chunk(4, 128), LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora", "decode-tma-lora-single"),
+              PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own",
+                                  "decode-tma-lora-single"), TMA=tma,
+              SHIFT_TAIL=tma and (lora or single or not split))
 if tma:
     ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
-                     Lr=f"tensordesc<bf16[1,{bn},32]>")
+                     Lr=f"tensordesc<bf16[1,{bn},{r_pad}]>")
 if variant == "reduce":
     consts, warps = dict(HEAD_DIM=128, GROUP_P2=4, REDUCE_S=A._combine_chunk(4, 128)), 4
 sig = {}
@@ -567,14 +610,14 @@ for name in fn.arg_names:
         sig[name] = "fp32" if name == "qk_scale" else "i32"
 src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED")
+print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata.shared)
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
 @pytest.mark.parametrize("variant", ["decode", "decode-shared-table", "decode-prefetch-b", "decode-tma",
                                      "decode-tma-shift-nosplit", "decode-tma-lora", "decode-tma-lora-own",
-                                     "prefill", "reduce"])
+                                     "decode-tma-single", "decode-tma-lora-single", "prefill", "reduce"])
 def test_kernel_compiles_for_hopper(variant):
     """The interpreter accepts code the compiler rejects: compile the widest variants (every flag
     on) for sm_90 without a GPU, in a process without TRITON_INTERPRET, so CPU-only CI catches it."""
@@ -597,6 +640,12 @@ def test_kernel_compiles_for_hopper(variant):
         pytest.skip("no ptxas on this machine")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "COMPILED" in res.stdout, "register spills in the compiled kernel"
+    if variant.endswith("-single"):
+        from kernels import attention as A
+
+        smem = int(res.stdout.split("SMEM")[1])
+        # really double-buffered (one buffer takes 74-106 KB), and within what _tma_single allows
+        assert 130 * 1024 < smem <= A._SINGLE_SMEM, smem
 
 
 @pytest.mark.gpu

@@ -180,33 +180,45 @@ def test_split_decode_picks_tile_width_by_slot_fill(monkeypatch, batch, ctx, lor
 
 @pytest.fixture
 def tma_device(monkeypatch):
-    """A device that has TMA (Hopper's rule of `_tma_loads`, without asking a GPU)."""
+    """A device that has TMA (Hopper's rule of `_tma_loads`, without asking a GPU) and the shared
+    memory of the one-program-an-SM variant (`_tma_single`)."""
     monkeypatch.setattr(A, "_tma_loads", lambda device, block_size, block_n: block_n >= 64 and block_size % block_n == 0)
+    monkeypatch.setattr(A, "_tma_single", lambda device: True)
 
 
-@pytest.mark.parametrize("batch, ctx, bs, lora, tma, block_n, splits, rank", [
-    (1, 4096, 128, False, True, 128, 32, 16),     # paged: full-width TMA tiles whatever the batch
-    (64, 4096, 128, False, True, 128, 1, 16),      # 512 programs: two waves either way, masked tail
-    (48, 4096, 128, False, True, 128, 1, 16),      # 384: one wave at 3 an SM, shifted tail
-    (16, 32768, 128, False, True, 128, 2, 16),
-    (1, 4096, 16, False, False, 128, 32, 16),     # blocks of 16 hold no 128-key tile: per-thread loads
-    (1, 4096, 128, True, True, 128, 32, 16),      # Flash-LoRA: full-width TMA tiles over short runs
-    (16, 4096, 128, True, True, 128, 2, 16),      # 2048 keys a program
-    (1, 32768, 128, True, True, 128, 32, 16),
-    (64, 4096, 128, True, True, 128, 1, 16),      # 4096 keys a program: still short
-    (16, 32768, 128, True, False, 128, 2, 16),    # 16K keys a program: wide per-thread tiles
-    (1, 4096, 64, True, True, 64, 32, 16),        # blocks of 64 hold a half-width tile
-    (1, 4096, 128, True, True, 128, 32, 64),      # r 64: the widest L tiles of full-width ones
-    (1, 4096, 128, True, True, 64, 32, 128),      # r 128: L tiles too wide for full-width ones
+@pytest.mark.parametrize("batch, ctx, bs, lora, tma, block_n, splits, rank, single", [
+    (1, 4096, 128, False, True, 128, 32, 16, False),     # paged: full-width TMA tiles whatever the batch
+    (64, 4096, 128, False, True, 128, 1, 16, False),     # 512 programs: two waves either way, masked tail
+    (48, 4096, 128, False, True, 128, 1, 16, False),     # 384: one wave at 3 an SM, shifted tail
+    (16, 32768, 128, False, True, 128, 1, 16, True),     # 128 programs: one an SM, unsplit
+    (16, 4096, 128, False, True, 128, 1, 16, True),
+    (8, 4096, 128, False, True, 128, 4, 16, False),      # split at one an SM too: 2 an SM
+    (1, 32768, 128, False, True, 128, 32, 16, False),
+    (9, 4096, 128, False, True, 128, 1, 16, True),       # 72 programs: 2 splits at 2 an SM
+    (8, 2048, 128, False, True, 128, 4, 16, False),
+    (17, 4096, 128, False, True, 128, 1, 16, False),     # 136 programs: more than one an SM fits
+    (1, 4096, 16, False, False, 128, 32, 16, False),     # blocks of 16 hold no 128-key tile: per-thread loads
+    (1, 4096, 128, True, True, 128, 32, 16, False),      # Flash-LoRA: full-width TMA tiles over short runs
+    (16, 4096, 128, True, True, 128, 1, 16, True),       # one an SM: unsplit, 4096 keys a program
+    (12, 4096, 128, True, True, 128, 1, 64, True),
+    (8, 4096, 128, True, True, 128, 4, 16, False),       # Flash-LoRA splits at 2 an SM
+    (1, 32768, 128, True, True, 128, 32, 16, False),
+    (64, 4096, 128, True, True, 128, 1, 16, False),      # 4096 keys a program: still short
+    (16, 32768, 128, True, False, 128, 2, 16, False),    # 16K keys a program: wide per-thread tiles
+    (1, 4096, 64, True, True, 64, 32, 16, False),        # blocks of 64 hold a half-width tile
+    (1, 4096, 128, True, True, 128, 32, 64, False),      # r 64: the widest L tiles of full-width ones
+    (1, 4096, 128, True, True, 64, 32, 128, False),      # r 128: L tiles too wide for full-width ones
 ])
-def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, tma_device, batch, ctx, bs, lora, tma, block_n, splits, rank):
+def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, tma_device, batch, ctx, bs, lora, tma, block_n, splits, rank,
+                                                 single):
     """Which decode launches read K/V (and L) through TMA descriptors, with which tiles and splits,
-    on a device that has TMA (see gpu_decode_plan)."""
+    at one program an SM double-buffered or not, on a device that has TMA (see gpu_decode_plan)."""
     plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank)
     assert plan.meta["TMA"] is tma
-    assert plan.meta["SHIFT_TAIL"] is (tma and (lora or (splits == 1 and batch * 8 <= 3 * 132)))
+    assert plan.meta["SHIFT_TAIL"] is (tma and (lora or single or (splits == 1 and batch * 8 <= 3 * 132)))
     assert plan.meta["BLOCK_N"] == block_n
     assert plan.grid == (1, 8 * splits, batch)
+    assert (plan.meta["num_stages"] == A._SINGLE_STAGES) is single
     if tma:
         # Caches of more than 2^31 rows (an engine reserves its whole budget) keep TMA: the
         # descriptors are [blocks, block_size, ...], and only a dim reaches the kernel as int32.
@@ -218,6 +230,23 @@ def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, tma_device, batch,
         if lora:
             assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, lr_blocks=rows).meta["TMA"] is True
             assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, lr_blocks=huge).meta["TMA"] is False
+
+
+def test_single_program_boundaries(monkeypatch, tma_device):
+    """Where decode switches to one program an SM, double-buffered: unsplit launches of more than
+    half and at most one program an SM (Hkv 4: 33 sequences make 132 programs, 16 make 64), over
+    at least 16 tiles a program, on a device whose programs may take its shared memory;
+    Flash-LoRA over runs it reads by TMA."""
+    def single(batch, ctx, **kw):
+        plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=128, hkv=4, **kw)
+        assert plan.meta["TMA"]
+        return plan.meta["num_stages"] == A._SINGLE_STAGES and plan.meta["SHIFT_TAIL"]
+    assert single(33, 4096) and not single(34, 4096)
+    assert single(17, 4096) and not single(16, 4096)
+    assert single(33, 2048) and not single(33, 1920)  # 16 and 15 tiles
+    assert single(33, 4096, lora=True) and not single(16, 4096, lora=True)
+    monkeypatch.setattr(A, "_tma_single", lambda device: False)
+    assert not single(33, 4096) and not single(33, 4096, lora=True)
 
 
 def test_tma_tail_and_tile_boundaries(monkeypatch, tma_device):
