@@ -55,9 +55,11 @@ _LONG = 8192  # contexts (decode) or query runs (prefill) from here on take wide
 # Split decode takes narrow tiles over wide ones only when they keep this many times more of the
 # GPU's resident program slots busy (see _launch_plan).
 _NARROW_GAIN = 1.2
-# Flash-LoRA decode reads K/V/L by TMA only when each program's key run is at most this long,
-# and at full-width tiles only up to this many P·L columns (see _launch_plan).
+# Flash-LoRA decode reads K/V/L by TMA only when each program's key run is at most
+# _TMA_LORA_KEYS long at 2 programs an SM (_TMA_LORA_SINGLE_KEYS at one), and at full-width
+# tiles only up to _TMA_LORA_WIDE_RPAD P·L columns (see _launch_plan).
 _TMA_LORA_KEYS = 4096
+_TMA_LORA_SINGLE_KEYS = 16384
 _TMA_LORA_WIDE_RPAD = 64
 _TMA_SHIFTED_PER_SM = 3  # paged decode programs an SM with the shifted TMA tail (see _launch_plan)
 # Decode's one-program-an-SM TMA variant (see _launch_plan): Triton 3.6 gives the loop's TMA
@@ -741,30 +743,34 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
            and _descriptor_layout(key.kv_shape, key.k_strides) and _descriptor_layout(key.kv_shape, key.v_strides)
            and (key.lora is None or _lr_descriptor_ok(key.lora, block_size, tile[1]))
            and tma_loads(key.device, block_size, tile[1]))
+    single = False
     if tma:
         tma_splits = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device,
                                                        _resident_per_sm(tile[1], d))
-        # ... and only over key runs of up to 4K a program: over longer ones per-thread tiles
-        # stream as well or better (H200, same run, r = 8 / 64, TMA vs per-thread 128-key tiles:
-        # 64 x 4K unsplit 247 / 254 vs 251 / 260 us; 16K keys a program: 64 x 16K 972 / 997 vs
-        # 955 / 993, 16 x 32K 496 / 509 vs 489 / 513)
-        tma = key.lora is None or max_ctx <= _TMA_LORA_KEYS * tma_splits
-    # Unsplit at one program an SM, double-buffered (_SINGLE_STAGES), where 2 an SM would split
-    # in two only to fill the second slot: then no split combine either. Over 16 tiles a program
-    # or more (the second buffer needs a run to pay). H200, three runs (bf16, Hq 32, Hkv 8, D 128,
-    # blocks of 128; us, vs 2 an SM with 2 splits; SDPA on contiguous K/V): 16 x 4K 64.3 / 66.4 /
-    # 65.2 vs 65.9 / 67.7 / 67.1, SDPA 63.3 / 64.0 / 64.2; 12 x 4K 49.6 / 50.7 vs 52.0 / 52.9,
-    # SDPA 50.0 / 51.2; 16 x 32K 469.7 / 487.7 / 481.5 vs 472.3 / 484.7 / 486.9; Flash-LoRA at
-    # 12 x 4K r = 8 / 64 53.9 / 54.7 vs 55.2 / 55.8. Split launches at one an SM (the combine
-    # stays) came out within 1.6% either way (8 x 4K, 1 x 32K, 2 x 32K) and keep 2 an SM.
-    single = False
-    if tma and tma_single(key.device):
-        s1 = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device, 1)
-        single = (s1 == 1 and batch * hkv <= _num_sms(key.device)
-                  and max_ctx >= _SINGLE_MIN_TILES * tile[1]
-                  and (key.lora is None or max_ctx <= _TMA_LORA_KEYS))
+        # Unsplit at one program an SM, double-buffered (_SINGLE_STAGES), where 2 an SM would
+        # split in two only to fill the second slot: then no split combine either. Over 16 tiles
+        # a program or more (the second buffer needs a run to pay). H200, three runs (bf16, Hq 32,
+        # Hkv 8, D 128, blocks of 128; us, vs 2 an SM with 2 splits; SDPA on contiguous K/V):
+        # 16 x 4K 64.3 / 66.4 / 65.2 vs 65.9 / 67.7 / 67.1, SDPA 63.3 / 64.0 / 64.2; 12 x 4K
+        # 49.6 / 50.7 vs 52.0 / 52.9, SDPA 50.0 / 51.2; 16 x 32K 469.7 / 487.7 / 481.5 vs 472.3 /
+        # 484.7 / 486.9. Split launches at one an SM (the combine stays) came out within 1.6%
+        # either way (8 x 4K, 1 x 32K, 2 x 32K) and keep 2 an SM. Flash-LoRA (r = 8 / 64, vs its
+        # policy before: TMA at 2 an SM up to 4K keys a program, else per-thread tiles): 12 x 4K
+        # 53.9 / 54.7 vs 55.2 / 55.8, 12 x 8K 101.6 / 102.1 vs 102.5 / 103.5, 12 x 16K 193.5 /
+        # 197.1 vs 221.9 / 267.2; over 32K keys mixed (16 x 32K 506.4 / 513.5 vs 497.8 / 521.6).
+        if tma_single(key.device):
+            s1 = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device, 1)
+            single = (s1 == 1 and batch * hkv <= _num_sms(key.device)
+                      and max_ctx >= _SINGLE_MIN_TILES * tile[1]
+                      and (key.lora is None or max_ctx <= _TMA_LORA_SINGLE_KEYS))
         if single:
             tile, tma_splits = (*tile[:3], _SINGLE_STAGES), 1
+        else:
+            # ... and Flash-LoRA at 2 an SM only over key runs of up to 4K a program: over longer
+            # ones per-thread tiles stream as well or better (H200, same run, r = 8 / 64, TMA vs
+            # per-thread 128-key tiles: 64 x 4K unsplit 247 / 254 vs 251 / 260 us; 16K keys a
+            # program: 64 x 16K 972 / 997 vs 955 / 993, 16 x 32K 496 / 509 vs 489 / 513)
+            tma = key.lora is None or max_ctx <= _TMA_LORA_KEYS * tma_splits
     if tma:
         bm, bn, warps, stages = tile
     num_splits = key.num_splits

@@ -201,6 +201,7 @@ def tma_device(monkeypatch):
     (1, 4096, 128, True, True, 128, 32, 16, False),      # Flash-LoRA: full-width TMA tiles over short runs
     (16, 4096, 128, True, True, 128, 1, 16, True),       # one an SM: unsplit, 4096 keys a program
     (12, 4096, 128, True, True, 128, 1, 64, True),
+    (12, 16384, 128, True, True, 128, 1, 16, True),      # 16K keys a program: TMA at one an SM only
     (8, 4096, 128, True, True, 128, 4, 16, False),       # Flash-LoRA splits at 2 an SM
     (1, 32768, 128, True, True, 128, 32, 16, False),
     (64, 4096, 128, True, True, 128, 1, 16, False),      # 4096 keys a program: still short
@@ -245,6 +246,8 @@ def test_single_program_boundaries(monkeypatch, tma_device):
     assert single(17, 4096) and not single(16, 4096)
     assert single(33, 2048) and not single(33, 1920)  # 16 and 15 tiles
     assert single(33, 4096, lora=True) and not single(16, 4096, lora=True)
+    assert single(33, 16384, lora=True)  # Flash-LoRA over up to 16K keys; past them per-thread tiles:
+    assert not gpu_decode_plan(monkeypatch, 33, 16384 + 128, bs=128, hkv=4, lora=True).meta["TMA"]
     monkeypatch.setattr(A, "_tma_single", lambda device: False)
     assert not single(33, 4096) and not single(33, 4096, lora=True)
 
