@@ -48,8 +48,8 @@ def use_kernels(where: torch.Tensor | torch.device, dtype: torch.dtype) -> bool:
 def default_block_size(device: torch.device | str, dtype: torch.dtype) -> int:
     """Tokens per KV block when the caller names none: 128 where decode takes the kernel path on
     a GPU of compute capability 9.0 or later, whose paged decode then reads each 128-key tile
-    of K and V by one TMA copy (`kernels.attention._tma_loads`; on an H200 0.83-1.04x of SDPA's
-    time on contiguous K/V where blocks of 16 took 1.01-1.12x, bench/RESULTS.md Run O); 16
+    of K and V by one TMA copy (`kernels.attention._tma_loads`; on an H200 0.83-1.01x of SDPA's
+    time on contiguous K/V where blocks of 16 take 1.02-1.12x, bench/RESULTS.md Run Q); 16
     elsewhere, where it only sets the granularity of allocation and prefix sharing. The price of 128:
     sessions share identical prefixes (prefix caching) in whole blocks only, so prompts of
     fewer than 128 common tokens share nothing; pass `block_size=16` where that matters more."""

@@ -15,7 +15,8 @@ the variant instead of copies of the kernel:
   decode) or by a second launch, `_split_reduce`.
 - ``TMA``: paged decode over cache blocks that hold whole key tiles reads each K and V tile (and
   Flash-LoRA's L tile) by one bulk tensor-memory copy (Hopper's TMA, through host tensor
-  descriptors) instead of per-thread loads (see `_tma_loads`).
+  descriptors) instead of per-thread loads (see `_tma_loads`); unsplit launches of up to one
+  program an SM keep a second tile in flight (see `_launch_plan`).
 
 GQA: a program owns one KV head and packs ``tokens × group`` query rows into its M dimension,
 so every K/V tile is loaded once for the whole group. Rows are token-major because q is
