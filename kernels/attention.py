@@ -69,7 +69,10 @@ _TMA_SHIFTED_PER_SM = 3  # paged decode programs an SM with the shifted TMA tail
 # shifted tail); at 5 paged decode takes 139 KB, Flash-LoRA 164 KB (r <= 32) or 188 KB (r = 64):
 # one program an SM, which then has its next tiles in flight while it computes.
 _SINGLE_STAGES = 5
-_SINGLE_SMEM = 190 * 1024  # what that variant takes at most (sm_90, 16K-element K/V tiles)
+# What that variant takes at most: Flash-LoRA at r = 64 with 32 query rows a program (sm_90; 201
+# KB at D 256, 197 KB at D 128). 64 rows (GQA groups over 32) would take 280 KB: those keep 2 an SM.
+_SINGLE_SMEM = 202 * 1024
+_SINGLE_MAX_ROWS = 32
 _SINGLE_MIN_TILES = 16  # key tiles a program at least (short runs gain nothing from a second buffer)
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
@@ -761,7 +764,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         # 197.1 vs 221.9 / 267.2; over 32K keys mixed (16 x 32K 506.4 / 513.5 vs 497.8 / 521.6).
         if tma_single(key.device):
             s1 = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device, 1)
-            single = (s1 == 1 and batch * hkv <= _num_sms(key.device)
+            single = (s1 == 1 and batch * hkv <= _num_sms(key.device) and tile[0] <= _SINGLE_MAX_ROWS
                       and max_ctx >= _SINGLE_MIN_TILES * tile[1]
                       and (key.lora is None or max_ctx <= _TMA_LORA_SINGLE_KEYS))
         if single:

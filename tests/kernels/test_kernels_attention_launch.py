@@ -130,15 +130,15 @@ def test_default_splits_fill_the_resident_programs(monkeypatch, batch, hkv, ctx,
 
 def gpu_decode_plan(monkeypatch, batch: int, ctx: int, *, bs: int = 16, lora: bool = False,
                     num_blocks: int | None = None, lr_blocks: int | None = None, rank: int = 16,
-                    hkv: int = 8, lr_bs: int | None = None):
+                    hkv: int = 8, lr_bs: int | None = None, hq: int = 32):
     """The plan of a GPU decode launch read off shapes alone (meta tensors: a plan never reads
-    values): interpreter off, the H200's 132 SMs; Hq 32, Hkv `hkv`, D 128, bf16; Flash-LoRA at
+    values): interpreter off, the H200's 132 SMs; Hq `hq`, Hkv `hkv`, D 128, bf16; Flash-LoRA at
     r `rank` with the low-rank cache paged by the K/V table (or by its own, in blocks of `lr_bs`).
     Caches of `num_blocks` / `lr_blocks` blocks (default: just enough)."""
     monkeypatch.setattr(A, "interpreter_on", lambda: False)
     monkeypatch.setattr(A, "_num_sms", lambda device: 132)
     A._launch_plan.cache_clear()
-    hq, d = 32, 128
+    d = 128
     nblk = ctx // bs
     meta = dict(dtype=torch.bfloat16, device="meta")
     q = torch.empty(batch, hq, d, **meta)
@@ -236,8 +236,8 @@ def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, tma_device, batch,
 def test_single_program_boundaries(monkeypatch, tma_device):
     """Where decode switches to one program an SM, double-buffered: unsplit launches of more than
     half and at most one program an SM (Hkv 4: 33 sequences make 132 programs, 16 make 64), over
-    at least 16 tiles a program, on a device whose programs may take its shared memory;
-    Flash-LoRA over runs it reads by TMA."""
+    at least 16 tiles a program, of at most 32 query rows a program, on a device whose programs
+    may take its shared memory; Flash-LoRA over runs of up to 16K keys."""
     def single(batch, ctx, **kw):
         plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=128, hkv=4, **kw)
         assert plan.meta["TMA"]
@@ -248,6 +248,10 @@ def test_single_program_boundaries(monkeypatch, tma_device):
     assert single(33, 4096, lora=True) and not single(16, 4096, lora=True)
     assert single(33, 16384, lora=True)  # Flash-LoRA over up to 16K keys; past them per-thread tiles:
     assert not gpu_decode_plan(monkeypatch, 33, 16384 + 128, bs=128, hkv=4, lora=True).meta["TMA"]
+    # GQA groups of 32 query heads (32 rows a program) and no wider: 64 rows would not fit the
+    # shared memory with Flash-LoRA's buffers
+    for lora in (False, True):
+        assert single(33, 4096, hq=128, lora=lora) and not single(33, 4096, hq=256, lora=lora)
     monkeypatch.setattr(A, "_tma_single", lambda device: False)
     assert not single(33, 4096) and not single(33, 4096, lora=True)
 
