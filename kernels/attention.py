@@ -70,7 +70,8 @@ _TMA_SHIFTED_PER_SM = 3  # paged decode programs an SM with the shifted TMA tail
 # one program an SM, which then has its next tiles in flight while it computes.
 _SINGLE_STAGES = 5
 # What that variant takes at most: Flash-LoRA at r = 64 with 32 query rows a program (sm_90; 201
-# KB at D 256, 197 KB at D 128). 64 rows (GQA groups over 32) would take 280 KB: those keep 2 an SM.
+# KB at D 256, 197 KB at D 128), half-precision caches. 64 rows (GQA groups over 32) would take
+# 280 KB, and so would fp32 caches (279 KB for paged decode): those keep 2 an SM.
 _SINGLE_SMEM = 202 * 1024
 _SINGLE_MAX_ROWS = 32
 _SINGLE_MIN_TILES = 16  # key tiles a program at least (short runs gain nothing from a second buffer)
@@ -649,6 +650,7 @@ class _LaunchKey(NamedTuple):
     s2: _S2Args | None
     max_seqlen_q: int | None  # prefill only (known by then)
     aligned: bool  # K, V (and L) start on 16 bytes (a TMA descriptor's base must)
+    kv_itemsize: int  # bytes a K/V element (the shared memory of a tile)
     num_splits: int | None  # as the caller forced it
     device: torch.device
     interpret: bool
@@ -703,7 +705,7 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
     return _LaunchKey(paged, decode, batch, q.shape, q.stride(), out.stride(), k.shape, k.stride(),
                       v.stride(), (bt.shape, bt.stride()) if paged else None, lora_key, s2,
                       max_seqlen_q, _aligned16(k, v, lora.lr_cache if lora is not None else None),
-                      num_splits, q.device, interpreter_on(),
+                      k.element_size(), num_splits, q.device, interpreter_on(),
                       (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce, _prefetch_lora_b,
                        _tma_loads, _tma_single))
 
@@ -765,7 +767,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         if tma_single(key.device):
             s1 = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device, 1)
             single = (s1 == 1 and batch * hkv <= _num_sms(key.device) and tile[0] <= _SINGLE_MAX_ROWS
-                      and max_ctx >= _SINGLE_MIN_TILES * tile[1]
+                      and key.kv_itemsize <= 2 and max_ctx >= _SINGLE_MIN_TILES * tile[1]
                       and (key.lora is None or max_ctx <= _TMA_LORA_SINGLE_KEYS))
         if single:
             tile, tma_splits = (*tile[:3], _SINGLE_STAGES), 1

@@ -130,9 +130,9 @@ def test_default_splits_fill_the_resident_programs(monkeypatch, batch, hkv, ctx,
 
 def gpu_decode_plan(monkeypatch, batch: int, ctx: int, *, bs: int = 16, lora: bool = False,
                     num_blocks: int | None = None, lr_blocks: int | None = None, rank: int = 16,
-                    hkv: int = 8, lr_bs: int | None = None, hq: int = 32):
+                    hkv: int = 8, lr_bs: int | None = None, hq: int = 32, dtype=torch.bfloat16):
     """The plan of a GPU decode launch read off shapes alone (meta tensors: a plan never reads
-    values): interpreter off, the H200's 132 SMs; Hq `hq`, Hkv `hkv`, D 128, bf16; Flash-LoRA at
+    values): interpreter off, the H200's 132 SMs; Hq `hq`, Hkv `hkv`, D 128, `dtype`; Flash-LoRA at
     r `rank` with the low-rank cache paged by the K/V table (or by its own, in blocks of `lr_bs`).
     Caches of `num_blocks` / `lr_blocks` blocks (default: just enough)."""
     monkeypatch.setattr(A, "interpreter_on", lambda: False)
@@ -140,7 +140,7 @@ def gpu_decode_plan(monkeypatch, batch: int, ctx: int, *, bs: int = 16, lora: bo
     A._launch_plan.cache_clear()
     d = 128
     nblk = ctx // bs
-    meta = dict(dtype=torch.bfloat16, device="meta")
+    meta = dict(dtype=dtype, device="meta")
     q = torch.empty(batch, hq, d, **meta)
     k = torch.empty(num_blocks or batch * nblk, bs, hkv, d, **meta)
     bt = torch.empty(batch, nblk, dtype=torch.int32, device="meta")
@@ -236,8 +236,8 @@ def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, tma_device, batch,
 def test_single_program_boundaries(monkeypatch, tma_device):
     """Where decode switches to one program an SM, double-buffered: unsplit launches of more than
     half and at most one program an SM (Hkv 4: 33 sequences make 132 programs, 16 make 64), over
-    at least 16 tiles a program, of at most 32 query rows a program, on a device whose programs
-    may take its shared memory; Flash-LoRA over runs of up to 16K keys."""
+    at least 16 tiles a program, of at most 32 query rows a program, over half-precision caches,
+    on a device whose programs may take its shared memory; Flash-LoRA over runs of up to 16K keys."""
     def single(batch, ctx, **kw):
         plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=128, hkv=4, **kw)
         assert plan.meta["TMA"]
@@ -252,6 +252,8 @@ def test_single_program_boundaries(monkeypatch, tma_device):
     # shared memory with Flash-LoRA's buffers
     for lora in (False, True):
         assert single(33, 4096, hq=128, lora=lora) and not single(33, 4096, hq=256, lora=lora)
+        # and half-precision caches: fp32 tiles are twice the bytes
+        assert single(33, 4096, lora=lora, dtype=torch.float16) and not single(33, 4096, lora=lora, dtype=torch.float32)
     monkeypatch.setattr(A, "_tma_single", lambda device: False)
     assert not single(33, 4096) and not single(33, 4096, lora=True)
 
@@ -290,9 +292,9 @@ def test_changing_any_key_component_gives_a_fresh_plan(device, rng_seed, plan_mi
     names = list(DECODE_VARIATIONS)
     for name in names + names[::-1]:
         run_decode(*decode_case(device, **DECODE_VARIATIONS[name]))
-    # A fresh plan per configuration but the dtype, which no launch parameter depends on
-    # (Triton specialises on it itself); the second pass is all cache hits.
-    assert plan_misses() == len(names) - 1
+    # A fresh plan per configuration, the dtype's too (its element size bounds which tiles fit
+    # a GPU's shared memory); the second pass is all cache hits.
+    assert plan_misses() == len(names)
 
 
 def test_out_strides_and_split_counts_key_the_plan(device, rng_seed, plan_misses):
