@@ -80,21 +80,23 @@ def sdpa_decode(q, k, v, tables) -> list:
 
 
 class Override:
-    """Pin the kernel's launch config and split count while in scope."""
+    """Pin the kernel's launch config and split count while in scope (the one-program-an-SM
+    variant, which would change the pipeline depth, off)."""
 
     def __init__(self, cfg, splits=None):
         self.cfg, self.splits = cfg, splits
 
     def __enter__(self):
-        self.old = attn._config, attn._default_splits
+        self.old = attn._config, attn._default_splits, attn._tma_single
         cfg, splits = self.cfg, self.splits
         attn._config = lambda *a, **k: cfg
+        attn._tma_single = lambda device: False
         if splits is not None:
             attn._default_splits = lambda *a, **k: splits
         return self
 
     def __exit__(self, *exc):
-        attn._config, attn._default_splits = self.old
+        attn._config, attn._default_splits, attn._tma_single = self.old
 
 
 def decode_sweep(cases, quick: bool, log) -> list[dict]:
