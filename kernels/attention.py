@@ -483,8 +483,12 @@ def _next_pow2(x: int) -> int:
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+        return _cuda_sms(_cuda_index(device))
     return 8
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=None)
@@ -544,10 +548,13 @@ def _tma_loads(device: torch.device, block_size: int, block_n: int) -> bool:
     36.7 (88% of copy bandwidth) vs 41.1 (SDPA 38.2), 8 × 4K 36.2 vs 41.0, 16 × 4K 65.6 vs 70.4,
     64 × 4K 239 vs 246. Blocks of 64 are a little slower; blocks of 16 (a TMA copy of 16 keys a
     tile) 1.2-2x slower than per-thread loads, so those keep them."""
-    if interpreter_on() or device.type != "cuda":
-        return False
-    return (_cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
-            and block_n >= 64 and block_size % block_n == 0)
+    return _has_tma(device) and block_n >= 64 and block_size % block_n == 0
+
+
+def _has_tma(device: torch.device) -> bool:
+    """A GPU with TMA (compute capability 9.0 and later), kernels compiled, not interpreted."""
+    return (not interpreter_on() and device.type == "cuda"
+            and _cuda_capability(_cuda_index(device)) >= (9, 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -558,10 +565,7 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 def _tma_single(device: torch.device) -> bool:
     """Whether decode may run its double-buffered TMA variant at one program an SM (see
     `_launch_plan`): a device with TMA whose programs may take its shared memory (`_SINGLE_SMEM`)."""
-    if interpreter_on() or device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_capability(index) >= (9, 0) and _smem_optin(index) >= _SINGLE_SMEM
+    return _has_tma(device) and _smem_optin(_cuda_index(device)) >= _SINGLE_SMEM
 
 
 @functools.lru_cache(maxsize=None)
