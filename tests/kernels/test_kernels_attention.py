@@ -357,6 +357,7 @@ def test_decode_one_program_an_sm(device, rng_seed, tma_forced, plan_metas, monk
     meta = plan_metas[-1]
     assert meta["TMA"] and meta["SHIFT_TAIL"] is (single or lowrank) and meta["SPLIT"] is (splits > 1)
     assert (meta["num_stages"] == A._SINGLE_STAGES) is single
+    assert meta["ONE_LOOP"] is single  # every tile, the partial tails too, in one pipelined loop
 
 
 def test_decode_over_empty_caches_takes_no_descriptor(device, tma_forced, plan_metas):
@@ -579,7 +580,7 @@ bm, bn, warps, stages = A._config(128, 32 if variant.endswith("-g32") else 4, de
 # r = 16 with its tail tile shifted and the low-rank cache paged by the K/V table (the engine's
 # base_lr_shared) or by its own ("-own"); paged decode split with the tail masked, or unsplit
 # with it shifted ("-shift-nosplit"; see _launch_plan); "-single": one program an SM,
-# double-buffered, unsplit (Flash-LoRA at r = 64, its widest L tiles)
+# double-buffered, unsplit, one loop over every tile (Flash-LoRA at r = 64, its widest L tiles)
 tma = variant.startswith("decode-tma")
 lora = variant.startswith("decode-tma-lora") or not tma
 single = "-single" in variant
@@ -594,7 +595,7 @@ consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=bn
               REDUCE_S=A._combine_chunk(4, 128),
               LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora") or (lora and single),
               PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own") or (lora and single),
-              TMA=tma,
+              TMA=tma, ONE_LOOP=single,
               SHIFT_TAIL=tma and (lora or single or not split))
 if tma:
     ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
