@@ -362,16 +362,18 @@ def _attn_fwd(
             # Every tile through the masked loop (masks cost little in a memory-bound loop): two
             # loops drain the first's pipeline before the tail tile's copy is even issued, a
             # whole memory round trip a program at the one-an-SM variant's depth (see
-            # _launch_plan).
+            # _launch_plan). Compiled without the interior loop, not with an empty one (whose
+            # pipeline prologue would still be code to run).
             n_full = t_lo
-        for t in range(t_lo, tl.minimum(t_hi, n_full)):
-            start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
-            acc, acc_lr, m_i, l_i = _attn_tile(
-                acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
-                k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
-                stride_lrb, stride_lrs, has_adapter, qk_scale,
-                s2_local, s2_stride, s2_shift, is_dense,
-                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST, LR_SHARED_TABLE, TMA, SHIFT_TAIL)
+        else:
+            for t in range(t_lo, tl.minimum(t_hi, n_full)):
+                start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
+                acc, acc_lr, m_i, l_i = _attn_tile(
+                    acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
+                    k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
+                    stride_lrb, stride_lrs, has_adapter, qk_scale,
+                    s2_local, s2_stride, s2_shift, is_dense,
+                    HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST, LR_SHARED_TABLE, TMA, SHIFT_TAIL)
         for t in range(tl.maximum(t_lo, n_full), t_hi):
             start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
             acc, acc_lr, m_i, l_i = _attn_tile(
