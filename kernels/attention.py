@@ -16,7 +16,8 @@ the variant instead of copies of the kernel:
 - ``TMA``: paged decode over cache blocks that hold whole key tiles reads each K and V tile (and
   Flash-LoRA's L tile) by one bulk tensor-memory copy (Hopper's TMA, through host tensor
   descriptors) instead of per-thread loads (see `_tma_loads`); unsplit launches of up to one
-  program an SM keep a second tile in flight (see `_launch_plan`).
+  program an SM keep a second tile in flight, every tile in one loop (``ONE_LOOP``; see
+  `_launch_plan`).
 
 GQA: a program owns one KV head and packs ``tokens × group`` query rows into its M dimension,
 so every K/V tile is loaded once for the whole group. Rows are token-major because q is
@@ -358,30 +359,27 @@ def _attn_fwd(
             if PREFETCH_B:  # issued before the key loop: its latency hides behind the loop's
                 lb = tl.load(b_ptrs, mask=b_mask, other=0.0)
 
+        # Two loops: the n_full leading tiles without masks, then the rest with them. ONE_LOOP:
+        # every tile through the masked one (masks cost little in a memory-bound loop), the other
+        # not compiled at all: two loops drain the first's pipeline before the tail tile's copy
+        # is even issued, a whole memory round trip a program at the one-an-SM variant's depth
+        # (see _launch_plan), and an empty loop's pipeline prologue would still be code to run.
         if ONE_LOOP:
-            # Every tile through the masked loop (masks cost little in a memory-bound loop): two
-            # loops drain the first's pipeline before the tail tile's copy is even issued, a
-            # whole memory round trip a program at the one-an-SM variant's depth (see
-            # _launch_plan). Compiled without the interior loop, not with an empty one (whose
-            # pipeline prologue would still be code to run).
             n_full = t_lo
-        else:
-            for t in range(t_lo, tl.minimum(t_hi, n_full)):
-                start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
-                acc, acc_lr, m_i, l_i = _attn_tile(
-                    acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
-                    k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
-                    stride_lrb, stride_lrs, has_adapter, qk_scale,
-                    s2_local, s2_stride, s2_shift, is_dense,
-                    HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, False, UPCAST, LR_SHARED_TABLE, TMA, SHIFT_TAIL)
-        for t in range(tl.maximum(t_lo, n_full), t_hi):
-            start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
-            acc, acc_lr, m_i, l_i = _attn_tile(
-                acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
-                k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
-                stride_lrb, stride_lrs, has_adapter, qk_scale,
-                s2_local, s2_stride, s2_shift, is_dense,
-                HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, True, UPCAST, LR_SHARED_TABLE, TMA, SHIFT_TAIL)
+        for masked in tl.static_range(2):
+            if masked == 1 or not ONE_LOOP:
+                if masked == 1:
+                    t_from, t_to = tl.maximum(t_lo, n_full), t_hi
+                else:
+                    t_from, t_to = t_lo, tl.minimum(t_hi, n_full)
+                for t in range(t_from, t_to):
+                    start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
+                    acc, acc_lr, m_i, l_i = _attn_tile(
+                        acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
+                        k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
+                        stride_lrb, stride_lrs, has_adapter, qk_scale,
+                        s2_local, s2_stride, s2_shift, is_dense,
+                        HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, masked == 1, UPCAST, LR_SHARED_TABLE, TMA, SHIFT_TAIL)
 
         if HAS_LORA:
             # (P·L)·B_a once per program; linear, so split partials may fold it in too.
