@@ -180,9 +180,9 @@ def test_split_decode_picks_tile_width_by_slot_fill(monkeypatch, batch, ctx, lor
 
 @pytest.fixture
 def tma_device(monkeypatch):
-    """A device that has TMA (Hopper's rule of `_tma_loads`, without asking a GPU) and the shared
-    memory of the one-program-an-SM variant (`_tma_single`)."""
-    monkeypatch.setattr(A, "_tma_loads", lambda device, block_size, block_n: block_n >= 64 and block_size % block_n == 0)
+    """A device that has TMA (`_tma_loads` keeps its own tile rule, without asking a GPU) and the
+    shared memory of the one-program-an-SM variant (`_tma_single`)."""
+    monkeypatch.setattr(A, "_has_tma", lambda device: True)
     monkeypatch.setattr(A, "_tma_single", lambda device: True)
 
 
