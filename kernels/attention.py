@@ -261,7 +261,7 @@ def _attn_fwd(
     SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     FUSE_REDUCE: tl.constexpr, GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr,
     LR_SHARED_TABLE: tl.constexpr, PREFETCH_B: tl.constexpr, TMA: tl.constexpr,
-    SHIFT_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr = False,
+    SHIFT_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     # Last query tiles first: under causality they have the most keys, so the tail is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
