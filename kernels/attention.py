@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import attention_ring
 from ._dispatch import choose_impl, interpreter_on
 
 __all__ = [
@@ -76,6 +77,8 @@ _SINGLE_STAGES = 5
 _SINGLE_SMEM = 202 * 1024
 _SINGLE_MAX_ROWS = 32
 _SINGLE_MIN_TILES = 16  # key tiles a program at least (short runs gain nothing from a second buffer)
+_RING_MIN_KEYS = 2048  # attention_ring's decode: runs of at least this many keys (_ring_tiles),
+_RING_MIN_KEYS_MULTIWAVE = 16384  # ... and of this many over more than 3 programs an SM
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -574,6 +577,43 @@ def _tma_single(device: torch.device) -> bool:
     return _has_tma(device) and _smem_optin(_cuda_index(device)) >= _SINGLE_SMEM
 
 
+def _ring_device(device: torch.device) -> bool:
+    """Whether decode may run `attention_ring`'s kernel here: a Hopper GPU (compute capability
+    9, where it was measured; its copies and mbarriers are Hopper's) and a Triton with Gluon."""
+    return (device.type == "cuda" and _has_tma(device) and _cuda_capability(_cuda_index(device))[0] == 9
+            and attention_ring.available())
+
+
+def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, block_size: int,
+                max_ctx: int, itemsize: int) -> tuple[int, int] | None:
+    """(key tile, ring slots) of `attention_ring`'s kernel for an unsplit paged decode launch
+    of `programs` (sequences × KV heads) that the plan already reads by TMA, or None to keep
+    `_attn_fwd`. Two slots of 128-key tiles (128 KB of shared memory: one program an SM) where
+    the launch is one program an SM, or over 3 an SM on runs of 16K keys or more (shorter runs
+    over many waves keep `_attn_fwd`'s 2-3 programs an SM); two of 64-key tiles (64 KB: 3 an SM)
+    in between, where one wave at 3 an SM beats two at one. Only where measured: head dim 128,
+    half-precision caches, GQA groups of up to 16 query heads (one MMA tile of rows), runs of
+    at least 2K keys.
+    H200, one run (bf16, Hq 32, Hkv 8, D 128, blocks of 128, us, two passes; `_attn_fwd` as
+    planned without it; bench/RESULTS.md Run S): 128-key tiles 16 × 4K 62.1 / 62.4 vs 63.1 /
+    63.2, 16 × 4001 61.7 / 61.7 vs 62.5 / 62.7, 12 × 4K 48.5 / 48.7 vs 49.0 / 49.4, 16 × 32K
+    465.2 / 465.3 vs 469.6 / 469.7, 64 × 32K 1841.7 / 1841.0 vs 1865.1 / 1866.9, but 64 × 4K
+    238.2 / 237.6 vs 237.3 / 237.3, 128 × 4K 468.1 / 469.0 vs 467.6 / 467.7, 64 × 2K 125.5 /
+    125.1 vs 123.1 / 122.9, 256 × 2K 473.6 / 473.8 vs 469.1 / 469.0; 64-key tiles 20 × 2K 42.7
+    / 42.6 vs 44.3 / 44.4, 33 × 4K 124.1 / 124.1 vs 124.3 / 124.6, 24 × 16K 355.6 / 355.5 vs
+    359.5 / 359.7, 48 × 8K 355.8 / 355.0 vs 357.0 / 356.7, 40 × 4K 159.3 / 159.0 vs 158.9 / 158.2.
+    """
+    if not _ring_device(device) or head_dim != 128 or group > 16 or itemsize != 2:
+        return None
+    sms = _num_sms(device)
+    block_n = 64 if sms < programs <= _TMA_SHIFTED_PER_SM * sms else 128
+    if block_size % block_n or max_ctx < _RING_MIN_KEYS:
+        return None
+    if programs > _TMA_SHIFTED_PER_SM * sms and max_ctx < _RING_MIN_KEYS_MULTIWAVE:
+        return None
+    return block_n, 2
+
+
 @functools.lru_cache(maxsize=None)
 def _smem_optin(index: int) -> int:
     return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
@@ -683,6 +723,9 @@ class _LaunchPlan:
     reduce_grid: tuple[int] | None  # None: no `_split_reduce` launch
     reduce_args: tuple[int, ...]
     reduce_meta: dict
+    # (key tile, ring slots): the launch runs `attention_ring.ring_decode` instead of `_attn_fwd`
+    # (whose fields above then go unused); None: `_attn_fwd`.
+    ring: tuple[int, int] | None = None
 
 
 # Each partial of the one workspace starts on 128 B (32 fp32), as its own allocation did: Triton
@@ -717,7 +760,7 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
                       max_seqlen_q, _aligned16(k, v, lora.lr_cache if lora is not None else None),
                       k.element_size(), num_splits, q.device, interpreter_on(),
                       (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce, _prefetch_lora_b,
-                       _tma_loads, _tma_single))
+                       _tma_loads, _tma_single, _ring_tiles))
 
 
 @functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
@@ -725,7 +768,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     """The launch configuration (tiles, splits, grid, strides, constexprs) of a key: computed
     once per distinct key, so a repeated call with the same shapes only validates and launches."""
     paged, decode, batch = key.paged, key.decode, key.batch
-    config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single = key.policy  # _num_sms: by _default_splits
+    config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles = key.policy  # _num_sms: by _default_splits
     total_q, hq, d = key.q_shape
     per_head_table = paged and len(key.table[0]) == 3
     hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
@@ -830,6 +873,9 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     shift_tail = tma and (key.lora is not None or single or (
         not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
     fused = split and decode and fuse_reduce(key.device)
+    ring = None
+    if tma and not split and key.lora is None and key.table[1][1] == 1:
+        ring = ring_tiles(key.device, batch * hkv, d, group, block_size, max_ctx, key.kv_itemsize)
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)
     g_p2 = _next_pow2(group)
     combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))
@@ -884,7 +930,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if split else 0,
         counters=batch * hkv if fused else 0, reduce_grid=(total_q * hkv,) if split and not fused else None,
         reduce_args=(key.out_strides[0], key.out_strides[1], group, hkv, num_splits),
-        reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4))
+        reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4), ring=ring)
 
 
 # Arrival counters of the fused split combine. Every launch leaves its counters at zero (the
@@ -991,6 +1037,9 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
     plan = _launch_plan(_launch_key(q, k, v, out, paged=paged, decode=decode, batch=batch,
                                     block_tables=block_tables, lora=lora, s2=s2,
                                     max_seqlen_q=max_seqlen_q, num_splits=num_splits))
+    if plan.ring is not None:
+        return attention_ring.ring_decode(q, k, v, block_tables, seq_lens, float(scale) * _LOG2E, out,
+                                          block_n=plan.ring[0], stages=plan.ring[1])
     dummy = q  # pointer arguments a variant does not read
     if plan.ws_total:
         # One allocation for the three partials (views into it), not three.

@@ -1,0 +1,180 @@
+"""Paged decode through a ring of TMA copies with explicit mbarriers (Gluon), for Hopper.
+
+`_attn_fwd` (kernels/attention.py) is the kernel family every attention entry point runs on.
+This module holds one more kernel for one case of it, unsplit paged decode on sm_90, where
+Triton's own pipeliner leaves bandwidth behind: it gives the block-table load that a TMA copy
+waits on pipeline stages of its own and keeps one K/V tile in flight (two at one program an SM),
+and each tile's copy still waits on a block id loaded right before it. Here the ring is written
+out: ``STAGES`` K/V tile slots, one mbarrier each, the copy of tile ``t + STAGES - 1`` issued
+when tile ``t`` is taken, and that tile's block id loaded an iteration earlier.
+
+Measured on an H200 (bf16, Hq 32, Hkv 8, D 128, blocks of 128, us, one run; SDPA on contiguous
+K/V; bench/RESULTS.md Run S): 16 × 32K 464.6 / 465.1 against `_attn_fwd`'s 469.2 / 468.9 and
+SDPA's 466.4 / 465.6; 64 × 32K 1843.3 / 1841.4 vs 1867.5 / 1864.5, SDPA 1848.6 / 1849.4; 12 ×
+4K 48.6 / 48.8 vs 49.5 / 49.4, SDPA 50.6 / 50.4. Without the early block-id load: 16 × 32K
+467.6 / 467.3, 64 × 32K 1847.0 / 1844.5.
+
+Semantics are `paged_attention_decode`'s (reference: kernels/attention_ref.py): one program
+per (sequence, KV head) owns the GQA group's query rows (padded to 16, the MMA's M), reads the
+sequence's key tiles through the block table, and writes ``softmax(scale·q·Kᵀ)·V``; an empty
+sequence writes zeros. The last tile is read shifted to end at the sequence's length: its slots
+before the block's first are zero-filled by the copy and the keys it repeats are masked, so no
+slot past the sequence (which may hold anything, NaN included) is ever read.
+
+Gluon kernels do not run under ``TRITON_INTERPRET``: CPU-only machines never launch this one
+(`available` is False without a GPU), and CI compiles it for sm_90 instead
+(tests/kernels/test_kernels_attention_ring.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # Gluon (Triton's explicit-layout dialect) ships with Triton 3.5 and later
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    # The bulk tensor copy into shared memory: `async_load` from Triton 3.7, before it
+    # `async_copy_global_to_shared` (gone from 3.9).
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed in Triton 3.9
+except ImportError:  # pragma: no cover - an older Triton: the Triton kernel serves every launch
+    gluon = None
+
+__all__ = ["available", "ring_decode"]
+
+_ROWS = 16  # query rows a program: mma_v2's M (a GQA group of up to 16 query heads)
+_WARPS = 4
+
+if gluon is not None:
+
+    @gluon.jit
+    def _block_of(BlockTables, b, t, n_tiles, stride_btb, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+        """The cache block holding tile `t` of sequence `b` (0 past its last tile: never read)."""
+        blk = gl.load(BlockTables + b * stride_btb + (t * BLOCK_N) // BLOCK_SIZE, mask=t < n_tiles, other=0)
+        return blk.to(gl.int32)
+
+    @gluon.jit
+    def _copy_tile(k_desc, v_desc, k_ring, v_ring, ready, block, kvh, t, n_tiles, seq_len,
+                   HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+                   STAGES: gl.constexpr):
+        """Start the copies of tile `t`'s K and V into its ring slot (nothing past the last tile)."""
+        live = t < n_tiles
+        # The last tile ends at the sequence's length; rows before the block's first come back as
+        # zeros (TMA's out-of-bounds fill), the ones the tile before already had are masked.
+        shift = gl.where(t == n_tiles - 1, n_tiles * BLOCK_N - seq_len, 0)
+        row = (t * BLOCK_N) % BLOCK_SIZE - shift
+        slot = t % STAGES
+        bar = ready.index(slot)
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=live)
+        _tma_load(k_desc, [block, row, kvh * HEAD_DIM], bar, k_ring.index(slot), pred=live)
+        _tma_load(v_desc, [block, row, kvh * HEAD_DIM], bar, v_ring.index(slot), pred=live)
+
+    @gluon.jit
+    def _ring_decode_kernel(Q, k_desc, v_desc, BlockTables, SeqLens, Out, qk_scale,
+                            stride_qb, stride_qh, stride_ob, stride_oh, stride_btb,
+                            GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr,
+                            ROWS: gl.constexpr, WARPS: gl.constexpr):
+        kvh = gl.program_id(0)
+        b = gl.program_id(1)
+        # Warps split the N dim of both dots (the 16 rows are one MMA tile high).
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
+        a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        io: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, WARPS], [1, 0])
+        dtype: gl.constexpr = k_desc.dtype
+
+        k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+
+        seq_len = gl.load(SeqLens + b).to(gl.int32)
+        n_tiles = gl.cdiv(seq_len, BLOCK_N)
+        for i in gl.static_range(STAGES - 1):
+            _copy_tile(k_desc, v_desc, k_ring, v_ring, ready,
+                       _block_of(BlockTables, b, i, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE),
+                       kvh, i, n_tiles, seq_len, HEAD_DIM, BLOCK_N, BLOCK_SIZE, STAGES)
+        # The block id a copy needs is loaded an iteration before the copy: loaded right before
+        # it, its round trip would hold up every tile.
+        next_block = _block_of(BlockTables, b, STAGES - 1, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE)
+
+        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, io))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
+        head = kvh * GROUP + rows
+        io_mask = (rows < GROUP)[:, None] & (cols < HEAD_DIM)[None, :]
+        q = gl.load(Q + b * stride_qb + head[:, None] * stride_qh + cols[None, :], mask=io_mask, other=0.0)
+        q = gl.convert_layout(q, a_op)
+
+        m_i = gl.full([ROWS], -1.0e38, gl.float32, gl.SliceLayout(1, mma))
+        l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, mma))
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, mma)
+        key_col = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        for t in range(n_tiles):
+            # Every warp is done with the slot of tile t - 1 before its next copy overwrites it.
+            _cta_barrier()
+            _copy_tile(k_desc, v_desc, k_ring, v_ring, ready, next_block, kvh, t + STAGES - 1, n_tiles,
+                       seq_len, HEAD_DIM, BLOCK_N, BLOCK_SIZE, STAGES)
+            next_block = _block_of(BlockTables, b, t + STAGES, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE)
+            slot = t % STAGES
+            mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+            k_t = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)).load(b_op)
+            s = mma_v2(q, k_t, gl.zeros([ROWS, BLOCK_N], gl.float32, mma)) * qk_scale
+            shift = gl.where(t == n_tiles - 1, n_tiles * BLOCK_N - seq_len, 0)
+            s = gl.where((key_col >= shift)[None, :], s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
+            acc = mma_v2(gl.convert_layout(p.to(dtype), a_op), v_t, acc * alpha[:, None])
+            m_i = m_new
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+        l_i = gl.where(l_i > 0, l_i, 1.0)  # an empty sequence: acc is 0, and so is its output
+        o = gl.convert_layout((acc / l_i[:, None]).to(Out.dtype.element_ty), io)
+        gl.store(Out + b * stride_ob + head[:, None] * stride_oh + cols[None, :], o, mask=io_mask)
+
+
+def available() -> bool:
+    """Whether this Triton has Gluon (the kernel's dialect)."""
+    return gluon is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block_n: int, head_dim: int, dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for([1, block_n, head_dim], _GL_DTYPES[dtype])
+
+
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16} if gluon is not None else {}
+
+
+def _descriptor(cache: torch.Tensor, block_n: int):
+    nb, bs, hkv, d = cache.shape
+    return GluonDescriptor(cache, [nb, bs, hkv * d], [bs * hkv * d, hkv * d, 1], [1, block_n, d],
+                           _smem_layout(block_n, d, cache.dtype))
+
+
+def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                seq_lens: torch.Tensor, qk_scale_log2: float, out: torch.Tensor, *, block_n: int,
+                stages: int) -> torch.Tensor:
+    """Paged decode into `out` (``[batch, Hq, D]``), one program per sequence × KV head.
+
+    Inputs are `paged_attention_decode`'s, already validated, and what `_launch_plan` checked
+    before choosing this kernel: a CUDA device of compute capability 9, dense row-major fp16 or
+    bf16 caches (descriptor-addressable, 16-byte aligned) whose blocks hold whole `block_n`-key
+    tiles, a GQA group of at most 16, q and out with a unit-stride head dim, a block table with
+    unit-stride rows. `qk_scale_log2` is the softmax scale times log2(e)."""
+    batch, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    _ring_decode_kernel[(hkv, batch)](
+        q, _descriptor(k_cache, block_n), _descriptor(v_cache, block_n), block_tables, seq_lens, out,
+        qk_scale_log2, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
+        STAGES=stages, ROWS=_ROWS, WARPS=_WARPS, num_warps=_WARPS)
+    return out

@@ -1,0 +1,188 @@
+"""`attention_ring`'s paged decode kernel (Gluon, Hopper only): which launches the plan gives it
+(on CPU, from shapes alone), its sm_90 compile on machines without a GPU (Gluon kernels do not
+run under the interpreter), and on a Hopper GPU its outputs against the float64 reference on
+caches whose slots past every sequence are NaN, into NaN-poisoned outputs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import attention as A
+from kernels import attention_ring as R
+from kernels.attention import paged_attention_decode
+from kernels.attention_ref import paged_attention_decode_ref
+from test_kernels_attention import check, make_paged, poisoned
+from test_kernels_attention_launch import gpu_decode_plan
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and R.available()
+
+
+@pytest.fixture
+def ring_device(monkeypatch):
+    """A device that has TMA, the one-program-an-SM variant's shared memory and the ring kernel."""
+    monkeypatch.setattr(A, "_has_tma", lambda device: True)
+    monkeypatch.setattr(A, "_tma_single", lambda device: True)
+    monkeypatch.setattr(A, "_ring_device", lambda device: True)
+
+
+# ---------------------------------------------------------------- the plan (CPU, meta tensors)
+@pytest.mark.parametrize("batch, ctx, kw, ring", [
+    (16, 4096, {}, (128, 2)),      # 128 programs of 132 SMs: one an SM
+    (16, 32768, {}, (128, 2)),
+    (12, 2048, {}, (128, 2)),      # the shortest runs it takes
+    (17, 4096, {}, (64, 2)),       # 136 programs: one wave at 3 an SM
+    (49, 4096, {}, (64, 2)),       # 392
+    (50, 16384, {}, (128, 2)),     # 400: more than 3 an SM, over 16K keys or more
+    (64, 32768, {}, (128, 2)),
+    (50, 16256, {}, None),         # ... and under 16K keys: _attn_fwd's 2-3 an SM
+    (64, 4096, {}, None),
+    (64, 1920, {}, None),          # runs of under 2K keys keep _attn_fwd
+    (8, 4096, {}, None),           # split launches keep it
+    (1, 32768, {}, None),
+    (16, 4096, dict(lora=True), None),
+    (16, 4096, dict(bs=64), None),  # blocks of 64 hold no 128-key tile (no TMA at all)
+    (17, 4096, dict(bs=64), None),
+    (16, 4096, dict(bs=256), (128, 2)),
+    (16, 4096, dict(hq=128), (128, 2)),  # GQA groups of 16: one MMA tile of rows
+    (16, 4096, dict(hq=256), None),      # of 32: two
+    (16, 4096, dict(dtype=torch.float16), (128, 2)),
+    (16, 4096, dict(dtype=torch.float32), None),
+])
+def test_plan_takes_the_ring_kernel_where_measured(monkeypatch, ring_device, batch, ctx, kw, ring):
+    plan = gpu_decode_plan(monkeypatch, batch, ctx, **{"bs": 128, **kw})
+    assert plan.ring == ring
+
+
+def test_ring_tiles_needs_the_device_and_head_dim_128(monkeypatch, ring_device):
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    dev = torch.device("cuda", 0)
+    assert A._ring_tiles(dev, 128, 128, 4, 128, 4096, 2) == (128, 2)
+    assert A._ring_tiles(dev, 128, 64, 4, 128, 4096, 2) is None
+    assert A._ring_tiles(dev, 128, 256, 4, 128, 4096, 2) is None
+    assert A._ring_tiles(dev, 200, 128, 4, 64, 4096, 2) == (64, 2)  # 64-key tiles fit blocks of 64
+    monkeypatch.setattr(A, "_ring_device", lambda device: False)
+    assert A._ring_tiles(dev, 128, 128, 4, 128, 4096, 2) is None
+    assert gpu_decode_plan(monkeypatch, 16, 4096, bs=128).ring is None
+
+
+def test_ring_device_is_off_without_a_hopper_gpu():
+    for dev in ("cpu", "meta"):
+        assert A._ring_device(torch.device(dev)) is False
+
+
+# ---------------------------------------------------------------- sm_90 compile (CPU-only machines)
+_COMPILE_SCRIPT = r"""
+import sys
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from kernels import attention_ring as R
+
+block_n, stages, group, dt = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+fn = R._ring_decode_kernel
+desc = f"tensordesc<{dt}[1,{block_n},128],{R._smem_layout(block_n, 128, dtype)!r}>"
+consts = dict(GROUP=group, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=128, STAGES=stages, ROWS=R._ROWS,
+              WARPS=R._WARPS)
+sig = dict(Q="*" + dt, k_desc=desc, v_desc=desc, BlockTables="*i32", SeqLens="*i32", Out="*" + dt,
+           qk_scale="fp32", stride_qb="i32", stride_qh="i32", stride_ob="i32", stride_oh="i32",
+           stride_btb="i32", **{c: "constexpr" for c in consts})
+src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": R._WARPS})
+print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata.shared)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
+@pytest.mark.skipif(not R.available(), reason="this Triton has no Gluon")
+@pytest.mark.parametrize("block_n, stages, group, dt", [(128, 2, 4, "bf16"), (64, 2, 4, "fp16"),
+                                                        (128, 2, 16, "fp16"), (64, 2, 1, "bf16")])
+def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt):
+    """Both tile configurations the plan picks compile for sm_90 without spills, in the shared
+    memory the plan counts on: 64-key tiles three programs an SM (228 KB an SM, 1 KB of it
+    reserved a program), 128-key tiles one."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton cannot compile for a target")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(block_n), str(stages), str(group), dt],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    verdict, _, smem = res.stdout.split()[-3:]
+    assert verdict == "COMPILED"
+    limit = (228 // 3 - 1) * 1024 if block_n == 64 else 227 * 1024
+    assert 2 * stages * block_n * 128 * 2 <= int(smem) <= limit
+
+
+# ---------------------------------------------------------------- Hopper GPU
+gpu = pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (and a Triton with Gluon)")
+
+
+@pytest.fixture
+def ring_calls(monkeypatch) -> list:
+    """The (key tile, ring slots) of every ring kernel launch while the test runs."""
+    calls = []
+    real = R.ring_decode
+
+    def spying(*args, block_n, stages, **kw):
+        calls.append((block_n, stages))
+        return real(*args, block_n=block_n, stages=stages, **kw)
+
+    monkeypatch.setattr(R, "ring_decode", spying)
+    return calls
+
+
+@gpu
+@pytest.mark.parametrize("dtype, hq, hkv, bs, lens, sms, ring", [
+    (torch.bfloat16, 32, 8, 128, [4000, 129, 1, 0, 2048, 3001], None, (128, 2)),  # one an SM
+    (torch.float16, 16, 16, 256, [2049, 77, 4096], None, (128, 2)),               # GQA group 1
+    (torch.bfloat16, 64, 4, 128, [2500, 128, 127], None, (128, 2)),               # group 16
+    (torch.bfloat16, 32, 8, 128, [2100, 5, 3000, 64, 65], 14, (64, 2)),  # 40 programs "on 14 SMs"
+    (torch.float16, 32, 8, 128, [16390, 300, 2200, 1], 4, (128, 2)),     # 32 "on 4": over 3 an SM
+])
+def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms, ring):
+    """Odd lengths, a sequence of one token and one of none, tiles that end inside a block and
+    ones that end on it; q read from every other row of a wider buffer and out written into one."""
+    if sms is not None:
+        monkeypatch.setattr(A, "_num_sms", lambda device: sms)
+    k, v, bt, sl = make_paged(lens, hkv, 128, bs, dtype, "cuda")
+    q = torch.randn(len(lens), hq, 2, 128, device="cuda").to(dtype)[:, :, 1]
+    wide = poisoned((len(lens), hq, 256), dtype, "cuda")
+    out = wide[..., 64:192]
+    res = paged_attention_decode(q, k, v, bt, sl, 0.13, out=out, num_splits=1)
+    assert res is out and ring_calls == [ring]
+    check(out, paged_attention_decode_ref(q, k, v, bt, sl, 0.13), dtype)
+    assert wide[..., :64].isnan().all() and wide[..., 192:].isnan().all()  # nothing outside out
+
+
+@gpu
+def test_ring_decode_replays_in_a_cuda_graph(rng_seed, ring_calls):
+    """Captured once, replayed over new queries and longer sequences (a decode step's inputs
+    change in place): each replay matches the reference."""
+    lens = [2300, 4000, 17]
+    k, v, bt, sl = make_paged([n + 40 for n in lens], 8, 128, 128, torch.bfloat16, "cuda")
+    sl.copy_(torch.tensor(lens, dtype=torch.int32))
+    q = torch.randn(3, 32, 128, device="cuda").to(torch.bfloat16)
+    out = poisoned(q.shape, q.dtype, "cuda")
+    paged_attention_decode(q, k, v, bt, sl, 0.09, out=out, num_splits=1)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_attention_decode(q, k, v, bt, sl, 0.09, out=out, num_splits=1, validate=False)
+    for step in range(3):
+        q.copy_(torch.randn_like(q, dtype=torch.float32).to(q.dtype))
+        sl.add_(13 * step)
+        out.fill_(float("nan"))
+        graph.replay()
+        check(out, paged_attention_decode_ref(q, k, v, bt, sl, 0.09), torch.bfloat16)
+    assert ring_calls and set(ring_calls) == {(128, 2)}
