@@ -79,6 +79,8 @@ _SINGLE_MAX_ROWS = 32
 _SINGLE_MIN_TILES = 16  # key tiles a program at least (short runs gain nothing from a second buffer)
 _RING_MIN_KEYS = 2048  # attention_ring's decode: runs of at least this many keys (_ring_tiles),
 _RING_MIN_KEYS_MULTIWAVE = 16384  # ... and of this many over more than 3 programs an SM
+_RING_LORA_MAX_RPAD = 64  # Flash-LoRA by the ring kernel: L tiles up to this wide (registers)
+_RING_LORA_MIN_FILL = 0.9  # ... and launches of at least this many programs an SM
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -585,7 +587,7 @@ def _ring_device(device: torch.device) -> bool:
 
 
 def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, block_size: int,
-                max_ctx: int, itemsize: int) -> tuple[int, int] | None:
+                max_ctx: int, itemsize: int, lora: bool = False) -> tuple[int, int] | None:
     """(key tile, ring slots) of `attention_ring`'s kernel for an unsplit paged decode launch
     of `programs` (sequences × KV heads) that the plan already reads by TMA, or None to keep
     `_attn_fwd`. Two slots of 128-key tiles (128 KB of shared memory: one program an SM) where
@@ -593,7 +595,14 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
     over many waves keep `_attn_fwd`'s 2-3 programs an SM); two of 64-key tiles (64 KB: 3 an SM)
     in between, where one wave at 3 an SM beats two at one. Only where measured: head dim 128,
     half-precision caches, GQA groups of up to 16 query heads (one MMA tile of rows), runs of
-    at least 2K keys.
+    at least 2K keys. Flash-LoRA (`lora`) only at 128-key tiles (its L slots would leave 64-key
+    ones 2 an SM) over at least 0.9 programs an SM: below that, each program's one tile in
+    flight bounds it (H200, Run S, r = 64, us: 12 × 4K 56.2 / 56.1 vs `_attn_fwd`'s 53.0 / 52.9,
+    12 × 16K 204.7 / 205.5 vs 190.9 / 191.5, 14 × 4K 60.5 / 60.4 vs 60.2 / 60.1; r = 8 at 16-wide
+    L tiles 14 × 4K 61.3 / 61.3 vs 61.7 / 61.5, 16 × 4K 68.1 / 68.1 vs 70.4 / 70.2, 16 × 32K
+    494.5 / 493.6 vs 497.5 / 498.4, 64 × 32K 1920.1 / 1921.6 vs 1931.4 / 1934.3; r = 64 16 × 4K
+    67.8 / 68.2 vs 69.2 / 69.2, 16 × 32K 493.4 / 493.0 vs 519.3 / 517.5, 64 × 32K 1959.9 / 1958.7
+    vs 2020.6 / 2019.5).
     H200, one run (bf16, Hq 32, Hkv 8, D 128, blocks of 128, us, two passes; `_attn_fwd` as
     planned without it; bench/RESULTS.md Run S): 128-key tiles 16 × 4K 62.1 / 62.4 vs 63.1 /
     63.2, 16 × 4001 61.7 / 61.7 vs 62.5 / 62.7, 12 × 4K 48.5 / 48.7 vs 49.0 / 49.4, 16 × 32K
@@ -610,6 +619,8 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
     if block_size % block_n or max_ctx < _RING_MIN_KEYS:
         return None
     if programs > _TMA_SHIFTED_PER_SM * sms and max_ctx < _RING_MIN_KEYS_MULTIWAVE:
+        return None
+    if lora and (block_n != 128 or programs < _RING_LORA_MIN_FILL * sms):
         return None
     return block_n, 2
 
@@ -802,6 +813,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
            and _descriptor_layout(key.kv_shape, key.k_strides) and _descriptor_layout(key.kv_shape, key.v_strides)
            and (key.lora is None or _lr_descriptor_ok(key.lora, block_size, tile[1]))
            and tma_loads(key.device, block_size, tile[1]))
+    descriptors_ok = tma  # (before Flash-LoRA's own narrowing below: the ring kernel reads it all by TMA)
     single = False
     if tma:
         tma_splits = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device,
@@ -874,8 +886,15 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
     fused = split and decode and fuse_reduce(key.device)
     ring = None
-    if tma and not split and key.lora is None and key.table[1][1] == 1:
-        ring = ring_tiles(key.device, batch * hkv, d, group, block_size, max_ctx, key.kv_itemsize)
+    if descriptors_ok and key.table[1][1] == 1 and (key.lora is None or (
+            attention_ring.lora_pad(r) <= _RING_LORA_MAX_RPAD and _lr_descriptor_ok(key.lora, block_size, wide[1]))):
+        # Unsplit launches only: where 2 programs an SM (1 up to one an SM) would not split
+        # (Flash-LoRA's own plan splits some of those: it reads long runs per-thread).
+        programs = batch * hkv
+        per_sm = 1 if programs <= _num_sms(key.device) else 2
+        if (key.num_splits or default_splits(batch, hkv, max_ctx, wide[1], key.device, per_sm)) == 1:
+            ring = ring_tiles(key.device, programs, d, group, block_size, max_ctx, key.kv_itemsize,
+                              key.lora is not None)
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)
     g_p2 = _next_pow2(group)
     combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))
@@ -1038,8 +1057,11 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
                                     block_tables=block_tables, lora=lora, s2=s2,
                                     max_seqlen_q=max_seqlen_q, num_splits=num_splits))
     if plan.ring is not None:
+        lr_kw = {} if lora is None else dict(
+            lr_cache=lora.lr_cache, lr_block_tables=lora.lr_block_tables, lora_b=lora.lora_b,
+            adapter_ids=lora.adapter_ids, lr_shared_table=plan.meta["LR_SHARED_TABLE"])
         return attention_ring.ring_decode(q, k, v, block_tables, seq_lens, float(scale) * _LOG2E, out,
-                                          block_n=plan.ring[0], stages=plan.ring[1])
+                                          block_n=plan.ring[0], stages=plan.ring[1], **lr_kw)
     dummy = q  # pointer arguments a variant does not read
     if plan.ws_total:
         # One allocation for the three partials (views into it), not three.

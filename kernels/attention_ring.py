@@ -58,10 +58,11 @@ if gluon is not None:
         return blk.to(gl.int32)
 
     @gluon.jit
-    def _copy_tile(k_desc, v_desc, k_ring, v_ring, ready, block, kvh, t, n_tiles, seq_len,
-                   HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
-                   STAGES: gl.constexpr):
-        """Start the copies of tile `t`'s K and V into its ring slot (nothing past the last tile)."""
+    def _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, block, lr_block, kvh, t, n_tiles,
+                   seq_len, adapter, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+                   LR_BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, HAS_LORA: gl.constexpr):
+        """Start the copies of tile `t`'s K and V (and L, for a request with an adapter) into its
+        ring slot; nothing past the last tile."""
         live = t < n_tiles
         # The last tile ends at the sequence's length; rows before the block's first come back as
         # zeros (TMA's out-of-bounds fill), the ones the tile before already had are masked.
@@ -69,19 +70,32 @@ if gluon is not None:
         row = (t * BLOCK_N) % BLOCK_SIZE - shift
         slot = t % STAGES
         bar = ready.index(slot)
-        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes, pred=live)
+        kv_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
+        if HAS_LORA:
+            # One arrival a tile: the expected bytes are a compile-time count, so one of two
+            # expects, by whether L comes too (never for a request without adapter).
+            mbarrier.expect(bar, kv_bytes + lr_desc.block_type.nbytes, pred=live & (adapter >= 0))
+            mbarrier.expect(bar, kv_bytes, pred=live & (adapter < 0))
+            lr_row = (t * BLOCK_N) % LR_BLOCK_SIZE - shift
+            _tma_load(lr_desc, [lr_block, lr_row, 0], bar, lr_ring.index(slot), pred=live & (adapter >= 0))
+        else:
+            mbarrier.expect(bar, kv_bytes, pred=live)
         _tma_load(k_desc, [block, row, kvh * HEAD_DIM], bar, k_ring.index(slot), pred=live)
         _tma_load(v_desc, [block, row, kvh * HEAD_DIM], bar, v_ring.index(slot), pred=live)
 
     @gluon.jit
-    def _ring_decode_kernel(Q, k_desc, v_desc, BlockTables, SeqLens, Out, qk_scale,
-                            stride_qb, stride_qh, stride_ob, stride_oh, stride_btb,
+    def _ring_decode_kernel(Q, k_desc, v_desc, lr_desc, BlockTables, LrBlockTables, LoraB, AdapterIds,
+                            SeqLens, Out, qk_scale,
+                            stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lbtb,
+                            stride_lba, stride_lbh, stride_lbr,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr,
-                            ROWS: gl.constexpr, WARPS: gl.constexpr):
+                            ROWS: gl.constexpr, WARPS: gl.constexpr, HAS_LORA: gl.constexpr,
+                            RANK: gl.constexpr, R_PAD: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr,
+                            LR_SHARED_TABLE: gl.constexpr):
         kvh = gl.program_id(0)
         b = gl.program_id(1)
-        # Warps split the N dim of both dots (the 16 rows are one MMA tile high).
+        # Warps split the N dim of every dot (the 16 rows are one MMA tile high).
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
         a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -90,19 +104,31 @@ if gluon is not None:
 
         k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        if HAS_LORA:
+            lr_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, R_PAD], lr_desc.layout)
+            adapter = gl.load(AdapterIds + b).to(gl.int32)
+        else:
+            lr_ring = k_ring  # never read
+            adapter = -1
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
 
         seq_len = gl.load(SeqLens + b).to(gl.int32)
         n_tiles = gl.cdiv(seq_len, BLOCK_N)
-        for i in gl.static_range(STAGES - 1):
-            _copy_tile(k_desc, v_desc, k_ring, v_ring, ready,
-                       _block_of(BlockTables, b, i, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE),
-                       kvh, i, n_tiles, seq_len, HEAD_DIM, BLOCK_N, BLOCK_SIZE, STAGES)
-        # The block id a copy needs is loaded an iteration before the copy: loaded right before
-        # it, its round trip would hold up every tile.
-        next_block = _block_of(BlockTables, b, STAGES - 1, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE)
+        for i in gl.static_range(STAGES):
+            # The block ids a copy needs are loaded an iteration before the copy: loaded right
+            # before it, their round trip would hold up every tile.
+            blk = _block_of(BlockTables, b, i, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE)
+            lr_blk = blk
+            if HAS_LORA and not LR_SHARED_TABLE:
+                lr_blk = _block_of(LrBlockTables, b, i, gl.where(adapter >= 0, n_tiles, 0), stride_lbtb,
+                                   BLOCK_N, LR_BLOCK_SIZE)
+            if i < STAGES - 1:
+                _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, kvh, i, n_tiles,
+                           seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, STAGES, HAS_LORA)
+            else:
+                next_block, next_lr_block = blk, lr_blk
 
         rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, io))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
@@ -110,6 +136,12 @@ if gluon is not None:
         io_mask = (rows < GROUP)[:, None] & (cols < HEAD_DIM)[None, :]
         q = gl.load(Q + b * stride_qb + head[:, None] * stride_qh + cols[None, :], mask=io_mask, other=0.0)
         q = gl.convert_layout(q, a_op)
+        if HAS_LORA:
+            r_rows = gl.arange(0, R_PAD, layout=gl.SliceLayout(1, io))
+            b_ptrs = (LoraB + gl.maximum(adapter, 0).to(gl.int64) * stride_lba + kvh * stride_lbh
+                      + r_rows[:, None] * stride_lbr + cols[None, :])
+            b_mask = (r_rows < RANK)[:, None] & (cols < HEAD_DIM)[None, :] & (adapter >= 0)
+            acc_lr = gl.zeros([ROWS, R_PAD], gl.float32, mma)
 
         m_i = gl.full([ROWS], -1.0e38, gl.float32, gl.SliceLayout(1, mma))
         l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, mma))
@@ -118,9 +150,14 @@ if gluon is not None:
         for t in range(n_tiles):
             # Every warp is done with the slot of tile t - 1 before its next copy overwrites it.
             _cta_barrier()
-            _copy_tile(k_desc, v_desc, k_ring, v_ring, ready, next_block, kvh, t + STAGES - 1, n_tiles,
-                       seq_len, HEAD_DIM, BLOCK_N, BLOCK_SIZE, STAGES)
+            _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, next_block, next_lr_block, kvh,
+                       t + STAGES - 1, n_tiles, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE,
+                       STAGES, HAS_LORA)
             next_block = _block_of(BlockTables, b, t + STAGES, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE)
+            next_lr_block = next_block
+            if HAS_LORA and not LR_SHARED_TABLE:
+                next_lr_block = _block_of(LrBlockTables, b, t + STAGES, gl.where(adapter >= 0, n_tiles, 0),
+                                          stride_lbtb, BLOCK_N, LR_BLOCK_SIZE)
             slot = t % STAGES
             mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
             k_t = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)).load(b_op)
@@ -131,11 +168,24 @@ if gluon is not None:
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + gl.sum(p, 1)
+            p = gl.convert_layout(p.to(dtype), a_op)
             v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
-            acc = mma_v2(gl.convert_layout(p.to(dtype), a_op), v_t, acc * alpha[:, None])
+            acc = mma_v2(p, v_t, acc * alpha[:, None])
+            if HAS_LORA:
+                # P·L beside P·V under the same softmax; L·B_a is never formed
+                lr_t = lr_ring.index(slot).reshape([BLOCK_N, R_PAD]).load(b_op)
+                acc_lr = mma_v2(p, lr_t, acc_lr * alpha[:, None])
             m_i = m_new
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
+        if HAS_LORA:
+            # (P·L)·B_a once. Without adapter the L slots were never written: zero what came of them.
+            acc_lr = gl.where(adapter >= 0, acc_lr, 0.0)
+            # B_a after the loop, not before it as `_attn_fwd` does: held through the loop it
+            # slowed every shape (H200, Run S: 16 × 4K r = 8 69.7 / 70.6 us with it, against
+            # 67.3 / 67.7 for r = 64 without it) and spilled at r = 64.
+            lora_b = gl.load(b_ptrs, mask=b_mask, other=0.0)
+            acc = mma_v2(gl.convert_layout(acc_lr.to(dtype), a_op), gl.convert_layout(lora_b, b_op), acc)
         l_i = gl.where(l_i > 0, l_i, 1.0)  # an empty sequence: acc is 0, and so is its output
         o = gl.convert_layout((acc / l_i[:, None]).to(Out.dtype.element_ty), io)
         gl.store(Out + b * stride_ob + head[:, None] * stride_oh + cols[None, :], o, mask=io_mask)
@@ -146,6 +196,13 @@ def available() -> bool:
     return gluon is not None
 
 
+def lora_pad(rank: int) -> int:
+    """Columns of the kernel's L tiles and P·L accumulator: a power of two >= 16 (the MMA's K
+    for (P·L)·B). 16, not `_attn_fwd`'s 32, at r = 8: H200, Run S, Flash-LoRA 16 × 4K 68.1 / 68.1
+    us against 70.1 / 70.2 at 32, 16 × 32K 494.5 / 493.6 vs 502.6 / 502.3."""
+    return max(16, 1 << (rank - 1).bit_length())
+
+
 @functools.lru_cache(maxsize=None)
 def _smem_layout(block_n: int, head_dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([1, block_n, head_dim], _GL_DTYPES[dtype])
@@ -154,27 +211,47 @@ def _smem_layout(block_n: int, head_dim: int, dtype: torch.dtype):
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16} if gluon is not None else {}
 
 
-def _descriptor(cache: torch.Tensor, block_n: int):
-    nb, bs, hkv, d = cache.shape
-    return GluonDescriptor(cache, [nb, bs, hkv * d], [bs * hkv * d, hkv * d, 1], [1, block_n, d],
-                           _smem_layout(block_n, d, cache.dtype))
+def _descriptor(cache: torch.Tensor, block_n: int, width: int):
+    """A descriptor over a paged cache seen as ``[blocks, block_size, rest]`` (K/V: rest = Hkv × D;
+    L: rest = r), copying ``[1, block_n, width]`` boxes (columns past r arrive as zeros)."""
+    nb, bs = cache.shape[:2]
+    rest = cache[0, 0].numel()
+    return GluonDescriptor(cache, [nb, bs, rest], [bs * rest, rest, 1], [1, block_n, width],
+                           _smem_layout(block_n, width, cache.dtype))
 
 
 def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, qk_scale_log2: float, out: torch.Tensor, *, block_n: int,
-                stages: int) -> torch.Tensor:
-    """Paged decode into `out` (``[batch, Hq, D]``), one program per sequence × KV head.
+                stages: int, lr_cache: torch.Tensor | None = None, lr_block_tables: torch.Tensor | None = None,
+                lora_b: torch.Tensor | None = None, adapter_ids: torch.Tensor | None = None,
+                lr_shared_table: bool = False) -> torch.Tensor:
+    """Paged decode into `out` (``[batch, Hq, D]``), one program per sequence × KV head; with
+    `lr_cache` (and its table, `lora_b`, `adapter_ids`), Flash-LoRA decode.
 
-    Inputs are `paged_attention_decode`'s, already validated, and what `_launch_plan` checked
-    before choosing this kernel: a CUDA device of compute capability 9, dense row-major fp16 or
-    bf16 caches (descriptor-addressable, 16-byte aligned) whose blocks hold whole `block_n`-key
-    tiles, a GQA group of at most 16, q and out with a unit-stride head dim, a block table with
-    unit-stride rows. `qk_scale_log2` is the softmax scale times log2(e)."""
+    Inputs are `paged_attention_decode`'s (`flash_lora_decode`'s), already validated, and what
+    `_launch_plan` checked before choosing this kernel: a CUDA device of compute capability 9,
+    dense row-major fp16 or bf16 caches (descriptor-addressable, 16-byte aligned) whose blocks
+    hold whole `block_n`-key tiles (the low-rank cache's too, or it is paged by the K/V table:
+    `lr_shared_table`), a GQA group of at most 16, q, out and B with a unit-stride last dim,
+    tables with unit-stride rows, rows of r that a descriptor can copy (16-byte pitch).
+    `qk_scale_log2` is the softmax scale times log2(e)."""
     batch, hq, d = q.shape
     hkv = k_cache.shape[2]
+    k_desc = _descriptor(k_cache, block_n, d)
+    lora = lr_cache is not None
+    if lora:
+        rank, lr_bs = lr_cache.shape[2], lr_cache.shape[1]
+        r_pad = lora_pad(rank)
+        lr_desc, lbt, lb, aid = _descriptor(lr_cache, block_n, r_pad), lr_block_tables, lora_b, adapter_ids
+        lb_strides = lora_b.stride()[:3]
+    else:
+        lr_desc, lbt, lb, aid = k_desc, block_tables, q, seq_lens  # never read
+        lb_strides, rank, lr_bs, r_pad = (0, 0, 0), 1, k_cache.shape[1], 32
     _ring_decode_kernel[(hkv, batch)](
-        q, _descriptor(k_cache, block_n), _descriptor(v_cache, block_n), block_tables, seq_lens, out,
+        q, k_desc, _descriptor(v_cache, block_n, d), lr_desc, block_tables, lbt, lb, aid, seq_lens, out,
         qk_scale_log2, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
-        STAGES=stages, ROWS=_ROWS, WARPS=_WARPS, num_warps=_WARPS)
+        lbt.stride(0), *lb_strides,
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], STAGES=stages,
+        ROWS=_ROWS, WARPS=_WARPS, HAS_LORA=lora, RANK=rank, R_PAD=r_pad, LR_BLOCK_SIZE=lr_bs,
+        LR_SHARED_TABLE=lora and lr_shared_table, num_warps=_WARPS)
     return out

@@ -14,9 +14,9 @@ import torch
 
 from kernels import attention as A
 from kernels import attention_ring as R
-from kernels.attention import paged_attention_decode
-from kernels.attention_ref import paged_attention_decode_ref
-from test_kernels_attention import check, make_paged, poisoned
+from kernels.attention import flash_lora_decode, paged_attention_decode
+from kernels.attention_ref import flash_lora_decode_ref, paged_attention_decode_ref
+from test_kernels_attention import check, make_lowrank, make_paged, poisoned
 from test_kernels_attention_launch import gpu_decode_plan
 
 
@@ -46,7 +46,16 @@ def ring_device(monkeypatch):
     (64, 1920, {}, None),          # runs of under 2K keys keep _attn_fwd
     (8, 4096, {}, None),           # split launches keep it
     (1, 32768, {}, None),
-    (16, 4096, dict(lora=True), None),
+    (16, 4096, dict(lora=True), (128, 2)),               # Flash-LoRA: L slots beside K/V
+    (16, 32768, dict(lora=True), (128, 2)),              # (its own plan splits this one)
+    (64, 32768, dict(lora=True, rank=64), (128, 2)),
+    (16, 4096, dict(lora=True, lr_bs=256), (128, 2)),    # L paged by its own table
+    (16, 4096, dict(lora=True, lr_bs=64), None),         # ... in blocks that hold no 128-key tile
+    (16, 4096, dict(lora=True, rank=128), None),         # L tiles too wide for the registers
+    (17, 4096, dict(lora=True), None),                   # between 1 and 3 an SM: 2 with L slots
+    (8, 4096, dict(lora=True), None),                    # split
+    (15, 4096, dict(lora=True), (128, 2)),               # 120 programs: 0.9 an SM
+    (14, 4096, dict(lora=True), None),                   # 112: one tile in flight bounds each
     (16, 4096, dict(bs=64), None),  # blocks of 64 hold no 128-key tile (no TMA at all)
     (17, 4096, dict(bs=64), None),
     (16, 4096, dict(bs=256), (128, 2)),
@@ -86,15 +95,19 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from kernels import attention_ring as R
 
-block_n, stages, group, dt = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+block_n, stages, group, dt, rank, shared = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
+                                            int(sys.argv[5]), sys.argv[6] == "shared")
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
+r_pad = R.lora_pad(rank) if rank else 32
 fn = R._ring_decode_kernel
 desc = f"tensordesc<{dt}[1,{block_n},128],{R._smem_layout(block_n, 128, dtype)!r}>"
+lr_desc = f"tensordesc<{dt}[1,{block_n},{r_pad}],{R._smem_layout(block_n, r_pad, dtype)!r}>" if rank else desc
 consts = dict(GROUP=group, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=128, STAGES=stages, ROWS=R._ROWS,
-              WARPS=R._WARPS)
-sig = dict(Q="*" + dt, k_desc=desc, v_desc=desc, BlockTables="*i32", SeqLens="*i32", Out="*" + dt,
-           qk_scale="fp32", stride_qb="i32", stride_qh="i32", stride_ob="i32", stride_oh="i32",
-           stride_btb="i32", **{c: "constexpr" for c in consts})
+              WARPS=R._WARPS, HAS_LORA=rank > 0, RANK=max(rank, 1), R_PAD=r_pad, LR_BLOCK_SIZE=128,
+              LR_SHARED_TABLE=shared)
+sig = dict(Q="*" + dt, k_desc=desc, v_desc=desc, lr_desc=lr_desc, BlockTables="*i32", LrBlockTables="*i32",
+           LoraB="*" + dt, AdapterIds="*i32", SeqLens="*i32", Out="*" + dt, qk_scale="fp32",
+           **{n: "i32" for n in fn.arg_names if n.startswith("stride_")}, **{c: "constexpr" for c in consts})
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": R._WARPS})
 print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata.shared)
@@ -103,12 +116,13 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
 @pytest.mark.skipif(not R.available(), reason="this Triton has no Gluon")
-@pytest.mark.parametrize("block_n, stages, group, dt", [(128, 2, 4, "bf16"), (64, 2, 4, "fp16"),
-                                                        (128, 2, 16, "fp16"), (64, 2, 1, "bf16")])
-def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt):
-    """Both tile configurations the plan picks compile for sm_90 without spills, in the shared
-    memory the plan counts on: 64-key tiles three programs an SM (228 KB an SM, 1 KB of it
-    reserved a program), 128-key tiles one."""
+@pytest.mark.parametrize("block_n, stages, group, dt, rank, table", [
+    (128, 2, 4, "bf16", 0, "-"), (64, 2, 4, "fp16", 0, "-"), (128, 2, 16, "fp16", 0, "-"), (64, 2, 1, "bf16", 0, "-"),
+    (128, 2, 4, "bf16", 8, "shared"), (128, 2, 4, "bf16", 64, "own"), (128, 2, 16, "fp16", 33, "own")])
+def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table):
+    """Every configuration the plan picks compiles for sm_90 without spills, in the shared memory
+    the plan counts on: 64-key tiles three programs an SM (228 KB an SM, 1 KB of it reserved a
+    program), 128-key tiles one (Flash-LoRA's L slots beside K/V)."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
@@ -116,13 +130,15 @@ def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt):
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(block_n), str(stages), str(group), dt],
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(block_n), str(stages), str(group), dt,
+                          str(rank), table],
                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     verdict, _, smem = res.stdout.split()[-3:]
     assert verdict == "COMPILED"
     limit = (228 // 3 - 1) * 1024 if block_n == 64 else 227 * 1024
-    assert 2 * stages * block_n * 128 * 2 <= int(smem) <= limit
+    r_pad = R.lora_pad(rank) if rank else 0
+    assert stages * block_n * (2 * 128 + r_pad) * 2 <= int(smem) <= limit
 
 
 # ---------------------------------------------------------------- Hopper GPU
@@ -186,3 +202,35 @@ def test_ring_decode_replays_in_a_cuda_graph(rng_seed, ring_calls):
         graph.replay()
         check(out, paged_attention_decode_ref(q, k, v, bt, sl, 0.09), torch.bfloat16)
     assert ring_calls and set(ring_calls) == {(128, 2)}
+
+
+@gpu
+@pytest.mark.parametrize("dtype, hq, hkv, r, table, lens", [
+    (torch.bfloat16, 32, 8, 8, "kv", [4000, 129, 1, 0, 2048, 3001]),   # L paged by the K/V table
+    (torch.float16, 32, 8, 64, "own", [2049, 77, 4096, 1]),
+    (torch.bfloat16, 64, 4, 16, "own", [2500, 128, 127, 300]),         # GQA group 16
+])
+def test_ring_flash_lora_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, r, table, lens):
+    """Flash-LoRA through the ring: adapters mixed with requests without one (whose L rows are
+    NaN: never to be read), L slots past every sequence NaN too. (A GPU of as many SMs as the
+    launch has programs: the plan's Flash-LoRA launches fill at least 0.9 of them.)"""
+    monkeypatch.setattr(A, "_num_sms", lambda device: len(lens) * hkv)
+    bs = 128
+    k, v, bt, sl = make_paged(lens, hkv, 128, bs, dtype, "cuda")
+    aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device="cuda")
+    if table == "kv":
+        lr, lbt = torch.randn(k.shape[0], bs, r, device="cuda").to(dtype), bt
+        for b, n in enumerate(lens):
+            blocks = bt[b, :-(-n // bs)].long()
+            if aid[b] < 0:
+                lr[blocks] = float("nan")
+            elif n % bs:
+                lr[blocks[-1], n % bs:] = float("nan")
+        lb = (torch.randn(2, hkv, r, 128, device="cuda") / r ** 0.5).to(dtype)
+    else:
+        lr, lbt, lb = make_lowrank(bt, lens, bs, r, 2, hkv, 128, dtype, "cuda")
+    q = torch.randn(len(lens), hq, 128, device="cuda").to(dtype)
+    out = poisoned(q.shape, dtype, "cuda")
+    flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.11, out=out, num_splits=1)
+    assert ring_calls == [(128, 2)]
+    check(out, flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.11), dtype)
