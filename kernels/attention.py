@@ -19,6 +19,10 @@ the variant instead of copies of the kernel:
   program an SM keep a second tile in flight, every tile in one loop (``ONE_LOOP``; see
   `_launch_plan`).
 
+One launch family runs elsewhere: unsplit paged decode (and Flash-LoRA decode) on Hopper at
+head dim 128 goes to `attention_ring`'s kernel, a ring of TMA copies written out in Gluon with
+its own mbarriers, where Triton's pipeliner leaves bandwidth behind (`_ring_tiles` says where).
+
 GQA: a program owns one KV head and packs ``tokens × group`` query rows into its M dimension,
 so every K/V tile is loaded once for the whole group. Rows are token-major because q is
 ``[tokens, Hq, D]`` with the heads of a token adjacent.
@@ -771,7 +775,7 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
                       max_seqlen_q, _aligned16(k, v, lora.lr_cache if lora is not None else None),
                       k.element_size(), num_splits, q.device, interpreter_on(),
                       (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce, _prefetch_lora_b,
-                       _tma_loads, _tma_single, _ring_tiles))
+                       _tma_loads, _tma_single, _ring_tiles, _ring_device))
 
 
 @functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
@@ -779,7 +783,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     """The launch configuration (tiles, splits, grid, strides, constexprs) of a key: computed
     once per distinct key, so a repeated call with the same shapes only validates and launches."""
     paged, decode, batch = key.paged, key.decode, key.batch
-    config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles = key.policy  # _num_sms: by _default_splits
+    # (_num_sms and _ring_device: called by _default_splits and _ring_tiles)
+    config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles, _ = key.policy
     total_q, hq, d = key.q_shape
     per_head_table = paged and len(key.table[0]) == 3
     hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
