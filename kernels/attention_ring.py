@@ -1,4 +1,5 @@
-"""Paged decode through a ring of TMA copies with explicit mbarriers (Gluon), for Hopper.
+"""Paged decode and Flash-LoRA decode through a ring of TMA copies with explicit mbarriers
+(Gluon), for Hopper.
 
 `_attn_fwd` (kernels/attention.py) is the kernel family every attention entry point runs on.
 This module holds one more kernel for one case of it, unsplit paged decode on sm_90, where
@@ -19,10 +20,13 @@ per (sequence, KV head) owns the GQA group's query rows (padded to 16, the MMA's
 sequence's key tiles through the block table, and writes ``softmax(scale·q·Kᵀ)·V``; an empty
 sequence writes zeros. The last tile is read shifted to end at the sequence's length: its slots
 before the block's first are zero-filled by the copy and the keys it repeats are masked, so no
-slot past the sequence (which may hold anything, NaN included) is ever read.
+slot past the sequence (which may hold anything, NaN included) is ever read. With Flash-LoRA
+(`flash_lora_decode`'s semantics), L tiles ride in the same ring slots (never for a request
+without adapter), ``P·L`` accumulates beside ``P·V`` under the one online softmax, and
+``(P·L)·B_a`` is added once after the loop: ``L·B_a`` is never formed.
 
-Gluon kernels do not run under ``TRITON_INTERPRET``: CPU-only machines never launch this one
-(`available` is False without a GPU), and CI compiles it for sm_90 instead
+Gluon kernels do not run under ``TRITON_INTERPRET``: the launch plan never picks this one off a
+CUDA device (`kernels.attention._ring_device`), and CI compiles it for sm_90 instead
 (tests/kernels/test_kernels_attention_ring.py).
 """
 from __future__ import annotations
@@ -37,8 +41,8 @@ try:  # Gluon (Triton's explicit-layout dialect) ships with Triton 3.5 and later
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
-    # The bulk tensor copy into shared memory: `async_load` from Triton 3.7, before it
-    # `async_copy_global_to_shared` (gone from 3.9).
+    # The bulk tensor copy into shared memory: `async_load` in newer Tritons (3.9 has only it),
+    # `async_copy_global_to_shared` in 3.6.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed in Triton 3.9
 except ImportError:  # pragma: no cover - an older Triton: the Triton kernel serves every launch
