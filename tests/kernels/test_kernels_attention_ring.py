@@ -1,6 +1,6 @@
-"""`attention_ring`'s paged decode kernel (Gluon, Hopper only): which launches the plan gives it
-(on CPU, from shapes alone), its sm_90 compile on machines without a GPU (Gluon kernels do not
-run under the interpreter), and on a Hopper GPU its outputs against the float64 reference on
+"""`attention_ring`'s paged and Flash-LoRA decode kernel (Gluon, Hopper only): which launches the plan
+gives it (on CPU, from shapes alone), its sm_90 compile on machines without a GPU (Gluon kernels
+do not run under the interpreter), and on a Hopper GPU its outputs against the float64 reference on
 caches whose slots past every sequence are NaN, into NaN-poisoned outputs."""
 from __future__ import annotations
 
