@@ -891,7 +891,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
     fused = split and decode and fuse_reduce(key.device)
     ring = None
-    if descriptors_ok and key.table[1][1] == 1 and (key.lora is None or (
+    if descriptors_ok and (key.lora is None or (
             attention_ring.lora_pad(r) <= _RING_LORA_MAX_RPAD and _lr_descriptor_ok(key.lora, block_size, wide[1]))):
         # Unsplit launches only: where 2 programs an SM (1 up to one an SM) would not split
         # (Flash-LoRA's own plan splits some of those: it reads long runs per-thread).

@@ -62,15 +62,20 @@ if gluon is not None:
         return blk.to(gl.int32)
 
     @gluon.jit
+    def _tail_shift(t, n_tiles, seq_len, BLOCK_N: gl.constexpr):
+        """How far tile `t` is read back from its place: the last tile ends at the sequence's
+        length (its rows before the block's first come back as zeros, TMA's out-of-bounds fill;
+        the ones the tile before already had are masked), every other tile not at all."""
+        return gl.where(t == n_tiles - 1, n_tiles * BLOCK_N - seq_len, 0)
+
+    @gluon.jit
     def _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, block, lr_block, kvh, t, n_tiles,
                    seq_len, adapter, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                    LR_BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, HAS_LORA: gl.constexpr):
         """Start the copies of tile `t`'s K and V (and L, for a request with an adapter) into its
         ring slot; nothing past the last tile."""
         live = t < n_tiles
-        # The last tile ends at the sequence's length; rows before the block's first come back as
-        # zeros (TMA's out-of-bounds fill), the ones the tile before already had are masked.
-        shift = gl.where(t == n_tiles - 1, n_tiles * BLOCK_N - seq_len, 0)
+        shift = _tail_shift(t, n_tiles, seq_len, BLOCK_N)
         row = (t * BLOCK_N) % BLOCK_SIZE - shift
         slot = t % STAGES
         bar = ready.index(slot)
@@ -120,14 +125,15 @@ if gluon is not None:
 
         seq_len = gl.load(SeqLens + b).to(gl.int32)
         n_tiles = gl.cdiv(seq_len, BLOCK_N)
+        if HAS_LORA and not LR_SHARED_TABLE:
+            lr_tiles = gl.where(adapter >= 0, n_tiles, 0)  # no L read (no table row) without adapter
         for i in gl.static_range(STAGES):
             # The block ids a copy needs are loaded an iteration before the copy: loaded right
             # before it, their round trip would hold up every tile.
             blk = _block_of(BlockTables, b, i, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE)
             lr_blk = blk
             if HAS_LORA and not LR_SHARED_TABLE:
-                lr_blk = _block_of(LrBlockTables, b, i, gl.where(adapter >= 0, n_tiles, 0), stride_lbtb,
-                                   BLOCK_N, LR_BLOCK_SIZE)
+                lr_blk = _block_of(LrBlockTables, b, i, lr_tiles, stride_lbtb, BLOCK_N, LR_BLOCK_SIZE)
             if i < STAGES - 1:
                 _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, kvh, i, n_tiles,
                            seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, STAGES, HAS_LORA)
@@ -160,14 +166,13 @@ if gluon is not None:
             next_block = _block_of(BlockTables, b, t + STAGES, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE)
             next_lr_block = next_block
             if HAS_LORA and not LR_SHARED_TABLE:
-                next_lr_block = _block_of(LrBlockTables, b, t + STAGES, gl.where(adapter >= 0, n_tiles, 0),
-                                          stride_lbtb, BLOCK_N, LR_BLOCK_SIZE)
+                next_lr_block = _block_of(LrBlockTables, b, t + STAGES, lr_tiles, stride_lbtb, BLOCK_N,
+                                          LR_BLOCK_SIZE)
             slot = t % STAGES
             mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
             k_t = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)).load(b_op)
             s = mma_v2(q, k_t, gl.zeros([ROWS, BLOCK_N], gl.float32, mma)) * qk_scale
-            shift = gl.where(t == n_tiles - 1, n_tiles * BLOCK_N - seq_len, 0)
-            s = gl.where((key_col >= shift)[None, :], s, float("-inf"))
+            s = gl.where((key_col >= _tail_shift(t, n_tiles, seq_len, BLOCK_N))[None, :], s, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1))
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(s - m_new[:, None])
