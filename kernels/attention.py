@@ -85,6 +85,8 @@ _RING_MIN_KEYS = 2048  # attention_ring's decode: runs of at least this many key
 _RING_MIN_KEYS_MULTIWAVE = 16384  # ... and of this many over more than 3 programs an SM
 _RING_LORA_MAX_RPAD = 64  # Flash-LoRA by the ring kernel: L tiles up to this wide (registers)
 _RING_LORA_MIN_FILL = 0.9  # ... and launches of at least this many programs an SM
+_RING_LORA_TILE = 128  # ... at this tile only
+_RING_MAX_TILE_COPIES = 8  # ... and at most this many copies a tile (K, V and L; _ring_blocks_ok)
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -599,7 +601,8 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
     over many waves keep `_attn_fwd`'s 2-3 programs an SM); two of 64-key tiles (64 KB: 3 an SM)
     in between, where one wave at 3 an SM beats two at one. Only where measured: head dim 128,
     half-precision caches, GQA groups of up to 16 query heads (one MMA tile of rows), runs of
-    at least 2K keys. Flash-LoRA (`lora`) only at 128-key tiles (its L slots would leave 64-key
+    at least 2K keys; cache blocks that hold the tile, or few enough of them a tile
+    (`_ring_blocks_ok`). Flash-LoRA (`lora`) only at 128-key tiles (its L slots would leave 64-key
     ones 2 an SM) over at least 0.9 programs an SM: below that, each program's one tile in
     flight bounds it (H200, Run S, r = 64, us: 12 × 4K 56.2 / 56.1 vs `_attn_fwd`'s 53.0 / 52.9,
     12 × 16K 204.7 / 205.5 vs 190.9 / 191.5, 14 × 4K 60.5 / 60.4 vs 60.2 / 60.1; r = 8 at 16-wide
@@ -620,13 +623,43 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
         return None
     sms = _num_sms(device)
     block_n = 64 if sms < programs <= _TMA_SHIFTED_PER_SM * sms else 128
-    if block_size % block_n or max_ctx < _RING_MIN_KEYS:
+    if not _ring_blocks_ok(block_size, block_n, lora) or max_ctx < _RING_MIN_KEYS:
         return None
-    if programs > _TMA_SHIFTED_PER_SM * sms and max_ctx < _RING_MIN_KEYS_MULTIWAVE:
+    # (a tile of small blocks runs here over more than 3 an SM at any length: `_attn_fwd` reads
+    # those blocks by per-thread loads, slower; see _ring_blocks_ok)
+    if programs > _TMA_SHIFTED_PER_SM * sms and max_ctx < _RING_MIN_KEYS_MULTIWAVE and block_size >= block_n:
         return None
-    if lora and (block_n != 128 or programs < _RING_LORA_MIN_FILL * sms):
+    if lora and (block_n != _RING_LORA_TILE or programs < _RING_LORA_MIN_FILL * sms):
         return None
     return block_n, 2
+
+
+def _ring_blocks_ok(block_size: int, block_n: int, lora: bool) -> bool:
+    """Whether `attention_ring` copies `block_n`-key tiles out of cache blocks of `block_size`:
+    a tile inside one block (one copy each of K and V, and L), or a tile of whole blocks, a copy
+    a block, at most `_RING_MAX_TILE_COPIES` copies a tile (K, V and L together). Small copies
+    cost: H200, us, vs `_attn_fwd` (per-thread loads at these blocks), same run: blocks of 16,
+    16 copies a 128-key tile, 16 × 4K 81.6 / 81.1 vs 71.4 / 71.4, 16 × 32K 598.3 / 598.0 vs
+    498.7 / 498.7; Flash-LoRA at blocks of 32, 12 copies, 16 × 32K r = 8 602.3 / 604.7 vs 512.1
+    / 512.3. Within it: blocks of 16, 8 copies a 64-key tile, 40 × 4K 159.4 / 160.3 vs 171.0 /
+    171.6, 24 × 16K 376.0 / 376.6 vs 391.4 / 392.0, 20 × 2K 46.9 / 46.8 vs 53.8 / 53.7; blocks of
+    32, 16 × 4K 66.9 / 66.9 vs 71.6 / 71.4, 64 × 4K 249.1 / 249.2 vs 305.2 / 303.6; blocks of 64,
+    16 × 4K 64.4 / 64.5 vs 73.9 / 73.9, 16 × 32K 486.5 / 486.5 vs 501.9 / 501.8, 64 × 32K 1905.2
+    / 1902.0 vs 1922.2 / 1921.3, Flash-LoRA (6 copies) 16 × 4K r = 64 69.2 / 68.9 vs 79.8 / 80.2,
+    16 × 32K r = 8 508.3 / 508.4 vs 512.5 / 511.1 (bench/RESULTS.md, Run T)."""
+    if block_size % block_n == 0:
+        return True
+    copies = block_n // block_size if block_n % block_size == 0 else 0
+    return copies > 0 and copies * (3 if lora else 2) <= _RING_MAX_TILE_COPIES
+
+
+def _ring_lr_ok(lora_key: tuple, block_size: int) -> bool:
+    """Whether `attention_ring` can copy Flash-LoRA's low-rank cache beside K/V: dense rows of
+    r elements at a 16-byte pitch, and blocks that split a tile the way the K/V blocks do (the
+    K/V table itself, blocks of the same size, or blocks that hold whole K/V tiles)."""
+    (nb, lbs, r), strides, _, _, shared, itemsize = lora_key
+    return (tuple(strides) == (lbs * r, r, 1) and r * itemsize % 16 == 0 and 0 < nb <= _MAX_DESCRIPTOR_DIM
+            and (shared or lbs == block_size or (block_size % _RING_LORA_TILE == 0 and lbs % _RING_LORA_TILE == 0)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -783,8 +816,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     """The launch configuration (tiles, splits, grid, strides, constexprs) of a key: computed
     once per distinct key, so a repeated call with the same shapes only validates and launches."""
     paged, decode, batch = key.paged, key.decode, key.batch
-    # (_num_sms and _ring_device: called by _default_splits and _ring_tiles)
-    config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles, _ = key.policy
+    # (_num_sms: called by _default_splits and _ring_tiles, as is _ring_device)
+    config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles, ring_device = key.policy
     total_q, hq, d = key.q_shape
     per_head_table = paged and len(key.table[0]) == 3
     hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
@@ -814,11 +847,12 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     if key.lora is not None and (r_pad > _TMA_LORA_WIDE_RPAD or block_size % wide[1]
                                  or not _lr_descriptor_ok(key.lora, block_size, wide[1])):
         tile = (wide[0], max(16, wide[1] // 2), *wide[2:])
-    tma = (decode and paged and s2 is None and not per_head_table and key.aligned
-           and _descriptor_layout(key.kv_shape, key.k_strides) and _descriptor_layout(key.kv_shape, key.v_strides)
-           and (key.lora is None or _lr_descriptor_ok(key.lora, block_size, tile[1]))
+    # K/V a descriptor can address (the ring kernel's condition too, whatever the block size)
+    kv_descriptors = (decode and paged and s2 is None and not per_head_table and key.aligned
+                      and _descriptor_layout(key.kv_shape, key.k_strides)
+                      and _descriptor_layout(key.kv_shape, key.v_strides))
+    tma = (kv_descriptors and (key.lora is None or _lr_descriptor_ok(key.lora, block_size, tile[1]))
            and tma_loads(key.device, block_size, tile[1]))
-    descriptors_ok = tma  # (before Flash-LoRA's own narrowing below: the ring kernel reads it all by TMA)
     single = False
     if tma:
         tma_splits = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device,
@@ -891,8 +925,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
     fused = split and decode and fuse_reduce(key.device)
     ring = None
-    if descriptors_ok and (key.lora is None or (
-            attention_ring.lora_pad(r) <= _RING_LORA_MAX_RPAD and _lr_descriptor_ok(key.lora, block_size, wide[1]))):
+    if kv_descriptors and ring_device(key.device) and (key.lora is None or (
+            attention_ring.lora_pad(r) <= _RING_LORA_MAX_RPAD and _ring_lr_ok(key.lora, block_size))):
         # Unsplit launches only: where 2 programs an SM (1 up to one an SM) would not split
         # (Flash-LoRA's own plan splits some of those: it reads long runs per-thread).
         programs = batch * hkv

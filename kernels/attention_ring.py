@@ -18,9 +18,11 @@ SDPA's 466.4 / 465.6; 64 × 32K 1843.3 / 1841.4 vs 1867.5 / 1864.5, SDPA 1848.6 
 Semantics are `paged_attention_decode`'s (reference: kernels/attention_ref.py): one program
 per (sequence, KV head) owns the GQA group's query rows (padded to 16, the MMA's M), reads the
 sequence's key tiles through the block table, and writes ``softmax(scale·q·Kᵀ)·V``; an empty
-sequence writes zeros. The last tile is read shifted to end at the sequence's length: its slots
-before the block's first are zero-filled by the copy and the keys it repeats are masked, so no
-slot past the sequence (which may hold anything, NaN included) is ever read. With Flash-LoRA
+sequence writes zeros. A tile comes by one copy where one cache block holds it, else by one copy
+a block (blocks smaller than the tile). The copy holding the sequence's last key is read shifted
+to end at it: its slots before the block's first are zero-filled by the copy and the keys it
+repeats are masked; copies wholly past the sequence read nothing but zeros. So no slot past the
+sequence (which may hold anything, NaN included) is ever read. With Flash-LoRA
 (`flash_lora_decode`'s semantics), L tiles ride in the same ring slots (never for a request
 without adapter), ``P·L`` accumulates beside ``P·V`` under the one online softmax, and
 ``(P·L)·B_a`` is added once after the loop: ``L·B_a`` is never formed.
@@ -56,41 +58,68 @@ _WARPS = 4
 if gluon is not None:
 
     @gluon.jit
-    def _block_of(BlockTables, b, t, n_tiles, stride_btb, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr):
-        """The cache block holding tile `t` of sequence `b` (0 past its last tile: never read)."""
-        blk = gl.load(BlockTables + b * stride_btb + (t * BLOCK_N) // BLOCK_SIZE, mask=t < n_tiles, other=0)
+    def _tile_blocks(BlockTables, b, t, seq_len, stride_btb, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+                     CHUNKS: gl.constexpr, ids: gl.constexpr):
+        """The cache blocks of tile `t` of sequence `b` (0 past its last block: never read): a
+        scalar where one block holds the tile, else a [CHUNKS] vector (layout `ids`), a block
+        a copy."""
+        n_blocks = gl.cdiv(seq_len, BLOCK_SIZE)
+        first = (t * BLOCK_N) // BLOCK_SIZE
+        if CHUNKS == 1:
+            blk = gl.load(BlockTables + b * stride_btb + first, mask=first < n_blocks, other=0)
+        else:
+            idx = first + gl.arange(0, CHUNKS, layout=ids)
+            blk = gl.load(BlockTables + b * stride_btb + idx, mask=idx < n_blocks, other=0)
         return blk.to(gl.int32)
 
     @gluon.jit
-    def _tail_shift(t, n_tiles, seq_len, BLOCK_N: gl.constexpr):
-        """How far tile `t` is read back from its place: the last tile ends at the sequence's
-        length (its rows before the block's first come back as zeros, TMA's out-of-bounds fill;
-        the ones the tile before already had are masked), every other tile not at all."""
-        return gl.where(t == n_tiles - 1, n_tiles * BLOCK_N - seq_len, 0)
+    def _chunk_shift(t, c, seq_len, BLOCK_N: gl.constexpr, CHUNK: gl.constexpr):
+        """How far copy `c` of tile `t` (CHUNK keys) is read back from its place: the copy that
+        holds the sequence's last key ends at it (its rows before the block's first come back as
+        zeros, TMA's out-of-bounds fill; the keys the copy before already had are masked), copies
+        past it by CHUNK or more (all zeros), every other copy not at all."""
+        return gl.maximum(t * BLOCK_N + c * CHUNK + CHUNK - seq_len, 0)
 
     @gluon.jit
-    def _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, block, lr_block, kvh, t, n_tiles,
-                   seq_len, adapter, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
-                   LR_BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, HAS_LORA: gl.constexpr):
+    def _copy_rows(desc, ring, slot, block, blocks, b_idx, t, seq_len, col, bar, live,
+                   BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr, CHUNKS: gl.constexpr):
+        """Start the copy of tile `t`'s rows of one cache (K, V or L) into ring slot `slot`:
+        one box where a block holds the tile, else one box a block."""
+        if CHUNKS == 1:
+            row = (t * BLOCK_N) % BLOCK_SIZE - _chunk_shift(t, 0, seq_len, BLOCK_N, CHUNK)
+            _tma_load(desc, [block, row, col], bar, ring.index(slot), pred=live)
+        else:
+            for c in gl.static_range(CHUNKS):  # a block starts every copy: row 0 unless shifted
+                blk = gl.sum(gl.where(b_idx == c, blocks, 0), axis=0)
+                _tma_load(desc, [blk, -_chunk_shift(t, c, seq_len, BLOCK_N, CHUNK), col], bar,
+                          ring.index(slot).slice(c * CHUNK, CHUNK, dim=1), pred=live)
+
+    @gluon.jit
+    def _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, block, lr_block, b_idx, kvh, t,
+                   n_tiles, seq_len, adapter, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                   BLOCK_SIZE: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr,
+                   STAGES: gl.constexpr, HAS_LORA: gl.constexpr):
         """Start the copies of tile `t`'s K and V (and L, for a request with an adapter) into its
         ring slot; nothing past the last tile."""
         live = t < n_tiles
-        shift = _tail_shift(t, n_tiles, seq_len, BLOCK_N)
-        row = (t * BLOCK_N) % BLOCK_SIZE - shift
         slot = t % STAGES
         bar = ready.index(slot)
-        kv_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
+        CHUNKS: gl.constexpr = BLOCK_N // CHUNK
+        kv_bytes: gl.constexpr = 2 * CHUNKS * k_desc.block_type.nbytes
         if HAS_LORA:
             # One arrival a tile: the expected bytes are a compile-time count, so one of two
             # expects, by whether L comes too (never for a request without adapter).
-            mbarrier.expect(bar, kv_bytes + lr_desc.block_type.nbytes, pred=live & (adapter >= 0))
+            lr_bytes: gl.constexpr = CHUNKS * lr_desc.block_type.nbytes
+            mbarrier.expect(bar, kv_bytes + lr_bytes, pred=live & (adapter >= 0))
             mbarrier.expect(bar, kv_bytes, pred=live & (adapter < 0))
-            lr_row = (t * BLOCK_N) % LR_BLOCK_SIZE - shift
-            _tma_load(lr_desc, [lr_block, lr_row, 0], bar, lr_ring.index(slot), pred=live & (adapter >= 0))
+            _copy_rows(lr_desc, lr_ring, slot, lr_block, lr_block, b_idx, t, seq_len, 0, bar, live & (adapter >= 0),
+                       BLOCK_N, LR_BLOCK_SIZE, CHUNK, CHUNKS)
         else:
             mbarrier.expect(bar, kv_bytes, pred=live)
-        _tma_load(k_desc, [block, row, kvh * HEAD_DIM], bar, k_ring.index(slot), pred=live)
-        _tma_load(v_desc, [block, row, kvh * HEAD_DIM], bar, v_ring.index(slot), pred=live)
+        _copy_rows(k_desc, k_ring, slot, block, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
+                   BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
+        _copy_rows(v_desc, v_ring, slot, block, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
+                   BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
 
     @gluon.jit
     def _ring_decode_kernel(Q, k_desc, v_desc, lr_desc, BlockTables, LrBlockTables, LoraB, AdapterIds,
@@ -101,7 +130,7 @@ if gluon is not None:
                             BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr,
                             ROWS: gl.constexpr, WARPS: gl.constexpr, HAS_LORA: gl.constexpr,
                             RANK: gl.constexpr, R_PAD: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr,
-                            LR_SHARED_TABLE: gl.constexpr):
+                            LR_SHARED_TABLE: gl.constexpr, CHUNK: gl.constexpr):
         kvh = gl.program_id(0)
         b = gl.program_id(1)
         # Warps split the N dim of every dot (the 16 rows are one MMA tile high).
@@ -110,6 +139,10 @@ if gluon is not None:
         b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         io: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, WARPS], [1, 0])
         dtype: gl.constexpr = k_desc.dtype
+        # A tile's block ids, where it spans CHUNKS blocks: every thread holds all of them.
+        CHUNKS: gl.constexpr = BLOCK_N // CHUNK
+        ids: gl.constexpr = gl.BlockedLayout([CHUNKS], [32], [WARPS], [0])
+        b_idx = gl.arange(0, CHUNKS, layout=ids)
 
         k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -126,17 +159,18 @@ if gluon is not None:
         seq_len = gl.load(SeqLens + b).to(gl.int32)
         n_tiles = gl.cdiv(seq_len, BLOCK_N)
         if HAS_LORA and not LR_SHARED_TABLE:
-            lr_tiles = gl.where(adapter >= 0, n_tiles, 0)  # no L read (no table row) without adapter
+            lr_len = gl.where(adapter >= 0, seq_len, 0)  # no L read (no table row) without adapter
         for i in gl.static_range(STAGES):
             # The block ids a copy needs are loaded an iteration before the copy: loaded right
             # before it, their round trip would hold up every tile.
-            blk = _block_of(BlockTables, b, i, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE)
+            blk = _tile_blocks(BlockTables, b, i, seq_len, stride_btb, BLOCK_N, BLOCK_SIZE, CHUNKS, ids)
             lr_blk = blk
             if HAS_LORA and not LR_SHARED_TABLE:
-                lr_blk = _block_of(LrBlockTables, b, i, lr_tiles, stride_lbtb, BLOCK_N, LR_BLOCK_SIZE)
+                lr_blk = _tile_blocks(LrBlockTables, b, i, lr_len, stride_lbtb, BLOCK_N, LR_BLOCK_SIZE, CHUNKS, ids)
             if i < STAGES - 1:
-                _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, kvh, i, n_tiles,
-                           seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, STAGES, HAS_LORA)
+                _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, b_idx, kvh, i,
+                           n_tiles, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNK, STAGES,
+                           HAS_LORA)
             else:
                 next_block, next_lr_block = blk, lr_blk
 
@@ -160,19 +194,24 @@ if gluon is not None:
         for t in range(n_tiles):
             # Every warp is done with the slot of tile t - 1 before its next copy overwrites it.
             _cta_barrier()
-            _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, next_block, next_lr_block, kvh,
-                       t + STAGES - 1, n_tiles, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE,
-                       STAGES, HAS_LORA)
-            next_block = _block_of(BlockTables, b, t + STAGES, n_tiles, stride_btb, BLOCK_N, BLOCK_SIZE)
+            _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, next_block, next_lr_block, b_idx,
+                       kvh, t + STAGES - 1, n_tiles, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE,
+                       CHUNK, STAGES, HAS_LORA)
+            next_block = _tile_blocks(BlockTables, b, t + STAGES, seq_len, stride_btb, BLOCK_N, BLOCK_SIZE,
+                                      CHUNKS, ids)
             next_lr_block = next_block
             if HAS_LORA and not LR_SHARED_TABLE:
-                next_lr_block = _block_of(LrBlockTables, b, t + STAGES, lr_tiles, stride_lbtb, BLOCK_N,
-                                          LR_BLOCK_SIZE)
+                next_lr_block = _tile_blocks(LrBlockTables, b, t + STAGES, lr_len, stride_lbtb, BLOCK_N,
+                                             LR_BLOCK_SIZE, CHUNKS, ids)
             slot = t % STAGES
             mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
             k_t = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)).load(b_op)
             s = mma_v2(q, k_t, gl.zeros([ROWS, BLOCK_N], gl.float32, mma)) * qk_scale
-            s = gl.where((key_col >= _tail_shift(t, n_tiles, seq_len, BLOCK_N))[None, :], s, float("-inf"))
+            if CHUNKS == 1:
+                visible = key_col >= _chunk_shift(t, 0, seq_len, BLOCK_N, CHUNK)
+            else:
+                visible = key_col % CHUNK >= _chunk_shift(t, key_col // CHUNK, seq_len, BLOCK_N, CHUNK)
+            s = gl.where(visible[None, :], s, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1))
             alpha = gl.exp2(m_i - m_new)
             p = gl.exp2(s - m_new[:, None])
@@ -220,13 +259,14 @@ def _smem_layout(block_n: int, head_dim: int, dtype: torch.dtype):
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16} if gluon is not None else {}
 
 
-def _descriptor(cache: torch.Tensor, block_n: int, width: int):
+def _descriptor(cache: torch.Tensor, rows: int, width: int):
     """A descriptor over a paged cache seen as ``[blocks, block_size, rest]`` (K/V: rest = Hkv × D;
-    L: rest = r), copying ``[1, block_n, width]`` boxes (columns past r arrive as zeros)."""
+    L: rest = r), copying ``[1, rows, width]`` boxes (columns past r, and rows outside the block,
+    arrive as zeros)."""
     nb, bs = cache.shape[:2]
     rest = cache[0, 0].numel()
-    return GluonDescriptor(cache, [nb, bs, rest], [bs * rest, rest, 1], [1, block_n, width],
-                           _smem_layout(block_n, width, cache.dtype))
+    return GluonDescriptor(cache, [nb, bs, rest], [bs * rest, rest, 1], [1, rows, width],
+                           _smem_layout(rows, width, cache.dtype))
 
 
 def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -240,27 +280,28 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     Inputs are `paged_attention_decode`'s (`flash_lora_decode`'s), already validated, and what
     `_launch_plan` checked before choosing this kernel: a CUDA device of compute capability 9,
     dense row-major fp16 or bf16 caches (descriptor-addressable, 16-byte aligned) whose blocks
-    hold whole `block_n`-key tiles (the low-rank cache's too, or it is paged by the K/V table:
-    `lr_shared_table`), a GQA group of at most 16, q, out and B with a unit-stride last dim,
+    hold whole `block_n`-key tiles or divide them (the low-rank cache's blocks split tiles as
+    the K/V blocks do, or it is paged by the K/V table: `lr_shared_table`), a GQA group of at most 16, q, out and B with a unit-stride last dim,
     tables with unit-stride rows, rows of r that a descriptor can copy (16-byte pitch).
     `qk_scale_log2` is the softmax scale times log2(e)."""
     batch, hq, d = q.shape
     hkv = k_cache.shape[2]
-    k_desc = _descriptor(k_cache, block_n, d)
+    chunk = min(block_n, k_cache.shape[1])  # keys a copy: a tile, or a block of it
+    k_desc = _descriptor(k_cache, chunk, d)
     lora = lr_cache is not None
     if lora:
         rank, lr_bs = lr_cache.shape[2], lr_cache.shape[1]
         r_pad = lora_pad(rank)
-        lr_desc, lbt, lb, aid = _descriptor(lr_cache, block_n, r_pad), lr_block_tables, lora_b, adapter_ids
+        lr_desc, lbt, lb, aid = _descriptor(lr_cache, chunk, r_pad), lr_block_tables, lora_b, adapter_ids
         lb_strides = lora_b.stride()[:3]
     else:
         lr_desc, lbt, lb, aid = k_desc, block_tables, q, seq_lens  # never read
         lb_strides, rank, lr_bs, r_pad = (0, 0, 0), 1, k_cache.shape[1], 32
     _ring_decode_kernel[(hkv, batch)](
-        q, k_desc, _descriptor(v_cache, block_n, d), lr_desc, block_tables, lbt, lb, aid, seq_lens, out,
+        q, k_desc, _descriptor(v_cache, chunk, d), lr_desc, block_tables, lbt, lb, aid, seq_lens, out,
         qk_scale_log2, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         lbt.stride(0), *lb_strides,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], STAGES=stages,
         ROWS=_ROWS, WARPS=_WARPS, HAS_LORA=lora, RANK=rank, R_PAD=r_pad, LR_BLOCK_SIZE=lr_bs,
-        LR_SHARED_TABLE=lora and lr_shared_table, num_warps=_WARPS)
+        LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, num_warps=_WARPS)
     return out

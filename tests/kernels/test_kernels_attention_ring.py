@@ -56,8 +56,17 @@ def ring_device(monkeypatch):
     (8, 4096, dict(lora=True), None),                    # split
     (15, 4096, dict(lora=True), (128, 2)),               # 120 programs: 0.9 an SM
     (14, 4096, dict(lora=True), None),                   # 112: one tile in flight bounds each
-    (16, 4096, dict(bs=64), None),  # blocks of 64 hold no 128-key tile (no TMA at all)
-    (17, 4096, dict(bs=64), None),
+    (16, 4096, dict(bs=64), (128, 2)),   # a tile of whole blocks: one copy a block
+    (17, 4096, dict(bs=64), (64, 2)),
+    (16, 4096, dict(bs=32), (128, 2)),   # four blocks a tile: 8 copies with V's
+    (16, 4096, dict(bs=16), None),       # ... but not 16
+    (17, 4096, dict(bs=16), (64, 2)),    # four blocks of a 64-key tile
+    (64, 4096, dict(bs=32), (128, 2)),   # over 3 an SM at any length (_attn_fwd reads them per thread)
+    (64, 32768, dict(bs=16), None),
+    (16, 4096, dict(bs=64, lora=True), (128, 2)),              # Flash-LoRA: 6 copies, L by the K/V table
+    (16, 4096, dict(bs=64, lora=True, lr_bs=64), (128, 2)),    # ... or its own, blocks alike
+    (16, 4096, dict(bs=64, lora=True, lr_bs=128), None),       # ... or not alike
+    (16, 4096, dict(bs=32, lora=True), None),                  # 12 copies
     (16, 4096, dict(bs=256), (128, 2)),
     (16, 4096, dict(hq=128), (128, 2)),  # GQA groups of 16: one MMA tile of rows
     (16, 4096, dict(hq=256), None),      # of 32: two
@@ -97,14 +106,16 @@ from kernels import attention_ring as R
 
 block_n, stages, group, dt, rank, shared = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
                                             int(sys.argv[5]), sys.argv[6] == "shared")
+bs = int(sys.argv[7]) if len(sys.argv) > 7 else 128
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
 r_pad = R.lora_pad(rank) if rank else 32
 fn = R._ring_decode_kernel
-desc = f"tensordesc<{dt}[1,{block_n},128],{R._smem_layout(block_n, 128, dtype)!r}>"
-lr_desc = f"tensordesc<{dt}[1,{block_n},{r_pad}],{R._smem_layout(block_n, r_pad, dtype)!r}>" if rank else desc
-consts = dict(GROUP=group, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=128, STAGES=stages, ROWS=R._ROWS,
-              WARPS=R._WARPS, HAS_LORA=rank > 0, RANK=max(rank, 1), R_PAD=r_pad, LR_BLOCK_SIZE=128,
-              LR_SHARED_TABLE=shared)
+chunk = min(block_n, bs)
+desc = f"tensordesc<{dt}[1,{chunk},128],{R._smem_layout(chunk, 128, dtype)!r}>"
+lr_desc = f"tensordesc<{dt}[1,{chunk},{r_pad}],{R._smem_layout(chunk, r_pad, dtype)!r}>" if rank else desc
+consts = dict(GROUP=group, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=bs, STAGES=stages, ROWS=R._ROWS,
+              WARPS=R._WARPS, HAS_LORA=rank > 0, RANK=max(rank, 1), R_PAD=r_pad, LR_BLOCK_SIZE=bs,
+              LR_SHARED_TABLE=shared, CHUNK=min(block_n, bs))
 sig = dict(Q="*" + dt, k_desc=desc, v_desc=desc, lr_desc=lr_desc, BlockTables="*i32", LrBlockTables="*i32",
            LoraB="*" + dt, AdapterIds="*i32", SeqLens="*i32", Out="*" + dt, qk_scale="fp32",
            **{n: "i32" for n in fn.arg_names if n.startswith("stride_")}, **{c: "constexpr" for c in consts})
@@ -116,13 +127,16 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
 @pytest.mark.skipif(not R.available(), reason="this Triton has no Gluon")
-@pytest.mark.parametrize("block_n, stages, group, dt, rank, table", [
-    (128, 2, 4, "bf16", 0, "-"), (64, 2, 4, "fp16", 0, "-"), (128, 2, 16, "fp16", 0, "-"), (64, 2, 1, "bf16", 0, "-"),
-    (128, 2, 4, "bf16", 8, "shared"), (128, 2, 4, "bf16", 64, "own"), (128, 2, 16, "fp16", 33, "own")])
-def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table):
+@pytest.mark.parametrize("block_n, stages, group, dt, rank, table, bs", [
+    (128, 2, 4, "bf16", 0, "-", 128), (64, 2, 4, "fp16", 0, "-", 128), (128, 2, 16, "fp16", 0, "-", 256),
+    (64, 2, 1, "bf16", 0, "-", 128), (128, 2, 4, "bf16", 8, "shared", 128), (128, 2, 4, "bf16", 64, "own", 128),
+    (128, 2, 16, "fp16", 33, "own", 128), (128, 2, 4, "bf16", 0, "-", 16), (64, 2, 4, "fp16", 0, "-", 32),
+    (128, 2, 4, "bf16", 64, "shared", 16), (128, 2, 16, "fp16", 8, "own", 64)])
+def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table, bs):
     """Every configuration the plan picks compiles for sm_90 without spills, in the shared memory
     the plan counts on: 64-key tiles three programs an SM (228 KB an SM, 1 KB of it reserved a
-    program), 128-key tiles one (Flash-LoRA's L slots beside K/V)."""
+    program), 128-key tiles one (Flash-LoRA's L slots beside K/V); tiles in one block or a copy
+    a block."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
@@ -131,7 +145,7 @@ def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(block_n), str(stages), str(group), dt,
-                          str(rank), table],
+                          str(rank), table, str(bs)],
                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     verdict, _, smem = res.stdout.split()[-3:]
@@ -166,6 +180,9 @@ def ring_calls(monkeypatch) -> list:
     (torch.bfloat16, 64, 4, 128, [2500, 128, 127], None, (128, 2)),               # group 16
     (torch.bfloat16, 32, 8, 128, [2100, 5, 3000, 64, 65], 14, (64, 2)),  # 40 programs "on 14 SMs"
     (torch.float16, 32, 8, 128, [16390, 300, 2200, 1], 4, (128, 2)),     # 32 "on 4": over 3 an SM
+    (torch.bfloat16, 32, 8, 16, [4000, 129, 1, 0, 2048, 3001, 17, 2063], 30, (64, 2)),  # a copy a block
+    (torch.float16, 16, 4, 64, [4000, 129, 1, 0, 2048, 3001, 17], None, (128, 2)),
+    (torch.float16, 32, 8, 32, [2100, 5, 3000, 64, 65], 14, (64, 2)),
 ])
 def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms, ring):
     """Odd lengths, a sequence of one token and one of none, tiles that end inside a block and
@@ -205,17 +222,18 @@ def test_ring_decode_replays_in_a_cuda_graph(rng_seed, ring_calls):
 
 
 @gpu
-@pytest.mark.parametrize("dtype, hq, hkv, r, table, lens", [
-    (torch.bfloat16, 32, 8, 8, "kv", [4000, 129, 1, 0, 2048, 3001]),   # L paged by the K/V table
-    (torch.float16, 32, 8, 64, "own", [2049, 77, 4096, 1]),
-    (torch.bfloat16, 64, 4, 16, "own", [2500, 128, 127, 300]),         # GQA group 16
+@pytest.mark.parametrize("dtype, hq, hkv, r, table, lens, bs", [
+    (torch.bfloat16, 32, 8, 8, "kv", [4000, 129, 1, 0, 2048, 3001], 128),   # L paged by the K/V table
+    (torch.float16, 32, 8, 64, "own", [2049, 77, 4096, 1], 128),
+    (torch.bfloat16, 64, 4, 16, "own", [2500, 128, 127, 300], 128),         # GQA group 16
+    (torch.bfloat16, 32, 8, 16, "kv", [4000, 129, 1, 0, 2063, 3001], 64),   # a copy a block
+    (torch.float16, 32, 8, 64, "own", [2049, 77, 4096, 1, 31], 64),
 ])
-def test_ring_flash_lora_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, r, table, lens):
+def test_ring_flash_lora_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, r, table, lens, bs):
     """Flash-LoRA through the ring: adapters mixed with requests without one (whose L rows are
     NaN: never to be read), L slots past every sequence NaN too. (A GPU of as many SMs as the
     launch has programs: the plan's Flash-LoRA launches fill at least 0.9 of them.)"""
     monkeypatch.setattr(A, "_num_sms", lambda device: len(lens) * hkv)
-    bs = 128
     k, v, bt, sl = make_paged(lens, hkv, 128, bs, dtype, "cuda")
     aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device="cuda")
     if table == "kv":
