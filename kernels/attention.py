@@ -931,9 +931,10 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         # (Flash-LoRA's own plan splits some of those: it reads long runs per-thread).
         programs = batch * hkv
         per_sm = 1 if programs <= _num_sms(key.device) else 2
-        if (key.num_splits or default_splits(batch, hkv, max_ctx, wide[1], key.device, per_sm)) == 1:
-            ring = ring_tiles(key.device, programs, d, group, block_size, max_ctx, key.kv_itemsize,
-                              key.lora is not None)
+        ring = ring_tiles(key.device, programs, d, group, block_size, max_ctx, key.kv_itemsize, key.lora is not None)
+        if ring is not None and (key.num_splits or default_splits(batch, hkv, max_ctx, wide[1], key.device,
+                                                                  per_sm)) != 1:
+            ring = None
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)
     g_p2 = _next_pow2(group)
     combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))
