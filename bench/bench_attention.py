@@ -68,7 +68,9 @@ def _free():
         torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("bs", [128, 16])
+# Blocks of 128 (the engine's default on Hopper), 64 (tiles of two blocks in the ring kernel) and 16
+# (vLLM's default; per-thread loads).
+@pytest.mark.parametrize("bs", [128, 64, 16])
 @pytest.mark.parametrize("batch,ctx", [(1, 4096), (1, 32768), (8, 4096), (16, 4096), (16, 32768),
                                        (64, 4096), (64, 32768)])
 def test_decode(benchmark, batch, ctx, bs):
