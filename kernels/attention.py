@@ -626,8 +626,10 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
     if not _ring_blocks_ok(block_size, block_n, lora) or max_ctx < _RING_MIN_KEYS:
         return None
     # (a tile of small blocks runs here over more than 3 an SM at any length: `_attn_fwd` reads
-    # those blocks by per-thread loads, slower; see _ring_blocks_ok)
-    if programs > _TMA_SHIFTED_PER_SM * sms and max_ctx < _RING_MIN_KEYS_MULTIWAVE and block_size >= block_n:
+    # those blocks by per-thread loads, slower; see _ring_blocks_ok. Not Flash-LoRA's: blocks
+    # of 64, 64 × 32K r = 8, 2.10 ms against paged decode's 1.90, Run T)
+    if programs > _TMA_SHIFTED_PER_SM * sms and (
+            (max_ctx < _RING_MIN_KEYS_MULTIWAVE and block_size >= block_n) or (lora and block_size < block_n)):
         return None
     if lora and (block_n != _RING_LORA_TILE or programs < _RING_LORA_MIN_FILL * sms):
         return None
@@ -843,9 +845,12 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     # 16 x 4K 1.04 / 1.05 vs 1.10 / 1.11, 1 x 32K 1.04 / 1.05 vs 1.10 / 1.11. Wider L tiles
     # (r > 64) keep half-width tiles (full ones would leave one program an SM again), and so do
     # K/V or low-rank cache blocks that hold half a wide tile but not a whole one.
+    # Paged decode in blocks that hold half a wide tile (64 keys at D 128) takes the half-width
+    # tiles by TMA too, over per-thread loads of wide ones (H200, blocks of 64, split launches,
+    # bench/RESULTS.md Run T: 1 × 4K 13.4 us against Flash-LoRA's 10.7 on such tiles).
     tile = wide
-    if key.lora is not None and (r_pad > _TMA_LORA_WIDE_RPAD or block_size % wide[1]
-                                 or not _lr_descriptor_ok(key.lora, block_size, wide[1])):
+    if block_size % wide[1] or (key.lora is not None and (r_pad > _TMA_LORA_WIDE_RPAD
+                                                          or not _lr_descriptor_ok(key.lora, block_size, wide[1]))):
         tile = (wide[0], max(16, wide[1] // 2), *wide[2:])
     # K/V a descriptor can address (the ring kernel's condition too, whatever the block size)
     kv_descriptors = (decode and paged and s2 is None and not per_head_table and key.aligned

@@ -207,6 +207,8 @@ def tma_device(monkeypatch):
     (64, 4096, 128, True, True, 128, 1, 16, False),      # 4096 keys a program: still short
     (16, 32768, 128, True, False, 128, 2, 16, False),    # 16K keys a program: wide per-thread tiles
     (1, 4096, 64, True, True, 64, 32, 16, False),        # blocks of 64 hold a half-width tile
+    (1, 4096, 64, False, True, 64, 32, 16, False),       # ... paged decode's too
+    (8, 4096, 64, False, True, 64, 4, 16, False),
     (1, 4096, 128, True, True, 128, 32, 64, False),      # r 64: the widest L tiles of full-width ones
     (1, 4096, 128, True, True, 64, 32, 128, False),      # r 128: L tiles too wide for full-width ones
 ])
