@@ -593,7 +593,7 @@ def _ring_device(device: torch.device) -> bool:
 
 
 def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, block_size: int,
-                max_ctx: int, itemsize: int, lora: bool = False) -> tuple[int, int] | None:
+                max_ctx: int, itemsize: int, lora: int = 0) -> tuple[int, int] | None:
     """(key tile, ring slots) of `attention_ring`'s kernel for an unsplit paged decode launch
     of `programs` (sequences × KV heads) that the plan already reads by TMA, or None to keep
     `_attn_fwd`. Two slots of 128-key tiles (128 KB of shared memory: one program an SM) where
@@ -602,7 +602,7 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
     in between, where one wave at 3 an SM beats two at one. Only where measured: head dim 128,
     half-precision caches, GQA groups of up to 16 query heads (one MMA tile of rows), runs of
     at least 2K keys; cache blocks that hold the tile, or few enough of them a tile
-    (`_ring_blocks_ok`). Flash-LoRA (`lora`) only at 128-key tiles (its L slots would leave 64-key
+    (`_ring_blocks_ok`). Flash-LoRA (`lora`: the L tile's columns, 0 without) only at 128-key tiles (its L slots would leave 64-key
     ones 2 an SM) over at least 0.9 programs an SM: below that, each program's one tile in
     flight bounds it (H200, Run S, r = 64, us: 12 × 4K 56.2 / 56.1 vs `_attn_fwd`'s 53.0 / 52.9,
     12 × 16K 204.7 / 205.5 vs 190.9 / 191.5, 14 × 4K 60.5 / 60.4 vs 60.2 / 60.1; r = 8 at 16-wide
@@ -626,10 +626,13 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
     if not _ring_blocks_ok(block_size, block_n, lora) or max_ctx < _RING_MIN_KEYS:
         return None
     # (a tile of small blocks runs here over more than 3 an SM at any length: `_attn_fwd` reads
-    # those blocks by per-thread loads, slower; see _ring_blocks_ok. Not Flash-LoRA's: blocks
-    # of 64, 64 × 32K r = 8, 2.10 ms against paged decode's 1.90, Run T)
+    # those blocks by per-thread loads, slower; see _ring_blocks_ok. Flash-LoRA's with L tiles
+    # of 64 columns: narrower ones are small copies. H200, blocks of 64, bench/RESULTS.md Run
+    # T, ring vs `_attn_fwd`: 64 × 4K r = 64 0.259 vs 0.325 ms, 64 × 32K r = 64 2.02 vs 2.02,
+    # r = 8 2.10 vs 1.94, r = 16 1.99 vs 1.95)
     if programs > _TMA_SHIFTED_PER_SM * sms and (
-            (max_ctx < _RING_MIN_KEYS_MULTIWAVE and block_size >= block_n) or (lora and block_size < block_n)):
+            (max_ctx < _RING_MIN_KEYS_MULTIWAVE and block_size >= block_n)
+            or (lora and block_size < block_n and lora < _RING_LORA_MAX_RPAD)):
         return None
     if lora and (block_n != _RING_LORA_TILE or programs < _RING_LORA_MIN_FILL * sms):
         return None
@@ -936,7 +939,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         # (Flash-LoRA's own plan splits some of those: it reads long runs per-thread).
         programs = batch * hkv
         per_sm = 1 if programs <= _num_sms(key.device) else 2
-        ring = ring_tiles(key.device, programs, d, group, block_size, max_ctx, key.kv_itemsize, key.lora is not None)
+        ring = ring_tiles(key.device, programs, d, group, block_size, max_ctx, key.kv_itemsize,
+                          attention_ring.lora_pad(r) if key.lora is not None else 0)
         if ring is not None and (key.num_splits or default_splits(batch, hkv, max_ctx, wide[1], key.device,
                                                                   per_sm)) != 1:
             ring = None

@@ -67,7 +67,8 @@ def ring_device(monkeypatch):
     (16, 4096, dict(bs=64, lora=True, lr_bs=64), (128, 2)),    # ... or its own, blocks alike
     (16, 4096, dict(bs=64, lora=True, lr_bs=128), None),       # ... or not alike
     (16, 4096, dict(bs=32, lora=True), None),                  # 12 copies
-    (64, 32768, dict(bs=64, lora=True), None),                 # over 3 an SM: tiles in one block only
+    (64, 32768, dict(bs=64, lora=True), None),                 # over 3 an SM: L copies of 64 columns only
+    (64, 4096, dict(bs=64, lora=True, rank=64), (128, 2)),
     (64, 32768, dict(bs=128, lora=True), (128, 2)),
     (16, 4096, dict(bs=256), (128, 2)),
     (16, 4096, dict(hq=128), (128, 2)),  # GQA groups of 16: one MMA tile of rows
