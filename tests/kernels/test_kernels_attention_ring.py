@@ -133,8 +133,9 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata
 @pytest.mark.parametrize("block_n, stages, group, dt, rank, table, bs", [
     (128, 2, 4, "bf16", 0, "-", 128), (64, 2, 4, "fp16", 0, "-", 128), (128, 2, 16, "fp16", 0, "-", 256),
     (64, 2, 1, "bf16", 0, "-", 128), (128, 2, 4, "bf16", 8, "shared", 128), (128, 2, 4, "bf16", 64, "own", 128),
-    (128, 2, 16, "fp16", 33, "own", 128), (128, 2, 4, "bf16", 0, "-", 16), (64, 2, 4, "fp16", 0, "-", 32),
-    (128, 2, 4, "bf16", 64, "shared", 16), (128, 2, 16, "fp16", 8, "own", 64)])
+    (128, 2, 16, "fp16", 33, "own", 128), (64, 2, 4, "bf16", 0, "-", 16), (64, 2, 4, "fp16", 0, "-", 32),
+    (128, 2, 4, "bf16", 0, "-", 32), (128, 2, 16, "fp16", 0, "-", 64), (128, 2, 4, "bf16", 64, "shared", 64),
+    (128, 2, 16, "fp16", 8, "own", 64)])
 def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table, bs):
     """Every configuration the plan picks compiles for sm_90 without spills, in the shared memory
     the plan counts on: 64-key tiles three programs an SM (228 KB an SM, 1 KB of it reserved a
@@ -184,7 +185,7 @@ def ring_calls(monkeypatch) -> list:
     (torch.bfloat16, 32, 8, 128, [2100, 5, 3000, 64, 65], 14, (64, 2)),  # 40 programs "on 14 SMs"
     (torch.float16, 32, 8, 128, [16390, 300, 2200, 1], 4, (128, 2)),     # 32 "on 4": over 3 an SM
     (torch.bfloat16, 32, 8, 16, [4000, 129, 1, 0, 2048, 3001, 17, 2063], 30, (64, 2)),  # a copy a block
-    (torch.float16, 16, 4, 64, [4000, 129, 1, 0, 2048, 3001, 17], None, (128, 2)),
+    (torch.float16, 16, 4, 64, [4000, 129, 1, 0, 2048, 3001, 17, 4032], None, (128, 2)),  # 4032: a copy ends the run
     (torch.float16, 32, 8, 32, [2100, 5, 3000, 64, 65], 14, (64, 2)),
 ])
 def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms, ring):
@@ -230,7 +231,7 @@ def test_ring_decode_replays_in_a_cuda_graph(rng_seed, ring_calls):
     (torch.float16, 32, 8, 64, "own", [2049, 77, 4096, 1], 128),
     (torch.bfloat16, 64, 4, 16, "own", [2500, 128, 127, 300], 128),         # GQA group 16
     (torch.bfloat16, 32, 8, 16, "kv", [4000, 129, 1, 0, 2063, 3001], 64),   # a copy a block
-    (torch.float16, 32, 8, 64, "own", [2049, 77, 4096, 1, 31], 64),
+    (torch.float16, 32, 8, 64, "own", [2049, 77, 4096, 1, 31, 4032], 64),
 ])
 def test_ring_flash_lora_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, r, table, lens, bs):
     """Flash-LoRA through the ring: adapters mixed with requests without one (whose L rows are
