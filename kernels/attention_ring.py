@@ -73,6 +73,19 @@ if gluon is not None:
         return blk.to(gl.int32)
 
     @gluon.jit
+    def _tile_blocks_kv_lr(BlockTables, LrBlockTables, b, t, seq_len, lr_len, stride_btb, stride_lbtb,
+                           BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr,
+                           CHUNKS: gl.constexpr, ids: gl.constexpr, HAS_LORA: gl.constexpr,
+                           LR_SHARED_TABLE: gl.constexpr):
+        """Tile `t`'s K/V blocks and L blocks (the same ones where L is paged by the K/V table;
+        L's table is read only up to `lr_len` keys: none without adapter)."""
+        blk = _tile_blocks(BlockTables, b, t, seq_len, stride_btb, BLOCK_N, BLOCK_SIZE, CHUNKS, ids)
+        lr_blk = blk
+        if HAS_LORA and not LR_SHARED_TABLE:
+            lr_blk = _tile_blocks(LrBlockTables, b, t, lr_len, stride_lbtb, BLOCK_N, LR_BLOCK_SIZE, CHUNKS, ids)
+        return blk, lr_blk
+
+    @gluon.jit
     def _chunk_shift(t, c, seq_len, BLOCK_N: gl.constexpr, CHUNK: gl.constexpr):
         """How far copy `c` of tile `t` (CHUNK keys) is read back from its place: the copy that
         holds the sequence's last key ends at it (its rows before the block's first come back as
@@ -81,13 +94,14 @@ if gluon is not None:
         return gl.maximum(t * BLOCK_N + c * CHUNK + CHUNK - seq_len, 0)
 
     @gluon.jit
-    def _copy_rows(desc, ring, slot, block, blocks, b_idx, t, seq_len, col, bar, live,
+    def _copy_rows(desc, ring, slot, blocks, b_idx, t, seq_len, col, bar, live,
                    BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr, CHUNKS: gl.constexpr):
         """Start the copy of tile `t`'s rows of one cache (K, V or L) into ring slot `slot`:
-        one box where a block holds the tile, else one box a block."""
+        one box where a block holds the tile (`blocks` its id), else one box a block (`blocks`
+        their ids, `_tile_blocks`)."""
         if CHUNKS == 1:
             row = (t * BLOCK_N) % BLOCK_SIZE - _chunk_shift(t, 0, seq_len, BLOCK_N, CHUNK)
-            _tma_load(desc, [block, row, col], bar, ring.index(slot), pred=live)
+            _tma_load(desc, [blocks, row, col], bar, ring.index(slot), pred=live)
         else:
             for c in gl.static_range(CHUNKS):  # a block starts every copy: row 0 unless shifted
                 blk = gl.sum(gl.where(b_idx == c, blocks, 0), axis=0)
@@ -112,13 +126,13 @@ if gluon is not None:
             lr_bytes: gl.constexpr = CHUNKS * lr_desc.block_type.nbytes
             mbarrier.expect(bar, kv_bytes + lr_bytes, pred=live & (adapter >= 0))
             mbarrier.expect(bar, kv_bytes, pred=live & (adapter < 0))
-            _copy_rows(lr_desc, lr_ring, slot, lr_block, lr_block, b_idx, t, seq_len, 0, bar, live & (adapter >= 0),
+            _copy_rows(lr_desc, lr_ring, slot, lr_block, b_idx, t, seq_len, 0, bar, live & (adapter >= 0),
                        BLOCK_N, LR_BLOCK_SIZE, CHUNK, CHUNKS)
         else:
             mbarrier.expect(bar, kv_bytes, pred=live)
-        _copy_rows(k_desc, k_ring, slot, block, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
+        _copy_rows(k_desc, k_ring, slot, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
                    BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
-        _copy_rows(v_desc, v_ring, slot, block, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
+        _copy_rows(v_desc, v_ring, slot, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
                    BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
 
     @gluon.jit
@@ -158,15 +172,13 @@ if gluon is not None:
 
         seq_len = gl.load(SeqLens + b).to(gl.int32)
         n_tiles = gl.cdiv(seq_len, BLOCK_N)
-        if HAS_LORA and not LR_SHARED_TABLE:
-            lr_len = gl.where(adapter >= 0, seq_len, 0)  # no L read (no table row) without adapter
+        lr_len = gl.where(adapter >= 0, seq_len, 0)  # no L read (no table row) without adapter
         for i in gl.static_range(STAGES):
             # The block ids a copy needs are loaded an iteration before the copy: loaded right
             # before it, their round trip would hold up every tile.
-            blk = _tile_blocks(BlockTables, b, i, seq_len, stride_btb, BLOCK_N, BLOCK_SIZE, CHUNKS, ids)
-            lr_blk = blk
-            if HAS_LORA and not LR_SHARED_TABLE:
-                lr_blk = _tile_blocks(LrBlockTables, b, i, lr_len, stride_lbtb, BLOCK_N, LR_BLOCK_SIZE, CHUNKS, ids)
+            blk, lr_blk = _tile_blocks_kv_lr(BlockTables, LrBlockTables, b, i, seq_len, lr_len, stride_btb,
+                                             stride_lbtb, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNKS, ids,
+                                             HAS_LORA, LR_SHARED_TABLE)
             if i < STAGES - 1:
                 _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, b_idx, kvh, i,
                            n_tiles, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNK, STAGES,
@@ -197,12 +209,9 @@ if gluon is not None:
             _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, next_block, next_lr_block, b_idx,
                        kvh, t + STAGES - 1, n_tiles, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE,
                        CHUNK, STAGES, HAS_LORA)
-            next_block = _tile_blocks(BlockTables, b, t + STAGES, seq_len, stride_btb, BLOCK_N, BLOCK_SIZE,
-                                      CHUNKS, ids)
-            next_lr_block = next_block
-            if HAS_LORA and not LR_SHARED_TABLE:
-                next_lr_block = _tile_blocks(LrBlockTables, b, t + STAGES, lr_len, stride_lbtb, BLOCK_N,
-                                             LR_BLOCK_SIZE, CHUNKS, ids)
+            next_block, next_lr_block = _tile_blocks_kv_lr(
+                BlockTables, LrBlockTables, b, t + STAGES, seq_len, lr_len, stride_btb, stride_lbtb, BLOCK_N,
+                BLOCK_SIZE, LR_BLOCK_SIZE, CHUNKS, ids, HAS_LORA, LR_SHARED_TABLE)
             slot = t % STAGES
             mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
             k_t = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)).load(b_op)
@@ -281,8 +290,9 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     `_launch_plan` checked before choosing this kernel: a CUDA device of compute capability 9,
     dense row-major fp16 or bf16 caches (descriptor-addressable, 16-byte aligned) whose blocks
     hold whole `block_n`-key tiles or divide them (the low-rank cache's blocks split tiles as
-    the K/V blocks do, or it is paged by the K/V table: `lr_shared_table`), a GQA group of at most 16, q, out and B with a unit-stride last dim,
-    tables with unit-stride rows, rows of r that a descriptor can copy (16-byte pitch).
+    the K/V blocks do, or it is paged by the K/V table: `lr_shared_table`), a GQA group of at
+    most 16, q, out and B with a unit-stride last dim, tables with unit-stride rows, rows of r
+    that a descriptor can copy (16-byte pitch).
     `qk_scale_log2` is the softmax scale times log2(e)."""
     batch, hq, d = q.shape
     hkv = k_cache.shape[2]
