@@ -595,15 +595,16 @@ def _ring_device(device: torch.device) -> bool:
 def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, block_size: int,
                 max_ctx: int, itemsize: int, lora: int = 0) -> tuple[int, int] | None:
     """(key tile, ring slots) of `attention_ring`'s kernel for an unsplit paged decode launch
-    of `programs` (sequences × KV heads) that the plan already reads by TMA, or None to keep
-    `_attn_fwd`. Two slots of 128-key tiles (128 KB of shared memory: one program an SM) where
+    of `programs` (sequences × KV heads) over caches a TMA descriptor can address, or None to
+    keep `_attn_fwd`. Two slots of 128-key tiles (128 KB of shared memory: one program an SM) where
     the launch is one program an SM, or over 3 an SM on runs of 16K keys or more (shorter runs
     over many waves keep `_attn_fwd`'s 2-3 programs an SM); two of 64-key tiles (64 KB: 3 an SM)
     in between, where one wave at 3 an SM beats two at one. Only where measured: head dim 128,
     half-precision caches, GQA groups of up to 16 query heads (one MMA tile of rows), runs of
     at least 2K keys; cache blocks that hold the tile, or few enough of them a tile
-    (`_ring_blocks_ok`). Flash-LoRA (`lora`: the L tile's columns, 0 without) only at 128-key tiles (its L slots would leave 64-key
-    ones 2 an SM) over at least 0.9 programs an SM: below that, each program's one tile in
+    (`_ring_blocks_ok`). Flash-LoRA (`lora`: the L tile's columns, 0 without; at most 64, the
+    registers of its P·L accumulator) only at 128-key tiles (its L slots would leave 64-key ones
+    2 an SM) over at least 0.9 programs an SM: below that, each program's one tile in
     flight bounds it (H200, Run S, r = 64, us: 12 × 4K 56.2 / 56.1 vs `_attn_fwd`'s 53.0 / 52.9,
     12 × 16K 204.7 / 205.5 vs 190.9 / 191.5, 14 × 4K 60.5 / 60.4 vs 60.2 / 60.1; r = 8 at 16-wide
     L tiles 14 × 4K 61.3 / 61.3 vs 61.7 / 61.5, 16 × 4K 68.1 / 68.1 vs 70.4 / 70.2, 16 × 32K
@@ -619,7 +620,7 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
     / 42.6 vs 44.3 / 44.4, 33 × 4K 124.1 / 124.1 vs 124.3 / 124.6, 24 × 16K 355.6 / 355.5 vs
     359.5 / 359.7, 48 × 8K 355.8 / 355.0 vs 357.0 / 356.7, 40 × 4K 159.3 / 159.0 vs 158.9 / 158.2.
     """
-    if not _ring_device(device) or head_dim != 128 or group > 16 or itemsize != 2:
+    if not _ring_device(device) or head_dim != 128 or group > 16 or itemsize != 2 or lora > _RING_LORA_MAX_RPAD:
         return None
     sms = _num_sms(device)
     block_n = 64 if sms < programs <= _TMA_SHIFTED_PER_SM * sms else 128
@@ -639,7 +640,7 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
     return block_n, 2
 
 
-def _ring_blocks_ok(block_size: int, block_n: int, lora: bool) -> bool:
+def _ring_blocks_ok(block_size: int, block_n: int, lora: int) -> bool:
     """Whether `attention_ring` copies `block_n`-key tiles out of cache blocks of `block_size`:
     a tile inside one block (one copy each of K and V, and L), or a tile of whole blocks, a copy
     a block, at most `_RING_MAX_TILE_COPIES` copies a tile (K, V and L together). Small copies
@@ -933,8 +934,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
     fused = split and decode and fuse_reduce(key.device)
     ring = None
-    if kv_descriptors and ring_device(key.device) and (key.lora is None or (
-            attention_ring.lora_pad(r) <= _RING_LORA_MAX_RPAD and _ring_lr_ok(key.lora, block_size))):
+    if kv_descriptors and ring_device(key.device) and (key.lora is None or _ring_lr_ok(key.lora, block_size)):
         # Unsplit launches only: where 2 programs an SM (1 up to one an SM) would not split
         # (Flash-LoRA's own plan splits some of those: it reads long runs per-thread).
         programs = batch * hkv
