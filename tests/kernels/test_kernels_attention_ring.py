@@ -17,7 +17,7 @@ from kernels import attention_ring as R
 from kernels.attention import flash_lora_decode, paged_attention_decode
 from kernels.attention_ref import flash_lora_decode_ref, paged_attention_decode_ref
 from test_kernels_attention import check, make_lowrank, make_paged, poisoned
-from test_kernels_attention_launch import gpu_decode_plan
+from test_kernels_attention_launch import gpu_decode_plan, tma_device  # noqa: F401 (a fixture)
 
 
 def _hopper() -> bool:
@@ -25,10 +25,9 @@ def _hopper() -> bool:
 
 
 @pytest.fixture
-def ring_device(monkeypatch):
-    """A device that has TMA, the one-program-an-SM variant's shared memory and the ring kernel."""
-    monkeypatch.setattr(A, "_has_tma", lambda device: True)
-    monkeypatch.setattr(A, "_tma_single", lambda device: True)
+def ring_device(monkeypatch, tma_device):
+    """A device that has TMA, the one-program-an-SM variant's shared memory (`tma_device`) and
+    the ring kernel."""
     monkeypatch.setattr(A, "_ring_device", lambda device: True)
 
 
