@@ -2,9 +2,10 @@
 (Gluon), for Hopper.
 
 `_attn_fwd` (kernels/attention.py) is the kernel family every attention entry point runs on.
-This module holds one more kernel for one case of it, unsplit paged decode on sm_90, where
-Triton's own pipeliner leaves bandwidth behind: it gives the block-table load that a TMA copy
-waits on pipeline stages of its own and keeps one K/V tile in flight (two at one program an SM),
+This module holds one more kernel for some cases of it, paged decode on sm_90 (unsplit, and
+split in cache blocks of under 128 keys), where Triton's own pipeliner leaves bandwidth behind:
+it gives the block-table load that a TMA copy waits on pipeline stages of its own and keeps one
+K/V tile in flight (two at one program an SM),
 and each tile's copy still waits on a block id loaded right before it. Here the ring is written
 out: ``STAGES`` K/V tile slots, one mbarrier each, the copy of tile ``t + STAGES - 1`` issued
 when tile ``t`` is taken, and that tile's block id loaded an iteration earlier.
@@ -22,7 +23,10 @@ sequence writes zeros. A tile comes by one copy where one cache block holds it, 
 a block (blocks smaller than the tile). The copy holding the sequence's last key is read shifted
 to end at it: its slots before the block's first are zero-filled by the copy and the keys it
 repeats are masked; copies wholly past the sequence read nothing but zeros. So no slot past the
-sequence (which may hold anything, NaN included) is ever read. With Flash-LoRA
+sequence (which may hold anything, NaN included) is ever read. Split (flash-decoding), a
+program takes its share of a sequence's tiles and writes partial (max, sum, P·V) rows in
+`_attn_fwd`'s workspace layout; the last of a sequence's splits to finish combines them (an
+arrival counter, as `_attn_fwd` does). With Flash-LoRA
 (`flash_lora_decode`'s semantics), L tiles ride in the same ring slots (never for a request
 without adapter), ``P·L`` accumulates beside ``P·V`` under the one online softmax, and
 ``(P·L)·B_a`` is added once after the loop: ``L·B_a`` is never formed.
@@ -110,13 +114,14 @@ if gluon is not None:
 
     @gluon.jit
     def _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, block, lr_block, b_idx, kvh, t,
-                   n_tiles, seq_len, adapter, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                   t_lo, t_hi, seq_len, adapter, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                    BLOCK_SIZE: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr,
                    STAGES: gl.constexpr, HAS_LORA: gl.constexpr):
         """Start the copies of tile `t`'s K and V (and L, for a request with an adapter) into its
-        ring slot; nothing past the last tile."""
-        live = t < n_tiles
-        slot = t % STAGES
+        ring slot (the program's tiles `t_lo` up to `t_hi` take the slots in turn); nothing past
+        the program's last tile."""
+        live = t < t_hi
+        slot = (t - t_lo) % STAGES
         bar = ready.index(slot)
         CHUNKS: gl.constexpr = BLOCK_N // CHUNK
         kv_bytes: gl.constexpr = 2 * CHUNKS * k_desc.block_type.nbytes
@@ -136,16 +141,62 @@ if gluon is not None:
                    BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
 
     @gluon.jit
+    def _combine_splits(WsM, WsL, WsAcc, Out, b, kvh, num_kv_heads, num_splits, stride_ob, stride_oh,
+                        GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, GROUP_P2: gl.constexpr,
+                        REDUCE_S: gl.constexpr, WARPS: gl.constexpr):
+        """Combine the split partials of the GQA group of (sequence `b`, KV head `kvh`) into its
+        output rows: `kernels.attention._combine_splits` over the same workspace layout, REDUCE_S
+        splits of every head a pass (one [heads, splits, D] load each). Loads bypass L1 (.cg):
+        the partials were written by other SMs."""
+        l3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
+        gs: gl.constexpr = gl.SliceLayout(2, l3)  # [heads, splits]
+        gd: gl.constexpr = gl.SliceLayout(1, l3)  # [heads, D]
+        offs_g = gl.arange(0, GROUP_P2, layout=gl.SliceLayout(1, gs))
+        offs_s = gl.arange(0, REDUCE_S, layout=gl.SliceLayout(0, gs))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, gd))
+        base = ((b.to(gl.int64) * num_kv_heads + kvh) * GROUP + offs_g) * num_splits  # [heads] first partial
+        m_run = gl.full([GROUP_P2], -1.0e38, gl.float32, gl.SliceLayout(1, gs))
+        l_run = gl.zeros([GROUP_P2], gl.float32, gl.SliceLayout(1, gs))
+        acc = gl.zeros([GROUP_P2, HEAD_DIM], gl.float32, gd)
+        for s0 in range(0, num_splits, REDUCE_S):
+            ok = (offs_g < GROUP)[:, None] & (s0 + offs_s < num_splits)[None, :]
+            idx = base[:, None] + s0 + offs_s[None, :]
+            m = gl.load(WsM + idx, mask=ok, other=-1.0e38, cache_modifier=".cg")
+            l = gl.load(WsL + idx, mask=ok, other=0.0, cache_modifier=".cg")
+            part = gl.load(WsAcc + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=ok[:, :, None],
+                           other=0.0, cache_modifier=".cg")
+            m_new = gl.maximum(m_run, gl.max(m, 1))
+            alpha = gl.exp2(m_run - m_new)
+            w = gl.exp2(m - m_new[:, None])
+            l_run = l_run * alpha + gl.sum(w * l, 1)
+            alpha_d = gl.convert_layout(alpha, gl.SliceLayout(1, gd))
+            acc = acc * alpha_d[:, None] + gl.sum(w[:, :, None] * part, 1)
+            m_run = m_new
+        l_d = gl.convert_layout(gl.where(l_run > 0, l_run, 1.0), gl.SliceLayout(1, gd))
+        o = (acc / l_d[:, None]).to(Out.dtype.element_ty)
+        g = gl.arange(0, GROUP_P2, layout=gl.SliceLayout(1, gd))
+        o_mask = (g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        gl.store(Out + b.to(gl.int64) * stride_ob + (kvh * GROUP + g)[:, None] * stride_oh + offs_d[None, :], o,
+                 mask=o_mask)
+
+    # The split count changes with batch and context: not specialised on (1 / multiple of 16).
+    @gluon.jit(do_not_specialize=["num_splits"])
     def _ring_decode_kernel(Q, k_desc, v_desc, lr_desc, BlockTables, LrBlockTables, LoraB, AdapterIds,
-                            SeqLens, Out, qk_scale,
+                            SeqLens, Out, WsM, WsL, WsAcc, SplitCounters, qk_scale, num_splits,
                             stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lbtb,
                             stride_lba, stride_lbh, stride_lbr,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr,
                             ROWS: gl.constexpr, WARPS: gl.constexpr, HAS_LORA: gl.constexpr,
                             RANK: gl.constexpr, R_PAD: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr,
-                            LR_SHARED_TABLE: gl.constexpr, CHUNK: gl.constexpr):
-        kvh = gl.program_id(0)
+                            LR_SHARED_TABLE: gl.constexpr, CHUNK: gl.constexpr, SPLIT: gl.constexpr,
+                            GROUP_P2: gl.constexpr, REDUCE_S: gl.constexpr):
+        if SPLIT:
+            kvh = gl.program_id(0) // num_splits
+            split = gl.program_id(0) % num_splits
+        else:  # compiled apart: no runtime division
+            kvh = gl.program_id(0)
+            split = 0
         b = gl.program_id(1)
         # Warps split the N dim of every dot (the 16 rows are one MMA tile high).
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
@@ -172,17 +223,24 @@ if gluon is not None:
 
         seq_len = gl.load(SeqLens + b).to(gl.int32)
         n_tiles = gl.cdiv(seq_len, BLOCK_N)
+        if SPLIT:  # flash-decoding: this program's share of the key tiles (maybe none)
+            per = gl.cdiv(n_tiles, num_splits)
+            t_lo = gl.minimum(split * per, n_tiles)
+            t_hi = gl.minimum(t_lo + per, n_tiles)
+        else:
+            t_lo = 0
+            t_hi = n_tiles
         lr_len = gl.where(adapter >= 0, seq_len, 0)  # no L read (no table row) without adapter
         for i in gl.static_range(STAGES):
             # The block ids a copy needs are loaded an iteration before the copy: loaded right
             # before it, their round trip would hold up every tile.
-            blk, lr_blk = _tile_blocks_kv_lr(BlockTables, LrBlockTables, b, i, seq_len, lr_len, stride_btb,
+            blk, lr_blk = _tile_blocks_kv_lr(BlockTables, LrBlockTables, b, t_lo + i, seq_len, lr_len, stride_btb,
                                              stride_lbtb, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNKS, ids,
                                              HAS_LORA, LR_SHARED_TABLE)
             if i < STAGES - 1:
-                _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, b_idx, kvh, i,
-                           n_tiles, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNK, STAGES,
-                           HAS_LORA)
+                _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, b_idx, kvh,
+                           t_lo + i, t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE,
+                           CHUNK, STAGES, HAS_LORA)
             else:
                 next_block, next_lr_block = blk, lr_blk
 
@@ -203,17 +261,18 @@ if gluon is not None:
         l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, mma))
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, mma)
         key_col = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-        for t in range(n_tiles):
+        for i in range(t_hi - t_lo):
+            t = t_lo + i
             # Every warp is done with the slot of tile t - 1 before its next copy overwrites it.
             _cta_barrier()
             _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, next_block, next_lr_block, b_idx,
-                       kvh, t + STAGES - 1, n_tiles, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE,
-                       CHUNK, STAGES, HAS_LORA)
+                       kvh, t + STAGES - 1, t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
+                       LR_BLOCK_SIZE, CHUNK, STAGES, HAS_LORA)
             next_block, next_lr_block = _tile_blocks_kv_lr(
                 BlockTables, LrBlockTables, b, t + STAGES, seq_len, lr_len, stride_btb, stride_lbtb, BLOCK_N,
                 BLOCK_SIZE, LR_BLOCK_SIZE, CHUNKS, ids, HAS_LORA, LR_SHARED_TABLE)
-            slot = t % STAGES
-            mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+            slot = i % STAGES
+            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
             k_t = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)).load(b_op)
             s = mma_v2(q, k_t, gl.zeros([ROWS, BLOCK_N], gl.float32, mma)) * qk_scale
             if CHUNKS == 1:
@@ -236,16 +295,34 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
         if HAS_LORA:
-            # (P·L)·B_a once. Without adapter the L slots were never written: zero what came of them.
+            # (P·L)·B_a once (linear: a split's partial may hold its share of it). Without
+            # adapter the L slots were never written: zero what came of them.
             acc_lr = gl.where(adapter >= 0, acc_lr, 0.0)
             # B_a after the loop, not before it as `_attn_fwd` does: held through the loop it
             # slowed every shape (H200, Run S: 16 × 4K r = 8 69.7 / 70.6 us with it, against
             # 67.3 / 67.7 for r = 64 without it) and spilled at r = 64.
             lora_b = gl.load(b_ptrs, mask=b_mask, other=0.0)
             acc = mma_v2(gl.convert_layout(acc_lr.to(dtype), a_op), gl.convert_layout(lora_b, b_op), acc)
-        l_i = gl.where(l_i > 0, l_i, 1.0)  # an empty sequence: acc is 0, and so is its output
-        o = gl.convert_layout((acc / l_i[:, None]).to(Out.dtype.element_ty), io)
-        gl.store(Out + b * stride_ob + head[:, None] * stride_oh + cols[None, :], o, mask=io_mask)
+        if SPLIT:
+            # This split's (max, sum, P·V) in `_attn_fwd`'s workspace layout; the last split of
+            # the (sequence, KV head) to arrive combines them all (no second launch). The barrier
+            # orders every thread's partial stores before the one release of the arrival atomic.
+            num_kv_heads = gl.num_programs(0) // num_splits
+            ws_row = ((b.to(gl.int64) * num_kv_heads + kvh) * GROUP + rows) * num_splits + split
+            gl.store(WsM + ws_row, gl.convert_layout(m_i, gl.SliceLayout(1, io)), mask=rows < GROUP)
+            gl.store(WsL + ws_row, gl.convert_layout(l_i, gl.SliceLayout(1, io)), mask=rows < GROUP)
+            gl.store(WsAcc + ws_row[:, None] * HEAD_DIM + cols[None, :], gl.convert_layout(acc, io), mask=io_mask)
+            _cta_barrier()
+            counter = SplitCounters + b * num_kv_heads + kvh
+            arrived = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                gl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                _combine_splits(WsM, WsL, WsAcc, Out, b, kvh, num_kv_heads, num_splits, stride_ob, stride_oh,
+                                GROUP, HEAD_DIM, GROUP_P2, REDUCE_S, WARPS)
+        else:
+            l_i = gl.where(l_i > 0, l_i, 1.0)  # an empty sequence: acc is 0, and so is its output
+            o = gl.convert_layout((acc / l_i[:, None]).to(Out.dtype.element_ty), io)
+            gl.store(Out + b * stride_ob + head[:, None] * stride_oh + cols[None, :], o, mask=io_mask)
 
 
 def available() -> bool:
@@ -282,9 +359,11 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
                 seq_lens: torch.Tensor, qk_scale_log2: float, out: torch.Tensor, *, block_n: int,
                 stages: int, lr_cache: torch.Tensor | None = None, lr_block_tables: torch.Tensor | None = None,
                 lora_b: torch.Tensor | None = None, adapter_ids: torch.Tensor | None = None,
-                lr_shared_table: bool = False) -> torch.Tensor:
-    """Paged decode into `out` (``[batch, Hq, D]``), one program per sequence × KV head; with
-    `lr_cache` (and its table, `lora_b`, `adapter_ids`), Flash-LoRA decode.
+                lr_shared_table: bool = False, num_splits: int = 1,
+                workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                counters: torch.Tensor | None = None, reduce_splits: int = 1) -> torch.Tensor:
+    """Paged decode into `out` (``[batch, Hq, D]``), one program per sequence × KV head (× split);
+    with `lr_cache` (and its table, `lora_b`, `adapter_ids`), Flash-LoRA decode.
 
     Inputs are `paged_attention_decode`'s (`flash_lora_decode`'s), already validated, and what
     `_launch_plan` checked before choosing this kernel: a CUDA device of compute capability 9,
@@ -293,7 +372,11 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     the K/V blocks do, or it is paged by the K/V table: `lr_shared_table`), a GQA group of at
     most 16, q, out and B with a unit-stride last dim, tables with unit-stride rows, rows of r
     that a descriptor can copy (16-byte pitch).
-    `qk_scale_log2` is the softmax scale times log2(e)."""
+    `qk_scale_log2` is the softmax scale times log2(e). With `num_splits` > 1 the key tiles of a
+    sequence are split over that many programs (flash-decoding), whose partials go to
+    `workspace` (fp32 ``(max [batch·Hq·splits], sum [same], P·V [same × D])``, `_attn_fwd`'s
+    layout) and are combined, `reduce_splits` a pass, by the last of them to finish, counted in
+    `counters` (int32, at least batch × Hkv, zero, and left zero)."""
     batch, hq, d = q.shape
     hkv = k_cache.shape[2]
     chunk = min(block_n, k_cache.shape[1])  # keys a copy: a tile, or a block of it
@@ -307,11 +390,20 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     else:
         lr_desc, lbt, lb, aid = k_desc, block_tables, q, seq_lens  # never read
         lb_strides, rank, lr_bs, r_pad = (0, 0, 0), 1, k_cache.shape[1], 32
-    _ring_decode_kernel[(hkv, batch)](
+    split = num_splits > 1
+    if split:
+        ws_m, ws_l, ws_acc = workspace
+    else:
+        ws_m = ws_l = ws_acc = counters = out  # never read
+    group = hq // hkv
+    _ring_decode_kernel[(hkv * num_splits, batch)](
         q, k_desc, _descriptor(v_cache, chunk, d), lr_desc, block_tables, lbt, lb, aid, seq_lens, out,
-        qk_scale_log2, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        ws_m, ws_l, ws_acc, counters, qk_scale_log2, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         lbt.stride(0), *lb_strides,
-        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], STAGES=stages,
+        GROUP=group, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], STAGES=stages,
         ROWS=_ROWS, WARPS=_WARPS, HAS_LORA=lora, RANK=rank, R_PAD=r_pad, LR_BLOCK_SIZE=lr_bs,
-        LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, num_warps=_WARPS)
+        LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split,
+        GROUP_P2=1 << (group - 1).bit_length() if split else 1, REDUCE_S=reduce_splits if split else 1,
+        num_warps=_WARPS)
     return out
