@@ -21,7 +21,8 @@ the variant instead of copies of the kernel:
 
 One launch family runs elsewhere: unsplit paged decode (and Flash-LoRA decode) on Hopper at
 head dim 128 goes to `attention_ring`'s kernel, a ring of TMA copies written out in Gluon with
-its own mbarriers, where Triton's pipeliner leaves bandwidth behind (`_ring_tiles` says where).
+its own mbarriers, where Triton's pipeliner leaves bandwidth behind (`_ring_tiles` says where),
+and so does split paged decode in cache blocks of under 128 keys (`_ring_split`).
 
 GQA: a program owns one KV head and packs ``tokens × group`` query rows into its M dimension,
 so every K/V tile is loaded once for the whole group. Rows are token-major because q is
@@ -87,6 +88,9 @@ _RING_LORA_MAX_RPAD = 64  # Flash-LoRA by the ring kernel: L tiles up to this wi
 _RING_LORA_MIN_FILL = 0.9  # ... and launches of at least this many programs an SM
 _RING_LORA_TILE = 128  # ... at this tile only
 _RING_MAX_TILE_COPIES = 8  # ... and at most this many copies a tile (K, V and L; _ring_blocks_ok)
+_RING_SPLIT_MIN_TILES = 4  # split ring launches: at least this many 64-key tiles a split (_ring_split),
+_RING_SPLIT_MIN_TILES_WIDE = 16  # ... or this many 128-key ones (one program an SM),
+_RING_SPLIT_MIN_FILL = 0.9  # ... over at least this many programs an SM
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -640,6 +644,51 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
     return block_n, 2
 
 
+def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: int, group: int,
+                block_size: int, max_ctx: int, itemsize: int, lora: int = 0) -> tuple[int, int, int] | None:
+    """(key tile, ring slots, splits) of `attention_ring`'s kernel for a split paged decode
+    launch (flash-decoding: each sequence's key tiles over several programs, their partials
+    combined by the last to finish), or None to keep `_attn_fwd`. Only for cache blocks of under
+    128 keys, where `_attn_fwd` reads 64-key tiles (blocks of 64, by TMA) or reads per thread
+    (smaller blocks): at blocks of 128 it was as fast or faster (H200, same run, us, ring vs
+    `_attn_fwd`, SDPA on contiguous K/V: 1 × 32K 37.1 vs 37.0, SDPA 37.7; 8 × 4K 36.9 vs 36.6,
+    SDPA 37.3; 1 × 4K 10.9 vs 9.5; Flash-LoRA r = 8 / 64, 8 × 4K 39.2 / 39.2 vs 38.3 / 38.9).
+
+    - Blocks of 64 and more: 128-key tiles, one program an SM (130 KB of shared memory), at
+      least `_RING_SPLIT_MIN_TILES_WIDE` tiles a split (1 × 32K 37.2 vs 38.4, SDPA 37.5; 8 × 4K
+      37.5 vs 38.5, SDPA 37.1; 8 tiles a split lost: 4 × 4K 22.9 vs 22.4, 2 × 8K 23.1 vs 22.5).
+      Flash-LoRA too (6 copies a tile with L's; r = 8 / 64: 1 × 32K 39.2 / 40.2 vs 40.3 / 41.2,
+      8 × 4K 39.7 / 38.9 vs 40.3 / 40.6).
+    - Smaller blocks: 64-key tiles (8 copies a tile at blocks of 16) at two programs an SM (the
+      combine's registers allow no more), at least `_RING_SPLIT_MIN_TILES` tiles a split
+      (blocks of 16: 1 × 32K 39.4 vs 41.3, SDPA 37.5; 8 × 4K 38.4 vs 40.5, SDPA 36.9; 16 × 4K
+      68.4 vs 70.6, SDPA 63.3; 12 × 4K 52.9 vs 57.5; 1 × 4K in 16 splits 12.1 vs 12.6, in 32 of
+      2 tiles 13.5; blocks of 32, 1 × 32K 39.2 vs 41.3). Not Flash-LoRA: with L's, 12 copies a
+      tile at blocks of 16, within 3% either way of `_attn_fwd`.
+    - Over at least `_RING_SPLIT_MIN_FILL` programs an SM: half as many lost (blocks of 16, 1 ×
+      2K in 8 splits 10.6 vs 9.2).
+    - GQA groups of up to 8: the combine of 16 query heads spills registers.
+
+    (bf16, Hq 32, Hkv 8, D 128; bench/RESULTS.md, Run U.)"""
+    if (not _ring_device(device) or head_dim != 128 or group > 8 or itemsize != 2
+            or block_size >= 128 or max_ctx < _RING_MIN_KEYS or lora > _RING_LORA_MAX_RPAD):
+        return None
+    if block_size >= 64:
+        block_n, per_sm, min_tiles = 128, 1, _RING_SPLIT_MIN_TILES_WIDE
+    elif lora:
+        return None
+    else:
+        block_n, per_sm, min_tiles = 64, 2, _RING_SPLIT_MIN_TILES
+    if not _ring_blocks_ok(block_size, block_n, lora):
+        return None
+    splits = _default_splits(batch, num_kv_heads, max_ctx, block_n, device, per_sm)
+    most = max_ctx // block_n // min_tiles
+    splits = min(splits, 1 << (most.bit_length() - 1)) if most >= 1 else 1
+    if splits == 1 or batch * num_kv_heads * splits < _RING_SPLIT_MIN_FILL * _num_sms(device):
+        return None
+    return block_n, 2, splits
+
+
 def _ring_blocks_ok(block_size: int, block_n: int, lora: int) -> bool:
     """Whether `attention_ring` copies `block_n`-key tiles out of cache blocks of `block_size`:
     a tile inside one block (one copy each of K and V, and L), or a tile of whole blocks, a copy
@@ -778,8 +827,11 @@ class _LaunchPlan:
     reduce_args: tuple[int, ...]
     reduce_meta: dict
     # (key tile, ring slots): the launch runs `attention_ring.ring_decode` instead of `_attn_fwd`
-    # (whose fields above then go unused); None: `_attn_fwd`.
+    # (whose fields above then go unused but for the workspace and counters of a split launch);
+    # None: `_attn_fwd`.
     ring: tuple[int, int] | None = None
+    ring_splits: int = 1  # the ring kernel's split count (> 1: split-KV, _ring_split)
+    ring_reduce: int = 1  # ... and splits a pass of its combine
 
 
 # Each partial of the one workspace starts on 128 B (32 fp32), as its own allocation did: Triton
@@ -814,7 +866,7 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
                       max_seqlen_q, _aligned16(k, v, lora.lr_cache if lora is not None else None),
                       k.element_size(), num_splits, q.device, interpreter_on(),
                       (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce, _prefetch_lora_b,
-                       _tma_loads, _tma_single, _ring_tiles, _ring_device))
+                       _tma_loads, _tma_single, _ring_tiles, _ring_device, _ring_split))
 
 
 @functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
@@ -822,8 +874,9 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     """The launch configuration (tiles, splits, grid, strides, constexprs) of a key: computed
     once per distinct key, so a repeated call with the same shapes only validates and launches."""
     paged, decode, batch = key.paged, key.decode, key.batch
-    # (_num_sms: called by _default_splits and _ring_tiles, as is _ring_device)
-    config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles, ring_device = key.policy
+    # (_num_sms: called by _default_splits, _ring_tiles and _ring_split, as is _ring_device)
+    (config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles,
+     ring_device, ring_split) = key.policy
     total_q, hq, d = key.q_shape
     per_head_table = paged and len(key.table[0]) == 3
     hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
@@ -944,9 +997,21 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         if ring is not None and (key.num_splits or default_splits(batch, hkv, max_ctx, wide[1], key.device,
                                                                   per_sm)) != 1:
             ring = None
+    ring_splits = ring_reduce = 1
+    if (ring is None and key.num_splits is None and kv_descriptors and ring_device(key.device)
+            and (key.lora is None or _ring_lr_ok(key.lora, block_size))):
+        # Split launches in small cache blocks (see _ring_split)
+        split_ring = ring_split(key.device, batch, hkv, d, group, block_size, max_ctx, key.kv_itemsize,
+                                attention_ring.lora_pad(r) if key.lora is not None else 0)
+        if split_ring is not None:
+            ring, num_splits = split_ring[:2], split_ring[2]
+            split, fused, ring_splits = True, True, num_splits
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)
     g_p2 = _next_pow2(group)
     combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))
+    if ring_splits > 1:
+        # one pass of the combine where it fits (a second cost 2.3 us at 1 x 32K, H200)
+        ring_reduce = min(combine["REDUCE_S"], _next_pow2(ring_splits))
     n_qtiles = 1 if decode else max(1, -(-key.max_seqlen_q // (bm // group)))
 
     ks, vs = key.k_strides, key.v_strides
@@ -998,7 +1063,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if split else 0,
         counters=batch * hkv if fused else 0, reduce_grid=(total_q * hkv,) if split and not fused else None,
         reduce_args=(key.out_strides[0], key.out_strides[1], group, hkv, num_splits),
-        reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4), ring=ring)
+        reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4), ring=ring, ring_splits=ring_splits,
+        ring_reduce=ring_reduce)
 
 
 # Arrival counters of the fused split combine. Every launch leaves its counters at zero (the
@@ -1105,12 +1171,6 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
     plan = _launch_plan(_launch_key(q, k, v, out, paged=paged, decode=decode, batch=batch,
                                     block_tables=block_tables, lora=lora, s2=s2,
                                     max_seqlen_q=max_seqlen_q, num_splits=num_splits))
-    if plan.ring is not None:
-        lr_kw = {} if lora is None else dict(
-            lr_cache=lora.lr_cache, lr_block_tables=lora.lr_block_tables, lora_b=lora.lora_b,
-            adapter_ids=lora.adapter_ids, lr_shared_table=plan.meta["LR_SHARED_TABLE"])
-        return attention_ring.ring_decode(q, k, v, block_tables, seq_lens, float(scale) * _LOG2E, out,
-                                          block_n=plan.ring[0], stages=plan.ring[1], **lr_kw)
     dummy = q  # pointer arguments a variant does not read
     if plan.ws_total:
         # One allocation for the three partials (views into it), not three.
@@ -1119,6 +1179,15 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
     else:
         ws_m = ws_l = ws_acc = dummy
     counters = _split_counters(q.device, plan.counters) if plan.counters else dummy
+    if plan.ring is not None:
+        lr_kw = {} if lora is None else dict(
+            lr_cache=lora.lr_cache, lr_block_tables=lora.lr_block_tables, lora_b=lora.lora_b,
+            adapter_ids=lora.adapter_ids, lr_shared_table=plan.meta["LR_SHARED_TABLE"])
+        if plan.ring_splits > 1:
+            lr_kw.update(num_splits=plan.ring_splits, workspace=(ws_m, ws_l, ws_acc), counters=counters,
+                         reduce_splits=plan.ring_reduce)
+        return attention_ring.ring_decode(q, k, v, block_tables, seq_lens, float(scale) * _LOG2E, out,
+                                          block_n=plan.ring[0], stages=plan.ring[1], **lr_kw)
     if lora is not None:
         lr, lbt, lb, aid = lora.lr_cache, lora.lr_block_tables, lora.lora_b, lora.adapter_ids
     else:
