@@ -251,15 +251,18 @@ def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype,
 
 
 @gpu
-@pytest.mark.parametrize("dtype, hq, hkv, bs, lens, ring", [
-    (torch.bfloat16, 32, 8, 16, [4000, 129, 1, 0, 2048, 3001, 17], (64, 2, 4)),  # splits with no keys
-    (torch.float16, 16, 16, 32, [2049, 77, 4096], (64, 2, 4)),                   # GQA group 1
-    (torch.bfloat16, 32, 4, 64, [2500, 128, 127], (128, 2, 4)),                  # group 8, two copies a tile
-    (torch.bfloat16, 32, 8, 16, [32001], (64, 2, 32)),                           # one long sequence
+@pytest.mark.parametrize("dtype, hq, hkv, bs, lens, sms, ring", [
+    (torch.bfloat16, 32, 8, 16, [4000, 129, 1, 0, 2048, 3001, 17], 132, (64, 2, 4)),  # splits with no keys
+    (torch.float16, 16, 16, 32, [2049, 77, 4096], 132, (64, 2, 4)),                   # GQA group 1
+    (torch.bfloat16, 32, 4, 32, [2500, 128, 127, 3000, 1, 2222, 999, 3001], 132, (64, 2, 8)),  # group 8
+    (torch.bfloat16, 32, 4, 64, [4095, 128, 4001], 24, (128, 2, 2)),   # two copies a tile ("on 24 SMs")
+    (torch.bfloat16, 32, 8, 16, [32001], 132, (64, 2, 32)),                           # one long sequence
 ])
-def test_ring_split_decode_matches_reference(rng_seed, ring_calls, dtype, hq, hkv, bs, lens, ring):
+def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms,
+                                             ring):
     """Split launches (the plan's own split count): odd lengths, sequences shorter than a split
     (their later splits have no keys), one of no keys; partials combined by the last split."""
+    monkeypatch.setattr(A, "_num_sms", lambda device: sms)
     k, v, bt, sl = make_paged(lens, hkv, 128, bs, dtype, "cuda")
     q = torch.randn(len(lens), hq, 128, device="cuda").to(dtype)
     out = poisoned(q.shape, dtype, "cuda")
