@@ -301,8 +301,17 @@ if gluon is not None:
             # B_a after the loop, not before it as `_attn_fwd` does: held through the loop it
             # slowed every shape (H200, Run S: 16 × 4K r = 8 69.7 / 70.6 us with it, against
             # 67.3 / 67.7 for r = 64 without it) and spilled at r = 64.
-            lora_b = gl.load(b_ptrs, mask=b_mask, other=0.0)
-            acc = mma_v2(gl.convert_layout(acc_lr.to(dtype), a_op), gl.convert_layout(lora_b, b_op), acc)
+            if R_PAD >= 16:
+                lora_b = gl.load(b_ptrs, mask=b_mask, other=0.0)
+                acc = mma_v2(gl.convert_layout(acc_lr.to(dtype), a_op), gl.convert_layout(lora_b, b_op), acc)
+            else:  # 8 columns, under the MMA's K: 8 rank-1 updates, once
+                lr_col = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, mma))
+                d_col = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
+                for j in gl.static_range(R_PAD):
+                    b_row = gl.load(LoraB + gl.maximum(adapter, 0).to(gl.int64) * stride_lba + kvh * stride_lbh
+                                    + j * stride_lbr + d_col, mask=(adapter >= 0) & (j < RANK), other=0.0)
+                    a_col = gl.sum(gl.where(lr_col[None, :] == j, acc_lr, 0.0), axis=1)
+                    acc += a_col[:, None] * b_row.to(gl.float32)[None, :]
         if SPLIT:
             # This split's (max, sum, P·V) in `_attn_fwd`'s workspace layout; the last split of
             # the (sequence, KV head) to arrive combines them all (no second launch). The barrier
@@ -332,9 +341,15 @@ def available() -> bool:
 
 def lora_pad(rank: int) -> int:
     """Columns of the kernel's L tiles and P·L accumulator: a power of two >= 16 (the MMA's K
-    for (P·L)·B). 16, not `_attn_fwd`'s 32, at r = 8: H200, Run S, Flash-LoRA 16 × 4K 68.1 / 68.1
-    us against 70.1 / 70.2 at 32, 16 × 32K 494.5 / 493.6 vs 502.6 / 502.3."""
-    return max(16, 1 << (rank - 1).bit_length())
+    for (P·L)·B), but 8 at r = 8, whose (P·L)·B then goes by 8 rank-1 updates: L's 16-byte rows
+    copied 16 columns wide (half of them the copy's zero fill) cost more than the updates
+    (H200, same run, us, Flash-LoRA r = 8, 8 vs 16 columns: blocks of 128, 16 × 4K 66.4 / 66.5
+    vs 67.0 / 66.7, 16 × 32K 481.4 / 482.7 vs 485.9 / 485.3, 64 × 32K 1868.5 / 1868.7 vs
+    1887.3 / 1887.2; blocks of 64, 16 × 4K 67.9 / 68.0 vs 69.2 / 69.3, split 8 × 4K 39.8 / 39.8
+    vs 41.0 / 41.2, 1 × 32K 39.0 / 39.4 vs 39.9 / 40.5; bench/RESULTS.md Run U). 16, not
+    `_attn_fwd`'s 32, at r = 9-16: Run S, r = 8 then, 16 × 4K 68.1 / 68.1 us against 70.1 / 70.2
+    at 32, 16 × 32K 494.5 / 493.6 vs 502.6 / 502.3."""
+    return 8 if rank == 8 else max(16, 1 << (rank - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
