@@ -81,24 +81,24 @@ def sdpa_decode(q, k, v, tables) -> list:
 
 class Override:
     """Pin the kernel's launch config and split count while in scope (the one-program-an-SM
-    variant, which would change the pipeline depth, and the ring kernel, which would take the
-    launch from `_attn_fwd`, off)."""
+    variant, which would change the pipeline depth, and the ring kernel, unsplit or split, which
+    would take the launch from `_attn_fwd`, off)."""
 
     def __init__(self, cfg, splits=None):
         self.cfg, self.splits = cfg, splits
 
     def __enter__(self):
-        self.old = attn._config, attn._default_splits, attn._tma_single, attn._ring_tiles
+        self.old = attn._config, attn._default_splits, attn._tma_single, attn._ring_tiles, attn._ring_split
         cfg, splits = self.cfg, self.splits
         attn._config = lambda *a, **k: cfg
         attn._tma_single = lambda device: False
-        attn._ring_tiles = lambda *a, **k: None
+        attn._ring_tiles = attn._ring_split = lambda *a, **k: None
         if splits is not None:
             attn._default_splits = lambda *a, **k: splits
         return self
 
     def __exit__(self, *exc):
-        attn._config, attn._default_splits, attn._tma_single, attn._ring_tiles = self.old
+        attn._config, attn._default_splits, attn._tma_single, attn._ring_tiles, attn._ring_split = self.old
 
 
 def decode_sweep(cases, quick: bool, log) -> list[dict]:
