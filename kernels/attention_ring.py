@@ -5,10 +5,10 @@
 This module holds one more kernel for some cases of it, paged decode on sm_90 (unsplit, and
 split in cache blocks of under 128 keys), where Triton's own pipeliner leaves bandwidth behind:
 it gives the block-table load that a TMA copy waits on pipeline stages of its own and keeps one
-K/V tile in flight (two at one program an SM),
-and each tile's copy still waits on a block id loaded right before it. Here the ring is written
-out: ``STAGES`` K/V tile slots, one mbarrier each, the copy of tile ``t + STAGES - 1`` issued
-when tile ``t`` is taken, and that tile's block id loaded an iteration earlier.
+K/V tile in flight (two at one program an SM), and each tile's copy still waits on a block id
+loaded right before it. Here the ring is written out: ``STAGES`` K/V tile slots, one mbarrier
+each, the copy of tile ``t + STAGES - 1`` issued when tile ``t`` is taken, and that tile's block
+id loaded an iteration earlier.
 
 Measured on an H200 (bf16, Hq 32, Hkv 8, D 128, blocks of 128, us, one run; SDPA on contiguous
 K/V; bench/RESULTS.md Run S): 16 × 32K 464.6 / 465.1 against `_attn_fwd`'s 469.2 / 468.9 and
@@ -145,9 +145,10 @@ if gluon is not None:
                         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, GROUP_P2: gl.constexpr,
                         REDUCE_S: gl.constexpr, WARPS: gl.constexpr):
         """Combine the split partials of the GQA group of (sequence `b`, KV head `kvh`) into its
-        output rows: `kernels.attention._combine_splits` over the same workspace layout, REDUCE_S
-        splits of every head a pass (one [heads, splits, D] load each). Loads bypass L1 (.cg):
-        the partials were written by other SMs."""
+        output rows: `kernels.attention._combine_splits` in Gluon (a Gluon kernel cannot call a
+        `triton.jit` function), over the same workspace layout, REDUCE_S splits of every head a
+        pass (one [heads, splits, D] load each). Loads bypass L1 (.cg): the partials were
+        written by other SMs."""
         l3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
         gs: gl.constexpr = gl.SliceLayout(2, l3)  # [heads, splits]
         gd: gl.constexpr = gl.SliceLayout(1, l3)  # [heads, D]
