@@ -272,47 +272,29 @@ def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, 
 
 
 @gpu
-def test_ring_split_decode_replays_in_a_cuda_graph(rng_seed, ring_calls):
-    """A split launch captured once and replayed over new queries and longer sequences: the
-    arrival counters the last split resets serve every replay."""
-    lens = [2300, 4000, 17]
-    k, v, bt, sl = make_paged([n + 40 for n in lens], 8, 128, 16, torch.bfloat16, "cuda")
-    sl.copy_(torch.tensor(lens, dtype=torch.int32))
-    q = torch.randn(3, 32, 128, device="cuda").to(torch.bfloat16)
-    out = poisoned(q.shape, q.dtype, "cuda")
-    paged_attention_decode(q, k, v, bt, sl, 0.09, out=out)  # compiles outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        paged_attention_decode(q, k, v, bt, sl, 0.09, out=out, validate=False)
-    for step in range(3):
-        q.copy_(torch.randn_like(q, dtype=torch.float32).to(q.dtype))
-        sl.add_(13 * step)
-        out.fill_(float("nan"))
-        graph.replay()
-        check(out, paged_attention_decode_ref(q, k, v, bt, sl, 0.09), torch.bfloat16)
-    assert ring_calls and set(ring_calls) == {(64, 2, 8)}
-
-
-@gpu
-def test_ring_decode_replays_in_a_cuda_graph(rng_seed, ring_calls):
+@pytest.mark.parametrize("bs, num_splits, ring", [
+    (128, 1, (128, 2)),      # unsplit
+    (16, None, (64, 2, 8)),  # split: the arrival counters the last split resets serve every replay
+])
+def test_ring_decode_replays_in_a_cuda_graph(rng_seed, ring_calls, bs, num_splits, ring):
     """Captured once, replayed over new queries and longer sequences (a decode step's inputs
     change in place): each replay matches the reference."""
     lens = [2300, 4000, 17]
-    k, v, bt, sl = make_paged([n + 40 for n in lens], 8, 128, 128, torch.bfloat16, "cuda")
+    k, v, bt, sl = make_paged([n + 40 for n in lens], 8, 128, bs, torch.bfloat16, "cuda")
     sl.copy_(torch.tensor(lens, dtype=torch.int32))
     q = torch.randn(3, 32, 128, device="cuda").to(torch.bfloat16)
     out = poisoned(q.shape, q.dtype, "cuda")
-    paged_attention_decode(q, k, v, bt, sl, 0.09, out=out, num_splits=1)  # compiles outside the capture
+    paged_attention_decode(q, k, v, bt, sl, 0.09, out=out, num_splits=num_splits)  # compiles outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        paged_attention_decode(q, k, v, bt, sl, 0.09, out=out, num_splits=1, validate=False)
+        paged_attention_decode(q, k, v, bt, sl, 0.09, out=out, num_splits=num_splits, validate=False)
     for step in range(3):
         q.copy_(torch.randn_like(q, dtype=torch.float32).to(q.dtype))
         sl.add_(13 * step)
         out.fill_(float("nan"))
         graph.replay()
         check(out, paged_attention_decode_ref(q, k, v, bt, sl, 0.09), torch.bfloat16)
-    assert ring_calls and set(ring_calls) == {(128, 2)}
+    assert ring_calls and set(ring_calls) == {ring}
 
 
 _SPLIT_LENS = [4000, 129, 1, 0, 2063, 3001, 4095, 77]
