@@ -987,22 +987,21 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
     fused = split and decode and fuse_reduce(key.device)
     ring = None
-    if kv_descriptors and ring_device(key.device) and (key.lora is None or _ring_lr_ok(key.lora, block_size)):
+    ring_splits = ring_reduce = 1
+    ring_ok = kv_descriptors and ring_device(key.device) and (key.lora is None or _ring_lr_ok(key.lora, block_size))
+    ring_lora = attention_ring.lora_pad(r) if key.lora is not None else 0  # its L tile's columns
+    if ring_ok:
         # Unsplit launches only: where 2 programs an SM (1 up to one an SM) would not split
         # (Flash-LoRA's own plan splits some of those: it reads long runs per-thread).
         programs = batch * hkv
         per_sm = 1 if programs <= _num_sms(key.device) else 2
-        ring = ring_tiles(key.device, programs, d, group, block_size, max_ctx, key.kv_itemsize,
-                          attention_ring.lora_pad(r) if key.lora is not None else 0)
+        ring = ring_tiles(key.device, programs, d, group, block_size, max_ctx, key.kv_itemsize, ring_lora)
         if ring is not None and (key.num_splits or default_splits(batch, hkv, max_ctx, wide[1], key.device,
                                                                   per_sm)) != 1:
             ring = None
-    ring_splits = ring_reduce = 1
-    if (ring is None and key.num_splits is None and kv_descriptors and ring_device(key.device)
-            and (key.lora is None or _ring_lr_ok(key.lora, block_size))):
+    if ring_ok and ring is None and key.num_splits is None:
         # Split launches in small cache blocks (see _ring_split)
-        split_ring = ring_split(key.device, batch, hkv, d, group, block_size, max_ctx, key.kv_itemsize,
-                                attention_ring.lora_pad(r) if key.lora is not None else 0)
+        split_ring = ring_split(key.device, batch, hkv, d, group, block_size, max_ctx, key.kv_itemsize, ring_lora)
         if split_ring is not None:
             ring, num_splits = split_ring[:2], split_ring[2]
             split, fused, ring_splits = True, True, num_splits

@@ -253,8 +253,8 @@ if gluon is not None:
         q = gl.convert_layout(q, a_op)
         if HAS_LORA:
             r_rows = gl.arange(0, R_PAD, layout=gl.SliceLayout(1, io))
-            b_ptrs = (LoraB + gl.maximum(adapter, 0).to(gl.int64) * stride_lba + kvh * stride_lbh
-                      + r_rows[:, None] * stride_lbr + cols[None, :])
+            lora_b_head = LoraB + gl.maximum(adapter, 0).to(gl.int64) * stride_lba + kvh * stride_lbh  # B_a[kvh]
+            b_ptrs = lora_b_head + r_rows[:, None] * stride_lbr + cols[None, :]
             b_mask = (r_rows < RANK)[:, None] & (cols < HEAD_DIM)[None, :] & (adapter >= 0)
             acc_lr = gl.zeros([ROWS, R_PAD], gl.float32, mma)
 
@@ -309,8 +309,8 @@ if gluon is not None:
                 lr_col = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, mma))
                 d_col = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
                 for j in gl.static_range(R_PAD):
-                    b_row = gl.load(LoraB + gl.maximum(adapter, 0).to(gl.int64) * stride_lba + kvh * stride_lbh
-                                    + j * stride_lbr + d_col, mask=(adapter >= 0) & (j < RANK), other=0.0)
+                    b_row = gl.load(lora_b_head + j * stride_lbr + d_col, mask=(adapter >= 0) & (j < RANK),
+                                    other=0.0)
                     a_col = gl.sum(gl.where(lr_col[None, :] == j, acc_lr, 0.0), axis=1)
                     acc += a_col[:, None] * b_row.to(gl.float32)[None, :]
         if SPLIT:

@@ -129,7 +129,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
-from kernels import attention_ring as R
+from kernels import attention as A, attention_ring as R
 
 block_n, stages, group, dt, rank, shared = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4],
                                             int(sys.argv[5]), "shared" in sys.argv[6])
@@ -144,8 +144,8 @@ lr_desc = f"tensordesc<{dt}[1,{chunk},{r_pad}],{R._smem_layout(chunk, r_pad, dty
 consts = dict(GROUP=group, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=bs, STAGES=stages, ROWS=R._ROWS,
               WARPS=R._WARPS, HAS_LORA=rank > 0, RANK=max(rank, 1), R_PAD=r_pad, LR_BLOCK_SIZE=bs,
               LR_SHARED_TABLE=shared, CHUNK=min(block_n, bs), SPLIT=split,
-              GROUP_P2=1 << (group - 1).bit_length() if split else 1,
-              REDUCE_S=max(1, min(64, 16384 // ((1 << (group - 1).bit_length()) * 128))) if split else 1)
+              GROUP_P2=A._next_pow2(group) if split else 1,
+              REDUCE_S=A._combine_chunk(A._next_pow2(group), 128) if split else 1)  # the most the plan gives
 sig = dict(Q="*" + dt, k_desc=desc, v_desc=desc, lr_desc=lr_desc, BlockTables="*i32", LrBlockTables="*i32",
            LoraB="*" + dt, AdapterIds="*i32", SeqLens="*i32", Out="*" + dt, WsM="*fp32", WsL="*fp32",
            WsAcc="*fp32", SplitCounters="*i32", qk_scale="fp32", num_splits="i32",
