@@ -1,5 +1,5 @@
-"""Triton kernels, each with a float64 torch reference beside it (one of them, Hopper's unsplit
-paged decode in `attention_ring`, written in Gluon, Triton's explicit-layout dialect).
+"""Triton kernels, each with a float64 torch reference beside it (one of them, Hopper's paged
+decode in `attention_ring`, unsplit and split, written in Gluon, Triton's explicit-layout dialect).
 
 Kernels are pure functions of tensors and import nothing else of vmweave. Names are resolved
 lazily so that importing `kernels` does not import triton until a kernel is used.
