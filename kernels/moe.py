@@ -471,16 +471,21 @@ def _moe_config(num_pairs: int, num_experts: int, dtype: torch.dtype) -> dict:
 
 
 def _fused_moe_torch(x, w13, w2, topk_weights, topk_ids):
-    """Grouped fallback: one fp32 SwiGLU per expert that has tokens (CPU demo path)."""
+    """Grouped fallback: one SwiGLU per expert that has tokens (CPU demo path).
+
+    Computed in float64 so that a token's output does not depend on which other tokens share its
+    experts: the BLAS picks its blocking by the row count, and in fp32 that moved results by a few
+    ulps when an adapter's unload re-routed other tokens. In fp64 those differences sit far below
+    the final rounding to `x.dtype`, as the Triton path's per-row tiles are by construction."""
     T, H = x.shape
     inter = w2.shape[2]
-    out = torch.zeros((T, H), dtype=torch.float32, device=x.device)
+    out = torch.zeros((T, H), dtype=torch.float64, device=x.device)
     ids = topk_ids.long()
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    tw = topk_weights.float().reshape(-1)
-    xf = x.float()
+    tw = topk_weights.double().reshape(-1)
+    xf = x.double()
     pos = 0
     for e, c in enumerate(counts):
         if c == 0:
@@ -488,8 +493,8 @@ def _fused_moe_torch(x, w13, w2, topk_weights, topk_ids):
         pairs = order[pos:pos + c]
         pos += c
         tok = pairs // ids.shape[1]
-        h = xf[tok] @ w13[e].float().T
-        y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].float().T
+        h = xf[tok] @ w13[e].double().T
+        y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].double().T
         out.index_add_(0, tok, y * tw[pairs, None])
     return out.to(x.dtype)
 
