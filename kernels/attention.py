@@ -22,7 +22,8 @@ the variant instead of copies of the kernel:
 One launch family runs elsewhere: unsplit paged decode (and Flash-LoRA decode) on Hopper at
 head dim 128 goes to `attention_ring`'s kernel, a ring of TMA copies written out in Gluon with
 its own mbarriers, where Triton's pipeliner leaves bandwidth behind (`_ring_tiles` says where),
-and so does split paged decode in cache blocks of under 128 keys (`_ring_split`).
+and so does split paged decode in cache blocks of under 128 keys (`_ring_split`). Where a tile
+takes many copies (small cache blocks) one warp of its own issues them (`_ring_producer`).
 
 GQA: a program owns one KV head and packs ``tokens × group`` query rows into its M dimension,
 so every K/V tile is loaded once for the whole group. Rows are token-major because q is
@@ -87,7 +88,9 @@ _RING_MIN_KEYS_MULTIWAVE = 16384  # ... and of this many over more than 3 progra
 _RING_LORA_MAX_RPAD = 64  # Flash-LoRA by the ring kernel: L tiles up to this wide (registers)
 _RING_LORA_MIN_FILL = 0.9  # ... and launches of at least this many programs an SM
 _RING_LORA_TILE = 128  # ... at this tile only
-_RING_MAX_TILE_COPIES = 8  # ... and at most this many copies a tile (K, V and L; _ring_blocks_ok)
+_RING_MAX_TILE_COPIES = 8  # ... and at most this many copies a tile (K, V and L; _ring_blocks_ok),
+_RING_PRODUCER_MAX_COPIES = 24  # ... or this many through a producer warp (_ring_producer),
+_RING_PRODUCER_MIN_COPIES = 8  # which tiles of at least this many copies take (one wave, one an SM)
 _RING_SPLIT_MIN_TILES = 4  # split ring launches: at least this many 64-key tiles a split (_ring_split),
 _RING_SPLIT_MIN_TILES_WIDE = 16  # ... or this many 128-key ones (one program an SM),
 _RING_SPLIT_MIN_FILL = 0.9  # ... over at least this many programs an SM
@@ -596,9 +599,17 @@ def _ring_device(device: torch.device) -> bool:
             and attention_ring.available())
 
 
+class _Ring(NamedTuple):
+    """A launch of `attention_ring`'s kernel (`ring_decode`)."""
+    tile: int  # keys a tile
+    slots: int  # ring slots
+    splits: int = 1  # > 1: split-KV
+    producer: bool = False  # a warp of its own issues the copies
+
+
 def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, block_size: int,
-                max_ctx: int, itemsize: int, lora: int = 0) -> tuple[int, int] | None:
-    """(key tile, ring slots) of `attention_ring`'s kernel for an unsplit paged decode launch
+                max_ctx: int, itemsize: int, lora: int = 0) -> _Ring | None:
+    """The key tile and ring slots of `attention_ring`'s kernel for an unsplit paged decode launch
     of `programs` (sequences × KV heads) over caches a TMA descriptor can address, or None to
     keep `_attn_fwd`. Two slots of 128-key tiles (128 KB of shared memory: one program an SM) where
     the launch is one program an SM, or over 3 an SM on runs of 16K keys or more (shorter runs
@@ -628,7 +639,8 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
         return None
     sms = _num_sms(device)
     block_n = 64 if sms < programs <= _TMA_SHIFTED_PER_SM * sms else 128
-    if not _ring_blocks_ok(block_size, block_n, lora) or max_ctx < _RING_MIN_KEYS:
+    producer = _ring_producer(block_size, block_n, lora, programs, sms)
+    if not _ring_blocks_ok(block_size, block_n, lora, producer) or max_ctx < _RING_MIN_KEYS:
         return None
     # (a tile of small blocks runs here over more than 3 an SM at any length: `_attn_fwd` reads
     # those blocks by per-thread loads, slower; see _ring_blocks_ok. Flash-LoRA's with L tiles
@@ -641,12 +653,12 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
         return None
     if lora and (block_n != _RING_LORA_TILE or programs < _RING_LORA_MIN_FILL * sms):
         return None
-    return block_n, 2
+    return _Ring(block_n, 2, producer=producer)
 
 
 def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: int, group: int,
-                block_size: int, max_ctx: int, itemsize: int, lora: int = 0) -> tuple[int, int, int] | None:
-    """(key tile, ring slots, splits) of `attention_ring`'s kernel for a split paged decode
+                block_size: int, max_ctx: int, itemsize: int, lora: int = 0) -> _Ring | None:
+    """The key tile, ring slots and splits of `attention_ring`'s kernel for a split paged decode
     launch (flash-decoding: each sequence's key tiles over several programs, their partials
     combined by the last to finish), or None to keep `_attn_fwd`. Only for cache blocks of under
     128 keys, where `_attn_fwd` reads 64-key tiles (blocks of 64, by TMA) or reads per thread
@@ -664,7 +676,8 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
       (blocks of 16: 1 × 32K 39.4 vs 41.3, SDPA 37.5; 8 × 4K 38.4 vs 40.5, SDPA 36.9; 16 × 4K
       68.4 vs 70.6, SDPA 63.3; 12 × 4K 52.9 vs 57.5; 1 × 4K in 16 splits 12.1 vs 12.6, in 32 of
       2 tiles 13.5; blocks of 32, 1 × 32K 39.2 vs 41.3). Not Flash-LoRA: with L's, 12 copies a
-      tile at blocks of 16, within 3% either way of `_attn_fwd`.
+      tile at blocks of 16, within 3% either way of `_attn_fwd`; but launches of one program
+      an SM go through the producer warp (`_ring_producer`), and Flash-LoRA with them.
     - Over at least `_RING_SPLIT_MIN_FILL` programs an SM: half as many lost (blocks of 16, 1 ×
       2K in 8 splits 10.6 vs 9.2).
     - GQA groups of up to 8: the combine of 16 query heads spills registers.
@@ -675,24 +688,64 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
         return None
     if block_size >= 64:
         block_n, per_sm, min_tiles = 128, 1, _RING_SPLIT_MIN_TILES_WIDE
-    elif lora:
-        return None
     else:
         block_n, per_sm, min_tiles = 64, 2, _RING_SPLIT_MIN_TILES
-    if not _ring_blocks_ok(block_size, block_n, lora):
-        return None
     splits = _default_splits(batch, num_kv_heads, max_ctx, block_n, device, per_sm)
     most = max_ctx // block_n // min_tiles
     splits = min(splits, 1 << (most.bit_length() - 1)) if most >= 1 else 1
+    producer = _ring_producer(block_size, block_n, lora, batch * num_kv_heads * splits, _num_sms(device))
+    if (lora and block_size < 64 and not producer) or not _ring_blocks_ok(block_size, block_n, lora, producer):
+        return None
     if splits == 1 or batch * num_kv_heads * splits < _RING_SPLIT_MIN_FILL * _num_sms(device):
         return None
-    return block_n, 2, splits
+    return _Ring(block_n, 2, splits, producer)
 
 
-def _ring_blocks_ok(block_size: int, block_n: int, lora: int) -> bool:
+def _ring_copies(block_size: int, block_n: int, lora: int) -> int:
+    """TMA copies a `block_n`-key tile takes out of cache blocks of `block_size` (K, V, and L
+    with `lora`): one each where a block holds the tile, one a block where whole blocks make it
+    up; 0 where blocks do neither."""
+    if block_size % block_n == 0:
+        per_cache = 1
+    elif block_n % block_size == 0:
+        per_cache = block_n // block_size
+    else:
+        return 0
+    return per_cache * (3 if lora else 2)
+
+
+def _ring_producer(block_size: int, block_n: int, lora: int, programs: int, sms: int) -> bool:
+    """Whether `attention_ring`'s launch of `programs` gives its copies to a producer warp of
+    their own (`ring_decode(producer=True)`): Triton issues every copy behind a barrier of the
+    warps that issue it, so from `_RING_PRODUCER_MIN_COPIES` copies a tile on the four math
+    warps wait less on one warp's copies than on their own; only for launches of one wave at one
+    program an SM (at two, Triton's padding of the producer to a warp group caps each program's
+    registers, and it lost).
+
+    H200, same run (bf16, Hq 32, Hkv 8, D 128, us, two passes; the plan against the plan with
+    this off, SDPA on contiguous K/V; bench/RESULTS.md Run V): blocks of 16, 128-key tiles (16
+    copies, unsplit) 16 × 4K 66.8 / 67.4 vs 67.6 / 67.7 (SDPA 64.3 / 64.5), 14 × 4K 58.8 / 58.8
+    vs 60.5 / 61.0, 16 × 16K 245.1 / 244.8 vs 248.3 / 247.9, 16 × 32K 484.9 / 485.1 vs 490.9 /
+    491.1 (SDPA 475.0 / 475.3); Flash-LoRA (24 copies) 16 × 4K r = 8 68.1 / 68.2 vs 72.5 / 72.3,
+    r = 64 71.1 / 71.2 vs 74.5 / 74.3, 16 × 32K r = 8 492.1 / 492.0 vs 503.9 / 504.2; blocks of
+    32 (8 copies) 12 × 4K 51.5 / 50.9 vs 58.6 / 58.9 (SDPA 51.8 / 51.0), 16 × 4K 64.9 / 65.6 vs
+    65.6 / 66.5, Flash-LoRA (12) 16 × 4K r = 8 68.3 / 68.6 vs 77.2 / 77.1, r = 64 70.4 / 71.1 vs
+    81.3 / 81.3; blocks of 16, 1 × 4K in 16 splits of 64-key tiles (8 copies; 128 programs)
+    11.3 / 11.3 vs 12.1 / 12.0 (SDPA 11.7 / 11.8), Flash-LoRA r = 8 12.7 / 12.7 vs 13.7 / 13.7,
+    r = 64 13.3 / 13.4 vs 14.0 / 13.9. At two programs an SM it lost: 2 × 4K (256 programs)
+    16.6 / 16.6 vs 16.2 / 16.2, Flash-LoRA r = 64 19.4 / 19.4 vs 18.6 / 18.6; 1 × 32K (blocks of
+    16, 32 splits) 39.9 / 39.8 vs 39.1 / 39.3, 4 × 16K 68.3 / 68.3 vs 67.2 / 67.6. Under 8 copies
+    a tile it lost too (blocks of 64, Flash-LoRA 16 × 4K r = 64 70.1 / 70.0 vs 67.1 / 67.0; blocks
+    of 128, 16 × 4K 63.2 / 63.3 vs 62.0 / 62.1, 64 × 32K 1853 / 1852 vs 1844 / 1844)."""
+    copies = _ring_copies(block_size, block_n, lora)
+    return programs <= sms and _RING_PRODUCER_MIN_COPIES <= copies <= _RING_PRODUCER_MAX_COPIES
+
+
+def _ring_blocks_ok(block_size: int, block_n: int, lora: int, producer: bool = False) -> bool:
     """Whether `attention_ring` copies `block_n`-key tiles out of cache blocks of `block_size`:
     a tile inside one block (one copy each of K and V, and L), or a tile of whole blocks, a copy
-    a block, at most `_RING_MAX_TILE_COPIES` copies a tile (K, V and L together). Small copies
+    a block, at most `_RING_MAX_TILE_COPIES` copies a tile (K, V and L together), or
+    `_RING_PRODUCER_MAX_COPIES` through a producer warp (`_ring_producer`). Small copies
     cost: H200, us, vs `_attn_fwd` (per-thread loads at these blocks), same run: blocks of 16,
     16 copies a 128-key tile, 16 × 4K 81.6 / 81.1 vs 71.4 / 71.4, 16 × 32K 598.3 / 598.0 vs
     498.7 / 498.7; Flash-LoRA at blocks of 32, 12 copies, 16 × 32K r = 8 602.3 / 604.7 vs 512.1
@@ -702,10 +755,9 @@ def _ring_blocks_ok(block_size: int, block_n: int, lora: int) -> bool:
     16 × 4K 64.4 / 64.5 vs 73.9 / 73.9, 16 × 32K 486.5 / 486.5 vs 501.9 / 501.8, 64 × 32K 1905.2
     / 1902.0 vs 1922.2 / 1921.3, Flash-LoRA (6 copies) 16 × 4K r = 64 69.2 / 68.9 vs 79.8 / 80.2,
     16 × 32K r = 8 508.3 / 508.4 vs 512.5 / 511.1 (bench/RESULTS.md, Run T)."""
-    if block_size % block_n == 0:
-        return True
-    copies = block_n // block_size if block_n % block_size == 0 else 0
-    return copies > 0 and copies * (3 if lora else 2) <= _RING_MAX_TILE_COPIES
+    copies = _ring_copies(block_size, block_n, lora)
+    return block_size % block_n == 0 or 0 < copies <= (_RING_PRODUCER_MAX_COPIES if producer
+                                                       else _RING_MAX_TILE_COPIES)
 
 
 def _ring_lr_ok(lora_key: tuple, block_size: int) -> bool:
@@ -826,12 +878,10 @@ class _LaunchPlan:
     reduce_grid: tuple[int] | None  # None: no `_split_reduce` launch
     reduce_args: tuple[int, ...]
     reduce_meta: dict
-    # (key tile, ring slots): the launch runs `attention_ring.ring_decode` instead of `_attn_fwd`
-    # (whose fields above then go unused but for the workspace and counters of a split launch);
-    # None: `_attn_fwd`.
-    ring: tuple[int, int] | None = None
-    ring_splits: int = 1  # the ring kernel's split count (> 1: split-KV, _ring_split)
-    ring_reduce: int = 1  # ... and splits a pass of its combine
+    # The launch runs `attention_ring.ring_decode` instead of `_attn_fwd` (whose fields above then
+    # go unused but for the workspace and counters of a split launch); None: `_attn_fwd`.
+    ring: _Ring | None = None
+    ring_reduce: int = 1  # splits a pass of its combine (split ring launches)
 
 
 # Each partial of the one workspace starts on 128 B (32 fp32), as its own allocation did: Triton
@@ -987,7 +1037,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
     fused = split and decode and fuse_reduce(key.device)
     ring = None
-    ring_splits = ring_reduce = 1
+    ring_reduce = 1
     ring_ok = kv_descriptors and ring_device(key.device) and (key.lora is None or _ring_lr_ok(key.lora, block_size))
     ring_lora = attention_ring.lora_pad(r) if key.lora is not None else 0  # its L tile's columns
     if ring_ok:
@@ -1003,14 +1053,14 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         # Split launches in small cache blocks (see _ring_split)
         split_ring = ring_split(key.device, batch, hkv, d, group, block_size, max_ctx, key.kv_itemsize, ring_lora)
         if split_ring is not None:
-            ring, num_splits = split_ring[:2], split_ring[2]
-            split, fused, ring_splits = True, True, num_splits
+            ring, num_splits = split_ring, split_ring.splits
+            split, fused = True, True
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)
     g_p2 = _next_pow2(group)
     combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))
-    if ring_splits > 1:
+    if ring is not None and ring.splits > 1:
         # one pass of the combine where it fits (a second cost 2.3 us at 1 x 32K, H200)
-        ring_reduce = min(combine["REDUCE_S"], _next_pow2(ring_splits))
+        ring_reduce = min(combine["REDUCE_S"], _next_pow2(ring.splits))
     n_qtiles = 1 if decode else max(1, -(-key.max_seqlen_q // (bm // group)))
 
     ks, vs = key.k_strides, key.v_strides
@@ -1062,8 +1112,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if split else 0,
         counters=batch * hkv if fused else 0, reduce_grid=(total_q * hkv,) if split and not fused else None,
         reduce_args=(key.out_strides[0], key.out_strides[1], group, hkv, num_splits),
-        reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4), ring=ring, ring_splits=ring_splits,
-        ring_reduce=ring_reduce)
+        reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4), ring=ring, ring_reduce=ring_reduce)
 
 
 # Arrival counters of the fused split combine. Every launch leaves its counters at zero (the
@@ -1182,11 +1231,12 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
         lr_kw = {} if lora is None else dict(
             lr_cache=lora.lr_cache, lr_block_tables=lora.lr_block_tables, lora_b=lora.lora_b,
             adapter_ids=lora.adapter_ids, lr_shared_table=plan.meta["LR_SHARED_TABLE"])
-        if plan.ring_splits > 1:
-            lr_kw.update(num_splits=plan.ring_splits, workspace=(ws_m, ws_l, ws_acc), counters=counters,
+        if plan.ring.splits > 1:
+            lr_kw.update(num_splits=plan.ring.splits, workspace=(ws_m, ws_l, ws_acc), counters=counters,
                          reduce_splits=plan.ring_reduce)
         return attention_ring.ring_decode(q, k, v, block_tables, seq_lens, float(scale) * _LOG2E, out,
-                                          block_n=plan.ring[0], stages=plan.ring[1], **lr_kw)
+                                          block_n=plan.ring.tile, stages=plan.ring.slots,
+                                          producer=plan.ring.producer, **lr_kw)
     if lora is not None:
         lr, lbt, lb, aid = lora.lr_cache, lora.lr_block_tables, lora.lora_b, lora.adapter_ids
     else:

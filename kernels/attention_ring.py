@@ -31,6 +31,14 @@ arrival counter, as `_attn_fwd` does). With Flash-LoRA
 without adapter), ``P·L`` accumulates beside ``P·V`` under the one online softmax, and
 ``(P·L)·B_a`` is added once after the loop: ``L·B_a`` is never formed.
 
+Where a tile takes many copies (cache blocks of 16 or 32 keys: a copy a block, 8 to 24 a tile)
+the launch can give them to a producer warp of their own (``producer``, warp specialisation):
+Triton 3.6 issues every TMA copy behind a barrier of all the warps that issue it, which the
+four math warps then wait through 8 to 24 times a tile; one warp issuing them waits alone, and
+the math warps only wait for the slot to land and hand it back (an ``empty`` mbarrier a slot).
+With a copy or two a tile the hand-back costs more than it saves (see
+`kernels.attention._ring_producer`).
+
 Gluon kernels do not run under ``TRITON_INTERPRET``: the launch plan never picks this one off a
 CUDA device (`kernels.attention._ring_device`), and CI compiles it for sm_90 instead
 (tests/kernels/test_kernels_attention_ring.py).
@@ -58,6 +66,12 @@ __all__ = ["available", "ring_decode"]
 
 _ROWS = 16  # query rows a program: mma_v2's M (a GQA group of up to 16 query heads)
 _WARPS = 4
+# The producer warp's registers (`setmaxnreg`: what the copies' addressing needs), and the
+# kernel's register cap with it at 64-key tiles, which run two programs an SM: Triton pads the
+# one producer warp to a warp group (8 warps a program), so uncapped (255 a thread) a program
+# would take the whole register file; capped, the math warps still get 232 each.
+_PRODUCER_WARP_REGS = 40
+_PRODUCER_MAXNREG_TWO_PER_SM = 128
 
 if gluon is not None:
 
@@ -180,6 +194,86 @@ if gluon is not None:
         gl.store(Out + b.to(gl.int64) * stride_ob + (kvh * GROUP + g)[:, None] * stride_oh + offs_d[None, :], o,
                  mask=o_mask)
 
+    @gluon.jit
+    def _ring_loader(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, empty, BlockTables, LrBlockTables,
+                     b, kvh, t_lo, t_hi, seq_len, lr_len, adapter, stride_btb, stride_lbtb,
+                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+                     LR_BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr,
+                     HAS_LORA: gl.constexpr, LR_SHARED_TABLE: gl.constexpr):
+        """The producer warp: every copy of the program's tiles, each into a slot the consumer
+        warps have released (`empty`), its block ids loaded a tile ahead of the copy."""
+        CHUNKS: gl.constexpr = BLOCK_N // CHUNK
+        ids: gl.constexpr = gl.BlockedLayout([CHUNKS], [32], [1], [0])
+        b_idx = gl.arange(0, CHUNKS, layout=ids)
+        blk, lr_blk = _tile_blocks_kv_lr(BlockTables, LrBlockTables, b, t_lo, seq_len, lr_len, stride_btb,
+                                         stride_lbtb, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNKS, ids,
+                                         HAS_LORA, LR_SHARED_TABLE)
+        for i in range(t_hi - t_lo):
+            t = t_lo + i
+            nxt, nxt_lr = _tile_blocks_kv_lr(BlockTables, LrBlockTables, b, t + 1, seq_len, lr_len, stride_btb,
+                                             stride_lbtb, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNKS, ids,
+                                             HAS_LORA, LR_SHARED_TABLE)
+            # a fresh barrier counts as released in the phase before its first (parity 1)
+            mbarrier.wait(empty.index(i % STAGES), ((i // STAGES) & 1) ^ 1)
+            _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, b_idx, kvh, t,
+                       t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNK,
+                       STAGES, HAS_LORA)
+            blk, lr_blk = nxt, nxt_lr
+
+    @gluon.jit
+    def _attend_tile(q, k_ring, v_ring, lr_ring, empty, slot, t, seq_len, qk_scale, acc, acc_lr, m_i, l_i,
+                     dtype: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                     CHUNK: gl.constexpr, WARPS: gl.constexpr, HAS_LORA: gl.constexpr, R_PAD: gl.constexpr,
+                     RELEASE: gl.constexpr):
+        """Key tile `t` (landed in ring slot `slot`) into the online softmax: P·V, and P·L beside
+        it under the same softmax (L·B_a is never formed). RELEASE (the producer warp's ring):
+        every operand is read out of the slot first, which then goes back to the producer
+        (`empty`) once every warp has them; else V and L are read as the math reaches them."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
+        a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        k_t = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)).load(b_op)
+        if RELEASE:
+            v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
+            if HAS_LORA:
+                lr_t = lr_ring.index(slot).reshape([BLOCK_N, R_PAD]).load(b_op)
+            _cta_barrier()
+            mbarrier.arrive(empty.index(slot))
+        s = mma_v2(q, k_t, gl.zeros([ROWS, BLOCK_N], gl.float32, mma)) * qk_scale
+        key_col = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        if BLOCK_N == CHUNK:
+            visible = key_col >= _chunk_shift(t, 0, seq_len, BLOCK_N, CHUNK)
+        else:
+            visible = key_col % CHUNK >= _chunk_shift(t, key_col // CHUNK, seq_len, BLOCK_N, CHUNK)
+        s = gl.where(visible[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        p = gl.convert_layout(p.to(dtype), a_op)
+        if not RELEASE:
+            v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
+        acc = mma_v2(p, v_t, acc * alpha[:, None])
+        if HAS_LORA:
+            if not RELEASE:
+                lr_t = lr_ring.index(slot).reshape([BLOCK_N, R_PAD]).load(b_op)
+            acc_lr = mma_v2(p, lr_t, acc_lr * alpha[:, None])
+        return acc, acc_lr, m_new, l_i
+
+    @gluon.jit
+    def _ring_consumer(q, k_ring, v_ring, lr_ring, ready, empty, t_lo, t_hi, seq_len, qk_scale, acc, acc_lr,
+                       m_i, l_i, dtype: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                       HAS_LORA: gl.constexpr, R_PAD: gl.constexpr):
+        """The consumer warps of the producer warp's ring: every tile as it lands."""
+        for i in range(t_hi - t_lo):
+            slot = i % STAGES
+            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+            acc, acc_lr, m_i, l_i = _attend_tile(q, k_ring, v_ring, lr_ring, empty, slot, t_lo + i, seq_len, qk_scale,
+                                                 acc, acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM, BLOCK_N, CHUNK,
+                                                 WARPS, HAS_LORA, R_PAD, True)
+        return acc, acc_lr, m_i, l_i
+
     # The split count changes with batch and context: not specialised on (1 / multiple of 16).
     @gluon.jit(do_not_specialize=["num_splits"])
     def _ring_decode_kernel(Q, k_desc, v_desc, lr_desc, BlockTables, LrBlockTables, LoraB, AdapterIds,
@@ -191,7 +285,8 @@ if gluon is not None:
                             ROWS: gl.constexpr, WARPS: gl.constexpr, HAS_LORA: gl.constexpr,
                             RANK: gl.constexpr, R_PAD: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr,
                             LR_SHARED_TABLE: gl.constexpr, CHUNK: gl.constexpr, SPLIT: gl.constexpr,
-                            GROUP_P2: gl.constexpr, REDUCE_S: gl.constexpr):
+                            GROUP_P2: gl.constexpr, REDUCE_S: gl.constexpr, PRODUCER: gl.constexpr,
+                            PRODUCER_REGS: gl.constexpr):
         if SPLIT:
             kvh = gl.program_id(0) // num_splits
             split = gl.program_id(0) % num_splits
@@ -232,7 +327,7 @@ if gluon is not None:
             t_lo = 0
             t_hi = n_tiles
         lr_len = gl.where(adapter >= 0, seq_len, 0)  # no L read (no table row) without adapter
-        for i in gl.static_range(STAGES):
+        for i in gl.static_range(STAGES if not PRODUCER else 0):
             # The block ids a copy needs are loaded an iteration before the copy: loaded right
             # before it, their round trip would hold up every tile.
             blk, lr_blk = _tile_blocks_kv_lr(BlockTables, LrBlockTables, b, t_lo + i, seq_len, lr_len, stride_btb,
@@ -256,43 +351,45 @@ if gluon is not None:
             lora_b_head = LoraB + gl.maximum(adapter, 0).to(gl.int64) * stride_lba + kvh * stride_lbh  # B_a[kvh]
             b_ptrs = lora_b_head + r_rows[:, None] * stride_lbr + cols[None, :]
             b_mask = (r_rows < RANK)[:, None] & (cols < HEAD_DIM)[None, :] & (adapter >= 0)
-            acc_lr = gl.zeros([ROWS, R_PAD], gl.float32, mma)
 
         m_i = gl.full([ROWS], -1.0e38, gl.float32, gl.SliceLayout(1, mma))
         l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, mma))
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, mma)
-        key_col = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
-        for i in range(t_hi - t_lo):
-            t = t_lo + i
-            # Every warp is done with the slot of tile t - 1 before its next copy overwrites it.
-            _cta_barrier()
-            _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, next_block, next_lr_block, b_idx,
-                       kvh, t + STAGES - 1, t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
-                       LR_BLOCK_SIZE, CHUNK, STAGES, HAS_LORA)
-            next_block, next_lr_block = _tile_blocks_kv_lr(
-                BlockTables, LrBlockTables, b, t + STAGES, seq_len, lr_len, stride_btb, stride_lbtb, BLOCK_N,
-                BLOCK_SIZE, LR_BLOCK_SIZE, CHUNKS, ids, HAS_LORA, LR_SHARED_TABLE)
-            slot = i % STAGES
-            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-            k_t = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)).load(b_op)
-            s = mma_v2(q, k_t, gl.zeros([ROWS, BLOCK_N], gl.float32, mma)) * qk_scale
-            if CHUNKS == 1:
-                visible = key_col >= _chunk_shift(t, 0, seq_len, BLOCK_N, CHUNK)
-            else:
-                visible = key_col % CHUNK >= _chunk_shift(t, key_col // CHUNK, seq_len, BLOCK_N, CHUNK)
-            s = gl.where(visible[None, :], s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            p = gl.convert_layout(p.to(dtype), a_op)
-            v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
-            acc = mma_v2(p, v_t, acc * alpha[:, None])
-            if HAS_LORA:
-                # P·L beside P·V under the same softmax; L·B_a is never formed
-                lr_t = lr_ring.index(slot).reshape([BLOCK_N, R_PAD]).load(b_op)
-                acc_lr = mma_v2(p, lr_t, acc_lr * alpha[:, None])
-            m_i = m_new
+        acc_lr = gl.zeros([ROWS, R_PAD], gl.float32, mma)  # P·L (Flash-LoRA only)
+        if PRODUCER:
+            # One warp issues every copy; the copies' own barriers (Triton's, one before each
+            # copy) then hold up only that warp, not the math. Its slots come back through
+            # `empty`, one arrival a tile.
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(empty.index(i), count=1)
+            acc, acc_lr, m_i, l_i = gl.warp_specialize(
+                [(_ring_consumer, (q, k_ring, v_ring, lr_ring, ready, empty, t_lo, t_hi, seq_len, qk_scale, acc,
+                                   acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM, BLOCK_N, CHUNK, STAGES, WARPS,
+                                   HAS_LORA, R_PAD)),
+                 (_ring_loader, (k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, empty, BlockTables,
+                                 LrBlockTables, b, kvh, t_lo, t_hi, seq_len, lr_len, adapter, stride_btb,
+                                 stride_lbtb, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNK, STAGES,
+                                 HAS_LORA, LR_SHARED_TABLE))],
+                [1], [PRODUCER_REGS])
+            for i in gl.static_range(STAGES):
+                mbarrier.invalidate(empty.index(i))
+        else:
+            for i in range(t_hi - t_lo):
+                t = t_lo + i
+                # Every warp is done with the slot of tile t - 1 before its next copy overwrites it.
+                _cta_barrier()
+                _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, next_block, next_lr_block,
+                           b_idx, kvh, t + STAGES - 1, t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
+                           LR_BLOCK_SIZE, CHUNK, STAGES, HAS_LORA)
+                next_block, next_lr_block = _tile_blocks_kv_lr(
+                    BlockTables, LrBlockTables, b, t + STAGES, seq_len, lr_len, stride_btb, stride_lbtb, BLOCK_N,
+                    BLOCK_SIZE, LR_BLOCK_SIZE, CHUNKS, ids, HAS_LORA, LR_SHARED_TABLE)
+                slot = i % STAGES
+                mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+                acc, acc_lr, m_i, l_i = _attend_tile(q, k_ring, v_ring, lr_ring, ready, slot, t, seq_len, qk_scale,
+                                                     acc, acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM, BLOCK_N, CHUNK,
+                                                     WARPS, HAS_LORA, R_PAD, False)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
         if HAS_LORA:
@@ -377,7 +474,8 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
                 lora_b: torch.Tensor | None = None, adapter_ids: torch.Tensor | None = None,
                 lr_shared_table: bool = False, num_splits: int = 1,
                 workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                counters: torch.Tensor | None = None, reduce_splits: int = 1) -> torch.Tensor:
+                counters: torch.Tensor | None = None, reduce_splits: int = 1,
+                producer: bool = False) -> torch.Tensor:
     """Paged decode into `out` (``[batch, Hq, D]``), one program per sequence × KV head (× split);
     with `lr_cache` (and its table, `lora_b`, `adapter_ids`), Flash-LoRA decode.
 
@@ -392,7 +490,10 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     sequence are split over that many programs (flash-decoding), whose partials go to
     `workspace` (fp32 ``(max [batch·Hq·splits], sum [same], P·V [same × D])``, `_attn_fwd`'s
     layout) and are combined, `reduce_splits` a pass, by the last of them to finish, counted in
-    `counters` (int32, at least batch × Hkv, zero, and left zero)."""
+    `counters` (int32, at least batch × Hkv, zero, and left zero). With `producer`, one warp
+    of its own issues the copies (warp specialisation) and the four math warps only wait for
+    them: for tiles of many copies (blocks of 16 or 32 keys), each of which Triton issues behind
+    a barrier of the warps that issue it."""
     batch, hq, d = q.shape
     hkv = k_cache.shape[2]
     chunk = min(block_n, k_cache.shape[1])  # keys a copy: a tile, or a block of it
@@ -421,5 +522,6 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         ROWS=_ROWS, WARPS=_WARPS, HAS_LORA=lora, RANK=rank, R_PAD=r_pad, LR_BLOCK_SIZE=lr_bs,
         LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split,
         GROUP_P2=1 << (group - 1).bit_length() if split else 1, REDUCE_S=reduce_splits if split else 1,
-        num_warps=_WARPS)
+        PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, num_warps=_WARPS,
+        **({"maxnreg": _PRODUCER_MAXNREG_TWO_PER_SM} if producer and block_n < 128 else {}))
     return out

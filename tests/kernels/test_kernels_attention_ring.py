@@ -32,6 +32,11 @@ def ring_device(monkeypatch, tma_device):
 
 
 # ---------------------------------------------------------------- the plan (CPU, meta tensors)
+def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False) -> tuple:
+    """A ring launch as the tests name it: (tile, slots[, splits > 1]["producer"])."""
+    return (tile, slots) + ((splits,) if splits > 1 else ()) + (("producer",) if producer else ())
+
+
 @pytest.mark.parametrize("batch, ctx, kw, ring", [
     (16, 4096, {}, (128, 2)),      # 128 programs of 132 SMs: one an SM
     (16, 32768, {}, (128, 2)),
@@ -57,15 +62,18 @@ def ring_device(monkeypatch, tma_device):
     (14, 4096, dict(lora=True), None),                   # 112: one tile in flight bounds each
     (16, 4096, dict(bs=64), (128, 2)),   # a tile of whole blocks: one copy a block
     (17, 4096, dict(bs=64), (64, 2)),
-    (16, 4096, dict(bs=32), (128, 2)),   # four blocks a tile: 8 copies with V's
-    (16, 4096, dict(bs=16), (64, 2, 2)),  # ... but not 16: split 64-key tiles (_ring_split)
+    (16, 4096, dict(bs=32), (128, 2, "producer")),  # four blocks a tile: 8 copies with V's, by a producer warp
+    (16, 4096, dict(bs=16), (128, 2, "producer")),  # 16: only through it
+    (12, 4096, dict(bs=16), (128, 2, "producer")),
+    (16, 4096, dict(bs=16, lora=True, rank=64), (128, 2, "producer")),  # 24 with L's
     (17, 4096, dict(bs=16), (64, 2)),    # four blocks of a 64-key tile
     (64, 4096, dict(bs=32), (128, 2)),   # over 3 an SM at any length (_attn_fwd reads them per thread)
     (64, 32768, dict(bs=16), None),
     (16, 4096, dict(bs=64, lora=True), (128, 2)),              # Flash-LoRA: 6 copies, L by the K/V table
     (16, 4096, dict(bs=64, lora=True, lr_bs=64), (128, 2)),    # ... or its own, blocks alike
     (16, 4096, dict(bs=64, lora=True, lr_bs=128), None),       # ... or not alike
-    (16, 4096, dict(bs=32, lora=True), None),                  # 12 copies
+    (16, 4096, dict(bs=32, lora=True), (128, 2, "producer")),  # 12 copies: by a producer warp
+    (16, 4096, dict(bs=8), None),                              # 32: not even by it
     (64, 32768, dict(bs=64, lora=True), None),                 # over 3 an SM: L copies of 64 columns only
     (64, 4096, dict(bs=64, lora=True, rank=64), (128, 2)),
     (64, 32768, dict(bs=128, lora=True), (128, 2)),
@@ -76,7 +84,9 @@ def ring_device(monkeypatch, tma_device):
     (16, 4096, dict(dtype=torch.float32), None),
     # split launches in blocks of under 128 keys: (tile, slots, splits)
     (1, 32768, dict(bs=16), (64, 2, 32)),   # 256 programs: two an SM
-    (1, 4096, dict(bs=16), (64, 2, 16)),    # ... but at least 4 tiles a split
+    (1, 4096, dict(bs=16), (64, 2, 16, "producer")),  # ... but at least 4 tiles a split; one an SM: a producer warp
+    (2, 4096, dict(bs=16), (64, 2, 16)),              # two an SM: none
+    (1, 4096, dict(bs=32), (64, 2, 16)),    # 4 copies a tile: no producer warp
     (8, 4096, dict(bs=16), (64, 2, 4)),
     (3, 4096, dict(bs=32), (64, 2, 8)),
     (8, 4096, dict(bs=64), (128, 2, 2)),    # one an SM: 128-key tiles, two copies each
@@ -87,7 +97,10 @@ def ring_device(monkeypatch, tma_device):
     (3, 4096, dict(bs=16), (64, 2, 8)),
     (1, 2048, dict(bs=16), None),           # 64-key tiles: 8 splits of 4 fill half the SMs
     (1, 1024, dict(bs=16), None),           # runs of under 2K keys
-    (8, 4096, dict(bs=16, lora=True), None),   # Flash-LoRA at 64-key tiles: 12 copies a tile
+    (8, 4096, dict(bs=16, lora=True), None),   # Flash-LoRA at 64-key tiles: 12 copies a tile, 16 tiles a split
+    (1, 4096, dict(bs=16, lora=True, rank=64), (64, 2, 16, "producer")),  # ... one an SM: by the producer warp
+    (2, 4096, dict(bs=16, lora=True), None),
+    (1, 4096, dict(bs=32, lora=True), None),   # 6 copies: no producer warp, so no ring
     (8, 4096, dict(bs=64, lora=True), (128, 2, 2)),            # ... at 128-key ones: 6
     (1, 32768, dict(bs=64, lora=True, rank=64), (128, 2, 16)),
     (1, 32768, dict(bs=64, lora=True, rank=128), None),        # L tiles too wide
@@ -97,21 +110,20 @@ def ring_device(monkeypatch, tma_device):
 ])
 def test_plan_takes_the_ring_kernel_where_measured(monkeypatch, ring_device, batch, ctx, kw, ring):
     plan = gpu_decode_plan(monkeypatch, batch, ctx, **{"bs": 128, **kw})
-    got = plan.ring if plan.ring is None or plan.ring_splits == 1 else (*plan.ring, plan.ring_splits)
-    assert got == ring
-    if plan.ring_splits > 1:  # its workspace and counters are the split launch's
+    assert (plan.ring and _launch_name(*plan.ring)) == ring
+    if plan.ring and plan.ring.splits > 1:  # its workspace and counters are the split launch's
         hq = kw.get("hq", 32)
-        assert plan.ws_sizes[2] == batch * hq * plan.ring_splits * 128 and plan.counters == batch * 8
-        assert plan.ring_reduce == min(plan.ring_splits, 32) and plan.reduce_grid is None
+        assert plan.ws_sizes[2] == batch * hq * plan.ring.splits * 128 and plan.counters == batch * 8
+        assert plan.ring_reduce == min(plan.ring.splits, 32) and plan.reduce_grid is None
 
 
 def test_ring_tiles_needs_the_device_and_head_dim_128(monkeypatch, ring_device):
     monkeypatch.setattr(A, "_num_sms", lambda device: 132)
     dev = torch.device("cuda", 0)
-    assert A._ring_tiles(dev, 128, 128, 4, 128, 4096, 2) == (128, 2)
+    assert A._ring_tiles(dev, 128, 128, 4, 128, 4096, 2) == A._Ring(128, 2)
     assert A._ring_tiles(dev, 128, 64, 4, 128, 4096, 2) is None
     assert A._ring_tiles(dev, 128, 256, 4, 128, 4096, 2) is None
-    assert A._ring_tiles(dev, 200, 128, 4, 64, 4096, 2) == (64, 2)  # 64-key tiles fit blocks of 64
+    assert A._ring_tiles(dev, 200, 128, 4, 64, 4096, 2) == A._Ring(64, 2)  # 64-key tiles fit blocks of 64
     monkeypatch.setattr(A, "_ring_device", lambda device: False)
     assert A._ring_tiles(dev, 128, 128, 4, 128, 4096, 2) is None
     assert gpu_decode_plan(monkeypatch, 16, 4096, bs=128).ring is None
@@ -135,6 +147,7 @@ block_n, stages, group, dt, rank, shared = (int(sys.argv[1]), int(sys.argv[2]), 
                                             int(sys.argv[5]), "shared" in sys.argv[6])
 bs = int(sys.argv[7]) if len(sys.argv) > 7 else 128
 split = "split" in sys.argv[6]  # a split launch
+producer = "producer" in sys.argv[6]  # its copies by a producer warp
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
 r_pad = R.lora_pad(rank) if rank else 32
 fn = R._ring_decode_kernel
@@ -145,13 +158,17 @@ consts = dict(GROUP=group, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=bs, STAGES=
               WARPS=R._WARPS, HAS_LORA=rank > 0, RANK=max(rank, 1), R_PAD=r_pad, LR_BLOCK_SIZE=bs,
               LR_SHARED_TABLE=shared, CHUNK=min(block_n, bs), SPLIT=split,
               GROUP_P2=A._next_pow2(group) if split else 1,
-              REDUCE_S=A._combine_chunk(A._next_pow2(group), 128) if split else 1)  # the most the plan gives
+              REDUCE_S=A._combine_chunk(A._next_pow2(group), 128) if split else 1,  # the most the plan gives
+              PRODUCER=producer, PRODUCER_REGS=R._PRODUCER_WARP_REGS)
 sig = dict(Q="*" + dt, k_desc=desc, v_desc=desc, lr_desc=lr_desc, BlockTables="*i32", LrBlockTables="*i32",
            LoraB="*" + dt, AdapterIds="*i32", SeqLens="*i32", Out="*" + dt, WsM="*fp32", WsL="*fp32",
            WsAcc="*fp32", SplitCounters="*i32", qk_scale="fp32", num_splits="i32",
            **{n: "i32" for n in fn.arg_names if n.startswith("stride_")}, **{c: "constexpr" for c in consts})
 src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
-k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": R._WARPS})
+options = {"num_warps": R._WARPS}
+if producer and block_n < 128:  # as ring_decode launches it
+    options["maxnreg"] = R._PRODUCER_MAXNREG_TWO_PER_SM
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 # registers spilled by ptxas (the PTX has none: its register allocation is ptxas's); -1: no ptxas here
 import pathlib, re, subprocess, tempfile
 ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -163,6 +180,8 @@ if ptxas.exists():
                              capture_output=True, text=True).stderr
     spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
 print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata.shared, "SPILL", spill)
+if len(sys.argv) > 8:  # keep the PTX (a debugging aid)
+    pathlib.Path(sys.argv[8]).write_text(k.asm["ptx"])
 """
 
 
@@ -176,12 +195,17 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata
     (128, 2, 16, "fp16", 8, "own", 64),
     (64, 2, 4, "bf16", 0, "split", 16), (64, 2, 8, "fp16", 0, "split", 32), (128, 2, 4, "bf16", 0, "split", 64),
     (64, 2, 1, "fp16", 0, "split", 16), (128, 2, 4, "bf16", 8, "shared+split", 64),
-    (128, 2, 8, "fp16", 64, "own+split", 64)])
+    (128, 2, 8, "fp16", 64, "own+split", 64),
+    (128, 2, 4, "bf16", 0, "producer", 16), (128, 2, 16, "fp16", 0, "producer", 32),
+    (128, 2, 8, "fp16", 64, "own+producer", 16), (128, 2, 4, "bf16", 8, "shared+producer", 32),
+    (64, 2, 4, "bf16", 0, "split+producer", 16), (64, 2, 1, "fp16", 0, "split+producer", 16),
+    (64, 2, 4, "fp16", 64, "shared+split+producer", 16), (64, 2, 8, "bf16", 8, "own+split+producer", 16)])
 def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table, bs):
-    """Every configuration the plan picks compiles for sm_90 without spills (one known), in the shared memory
-    the plan counts on: 64-key tiles three programs an SM (228 KB an SM, 1 KB of it reserved a
-    program), 128-key tiles one (Flash-LoRA's L slots beside K/V); tiles in one block or a copy
-    a block; split launches ("split") with the combine of their partials."""
+    """Every configuration the plan picks compiles for sm_90 without spills (but known ones), in the
+    shared memory the plan counts on: 64-key tiles three programs an SM (228 KB an SM, 1 KB of it
+    reserved a program), 128-key tiles one (Flash-LoRA's L slots beside K/V); tiles in one block
+    or a copy a block; split launches ("split") with the combine of their partials; copies by a
+    producer warp ("producer")."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
@@ -195,11 +219,18 @@ def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table
     assert res.returncode == 0, res.stderr[-3000:]
     verdict, _, smem, _, spill = res.stdout.split()[-5:]
     assert verdict == "COMPILED"
-    # ptxas spills nothing but for Flash-LoRA's 64-column L tiles at 128 keys (Triton 3.6: 148
-    # bytes unsplit, 420 split, of 255 registers a thread; 3.9: none), where the kernel measured
-    # fastest on its shapes nonetheless (bench/RESULTS.md)
-    assert int(spill) <= ((448 if "split" in table else 160) if rank > 32 and block_n == 128 else 0)
-    limit = (228 // 3 - 1) * 1024 if block_n == 64 else 227 * 1024
+    # ptxas spills nothing (Triton 3.9) but under Triton 3.6, where the kernel measured fastest on
+    # its shapes nonetheless (bench/RESULTS.md): Flash-LoRA's 64-column L tiles at 128 keys (148
+    # bytes unsplit, 420 split, of 255 registers a thread); with the producer warp, Flash-LoRA's
+    # epilogue ((P·L)·B and the combine, after the math warps' loop: up to 552 bytes) and the
+    # combine of 32 splits at 64-key tiles (16 bytes, at the register cap of two programs an SM)
+    if "producer" in table:
+        allowed = 560 if rank else 16
+    else:
+        allowed = (448 if "split" in table else 160) if rank > 32 and block_n == 128 else 0
+    assert int(spill) <= allowed
+    # (64-key tiles through the producer warp run two an SM: its warp group's registers)
+    limit = 227 * 1024 if block_n == 128 else (228 // (2 if "producer" in table else 3) - 1) * 1024
     r_pad = R.lora_pad(rank) if rank else 0
     assert stages * block_n * (2 * 128 + r_pad) * 2 <= int(smem) <= limit
 
@@ -216,8 +247,7 @@ def ring_calls(monkeypatch) -> list:
     real = R.ring_decode
 
     def spying(*args, block_n, stages, **kw):
-        splits = kw.get("num_splits", 1)
-        calls.append((block_n, stages) if splits == 1 else (block_n, stages, splits))
+        calls.append(_launch_name(block_n, stages, kw.get("num_splits", 1), kw.get("producer", False)))
         return real(*args, block_n=block_n, stages=stages, **kw)
 
     monkeypatch.setattr(R, "ring_decode", spying)
@@ -234,6 +264,8 @@ def ring_calls(monkeypatch) -> list:
     (torch.bfloat16, 32, 8, 16, [4000, 129, 1, 0, 2048, 3001, 17, 2063], 30, (64, 2)),  # a copy a block
     (torch.float16, 16, 4, 64, [4000, 129, 1, 0, 2048, 3001, 17, 4032], None, (128, 2)),  # 4032: a copy ends the run
     (torch.float16, 32, 8, 32, [2100, 5, 3000, 64, 65], 14, (64, 2)),
+    (torch.bfloat16, 32, 8, 16, [4000, 129, 1, 0, 2048, 3001, 17, 2063], None, (128, 2, "producer")),  # 16 copies
+    (torch.float16, 32, 4, 32, [2100, 5, 3000, 64, 65], None, (128, 2, "producer")),  # 8 copies, group 8
 ])
 def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms, ring):
     """Odd lengths, a sequence of one token and one of none, tiles that end inside a block and
@@ -257,6 +289,9 @@ def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype,
     (torch.bfloat16, 32, 4, 32, [2500, 128, 127, 3000, 1, 2222, 999, 3001], 132, (64, 2, 8)),  # group 8
     (torch.bfloat16, 32, 4, 64, [4095, 128, 4001], 24, (128, 2, 2)),   # two copies a tile ("on 24 SMs")
     (torch.bfloat16, 32, 8, 16, [32001], 132, (64, 2, 32)),                           # one long sequence
+    # one program an SM (16 splits of 4 tiles: a table of 64 64-key tiles): the producer warp; GQA group 1
+    (torch.bfloat16, 32, 8, 16, [4063], 132, (64, 2, 16, "producer")),
+    (torch.float16, 8, 8, 16, [4063], 132, (64, 2, 16, "producer")),
 ])
 def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms,
                                              ring):
@@ -275,6 +310,7 @@ def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, 
 @pytest.mark.parametrize("bs, num_splits, ring", [
     (128, 1, (128, 2)),      # unsplit
     (16, None, (64, 2, 8)),  # split: the arrival counters the last split resets serve every replay
+    (16, 1, (128, 2, "producer")),  # the producer warp's barriers start afresh every replay
 ])
 def test_ring_decode_replays_in_a_cuda_graph(rng_seed, ring_calls, bs, num_splits, ring):
     """Captured once, replayed over new queries and longer sequences (a decode step's inputs
@@ -309,6 +345,10 @@ _SPLIT_LENS = [4000, 129, 1, 0, 2063, 3001, 4095, 77]
     (torch.float16, 32, 8, 64, "own", [2049, 77, 4096, 1, 31, 4032], 64, (128, 2)),
     (torch.bfloat16, 32, 8, 8, "kv", _SPLIT_LENS, 64, (128, 2, 2)),    # split (132 SMs), splits with no keys
     (torch.float16, 32, 8, 64, "own", _SPLIT_LENS, 64, (128, 2, 2)),
+    (torch.bfloat16, 32, 8, 64, "kv", [4000, 129, 1, 0, 2063, 3001, 4095, 77, 31], 16, (128, 2, "producer")),  # 24 copies
+    (torch.float16, 32, 8, 8, "own", [2049, 77, 4096, 1, 31, 4032], 32, (128, 2, "producer")),                # 12
+    (torch.bfloat16, 32, 8, 64, "own", [4063], 16, (64, 2, 16, "producer")),   # split, one an SM
+    (torch.float16, 32, 8, 16, "kv", [4063], 16, (64, 2, 16, "producer")),
 ])
 def test_ring_flash_lora_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, r, table, lens, bs,
                                            ring):
@@ -316,7 +356,8 @@ def test_ring_flash_lora_matches_reference(rng_seed, monkeypatch, ring_calls, dt
     NaN: never to be read), L slots past every sequence NaN too. (Unsplit: a GPU of as many SMs
     as the launch has programs, as the plan's unsplit Flash-LoRA launches fill at least 0.9 of
     them; split: 132.)"""
-    monkeypatch.setattr(A, "_num_sms", lambda device: len(lens) * hkv if len(ring) == 2 else 132)
+    split = isinstance(ring[2:3] and ring[2], int)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132 if split else len(lens) * hkv)
     k, v, bt, sl = make_paged(lens, hkv, 128, bs, dtype, "cuda")
     aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device="cuda")
     if table == "kv":
@@ -332,6 +373,6 @@ def test_ring_flash_lora_matches_reference(rng_seed, monkeypatch, ring_calls, dt
         lr, lbt, lb = make_lowrank(bt, lens, bs, r, 2, hkv, 128, dtype, "cuda")
     q = torch.randn(len(lens), hq, 128, device="cuda").to(dtype)
     out = poisoned(q.shape, dtype, "cuda")
-    flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.11, out=out, num_splits=1 if len(ring) == 2 else None)
+    flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.11, out=out, num_splits=None if split else 1)
     assert ring_calls == [ring]
     check(out, flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.11), dtype)
