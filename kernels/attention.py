@@ -738,7 +738,8 @@ def _ring_producer(block_size: int, block_n: int, lora: int, programs: int, sms:
     a tile it lost too (blocks of 64, Flash-LoRA 16 × 4K r = 64 70.1 / 70.0 vs 67.1 / 67.0; blocks
     of 128, 16 × 4K 63.2 / 63.3 vs 62.0 / 62.1, 64 × 32K 1853 / 1852 vs 1844 / 1844)."""
     copies = _ring_copies(block_size, block_n, lora)
-    return programs <= sms and _RING_PRODUCER_MIN_COPIES <= copies <= _RING_PRODUCER_MAX_COPIES
+    return (programs <= sms and _RING_PRODUCER_MIN_COPIES <= copies <= _RING_PRODUCER_MAX_COPIES
+            and attention_ring.producer_available())
 
 
 def _ring_blocks_ok(block_size: int, block_n: int, lora: int, producer: bool = False) -> bool:

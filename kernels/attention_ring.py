@@ -46,6 +46,7 @@ CUDA device (`kernels.attention._ring_device`), and CI compiles it for sm_90 ins
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -62,7 +63,7 @@ try:  # Gluon (Triton's explicit-layout dialect) ships with Triton 3.5 and later
 except ImportError:  # pragma: no cover - an older Triton: the Triton kernel serves every launch
     gluon = None
 
-__all__ = ["available", "ring_decode"]
+__all__ = ["available", "producer_available", "ring_decode"]
 
 _ROWS = 16  # query rows a program: mma_v2's M (a GQA group of up to 16 query heads)
 _WARPS = 4
@@ -435,6 +436,21 @@ if gluon is not None:
 def available() -> bool:
     """Whether this Triton has Gluon (the kernel's dialect)."""
     return gluon is not None
+
+
+@functools.lru_cache(maxsize=None)
+def producer_available() -> bool:
+    """Whether this Triton's Gluon has warp specialisation in the form the producer warp is
+    written for, ``warp_specialize(functions_and_args, worker_num_warps, worker_num_regs)``
+    (Triton 3.6 to 3.9; older ones spelled it otherwise)."""
+    ws = getattr(gl, "warp_specialize", None) if gluon is not None else None
+    if ws is None:
+        return False
+    try:
+        return list(inspect.signature(ws).parameters)[:3] == ["functions_and_args", "worker_num_warps",
+                                                             "worker_num_regs"]
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        return False
 
 
 def lora_pad(rank: int) -> int:

@@ -109,6 +109,8 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False)
     (8, 4096, dict(bs=16, hq=64), (64, 2, 4)),
 ])
 def test_plan_takes_the_ring_kernel_where_measured(monkeypatch, ring_device, batch, ctx, kw, ring):
+    if "producer" in (ring or ()) and not R.producer_available():
+        pytest.skip("this Triton's Gluon has no warp specialisation of the producer warp's form")
     plan = gpu_decode_plan(monkeypatch, batch, ctx, **{"bs": 128, **kw})
     assert (plan.ring and _launch_name(*plan.ring)) == ring
     if plan.ring and plan.ring.splits > 1:  # its workspace and counters are the split launch's
@@ -127,6 +129,18 @@ def test_ring_tiles_needs_the_device_and_head_dim_128(monkeypatch, ring_device):
     monkeypatch.setattr(A, "_ring_device", lambda device: False)
     assert A._ring_tiles(dev, 128, 128, 4, 128, 4096, 2) is None
     assert gpu_decode_plan(monkeypatch, 16, 4096, bs=128).ring is None
+
+
+def test_plan_keeps_the_producer_warp_off_where_triton_lacks_it(monkeypatch, ring_device):
+    """Without Gluon's warp specialisation (in the form the kernel uses) the plan keeps what it
+    gave before the producer warp: split 64-key tiles at blocks of 16, `_attn_fwd` for
+    Flash-LoRA there, 8-copy tiles without it at blocks of 32."""
+    assert R.producer_available() == (R.available() and hasattr(R.gl, "warp_specialize"))
+    monkeypatch.setattr(R, "producer_available", lambda: False)
+    assert _launch_name(*gpu_decode_plan(monkeypatch, 16, 4096, bs=16).ring) == (64, 2, 2)
+    assert _launch_name(*gpu_decode_plan(monkeypatch, 1, 4096, bs=16).ring) == (64, 2, 16)
+    assert gpu_decode_plan(monkeypatch, 16, 4096, bs=16, lora=True).ring is None
+    assert _launch_name(*gpu_decode_plan(monkeypatch, 16, 4096, bs=32).ring) == (128, 2)
 
 
 def test_ring_device_is_off_without_a_hopper_gpu():
