@@ -719,8 +719,8 @@ def _ring_producer(block_size: int, block_n: int, lora: int, programs: int, sms:
     their own (`ring_decode(producer=True)`): Triton issues every copy behind a barrier of the
     warps that issue it, so from `_RING_PRODUCER_MIN_COPIES` copies a tile on the four math
     warps wait less on one warp's copies than on their own; only for launches of one wave at one
-    program an SM (at two, Triton's padding of the producer to a warp group caps each program's
-    registers, and it lost).
+    program an SM: at two it lost, likely because the other program's math already fills those
+    waits (its register cap was not it: at one an SM, capped or not came out even).
 
     H200, same run (bf16, Hq 32, Hkv 8, D 128, us, two passes; the plan against the plan with
     this off, SDPA on contiguous K/V; bench/RESULTS.md Run V): blocks of 16, 128-key tiles (16
