@@ -90,7 +90,8 @@ _RING_LORA_MIN_FILL = 0.9  # ... and launches of at least this many programs an 
 _RING_LORA_TILE = 128  # ... at this tile only
 _RING_MAX_TILE_COPIES = 8  # ... and at most this many copies a tile (K, V and L; _ring_blocks_ok),
 _RING_PRODUCER_MAX_COPIES = 24  # ... or this many through a producer warp (_ring_producer),
-_RING_PRODUCER_MIN_COPIES = 8  # which tiles of at least this many copies take (one wave, one an SM)
+_RING_PRODUCER_MIN_COPIES = 8  # which tiles of at least this many copies take (one wave, one an SM),
+_RING_PRODUCER_MIN_COPIES_LORA_SPLIT = 6  # ... or this many in Flash-LoRA's split launches
 _RING_SPLIT_MIN_TILES = 4  # split ring launches: at least this many 64-key tiles a split (_ring_split),
 _RING_SPLIT_MIN_TILES_WIDE = 16  # ... or this many 128-key ones (one program an SM),
 _RING_SPLIT_MIN_FILL = 0.9  # ... over at least this many programs an SM
@@ -677,7 +678,8 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
       68.4 vs 70.6, SDPA 63.3; 12 × 4K 52.9 vs 57.5; 1 × 4K in 16 splits 12.1 vs 12.6, in 32 of
       2 tiles 13.5; blocks of 32, 1 × 32K 39.2 vs 41.3). Not Flash-LoRA: with L's, 12 copies a
       tile at blocks of 16, within 3% either way of `_attn_fwd`; but launches of one program
-      an SM go through the producer warp (`_ring_producer`), and Flash-LoRA with them.
+      an SM go through the producer warp (`_ring_producer`), and Flash-LoRA's split launches
+      at these blocks take splits for one an SM and the producer warp.
     - Over at least `_RING_SPLIT_MIN_FILL` programs an SM: half as many lost (blocks of 16, 1 ×
       2K in 8 splits 10.6 vs 9.2).
     - GQA groups of up to 8: the combine of 16 query heads spills registers.
@@ -688,13 +690,14 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
         return None
     if block_size >= 64:
         block_n, per_sm, min_tiles = 128, 1, _RING_SPLIT_MIN_TILES_WIDE
-    else:
-        block_n, per_sm, min_tiles = 64, 2, _RING_SPLIT_MIN_TILES
+    else:  # (Flash-LoRA: one program an SM, through the producer warp)
+        block_n, per_sm, min_tiles = 64, 1 if lora else 2, _RING_SPLIT_MIN_TILES
     splits = _default_splits(batch, num_kv_heads, max_ctx, block_n, device, per_sm)
     most = max_ctx // block_n // min_tiles
     splits = min(splits, 1 << (most.bit_length() - 1)) if most >= 1 else 1
-    producer = _ring_producer(block_size, block_n, lora, batch * num_kv_heads * splits, _num_sms(device))
-    if (lora and block_size < 64 and not producer) or not _ring_blocks_ok(block_size, block_n, lora, producer):
+    producer = _ring_producer(block_size, block_n, lora, batch * num_kv_heads * splits, _num_sms(device),
+                              lora_split=block_n == 64)
+    if (lora and block_n == 64 and not producer) or not _ring_blocks_ok(block_size, block_n, lora, producer):
         return None
     if splits == 1 or batch * num_kv_heads * splits < _RING_SPLIT_MIN_FILL * _num_sms(device):
         return None
@@ -714,13 +717,16 @@ def _ring_copies(block_size: int, block_n: int, lora: int) -> int:
     return per_cache * (3 if lora else 2)
 
 
-def _ring_producer(block_size: int, block_n: int, lora: int, programs: int, sms: int) -> bool:
+def _ring_producer(block_size: int, block_n: int, lora: int, programs: int, sms: int,
+                   lora_split: bool = False) -> bool:
     """Whether `attention_ring`'s launch of `programs` gives its copies to a producer warp of
     their own (`ring_decode(producer=True)`): Triton issues every copy behind a barrier of the
     warps that issue it, so from `_RING_PRODUCER_MIN_COPIES` copies a tile on the four math
     warps wait less on one warp's copies than on their own; only for launches of one wave at one
     program an SM: at two it lost, likely because the other program's math already fills those
-    waits (its register cap was not it: at one an SM, capped or not came out even).
+    waits (such a program then ran capped at 128 registers a thread, but at one an SM capped or
+    not came out even, so the cap is not why). Flash-LoRA's split launches at 64-key tiles
+    (blocks of 16 or 32: 12 or 6 copies a tile) take it from 6 copies, sized for one an SM.
 
     H200, same run (bf16, Hq 32, Hkv 8, D 128, us, two passes; the plan against the plan with
     this off, SDPA on contiguous K/V; bench/RESULTS.md Run V): blocks of 16, 128-key tiles (16
@@ -736,10 +742,15 @@ def _ring_producer(block_size: int, block_n: int, lora: int, programs: int, sms:
     16.6 / 16.6 vs 16.2 / 16.2, Flash-LoRA r = 64 19.4 / 19.4 vs 18.6 / 18.6; 1 × 32K (blocks of
     16, 32 splits) 39.9 / 39.8 vs 39.1 / 39.3, 4 × 16K 68.3 / 68.3 vs 67.2 / 67.6. Under 8 copies
     a tile it lost too (blocks of 64, Flash-LoRA 16 × 4K r = 64 70.1 / 70.0 vs 67.1 / 67.0; blocks
-    of 128, 16 × 4K 63.2 / 63.3 vs 62.0 / 62.1, 64 × 32K 1853 / 1852 vs 1844 / 1844)."""
+    of 128, 16 × 4K 63.2 / 63.3 vs 62.0 / 62.1, 64 × 32K 1853 / 1852 vs 1844 / 1844).
+    Flash-LoRA split, the ring with the producer at one an SM against its plan then (`_attn_fwd`;
+    r = 8 / 64): blocks of 32 (6 copies) 8 × 4K 38.6 / 40.3 vs 45.0 / 47.2 (paged 38.3), 1 × 32K
+    39.1 / 41.2 vs 45.1 / 46.7; blocks of 16 (12) 8 × 4K 41.1 / 41.4 vs 41.9 / 43.1 (paged 38.1),
+    1 × 32K 41.5 / 42.8 vs 42.6 / 43.4, 2 × 4K 17.0 / 17.6 vs 18.1 / 18.7, 4 × 16K 72.8 / 73.7 vs
+    71.8 / 73.6 (the one shape it did not gain)."""
+    least = _RING_PRODUCER_MIN_COPIES_LORA_SPLIT if lora and lora_split else _RING_PRODUCER_MIN_COPIES
     copies = _ring_copies(block_size, block_n, lora)
-    return (programs <= sms and _RING_PRODUCER_MIN_COPIES <= copies <= _RING_PRODUCER_MAX_COPIES
-            and attention_ring.producer_available())
+    return programs <= sms and least <= copies <= _RING_PRODUCER_MAX_COPIES and attention_ring.producer_available()
 
 
 def _ring_blocks_ok(block_size: int, block_n: int, lora: int, producer: bool = False) -> bool:

@@ -67,12 +67,10 @@ __all__ = ["available", "producer_available", "ring_decode"]
 
 _ROWS = 16  # query rows a program: mma_v2's M (a GQA group of up to 16 query heads)
 _WARPS = 4
-# The producer warp's registers (`setmaxnreg`: what the copies' addressing needs), and the
-# kernel's register cap with it at 64-key tiles, which run two programs an SM: Triton pads the
-# one producer warp to a warp group (8 warps a program), so uncapped (255 a thread) a program
-# would take the whole register file; capped, the math warps still get 232 each.
+# The producer warp's registers (`setmaxnreg`: what the copies' addressing needs). Triton pads
+# the one producer warp to a warp group (8 warps a program), and uncapped (255 a thread) such a
+# program takes the whole register file: launches with the producer run one program an SM.
 _PRODUCER_WARP_REGS = 40
-_PRODUCER_MAXNREG_TWO_PER_SM = 128
 
 if gluon is not None:
 
@@ -509,7 +507,7 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     `counters` (int32, at least batch × Hkv, zero, and left zero). With `producer`, one warp
     of its own issues the copies (warp specialisation) and the four math warps only wait for
     them: for tiles of many copies (blocks of 16 or 32 keys), each of which Triton issues behind
-    a barrier of the warps that issue it."""
+    a barrier of the warps that issue it. Such a program takes every register of an SM."""
     batch, hq, d = q.shape
     hkv = k_cache.shape[2]
     chunk = min(block_n, k_cache.shape[1])  # keys a copy: a tile, or a block of it
@@ -538,6 +536,5 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         ROWS=_ROWS, WARPS=_WARPS, HAS_LORA=lora, RANK=rank, R_PAD=r_pad, LR_BLOCK_SIZE=lr_bs,
         LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split,
         GROUP_P2=1 << (group - 1).bit_length() if split else 1, REDUCE_S=reduce_splits if split else 1,
-        PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, num_warps=_WARPS,
-        **({"maxnreg": _PRODUCER_MAXNREG_TWO_PER_SM} if producer and block_n < 128 else {}))
+        PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, num_warps=_WARPS)
     return out
