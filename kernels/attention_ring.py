@@ -194,13 +194,18 @@ if gluon is not None:
                  mask=o_mask)
 
     @gluon.jit
-    def _ring_loader(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, empty, BlockTables, LrBlockTables,
-                     b, kvh, t_lo, t_hi, seq_len, lr_len, adapter, stride_btb, stride_lbtb,
-                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+    def _ring_loader(k_desc, v_desc, lr_desc, b_desc, k_ring, v_ring, lr_ring, b_smem, ready, empty, b_ready,
+                     BlockTables, LrBlockTables, b, kvh, b_row, t_lo, t_hi, seq_len, lr_len, adapter, stride_btb,
+                     stride_lbtb, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                      LR_BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr,
-                     HAS_LORA: gl.constexpr, LR_SHARED_TABLE: gl.constexpr):
+                     HAS_LORA: gl.constexpr, LR_SHARED_TABLE: gl.constexpr, B_TMA: gl.constexpr):
         """The producer warp: every copy of the program's tiles, each into a slot the consumer
-        warps have released (`empty`), its block ids loaded a tile ahead of the copy."""
+        warps have released (`empty`), its block ids loaded a tile ahead of the copy; with
+        B_TMA first B_a[kvh] (row `b_row` of B seen as [adapters × Hkv, r, D]) into `b_smem`,
+        for the (P·L)·B_a after the loop, whose load would otherwise start only then."""
+        if B_TMA:
+            mbarrier.expect(b_ready.index(0), b_desc.block_type.nbytes, pred=adapter >= 0)
+            _tma_load(b_desc, [b_row, 0, 0], b_ready.index(0), b_smem, pred=adapter >= 0)
         CHUNKS: gl.constexpr = BLOCK_N // CHUNK
         ids: gl.constexpr = gl.BlockedLayout([CHUNKS], [32], [1], [0])
         b_idx = gl.arange(0, CHUNKS, layout=ids)
@@ -275,7 +280,7 @@ if gluon is not None:
 
     # The split count changes with batch and context: not specialised on (1 / multiple of 16).
     @gluon.jit(do_not_specialize=["num_splits"])
-    def _ring_decode_kernel(Q, k_desc, v_desc, lr_desc, BlockTables, LrBlockTables, LoraB, AdapterIds,
+    def _ring_decode_kernel(Q, k_desc, v_desc, lr_desc, b_desc, BlockTables, LrBlockTables, LoraB, AdapterIds,
                             SeqLens, Out, WsM, WsL, WsAcc, SplitCounters, qk_scale, num_splits,
                             stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lbtb,
                             stride_lba, stride_lbh, stride_lbr,
@@ -285,7 +290,7 @@ if gluon is not None:
                             RANK: gl.constexpr, R_PAD: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr,
                             LR_SHARED_TABLE: gl.constexpr, CHUNK: gl.constexpr, SPLIT: gl.constexpr,
                             GROUP_P2: gl.constexpr, REDUCE_S: gl.constexpr, PRODUCER: gl.constexpr,
-                            PRODUCER_REGS: gl.constexpr):
+                            PRODUCER_REGS: gl.constexpr, B_TMA: gl.constexpr):
         if SPLIT:
             kvh = gl.program_id(0) // num_splits
             split = gl.program_id(0) % num_splits
@@ -362,14 +367,22 @@ if gluon is not None:
             empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(STAGES):
                 mbarrier.init(empty.index(i), count=1)
+            b_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+            if B_TMA:
+                b_smem = gl.allocate_shared_memory(dtype, [1, R_PAD, HEAD_DIM], b_desc.layout)
+                mbarrier.init(b_ready.index(0), count=1)
+                b_row = gl.maximum(adapter, 0) * (gl.num_programs(0) // num_splits) + kvh
+            else:
+                b_smem = k_ring  # never read
+                b_row = 0
             acc, acc_lr, m_i, l_i = gl.warp_specialize(
                 [(_ring_consumer, (q, k_ring, v_ring, lr_ring, ready, empty, t_lo, t_hi, seq_len, qk_scale, acc,
                                    acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM, BLOCK_N, CHUNK, STAGES, WARPS,
                                    HAS_LORA, R_PAD)),
-                 (_ring_loader, (k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, empty, BlockTables,
-                                 LrBlockTables, b, kvh, t_lo, t_hi, seq_len, lr_len, adapter, stride_btb,
-                                 stride_lbtb, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNK, STAGES,
-                                 HAS_LORA, LR_SHARED_TABLE))],
+                 (_ring_loader, (k_desc, v_desc, lr_desc, b_desc, k_ring, v_ring, lr_ring, b_smem, ready, empty,
+                                 b_ready, BlockTables, LrBlockTables, b, kvh, b_row, t_lo, t_hi, seq_len, lr_len,
+                                 adapter, stride_btb, stride_lbtb, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE,
+                                 CHUNK, STAGES, HAS_LORA, LR_SHARED_TABLE, B_TMA))],
                 [1], [PRODUCER_REGS])
             for i in gl.static_range(STAGES):
                 mbarrier.invalidate(empty.index(i))
@@ -398,7 +411,13 @@ if gluon is not None:
             # B_a after the loop, not before it as `_attn_fwd` does: held through the loop it
             # slowed every shape (H200, Run S: 16 × 4K r = 8 69.7 / 70.6 us with it, against
             # 67.3 / 67.7 for r = 64 without it) and spilled at r = 64.
-            if R_PAD >= 16:
+            if B_TMA:  # the producer warp copied it at the start (nothing without adapter)
+                mbarrier.wait(b_ready.index(0), 0, pred=adapter >= 0)
+                mbarrier.invalidate(b_ready.index(0))
+                lora_b = b_smem.reshape([R_PAD, HEAD_DIM]).load(b_op)
+                lora_b = gl.where(adapter >= 0, lora_b, gl.zeros_like(lora_b))  # unwritten: maybe NaN
+                acc = mma_v2(gl.convert_layout(acc_lr.to(dtype), a_op), lora_b, acc)
+            elif R_PAD >= 16:
                 lora_b = gl.load(b_ptrs, mask=b_mask, other=0.0)
                 acc = mma_v2(gl.convert_layout(acc_lr.to(dtype), a_op), gl.convert_layout(lora_b, b_op), acc)
             else:  # 8 columns, under the MMA's K: 8 rank-1 updates, once
@@ -521,6 +540,15 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     else:
         lr_desc, lbt, lb, aid = k_desc, block_tables, q, seq_lens  # never read
         lb_strides, rank, lr_bs, r_pad = (0, 0, 0), 1, k_cache.shape[1], 32
+    # B_a[kvh] by a TMA copy the producer warp issues first: B dense [adapters, Hkv, r, D]
+    b_tma = (producer and lora and r_pad >= 16 and lora_b.is_contiguous() and lora_b.data_ptr() % 16 == 0
+             and rank * d * lora_b.element_size() % 16 == 0)
+    if b_tma:
+        na = lora_b.shape[0]
+        b_desc = GluonDescriptor(lora_b, [na * hkv, rank, d], [rank * d, d, 1], [1, r_pad, d],
+                                 _smem_layout(r_pad, d, lora_b.dtype))
+    else:
+        b_desc = k_desc  # never read
     split = num_splits > 1
     if split:
         ws_m, ws_l, ws_acc = workspace
@@ -528,7 +556,7 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         ws_m = ws_l = ws_acc = counters = out  # never read
     group = hq // hkv
     _ring_decode_kernel[(hkv * num_splits, batch)](
-        q, k_desc, _descriptor(v_cache, chunk, d), lr_desc, block_tables, lbt, lb, aid, seq_lens, out,
+        q, k_desc, _descriptor(v_cache, chunk, d), lr_desc, b_desc, block_tables, lbt, lb, aid, seq_lens, out,
         ws_m, ws_l, ws_acc, counters, qk_scale_log2, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         lbt.stride(0), *lb_strides,
@@ -536,5 +564,5 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         ROWS=_ROWS, WARPS=_WARPS, HAS_LORA=lora, RANK=rank, R_PAD=r_pad, LR_BLOCK_SIZE=lr_bs,
         LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split,
         GROUP_P2=1 << (group - 1).bit_length() if split else 1, REDUCE_S=reduce_splits if split else 1,
-        PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, num_warps=_WARPS)
+        PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, B_TMA=b_tma, num_warps=_WARPS)
     return out
