@@ -375,7 +375,7 @@ def test_ring_flash_lora_matches_reference(rng_seed, monkeypatch, ring_calls, dt
     NaN: never to be read), L slots past every sequence NaN too. (Unsplit: a GPU of as many SMs
     as the launch has programs, as the plan's unsplit Flash-LoRA launches fill at least 0.9 of
     them; split: 132.)"""
-    split = isinstance(ring[2:3] and ring[2], int)
+    split = len(ring) > 2 and isinstance(ring[2], int)  # (tile, slots, splits[, "producer"])
     monkeypatch.setattr(A, "_num_sms", lambda device: 132 if split else len(lens) * hkv)
     k, v, bt, sl = make_paged(lens, hkv, 128, bs, dtype, "cuda")
     aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device="cuda")
