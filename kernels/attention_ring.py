@@ -306,7 +306,6 @@ if gluon is not None:
         dtype: gl.constexpr = k_desc.dtype
         # A tile's block ids, where it spans CHUNKS blocks: every thread holds all of them.
         CHUNKS: gl.constexpr = BLOCK_N // CHUNK
-        B_ROWS: gl.constexpr = R_PAD if R_PAD >= 16 else 16  # B's copy: an MMA tile of rows at least
         ids: gl.constexpr = gl.BlockedLayout([CHUNKS], [32], [WARPS], [0])
         b_idx = gl.arange(0, CHUNKS, layout=ids)
 
@@ -370,7 +369,7 @@ if gluon is not None:
                 mbarrier.init(empty.index(i), count=1)
             b_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
             if B_TMA:
-                b_smem = gl.allocate_shared_memory(dtype, [1, B_ROWS, HEAD_DIM], b_desc.layout)
+                b_smem = gl.allocate_shared_memory(dtype, [1, R_PAD, HEAD_DIM], b_desc.layout)
                 mbarrier.init(b_ready.index(0), count=1)
                 b_row = gl.maximum(adapter, 0) * (gl.num_programs(0) // num_splits) + kvh
             else:
@@ -415,26 +414,18 @@ if gluon is not None:
             if B_TMA:  # the producer warp copied it at the start (nothing without adapter)
                 mbarrier.wait(b_ready.index(0), 0, pred=adapter >= 0)
                 mbarrier.invalidate(b_ready.index(0))
-            if R_PAD >= 16:
-                if B_TMA:
-                    lora_b = b_smem.reshape([R_PAD, HEAD_DIM]).load(b_op)
-                    lora_b = gl.where(adapter >= 0, lora_b, gl.zeros_like(lora_b))  # unwritten: maybe NaN
-                else:
-                    lora_b = gl.convert_layout(gl.load(b_ptrs, mask=b_mask, other=0.0), b_op)
+                lora_b = b_smem.reshape([R_PAD, HEAD_DIM]).load(b_op)
+                lora_b = gl.where(adapter >= 0, lora_b, gl.zeros_like(lora_b))  # unwritten: maybe NaN
                 acc = mma_v2(gl.convert_layout(acc_lr.to(dtype), a_op), lora_b, acc)
+            elif R_PAD >= 16:
+                lora_b = gl.load(b_ptrs, mask=b_mask, other=0.0)
+                acc = mma_v2(gl.convert_layout(acc_lr.to(dtype), a_op), gl.convert_layout(lora_b, b_op), acc)
             else:  # 8 columns, under the MMA's K: 8 rank-1 updates, once
                 lr_col = gl.arange(0, R_PAD, layout=gl.SliceLayout(0, mma))
                 d_col = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
-                if B_TMA:
-                    b16 = b_smem.reshape([B_ROWS, HEAD_DIM]).load(mma).to(gl.float32)
-                    b16 = gl.where(adapter >= 0, b16, 0.0)  # unwritten without adapter: maybe NaN
-                    b16_row = gl.arange(0, B_ROWS, layout=gl.SliceLayout(1, mma))
                 for j in gl.static_range(R_PAD):
-                    if B_TMA:  # row j of the 16 copied (8 of B, 8 of the copy's zero fill)
-                        b_row = gl.sum(gl.where(b16_row[:, None] == j, b16, 0.0), axis=0)
-                    else:
-                        b_row = gl.load(lora_b_head + j * stride_lbr + d_col, mask=(adapter >= 0) & (j < RANK),
-                                        other=0.0)
+                    b_row = gl.load(lora_b_head + j * stride_lbr + d_col, mask=(adapter >= 0) & (j < RANK),
+                                    other=0.0)
                     a_col = gl.sum(gl.where(lr_col[None, :] == j, acc_lr, 0.0), axis=1)
                     acc += a_col[:, None] * b_row.to(gl.float32)[None, :]
         if SPLIT:
@@ -550,13 +541,12 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         lr_desc, lbt, lb, aid = k_desc, block_tables, q, seq_lens  # never read
         lb_strides, rank, lr_bs, r_pad = (0, 0, 0), 1, k_cache.shape[1], 32
     # B_a[kvh] by a TMA copy the producer warp issues first: B dense [adapters, Hkv, r, D]
-    b_tma = (producer and lora and lora_b.is_contiguous() and lora_b.data_ptr() % 16 == 0
+    b_tma = (producer and lora and r_pad >= 16 and lora_b.is_contiguous() and lora_b.data_ptr() % 16 == 0
              and rank * d * lora_b.element_size() % 16 == 0)
     if b_tma:
         na = lora_b.shape[0]
-        b_rows = max(r_pad, 16)  # (rows past r arrive as zeros)
-        b_desc = GluonDescriptor(lora_b, [na * hkv, rank, d], [rank * d, d, 1], [1, b_rows, d],
-                                 _smem_layout(b_rows, d, lora_b.dtype))
+        b_desc = GluonDescriptor(lora_b, [na * hkv, rank, d], [rank * d, d, 1], [1, r_pad, d],
+                                 _smem_layout(r_pad, d, lora_b.dtype))
     else:
         b_desc = k_desc  # never read
     split = num_splits > 1

@@ -178,9 +178,8 @@ consts = dict(GROUP=group, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=bs, STAGES=
               GROUP_P2=A._next_pow2(group) if split else 1,
               REDUCE_S=A._combine_chunk(A._next_pow2(group), 128) if split else 1,  # the most the plan gives
               PRODUCER=producer, PRODUCER_REGS=R._PRODUCER_WARP_REGS,
-              B_TMA=producer and rank > 0)  # as ring_decode for a dense B
-b_rows = max(r_pad, 16)
-b_desc = f"tensordesc<{dt}[1,{b_rows},128],{R._smem_layout(b_rows, 128, dtype)!r}>" if rank else desc
+              B_TMA=producer and rank > 0 and r_pad >= 16)  # as ring_decode for a dense B
+b_desc = f"tensordesc<{dt}[1,{r_pad},128],{R._smem_layout(r_pad, 128, dtype)!r}>" if rank else desc
 sig = dict(Q="*" + dt, k_desc=desc, v_desc=desc, lr_desc=lr_desc, b_desc=b_desc, BlockTables="*i32", LrBlockTables="*i32",
            LoraB="*" + dt, AdapterIds="*i32", SeqLens="*i32", Out="*" + dt, WsM="*fp32", WsL="*fp32",
            WsAcc="*fp32", SplitCounters="*i32", qk_scale="fp32", num_splits="i32",
