@@ -695,11 +695,11 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
     splits = _default_splits(batch, num_kv_heads, max_ctx, block_n, device, per_sm)
     most = max_ctx // block_n // min_tiles
     splits = min(splits, 1 << (most.bit_length() - 1)) if most >= 1 else 1
-    producer = _ring_producer(block_size, block_n, lora, batch * num_kv_heads * splits, _num_sms(device),
-                              lora_split=block_n == 64)
+    programs, sms = batch * num_kv_heads * splits, _num_sms(device)
+    producer = _ring_producer(block_size, block_n, lora, programs, sms, lora_split=block_n == 64)
     if (lora and block_n == 64 and not producer) or not _ring_blocks_ok(block_size, block_n, lora, producer):
         return None
-    if splits == 1 or batch * num_kv_heads * splits < _RING_SPLIT_MIN_FILL * _num_sms(device):
+    if splits == 1 or programs < _RING_SPLIT_MIN_FILL * sms:
         return None
     return _Ring(block_n, 2, splits, producer)
 
@@ -767,9 +767,8 @@ def _ring_blocks_ok(block_size: int, block_n: int, lora: int, producer: bool = F
     16 × 4K 64.4 / 64.5 vs 73.9 / 73.9, 16 × 32K 486.5 / 486.5 vs 501.9 / 501.8, 64 × 32K 1905.2
     / 1902.0 vs 1922.2 / 1921.3, Flash-LoRA (6 copies) 16 × 4K r = 64 69.2 / 68.9 vs 79.8 / 80.2,
     16 × 32K r = 8 508.3 / 508.4 vs 512.5 / 511.1 (bench/RESULTS.md, Run T)."""
-    copies = _ring_copies(block_size, block_n, lora)
-    return block_size % block_n == 0 or 0 < copies <= (_RING_PRODUCER_MAX_COPIES if producer
-                                                       else _RING_MAX_TILE_COPIES)
+    most = _RING_PRODUCER_MAX_COPIES if producer else _RING_MAX_TILE_COPIES
+    return 0 < _ring_copies(block_size, block_n, lora) <= most
 
 
 def _ring_lr_ok(lora_key: tuple, block_size: int) -> bool:

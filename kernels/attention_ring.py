@@ -297,6 +297,7 @@ if gluon is not None:
         else:  # compiled apart: no runtime division
             kvh = gl.program_id(0)
             split = 0
+        num_kv_heads = gl.num_programs(0) // num_splits if SPLIT else gl.num_programs(0)
         b = gl.program_id(1)
         # Warps split the N dim of every dot (the 16 rows are one MMA tile high).
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
@@ -367,14 +368,13 @@ if gluon is not None:
             empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(STAGES):
                 mbarrier.init(empty.index(i), count=1)
-            b_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
             if B_TMA:
                 b_smem = gl.allocate_shared_memory(dtype, [1, R_PAD, HEAD_DIM], b_desc.layout)
+                b_ready = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
                 mbarrier.init(b_ready.index(0), count=1)
-                b_row = gl.maximum(adapter, 0) * (gl.num_programs(0) // num_splits) + kvh
+                b_row = gl.maximum(adapter, 0) * num_kv_heads + kvh
             else:
-                b_smem = k_ring  # never read
-                b_row = 0
+                b_smem, b_ready, b_row = k_ring, ready, 0  # never read
             acc, acc_lr, m_i, l_i = gl.warp_specialize(
                 [(_ring_consumer, (q, k_ring, v_ring, lr_ring, ready, empty, t_lo, t_hi, seq_len, qk_scale, acc,
                                    acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM, BLOCK_N, CHUNK, STAGES, WARPS,
@@ -432,7 +432,6 @@ if gluon is not None:
             # This split's (max, sum, P·V) in `_attn_fwd`'s workspace layout; the last split of
             # the (sequence, KV head) to arrive combines them all (no second launch). The barrier
             # orders every thread's partial stores before the one release of the arrival atomic.
-            num_kv_heads = gl.num_programs(0) // num_splits
             ws_row = ((b.to(gl.int64) * num_kv_heads + kvh) * GROUP + rows) * num_splits + split
             gl.store(WsM + ws_row, gl.convert_layout(m_i, gl.SliceLayout(1, io)), mask=rows < GROUP)
             gl.store(WsL + ws_row, gl.convert_layout(l_i, gl.SliceLayout(1, io)), mask=rows < GROUP)
@@ -543,12 +542,7 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     # B_a[kvh] by a TMA copy the producer warp issues first: B dense [adapters, Hkv, r, D]
     b_tma = (producer and lora and r_pad >= 16 and lora_b.is_contiguous() and lora_b.data_ptr() % 16 == 0
              and rank * d * lora_b.element_size() % 16 == 0)
-    if b_tma:
-        na = lora_b.shape[0]
-        b_desc = GluonDescriptor(lora_b, [na * hkv, rank, d], [rank * d, d, 1], [1, r_pad, d],
-                                 _smem_layout(r_pad, d, lora_b.dtype))
-    else:
-        b_desc = k_desc  # never read
+    b_desc = _descriptor(lora_b.view(-1, rank, d), r_pad, d) if b_tma else k_desc  # (else never read)
     split = num_splits > 1
     if split:
         ws_m, ws_l, ws_acc = workspace
