@@ -69,8 +69,10 @@ _ROWS = 16  # query rows a program: mma_v2's M (a GQA group of up to 16 query he
 _WARPS = 4
 # The producer warp's registers (`setmaxnreg`: what the copies' addressing needs). Triton pads
 # the one producer warp to a warp group (8 warps a program), and uncapped (255 a thread) such a
-# program takes the whole register file: launches with the producer run one program an SM.
-_PRODUCER_WARP_REGS = 40
+# program takes the whole register file: launches with the producer run one program an SM, whose
+# math warps keep 255 a thread at any cap up to 416. At 40, Triton 3.6's Flash-LoRA builds
+# spilled in the producer warp (up to 112 bytes); at 96 no build spills.
+_PRODUCER_WARP_REGS = 96
 
 if gluon is not None:
 
@@ -129,7 +131,7 @@ if gluon is not None:
     def _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, block, lr_block, b_idx, kvh, t,
                    t_lo, t_hi, seq_len, adapter, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                    BLOCK_SIZE: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr,
-                   STAGES: gl.constexpr, HAS_LORA: gl.constexpr):
+                   STAGES: gl.constexpr, HAS_LORA: gl.constexpr, EARLY_K: gl.constexpr):
         """Start the copies of tile `t`'s K and V (and L, for a request with an adapter) into its
         ring slot (the program's tiles `t_lo` up to `t_hi` take the slots in turn); nothing past
         the program's last tile."""
@@ -137,19 +139,30 @@ if gluon is not None:
         slot = (t - t_lo) % STAGES
         bar = ready.index(slot)
         CHUNKS: gl.constexpr = BLOCK_N // CHUNK
-        kv_bytes: gl.constexpr = 2 * CHUNKS * k_desc.block_type.nbytes
+        k_bytes: gl.constexpr = CHUNKS * k_desc.block_type.nbytes
+        if EARLY_K:  # K first, on a barrier of its own (slots STAGES on): QK^T starts while V lands
+            # (the producer warp's ring; see _ring_consumer)
+            k_bar = ready.index(STAGES + slot)
+            mbarrier.expect(k_bar, k_bytes, pred=live)
+            _copy_rows(k_desc, k_ring, slot, block, b_idx, t, seq_len, kvh * HEAD_DIM, k_bar, live,
+                       BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
+        bar_bytes: gl.constexpr = k_bytes if EARLY_K else 2 * k_bytes
         if HAS_LORA:
             # One arrival a tile: the expected bytes are a compile-time count, so one of two
-            # expects, by whether L comes too (never for a request without adapter).
+            # expects, by whether L comes too (never for a request without adapter). L goes
+            # ahead of V: issued last it was slower (H200, blocks of 16, r = 64, us, the tile on
+            # one barrier: 1 × 4K 13.2 vs 12.7, 8 × 4K 42.1 vs 40.9, 1 × 32K 43.1 vs 41.9, 16 ×
+            # 4K 68.4 vs 67.3; with K's own barrier level to 1% slower).
             lr_bytes: gl.constexpr = CHUNKS * lr_desc.block_type.nbytes
-            mbarrier.expect(bar, kv_bytes + lr_bytes, pred=live & (adapter >= 0))
-            mbarrier.expect(bar, kv_bytes, pred=live & (adapter < 0))
+            mbarrier.expect(bar, bar_bytes + lr_bytes, pred=live & (adapter >= 0))
+            mbarrier.expect(bar, bar_bytes, pred=live & (adapter < 0))
             _copy_rows(lr_desc, lr_ring, slot, lr_block, b_idx, t, seq_len, 0, bar, live & (adapter >= 0),
                        BLOCK_N, LR_BLOCK_SIZE, CHUNK, CHUNKS)
         else:
-            mbarrier.expect(bar, kv_bytes, pred=live)
-        _copy_rows(k_desc, k_ring, slot, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
-                   BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
+            mbarrier.expect(bar, bar_bytes, pred=live)
+        if not EARLY_K:
+            _copy_rows(k_desc, k_ring, slot, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
+                       BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
         _copy_rows(v_desc, v_ring, slot, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
                    BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
 
@@ -221,28 +234,24 @@ if gluon is not None:
             mbarrier.wait(empty.index(i % STAGES), ((i // STAGES) & 1) ^ 1)
             _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, b_idx, kvh, t,
                        t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNK,
-                       STAGES, HAS_LORA)
+                       STAGES, HAS_LORA, True)
             blk, lr_blk = nxt, nxt_lr
 
     @gluon.jit
-    def _attend_tile(q, k_ring, v_ring, lr_ring, empty, slot, t, seq_len, qk_scale, acc, acc_lr, m_i, l_i,
-                     dtype: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _attend_tile(q, k_ring, v_ring, lr_ring, ready, empty, slot, phase, t, seq_len, qk_scale, acc, acc_lr, m_i,
+                     l_i, dtype: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                      CHUNK: gl.constexpr, WARPS: gl.constexpr, HAS_LORA: gl.constexpr, R_PAD: gl.constexpr,
                      RELEASE: gl.constexpr):
         """Key tile `t` (landed in ring slot `slot`) into the online softmax: P·V, and P·L beside
         it under the same softmax (L·B_a is never formed). RELEASE (the producer warp's ring):
-        every operand is read out of the slot first, which then goes back to the producer
-        (`empty`) once every warp has them; else V and L are read as the math reaches them."""
+        the tile's K landed on a barrier of its own; V and L land on `ready` (phase `phase`),
+        are read out of the slot once P is formed, and the slot goes back to the producer
+        (`empty`) once every warp has them. Else the whole tile landed (one barrier) and V and L
+        are read as the math reaches them."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
         a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         k_t = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)).load(b_op)
-        if RELEASE:
-            v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
-            if HAS_LORA:
-                lr_t = lr_ring.index(slot).reshape([BLOCK_N, R_PAD]).load(b_op)
-            _cta_barrier()
-            mbarrier.arrive(empty.index(slot))
         s = mma_v2(q, k_t, gl.zeros([ROWS, BLOCK_N], gl.float32, mma)) * qk_scale
         key_col = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
         if BLOCK_N == CHUNK:
@@ -255,6 +264,13 @@ if gluon is not None:
         p = gl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, 1)
         p = gl.convert_layout(p.to(dtype), a_op)
+        if RELEASE:  # K came on a barrier of its own: wait for V (and L), then hand the slot back
+            mbarrier.wait(ready.index(slot), phase)
+            v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
+            if HAS_LORA:
+                lr_t = lr_ring.index(slot).reshape([BLOCK_N, R_PAD]).load(b_op)
+            _cta_barrier()
+            mbarrier.arrive(empty.index(slot))
         if not RELEASE:
             v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
         acc = mma_v2(p, v_t, acc * alpha[:, None])
@@ -269,13 +285,23 @@ if gluon is not None:
                        m_i, l_i, dtype: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
                        BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                        HAS_LORA: gl.constexpr, R_PAD: gl.constexpr):
-        """The consumer warps of the producer warp's ring: every tile as it lands."""
+        """The consumer warps of the producer warp's ring: every tile as it lands, its QK^T and
+        softmax once its K has (K has a barrier of its own there, `ready` slots STAGES on), its
+        P·V (and P·L) once V (and L) have. H200, same run (bf16, Hq 32, Hkv 8, D 128, us, two
+        passes averaged; against one barrier a tile, and Flash-LoRA r = 8 / 64, blocks of 16
+        unless said): Flash-LoRA 1 × 4K 11.9 / 12.0 vs 12.6 / 12.7 (paged 11.3), 8 × 4K 39.8 /
+        40.0 vs 41.0 / 41.3, 1 × 32K r = 64 42.0 vs 42.3, 16 × 4K 67.8 / 67.9 vs 68.0 / 68.2,
+        16 × 32K r = 8 491.7 vs 492.7, blocks of 32 16 × 4K r = 8 66.5 vs 67.8, 8 × 4K r = 64
+        39.9 vs 39.7; paged 16 × 4K 67.0 vs 67.8 (SDPA 64.4), 14 × 4K 58.5 vs 58.9, 16 × 32K
+        483.9 vs 485.6, 1 × 4K 11.4 vs 11.3; blocks of 32 12 × 4K 50.9 vs 51.1, 16 × 32K 479.4
+        vs 480.9 (bench/RESULTS.md, Run X)."""
         for i in range(t_hi - t_lo):
             slot = i % STAGES
-            mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-            acc, acc_lr, m_i, l_i = _attend_tile(q, k_ring, v_ring, lr_ring, empty, slot, t_lo + i, seq_len, qk_scale,
-                                                 acc, acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM, BLOCK_N, CHUNK,
-                                                 WARPS, HAS_LORA, R_PAD, True)
+            phase = (i // STAGES) & 1
+            mbarrier.wait(ready.index(STAGES + slot), phase)  # K's barrier (see _copy_tile)
+            acc, acc_lr, m_i, l_i = _attend_tile(q, k_ring, v_ring, lr_ring, ready, empty, slot, phase, t_lo + i,
+                                                 seq_len, qk_scale, acc, acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM,
+                                                 BLOCK_N, CHUNK, WARPS, HAS_LORA, R_PAD, True)
         return acc, acc_lr, m_i, l_i
 
     # The split count changes with batch and context: not specialised on (1 / multiple of 16).
@@ -318,8 +344,9 @@ if gluon is not None:
         else:
             lr_ring = k_ring  # never read
             adapter = -1
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
+        READY: gl.constexpr = 2 * STAGES if PRODUCER else STAGES  # (with the producer: V's, then K's)
+        ready = gl.allocate_shared_memory(gl.int64, [READY, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(READY):
             mbarrier.init(ready.index(i), count=1)
 
         seq_len = gl.load(SeqLens + b).to(gl.int32)
@@ -341,7 +368,7 @@ if gluon is not None:
             if i < STAGES - 1:
                 _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, b_idx, kvh,
                            t_lo + i, t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE,
-                           CHUNK, STAGES, HAS_LORA)
+                           CHUNK, STAGES, HAS_LORA, False)
             else:
                 next_block, next_lr_block = blk, lr_blk
 
@@ -393,16 +420,16 @@ if gluon is not None:
                 _cta_barrier()
                 _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, next_block, next_lr_block,
                            b_idx, kvh, t + STAGES - 1, t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
-                           LR_BLOCK_SIZE, CHUNK, STAGES, HAS_LORA)
+                           LR_BLOCK_SIZE, CHUNK, STAGES, HAS_LORA, False)
                 next_block, next_lr_block = _tile_blocks_kv_lr(
                     BlockTables, LrBlockTables, b, t + STAGES, seq_len, lr_len, stride_btb, stride_lbtb, BLOCK_N,
                     BLOCK_SIZE, LR_BLOCK_SIZE, CHUNKS, ids, HAS_LORA, LR_SHARED_TABLE)
                 slot = i % STAGES
                 mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-                acc, acc_lr, m_i, l_i = _attend_tile(q, k_ring, v_ring, lr_ring, ready, slot, t, seq_len, qk_scale,
-                                                     acc, acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM, BLOCK_N, CHUNK,
-                                                     WARPS, HAS_LORA, R_PAD, False)
-        for i in gl.static_range(STAGES):
+                acc, acc_lr, m_i, l_i = _attend_tile(q, k_ring, v_ring, lr_ring, ready, ready, slot, 0, t, seq_len,
+                                                     qk_scale, acc, acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM, BLOCK_N,
+                                                     CHUNK, WARPS, HAS_LORA, R_PAD, False)
+        for i in gl.static_range(READY):
             mbarrier.invalidate(ready.index(i))
         if HAS_LORA:
             # (P·L)·B_a once (linear: a split's partial may hold its share of it). Without
