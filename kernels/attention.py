@@ -91,10 +91,11 @@ _RING_LORA_TILE = 128  # ... at this tile only
 _RING_MAX_TILE_COPIES = 8  # ... and at most this many copies a tile (K, V and L; _ring_blocks_ok),
 _RING_PRODUCER_MAX_COPIES = 24  # ... or this many through a producer warp (_ring_producer),
 _RING_PRODUCER_MIN_COPIES = 8  # which tiles of at least this many copies take (one wave, one an SM),
-_RING_PRODUCER_MIN_COPIES_LORA_SPLIT = 6  # ... or this many in Flash-LoRA's split launches
+_RING_PRODUCER_MIN_COPIES_SPLIT = 4  # ... or this many in split launches of 64-key tiles
 _RING_SPLIT_MIN_TILES = 4  # split ring launches: at least this many 64-key tiles a split (_ring_split),
 _RING_SPLIT_MIN_TILES_WIDE = 16  # ... or this many 128-key ones (one program an SM),
 _RING_SPLIT_MIN_FILL = 0.9  # ... over at least this many programs an SM
+_RING_SPLIT_DEEP_TILES = 32  # ... and 3 ring slots through the producer warp from this many a split
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -672,36 +673,48 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
       37.5 vs 38.5, SDPA 37.1; 8 tiles a split lost: 4 × 4K 22.9 vs 22.4, 2 × 8K 23.1 vs 22.5).
       Flash-LoRA too (6 copies a tile with L's; r = 8 / 64: 1 × 32K 39.2 / 40.2 vs 40.3 / 41.2,
       8 × 4K 39.7 / 38.9 vs 40.3 / 40.6).
-    - Smaller blocks: 64-key tiles (8 copies a tile at blocks of 16) at two programs an SM (the
-      combine's registers allow no more), at least `_RING_SPLIT_MIN_TILES` tiles a split
-      (blocks of 16: 1 × 32K 39.4 vs 41.3, SDPA 37.5; 8 × 4K 38.4 vs 40.5, SDPA 36.9; 16 × 4K
-      68.4 vs 70.6, SDPA 63.3; 12 × 4K 52.9 vs 57.5; 1 × 4K in 16 splits 12.1 vs 12.6, in 32 of
-      2 tiles 13.5; blocks of 32, 1 × 32K 39.2 vs 41.3). Not Flash-LoRA: with L's, 12 copies a
-      tile at blocks of 16, within 3% either way of `_attn_fwd`; but launches of one program
-      an SM go through the producer warp (`_ring_producer`), and Flash-LoRA's split launches
-      at these blocks take splits for one an SM and the producer warp.
+    - Smaller blocks: 64-key tiles (8 copies a tile at blocks of 16, 4 at 32), at least
+      `_RING_SPLIT_MIN_TILES` tiles a split, splits for one program an SM through the producer
+      warp (`_ring_producer`), three ring slots from `_RING_SPLIT_DEEP_TILES` tiles a split
+      (Flash-LoRA two); where those fill too few SMs, paged decode takes splits for two an SM
+      without it (the combine's registers allow no more), as it did everywhere before (Run U:
+      blocks of 16, 1 × 32K 39.4 vs 41.3, SDPA 37.5; 8 × 4K 38.4 vs 40.5, SDPA 36.9; 12 × 4K
+      52.9 vs 57.5; blocks of 32, 1 × 32K 39.2 vs 41.3). One an SM with the producer warp (K on
+      a barrier of its own, see `attention_ring._ring_consumer`) against two without it (us,
+      same run, two passes averaged, two / three slots): blocks of 16, 1 × 8K 15.9 / 16.2 vs
+      17.1 (SDPA 15.5), 2 × 4K 15.7 / 16.0 vs 16.5 (SDPA 15.0), 4 × 4K 23.7 / 23.6 vs 24.1, 2 ×
+      8K 24.0 / 24.1 vs 24.6, 8 × 4K 39.4 / 38.7 vs 39.6 (SDPA 38.3), 1 × 32K 40.5 / 40.1 vs
+      40.3 (SDPA 38.4), 4 × 16K 72.0 / 69.7 vs 69.3 (the one it lost); blocks of 32, 8 × 4K
+      38.8 / 38.1 vs 38.8, 1 × 32K 39.8 / 39.3 vs 39.4 (bench/RESULTS.md, Run X). Flash-LoRA
+      only this way: with L's, 12 copies a tile at blocks of 16, its launches at two an SM came
+      within 3% either way of `_attn_fwd`.
     - Over at least `_RING_SPLIT_MIN_FILL` programs an SM: half as many lost (blocks of 16, 1 ×
       2K in 8 splits 10.6 vs 9.2).
     - GQA groups of up to 8: the combine of 16 query heads spills registers.
 
-    (bf16, Hq 32, Hkv 8, D 128; bench/RESULTS.md, Run U.)"""
+    (bf16, Hq 32, Hkv 8, D 128; bench/RESULTS.md, Runs U and X.)"""
     if (not _ring_device(device) or head_dim != 128 or group > 8 or itemsize != 2
             or block_size >= 128 or max_ctx < _RING_MIN_KEYS or lora > _RING_LORA_MAX_RPAD):
         return None
+    sms = _num_sms(device)
     if block_size >= 64:
-        block_n, per_sm, min_tiles = 128, 1, _RING_SPLIT_MIN_TILES_WIDE
-    else:  # (Flash-LoRA: one program an SM, through the producer warp)
-        block_n, per_sm, min_tiles = 64, 1 if lora else 2, _RING_SPLIT_MIN_TILES
-    splits = _default_splits(batch, num_kv_heads, max_ctx, block_n, device, per_sm)
-    most = max_ctx // block_n // min_tiles
-    splits = min(splits, 1 << (most.bit_length() - 1)) if most >= 1 else 1
-    programs, sms = batch * num_kv_heads * splits, _num_sms(device)
-    producer = _ring_producer(block_size, block_n, lora, programs, sms, lora_split=block_n == 64)
-    if (lora and block_n == 64 and not producer) or not _ring_blocks_ok(block_size, block_n, lora, producer):
-        return None
-    if splits == 1 or programs < _RING_SPLIT_MIN_FILL * sms:
-        return None
-    return _Ring(block_n, 2, splits, producer)
+        block_n, per_sms, min_tiles = 128, (1,), _RING_SPLIT_MIN_TILES_WIDE
+    else:  # one program an SM through the producer warp, else (paged) two without it
+        block_n, per_sms, min_tiles = 64, (1,) if lora else (1, 2), _RING_SPLIT_MIN_TILES
+    for per_sm in per_sms:
+        splits = _default_splits(batch, num_kv_heads, max_ctx, block_n, device, per_sm)
+        most = max_ctx // block_n // min_tiles
+        splits = min(splits, 1 << (most.bit_length() - 1)) if most >= 1 else 1
+        programs = batch * num_kv_heads * splits
+        producer = _ring_producer(block_size, block_n, lora, programs, sms, split=block_n == 64)
+        if block_n == 64 and per_sm == 1 and not producer:
+            continue
+        if (splits == 1 or programs < _RING_SPLIT_MIN_FILL * sms
+                or not _ring_blocks_ok(block_size, block_n, lora, producer)):
+            continue
+        deep = producer and not lora and max_ctx // block_n // splits >= _RING_SPLIT_DEEP_TILES
+        return _Ring(block_n, 3 if deep else 2, splits, producer)
+    return None
 
 
 def _ring_copies(block_size: int, block_n: int, lora: int) -> int:
@@ -718,15 +731,16 @@ def _ring_copies(block_size: int, block_n: int, lora: int) -> int:
 
 
 def _ring_producer(block_size: int, block_n: int, lora: int, programs: int, sms: int,
-                   lora_split: bool = False) -> bool:
+                   split: bool = False) -> bool:
     """Whether `attention_ring`'s launch of `programs` gives its copies to a producer warp of
     their own (`ring_decode(producer=True)`): Triton issues every copy behind a barrier of the
     warps that issue it, so from `_RING_PRODUCER_MIN_COPIES` copies a tile on the four math
     warps wait less on one warp's copies than on their own; only for launches of one wave at one
     program an SM: at two it lost, likely because the other program's math already fills those
     waits (such a program then ran capped at 128 registers a thread, but at one an SM capped or
-    not came out even, so the cap is not why). Flash-LoRA's split launches at 64-key tiles
-    (blocks of 16 or 32: 12 or 6 copies a tile) take it from 6 copies, sized for one an SM.
+    not came out even, so the cap is not why). Split launches at 64-key tiles (blocks of 16 or
+    32: 8 or 4 copies a tile, Flash-LoRA 12 or 6), sized for one an SM, take it from
+    `_RING_PRODUCER_MIN_COPIES_SPLIT` copies (see `_ring_split`).
 
     H200, same run (bf16, Hq 32, Hkv 8, D 128, us, two passes; the plan against the plan with
     this off, SDPA on contiguous K/V; bench/RESULTS.md Run V): blocks of 16, 128-key tiles (16
@@ -748,7 +762,7 @@ def _ring_producer(block_size: int, block_n: int, lora: int, programs: int, sms:
     39.1 / 41.2 vs 45.1 / 46.7; blocks of 16 (12) 8 × 4K 41.1 / 41.4 vs 41.9 / 43.1 (paged 38.1),
     1 × 32K 41.5 / 42.8 vs 42.6 / 43.4, 2 × 4K 17.0 / 17.6 vs 18.1 / 18.7, 4 × 16K 72.8 / 73.7 vs
     71.8 / 73.6 (the one shape it did not gain)."""
-    least = _RING_PRODUCER_MIN_COPIES_LORA_SPLIT if lora and lora_split else _RING_PRODUCER_MIN_COPIES
+    least = _RING_PRODUCER_MIN_COPIES_SPLIT if split else _RING_PRODUCER_MIN_COPIES
     copies = _ring_copies(block_size, block_n, lora)
     return programs <= sms and least <= copies <= _RING_PRODUCER_MAX_COPIES and attention_ring.producer_available()
 
