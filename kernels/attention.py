@@ -684,7 +684,7 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
       same run, two passes averaged, two / three slots): blocks of 16, 1 × 8K 15.9 / 16.2 vs
       17.1 (SDPA 15.5), 2 × 4K 15.7 / 16.0 vs 16.5 (SDPA 15.0), 4 × 4K 23.7 / 23.6 vs 24.1, 2 ×
       8K 24.0 / 24.1 vs 24.6, 8 × 4K 39.4 / 38.7 vs 39.6 (SDPA 38.3), 1 × 32K 40.5 / 40.1 vs
-      40.3 (SDPA 38.4), 4 × 16K 72.0 / 69.7 vs 69.3 (the one it lost); blocks of 32, 8 × 4K
+      40.2 (SDPA 38.4), 4 × 16K 71.9 / 69.7 vs 69.3 (the one it lost); blocks of 32, 8 × 4K
       38.8 / 38.1 vs 38.8, 1 × 32K 39.8 / 39.3 vs 39.4 (bench/RESULTS.md, Run X). Flash-LoRA
       only this way: with L's, 12 copies a tile at blocks of 16, its launches at two an SM came
       within 3% either way of `_attn_fwd`.

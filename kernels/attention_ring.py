@@ -290,7 +290,7 @@ if gluon is not None:
         P·V (and P·L) once V (and L) have. H200, same run (bf16, Hq 32, Hkv 8, D 128, us, two
         passes averaged; against one barrier a tile, and Flash-LoRA r = 8 / 64, blocks of 16
         unless said): Flash-LoRA 1 × 4K 11.9 / 12.0 vs 12.6 / 12.7 (paged 11.3), 8 × 4K 39.8 /
-        40.0 vs 41.0 / 41.3, 1 × 32K r = 64 42.0 vs 42.3, 16 × 4K 67.8 / 67.9 vs 68.0 / 68.2,
+        40.0 vs 41.0 / 41.2, 1 × 32K r = 64 42.0 vs 42.3, 16 × 4K 67.8 / 67.9 vs 68.0 / 68.2,
         16 × 32K r = 8 491.7 vs 492.7, blocks of 32 16 × 4K r = 8 66.5 vs 67.8, 8 × 4K r = 64
         39.9 vs 39.7; paged 16 × 4K 67.0 vs 67.8 (SDPA 64.4), 14 × 4K 58.5 vs 58.9, 16 × 32K
         483.9 vs 485.6, 1 × 4K 11.4 vs 11.3; blocks of 32 12 × 4K 50.9 vs 51.1, 16 × 32K 479.4
