@@ -36,7 +36,8 @@ the launch can give them to a producer warp of their own (``producer``, warp spe
 Triton 3.6 issues every TMA copy behind a barrier of all the warps that issue it, which the
 four math warps then wait through 8 to 24 times a tile; one warp issuing them waits alone, and
 the math warps only wait for the slot to land and hand it back (an ``empty`` mbarrier a slot).
-With a copy or two a tile the hand-back costs more than it saves (see
+There K comes first on a barrier of its own, so that QK^T and the softmax run while V (and L)
+land. With a copy or two a tile the hand-back costs more than it saves (see
 `kernels.attention._ring_producer`).
 
 Gluon kernels do not run under ``TRITON_INTERPRET``: the launch plan never picks this one off a
