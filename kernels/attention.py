@@ -701,9 +701,9 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
         block_n, per_sms, min_tiles = 128, (1,), _RING_SPLIT_MIN_TILES_WIDE
     else:  # one program an SM through the producer warp, else (paged) two without it
         block_n, per_sms, min_tiles = 64, (1,) if lora else (1, 2), _RING_SPLIT_MIN_TILES
+    most = max_ctx // block_n // min_tiles  # splits of at least min_tiles tiles
     for per_sm in per_sms:
         splits = _default_splits(batch, num_kv_heads, max_ctx, block_n, device, per_sm)
-        most = max_ctx // block_n // min_tiles
         splits = min(splits, 1 << (most.bit_length() - 1)) if most >= 1 else 1
         programs = batch * num_kv_heads * splits
         producer = _ring_producer(block_size, block_n, lora, programs, sms, split=block_n == 64)

@@ -272,7 +272,7 @@ if gluon is not None:
                 lr_t = lr_ring.index(slot).reshape([BLOCK_N, R_PAD]).load(b_op)
             _cta_barrier()
             mbarrier.arrive(empty.index(slot))
-        if not RELEASE:
+        else:
             v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
         acc = mma_v2(p, v_t, acc * alpha[:, None])
         if HAS_LORA:
