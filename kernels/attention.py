@@ -91,7 +91,8 @@ _RING_LORA_TILE = 128  # ... at this tile only
 _RING_MAX_TILE_COPIES = 8  # ... and at most this many copies a tile (K, V and L; _ring_blocks_ok),
 _RING_PRODUCER_MAX_COPIES = 24  # ... or this many through a producer warp (_ring_producer),
 _RING_PRODUCER_MIN_COPIES = 8  # which tiles of at least this many copies take (one wave, one an SM),
-_RING_PRODUCER_MIN_COPIES_SPLIT = 4  # ... or this many in split launches of 64-key tiles
+_RING_PRODUCER_MIN_COPIES_SPLIT = 4  # ... or this many in split launches of 64-key tiles,
+_RING_PRODUCER_MIN_COPIES_SPLIT_WIDE = 6  # ... or this many in those of 128-key tiles
 _RING_SPLIT_MIN_TILES = 4  # split ring launches: at least this many 64-key tiles a split (_ring_split),
 _RING_SPLIT_MIN_TILES_WIDE = 16  # ... or this many 128-key ones (one program an SM),
 _RING_SPLIT_MIN_FILL = 0.9  # ... over at least this many programs an SM
@@ -672,14 +673,21 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
       least `_RING_SPLIT_MIN_TILES_WIDE` tiles a split (1 × 32K 37.2 vs 38.4, SDPA 37.5; 8 × 4K
       37.5 vs 38.5, SDPA 37.1; 8 tiles a split lost: 4 × 4K 22.9 vs 22.4, 2 × 8K 23.1 vs 22.5).
       Flash-LoRA too (6 copies a tile with L's; r = 8 / 64: 1 × 32K 39.2 / 40.2 vs 40.3 / 41.2,
-      8 × 4K 39.7 / 38.9 vs 40.3 / 40.6).
+      8 × 4K 39.7 / 38.9 vs 40.3 / 40.6), through the producer warp since Run Y
+      (`_RING_PRODUCER_MIN_COPIES_SPLIT_WIDE`; us, against the same launch without it, same
+      runs): 1 × 32K r = 64 40.07 / 39.62 / 40.22 vs 40.47 / 40.29 / 40.68 (three runs), r = 16
+      38.87 vs 39.45, r = 8 39.10 vs 39.20; 8 × 4K r = 64 38.92 vs 39.20; 2 × 16K r = 64 39.76 vs
+      40.15, r = 8 38.83 vs 40.56; 8 × 8K r = 64 69.64 vs 69.98, r = 8 68.92 vs 71.39; 4 × 8K
+      r = 64 39.66 vs 39.72; 2 × 32K r = 64 70.52 vs 70.67; 4 × 16K r = 64 71.14 vs 71.54 in one
+      run, 70.27 vs 69.64 in another. Paged decode's 4 copies a tile keep their own warps: with
+      the producer 1 × 32K 37.80 vs 36.86, 4 × 16K 66.22 vs 65.19 (8 × 4K 36.90 vs 37.23).
     - Smaller blocks: 64-key tiles (8 copies a tile at blocks of 16, 4 at 32), at least
       `_RING_SPLIT_MIN_TILES` tiles a split, splits for one program an SM through the producer
       warp (`_ring_producer`), three ring slots from `_RING_SPLIT_DEEP_TILES` tiles a split
-      (Flash-LoRA two); where those fill too few SMs, paged decode takes splits for two an SM
-      without it (the combine's registers allow no more), as it did everywhere before (Run U:
-      blocks of 16, 1 × 32K 39.4 vs 41.3, SDPA 37.5; 8 × 4K 38.4 vs 40.5, SDPA 36.9; 12 × 4K
-      52.9 vs 57.5; blocks of 32, 1 × 32K 39.2 vs 41.3). One an SM with the producer warp (K on
+      (Flash-LoRA too since Run Y, see below); where those fill too few SMs, paged decode takes
+      splits for two an SM without it (the combine's registers allow no more), as it did
+      everywhere before (Run U: blocks of 16, 1 × 32K 39.4 vs 41.3, SDPA 37.5; 8 × 4K 38.4 vs
+      40.5, SDPA 36.9; 12 × 4K 52.9 vs 57.5; blocks of 32, 1 × 32K 39.2 vs 41.3). One an SM with the producer warp (K on
       a barrier of its own, see `attention_ring._ring_consumer`) against two without it (us,
       same run, two passes averaged, two / three slots): blocks of 16, 1 × 8K 15.9 / 16.2 vs
       17.1 (SDPA 15.5), 2 × 4K 15.7 / 16.0 vs 16.5 (SDPA 15.0), 4 × 4K 23.7 / 23.6 vs 24.1, 2 ×
@@ -687,7 +695,12 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
       40.2 (SDPA 38.4), 4 × 16K 71.9 / 69.7 vs 69.3 (the one it lost); blocks of 32, 8 × 4K
       38.8 / 38.1 vs 38.8, 1 × 32K 39.8 / 39.3 vs 39.4 (bench/RESULTS.md, Run X). Flash-LoRA
       only this way: with L's, 12 copies a tile at blocks of 16, its launches at two an SM came
-      within 3% either way of `_attn_fwd`.
+      within 3% either way of `_attn_fwd`. Its three slots (40 KB each at r = 64) against two
+      (us, same run, two passes averaged; paged decode in brackets): blocks of 16, 1 × 32K r = 64
+      41.59 vs 41.84 [39.5], r = 8 39.96 vs 40.71 [39.2], 8 × 4K r = 64 39.98 vs 40.57 [38.4],
+      4 × 16K r = 64 71.88 vs 74.18 [69.6], 2 × 16K r = 64 40.41 vs 40.86 [38.8]; blocks of 32,
+      1 × 32K r = 64 40.47 vs 41.02 [38.9], 8 × 4K r = 64 39.32 vs 39.41 [37.5] (bench/RESULTS.md,
+      Run Y). At 4 tiles a split it lost (1 × 4K r = 64 12.52 vs 12.32), which the rule keeps at two.
     - Over at least `_RING_SPLIT_MIN_FILL` programs an SM: half as many lost (blocks of 16, 1 ×
       2K in 8 splits 10.6 vs 9.2).
     - GQA groups of up to 8: the combine of 16 query heads spills registers.
@@ -706,13 +719,13 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
         splits = _default_splits(batch, num_kv_heads, max_ctx, block_n, device, per_sm)
         splits = min(splits, 1 << (most.bit_length() - 1)) if most >= 1 else 1
         programs = batch * num_kv_heads * splits
-        producer = _ring_producer(block_size, block_n, lora, programs, sms, split=block_n == 64)
+        producer = _ring_producer(block_size, block_n, lora, programs, sms, split=True)
         if block_n == 64 and per_sm == 1 and not producer:
             continue
         if (splits == 1 or programs < _RING_SPLIT_MIN_FILL * sms
                 or not _ring_blocks_ok(block_size, block_n, lora, producer)):
             continue
-        deep = producer and not lora and max_ctx // block_n // splits >= _RING_SPLIT_DEEP_TILES
+        deep = producer and block_n == 64 and max_ctx // block_n // splits >= _RING_SPLIT_DEEP_TILES
         return _Ring(block_n, 3 if deep else 2, splits, producer)
     return None
 
@@ -740,7 +753,8 @@ def _ring_producer(block_size: int, block_n: int, lora: int, programs: int, sms:
     waits (such a program then ran capped at 128 registers a thread, but at one an SM capped or
     not came out even, so the cap is not why). Split launches at 64-key tiles (blocks of 16 or
     32: 8 or 4 copies a tile, Flash-LoRA 12 or 6), sized for one an SM, take it from
-    `_RING_PRODUCER_MIN_COPIES_SPLIT` copies (see `_ring_split`).
+    `_RING_PRODUCER_MIN_COPIES_SPLIT` copies, those at 128-key tiles (blocks of 64: 4 copies,
+    Flash-LoRA 6) from `_RING_PRODUCER_MIN_COPIES_SPLIT_WIDE` (see `_ring_split`).
 
     H200, same run (bf16, Hq 32, Hkv 8, D 128, us, two passes; the plan against the plan with
     this off, SDPA on contiguous K/V; bench/RESULTS.md Run V): blocks of 16, 128-key tiles (16
@@ -762,7 +776,10 @@ def _ring_producer(block_size: int, block_n: int, lora: int, programs: int, sms:
     39.1 / 41.2 vs 45.1 / 46.7; blocks of 16 (12) 8 × 4K 41.1 / 41.4 vs 41.9 / 43.1 (paged 38.1),
     1 × 32K 41.5 / 42.8 vs 42.6 / 43.4, 2 × 4K 17.0 / 17.6 vs 18.1 / 18.7, 4 × 16K 72.8 / 73.7 vs
     71.8 / 73.6 (the one shape it did not gain)."""
-    least = _RING_PRODUCER_MIN_COPIES_SPLIT if split else _RING_PRODUCER_MIN_COPIES
+    if split:
+        least = _RING_PRODUCER_MIN_COPIES_SPLIT if block_n == 64 else _RING_PRODUCER_MIN_COPIES_SPLIT_WIDE
+    else:
+        least = _RING_PRODUCER_MIN_COPIES
     copies = _ring_copies(block_size, block_n, lora)
     return programs <= sms and least <= copies <= _RING_PRODUCER_MAX_COPIES and attention_ring.producer_available()
 
