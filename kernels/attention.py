@@ -682,25 +682,25 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
       run, 70.27 vs 69.64 in another. Paged decode's 4 copies a tile keep their own warps: with
       the producer 1 × 32K 37.80 vs 36.86, 4 × 16K 66.22 vs 65.19 (8 × 4K 36.90 vs 37.23).
     - Smaller blocks: 64-key tiles (8 copies a tile at blocks of 16, 4 at 32), at least
-      `_RING_SPLIT_MIN_TILES` tiles a split, splits for one program an SM through the producer
-      warp (`_ring_producer`), three ring slots from `_RING_SPLIT_DEEP_TILES` tiles a split
-      (Flash-LoRA too since Run Y, see below); where those fill too few SMs, paged decode takes
-      splits for two an SM without it (the combine's registers allow no more), as it did
-      everywhere before (Run U: blocks of 16, 1 × 32K 39.4 vs 41.3, SDPA 37.5; 8 × 4K 38.4 vs
-      40.5, SDPA 36.9; 12 × 4K 52.9 vs 57.5; blocks of 32, 1 × 32K 39.2 vs 41.3). One an SM with the producer warp (K on
-      a barrier of its own, see `attention_ring._ring_consumer`) against two without it (us,
-      same run, two passes averaged, two / three slots): blocks of 16, 1 × 8K 15.9 / 16.2 vs
-      17.1 (SDPA 15.5), 2 × 4K 15.7 / 16.0 vs 16.5 (SDPA 15.0), 4 × 4K 23.7 / 23.6 vs 24.1, 2 ×
-      8K 24.0 / 24.1 vs 24.6, 8 × 4K 39.4 / 38.7 vs 39.6 (SDPA 38.3), 1 × 32K 40.5 / 40.1 vs
-      40.2 (SDPA 38.4), 4 × 16K 71.9 / 69.7 vs 69.3 (the one it lost); blocks of 32, 8 × 4K
-      38.8 / 38.1 vs 38.8, 1 × 32K 39.8 / 39.3 vs 39.4 (bench/RESULTS.md, Run X). Flash-LoRA
-      only this way: with L's, 12 copies a tile at blocks of 16, its launches at two an SM came
-      within 3% either way of `_attn_fwd`. Its three slots (40 KB each at r = 64) against two
-      (us, same run, two passes averaged; paged decode in brackets): blocks of 16, 1 × 32K r = 64
-      41.59 vs 41.84 [39.5], r = 8 39.96 vs 40.71 [39.2], 8 × 4K r = 64 39.98 vs 40.57 [38.4],
-      4 × 16K r = 64 71.88 vs 74.18 [69.6], 2 × 16K r = 64 40.41 vs 40.86 [38.8]; blocks of 32,
-      1 × 32K r = 64 40.47 vs 41.02 [38.9], 8 × 4K r = 64 39.32 vs 39.41 [37.5] (bench/RESULTS.md,
-      Run Y). At 4 tiles a split it lost (1 × 4K r = 64 12.52 vs 12.32), which the rule keeps at two.
+      `_RING_SPLIT_MIN_TILES` tiles a split, splits for one program an SM through the producer warp
+      (`_ring_producer`), three ring slots from `_RING_SPLIT_DEEP_TILES` tiles a split (Flash-LoRA
+      too since Run Y, see below); where those fill too few SMs, paged decode takes splits for two
+      an SM without it (the combine's registers allow no more), as it did everywhere before (Run U:
+      blocks of 16, 1 × 32K 39.4 vs 41.3, SDPA 37.5; 8 × 4K 38.4 vs 40.5, SDPA 36.9; 12 × 4K 52.9 vs
+      57.5; blocks of 32, 1 × 32K 39.2 vs 41.3). One an SM with the producer warp (K on a barrier of
+      its own, see `attention_ring._ring_consumer`) against two without it (us, same run, two passes
+      averaged, two / three slots): blocks of 16, 1 × 8K 15.9 / 16.2 vs 17.1 (SDPA 15.5), 2 × 4K
+      15.7 / 16.0 vs 16.5 (SDPA 15.0), 4 × 4K 23.7 / 23.6 vs 24.1, 2 × 8K 24.0 / 24.1 vs 24.6, 8 ×
+      4K 39.4 / 38.7 vs 39.6 (SDPA 38.3), 1 × 32K 40.5 / 40.1 vs 40.2 (SDPA 38.4), 4 × 16K 71.9 /
+      69.7 vs 69.3 (the one it lost); blocks of 32, 8 × 4K 38.8 / 38.1 vs 38.8, 1 × 32K 39.8 / 39.3
+      vs 39.4 (bench/RESULTS.md, Run X). Flash-LoRA only this way: with L's, 12 copies a tile at
+      blocks of 16, its launches at two an SM came within 3% either way of `_attn_fwd`. Its three
+      slots (40 KB each at r = 64) against two (us, same run, two passes averaged; paged decode in
+      brackets): blocks of 16, 1 × 32K r = 64 41.59 vs 41.84 [39.5], r = 8 39.96 vs 40.71 [39.2], 8
+      × 4K r = 64 39.98 vs 40.57 [38.4], 4 × 16K r = 64 71.88 vs 74.18 [69.6], 2 × 16K r = 64 40.41
+      vs 40.86 [38.8]; blocks of 32, 1 × 32K r = 64 40.47 vs 41.02 [38.9], 8 × 4K r = 64 39.32 vs
+      39.41 [37.5] (bench/RESULTS.md, Run Y). At 4 tiles a split it lost (1 × 4K r = 64 12.52 vs
+      12.32), which the rule keeps at two.
     - Over at least `_RING_SPLIT_MIN_FILL` programs an SM: half as many lost (blocks of 16, 1 ×
       2K in 8 splits 10.6 vs 9.2).
     - GQA groups of up to 8: the combine of 16 query heads spills registers.
@@ -725,6 +725,7 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
         if (splits == 1 or programs < _RING_SPLIT_MIN_FILL * sms
                 or not _ring_blocks_ok(block_size, block_n, lora, producer)):
             continue
+        # (never three 128-key slots: with Flash-LoRA's L they would not fit an SM's shared memory)
         deep = producer and block_n == 64 and max_ctx // block_n // splits >= _RING_SPLIT_DEEP_TILES
         return _Ring(block_n, 3 if deep else 2, splits, producer)
     return None
