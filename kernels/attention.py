@@ -701,6 +701,14 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
       vs 40.86 [38.8]; blocks of 32, 1 × 32K r = 64 40.47 vs 41.02 [38.9], 8 × 4K r = 64 39.32 vs
       39.41 [37.5] (bench/RESULTS.md, Run Y). At 4 tiles a split it lost (1 × 4K r = 64 12.52 vs
       12.32), which the rule keeps at two.
+    - Paged decode in blocks of 16 and 32 takes 128-key tiles first (16 or 8 copies a tile,
+      through the producer warp), by the rule of blocks of 64, since Run Y; against the 64-key
+      tiles it took before (us, same run, two passes averaged; SDPA in brackets): blocks of 16,
+      1 × 32K 38.49 vs 39.02 [37.54], 8 × 4K 37.55 vs 37.72 [37.63], 4 × 16K 68.15 vs 68.13
+      [66.61]; blocks of 32, 1 × 32K 37.77 vs 38.63 [37.50]. Where that would leave splits of
+      under 16 tiles it lost (1 × 8K, 16 splits of 4, 15.82 vs 15.65 [15.17]); the rule keeps
+      64-key ones there. Three 128-key slots lost (1 × 32K 40.55). Flash-LoRA keeps 64-key tiles
+      (24 copies a 128-key tile with L's at blocks of 16: 1 × 32K r = 64 41.33 vs 41.02).
     - Over at least `_RING_SPLIT_MIN_FILL` programs an SM: half as many lost (blocks of 16, 1 ×
       2K in 8 splits 10.6 vs 9.2).
     - GQA groups of up to 8: the combine of 16 query heads spills registers.
@@ -710,22 +718,25 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
             or block_size >= 128 or max_ctx < _RING_MIN_KEYS or lora > _RING_LORA_MAX_RPAD):
         return None
     sms = _num_sms(device)
+    wide = (128, 1, _RING_SPLIT_MIN_TILES_WIDE)  # (key tile, programs an SM, least tiles a split)
     if block_size >= 64:
-        block_n, per_sms, min_tiles = 128, (1,), _RING_SPLIT_MIN_TILES_WIDE
-    else:  # one program an SM through the producer warp, else (paged) two without it
-        block_n, per_sms, min_tiles = 64, (1,) if lora else (1, 2), _RING_SPLIT_MIN_TILES
-    most = max_ctx // block_n // min_tiles  # splits of at least min_tiles tiles
-    for per_sm in per_sms:
+        choices = (wide,)
+    elif lora:  # (24 copies a 128-key tile at blocks of 16)
+        choices = ((64, 1, _RING_SPLIT_MIN_TILES),)
+    else:
+        choices = (wide, (64, 1, _RING_SPLIT_MIN_TILES), (64, 2, _RING_SPLIT_MIN_TILES))
+    for block_n, per_sm, min_tiles in choices:
+        most = max_ctx // block_n // min_tiles  # splits of at least min_tiles tiles
         splits = _default_splits(batch, num_kv_heads, max_ctx, block_n, device, per_sm)
         splits = min(splits, 1 << (most.bit_length() - 1)) if most >= 1 else 1
         programs = batch * num_kv_heads * splits
         producer = _ring_producer(block_size, block_n, lora, programs, sms, split=True)
-        if block_n == 64 and per_sm == 1 and not producer:
+        if block_size < 64 and per_sm == 1 and not producer:
             continue
         if (splits == 1 or programs < _RING_SPLIT_MIN_FILL * sms
                 or not _ring_blocks_ok(block_size, block_n, lora, producer)):
             continue
-        # (never three 128-key slots: with Flash-LoRA's L they would not fit an SM's shared memory)
+        # (never three 128-key slots: they lost, and with Flash-LoRA's L would not fit an SM)
         deep = producer and block_n == 64 and max_ctx // block_n // splits >= _RING_SPLIT_DEEP_TILES
         return _Ring(block_n, 3 if deep else 2, splits, producer)
     return None

@@ -83,11 +83,15 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False)
     (16, 4096, dict(dtype=torch.float16), (128, 2)),
     (16, 4096, dict(dtype=torch.float32), None),
     # split launches in blocks of under 128 keys: (tile, slots, splits)
-    (1, 32768, dict(bs=16), (64, 3, 16, "producer")),  # one an SM, a producer warp; 32 tiles a split: 3 slots
-    (1, 4096, dict(bs=16), (64, 2, 16, "producer")),   # ... but at least 4 tiles a split
+    # one an SM, a producer warp: 128-key tiles where splits of at least 16 of them fill the SMs
+    (1, 32768, dict(bs=16), (128, 2, 16, "producer")),  # 16 copies a tile
+    (1, 32768, dict(bs=32), (128, 2, 16, "producer")),  # 8
+    (8, 4096, dict(bs=16), (128, 2, 2, "producer")),
+    (4, 16384, dict(bs=16), (128, 2, 4, "producer")),
+    (1, 8192, dict(bs=16), (64, 2, 16, "producer")),   # ... else 64-key ones (4 splits of 16 would fill 32 SMs)
+    (1, 4096, dict(bs=16), (64, 2, 16, "producer")),   # ... of at least 4 tiles a split
     (2, 4096, dict(bs=16), (64, 2, 8, "producer")),
     (1, 4096, dict(bs=32), (64, 2, 16, "producer")),   # 4 copies a tile
-    (8, 4096, dict(bs=16), (64, 3, 2, "producer")),
     (4, 4096, dict(bs=32), (64, 2, 4, "producer")),    # 16 tiles a split: 2 slots
     (3, 4096, dict(bs=32), (64, 2, 8)),     # one an SM would fill 0.7 of the SMs: two an SM, no producer warp
     (8, 4096, dict(bs=64), (128, 2, 2)),    # one an SM: 128-key tiles, two copies each
@@ -113,7 +117,7 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False)
     (1, 32768, dict(bs=64, lora=True, rank=128), None),        # L tiles too wide
     (8, 4096, dict(bs=64, lora=True, lr_bs=128), None),        # L blocks that split no tile as K/V's do
     (8, 4096, dict(bs=16, hq=128), None),      # GQA groups over 8: the combine would spill
-    (8, 4096, dict(bs=16, hq=64), (64, 3, 2, "producer")),
+    (8, 4096, dict(bs=16, hq=64), (128, 2, 2, "producer")),
 ])
 def test_plan_takes_the_ring_kernel_where_measured(monkeypatch, ring_device, batch, ctx, kw, ring):
     if "producer" in (ring or ()) and not R.producer_available():
@@ -223,7 +227,8 @@ if len(sys.argv) > 8:  # keep the PTX (a debugging aid)
     (64, 2, 4, "bf16", 64, "own+split+producer", 32), (64, 2, 8, "fp16", 16, "shared+split+producer", 32),
     (64, 3, 4, "bf16", 0, "split+producer", 16), (64, 3, 8, "fp16", 0, "split+producer", 32),
     (64, 3, 4, "bf16", 64, "shared+split+producer", 16), (64, 3, 8, "fp16", 8, "own+split+producer", 32),
-    (128, 2, 4, "fp16", 64, "own+split+producer", 64), (128, 2, 8, "bf16", 8, "shared+split+producer", 64)])
+    (128, 2, 4, "fp16", 64, "own+split+producer", 64), (128, 2, 8, "bf16", 8, "shared+split+producer", 64),
+    (128, 2, 4, "bf16", 0, "split+producer", 16), (128, 2, 8, "fp16", 0, "split+producer", 32)])
 def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table, bs):
     """Every configuration the plan picks compiles for sm_90 without spills (but known ones), in the
     shared memory the plan counts on: 64-key tiles three programs an SM (228 KB an SM, 1 KB of it
@@ -314,8 +319,10 @@ def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype,
     # one program an SM, the producer warp (4 copies a tile at blocks of 32, 8 at 16)
     (torch.bfloat16, 32, 4, 32, [2500, 128, 127, 3000, 1, 2222, 999, 3001], 132, (64, 2, 4, "producer")),  # group 8
     (torch.bfloat16, 32, 8, 16, [32001], 132, (64, 2, 16, "producer")),     # one long sequence, 31 tiles a split
-    (torch.float16, 32, 8, 32, [32767], 132, (64, 3, 16, "producer")),      # 32 tiles a split: three slots
-    (torch.bfloat16, 32, 8, 16, [7001, 3, 8191, 4000], 132, (64, 3, 4, "producer")),  # splits with no keys
+    (torch.float16, 32, 8, 32, [32767], 132, (128, 2, 16, "producer")),     # 16 tiles of 128 keys a split, 8 copies each
+    (torch.bfloat16, 32, 8, 16, [32767], 132, (128, 2, 16, "producer")),    # ... 16 copies each
+    (torch.bfloat16, 32, 8, 16, [7001, 3, 8191, 4000], 132, (128, 2, 4, "producer")),  # splits with no keys
+    (torch.float16, 32, 8, 32, [8191, 4000, 77, 6000], 132, (128, 2, 4, "producer")),
     (torch.bfloat16, 32, 8, 16, [4063], 132, (64, 2, 16, "producer")),      # 16 splits of 4 tiles
     (torch.float16, 8, 8, 16, [4063], 132, (64, 2, 16, "producer")),        # GQA group 1
 ])
