@@ -702,14 +702,15 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
       39.41 [37.5] (bench/RESULTS.md, Run Y). At 4 tiles a split it lost (1 × 4K r = 64 12.52 vs
       12.32), which the rule keeps at two.
     - Paged decode in blocks of 16 and 32 takes 128-key tiles first (16 or 8 copies a tile, through
-      the producer warp), by the rule of blocks of 64, since Run Y2; against the 64-key tiles it took
-      before (us, same run, two passes averaged; SDPA in brackets): blocks of 16, 1 × 32K 38.49 vs
-      39.02 [37.54], 8 × 4K 37.55 vs 37.72 [37.63], 4 × 16K 68.15 vs 68.13 [66.61]; blocks of 32, 1
-      × 32K 37.77 vs 38.63 [37.50]. Where that would leave splits of under 16 tiles it lost (1 × 8K,
-      16 splits of 4, 15.82 vs 15.65 [15.17]); the rule keeps 64-key ones there (so paged decode's
-      three 64-key slots are left to launches whose 128-key splits would fill too few SMs). Three
-      128-key slots lost (1 × 32K 40.55). Flash-LoRA keeps 64-key tiles (24 copies a 128-key tile
-      with L's at blocks of 16: 1 × 32K r = 64 41.33 vs 41.02; bench/RESULTS.md, Run Y2).
+      the producer warp), by the rule of blocks of 64, since Run Y2; against the 64-key tiles it
+      took before (us, same run, two passes averaged; SDPA in brackets): blocks of 16, 1 × 32K 38.49
+      vs 39.02 [37.54], 8 × 4K 37.55 vs 37.72 [37.63], 4 × 16K 68.15 vs 68.13 [66.61]; blocks of 32,
+      1 × 32K 37.77 vs 38.63 [37.50]. Where that would leave splits of under 16 tiles it lost (1 ×
+      8K, 16 splits of 4, 15.82 vs 15.65 [15.17]); the rule keeps 64-key ones there. Any split of 32
+      64-key tiles would fill as many SMs with 128-key ones, so paged decode's three 64-key slots
+      are left to blocks of under 16 keys (over 24 copies a 128-key tile). Three 128-key slots lost
+      (1 × 32K 40.55). Flash-LoRA keeps 64-key tiles (24 copies a 128-key tile with L's at blocks of
+      16: 1 × 32K r = 64 41.33 vs 41.02; bench/RESULTS.md, Run Y2).
     - Over at least `_RING_SPLIT_MIN_FILL` programs an SM: half as many lost (blocks of 16, 1 ×
       2K in 8 splits 10.6 vs 9.2).
     - GQA groups of up to 8: the combine of 16 query heads spills registers.

@@ -93,6 +93,7 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False)
     (2, 4096, dict(bs=16), (64, 2, 8, "producer")),
     (1, 4096, dict(bs=32), (64, 2, 16, "producer")),   # 4 copies a tile
     (4, 4096, dict(bs=32), (64, 2, 4, "producer")),    # 16 tiles a split: 2 slots
+    (1, 32768, dict(bs=8), (64, 3, 16, "producer")),   # 32 copies a 128-key tile: 64-key ones, 32 a split: 3 slots
     (3, 4096, dict(bs=32), (64, 2, 8)),     # one an SM would fill 0.7 of the SMs: two an SM, no producer warp
     (8, 4096, dict(bs=64), (128, 2, 2)),    # one an SM: 128-key tiles, two copies each
     (1, 32768, dict(bs=64), (128, 2, 16)),
