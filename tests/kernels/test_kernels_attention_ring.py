@@ -326,6 +326,9 @@ def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype,
     (torch.float16, 32, 8, 32, [8191, 4000, 77, 6000], 132, (128, 2, 4, "producer")),
     (torch.bfloat16, 32, 8, 16, [4063], 132, (64, 2, 16, "producer")),      # 16 splits of 4 tiles
     (torch.float16, 8, 8, 16, [4063], 132, (64, 2, 16, "producer")),        # GQA group 1
+    # blocks of 8 (32 copies a 128-key tile): 64-key tiles, three slots from 32 of them a split
+    (torch.bfloat16, 32, 8, 8, [32767], 132, (64, 3, 16, "producer")),
+    (torch.float16, 32, 8, 8, [32001, 20005], 132, (64, 3, 8, "producer")),
 ])
 def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms,
                                              ring):
