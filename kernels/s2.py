@@ -22,8 +22,8 @@ import math
 import numpy as np
 import torch
 
-from .attention import (_Lora, _S2Args, _check_int_vec, _check_lora, _check_max_seqlen_q, _check_out,
-                        _check_paged, _check_q_kv, _check_scale, _need, _run)
+from .attention import (_Lora, _S2Args, _ValueChecks, _check_int_vec, _check_lora, _check_out, _check_paged,
+                        _check_q_kv, _check_scale, _need, _run)
 
 __all__ = ["S2Pattern", "s2_attention_prefill", "s2_attention_prefill_paged", "s2_attention_decode"]
 
@@ -230,23 +230,35 @@ def s2_attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _need(cu_seqlens_q.shape[0] >= 1, "cu_seqlens_q needs batch + 1 entries")
     batch = cu_seqlens_q.shape[0] - 1
     _check_int_vec("cu_seqlens_k", cu_seqlens_k, batch + 1, q.device)
-    if validate and batch:
-        cq, ck = cu_seqlens_q.long(), cu_seqlens_k.long()
-        _need(int(cq[0]) == 0 and int(cq[-1]) == q.shape[0],
-              f"cu_seqlens_q must start at 0 and end at total_q={q.shape[0]}")
-        _need(int(ck[0]) == 0 and int(ck[-1]) <= k.shape[0],
-              f"cu_seqlens_k must start at 0 and end at most at total_k={k.shape[0]}")
-        lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
-        _need(bool((lq >= 0).all() and (lk >= 0).all()), "cu_seqlens must be non-decreasing")
-        _need(bool((lq <= lk).all()), "every sequence needs len_k >= len_q")
-        _check_max_seqlen_q(lq, max_seqlen_q)
+    if validate and batch:  # one copy to the host for all (kernels.attention._ValueChecks)
+        checks = _ValueChecks()
+        h_q, h_k = checks.fetch(cu_seqlens_q), checks.fetch(cu_seqlens_k)
+        total_q, total_k = q.shape[0], k.shape[0]
+
+        def check(a: list[np.ndarray]) -> str | None:
+            cq, ck = a[h_q], a[h_k]
+            if cq[0] != 0 or cq[-1] != total_q:
+                return f"cu_seqlens_q must start at 0 and end at total_q={total_q}"
+            if ck[0] != 0 or ck[-1] > total_k:
+                return f"cu_seqlens_k must start at 0 and end at most at total_k={total_k}"
+            lq, lk = np.diff(cq), np.diff(ck)
+            if (lq < 0).any() or (lk < 0).any():
+                return "cu_seqlens must be non-decreasing"
+            if (lq > lk).any():
+                return "every sequence needs len_k >= len_q"
+            if max_seqlen_q is not None and int(lq.max()) > max_seqlen_q:
+                return f"max_seqlen_q={max_seqlen_q} is below the longest query run ({int(lq.max())})"
+            return None
+
+        checks.add(check)
+        checks.run()
     return _run(impl, q, k=k, v=v, scale=scale, paged=False, cu_seqlens_q=cu_seqlens_q,
                 cu_seqlens_k=cu_seqlens_k, s2=pattern._kernel_args(), out=out,
                 max_seqlen_q=max_seqlen_q)
 
 
-def _check_reads_stored(pattern: S2Pattern, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                        len_q: torch.Tensor, block_size: int) -> None:
+def _check_reads_stored(checks: _ValueChecks, pattern: S2Pattern, block_tables: torch.Tensor,
+                        seq_lens: torch.Tensor, len_q: torch.Tensor, block_size: int) -> None:
     """A per-head table may hold -1 only where the pattern reads nothing for the batch's queries.
 
     Query token i of sequence b sits in query block ``(seq_lens[b] - len_q[b] + i) // sparse_block``,
@@ -266,15 +278,20 @@ def _check_reads_stored(pattern: S2Pattern, block_tables: torch.Tensor, seq_lens
     i0 = (n - nq).clamp_min(0) // sb
     in_use = (pos[None, :] < n[:, None]) & (nq > 0)[:, None]  # [B, units]
     window = j[None, :] > i0[:, None] - pattern.local_blocks  # [B, units]
-    shard = pattern._shard_mask(int(j[-1]) + 1 if len(j) else 0, dev)[:, j]  # [Hkv, units]
+    last_j = (width * per_block - 1) * unit // sb  # j[-1], known on the host
+    shard = pattern._shard_mask(last_j + 1 if width * per_block else 0, dev)[:, j]  # [Hkv, units]
     reads = in_use[:, None, :] & (window[:, None, :] | shard[None])  # [B, Hkv, units]
     reads = reads.view(batch, hkv, width, per_block).any(-1)
     missing = reads & (block_tables < 0)
-    if bool(missing.any()):
+
+    def message(_) -> str:  # the failure path: where, read back only then
         b, h, blk = (int(x) for x in missing.nonzero()[0])
-        raise ValueError(f"block_tables[{b}, {h}, {blk}] is -1 but the S2 pattern reads that block: "
-                         f"KV head {h} of sequence {b} attends to tokens {blk * block_size}.."
-                         f"{(blk + 1) * block_size - 1} (only blocks the pattern never reads may be -1)")
+        return (f"block_tables[{b}, {h}, {blk}] is -1 but the S2 pattern reads that block: "
+                f"KV head {h} of sequence {b} attends to tokens {blk * block_size}.."
+                f"{(blk + 1) * block_size - 1} (only blocks the pattern never reads may be -1)")
+
+    h = checks.fetch(missing.any())
+    checks.add(lambda a: message(None) if a[h] else None)
 
 
 def _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, pattern, scale, out,
@@ -285,23 +302,27 @@ def _check_paged_s2(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, p
     # A per-KV-head table ``[B, Hkv, W]`` reads caches holding one KV head per block
     # ``[num_blocks, bs, 1, D]`` (cachepool.HeadShardedKVPool's layout); _check_paged checks it.
     per_head = isinstance(block_tables, torch.Tensor) and block_tables.dim() == 3
+    checks = _ValueChecks()  # the value checks of every part below, one sync for all
     batch = _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
-                         num_splits, validate, per_head=per_head, max_seqlen_q=max_seqlen_q)
+                         num_splits, validate, per_head=per_head, max_seqlen_q=max_seqlen_q, checks=checks)
     _check_pattern(pattern, q.shape[1], block_tables.shape[1] if per_head else k_cache.shape[2])
     if validate and per_head and batch:
         if cu_seqlens_q is None:
             len_q = torch.ones(batch, dtype=torch.long, device=q.device)
         else:
             len_q = cu_seqlens_q[1:].long() - cu_seqlens_q[:-1].long()
-        _check_reads_stored(pattern, block_tables, seq_lens, len_q, k_cache.shape[1])
+        _check_reads_stored(checks, pattern, block_tables, seq_lens, len_q, k_cache.shape[1])
     given = [x is not None for x in lora_args]
     if not any(given):
+        checks.run()
         return None
     if not all(given):
         raise ValueError("LoRA inside S2 attention needs lr_cache, lr_block_tables, lora_b and "
                          "adapter_ids together")
     hkv = block_tables.shape[1] if per_head else k_cache.shape[2]
-    return _check_lora(q, k_cache, *lora_args, batch, validate, seq_lens, num_kv_heads=hkv)
+    lora = _check_lora(q, k_cache, *lora_args, batch, validate, seq_lens, num_kv_heads=hkv, checks=checks)
+    checks.run()
+    return lora
 
 
 def s2_attention_prefill_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -478,6 +478,67 @@ def test_bad_inputs_raise_before_writing(device):
     raises(ValueError, paged_attention_prefill, **{**pre, "max_seqlen_q": 0})  # rows would go unwritten
 
 
+def _count_device_reads(monkeypatch) -> dict:
+    """Count the reads of tensor values into Python (each a device sync on a GPU)."""
+    seen = {"reads": 0}
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__index__", "nonzero"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **kw):
+            seen["reads"] += 1
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return seen
+
+
+def test_value_checks_read_the_device_once_and_name_what_is_wrong(device, monkeypatch):
+    """validate=True reads every device value it checks in one copy (one sync a call, Flash-LoRA
+    included), and each failing check names what is wrong; L's table is checked only for the
+    requests with an adapter."""
+    from kernels import attention as A
+
+    q, k, v, bt, sl, lr, lbt, lb, aid = _decode_inputs(device)
+    out = poisoned(q.shape, q.dtype, device)
+    monkeypatch.setattr(A, "_run", lambda *a, **kw: kw["out"])  # the checks alone
+    base = dict(q=q, k_cache=k, v_cache=v, block_tables=bt, seq_lens=sl, scale=0.1, out=out)
+    lora = dict(base, lr_cache=lr, lr_block_tables=lbt, lora_b=lb, adapter_ids=aid)
+    pre = dict(base, cu_seqlens_q=cu([1, 1], device), max_seqlen_q=1)
+    pre_lora = dict(lora, cu_seqlens_q=cu([1, 1], device), max_seqlen_q=1)
+    seen = _count_device_reads(monkeypatch)
+    for fn, kw in ((paged_attention_decode, base), (flash_lora_decode, lora),
+                   (paged_attention_prefill, pre), (flash_lora_prefill, pre_lora)):
+        seen["reads"] = 0
+        fn(**kw)
+        assert seen["reads"] == 1, (fn.__name__, seen["reads"])
+    monkeypatch.undo()
+    monkeypatch.setattr(A, "_run", lambda *a, **kw: kw["out"])
+
+    def rejects(fn, kw, msg):
+        with pytest.raises(ValueError, match=msg):
+            fn(**kw)
+        assert out.isnan().all()
+
+    i32 = dict(dtype=torch.int32, device=device)
+    rejects(paged_attention_decode, dict(base, seq_lens=torch.tensor([20, -3], **i32)), "seq_lens must be >= 0")
+    rejects(paged_attention_decode, dict(base, seq_lens=torch.tensor([20, 65], **i32)),
+            r"block_tables too short: a sequence of 65 tokens needs 5 blocks of 16, the table has 4")
+    bad = bt.clone()
+    bad[1, 0] = -1
+    rejects(paged_attention_decode, dict(base, block_tables=bad), r"block_tables holds block ids outside \[0, ")
+    rejects(flash_lora_decode, dict(lora, adapter_ids=torch.tensor([0, 2], **i32)),
+            r"adapter_ids must be in \[-1, 2\), got values in \[0, 2\]")
+    bad_lr = lbt.clone()
+    bad_lr[1, 0] = lr.shape[0] + 7  # request 1 has no adapter: its L table is never read
+    flash_lora_decode(**dict(lora, lr_block_tables=bad_lr))
+    rejects(flash_lora_decode, dict(lora, lr_block_tables=bad_lr, adapter_ids=torch.tensor([0, 1], **i32)),
+            r"lr_block_tables holds block ids outside")
+    rejects(paged_attention_prefill, dict(pre, cu_seqlens_q=torch.tensor([0, 3, 2], **i32), max_seqlen_q=None),
+            "non-decreasing")
+    rejects(paged_attention_prefill, dict(pre, cu_seqlens_q=torch.tensor([1, 1, 2], **i32)),
+            "cu_seqlens_q must start at 0 and end at total_q=2")
+    rejects(paged_attention_prefill, dict(pre, max_seqlen_q=0), r"max_seqlen_q=0 is below the longest query run \(1\)")
+
+
 def test_too_many_sequences_for_one_launch_raise(device):
     """Sequences ride on the grid's third axis (at most 65535): more is a clear error, not a
     launch failure or rows left unwritten."""
