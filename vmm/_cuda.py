@@ -40,6 +40,7 @@ class CudaBackend(Backend):
     def __init__(self, index: int) -> None:
         cu = _driver()
         self._cu = cu
+        self._success = cu.CUresult.CUDA_SUCCESS
         self.index = index
         self.device = torch.device("cuda", index)
         # torch creates (and makes current) the primary context we then share.
@@ -93,15 +94,22 @@ class CudaBackend(Backend):
     def release(self, handle: Any) -> None:
         self._check("cuMemRelease", self._cu.cuMemRelease(handle))
 
+    # map, set_access and unmap are the allocator's hot path (a few per page mapped): they
+    # compare the status with a cached success value and format an error only on failure.
     def map(self, addr: int, nbytes: int, handle: Any) -> None:
-        self._check("cuMemMap", self._cu.cuMemMap(addr, nbytes, 0, handle, 0), f"{nbytes} bytes at {addr:#x}")
+        result = self._cu.cuMemMap(addr, nbytes, 0, handle, 0)
+        if result[0] != self._success:
+            self._check("cuMemMap", result, f"{nbytes} bytes at {addr:#x}")
 
     def set_access(self, addr: int, nbytes: int) -> None:
-        self._check("cuMemSetAccess", self._cu.cuMemSetAccess(addr, nbytes, self._access, 1),
-                    f"{nbytes} bytes at {addr:#x}")
+        result = self._cu.cuMemSetAccess(addr, nbytes, self._access, 1)
+        if result[0] != self._success:
+            self._check("cuMemSetAccess", result, f"{nbytes} bytes at {addr:#x}")
 
     def unmap(self, addr: int, nbytes: int) -> None:
-        self._check("cuMemUnmap", self._cu.cuMemUnmap(addr, nbytes), f"{nbytes} bytes at {addr:#x}")
+        result = self._cu.cuMemUnmap(addr, nbytes)
+        if result[0] != self._success:
+            self._check("cuMemUnmap", result, f"{nbytes} bytes at {addr:#x}")
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

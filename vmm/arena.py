@@ -18,6 +18,8 @@ from .pool import PagePool, _PoolState
 
 
 def _int(name: str, value: object) -> int:
+    if type(value) is int:  # the common case first: map/unmap sit on the allocator's hot path
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return value

@@ -61,6 +61,10 @@ class _PoolState:
     def acquire(self, n: int) -> tuple[list[int], list[int]]:
         """Take `n` pages (free list first, then new ones) without marking them in use.
         Returns (page ids, the ids among them created by this call) for `give_back`."""
+        if 0 < n <= len(self.free):  # recycled pages only: the common case
+            ids = self.free[-n:][::-1]
+            del self.free[-n:]
+            return ids, []
         free, creatable = len(self.free), self.capacity_pages - len(self.handles)
         if n > free + creatable:
             raise OutOfMemoryError(
