@@ -525,9 +525,10 @@ def _cuda_sms(index: int) -> int:
 
 
 def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: int | None,
-            long: bool = True):
+            long: bool = True, block_size: int = 1):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch. `r_pad`: the P·L accumulator's
-    columns (0: no LoRA); `long`: keys per sequence (decode) or query run (prefill) of 8K and more.
+    columns (0: no LoRA); `long`: keys per sequence (decode) or query run (prefill) of 8K and more;
+    `block_size`: the paged cache's (1: contiguous K/V).
 
     GPU values from `bench/tune_attention.py` on an H200 (bf16, Hq 32, Hkv 8, D 128, block 16):
     decode is memory-bound and wants K/V tiles of 32 KB (128 keys at D 128; "wide") or 16 KB
@@ -551,6 +552,12 @@ def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: i
             bm, bn, warps, stages = (128, 128, 8, 3) if long else (128, 32, 4, 2)
         else:
             bm, bn, warps, stages = 64, 32, 8, 2
+        if r_pad and not long and head_dim <= 128 and block_size % 64 == 0:
+            # Flash-LoRA over short runs, in cache blocks that hold 64-key tiles: its P·L dot
+            # wants the wider key tile (H200, 4 × 4K r = 16, us, same run: blocks of 128 1736 vs
+            # 1819, 64 × 64 tiles 1748; blocks of 16, where such a tile gathers 4 blocks, 2076:
+            # they keep 32-key ones; paged prefill 1620 / 1651)
+            bn = 64
         if r_pad > 32:
             bm = min(bm, 64)  # the P·L accumulator needs registers too
     bm = max(bm, _next_pow2(group))
@@ -994,9 +1001,9 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     max_ctx = key.table[0][-1] * key.kv_shape[1] if paged else key.kv_shape[0]
     long = (max_ctx if decode else key.max_seqlen_q) >= _LONG
     sparse = s2.sparse_block if s2 else None
-    bm, bn, warps, stages = config(d, group, decode, r_pad, sparse, long=long)
-
     block_size = key.kv_shape[1] if paged else 1
+    bm, bn, warps, stages = config(d, group, decode, r_pad, sparse, long=long, block_size=block_size)
+
     if s2 is not None and s2.dense_from >= hkv:
         # Splits follow the keys a head reads (shard + window), not the dense width.
         max_ctx = min(max_ctx, (s2.local_blocks + 1) * s2.sparse_block + max_ctx // s2.vert_stride)

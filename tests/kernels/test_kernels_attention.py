@@ -635,8 +635,13 @@ ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32"
              "SplitCounters": "i32"}
 pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
 decode = variant.startswith("decode")
-# the GPU config, LoRA at r = 64; GQA groups of 4 (of 32: "-g32", the most rows "-single" takes)
-bm, bn, warps, stages = A._config(128, 32 if variant.endswith("-g32") else 4, decode, 64, None)
+# the GPU config, LoRA at r = 64; GQA groups of 4 (of 32: "-g32", the most rows "-single" takes);
+# "prefill-short": Flash-LoRA prefill over short runs in blocks of 128 (64-key tiles; at r = 16
+# with "-r16")
+short = variant.startswith("prefill-short")
+r_cfg = 16 if variant.endswith("-r16") else 64
+bm, bn, warps, stages = A._config(128, 32 if variant.endswith("-g32") else 4, decode, r_cfg, None,
+                                  **(dict(long=False, block_size=128) if short else {}))
 # TMA: K/V (and L) through descriptors at blocks of 128, no S2: full-width tiles, Flash-LoRA at
 # r = 16 with its tail tile shifted and the low-rank cache paged by the K/V table (the engine's
 # base_lr_shared) or by its own ("-own"); paged decode split with the tail masked, or unsplit
@@ -649,8 +654,10 @@ split = decode and variant != "decode-tma-shift-nosplit" and not single
 if single:
     stages = A._SINGLE_STAGES
 r_pad, rank = (32, 16) if tma and not (single and lora) else (64, 64)
+if short:
+    r_pad, rank = r_cfg, r_cfg
 consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=bn,
-              BLOCK_SIZE=128 if tma else 16, LR_BLOCK_SIZE=128 if tma else 16, RANK=rank,
+              BLOCK_SIZE=128 if tma or short else 16, LR_BLOCK_SIZE=128 if tma or short else 16, RANK=rank,
               LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=lora,
               S2=not tma, SPLIT=split, UPCAST=False, FUSE_REDUCE=split, GROUP_P2=4,
               REDUCE_S=A._combine_chunk(4, 128),
@@ -682,7 +689,7 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata
 @pytest.mark.parametrize("variant", ["decode", "decode-shared-table", "decode-prefetch-b", "decode-tma",
                                      "decode-tma-shift-nosplit", "decode-tma-lora", "decode-tma-lora-own",
                                      "decode-tma-single", "decode-tma-lora-single", "decode-tma-lora-single-g32",
-                                     "prefill", "reduce"])
+                                     "prefill", "prefill-short", "prefill-short-r16", "reduce"])
 def test_kernel_compiles_for_hopper(variant):
     """The interpreter accepts code the compiler rejects: compile the widest variants (every flag
     on) for sm_90 without a GPU, in a process without TRITON_INTERPRET, so CPU-only CI catches it."""
