@@ -588,7 +588,7 @@ def test_gpu_decode_and_prefill_realistic(rng_seed, dtype, d, bs):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,r,bs", [(torch.bfloat16, 8, 16), (torch.bfloat16, 64, 16), (torch.float16, 128, 16),
-                                        (torch.bfloat16, 16, 128)])
+                                        (torch.bfloat16, 16, 128), (torch.float16, 64, 64)])
 def test_gpu_flash_lora_realistic(rng_seed, dtype, r, bs):
     device = "cuda"
     hq, hkv, d = 32, 8, 128
