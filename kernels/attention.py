@@ -1023,8 +1023,14 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     if block_size % wide[1] or (key.lora is not None and (r_pad > _TMA_LORA_WIDE_RPAD
                                                           or not _lr_descriptor_ok(key.lora, block_size, wide[1]))):
         tile = (wide[0], max(16, wide[1] // 2), *wide[2:])
-    # K/V a descriptor can address (the ring kernel's condition too, whatever the block size)
-    kv_descriptors = (decode and paged and s2 is None and not per_head_table and key.aligned
+    # K/V a descriptor can address (the ring kernel's condition too, whatever the block size).
+    # S2 decode over a shared cache too, without Flash-LoRA (its tiles start on sparse blocks:
+    # a cache block that holds a tile holds it whole): by TMA where blocks hold the tiles, in
+    # `_attn_fwd` only (never the ring kernel, nor the one-an-SM variant). H200, b = 8, blocks
+    # and sparse blocks of 64, CUDA graph, us, against per-thread loads (other calls, same
+    # code otherwise): stride 16 32K 32.8 vs 34.9-36.1, 64K 48.7 vs 52.8-54.8, 128K 83.0 vs
+    # 90.6; stride 8 32K 48.8 vs 51.9-52.1, 64K 81.8 vs 87.1-87.7 (bench/RESULTS.md, Run Z).
+    kv_descriptors = (decode and paged and (s2 is None or key.lora is None) and not per_head_table and key.aligned
                       and _descriptor_layout(key.kv_shape, key.k_strides)
                       and _descriptor_layout(key.kv_shape, key.v_strides))
     tma = (kv_descriptors and (key.lora is None or _lr_descriptor_ok(key.lora, block_size, tile[1]))
@@ -1046,7 +1052,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         # 197.1 vs 221.9 / 267.2; over 32K keys mixed (16 x 32K 506.4 / 513.5 vs 497.8 / 521.6).
         if tma_single(key.device):
             s1 = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device, 1)
-            single = (s1 == 1 and batch * hkv <= _num_sms(key.device) and tile[0] <= _SINGLE_MAX_ROWS
+            single = (s1 == 1 and s2 is None and batch * hkv <= _num_sms(key.device) and tile[0] <= _SINGLE_MAX_ROWS
                       and key.kv_itemsize <= 2 and max_ctx >= _SINGLE_MIN_TILES * tile[1]
                       and (key.lora is None or max_ctx <= _TMA_LORA_SINGLE_KEYS))
         # The variant runs every tile through one loop (ONE_LOOP): H200, same run, us, vs the
@@ -1102,7 +1108,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     fused = split and decode and fuse_reduce(key.device)
     ring = None
     ring_reduce = 1
-    ring_ok = kv_descriptors and ring_device(key.device) and (key.lora is None or _ring_lr_ok(key.lora, block_size))
+    ring_ok = (kv_descriptors and s2 is None and ring_device(key.device)
+               and (key.lora is None or _ring_lr_ok(key.lora, block_size)))
     ring_lora = attention_ring.lora_pad(r) if key.lora is not None else 0  # its L tile's columns
     if ring_ok:
         # Unsplit launches only: where 2 programs an SM (1 up to one an SM) would not split
