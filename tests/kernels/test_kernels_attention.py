@@ -645,12 +645,13 @@ bm, bn, warps, stages = A._config(128, 32 if variant.endswith("-g32") else 4, de
 # TMA: K/V (and L) through descriptors at blocks of 128, no S2: full-width tiles, Flash-LoRA at
 # r = 16 with its tail tile shifted and the low-rank cache paged by the K/V table (the engine's
 # base_lr_shared) or by its own ("-own"); paged decode split with the tail masked, or unsplit
-# with it shifted ("-shift-nosplit"; see _launch_plan); "-single": one program an SM,
+# with it shifted ("-shift-nosplit"; see _launch_plan; "-s2": S2 decode over a shared cache);
+# "-single": one program an SM,
 # double-buffered, unsplit, one loop over every tile (Flash-LoRA at r = 64, its widest L tiles)
 tma = variant.startswith("decode-tma")
 lora = variant.startswith("decode-tma-lora") or not tma
 single = "-single" in variant
-split = decode and variant != "decode-tma-shift-nosplit" and not single
+split = decode and not variant.startswith("decode-tma-shift-nosplit") and not single
 if single:
     stages = A._SINGLE_STAGES
 r_pad, rank = (32, 16) if tma and not (single and lora) else (64, 64)
@@ -659,7 +660,7 @@ if short:
 consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=bn,
               BLOCK_SIZE=128 if tma or short else 16, LR_BLOCK_SIZE=128 if tma or short else 16, RANK=rank,
               LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=lora,
-              S2=not tma, SPLIT=split, UPCAST=False, FUSE_REDUCE=split, GROUP_P2=4,
+              S2=not tma or variant.endswith("-s2"), SPLIT=split, UPCAST=False, FUSE_REDUCE=split, GROUP_P2=4,
               REDUCE_S=A._combine_chunk(4, 128),
               LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora") or (lora and single),
               PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own") or (lora and single),
@@ -687,7 +688,8 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
 @pytest.mark.parametrize("variant", ["decode", "decode-shared-table", "decode-prefetch-b", "decode-tma",
-                                     "decode-tma-shift-nosplit", "decode-tma-lora", "decode-tma-lora-own",
+                                     "decode-tma-shift-nosplit", "decode-tma-s2", "decode-tma-shift-nosplit-s2",
+                                     "decode-tma-lora", "decode-tma-lora-own",
                                      "decode-tma-single", "decode-tma-lora-single", "decode-tma-lora-single-g32",
                                      "prefill", "prefill-short", "prefill-short-r16", "reduce"])
 def test_kernel_compiles_for_hopper(variant):
