@@ -326,6 +326,28 @@ def test_s2_paged_rejects_missing_blocks_the_pattern_reads(device, decode):
     assert not call(ok).isnan().any()
 
 
+def test_s2_value_checks_read_the_device_once(device, monkeypatch):
+    """validate=True on S2 decode (shared and head-sharded caches, Flash-LoRA inside) reads every
+    device value it checks in one copy: one sync a call."""
+    from test_kernels_attention import _count_device_reads
+
+    import kernels.s2 as S
+
+    p = S2Pattern(8, 16, 2, 4, num_kv_heads=2)
+    lens = [70, 33, 1]
+    (kc, vc, bt), (kh, vh, bth), _ = make_shared_and_sharded(p, lens, 16, 32, torch.float32, device)
+    lr, lbt, lb, aid = make_low_rank(lens, 8, 2, 2, 32, torch.float32, device)
+    sl = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(3, 8, 32, device=device)
+    monkeypatch.setattr(S, "_run", lambda *a, **kw: kw["out"])  # the checks alone
+    seen = _count_device_reads(monkeypatch)
+    for cache, lora in (((kc, vc, bt), {}), ((kh, vh, bth), {}),
+                        ((kc, vc, bt), dict(lr_cache=lr, lr_block_tables=lbt, lora_b=lb, adapter_ids=aid))):
+        seen["reads"] = 0
+        s2_attention_decode(q, *cache, sl, p, 0.1, out=torch.empty_like(q), **lora)
+        assert seen["reads"] == 1, seen["reads"]
+
+
 def test_s2_bad_inputs(device):
     p = S2Pattern(4, 16, 2, 2, num_kv_heads=2)
     q, k, v, cq, ck = _prefill_inputs(p, [5], [9], 16, torch.float16, device)
