@@ -264,7 +264,8 @@ def _check_reads_stored(checks: _ValueChecks, pattern: S2Pattern, block_tables: 
     Query token i of sequence b sits in query block ``(seq_lens[b] - len_q[b] + i) // sparse_block``,
     so the queries span blocks ``i0 .. i1``; they read key block j <= i1 when j is in the head's
     shard or ``j > i0 - local_blocks``. Checked on units of ``gcd(block_size, sparse_block)``
-    tokens, each inside exactly one table entry and one sparse block.
+    tokens, each inside exactly one table entry and one sparse block. Computed on the device and
+    queued on `checks` (read back with the call's other checks, in one copy).
     """
     batch, hkv, width = block_tables.shape
     sb = pattern.sparse_block
