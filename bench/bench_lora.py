@@ -10,9 +10,10 @@ Rows (same run, same card):
 - `lora prefill`, `lora shrink_all`, `lora plan`: a prefill-sized batch, the stacked all-agents
   shrink vs torch's broadcast matmul, and the host cost of building a plan.
 Weights rotate over enough copies to exceed L2 (50 MB), as between layers of a real model.
-Decode-sized rows are timed as a serving engine runs them, captured in a CUDA graph (GPU time,
-launch overhead excluded: at T = 1 each call is a few microseconds of GPU work under tens of
-launch overhead), with eager times (`triton.testing.do_bench`) in the notes.
+The `lora decode`, `lora shared-A` and `lora shrink_all` rows are timed as a serving engine runs
+them, captured in a CUDA graph (GPU time, launch overhead excluded: at T = 1 a call is a few
+microseconds of GPU work under tens of launch overhead), with eager times
+(`triton.testing.do_bench`) in the notes; `lora prefill` stays eager (GPU-bound).
 """
 from __future__ import annotations
 
