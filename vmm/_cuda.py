@@ -66,10 +66,14 @@ class CudaBackend(Backend):
             prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED))
         self.granularity = int(gran)
 
-    def _check(self, call: str, result: Any, detail: str = "") -> Any:
-        cu = self._cu
+    def _check(self, call: str, result: Any, nbytes: int | None = None, addr: int | None = None) -> Any:
+        """The call's value(s), or its error raised. Success is compared with a cached value and
+        the error text (`nbytes`, `addr`) formatted only on failure: map, set_access and unmap
+        run it a few times a page mapped, on the allocator's hot path."""
         err = result[0] if isinstance(result, tuple) else result
-        if err != cu.CUresult.CUDA_SUCCESS:
+        if err != self._success:
+            cu = self._cu
+            detail = "" if nbytes is None else f"{nbytes} bytes" + ("" if addr is None else f" at {addr:#x}")
             try:
                 name = cu.cuGetErrorName(err)[1].decode()
             except Exception:
@@ -81,35 +85,26 @@ class CudaBackend(Backend):
         return None
 
     def reserve(self, nbytes: int, alignment: int) -> int:
-        ptr = self._check("cuMemAddressReserve", self._cu.cuMemAddressReserve(nbytes, alignment, 0, 0),
-                          f"{nbytes} bytes")
+        ptr = self._check("cuMemAddressReserve", self._cu.cuMemAddressReserve(nbytes, alignment, 0, 0), nbytes)
         return int(ptr)
 
     def free_reservation(self, addr: int, nbytes: int) -> None:
-        self._check("cuMemAddressFree", self._cu.cuMemAddressFree(addr, nbytes), f"{nbytes} bytes at {addr:#x}")
+        self._check("cuMemAddressFree", self._cu.cuMemAddressFree(addr, nbytes), nbytes, addr)
 
     def create(self, nbytes: int) -> Any:
-        return self._check("cuMemCreate", self._cu.cuMemCreate(nbytes, self._prop, 0), f"{nbytes} bytes")
+        return self._check("cuMemCreate", self._cu.cuMemCreate(nbytes, self._prop, 0), nbytes)
 
     def release(self, handle: Any) -> None:
         self._check("cuMemRelease", self._cu.cuMemRelease(handle))
 
-    # map, set_access and unmap are the allocator's hot path (a few per page mapped): they
-    # compare the status with a cached success value and format an error only on failure.
     def map(self, addr: int, nbytes: int, handle: Any) -> None:
-        result = self._cu.cuMemMap(addr, nbytes, 0, handle, 0)
-        if result[0] != self._success:
-            self._check("cuMemMap", result, f"{nbytes} bytes at {addr:#x}")
+        self._check("cuMemMap", self._cu.cuMemMap(addr, nbytes, 0, handle, 0), nbytes, addr)
 
     def set_access(self, addr: int, nbytes: int) -> None:
-        result = self._cu.cuMemSetAccess(addr, nbytes, self._access, 1)
-        if result[0] != self._success:
-            self._check("cuMemSetAccess", result, f"{nbytes} bytes at {addr:#x}")
+        self._check("cuMemSetAccess", self._cu.cuMemSetAccess(addr, nbytes, self._access, 1), nbytes, addr)
 
     def unmap(self, addr: int, nbytes: int) -> None:
-        result = self._cu.cuMemUnmap(addr, nbytes)
-        if result[0] != self._success:
-            self._check("cuMemUnmap", result, f"{nbytes} bytes at {addr:#x}")
+        self._check("cuMemUnmap", self._cu.cuMemUnmap(addr, nbytes), nbytes, addr)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)

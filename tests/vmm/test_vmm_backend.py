@@ -38,6 +38,27 @@ def test_cuda_without_device_is_a_clear_error(monkeypatch):
         vmm.get_backend()
 
 
+def test_cuda_driver_status_checks_without_a_device():
+    """The cuda backend's status check (no driver call made): success returns the call's value,
+    a failure names the call and the range, out-of-memory is OutOfMemoryError."""
+    from vmm._cuda import CudaBackend, _driver
+
+    try:
+        cu = _driver()
+    except Exception:
+        pytest.skip("cuda-python is not installed")
+    be = object.__new__(CudaBackend)  # the check alone: no device, no context
+    be._cu, be._success = cu, cu.CUresult.CUDA_SUCCESS
+    assert be._check("cuMemCreate", (cu.CUresult.CUDA_SUCCESS, 1234)) == 1234
+    assert be._check("cuMemMap", (cu.CUresult.CUDA_SUCCESS,), 2 << 20, 0x7F00) is None
+    with pytest.raises(vmm.VmmError, match=r"cuMemMap failed \(2097152 bytes at 0x7f00\): .*CUDA_ERROR_INVALID_VALUE"):
+        be._check("cuMemMap", (cu.CUresult.CUDA_ERROR_INVALID_VALUE,), 2 << 20, 0x7F00)
+    with pytest.raises(vmm.OutOfMemoryError, match=r"cuMemCreate failed \(4096 bytes\)"):
+        be._check("cuMemCreate", (cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY, None), 4096)
+    with pytest.raises(vmm.VmmError, match=r"cuInit failed: "):
+        be._check("cuInit", (cu.CUresult.CUDA_ERROR_NO_DEVICE,))
+
+
 @pytest.mark.gpu
 def test_cuda_backend_properties():
     be = vmm.get_backend("cuda")
