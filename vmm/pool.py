@@ -61,19 +61,19 @@ class _PoolState:
     def acquire(self, n: int) -> tuple[list[int], list[int]]:
         """Take `n` pages (free list first, then new ones) without marking them in use.
         Returns (page ids, the ids among them created by this call) for `give_back`."""
-        if 0 < n <= len(self.free):  # recycled pages only: the common case
-            ids = self.free[-n:][::-1]
-            del self.free[-n:]
-            return ids, []
-        free, creatable = len(self.free), self.capacity_pages - len(self.handles)
-        if n > free + creatable:
-            raise OutOfMemoryError(
-                f"page pool exhausted: need {n} pages of {self.page_size} bytes, have {free} free and "
-                f"room to create {creatable} more (capacity {self.capacity_pages} pages = "
-                f"{self.capacity_pages * self.page_size} bytes, {len(self.refs)} in use)")
+        free = len(self.free)
         take = min(n, free)
-        ids = self.free[len(self.free) - take:][::-1]
-        del self.free[len(self.free) - take:]
+        if n > take:
+            creatable = self.capacity_pages - len(self.handles)
+            if n > free + creatable:
+                raise OutOfMemoryError(
+                    f"page pool exhausted: need {n} pages of {self.page_size} bytes, have {free} free and "
+                    f"room to create {creatable} more (capacity {self.capacity_pages} pages = "
+                    f"{self.capacity_pages * self.page_size} bytes, {len(self.refs)} in use)")
+        ids = self.free[free - take:][::-1]
+        del self.free[free - take:]
+        if take == n:  # recycled pages only: the common case
+            return ids, []
         created: list[int] = []
         try:
             while len(ids) + len(created) < n:
