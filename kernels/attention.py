@@ -1618,9 +1618,9 @@ def _check_scale(scale) -> None:
 
 
 def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int, validate: bool,
-                seq_lens=None, num_kv_heads: int | None = None, checks: _ValueChecks | None = None) -> _Lora:
+                seq_lens=None, num_kv_heads: int | None = None, *, checks: _ValueChecks) -> _Lora:
     """`num_kv_heads`: where k's head dim is not the model's (per-head S2 tables, one head per
-    block). The value checks go on `checks` (run by the caller), or are run here without it."""
+    block). The value checks go on `checks`, which the caller runs (with its paged checks)."""
     _check_tensor("lr_cache", lr_cache, 3, _DTYPES)
     _check_tensor("lora_b", lora_b, 4, _DTYPES)
     if lr_cache.dtype != q.dtype or lora_b.dtype != q.dtype:
@@ -1642,8 +1642,6 @@ def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int
     _check_table("lr_block_tables", lr_block_tables, batch, device)
     _check_int_vec("adapter_ids", adapter_ids, batch, device)
     if validate and batch:
-        own = checks is None
-        checks = _ValueChecks() if own else checks
         n = lora_b.shape[0]
         h_aid = checks.fetch(adapter_ids)
 
@@ -1657,8 +1655,6 @@ def _check_lora(q, k, lr_cache, lr_block_tables, lora_b, adapter_ids, batch: int
         if seq_lens is not None:  # L's table, for the requests with an adapter only
             _check_values(checks, seq_lens, lr_cache.shape[1], lr_block_tables.shape[1], lr_cache.shape[0],
                           lr_block_tables, name="lr_block_tables", adapter_ids=adapter_ids)
-        if own:
-            checks.run()
     return _Lora(lr_cache, lr_block_tables, lora_b, adapter_ids)
 
 
@@ -1695,12 +1691,17 @@ def _check_paged(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scal
         checks = _ValueChecks() if own else checks
         if not decode:
             h_cq, total = checks.fetch(cu_seqlens_q), q.shape[0]
-            checks.add(lambda a: None if a[h_cq][0] == 0 and a[h_cq][-1] == total
-                       else f"cu_seqlens_q must start at 0 and end at total_q={total}")
-            if max_seqlen_q is not None:
-                checks.add(lambda a: None if np.diff(a[h_cq]).max() <= max_seqlen_q
-                           else f"max_seqlen_q={max_seqlen_q} is below the longest query run "
-                           f"({int(np.diff(a[h_cq]).max())})")
+
+            def spans_q(a: list[np.ndarray]) -> str | None:
+                cq = a[h_cq]
+                if cq[0] != 0 or cq[-1] != total:
+                    return f"cu_seqlens_q must start at 0 and end at total_q={total}"
+                longest = int(np.diff(cq).max())
+                if max_seqlen_q is not None and longest > max_seqlen_q:
+                    return f"max_seqlen_q={max_seqlen_q} is below the longest query run ({longest})"
+                return None
+
+            checks.add(spans_q)
         _check_values(checks, seq_lens, k_cache.shape[1], block_tables.shape[-1], k_cache.shape[0],
                       block_tables, cu_seqlens_q=cu_seqlens_q, allow_unused_neg=per_head)
         if own:
