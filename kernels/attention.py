@@ -1030,7 +1030,15 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     # and sparse blocks of 64, CUDA graph, us, against per-thread loads (other calls, same
     # code otherwise): stride 16 32K 32.8 vs 34.9-36.1, 64K 48.7 vs 52.8-54.8, 128K 83.0 vs
     # 90.6; stride 8 32K 48.8 vs 51.9-52.1, 64K 81.8 vs 87.1-87.7 (bench/RESULTS.md, Run Z).
-    kv_descriptors = (decode and paged and (s2 is None or key.lora is None) and not per_head_table and key.aligned
+    # Per-head tables (S2's head-sharded pool: blocks of one KV head, `[blocks, block_size, 1,
+    # D]`) too, in blocks inside one sparse block, as the pool lays them out: a shifted tail
+    # then re-reads only keys of the query's own sparse block, which every head reads, so the
+    # table holds them. H200, b = 8, Hq 32, Hkv 8, D 128, sparse blocks and blocks of 64, CUDA
+    # graph, us, against per-thread loads (same call; bench/RESULTS.md, Run AA): stride 16 32K
+    # 33.4 vs 35.9, 64K 51.1 vs 54.3, 128K 85.6 vs 92.1; stride 8 32K 48.8 vs 52.6, 64K 82.9 vs
+    # 89.0, 128K 150.0 vs 159.2.
+    kv_descriptors = (decode and paged and (s2 is None or key.lora is None) and key.aligned
+                      and (not per_head_table or (s2 is not None and block_size <= s2.sparse_block))
                       and _descriptor_layout(key.kv_shape, key.k_strides)
                       and _descriptor_layout(key.kv_shape, key.v_strides))
     tma = (kv_descriptors and (key.lora is None or _lr_descriptor_ok(key.lora, block_size, tile[1]))

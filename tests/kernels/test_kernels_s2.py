@@ -381,6 +381,78 @@ def test_s2_bad_inputs(device):
         s2_attention_prefill_paged(qd, kh, vh, bth, cq1, torch.zeros_like(sl), p, 0.1)
 
 
+
+@pytest.fixture
+def plan_metas(monkeypatch) -> list:
+    """The constexprs of every launch plan computed while the test runs, latest last."""
+    from kernels import attention as A
+
+    metas, real_plan = [], A._launch_plan
+
+    def spying(key):
+        plan = real_plan(key)
+        metas.append(plan.meta)
+        return plan
+
+    monkeypatch.setattr(A, "_launch_plan", spying)
+    return metas
+
+
+S2_TMA_CASES = [  # (dtype, shared cache's block size, head-sharded pool's, num_splits)
+    (torch.bfloat16, 64, 64, None),
+    (torch.float16, 128, 64, 1),     # unsplit: the tail tile read shifted back
+    (torch.bfloat16, 64, 128, 3),    # pool blocks over a sparse block: per-thread loads
+]
+
+
+@pytest.mark.parametrize("dtype,bs,pool_bs,splits", S2_TMA_CASES)
+def test_s2_decode_through_tma_descriptors(device, rng_seed, monkeypatch, plan_metas, dtype, bs, pool_bs, splits):
+    """S2 decode with K/V tiles by TMA (forced under the interpreter where a tile fits a cache
+    block, the policy's own choice on a GPU): over the shared cache and over the head-sharded pool
+    in blocks inside a sparse block (never in larger ones: a shifted tail tile could re-read keys
+    the head neither reads nor stores). Every slot past a sequence's end is NaN, so a tail tile
+    that lets one through shows."""
+    from kernels import attention as A
+
+    if device == "cpu":
+        monkeypatch.setattr(A, "_tma_loads", lambda dev, block_size, block_n: block_size % block_n == 0)
+    d = 32 if device == "cpu" else 128
+    p = S2Pattern(8, 64, 1, 3, num_kv_heads=2)
+    lens = [643, 1, 0, 130, 257]
+    (k, v, bt), _, _ = make_shared_and_sharded(p, lens, bs, d, dtype, device)
+    _, (kh, vh, bth), stored = make_shared_and_sharded(p, lens, pool_bs, d, dtype, device)
+    # the sharded pool from the shared cache's data: the same keys under both tables
+    for b, n in enumerate(lens):
+        rows = -(-n // pool_bs) * pool_bs
+        seq_k, seq_v = (c[bt[b].long()].flatten(0, 1)[:rows] for c in (k, v))  # [rows, Hkv, D]
+        for lb in range(rows // pool_bs):
+            for h in range(p.num_kv_heads):
+                phys = bth[b, h, lb].item()
+                if phys >= 0:
+                    kh[phys, :, 0] = seq_k[lb * pool_bs:(lb + 1) * pool_bs, h]
+                    vh[phys, :, 0] = seq_v[lb * pool_bs:(lb + 1) * pool_bs, h]
+    for b, n in enumerate(lens):  # NaN past each sequence's end, in both
+        if n % bs:
+            k[bt[b, n // bs], n % bs:] = v[bt[b, n // bs], n % bs:] = float("nan")
+        if n % pool_bs:
+            for h in range(p.num_kv_heads):
+                phys = bth[b, h, n // pool_bs].item()
+                kh[phys, n % pool_bs:] = vh[phys, n % pool_bs:] = float("nan")
+    sl = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(len(lens), p.num_heads, d, device=device).to(dtype)
+    ref = s2_attention_decode_ref(q, k, v, bt, sl, p, 0.2)
+    assert stored < sum(-(-n // pool_bs) for n in lens) * p.num_kv_heads  # the pool really holds less
+    for cache, sharded in (((k, v, bt), False), ((kh, vh, bth), True)):
+        out = torch.full_like(q, float("nan"))
+        s2_attention_decode(q, *cache, sl, p, 0.2, out=out, num_splits=splits)
+        check(out, ref, dtype)
+        meta = plan_metas[-1]
+        block = pool_bs if sharded else bs
+        assert meta["TMA"] is (block % meta["BLOCK_N"] == 0 and (not sharded or block <= p.sparse_block))
+        if not sharded or pool_bs <= p.sparse_block:
+            assert meta["TMA"], "these block sizes hold whole tiles: the descriptor path"
+
+
 # ---------------------------------------------------------------- GPU, realistic sizes
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,stride,homo,dense", [(torch.bfloat16, 8, False, 0), (torch.float16, 16, False, 8),
