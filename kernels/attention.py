@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -49,6 +49,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import attention_ring
 from ._dispatch import choose_impl, interpreter_on
+from ._relaunch import relaunch
+from ._tma import descriptor
 
 __all__ = [
     "paged_attention_decode",
@@ -946,6 +948,10 @@ class _LaunchPlan:
     # go unused but for the workspace and counters of a split launch); None: `_attn_fwd`.
     ring: _Ring | None = None
     ring_reduce: int = 1  # splits a pass of its combine (split ring launches)
+    # The kernels compiled for this plan, launched again without Triton's argument binding
+    # (`_relaunch`): `_attn_fwd`'s and `_split_reduce`'s.
+    compiled: dict = field(default_factory=dict, compare=False, repr=False)
+    reduce_compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 # Each partial of the one workspace starts on 128 B (32 fp32), as its own allocation did: Triton
@@ -1234,7 +1240,7 @@ def _lr_descriptor(lr: torch.Tensor, block_n: int, r_pad: int) -> TensorDescript
     """A TMA descriptor over a low-rank cache ``[blocks, block_size, r]``, copying ``[1, block_n,
     r_pad]`` boxes (columns past r, and slots before 0, are zero-filled by the copy)."""
     nb, bs, r = lr.shape
-    return TensorDescriptor(lr, [nb, bs, r], [bs * r, r, 1], [1, block_n, r_pad])
+    return descriptor(TensorDescriptor, lr, (nb, bs, r), (bs * r, r, 1), (1, block_n, r_pad))
 
 
 def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
@@ -1242,7 +1248,7 @@ def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
     ``[1, block_n, D]`` boxes: one KV head's keys of one tile (slots before 0 zero-filled: see the
     tail tile in `_attn_tile`)."""
     nb, bs, hkv, d = cache.shape
-    return TensorDescriptor(cache, [nb, bs, hkv * d], [bs * hkv * d, hkv * d, 1], [1, block_n, d])
+    return descriptor(TensorDescriptor, cache, (nb, bs, hkv * d), (bs * hkv * d, hkv * d, 1), (1, block_n, d))
 
 
 def _capture_id(stream: int) -> int:
@@ -1324,15 +1330,15 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
         k, v = _kv_descriptor(k, plan.meta["BLOCK_N"]), _kv_descriptor(v, plan.meta["BLOCK_N"])
         if lora is not None:
             lr = _lr_descriptor(lr, plan.meta["BLOCK_N"], plan.meta["R_PAD"])
-    _attn_fwd[plan.grid](
-        q, k, v, lr, lb, out, ws_m, ws_l, ws_acc, counters,
-        block_tables if paged else dummy, lbt, seq_lens if seq_lens is not None else dummy,
-        cu_seqlens_q if cu_seqlens_q is not None else dummy,
-        cu_seqlens_k if cu_seqlens_k is not None else dummy, aid,
-        float(scale) * _LOG2E, *plan.int_args, **plan.meta)
+    relaunch(_attn_fwd, plan.grid,
+             (q, k, v, lr, lb, out, ws_m, ws_l, ws_acc, counters,
+              block_tables if paged else dummy, lbt, seq_lens if seq_lens is not None else dummy,
+              cu_seqlens_q if cu_seqlens_q is not None else dummy,
+              cu_seqlens_k if cu_seqlens_k is not None else dummy, aid, float(scale) * _LOG2E),
+             plan.int_args, plan.meta, plan.compiled)
     if plan.reduce_grid is not None:
-        _split_reduce[plan.reduce_grid](ws_m, ws_l, ws_acc, out, *plan.reduce_args,
-                                        **plan.reduce_meta)
+        relaunch(_split_reduce, plan.reduce_grid, (ws_m, ws_l, ws_acc, out), plan.reduce_args,
+                 plan.reduce_meta, plan.reduce_compiled)
     return out
 
 

@@ -48,8 +48,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
+
+from ._relaunch import relaunch
+from ._tma import descriptor
 
 try:  # Gluon (Triton's explicit-layout dialect) ships with Triton 3.5 and later
     from triton.experimental import gluon
@@ -523,9 +527,9 @@ def _descriptor(cache: torch.Tensor, rows: int, width: int):
     L: rest = r), copying ``[1, rows, width]`` boxes (columns past r, and rows outside the block,
     arrive as zeros)."""
     nb, bs = cache.shape[:2]
-    rest = cache[0, 0].numel()
-    return GluonDescriptor(cache, [nb, bs, rest], [bs * rest, rest, 1], [1, rows, width],
-                           _smem_layout(rows, width, cache.dtype))
+    rest = math.prod(cache.shape[2:])
+    return descriptor(GluonDescriptor, cache, (nb, bs, rest), (bs * rest, rest, 1), (1, rows, width),
+                      _smem_layout(rows, width, cache.dtype))
 
 
 def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -577,14 +581,27 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     else:
         ws_m = ws_l = ws_acc = counters = out  # never read
     group = hq // hkv
-    _ring_decode_kernel[(hkv * num_splits, batch)](
-        q, k_desc, _descriptor(v_cache, chunk, d), lr_desc, b_desc, block_tables, lbt, lb, aid, seq_lens, out,
-        ws_m, ws_l, ws_acc, counters, qk_scale_log2, num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        lbt.stride(0), *lb_strides,
+    meta = dict(
         GROUP=group, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], STAGES=stages,
         ROWS=_ROWS, WARPS=_WARPS, HAS_LORA=lora, RANK=rank, R_PAD=r_pad, LR_BLOCK_SIZE=lr_bs,
         LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split,
         GROUP_P2=1 << (group - 1).bit_length() if split else 1, REDUCE_S=reduce_splits if split else 1,
         PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, B_TMA=b_tma, num_warps=_WARPS)
+    compiled = _COMPILED.get(consts := tuple(meta.values()))
+    if compiled is None:
+        if len(_COMPILED) >= _MAX_VARIANTS:
+            _COMPILED.clear()
+        compiled = _COMPILED[consts] = {}
+    relaunch(_ring_decode_kernel, (hkv * num_splits, batch),
+             (q, k_desc, _descriptor(v_cache, chunk, d), lr_desc, b_desc, block_tables, lbt, lb, aid, seq_lens,
+              out, ws_m, ws_l, ws_acc, counters, qk_scale_log2, num_splits,
+              q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+              lbt.stride(0), *lb_strides),
+             (), meta, compiled)
     return out
+
+
+# The kernels compiled per set of constexprs, launched again without Triton's argument binding
+# (`kernels._relaunch`); a new set past _MAX_VARIANTS starts it afresh.
+_COMPILED: dict[tuple, dict] = {}
+_MAX_VARIANTS = 64
