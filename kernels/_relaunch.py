@@ -8,12 +8,13 @@ more for the binding than for the attention.
 
 `relaunch` keeps the `CompiledKernel` that a first launch returns, under a key of what Triton
 specialises a kernel on that can change between calls: each tensor's dtype and 16-byte
-alignment, each tensor descriptor's dtype, box and layout, each integer's value, each other
-argument's type; and the current device. A later call with the same key launches that compiled
+alignment, each tensor descriptor's dtype, box and layout, each integer's class as Triton sees
+it (1, a multiple of 16, the 32- or 64-bit range), each other argument's type; and the current
+device. A later call with the same key launches that compiled
 kernel directly, with the same argument values Triton itself would pass it; any other goes
 through Triton (and is kept in turn). Arguments the caller declares fixed (`fixed`: those of
 one launch plan, with the constexprs in `meta`) are not keyed: the caller keeps one cache per
-such set.
+such set; `launch` keeps them by kernel and constexprs for call sites without a plan.
 
 Under the interpreter a launch returns nothing to keep, so every call goes through Triton.
 """
@@ -30,9 +31,11 @@ try:
 except ImportError:  # pragma: no cover - a Triton without knobs: always through Triton
     _knobs = None
 
-__all__ = ["relaunch"]
+__all__ = ["launch", "relaunch"]
 
 _MAX_ENTRIES = 64  # kept compiled kernels a cache: a new key past this starts it afresh
+_MAX_CONSTEXPR_SETS = 256  # `launch`'s caches, one per kernel and set of constexprs
+_I32, _I64 = 1 << 31, 1 << 63
 
 
 def _arg_key(a):
@@ -41,8 +44,8 @@ def _arg_key(a):
         return a.dtype, not a.data_ptr() & 15
     if isinstance(a, bool) or a is None:
         return a
-    if isinstance(a, int):
-        return int, a
+    if isinstance(a, int):  # Triton's classes: 1 (a constexpr), multiples of 16, i32 / i64 / u64
+        return int, a == 1, not a & 15, -_I32 <= a < _I32, a < _I64
     if isinstance(a, float):
         return float
     base = getattr(a, "base", None)
@@ -95,3 +98,21 @@ def relaunch(fn, grid: tuple[int, ...], args: tuple, fixed: tuple, meta: dict, c
     kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
                kernel.launch_metadata(grid, stream, *vals),
                _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *vals)
+
+
+_CACHES: dict = {}
+
+
+def launch(fn, grid: tuple[int, ...], args: tuple, meta: dict) -> None:
+    """`relaunch` with every positional argument keyed and the cache chosen by `fn` and the
+    constexprs (and launch options) in `meta`: for call sites without a launch plan to keep one."""
+    try:
+        cache = _CACHES.get(consts := (fn, *meta.items()))
+    except TypeError:  # an unhashable constexpr: through Triton
+        fn[grid](*args, **meta)
+        return
+    if cache is None:
+        if len(_CACHES) >= _MAX_CONSTEXPR_SETS:
+            _CACHES.clear()
+        cache = _CACHES[consts] = {}
+    relaunch(fn, grid, args, (), meta, cache)

@@ -52,7 +52,7 @@ import math
 
 import torch
 
-from ._relaunch import relaunch
+from ._relaunch import launch
 from ._tma import descriptor
 
 try:  # Gluon (Triton's explicit-layout dialect) ships with Triton 3.5 and later
@@ -587,21 +587,9 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split,
         GROUP_P2=1 << (group - 1).bit_length() if split else 1, REDUCE_S=reduce_splits if split else 1,
         PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, B_TMA=b_tma, num_warps=_WARPS)
-    compiled = _COMPILED.get(consts := tuple(meta.values()))
-    if compiled is None:
-        if len(_COMPILED) >= _MAX_VARIANTS:
-            _COMPILED.clear()
-        compiled = _COMPILED[consts] = {}
-    relaunch(_ring_decode_kernel, (hkv * num_splits, batch),
-             (q, k_desc, _descriptor(v_cache, chunk, d), lr_desc, b_desc, block_tables, lbt, lb, aid, seq_lens,
-              out, ws_m, ws_l, ws_acc, counters, qk_scale_log2, num_splits,
-              q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-              lbt.stride(0), *lb_strides),
-             (), meta, compiled)
+    launch(_ring_decode_kernel, (hkv * num_splits, batch),
+           (q, k_desc, _descriptor(v_cache, chunk, d), lr_desc, b_desc, block_tables, lbt, lb, aid, seq_lens,
+            out, ws_m, ws_l, ws_acc, counters, qk_scale_log2, num_splits,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+            lbt.stride(0), *lb_strides), meta)
     return out
-
-
-# The kernels compiled per set of constexprs, launched again without Triton's argument binding
-# (`kernels._relaunch`); a new set past _MAX_VARIANTS starts it afresh.
-_COMPILED: dict[tuple, dict] = {}
-_MAX_VARIANTS = 64

@@ -68,8 +68,8 @@ def test_same_key_launches_directly_with_every_parameter_in_order(fake):
 
 
 def test_what_triton_specialises_on_goes_through_triton(fake):
-    """A new dtype, a pointer off 16-byte alignment, another int value, another grid or device:
-    each a launch through Triton (which may compile another kernel), kept in turn."""
+    """A new dtype, a pointer off 16-byte alignment, an int of another class, another grid or
+    device: each a launch through Triton (which may compile another kernel), kept in turn."""
     a, b = torch.randn(64), torch.randn(64)
     cache: dict = {}
 
@@ -82,13 +82,44 @@ def test_what_triton_specialises_on_goes_through_triton(fake):
     assert go(a.double(), b) == "triton"
     assert go(a[1:], b) == "triton"          # 4 bytes past an aligned start
     assert go(a[4:], b) == "direct"          # 16 bytes past: aligned, the first kernel's key
-    assert go(a, b, n=6) == "triton"
-    assert go(a, b, n=6) == "direct"
+    assert go(a, b, n=7) == "direct"         # another int of the same class
+    assert go(a, b, n=32) == "triton"        # a multiple of 16
+    assert go(a, b, n=48) == "direct"
+    assert go(a, b, n=1) == "triton"         # 1: a constexpr to Triton
+    assert go(a, b, n=1 << 31) == "triton"   # i64
     assert go(a, b, grid=(5,)) == "triton"
     assert go(a, b, n=1.5) == "triton" and go(a, b, n=2.5) == "direct"  # floats: by type only
     R._driver.active.get_current_device = lambda: 1
     assert go(a, b) == "triton"
-    assert len(cache) == 7
+    assert len(cache) == 9
+
+
+def test_int_classes_are_tritons():
+    """Two ints share a key only where Triton specialises them alike (this Triton's own
+    specialisation, on a host of any kind: no GPU needed to ask it)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend
+    except ImportError:
+        pytest.skip("this Triton specialises elsewhere")
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    values = [0, 1, 2, 15, 16, 17, 31, 32, 4096, 4097, -1, -16, -17, (1 << 31) - 1, 1 << 31, -(1 << 31),
+              -(1 << 31) - 1, (1 << 31) + 16, (1 << 63) - 1, 1 << 63, (1 << 63) + 16, (1 << 64) - 1]
+    for x in values:
+        for y in values:
+            if R._arg_key(x) == R._arg_key(y):
+                assert native_specialize_impl(backend, x, False, True, True) == \
+                    native_specialize_impl(backend, y, False, True, True), (x, y)
+
+
+def test_launch_keeps_a_cache_per_constexpr_set(fake, monkeypatch):
+    monkeypatch.setattr(R, "_CACHES", {})
+    a, b = torch.randn(8), torch.randn(8)
+    for block in (16, 32, 16, 32):
+        R.launch(fake, (2,), (a, b, 5), {"BLOCK": block})
+    assert [e[0] for e in fake.log] == ["triton", "triton", "direct", "direct"]
+    assert fake.log[3][2][3] == 32 and len(R._CACHES) == 2
 
 
 def test_unknown_arguments_and_stand_ins_always_go_through_triton(fake):
@@ -114,7 +145,7 @@ def test_unknown_arguments_and_stand_ins_always_go_through_triton(fake):
 def test_a_full_cache_starts_afresh(fake, monkeypatch):
     monkeypatch.setattr(R, "_MAX_ENTRIES", 3)
     cache: dict = {}
-    for n in range(5):
+    for n in (0, 1, 2, 1 << 31, (1 << 31) + 1):  # five classes of int: five keys
         R.relaunch(fake, (1,), (torch.randn(2), torch.randn(2), n), (), {"BLOCK": 16}, cache)
     assert len(cache) == 2  # cleared at the fourth key: the fourth and fifth kept
 
