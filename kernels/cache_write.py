@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from ._dispatch import choose_impl
-from ._relaunch import launch
 
 __all__ = ["write_kv", "write_lowrank", "gather_cache", "write_kv_reference", "write_lowrank_reference"]
 
@@ -101,10 +100,11 @@ def _launch(srcs: list[torch.Tensor], dsts: list[torch.Tensor], slots: torch.Ten
     s0, d0 = srcs[0], dsts[0]
     s1, d1 = (srcs[1], dsts[1]) if len(srcs) == 2 else (s0, d0)
     grid = (T, triton.cdiv(H, BLOCK_H))
-    launch(_scatter_rows_kernel, grid, (
+    _scatter_rows_kernel[grid](
         s0, d0, s1, d1, slots, H, D, block_size,
         *s0.stride(), *d0.stride(), *s1.stride(), *d1.stride(),
-    ), dict(PAIR=len(srcs) == 2, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D))
+        PAIR=len(srcs) == 2, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+    )
 
 
 def _torch_write(x: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:

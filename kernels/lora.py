@@ -33,7 +33,6 @@ import triton
 import triton.language as tl
 
 from ._dispatch import choose_impl
-from ._relaunch import launch
 
 __all__ = ["LoraPlan", "lora_plan", "lora_shrink", "lora_expand", "lora_shrink_all", "shares_one_a"]
 
@@ -309,19 +308,18 @@ def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale
     dummy = out  # pointer arguments that a mode does not read
     grid = (m_tiles, _cdiv(N, block_n), split)
     k_per_split = _cdiv(_cdiv(K, split), block_k) * block_k
-    launch(_sgmv_kernel, grid, (
+    _sgmv_kernel[grid](
         inp, w, target,
         ids if ids is not None else dummy,
         plan.tiles if segmented else dummy,
         plan.order if segmented else dummy,
         M, N, K, R, k_per_split, float(scale),
         inp.stride(0), inp.stride(1), *w_strides, s_os, s_oa, s_om, s_on,
-    ), dict(
         SEGMENTED=segmented, HAS_IDS=ids is not None, ADD_INPUTS=add,
         # fp32 keeps fp32 math (no tf32); the interpreter's tl.dot mishandles bf16 operands.
         DOT_F32=inp.dtype == torch.float32 or (inp.dtype == torch.bfloat16 and not inp.is_cuda),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-    ))
+    )
     if split > 1:
         torch.sum(target, dim=0, out=out)  # fp32 sum, cast on write: one launch
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import choose_impl
-from ._relaunch import launch as launch_kernel
 
 try:  # triton is optional: without it only the torch fallbacks run
     import triton
@@ -302,12 +301,13 @@ def router_topk(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = 
     w = torch.empty((T, top_k), dtype=torch.float32, device=dev)
     ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)
     grid = (triton.cdiv(T, block_t),)
-    launch_kernel(_router_topk_kernel, grid, (
-        router_logits, w, ids, adapter_ids.contiguous() if reroute else ids, expert_map if reroute else ids,
-        T, E, router_logits.stride(0), router_logits.stride(1), expert_map.stride(0) if reroute else 0,
-        expert_map.stride(1) if reroute else 0,
-    ), dict(TOP_K=top_k, K_PAD=_next_pow2(top_k), BLOCK_T=block_t, BLOCK_E=block_e,
-            RENORM=bool(renormalize), REROUTE=reroute))
+    _router_topk_kernel[grid](router_logits, w, ids,
+                              adapter_ids.contiguous() if reroute else ids,
+                              expert_map if reroute else ids, T, E, router_logits.stride(0),
+                              router_logits.stride(1), expert_map.stride(0) if reroute else 0,
+                              expert_map.stride(1) if reroute else 0,
+                              TOP_K=top_k, K_PAD=_next_pow2(top_k), BLOCK_T=block_t, BLOCK_E=block_e,
+                              RENORM=bool(renormalize), REROUTE=reroute)
     return w, ids
 
 
@@ -570,18 +570,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     rw = topk_weights.reshape(-1).to(torch.float32).contiguous()
     act = torch.empty((n_pairs, inter), dtype=x.dtype, device=x.device)
     grid1 = (triton.cdiv(em, bm) * triton.cdiv(inter, bn),)
-    launch_kernel(_moe_gemm_kernel, grid1, (
+    _moe_gemm_kernel[grid1](
         x, w13, act, rw, sorted_ids, expert_ids, num_post, inter, H, em, n_pairs, inter,
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
         act.stride(0), act.stride(1),
-    ), dict(A_DIV=K, GATED=True, MUL_WEIGHT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-            PRECISION=precision, DOT_F32=dot_f32, **launch))
+        A_DIV=K, GATED=True, MUL_WEIGHT=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+        PRECISION=precision, DOT_F32=dot_f32, **launch)
     per_choice = torch.empty((n_pairs, H), dtype=torch.float32, device=x.device)
     grid2 = (triton.cdiv(em, bm) * triton.cdiv(H, bn),)
-    launch_kernel(_moe_gemm_kernel, grid2, (
+    _moe_gemm_kernel[grid2](
         act, w2, per_choice, rw, sorted_ids, expert_ids, num_post, H, inter, em, n_pairs, 0,
         act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
         per_choice.stride(0), per_choice.stride(1),
-    ), dict(A_DIV=1, GATED=False, MUL_WEIGHT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
-            PRECISION=precision, DOT_F32=dot_f32, **launch))
+        A_DIV=1, GATED=False, MUL_WEIGHT=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm,
+        PRECISION=precision, DOT_F32=dot_f32, **launch)
     return per_choice.view(T, K, H).sum(dim=1).to(x.dtype)
