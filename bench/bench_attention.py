@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import compare, copy_time_ms, graph_time_ms, record_benchmark, sync, time_ms
+from common import compare, copy_time_ms, graph_time_ms, host_us_per_call, record_benchmark, sync, time_ms
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -211,24 +211,6 @@ def test_prefill(benchmark, seq, bs):
     _free()
 
 
-def _host_us_per_call(fn, *, calls: int = 300, rounds: int = 7) -> float:
-    """Host time of one eager call, calls back to back (the GPU work queues behind them), best of
-    `rounds`: what a caller without CUDA graphs pays a call before the GPU does anything."""
-    import time
-
-    for _ in range(30):
-        fn()
-    sync()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-        sync()
-    return best
-
-
 def test_eager_host_time(benchmark):
     """`attn eager host`: host time of an eager call (after the first, which compiles), ours
     against SDPA's eager call on contiguous K/V; no issue sets a goal (the engine replays decode
@@ -252,7 +234,7 @@ def test_eager_host_time(benchmark):
     kc = k[table.flatten().long()].view(1, ctx, HKV, D).transpose(1, 2).contiguous()
     vc = v[table.flatten().long()].view(1, ctx, HKV, D).transpose(1, 2).contiguous()
     q4 = q.view(1, HQ, 1, D)
-    t_sdpa = _host_us_per_call(lambda: F.scaled_dot_product_attention(q4, kc, vc, scale=SCALE, enable_gqa=True))
+    t_sdpa = host_us_per_call(lambda: F.scaled_dot_product_attention(q4, kc, vc, scale=SCALE, enable_gqa=True))
     calls = {
         "paged decode 1×4K bs=128": lambda: paged_attention_decode(q, k, v, table, sl, SCALE, out=out,
                                                                    validate=False),
@@ -264,7 +246,7 @@ def test_eager_host_time(benchmark):
                                                                           max_seqlen_q=512, validate=False),
     }
     for case, fn in calls.items():
-        compare("attn eager host", case, ours=(case.split(" 1×")[0].split(" 512")[0], _host_us_per_call(fn)),
+        compare("attn eager host", case, ours=(case.split(" 1×")[0].split(" 512")[0], host_us_per_call(fn)),
                 base=("SDPA eager call, 1×4K", t_sdpa), unit="us",
                 note="host time a call, back to back (best of 7 × 300)")
     record_benchmark(benchmark, calls["paged decode 1×4K bs=128"])

@@ -115,6 +115,22 @@ def host_time_us(fn: Callable[[], object], *, repeat: int = 200, sync_each: bool
     return statistics.median(times)
 
 
+def host_us_per_call(fn: Callable[[], object], *, calls: int = 300, rounds: int = 7, warmup: int = 30) -> float:
+    """Host time of one call in µs, `calls` back to back (GPU work queues behind them), best of
+    `rounds` (the least disturbed by other work on the machine); synchronised between rounds."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        sync()
+    return best
+
+
 def card_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 

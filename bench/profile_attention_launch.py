@@ -19,7 +19,6 @@ import cProfile
 import os
 import pstats
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 os.environ.pop("TRITON_INTERPRET", None)
@@ -27,6 +26,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
+from common import host_us_per_call  # noqa: E402
 import kernels.attention as A  # noqa: E402
 from kernels.s2 import S2Pattern, s2_attention_decode  # noqa: E402
 
@@ -78,15 +78,7 @@ def cases() -> dict:
 
 def us_per_call(fn, calls: int = 20000, repeats: int = 5) -> float:
     """Best of `repeats` timings (the least disturbed by other work on the machine)."""
-    for _ in range(500):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-    return best
+    return host_us_per_call(fn, calls=calls, rounds=repeats, warmup=500)
 
 
 def main() -> None:

@@ -83,23 +83,6 @@ def check(out, ref, dtype):
     assert err < TOL[dtype], err
 
 
-@pytest.fixture
-def plan_metas(monkeypatch) -> list:
-    """The constexprs of every launch plan computed while the test runs, latest last."""
-    from kernels import attention as A
-
-    metas = []
-    real_plan = A._launch_plan
-
-    def spying(key):
-        plan = real_plan(key)
-        metas.append(plan.meta)
-        return plan
-
-    monkeypatch.setattr(A, "_launch_plan", spying)
-    return metas
-
-
 # ---------------------------------------------------------------- CPU (interpreter) + GPU
 DECODE_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits)
     (torch.bfloat16, 4, 2, 32, 16, [37, 1, 0, 50], None),

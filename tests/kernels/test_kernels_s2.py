@@ -382,22 +382,6 @@ def test_s2_bad_inputs(device):
 
 
 
-@pytest.fixture
-def plan_metas(monkeypatch) -> list:
-    """The constexprs of every launch plan computed while the test runs, latest last."""
-    from kernels import attention as A
-
-    metas, real_plan = [], A._launch_plan
-
-    def spying(key):
-        plan = real_plan(key)
-        metas.append(plan.meta)
-        return plan
-
-    monkeypatch.setattr(A, "_launch_plan", spying)
-    return metas
-
-
 S2_TMA_CASES = [  # (dtype, shared cache's block size, head-sharded pool's, num_splits)
     (torch.bfloat16, 64, 64, None),
     (torch.float16, 128, 64, 1),     # unsplit: the tail tile read shifted back
