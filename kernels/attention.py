@@ -1534,7 +1534,9 @@ class _ValueChecks:
     an eager call at 1 × 4K took 341-404 us of host time against 100-119 without checks; this
     way 203-213 against 101-117 (H200 host, blocks of 128 and 16; Flash-LoRA at r = 16, blocks
     of 128: 250 against 107, where its checks on the device, one sync for all, took 753).
-    `fetch` queues a tensor and returns its handle; `add` queues a check, a callable of the
+    `fetch` queues a tensor and returns its handle (a tensor queued already keeps its first:
+    seq_lens, cu_seqlens_q, adapter_ids and a table shared by K/V and L are each checked by
+    more than one part of a call, and copied once); `add` queues a check, a callable of the
     fetched arrays (indexed by handle) that returns an error message or None; `run` copies,
     then raises the first failing check's ValueError, in the order they were added. Nothing is
     launched before it returns. The copy is the whole of each tensor (tables included)."""
@@ -1546,6 +1548,9 @@ class _ValueChecks:
         self._checks: list[Callable[[list[np.ndarray]], str | None]] = []
 
     def fetch(self, t: torch.Tensor) -> int:
+        for i, queued in enumerate(self._tensors):
+            if queued is t:
+                return i
         self._tensors.append(t)
         return len(self._tensors) - 1
 

@@ -522,6 +522,29 @@ def test_value_checks_read_the_device_once_and_name_what_is_wrong(device, monkey
     rejects(paged_attention_prefill, dict(pre, max_seqlen_q=0), r"max_seqlen_q=0 is below the longest query run \(1\)")
 
 
+
+def test_value_checks_copy_each_tensor_once(device, monkeypatch):
+    """A tensor that several parts of a call check (seq_lens, cu_seqlens_q and adapter_ids by the
+    paged and the low-rank checks, a table shared by K/V and L) goes into the one copy once."""
+    from kernels import attention as A
+
+    q, k, v, bt, sl, _, _, lb, aid = _decode_inputs(device)
+    lr = torch.randn(k.shape[0], k.shape[1], lb.shape[2], device=device).to(q.dtype)  # paged by bt itself
+    monkeypatch.setattr(A, "_run", lambda *a, **kw: kw["out"])  # the checks alone
+    queued = []
+    real_run = A._ValueChecks.run
+
+    def counting_run(self):
+        queued.append(list(self._tensors))
+        return real_run(self)
+
+    monkeypatch.setattr(A._ValueChecks, "run", counting_run)
+    cq = cu([1, 1], device)
+    flash_lora_prefill(q, k, v, lr, bt, lb, aid, bt, cq, sl, 0.1, out=poisoned(q.shape, q.dtype, device),
+                       max_seqlen_q=1)
+    (tensors,) = queued
+    assert len(tensors) == 4 and all(any(t is x for t in tensors) for x in (cq, sl, bt, aid))
+
 def test_too_many_sequences_for_one_launch_raise(device):
     """Sequences ride on the grid's third axis (at most 65535): more is a clear error, not a
     launch failure or rows left unwritten."""
