@@ -48,6 +48,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import attention_ring
+from ._counters import split_counters as _split_counters
 from ._dispatch import choose_impl, interpreter_on
 from ._relaunch import relaunch
 from ._tma import descriptor
@@ -1200,19 +1201,6 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4), ring=ring, ring_reduce=ring_reduce)
 
 
-# Arrival counters of the fused split combine. Every launch leaves its counters at zero (the
-# last arrival resets its own), so one buffer zeroed once serves every later launch. One buffer
-# per (device, stream): launches running at once on two streams would count each other's
-# arrivals. Under CUDA-graph capture nothing runs, so a buffer cannot be zeroed then: a capture
-# gets its own, zeroed by a memset node at the start of the replay; like any temporary of the
-# graph it is free for other use once the replay has passed it.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-_CAPTURE_COUNTERS: list = [None, None]  # [capture id, buffer] of the latest capture
-_MIN_COUNTERS = 1 << 12  # 16 KiB: batch × KV heads of any default split launch fits
-# Streams remembered: a server that makes a stream per request would otherwise grow the table
-# forever. Dropping the oldest is safe: the caching allocator hands a freed buffer out again
-# only in the order of the stream it was made on, after the launches queued there.
-_MAX_COUNTER_STREAMS = 64
 
 
 # A descriptor's dims reach the kernel as int32 (and its block coordinates are int32).
@@ -1249,41 +1237,6 @@ def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
     tail tile in `_attn_tile`)."""
     nb, bs, hkv, d = cache.shape
     return descriptor(TensorDescriptor, cache, (nb, bs, hkv * d), (bs * hkv * d, hkv * d, 1), (1, block_n, d))
-
-
-def _capture_id(stream: int) -> int:
-    from cuda.bindings import runtime as cudart
-
-    err, _status, cid, *_ = cudart.cudaStreamGetCaptureInfo(stream)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise RuntimeError(f"cudaStreamGetCaptureInfo failed: {err}")
-    return int(cid)
-
-
-def _current_stream(device: torch.device) -> int:
-    """The handle of the current stream on `device` (0 off CUDA)."""
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least `n` arrival counters for a launch on the current stream."""
-    stream = _current_stream(device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        cid = _capture_id(stream)
-        cur_id, buf = _CAPTURE_COUNTERS
-        if cur_id != cid or buf.numel() < n:
-            buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
-            _CAPTURE_COUNTERS[:] = [cid, buf]
-        return buf
-    key = (device, stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS.pop(key, None)
-        while len(_COUNTERS) >= _MAX_COUNTER_STREAMS:
-            del _COUNTERS[next(iter(_COUNTERS))]
-        _COUNTERS[key] = buf
-    return buf
 
 
 def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=None,

@@ -578,16 +578,18 @@ def test_gpu_fused_combine_in_a_cuda_graph_and_back_to_back(rng_seed):
 def test_split_counters_are_zeroed_grown_and_bounded(monkeypatch):
     """The counter table: a buffer per (device, stream) zeroed when made, regrown (zeroed) when a
     launch needs more, and at most _MAX_COUNTER_STREAMS streams remembered (oldest dropped)."""
-    monkeypatch.setattr(A, "_COUNTERS", {})
+    from kernels import _counters as C
+
+    monkeypatch.setattr(C, "_COUNTERS", {})
     dev = torch.device("cpu")
-    buf = A._split_counters(dev, 10)
+    buf = C.split_counters(dev, 10)
     assert buf.numel() >= 10 and int(buf.abs().sum()) == 0
     buf.fill_(0)
-    assert A._split_counters(dev, 10) is buf  # reused while big enough
-    big = A._split_counters(dev, A._MIN_COUNTERS + 5)
-    assert big is not buf and big.numel() >= A._MIN_COUNTERS + 5 and int(big.abs().sum()) == 0
-    for i in range(1, A._MAX_COUNTER_STREAMS + 4):  # as many more streams, each used once
-        monkeypatch.setattr(A, "_current_stream", lambda device, i=i: i)
-        A._split_counters(dev, 1)
-    assert len(A._COUNTERS) == A._MAX_COUNTER_STREAMS
-    assert (dev, 0) not in A._COUNTERS and (dev, A._MAX_COUNTER_STREAMS + 3) in A._COUNTERS
+    assert C.split_counters(dev, 10) is buf  # reused while big enough
+    big = C.split_counters(dev, C._MIN_COUNTERS + 5)
+    assert big is not buf and big.numel() >= C._MIN_COUNTERS + 5 and int(big.abs().sum()) == 0
+    for i in range(1, C._MAX_COUNTER_STREAMS + 4):  # as many more streams, each used once
+        monkeypatch.setattr(C, "_current_stream", lambda device, i=i: i)
+        C.split_counters(dev, 1)
+    assert len(C._COUNTERS) == C._MAX_COUNTER_STREAMS
+    assert (dev, 0) not in C._COUNTERS and (dev, C._MAX_COUNTER_STREAMS + 3) in C._COUNTERS
