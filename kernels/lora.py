@@ -15,9 +15,10 @@ Design (one Triton kernel, `_sgmv_kernel`, for all of it):
 - Stacked path (`lora_shrink_all`): every token against every adapter's A in one pass, the
   adapters folded into the GEMM's N dimension (`n = a*r + j`), writing `[A, T, r]`.
 - Shrink has a tiny N (r) and a long K (H): at decode sizes there are too few tiles to fill the
-  GPU, so K is split over a third grid axis into an fp32 workspace that one sum reduces
-  (deterministic, unlike atomics). Expand has K = r and a wide N, so it never splits and can
-  add into the residual in place (ADD_INPUTS).
+  GPU, so K is split over a third grid axis into an fp32 workspace; the last of a tile's splits
+  to finish (an arrival counter, `kernels._counters`) sums them in split order, deterministic
+  unlike atomics, with no second launch (FUSE_SPLIT). Expand has K = r and a wide N, so it never
+  splits and can add into the residual in place (ADD_INPUTS).
 
 Every wrapper takes `impl=None` (`kernels._dispatch.choose_impl`); the torch fallback computes in
 fp32 with one matmul per adapter present. Float64 references are in `kernels.lora_ref`.
@@ -32,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._counters import split_counters
 from ._dispatch import choose_impl
 
 __all__ = ["LoraPlan", "lora_plan", "lora_shrink", "lora_expand", "lora_shrink_all", "shares_one_a"]
@@ -44,13 +46,17 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _sgmv_kernel(
-    inp_ptr, w_ptr, out_ptr, ids_ptr, tiles_ptr, order_ptr,
+    inp_ptr, w_ptr, out_ptr, ids_ptr, tiles_ptr, order_ptr, fin_ptr, counters_ptr,
     M, N, K, R, k_per_split, scale,
-    s_im, s_ik, s_wa, s_wk, s_wn, s_os, s_oa, s_om, s_on,
+    s_im, s_ik, s_wa, s_wk, s_wn, s_os, s_oa, s_om, s_on, f_oa, f_om, f_on,
     SEGMENTED: tl.constexpr, HAS_IDS: tl.constexpr, ADD_INPUTS: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[rows, n] (+)= scale * inp[rows, :] @ W[adapter + n // R][:, n % R] over one K split.
+
+    FUSE_SPLIT: `out` is the fp32 workspace of the K splits (split s at `s * s_os`), and the
+    last of a tile's splits to arrive (`counters_ptr`, one counter a tile, left at zero) writes
+    their sum, in split order, to `fin_ptr` (strides f_oa, f_om, f_on).
 
     SEGMENTED: program m takes tile m of the plan (adapter, start, length); its rows are
     order[start : start + length]. Otherwise program m takes rows m*BLOCK_M.. in batch order
@@ -109,7 +115,24 @@ def _sgmv_kernel(
         acc += tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & n_in[None, :])
+        o_mask = row_in[:, None] & n_in[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        if FUSE_SPLIT:
+            # In place of a second launch, whose gap and tail cost more than this sum at the
+            # sizes that split (decode). The barrier orders every thread's partial stores before
+            # the one release of the arrival atomic; the sum reads past L1 (.cg), as the
+            # partials were written by other SMs.
+            tl.debug_barrier()
+            counter = counters_ptr + pid_m * tl.num_programs(1) + pid_n
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(2) - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                parts = out_ptr + rows[:, None] * s_om + (a_n * s_oa + j_n * s_on)[None, :]
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(0, tl.num_programs(2)):
+                    total += tl.load(parts + s * s_os, mask=o_mask, other=0.0, cache_modifier=".cg")
+                f_ptrs = fin_ptr + rows[:, None] * f_om + (a_n * f_oa + j_n * f_on)[None, :]
+                tl.store(f_ptrs, total.to(fin_ptr.dtype.element_ty), mask=o_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,36 +315,41 @@ def _split_for(t: torch.Tensor, programs: int, K: int, block_k: int, split_k: in
 
 def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale, add,
             block_m, block_n, block_k, split, num_warps=4, num_stages=3):
-    """Run `_sgmv_kernel`; with split > 1, `out` is written through an fp32 workspace."""
+    """Run `_sgmv_kernel`; with split > 1, `out` is written through an fp32 workspace (its sum
+    by the last split of each tile to finish)."""
     segmented = plan is not None
     m_tiles = plan.num_tiles if segmented else _cdiv(M, block_m)
     if m_tiles == 0 or N == 0:
         return
+    if add and split > 1:
+        raise ValueError("a split launch cannot add into its output")
     target, s_os = out, 0
     s_oa, s_om, s_on = out_strides
+    counters = out  # (not read unsplit)
+    n_tiles = _cdiv(N, block_n)
     if split > 1:
+        counters = split_counters(out.device, m_tiles * n_tiles)
         target = torch.empty((split,) + tuple(out.shape), dtype=torch.float32, device=out.device)
         s_os = target.stride(0)
         # `out` is [T, N] or [A, T, r]; the workspace keeps the same logical layout.
         st = target.stride()[1:]
         s_oa, s_om, s_on = (0, st[0], st[1]) if out.dim() == 2 else (st[0], st[1], st[2])
     dummy = out  # pointer arguments that a mode does not read
-    grid = (m_tiles, _cdiv(N, block_n), split)
+    grid = (m_tiles, n_tiles, split)
     k_per_split = _cdiv(_cdiv(K, split), block_k) * block_k
     _sgmv_kernel[grid](
         inp, w, target,
         ids if ids is not None else dummy,
         plan.tiles if segmented else dummy,
         plan.order if segmented else dummy,
+        out, counters,
         M, N, K, R, k_per_split, float(scale),
-        inp.stride(0), inp.stride(1), *w_strides, s_os, s_oa, s_om, s_on,
-        SEGMENTED=segmented, HAS_IDS=ids is not None, ADD_INPUTS=add,
+        inp.stride(0), inp.stride(1), *w_strides, s_os, s_oa, s_om, s_on, *out_strides,
+        SEGMENTED=segmented, HAS_IDS=ids is not None, ADD_INPUTS=add, FUSE_SPLIT=split > 1,
         # fp32 keeps fp32 math (no tf32); the interpreter's tl.dot mishandles bf16 operands.
         DOT_F32=inp.dtype == torch.float32 or (inp.dtype == torch.bfloat16 and not inp.is_cuda),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
-    if split > 1:
-        torch.sum(target, dim=0, out=out)  # fp32 sum, cast on write: one launch
 
 
 # ----------------------------------------------------------------------------------------------

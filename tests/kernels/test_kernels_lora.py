@@ -140,6 +140,48 @@ def test_shrink_split_k(split_k, dtype, device, rng_seed, poison):
                    lora_shrink_ref(x, a[1], ids)) < TOL[dtype]
 
 
+def _split_counters_zero(device) -> bool:
+    from kernels import _counters
+
+    return int(_counters.split_counters(torch.device(device), 1).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("split_k", [4, 7])
+def test_split_k_sum_by_the_last_split(split_k, device, rng_seed, poison):
+    """The K splits' partials are summed by the last split of each tile to arrive (no second
+    launch): several row and column tiles, every path (segmented, dense, stacked), the arrival
+    counters left at zero, and a second call on fresh data (the same counters) right too."""
+    from kernels import lora as L
+
+    T, H, r, A = 70, 1031, 24, 3  # rows over 2 tiles of 64 (segments: more), H over split_k * 128
+    sums = []
+    real_sum = torch.sum
+    for _ in range(2):
+        x = torch.randn(T, H, device=device)
+        a = weights(A, H, r, torch.float32, device)
+        ids = mixed_ids(T, A, device)
+        with pytest.MonkeyPatch.context() as mp:  # no torch.sum launch for the split sum
+            mp.setattr(torch, "sum", lambda *args, **kw: sums.append(1) or real_sum(*args, **kw))
+            y = lora_shrink(x, a, ids, split_k=split_k, impl="triton")
+            dense = lora_shrink(x, a[2], ids, split_k=split_k, impl="triton")
+            stacked = lora_shrink_all(x, a, split_k=split_k, impl="triton")
+        assert rel_err(y, lora_shrink_ref(x, a, ids)) < TOL[torch.float32]
+        assert rel_err(dense, lora_shrink_ref(x, a[2], ids)) < TOL[torch.float32]
+        assert rel_err(stacked, lora_shrink_all_ref(x, a)) < TOL[torch.float32]
+        assert _split_counters_zero(device)
+    assert not sums
+    assert L._split_for(x, 1, H, 128, split_k) == split_k
+
+
+def test_split_launch_refuses_to_add(device):
+    from kernels import lora as L
+
+    x = torch.randn(3, 8, device=device)
+    with pytest.raises(ValueError, match="cannot add"):
+        L._launch(x, x.view(1, 3, 8), x, ids=None, plan=None, M=3, N=8, K=8, R=8, w_strides=(0, 8, 1),
+                  out_strides=(0, 8, 1), scale=1.0, add=True, block_m=16, block_n=16, block_k=16, split=2)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("split_k", [None, 2])
@@ -365,3 +407,42 @@ def test_gpu_shrink_all_and_fp32(T, device, rng_seed, poison):
     x32, a32 = x.float(), a.float()
     ids = mixed_ids(T, A, device)
     assert rel_err(lora_shrink(x32, a32, ids), lora_shrink_ref(x32, a32, ids)) < TOL[torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_split_shrink_in_a_cuda_graph(rng_seed):
+    """Decode-sized shrinks (split over K, summed by the last split of each tile) captured in a
+    CUDA graph and replayed on fresh inputs: right every replay (the capture's own counters,
+    zeroed by the graph), and bit for bit what the eager call gives (a sum in split order)."""
+    from kernels import lora as L
+
+    H, r, A, T = 4096, 16, 8, 5
+    x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    a = weights(A, H, r, torch.bfloat16, "cuda")
+    ids = mixed_ids(T, A, "cuda")
+    plan = lora_plan(ids, A)
+    assert L._split_for(x, plan.num_tiles, H, 128, None) > 1
+
+    def calls():
+        return lora_shrink(x, a, ids, plan=plan), lora_shrink(x, a[1], ids), lora_shrink_all(x, a)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and allocator warm-up outside the capture
+        calls()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = calls()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(outs[0], lora_shrink_ref(x, a, ids)) < TOL[torch.bfloat16]
+        assert rel_err(outs[1], lora_shrink_ref(x, a[1], ids)) < TOL[torch.bfloat16]
+        assert rel_err(outs[2], lora_shrink_all_ref(x, a)) < TOL[torch.bfloat16]
+        for o, e in zip(outs, calls()):
+            assert torch.equal(o, e)
