@@ -15,10 +15,11 @@ Design (one Triton kernel, `_sgmv_kernel`, for all of it):
 - Stacked path (`lora_shrink_all`): every token against every adapter's A in one pass, the
   adapters folded into the GEMM's N dimension (`n = a*r + j`), writing `[A, T, r]`.
 - Shrink has a tiny N (r) and a long K (H): at decode sizes there are too few tiles to fill the
-  GPU, so K is split over a third grid axis into an fp32 workspace; the last of a tile's splits
-  to finish (an arrival counter, `kernels._counters`) sums them in split order, deterministic
-  unlike atomics, with no second launch (FUSE_SPLIT). Expand has K = r and a wide N, so it never
-  splits and can add into the residual in place (ADD_INPUTS).
+  GPU, so K is split over a third grid axis into an fp32 workspace, summed in split order
+  (deterministic, unlike atomics): by the last of a tile's splits to finish (an arrival counter,
+  `kernels._counters`; FUSE_SPLIT) where tiles are small, with no second launch, else by one
+  torch.sum launch. Expand has K = r and a wide N, so it never splits and can add into the
+  residual in place (ADD_INPUTS).
 
 Every wrapper takes `impl=None` (`kernels._dispatch.choose_impl`); the torch fallback computes in
 fp32 with one matmul per adapter present. Float64 references are in `kernels.lora_ref`.
@@ -39,6 +40,10 @@ from ._dispatch import choose_impl
 __all__ = ["LoraPlan", "lora_plan", "lora_shrink", "lora_expand", "lora_shrink_all", "shares_one_a"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_SUM_LOADS = 4  # split-K partials the last split loads at once for its sum (_sgmv_kernel)
+# Split launches whose tiles hold at most this many outputs sum their partials in the kernel
+# (FUSE_SPLIT); bigger tiles keep a torch.sum launch after it (see _launch).
+_FUSED_SUM_MAX_TILE = 64 * 64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,7 +55,8 @@ def _sgmv_kernel(
     M, N, K, R, k_per_split, scale,
     s_im, s_ik, s_wa, s_wk, s_wn, s_os, s_oa, s_om, s_on, f_oa, f_om, f_on,
     SEGMENTED: tl.constexpr, HAS_IDS: tl.constexpr, ADD_INPUTS: tl.constexpr, DOT_F32: tl.constexpr,
-    FUSE_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FUSE_SPLIT: tl.constexpr, SUM_LOADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """out[rows, n] (+)= scale * inp[rows, :] @ W[adapter + n // R][:, n % R] over one K split.
 
@@ -128,9 +134,14 @@ def _sgmv_kernel(
             if arrived == tl.num_programs(2) - 1:
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
                 parts = out_ptr + rows[:, None] * s_om + (a_n * s_oa + j_n * s_on)[None, :]
+                splits = tl.num_programs(2)
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in range(0, tl.num_programs(2)):
-                    total += tl.load(parts + s * s_os, mask=o_mask, other=0.0, cache_modifier=".cg")
+                for s0 in range(0, splits, SUM_LOADS):
+                    # SUM_LOADS partials in flight at once: one at a time, the sum of 16 waited
+                    # out 16 round trips. Added in split order all the same.
+                    for u in tl.static_range(SUM_LOADS):
+                        total += tl.load(parts + (s0 + u) * s_os, mask=o_mask & (s0 + u < splits), other=0.0,
+                                         cache_modifier=".cg")
                 f_ptrs = fin_ptr + rows[:, None] * f_om + (a_n * f_oa + j_n * f_on)[None, :]
                 tl.store(f_ptrs, total.to(fin_ptr.dtype.element_ty), mask=o_mask)
 
@@ -315,8 +326,13 @@ def _split_for(t: torch.Tensor, programs: int, K: int, block_k: int, split_k: in
 
 def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale, add,
             block_m, block_n, block_k, split, num_warps=4, num_stages=3):
-    """Run `_sgmv_kernel`; with split > 1, `out` is written through an fp32 workspace (its sum
-    by the last split of each tile to finish)."""
+    """Run `_sgmv_kernel`; with split > 1, `out` is written through an fp32 workspace, summed by
+    the last split of each tile to finish where tiles hold at most `_FUSED_SUM_MAX_TILE` outputs,
+    else by a torch.sum launch. One SM sums a tile's partials: at decode sizes that beats a
+    second launch, but over big tiles it reads too much alone (H200, CUDA graph, us, against the
+    sum launch, same call: [16 × 16] tiles T = 1, A = 16, r = 16 4.1 vs 5.9; [64 × 64] T = 256,
+    A = 3, r = 64, 8 splits 7.0 vs 8.3; [64 × 128] `lora_shrink_all` T = 256, A = 16, r = 16,
+    8 splits 12.1 vs 10.5; bench/RESULTS.md Run AC)."""
     segmented = plan is not None
     m_tiles = plan.num_tiles if segmented else _cdiv(M, block_m)
     if m_tiles == 0 or N == 0:
@@ -325,10 +341,12 @@ def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale
         raise ValueError("a split launch cannot add into its output")
     target, s_os = out, 0
     s_oa, s_om, s_on = out_strides
-    counters = out  # (not read unsplit)
+    counters = out  # (not read unless fused)
     n_tiles = _cdiv(N, block_n)
-    if split > 1:
+    fuse = split > 1 and block_m * block_n <= _FUSED_SUM_MAX_TILE
+    if fuse:
         counters = split_counters(out.device, m_tiles * n_tiles)
+    if split > 1:
         target = torch.empty((split,) + tuple(out.shape), dtype=torch.float32, device=out.device)
         s_os = target.stride(0)
         # `out` is [T, N] or [A, T, r]; the workspace keeps the same logical layout.
@@ -345,11 +363,14 @@ def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale
         out, counters,
         M, N, K, R, k_per_split, float(scale),
         inp.stride(0), inp.stride(1), *w_strides, s_os, s_oa, s_om, s_on, *out_strides,
-        SEGMENTED=segmented, HAS_IDS=ids is not None, ADD_INPUTS=add, FUSE_SPLIT=split > 1,
+        SEGMENTED=segmented, HAS_IDS=ids is not None, ADD_INPUTS=add, FUSE_SPLIT=fuse,
+        SUM_LOADS=_SUM_LOADS,
         # fp32 keeps fp32 math (no tf32); the interpreter's tl.dot mishandles bf16 operands.
         DOT_F32=inp.dtype == torch.float32 or (inp.dtype == torch.bfloat16 and not inp.is_cuda),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
+    if split > 1 and not fuse:
+        torch.sum(target, dim=0, out=out)  # fp32 sum, cast on write: one launch
 
 
 # ----------------------------------------------------------------------------------------------
