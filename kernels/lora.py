@@ -17,8 +17,8 @@ Design (one Triton kernel, `_sgmv_kernel`, for all of it):
 - Shrink has a tiny N (r) and a long K (H): at decode sizes there are too few tiles to fill the
   GPU, so K is split over a third grid axis into an fp32 workspace, summed in split order
   (deterministic, unlike atomics): by the last of a tile's splits to finish (an arrival counter,
-  `kernels._counters`; FUSE_SPLIT) where tiles are small, with no second launch, else by one
-  torch.sum launch. Expand has K = r and a wide N, so it never splits and can add into the
+  `kernels._counters`; FUSE_SPLIT) where a tile's partials are few, with no second launch, else
+  by one torch.sum launch. Expand has K = r and a wide N, so it never splits and can add into the
   residual in place (ADD_INPUTS).
 
 Every wrapper takes `impl=None` (`kernels._dispatch.choose_impl`); the torch fallback computes in
@@ -41,9 +41,9 @@ __all__ = ["LoraPlan", "lora_plan", "lora_shrink", "lora_expand", "lora_shrink_a
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _SUM_LOADS = 4  # split-K partials the last split loads at once for its sum (_sgmv_kernel)
-# Split launches whose tiles hold at most this many outputs sum their partials in the kernel
-# (FUSE_SPLIT); bigger tiles keep a torch.sum launch after it (see _launch).
-_FUSED_SUM_MAX_TILE = 64 * 64
+# Split launches whose tiles' partials (tile outputs × splits) are at most this many sum them in
+# the kernel (FUSE_SPLIT): 32 KB of fp32 for one SM to read; more keep a torch.sum launch (_launch).
+_FUSED_SUM_MAX_PARTIALS = 8192
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,12 +327,12 @@ def _split_for(t: torch.Tensor, programs: int, K: int, block_k: int, split_k: in
 def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale, add,
             block_m, block_n, block_k, split, num_warps=4, num_stages=3):
     """Run `_sgmv_kernel`; with split > 1, `out` is written through an fp32 workspace, summed by
-    the last split of each tile to finish where tiles hold at most `_FUSED_SUM_MAX_TILE` outputs,
-    else by a torch.sum launch. One SM sums a tile's partials: at decode sizes that beats a
-    second launch, but over big tiles it reads too much alone (H200, CUDA graph, us, against the
-    sum launch, same call: [16 × 16] tiles T = 1, A = 16, r = 16 4.1 vs 5.9; [64 × 64] T = 256,
-    A = 3, r = 64, 8 splits 7.0 vs 8.3; [64 × 128] `lora_shrink_all` T = 256, A = 16, r = 16,
-    8 splits 12.1 vs 10.5; bench/RESULTS.md Run AC)."""
+    the last split of each tile to finish where a tile's partials number at most
+    `_FUSED_SUM_MAX_PARTIALS`, else by a torch.sum launch. One SM sums a tile's partials: at
+    decode sizes that beats a second launch, over more partials it reads too much alone (H200,
+    shrink + expand in a CUDA graph, us, against the sum launch: [16 × 16] tiles × 8 splits,
+    T = 1, A = 16, r = 16 6.1 vs 7.8; [16 × 64] × 8, T = 64, A = 16, r = 64 12.4 vs 14.9; but
+    [64 × 16] × 16, T = 256, A = 3, r = 8 19.7 vs 13.3; bench/RESULTS.md Runs AC and Z)."""
     segmented = plan is not None
     m_tiles = plan.num_tiles if segmented else _cdiv(M, block_m)
     if m_tiles == 0 or N == 0:
@@ -343,7 +343,7 @@ def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale
     s_oa, s_om, s_on = out_strides
     counters = out  # (not read unless fused)
     n_tiles = _cdiv(N, block_n)
-    fuse = split > 1 and block_m * block_n <= _FUSED_SUM_MAX_TILE
+    fuse = split > 1 and block_m * block_n * split <= _FUSED_SUM_MAX_PARTIALS
     if fuse:
         counters = split_counters(out.device, m_tiles * n_tiles)
     if split > 1:
