@@ -331,8 +331,8 @@ def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale
     `_FUSED_SUM_MAX_PARTIALS`, else by a torch.sum launch. One SM sums a tile's partials: at
     decode sizes that beats a second launch, over more partials it reads too much alone (H200,
     shrink + expand in a CUDA graph, us, against the sum launch: [16 × 16] tiles × 8 splits,
-    T = 1, A = 16, r = 16 6.1 vs 7.8; [16 × 64] × 8, T = 64, A = 16, r = 64 12.4 vs 14.9; but
-    [64 × 16] × 16, T = 256, A = 3, r = 8 19.7 vs 13.3; bench/RESULTS.md Runs AC and Z)."""
+    T = 1, A = 16, r = 16 5.9 vs 7.8; [16 × 64] × 8, T = 64, A = 16, r = 64 12.5 vs 14.7; but
+    [64 × 16] × 16, T = 256, A = 3, r = 8 19.7 vs 13.3; bench/RESULTS.md Run AC)."""
     segmented = plan is not None
     m_tiles = plan.num_tiles if segmented else _cdiv(M, block_m)
     if m_tiles == 0 or N == 0:
