@@ -42,8 +42,9 @@ __all__ = ["LoraPlan", "lora_plan", "lora_shrink", "lora_expand", "lora_shrink_a
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _SUM_LOADS = 4  # split-K partials the last split loads at once for its sum (_sgmv_kernel)
 # Split launches whose tiles' partials (tile outputs × splits) are at most this many sum them in
-# the kernel (FUSE_SPLIT): 32 KB of fp32 for one SM to read; more keep a torch.sum launch (_launch).
-_FUSED_SUM_MAX_PARTIALS = 8192
+# the kernel (FUSE_SPLIT): 128 KB of fp32 for one SM to read; more keep a torch.sum launch (_launch).
+_FUSED_SUM_MAX_PARTIALS = 32768
+_MAX_SPLITS = 8  # K splits a shrink takes by itself (_split_for): the last one sums them all
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,9 +318,11 @@ def _split_for(t: torch.Tensor, programs: int, K: int, block_k: int, split_k: in
         return min(split_k, _cdiv(K, block_k))
     if not t.is_cuda:
         return 1  # the interpreter gains nothing from more programs
-    # Enough programs for `waves` waves on the chip, but keep >= 2 K-blocks per split.
+    # Enough programs for `waves` waves on the chip, but keep >= 2 K-blocks per split, and at
+    # most _MAX_SPLITS: one program sums a tile's partials (H200, CUDA graph, us: T = 256 over
+    # 3 adapters, r = 64, 32 splits 12.0 vs 8 splits 7.0; bench/RESULTS.md Run AC).
     target, s = waves * _sm_count(t.device.index or 0), 1
-    while programs * s * 2 <= target and K // (s * 2) >= 2 * block_k:
+    while s < _MAX_SPLITS and programs * s * 2 <= target and K // (s * 2) >= 2 * block_k:
         s *= 2
     return s
 
@@ -332,7 +335,7 @@ def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale
     decode sizes that beats a second launch, over more partials it reads too much alone (H200,
     shrink + expand in a CUDA graph, us, against the sum launch: [16 × 16] tiles × 8 splits,
     T = 1, A = 16, r = 16 5.9 vs 7.8; [16 × 64] × 8, T = 64, A = 16, r = 64 12.5 vs 14.7; but
-    [64 × 16] × 16, T = 256, A = 3, r = 8 19.7 vs 13.3; bench/RESULTS.md Run AC)."""
+    [64 × 16] × 32, T = 256, A = 3, r = 8 19.7 vs 13.3; bench/RESULTS.md Run AC)."""
     segmented = plan is not None
     m_tiles = plan.num_tiles if segmented else _cdiv(M, block_m)
     if m_tiles == 0 or N == 0:
@@ -557,7 +560,11 @@ def lora_shrink_all(x: torch.Tensor, lora_a: torch.Tensor, *, scale: float = 1.0
         out.copy_((torch.matmul(x.float().unsqueeze(0), lora_a.float()) * scale).to(x.dtype))
         return out
     block_m = 16 if T <= 16 else 32 if T <= 32 else 64
-    block_n = _pow2(A * r)
+    # 64 columns a tile: 8 splits of [64 × 64] tiles are summed in the kernel, where [64 × 128]
+    # ones are too many partials for one SM (H200, T = 256, A = 16, r = 16, CUDA graph, us:
+    # 9.05 against 12.19 fused and 10.49 with the sum launch; torch's broadcast matmul 9.77;
+    # bench/RESULTS.md Run AC).
+    block_n = _pow2(A * r, hi=64)
     block_k = 128 if block_m <= 32 else 64
     # One wave of splits: each split writes an fp32 [A, T, r] partial for the sum, which two
     # waves' worth made the launch's largest traffic (H200, T = 256, A = 16, r = 16, CUDA graph,

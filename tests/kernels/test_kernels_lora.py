@@ -150,9 +150,9 @@ def _split_counters_zero(device) -> bool:
 def test_split_k_sums(split_k, device, rng_seed, poison):
     """The K splits' partials summed by the last split of each tile to arrive (no second
     launch) where a tile's partials are few, else by one torch.sum launch: every path
-    (segmented over several row tiles and dense: [16 or 32, 32] tiles; stacked over A·r = 72
-    columns: [32, 128] tiles), the arrival counters left at zero, and a second call on fresh
-    data (the same counters)."""
+    (segmented over several row tiles, dense, stacked over A·r = 72 columns: 2 column tiles),
+    the arrival counters left at zero, and a second call on fresh data (the same counters);
+    [64 × 64] tiles over 16 splits go through the sum launch."""
     from kernels import lora as L
 
     T, H, r, A = 30, 1031, 24, 3  # H over split_k * 128
@@ -166,9 +166,12 @@ def test_split_k_sums(split_k, device, rng_seed, poison):
             mp.setattr(torch, "sum", lambda *args, **kw: sums.append(1) or real_sum(*args, **kw))
             y = lora_shrink(x, a, ids, split_k=split_k, impl="triton")
             dense = lora_shrink(x, a[2], ids, split_k=split_k, impl="triton")
-            assert not sums  # at most 32 × 32 × 7 partials a tile: summed in the kernel
             stacked = lora_shrink_all(x, a, split_k=split_k, impl="triton")
-            assert len(sums) == 1  # 32 × 128 × 4 or more: one sum launch
+            assert not sums  # at most 32 × 64 × 7 partials a tile: summed in the kernel
+            x70 = torch.randn(70, H, device=device)
+            many = lora_shrink_all(x70, a, split_k=16, impl="triton")
+            assert len(sums) == 1  # 64 × 64 × 16: one sum launch
+        assert rel_err(many, lora_shrink_all_ref(x70, a)) < TOL[torch.float32]
         assert rel_err(y, lora_shrink_ref(x, a, ids)) < TOL[torch.float32]
         assert rel_err(dense, lora_shrink_ref(x, a[2], ids)) < TOL[torch.float32]
         assert rel_err(stacked, lora_shrink_all_ref(x, a)) < TOL[torch.float32]
