@@ -138,8 +138,9 @@ def _sgmv_kernel(
                 splits = tl.num_programs(2)
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for s0 in range(0, splits, SUM_LOADS):
-                    # SUM_LOADS partials in flight at once: one at a time, the sum of 16 waited
-                    # out 16 round trips. Added in split order all the same.
+                    # SUM_LOADS partials in flight at once: one at a time, a sum of many waited
+                    # out as many round trips (H200, [64 × 64] tiles, 16 splits: 15.1 us vs 8.2;
+                    # bench/RESULTS.md Run AC). Added in split order all the same.
                     for u in tl.static_range(SUM_LOADS):
                         total += tl.load(parts + (s0 + u) * s_os, mask=o_mask & (s0 + u < splits), other=0.0,
                                          cache_modifier=".cg")
