@@ -1201,8 +1201,6 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4), ring=ring, ring_reduce=ring_reduce)
 
 
-
-
 # A descriptor's dims reach the kernel as int32 (and its block coordinates are int32).
 _MAX_DESCRIPTOR_DIM = (1 << 31) - 1
 

@@ -343,20 +343,18 @@ def _launch(inp, w, out, *, ids, plan, M, N, K, R, w_strides, out_strides, scale
         return
     if add and split > 1:
         raise ValueError("a split launch cannot add into its output")
+    dummy = out  # pointer arguments that a mode does not read
     target, s_os = out, 0
     s_oa, s_om, s_on = out_strides
-    counters = out  # (not read unless fused)
     n_tiles = _cdiv(N, block_n)
     fuse = split > 1 and block_m * block_n * split <= _FUSED_SUM_MAX_PARTIALS
-    if fuse:
-        counters = split_counters(out.device, m_tiles * n_tiles)
+    counters = split_counters(out.device, m_tiles * n_tiles) if fuse else dummy
     if split > 1:
         target = torch.empty((split,) + tuple(out.shape), dtype=torch.float32, device=out.device)
         s_os = target.stride(0)
         # `out` is [T, N] or [A, T, r]; the workspace keeps the same logical layout.
         st = target.stride()[1:]
         s_oa, s_om, s_on = (0, st[0], st[1]) if out.dim() == 2 else (st[0], st[1], st[2])
-    dummy = out  # pointer arguments that a mode does not read
     grid = (m_tiles, n_tiles, split)
     k_per_split = _cdiv(_cdiv(K, split), block_k) * block_k
     _sgmv_kernel[grid](

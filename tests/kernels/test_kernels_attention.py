@@ -522,7 +522,6 @@ def test_value_checks_read_the_device_once_and_name_what_is_wrong(device, monkey
     rejects(paged_attention_prefill, dict(pre, max_seqlen_q=0), r"max_seqlen_q=0 is below the longest query run \(1\)")
 
 
-
 def test_value_checks_copy_each_tensor_once(device, monkeypatch):
     """A tensor that several parts of a call check (seq_lens, cu_seqlens_q and adapter_ids by the
     paged and the low-rank checks, a table shared by K/V and L) goes into the one copy once."""
@@ -544,6 +543,7 @@ def test_value_checks_copy_each_tensor_once(device, monkeypatch):
                        max_seqlen_q=1)
     (tensors,) = queued
     assert len(tensors) == 4 and all(any(t is x for t in tensors) for x in (cq, sl, bt, aid))
+
 
 def test_too_many_sequences_for_one_launch_raise(device):
     """Sequences ride on the grid's third axis (at most 65535): more is a clear error, not a

@@ -381,7 +381,6 @@ def test_s2_bad_inputs(device):
         s2_attention_prefill_paged(qd, kh, vh, bth, cq1, torch.zeros_like(sl), p, 0.1)
 
 
-
 S2_TMA_CASES = [  # (dtype, shared cache's block size, head-sharded pool's, num_splits)
     (torch.bfloat16, 64, 64, None),
     (torch.float16, 128, 64, 1),     # unsplit: the tail tile read shifted back
