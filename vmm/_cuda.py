@@ -21,6 +21,14 @@ def _driver():
     return cu
 
 
+# torch's own bindings behind torch.cuda.current_device / synchronize; absent in some build,
+# synchronize falls back to the public call.
+_get_device = getattr(torch._C, "_cuda_getDevice", None)
+_device_synchronize = getattr(torch._C, "_cuda_synchronize", None)
+if _device_synchronize is None:
+    _get_device = None
+
+
 class _CudaBuffer:
     """Exposes a device address range through __cuda_array_interface__; torch keeps this object,
     hence `owner`, alive for as long as the tensor built from it."""
@@ -97,17 +105,30 @@ class CudaBackend(Backend):
     def release(self, handle: Any) -> None:
         self._check("cuMemRelease", self._cu.cuMemRelease(handle))
 
+    # map, set_access, unmap and synchronize run on the allocator's hot path (a few times a
+    # page mapped): each compares its CUresult inline and leaves the message to `_check`.
     def map(self, addr: int, nbytes: int, handle: Any) -> None:
-        self._check("cuMemMap", self._cu.cuMemMap(addr, nbytes, 0, handle, 0), nbytes, addr)
+        result = self._cu.cuMemMap(addr, nbytes, 0, handle, 0)
+        if result[0] != self._success:
+            self._check("cuMemMap", result, nbytes, addr)
 
     def set_access(self, addr: int, nbytes: int) -> None:
-        self._check("cuMemSetAccess", self._cu.cuMemSetAccess(addr, nbytes, self._access, 1), nbytes, addr)
+        result = self._cu.cuMemSetAccess(addr, nbytes, self._access, 1)
+        if result[0] != self._success:
+            self._check("cuMemSetAccess", result, nbytes, addr)
 
     def unmap(self, addr: int, nbytes: int) -> None:
-        self._check("cuMemUnmap", self._cu.cuMemUnmap(addr, nbytes), nbytes, addr)
+        result = self._cu.cuMemUnmap(addr, nbytes)
+        if result[0] != self._success:
+            self._check("cuMemUnmap", result, nbytes, addr)
 
     def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
+        # torch.cuda.synchronize(device) swaps the current device in and out around the wait;
+        # when ours is already current (the usual case) the wait alone does the same.
+        if _get_device is not None and _get_device() == self.index:
+            _device_synchronize()
+        else:
+            torch.cuda.synchronize(self.device)
 
     def tensor(self, addr: int, nbytes: int, owner: object, start_mapped: bool = True) -> torch.Tensor:
         if start_mapped:

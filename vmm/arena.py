@@ -51,24 +51,28 @@ class _ArenaState:
     def map_slots(self, first: int, ids: list[int]) -> None:
         """Map pages `ids` at consecutive slots from `first` with one set-access over the range.
         Lock held, slots free. On failure undoes its own mappings and re-raises."""
-        be, ps, size, counters = self.backend, self.ps, self.page_size, self.ps.counters
+        be, ps, size = self.backend, self.ps, self.page_size
+        handles, n = ps.handles, len(ids)
+        addr = self.base + first * size
         done = 0
         try:
-            for k, pid in enumerate(ids):
-                be.map(self.base + (first + k) * size, size, ps.handles[pid])
-                counters["driver_maps"] += 1
+            for pid in ids:
+                be.map(addr + done * size, size, handles[pid])
                 done += 1
-            be.set_access(self.base + first * size, len(ids) * size)
-            counters["driver_set_access"] += 1
+            be.set_access(addr, n * size)
         except BaseException:
+            ps.counters["driver_maps"] += done
             try:
                 self.driver_unmap(first, done)
             except Exception:
                 pass  # the original error is the one worth reporting
             raise
-        self.pages[first:first + len(ids)] = ids
-        self.mapped += len(ids)
-        ps.bytes_mapped += len(ids) * size
+        counters = ps.counters
+        counters["driver_maps"] += n
+        counters["driver_set_access"] += 1
+        self.pages[first:first + n] = ids
+        self.mapped += n
+        ps.bytes_mapped += n * size
 
     def driver_unmap(self, first: int, n: int) -> None:
         if n == 0:
@@ -84,25 +88,28 @@ class _ArenaState:
 
     def unmap_slots(self, first: int, n: int) -> None:
         """Unmap mapped slots [first, first+n) and drop their page references. Lock held."""
-        be, size = self.backend, self.page_size
+        be, size, ps = self.backend, self.page_size, self.ps
         be.synchronize()
         if be.unmap_per_mapping:
+            addr = self.base + first * size
             done = 0
             try:
-                for i in range(first, first + n):
-                    be.unmap(self.base + i * size, size)
-                    self.ps.counters["driver_unmaps"] += 1
+                while done < n:
+                    be.unmap(addr + done * size, size)
                     done += 1
             except BaseException:
+                ps.counters["driver_unmaps"] += done
                 self._restore(first, done)
                 raise
+            ps.counters["driver_unmaps"] += n
         else:
             self.driver_unmap(first, n)
-        ids = self.pages[first:first + n]
-        self.pages[first:first + n] = [None] * n
+        pages = self.pages
+        ids = pages[first:first + n]
+        pages[first:first + n] = [None] * n
         self.mapped -= n
-        self.ps.bytes_mapped -= n * size
-        self.ps.decref(ids)  # type: ignore[arg-type]
+        ps.bytes_mapped -= n * size
+        ps.decref(ids)  # type: ignore[arg-type]
 
     def _restore(self, first: int, n: int) -> None:
         """After a failed unmap, map back the pages it already unmapped; if even that fails,
@@ -229,6 +236,15 @@ class VirtualArena:
 
     def _pages(self, what: str, offset: object, nbytes: object) -> tuple[int, int]:
         """Validate a page-aligned range; returns (first page, page count)."""
+        s = self._s
+        size = s.page_size
+        # One combined test on the hot path; the message is worked out only for a bad range.
+        if (type(offset) is not int or type(nbytes) is not int or offset < 0 or nbytes < 0
+                or offset % size or nbytes % size or offset + nbytes > s.reserved_bytes):
+            self._bad_range(what, offset, nbytes)
+        return offset // size, nbytes // size
+
+    def _bad_range(self, what: str, offset: object, nbytes: object) -> None:
         offset, nbytes = _int("offset", offset), _int("nbytes", nbytes)
         s = self._s
         if offset < 0 or nbytes < 0:
@@ -236,16 +252,17 @@ class VirtualArena:
         if offset % s.page_size or nbytes % s.page_size:
             raise VmmError(f"{what}: range [{offset}, {offset + nbytes}) is not aligned to the "
                            f"page size {s.page_size}")
-        if offset + nbytes > s.reserved_bytes:
-            raise VmmError(f"{what}: range [{offset}, {offset + nbytes}) is out of range; the arena "
-                           f"reserves {s.reserved_bytes} bytes")
-        return offset // s.page_size, nbytes // s.page_size
+        raise VmmError(f"{what}: range [{offset}, {offset + nbytes}) is out of range; the arena "
+                       f"reserves {s.reserved_bytes} bytes")
 
     def _require(self, what: str, first: int, n: int, mapped: bool, arena: "VirtualArena | None" = None) -> None:
         s = (arena or self)._s
-        pages = s.pages
-        for i in range(first, first + n):
-            if (pages[i] is not None) != mapped:
+        span = s.pages[first:first + n]
+        # list.count runs in C: the whole range is checked at once, the page named only on error.
+        if span.count(None) == (0 if mapped else n):
+            return
+        for i, page in enumerate(span, first):
+            if (page is not None) != mapped:
                 state = "is not mapped" if mapped else "is already mapped"
                 raise VmmError(f"{what}: the page at offset {i * s.page_size} {state}")
 
@@ -256,8 +273,10 @@ class VirtualArena:
         Raises VmmError if the range is unaligned, out of range or overlaps a mapped page, and
         OutOfMemoryError if the pool cannot supply the pages; either way nothing changes.
         """
-        with self._s.ps.lock:
-            s = self._open()
+        s = self._s
+        with s.ps.lock:
+            if s.closed or s.ps.closed:
+                self._open()  # raises
             first, n = self._pages("map", offset, nbytes)
             if n == 0:
                 return
@@ -273,8 +292,10 @@ class VirtualArena:
     def unmap(self, offset: int, nbytes: int) -> None:
         """Unmap [offset, offset+nbytes), every page of which must be mapped. Synchronises the
         device first. A page returns to the pool's free list when its last mapping goes."""
-        with self._s.ps.lock:
-            s = self._open()
+        s = self._s
+        with s.ps.lock:
+            if s.closed or s.ps.closed:
+                self._open()  # raises
             first, n = self._pages("unmap", offset, nbytes)
             if n == 0:
                 return

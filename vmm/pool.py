@@ -61,19 +61,21 @@ class _PoolState:
     def acquire(self, n: int) -> tuple[list[int], list[int]]:
         """Take `n` pages (free list first, then new ones) without marking them in use.
         Returns (page ids, the ids among them created by this call) for `give_back`."""
-        free = len(self.free)
-        take = min(n, free)
-        if n > take:
-            creatable = self.capacity_pages - len(self.handles)
-            if n > free + creatable:
-                raise OutOfMemoryError(
-                    f"page pool exhausted: need {n} pages of {self.page_size} bytes, have {free} free and "
-                    f"room to create {creatable} more (capacity {self.capacity_pages} pages = "
-                    f"{self.capacity_pages * self.page_size} bytes, {len(self.refs)} in use)")
-        ids = self.free[free - take:][::-1]
-        del self.free[free - take:]
-        if take == n:  # recycled pages only: the common case
+        free_list = self.free
+        free = len(free_list)
+        if n <= free:  # recycled pages only: the common case
+            ids = free_list[free - n:]
+            del free_list[free - n:]
+            ids.reverse()
             return ids, []
+        creatable = self.capacity_pages - len(self.handles)
+        if n > free + creatable:
+            raise OutOfMemoryError(
+                f"page pool exhausted: need {n} pages of {self.page_size} bytes, have {free} free and "
+                f"room to create {creatable} more (capacity {self.capacity_pages} pages = "
+                f"{self.capacity_pages * self.page_size} bytes, {len(self.refs)} in use)")
+        ids = free_list[::-1]
+        free_list.clear()
         created: list[int] = []
         try:
             while len(ids) + len(created) < n:

@@ -59,6 +59,43 @@ def test_cuda_driver_status_checks_without_a_device():
         be._check("cuInit", (cu.CUresult.CUDA_ERROR_NO_DEVICE,))
 
 
+
+def test_cuda_hot_path_calls_raise_named_errors_without_a_device():
+    """map, set_access and unmap compare the driver's status inline: a failed call still raises
+    `_check`'s named error (out-of-memory as OutOfMemoryError), a successful one returns None.
+    The driver is stood in for by one that answers every call with a chosen status."""
+    from vmm._cuda import CudaBackend, _driver
+
+    try:
+        cu = _driver()
+    except Exception:
+        pytest.skip("cuda-python is not installed")
+
+    class Driver:
+        status = cu.CUresult.CUDA_ERROR_INVALID_VALUE
+        CUresult = cu.CUresult
+        cuGetErrorName = staticmethod(lambda err: (cu.CUresult.CUDA_SUCCESS, err.name.encode()))
+
+        def __getattr__(self, name):
+            return lambda *args: (self.status,)
+
+    be = object.__new__(CudaBackend)
+    be._cu, be._success, be._access = Driver(), cu.CUresult.CUDA_SUCCESS, []
+    with pytest.raises(vmm.VmmError, match=r"cuMemMap failed \(2097152 bytes at 0x200000\): CUDA_ERROR_INVALID_VALUE"):
+        be.map(0x200000, 2 << 20, None)
+    with pytest.raises(vmm.VmmError, match=r"cuMemSetAccess failed \(4194304 bytes at 0x400000\): CUDA_ERROR_INV"):
+        be.set_access(0x400000, 4 << 20)
+    with pytest.raises(vmm.VmmError, match=r"cuMemUnmap failed \(2097152 bytes at 0x600000\): CUDA_ERROR_INV"):
+        be.unmap(0x600000, 2 << 20)
+    be._cu.status = cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+    with pytest.raises(vmm.OutOfMemoryError, match=r"cuMemMap failed .*CUDA_ERROR_OUT_OF_MEMORY"):
+        be.map(0x200000, 2 << 20, None)
+    be._cu.status = cu.CUresult.CUDA_SUCCESS
+    assert be.map(0x200000, 2 << 20, None) is None
+    assert be.set_access(0x200000, 2 << 20) is None
+    assert be.unmap(0x200000, 2 << 20) is None
+
+
 @pytest.mark.gpu
 def test_cuda_backend_properties():
     be = vmm.get_backend("cuda")
