@@ -65,6 +65,7 @@ _NEG_BIG = -1.0e38  # running-max start: finite, so a row with no key yet gives 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _LONG = 8192  # contexts (decode) or query runs (prefill) from here on take wide tiles (_config)
+_LORA_WIDE_KEYS = 4096  # Flash-LoRA prefill in blocks of under 64 keys takes wide tiles from here on
 # Split decode takes narrow tiles over wide ones only when they keep this many times more of the
 # GPU's resident program slots busy (see _launch_plan).
 _NARROW_GAIN = 1.2
@@ -528,10 +529,11 @@ def _cuda_sms(index: int) -> int:
 
 
 def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: int | None,
-            long: bool = True, block_size: int = 1):
+            long: bool = True, block_size: int = 1, keys: int = 0):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch. `r_pad`: the P·L accumulator's
     columns (0: no LoRA); `long`: keys per sequence (decode) or query run (prefill) of 8K and more;
-    `block_size`: the paged cache's (1: contiguous K/V).
+    `block_size`: the paged cache's (1: contiguous K/V); `keys`: the most keys a sequence may
+    hold (prefill's Flash-LoRA tiles follow it).
 
     GPU values from `bench/tune_attention.py` on an H200 (bf16, Hq 32, Hkv 8, D 128, block 16):
     decode is memory-bound and wants K/V tiles of 32 KB (128 keys at D 128; "wide") or 16 KB
@@ -553,15 +555,21 @@ def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: i
     else:
         if head_dim <= 128:
             bm, bn, warps, stages = (128, 128, 8, 3) if long else (128, 32, 4, 2)
+            if r_pad and (long or block_size % 64 == 0 or keys >= _LORA_WIDE_KEYS):
+                # Flash-LoRA takes the wide tiles over shorter runs too, where its P·L dot pays
+                # for them: in blocks of 64 keys and more at every length, over runs of 4K keys
+                # in smaller blocks (whose narrow tiles gather fewer of them). Two stages at r >
+                # 32 in small blocks, whose per-thread addresses need the registers. H200, us a
+                # call against paged prefill's (same call; bench/RESULTS.md Run AD): blocks of
+                # 128, 4 × 4K r = 16 1540 vs 1732 on 128 × 64 tiles (paged 1607), r = 64 1654 vs
+                # 1829 on 64 × 32, 8 × 2K 880 vs 959 (paged 879); blocks of 16, 4 × 4K r = 16
+                # 1768 vs 1834 (paged 1637), r = 64 (two stages) 1747 vs 2703; 16 × 1K, 8 × 2K
+                # keep the narrow ones (584 vs 669, 1010 vs 1053).
+                bm, bn, warps = 128, 128, 8
+                stages = 2 if r_pad > 32 and block_size % 64 else 3
         else:
             bm, bn, warps, stages = 64, 32, 8, 2
-        if r_pad and not long and head_dim <= 128 and block_size % 64 == 0:
-            # Flash-LoRA over short runs, in cache blocks that hold 64-key tiles: its P·L dot
-            # wants the wider key tile (H200, 4 × 4K r = 16, us, same run: blocks of 128 1736 vs
-            # 1819, 64 × 64 tiles 1748; blocks of 16, where such a tile gathers 4 blocks, 2076:
-            # they keep 32-key ones; paged prefill 1620 / 1651)
-            bn = 64
-        if r_pad > 32:
+        if r_pad > 32 and warps == 4:
             bm = min(bm, 64)  # the P·L accumulator needs registers too
     bm = max(bm, _next_pow2(group))
     if sparse_block is not None:
@@ -1009,7 +1017,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     long = (max_ctx if decode else key.max_seqlen_q) >= _LONG
     sparse = s2.sparse_block if s2 else None
     block_size = key.kv_shape[1] if paged else 1
-    bm, bn, warps, stages = config(d, group, decode, r_pad, sparse, long=long, block_size=block_size)
+    bm, bn, warps, stages = config(d, group, decode, r_pad, sparse, long=long, block_size=block_size,
+                                   keys=max_ctx)
 
     if s2 is not None and s2.dense_from >= hkv:
         # Splits follow the keys a head reads (shard + window), not the dense width.

@@ -617,6 +617,27 @@ def test_gpu_flash_lora_realistic(rng_seed, dtype, r, bs):
     check(out, flash_lora_prefill_ref(qp, k, v, lr, lbt, lb, aid, bt, cq, sl, d ** -0.5), dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("r,stages", [(16, 3), (64, 2)])
+def test_gpu_flash_lora_prefill_wide_tiles_in_small_blocks(rng_seed, plan_metas, r, stages):
+    """Flash-LoRA prefill in blocks of 16 over 4K keys and more takes 128 x 128 tiles (two
+    stages at r > 32): right against the reference, odd lengths and a request without adapter
+    among them."""
+    device, dtype = "cuda", torch.bfloat16
+    hq, hkv, d, bs = 32, 8, 128, 16
+    lens, lq, aids = [4111, 1, 2500, 0, 333], [1203, 1, 977, 0, 333], [1, 0, -1, 2, 1]
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    lr, lbt, lb = make_lowrank(bt, lens, bs, r, 3, hkv, d, dtype, device)
+    aid = torch.tensor(aids, dtype=torch.int32, device=device)
+    cq = cu(lq, device)
+    q = torch.randn(sum(lq), hq, d, device=device).to(dtype)
+    out = poisoned(q.shape, dtype, device)
+    flash_lora_prefill(q, k, v, lr, lbt, lb, aid, bt, cq, sl, d ** -0.5, out=out)
+    meta = plan_metas[-1]
+    assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"], meta["num_stages"]) == (128, 128, 8, stages)
+    check(out, flash_lora_prefill_ref(q, k, v, lr, lbt, lb, aid, bt, cq, sl, d ** -0.5), dtype)
+
+
 def test_strided_q_and_index_vectors(device, rng_seed):
     """q sliced out of a wider tensor (e.g. a fused QKV projection) and strided seq_lens work."""
     k, v, bt, sl = make_paged([70, 33], 2, 32, 16, torch.float16, device)
@@ -642,8 +663,8 @@ ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32"
 pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
 decode = variant.startswith("decode")
 # the GPU config, LoRA at r = 64; GQA groups of 4 (of 32: "-g32", the most rows "-single" takes);
-# "prefill-short": Flash-LoRA prefill over short runs in blocks of 128 (64-key tiles; at r = 16
-# with "-r16")
+# "prefill-short": Flash-LoRA prefill over short runs in blocks of 128; "-r16": at r = 16 (in
+# blocks of 16 over long runs without "-short": 128-key tiles, three stages, against two at r = 64)
 short = variant.startswith("prefill-short")
 r_cfg = 16 if variant.endswith("-r16") else 64
 bm, bn, warps, stages = A._config(128, 32 if variant.endswith("-g32") else 4, decode, r_cfg, None,
@@ -661,7 +682,7 @@ split = decode and not variant.startswith("decode-tma-shift-nosplit") and not si
 if single:
     stages = A._SINGLE_STAGES
 r_pad, rank = (32, 16) if tma and not (single and lora) else (64, 64)
-if short:
+if variant.startswith("prefill"):
     r_pad, rank = r_cfg, r_cfg
 consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=bn,
               BLOCK_SIZE=128 if tma or short else 16, LR_BLOCK_SIZE=128 if tma or short else 16, RANK=rank,
@@ -697,7 +718,7 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata
                                      "decode-tma-shift-nosplit", "decode-tma-s2", "decode-tma-shift-nosplit-s2",
                                      "decode-tma-lora", "decode-tma-lora-own",
                                      "decode-tma-single", "decode-tma-lora-single", "decode-tma-lora-single-g32",
-                                     "prefill", "prefill-short", "prefill-short-r16", "reduce"])
+                                     "prefill", "prefill-r16", "prefill-short", "prefill-short-r16", "reduce"])
 def test_kernel_compiles_for_hopper(variant):
     """The interpreter accepts code the compiler rejects: compile the widest variants (every flag
     on) for sm_90 without a GPU, in a process without TRITON_INTERPRET, so CPU-only CI catches it."""
