@@ -48,9 +48,11 @@ class _ArenaState:
     def addr(self, page: int) -> int:
         return self.base + page * self.page_size
 
-    def map_slots(self, first: int, ids: list[int]) -> None:
-        """Map pages `ids` at consecutive slots from `first` with one set-access over the range.
-        Lock held, slots free. On failure undoes its own mappings and re-raises."""
+    def map_slots(self, first: int, ids: list[int], new: bool) -> None:
+        """Map pages `ids` at consecutive slots from `first` with one set-access over the range;
+        `new`: mappings that take a reference on their pages (not so a failed unmap's restore,
+        whose pages kept theirs). Lock held, slots free. On failure undoes its own mappings and
+        re-raises."""
         be, ps, size = self.backend, self.ps, self.page_size
         handles, n = ps.handles, len(ids)
         addr = self.base + first * size
@@ -73,6 +75,10 @@ class _ArenaState:
         self.pages[first:first + n] = ids
         self.mapped += n
         ps.bytes_mapped += n * size
+        if new:
+            refs = ps.refs
+            for pid in ids:
+                refs[pid] = refs.get(pid, 0) + 1
 
     def driver_unmap(self, first: int, n: int) -> None:
         if n == 0:
@@ -119,7 +125,7 @@ class _ArenaState:
             self.pages[first:first + n] = [None] * n
             self.mapped -= n
             self.ps.bytes_mapped -= n * self.page_size
-            self.map_slots(first, ids)  # type: ignore[arg-type]
+            self.map_slots(first, ids, new=False)  # type: ignore[arg-type]
         except Exception:
             self.ps.decref(ids)  # type: ignore[arg-type]
 
@@ -274,20 +280,25 @@ class VirtualArena:
         OutOfMemoryError if the pool cannot supply the pages; either way nothing changes.
         """
         s = self._s
-        with s.ps.lock:
-            if s.closed or s.ps.closed:
+        ps = s.ps
+        with ps.lock:
+            if s.closed or ps.closed:
                 self._open()  # raises
             first, n = self._pages("map", offset, nbytes)
             if n == 0:
                 return
-            self._require("map", first, n, mapped=False)
-            ids, created = s.ps.acquire(n)
+            if n == 1 and s.pages[first] is None and ps.free:
+                # One free slot, one recycled page: the allocator's steady state, checked and
+                # taken here without the general range check and acquire.
+                ids, created = [ps.free.pop()], []
+            else:
+                self._require("map", first, n, mapped=False)
+                ids, created = ps.acquire(n)
             try:
-                s.map_slots(first, ids)
+                s.map_slots(first, ids, new=True)
             except BaseException:
-                s.ps.give_back(ids, created)
+                ps.give_back(ids, created)
                 raise
-            s.ps.incref(ids)
 
     def unmap(self, offset: int, nbytes: int) -> None:
         """Unmap [offset, offset+nbytes), every page of which must be mapped. Synchronises the
@@ -299,7 +310,8 @@ class VirtualArena:
             first, n = self._pages("unmap", offset, nbytes)
             if n == 0:
                 return
-            self._require("unmap", first, n, mapped=True)
+            if n != 1 or s.pages[first] is None:
+                self._require("unmap", first, n, mapped=True)
             s.unmap_slots(first, n)
 
     def alias(self, src_offset: int, dst_offset: int, nbytes: int, *, src: "VirtualArena | None" = None) -> None:
@@ -324,8 +336,7 @@ class VirtualArena:
             src._require("alias source", sfirst, n, mapped=True)
             self._require("alias destination", dfirst, n, mapped=False)
             ids = src._s.pages[sfirst:sfirst + n]
-            s.map_slots(dfirst, ids)  # type: ignore[arg-type]
-            s.ps.incref(ids)  # type: ignore[arg-type]
+            s.map_slots(dfirst, ids, new=True)  # type: ignore[arg-type]
 
     def is_mapped(self, offset: int, nbytes: int) -> bool:
         """Whether every page touching the byte range [offset, offset+nbytes) is mapped (any
