@@ -533,7 +533,8 @@ def _config(head_dim: int, group: int, decode: bool, r_pad: int, sparse_block: i
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch. `r_pad`: the P·L accumulator's
     columns (0: no LoRA); `long`: keys per sequence (decode) or query run (prefill) of 8K and more;
     `block_size`: the paged cache's (1: contiguous K/V); `keys`: the most keys a sequence may
-    hold (prefill's Flash-LoRA tiles follow it).
+    hold (paged: the block table's reach; contiguous: every key of the batch), which prefill's
+    Flash-LoRA tiles follow.
 
     GPU values from `bench/tune_attention.py` on an H200 (bf16, Hq 32, Hkv 8, D 128, block 16):
     decode is memory-bound and wants K/V tiles of 32 KB (128 keys at D 128; "wide") or 16 KB

@@ -247,10 +247,12 @@ class VirtualArena:
         # One combined test on the hot path; the message is worked out only for a bad range.
         if (type(offset) is not int or type(nbytes) is not int or offset < 0 or nbytes < 0
                 or offset % size or nbytes % size or offset + nbytes > s.reserved_bytes):
-            self._bad_range(what, offset, nbytes)
+            offset, nbytes = self._checked_range(what, offset, nbytes)
         return offset // size, nbytes // size
 
-    def _bad_range(self, what: str, offset: object, nbytes: object) -> None:
+    def _checked_range(self, what: str, offset: object, nbytes: object) -> tuple[int, int]:
+        """`_pages`'s slow path: the error for a bad range, or the range as ints (an int
+        subclass, such as an IntEnum member, is a valid offset)."""
         offset, nbytes = _int("offset", offset), _int("nbytes", nbytes)
         s = self._s
         if offset < 0 or nbytes < 0:
@@ -258,8 +260,10 @@ class VirtualArena:
         if offset % s.page_size or nbytes % s.page_size:
             raise VmmError(f"{what}: range [{offset}, {offset + nbytes}) is not aligned to the "
                            f"page size {s.page_size}")
-        raise VmmError(f"{what}: range [{offset}, {offset + nbytes}) is out of range; the arena "
-                       f"reserves {s.reserved_bytes} bytes")
+        if offset + nbytes > s.reserved_bytes:
+            raise VmmError(f"{what}: range [{offset}, {offset + nbytes}) is out of range; the arena "
+                           f"reserves {s.reserved_bytes} bytes")
+        return int(offset), int(nbytes)
 
     def _require(self, what: str, first: int, n: int, mapped: bool, arena: "VirtualArena | None" = None) -> None:
         s = (arena or self)._s

@@ -130,6 +130,17 @@ def test_pool_argument_errors():
     with pytest.raises(TypeError):
         arena.map(0.0, 2 * g)
     with pytest.raises(TypeError):
+        arena.map(0, True)
+    # int subclasses are ints: a valid range through the checked (slow) path maps and unmaps
+    import enum
+
+    class Off(enum.IntEnum):
+        SECOND_PAGE = 2 * g
+    arena.map(Off.SECOND_PAGE, Off.SECOND_PAGE)
+    assert arena.mapped_ranges() == [(2 * g, 2 * g)]
+    arena.unmap(Off.SECOND_PAGE, 2 * g)
+    assert arena.mapped_ranges() == []
+    with pytest.raises(TypeError):
         arena.view(0, (4,), "float32")
     with pytest.raises(ValueError):
         arena.view(0, (-1,), torch.float32, require_mapped=False)
