@@ -67,7 +67,7 @@ class _Raw:
 
     def unmap(self) -> None:
         # The driver's own wait for the device: torch.cuda.synchronize() costs more host time
-        # (10-15 us more on some hosts of the pool), which would flatter our overhead.
+        # (5-15 us more on the hosts of the pool), which would flatter our overhead.
         (err,) = self.cu.cuCtxSynchronize()
         assert err == self.ok, err
         (err,) = self.cu.cuMemUnmap(self.ptr, PAGE)

@@ -1,6 +1,8 @@
 """Backend selection: names, environment override, caching, clear errors."""
 from __future__ import annotations
 
+import enum
+
 import pytest
 import torch
 
@@ -59,7 +61,6 @@ def test_cuda_driver_status_checks_without_a_device():
         be._check("cuInit", (cu.CUresult.CUDA_ERROR_NO_DEVICE,))
 
 
-
 def test_cuda_hot_path_calls_raise_named_errors_without_a_device():
     """map, set_access and unmap compare the driver's status inline: a failed call still raises
     `_check`'s named error (out-of-memory as OutOfMemoryError), a successful one returns None.
@@ -94,6 +95,26 @@ def test_cuda_hot_path_calls_raise_named_errors_without_a_device():
     assert be.map(0x200000, 2 << 20, None) is None
     assert be.set_access(0x200000, 2 << 20) is None
     assert be.unmap(0x200000, 2 << 20) is None
+
+
+def test_cuda_synchronize_waits_on_its_own_device(monkeypatch):
+    """The backend's wait: torch's bare device wait when its device is current, else (or in a
+    torch without those bindings, as CPU builds are) the public torch.cuda.synchronize(device),
+    which makes it current around the wait. torch's calls stood in for: no device needed."""
+    from vmm import _cuda
+
+    calls = []
+    monkeypatch.setattr(_cuda, "_device_synchronize", lambda: calls.append("bare"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("public", device)))
+    be = object.__new__(_cuda.CudaBackend)
+    be.index, be.device = 1, torch.device("cuda", 1)
+    monkeypatch.setattr(_cuda, "_get_device", lambda: 1)
+    be.synchronize()
+    monkeypatch.setattr(_cuda, "_get_device", lambda: 0)
+    be.synchronize()
+    monkeypatch.setattr(_cuda, "_get_device", None)
+    be.synchronize()
+    assert calls == ["bare", ("public", torch.device("cuda", 1)), ("public", torch.device("cuda", 1))]
 
 
 @pytest.mark.gpu
@@ -132,8 +153,6 @@ def test_pool_argument_errors():
     with pytest.raises(TypeError):
         arena.map(0, True)
     # int subclasses are ints: a valid range through the checked (slow) path maps and unmaps
-    import enum
-
     class Off(enum.IntEnum):
         SECOND_PAGE = 2 * g
     arena.map(Off.SECOND_PAGE, Off.SECOND_PAGE)
