@@ -152,18 +152,24 @@ def test_flash_lora_decode_matches_reference(device, rng_seed, dtype, hq, hkv, d
     check(out, flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.3), dtype)
 
 
-@pytest.mark.parametrize("dtype,r", [(torch.bfloat16, 16), (torch.float32, 40)])
-def test_flash_lora_prefill_matches_reference(device, rng_seed, dtype, r):
-    lens, lq, aids = [50, 19, 1, 0], [23, 19, 1, 0], [2, -1, 0, 1]
-    hq, hkv, d, bs = 4, 2, 32, 16
+def run_flash_lora_prefill(lens, lq, aids, hq, hkv, d, bs, r, dtype, device, scale):
+    """Flash-LoRA prefill of `lq` new tokens of sequences of `lens` (3 adapters, blocks of `bs`,
+    NaN-poisoned output) and its float64 reference: (out, ref)."""
     k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
     lr, lbt, lb = make_lowrank(bt, lens, bs, r, 3, hkv, d, dtype, device)
     aid = torch.tensor(aids, dtype=torch.int32, device=device)
     cq = cu(lq, device)
     q = torch.randn(sum(lq), hq, d, device=device).to(dtype)
     out = poisoned(q.shape, dtype, device)
-    flash_lora_prefill(q, k, v, lr, lbt, lb, aid, bt, cq, sl, 0.25, out=out)
-    check(out, flash_lora_prefill_ref(q, k, v, lr, lbt, lb, aid, bt, cq, sl, 0.25), dtype)
+    flash_lora_prefill(q, k, v, lr, lbt, lb, aid, bt, cq, sl, scale, out=out)
+    return out, flash_lora_prefill_ref(q, k, v, lr, lbt, lb, aid, bt, cq, sl, scale)
+
+
+@pytest.mark.parametrize("dtype,r", [(torch.bfloat16, 16), (torch.float32, 40)])
+def test_flash_lora_prefill_matches_reference(device, rng_seed, dtype, r):
+    out, ref = run_flash_lora_prefill([50, 19, 1, 0], [23, 19, 1, 0], [2, -1, 0, 1], 4, 2, 32, 16, r,
+                                      dtype, device, 0.25)
+    check(out, ref, dtype)
 
 
 def _materialised(k, v, bt, sl, lr, lora_b, aids, bs):
@@ -623,19 +629,11 @@ def test_gpu_flash_lora_prefill_wide_tiles_in_small_blocks(rng_seed, plan_metas,
     """Flash-LoRA prefill in blocks of 16 over 4K keys and more takes 128 x 128 tiles (two
     stages at r > 32): right against the reference, odd lengths and a request without adapter
     among them."""
-    device, dtype = "cuda", torch.bfloat16
-    hq, hkv, d, bs = 32, 8, 128, 16
-    lens, lq, aids = [4111, 1, 2500, 0, 333], [1203, 1, 977, 0, 333], [1, 0, -1, 2, 1]
-    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
-    lr, lbt, lb = make_lowrank(bt, lens, bs, r, 3, hkv, d, dtype, device)
-    aid = torch.tensor(aids, dtype=torch.int32, device=device)
-    cq = cu(lq, device)
-    q = torch.randn(sum(lq), hq, d, device=device).to(dtype)
-    out = poisoned(q.shape, dtype, device)
-    flash_lora_prefill(q, k, v, lr, lbt, lb, aid, bt, cq, sl, d ** -0.5, out=out)
+    out, ref = run_flash_lora_prefill([4111, 1, 2500, 0, 333], [1203, 1, 977, 0, 333], [1, 0, -1, 2, 1],
+                                      32, 8, 128, 16, r, torch.bfloat16, "cuda", 128 ** -0.5)
     meta = plan_metas[-1]
     assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"], meta["num_stages"]) == (128, 128, 8, stages)
-    check(out, flash_lora_prefill_ref(q, k, v, lr, lbt, lb, aid, bt, cq, sl, d ** -0.5), dtype)
+    check(out, ref, torch.bfloat16)
 
 
 def test_strided_q_and_index_vectors(device, rng_seed):
