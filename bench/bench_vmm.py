@@ -30,20 +30,19 @@ DEVICE = "cuda"
 REPEAT = 300
 
 
-def _split_us(first, second, repeat: int = REPEAT, between=None) -> tuple[float, float]:
-    """Median host µs of `first` and of `second`, run alternately (each undoes the other)."""
-    a, b = [], []
+def _in_turn_us(fns, repeat: int = REPEAT, between=None) -> list[float]:
+    """Median host µs of each of `fns`, all run in turn every iteration (a drift of the host,
+    other processes or clocks, hits each alike); `between` runs untimed after each iteration.
+    The first 10 iterations are warm-up."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeat + 10):
-        t0 = time.perf_counter()
-        first()
-        t1 = time.perf_counter()
-        second()
-        t2 = time.perf_counter()
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
         if between is not None:
             between()
-        a.append(t1 - t0)
-        b.append(t2 - t1)
-    return statistics.median(a[10:]) * 1e6, statistics.median(b[10:]) * 1e6
+    return [statistics.median(ts[10:]) * 1e6 for ts in times]
 
 
 class _Raw:
@@ -83,18 +82,6 @@ class _Raw:
         self.cu.cuMemAddressFree(self.ptr, PAGE)
 
 
-def _paired_us(fns, repeat: int = REPEAT) -> list[float]:
-    """Median host µs of each of `fns`, all run in turn every iteration: a drift of the host
-    (other processes, clocks) hits each alike."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeat + 10):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts[10:]) * 1e6 for ts in times]
-
-
 def test_vmm_map_unmap_overhead(benchmark):
     be = vmm.get_backend("cuda")
     assert be.granularity == PAGE or PAGE % be.granularity == 0
@@ -105,7 +92,7 @@ def test_vmm_map_unmap_overhead(benchmark):
     ours_unmap = lambda: arena.unmap(0, PAGE)  # noqa: E731
     try:
         # The raw calls and ours in turn within every iteration; the better of two rounds.
-        rounds = [_paired_us([raw.map, raw.unmap, ours_map, ours_unmap, raw.map, raw.unmap_torch_wait])
+        rounds = [_in_turn_us([raw.map, raw.unmap, ours_map, ours_unmap, raw.map, raw.unmap_torch_wait])
                   for _ in range(2)]
         rm, ru, om, ou, _, rt = (min(r[i] for r in rounds) for i in range(6))
         compare("vmm", "map+unmap 2 MiB page", ours=("VirtualArena", om + ou), base=("raw driver", rm + ru),
@@ -129,10 +116,10 @@ def test_vmm_recycled_vs_fresh_page(benchmark):
     pool = vmm.PagePool(be, capacity_bytes=4 * PAGE, page_size=PAGE, prealloc_pages=1)
     arena = vmm.VirtualArena(pool, PAGE)
     try:
-        recycled, _ = _split_us(lambda: arena.map(0, PAGE), lambda: arena.unmap(0, PAGE), repeat=200)
+        recycled, _ = _in_turn_us([lambda: arena.map(0, PAGE), lambda: arena.unmap(0, PAGE)], repeat=200)
         pool.trim()  # empty free list: every map below has to create its page
         before = pool.stats()["driver_creates"]
-        fresh, _ = _split_us(lambda: arena.map(0, PAGE), lambda: arena.unmap(0, PAGE), repeat=100,
+        fresh, _ = _in_turn_us([lambda: arena.map(0, PAGE), lambda: arena.unmap(0, PAGE)], repeat=100,
                              between=pool.trim)
         assert pool.stats()["driver_creates"] - before == 110  # each timed map created its page
         compare("vmm", "map one page", ours=("recycled (free list)", recycled),
@@ -161,7 +148,7 @@ def test_vmm_grow_by_one_page(benchmark):
         for _ in range(5):
             for g, arena in arenas.items():
                 size = g * GIB
-                t, _ = _split_us(lambda: arena.map(size, PAGE), lambda: arena.unmap(size, PAGE), repeat=40)
+                t, _ = _in_turn_us([lambda: arena.map(size, PAGE), lambda: arena.unmap(size, PAGE)], repeat=40)
                 ours[g] = min(ours.get(g, t), t)
         big = arenas[SIZES_GIB[-1]]
         record_benchmark(benchmark, lambda: (big.map(top, PAGE), big.unmap(top, PAGE)), rounds=10)
