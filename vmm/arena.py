@@ -76,9 +76,7 @@ class _ArenaState:
         self.mapped += n
         ps.bytes_mapped += n * size
         if new:
-            refs = ps.refs
-            for pid in ids:
-                refs[pid] = refs.get(pid, 0) + 1
+            ps.incref(ids)
 
     def driver_unmap(self, first: int, n: int) -> None:
         if n == 0:

@@ -95,6 +95,11 @@ class _PoolState:
                 self.free.append(pid)
         self.free.extend(pid for pid in reversed(ids) if pid not in made)
 
+    def incref(self, ids: list[int]) -> None:
+        refs = self.refs
+        for pid in ids:
+            refs[pid] = refs.get(pid, 0) + 1
+
     def decref(self, ids: list[int]) -> None:
         for pid in ids:
             r = self.refs[pid] - 1
