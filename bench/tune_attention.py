@@ -88,17 +88,19 @@ class Override:
         self.cfg, self.splits = cfg, splits
 
     def __enter__(self):
-        self.old = attn._config, attn._default_splits, attn._tma_single, attn._ring_tiles, attn._ring_split
+        self.old = (attn._config, attn._default_splits, attn._tma_single, attn._ring_tiles, attn._ring_split,
+                    attn._ring_packed)
         cfg, splits = self.cfg, self.splits
         attn._config = lambda *a, **k: cfg
         attn._tma_single = lambda device: False
-        attn._ring_tiles = attn._ring_split = lambda *a, **k: None
+        attn._ring_tiles = attn._ring_split = attn._ring_packed = lambda *a, **k: None
         if splits is not None:
             attn._default_splits = lambda *a, **k: splits
         return self
 
     def __exit__(self, *exc):
-        attn._config, attn._default_splits, attn._tma_single, attn._ring_tiles, attn._ring_split = self.old
+        (attn._config, attn._default_splits, attn._tma_single, attn._ring_tiles, attn._ring_split,
+         attn._ring_packed) = self.old
 
 
 def decode_sweep(cases, quick: bool, log) -> list[dict]:

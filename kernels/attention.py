@@ -23,7 +23,9 @@ One launch family runs elsewhere: unsplit paged decode (and Flash-LoRA decode) o
 head dim 128 goes to `attention_ring`'s kernel, a ring of TMA copies written out in Gluon with
 its own mbarriers, where Triton's pipeliner leaves bandwidth behind (`_ring_tiles` says where),
 and so does split paged decode in cache blocks of under 128 keys (`_ring_split`). Where a tile
-takes many copies (small cache blocks) one warp of its own issues them (`_ring_producer`).
+takes many copies (small cache blocks) one warp of its own issues them (`_ring_producer`), and
+in blocks of 16 or 32 keys large unsplit launches read several KV heads a program, a copy
+bringing a block's keys of all of them (`_ring_packed`).
 
 GQA: a program owns one KV head and packs ``tokens × group`` query rows into its M dimension,
 so every K/V tile is loaded once for the whole group. Rows are token-major because q is
@@ -102,6 +104,8 @@ _RING_SPLIT_MIN_TILES = 4  # split ring launches: at least this many 64-key tile
 _RING_SPLIT_MIN_TILES_WIDE = 16  # ... or this many 128-key ones (one program an SM),
 _RING_SPLIT_MIN_FILL = 0.9  # ... over at least this many programs an SM
 _RING_SPLIT_DEEP_TILES = 32  # ... and 3 ring slots through the producer warp from this many a split
+_RING_PACK_ROWS = 16  # packed ring launches (_ring_packed): a GQA group times the pack at most this,
+_RING_PACK_MIN_FILL = 0.8  # ... over waves of one program an SM at least this full
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -628,6 +632,7 @@ class _Ring(NamedTuple):
     slots: int  # ring slots
     splits: int = 1  # > 1: split-KV
     producer: bool = False  # a warp of its own issues the copies
+    pack: int = 1  # KV heads a program (`ring_decode(pack=)`; see _ring_packed)
 
 
 def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, block_size: int,
@@ -761,6 +766,49 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
         # (never three 128-key slots: they lost, and with Flash-LoRA's L would not fit an SM)
         deep = producer and block_n == 64 and max_ctx // block_n // splits >= _RING_SPLIT_DEEP_TILES
         return _Ring(block_n, 3 if deep else 2, splits, producer)
+    return None
+
+
+def _ring_packed(device: torch.device, batch: int, num_kv_heads: int, head_dim: int, group: int,
+                 block_size: int, max_ctx: int, itemsize: int) -> _Ring | None:
+    """An unsplit paged decode launch of `attention_ring`'s kernel in which each program reads
+    several KV heads of its sequence (`ring_decode(pack=)`), or None. In cache blocks of 16 or
+    32 keys a 128-key tile of one head takes 8 or 4 copies each of K and V, and those copies, not
+    the bytes, are what small blocks cost (bench/RESULTS.md, Run AA); a copy of a block's keys of
+    4 heads at once is 4 times larger, and a 128-row tile of 32 keys × 4 heads takes 2 copies
+    each (masked to each query row's own head: the MMAs are as large as a head's alone, since
+    one head's 4 query rows already fill a 16-row tile). Where it pays, measured: a pack of 4
+    (GQA group × pack up to `_RING_PACK_ROWS`) where its launch is one wave at one program an SM,
+    else a pack of 2 (GQA groups of up to 4) over waves at least `_RING_PACK_MIN_FILL` full;
+    the producer warp where a tile still takes 8 copies (`_ring_producer`). Split launches lost
+    every time (their combine's tail costs more than the copies save), as did launches over
+    emptier waves.
+
+    H200, one call (bf16, Hq 32, Hkv 8, D 128, CUDA graph, us; the plan before against the
+    pack, SDPA on contiguous K/V; bench/RESULTS.md, Run AE): blocks of 16, 64 × 4K 248.6 vs
+    244.7 (SDPA 243.3), 64 × 16K 979.1 vs 953.8 (953.7), 80 × 4K 377.5 vs 338.6 (314.0; a pack
+    of 2), 96 × 4K 403.9 vs 366.9 (360.7), 96 × 16K 1461.5 vs 1439.6 (1424.7), 128 × 4K 487.4 vs
+    486.6, 128 × 16K 1948.1 vs 1916.4 (1923.9), 256 × 4K 965.7 vs 963.0; blocks of 32, 64 × 4K
+    247.2 vs 242.5 (244.3), 64 × 32K 1920.6 vs 1898.1 (1898.3), 128 × 4K 493.0 vs 480.8
+    (479.3). Hkv 4 (group 8, a pack of 2 by the producer warp): 64 × 4K 125.2 vs 125.0, 64 × 16K
+    488.2 vs 483.3. Lost, and so left to the plan: 40 × 4K 163.9 vs 167.4 (a pack of 4, 0.61
+    of a wave), 48 × 4K 186.9 vs 189.9, 80 × 16K 1330.3 vs 1339.2 (the one loss over the fill
+    line), 128 × 16K in a pack of 4 (two waves) 2032.4, Hkv 4 128 × 4K 247.3 vs 250.2, and in
+    split launches 16 × 4K 67.1 vs 68.6 at best, 1 × 32K 39.3 vs 45.1, 8 × 4K 38.4 vs 39.8."""
+    if (not _ring_device(device) or head_dim != 128 or itemsize != 2 or group > 8
+            or not 16 <= block_size < 64 or max_ctx < _RING_MIN_KEYS):
+        return None
+    sms = _num_sms(device)
+    for pack in (4, 2):
+        if group * pack > _RING_PACK_ROWS or num_kv_heads % pack:
+            continue
+        programs = batch * num_kv_heads // pack
+        if programs > sms and (pack == 4 or group > 4):
+            continue
+        if _slot_fill(programs, 1, device) < _RING_PACK_MIN_FILL:
+            continue
+        keys = 128 // pack
+        return _Ring(keys, 2, producer=_ring_producer(block_size, keys, 0, programs, sms), pack=pack)
     return None
 
 
@@ -996,7 +1044,7 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
                       max_seqlen_q, _aligned16(k, v, lora.lr_cache if lora is not None else None),
                       k.element_size(), num_splits, q.device, interpreter_on(),
                       (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce, _prefetch_lora_b,
-                       _tma_loads, _tma_single, _ring_tiles, _ring_device, _ring_split))
+                       _tma_loads, _tma_single, _ring_tiles, _ring_device, _ring_split, _ring_packed))
 
 
 @functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
@@ -1006,7 +1054,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     paged, decode, batch = key.paged, key.decode, key.batch
     # (_num_sms: called by _default_splits, _ring_tiles and _ring_split, as is _ring_device)
     (config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles,
-     ring_device, ring_split) = key.policy
+     ring_device, ring_split, ring_packed) = key.policy
     total_q, hq, d = key.q_shape
     per_head_table = paged and len(key.table[0]) == 3
     hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
@@ -1136,7 +1184,12 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     ring_ok = (kv_descriptors and s2 is None and ring_device(key.device)
                and (key.lora is None or _ring_lr_ok(key.lora, block_size)))
     ring_lora = attention_ring.lora_pad(r) if key.lora is not None else 0  # its L tile's columns
-    if ring_ok:
+    if ring_ok and key.lora is None and (key.num_splits or 1) == 1:
+        # Several KV heads a program in small cache blocks (see _ring_packed)
+        ring = ring_packed(key.device, batch, hkv, d, group, block_size, max_ctx, key.kv_itemsize)
+        if ring is not None:  # unsplit, whatever `_attn_fwd` would have split (no workspace)
+            num_splits, split, fused = 1, False, False
+    if ring_ok and ring is None:
         # Unsplit launches only: where 2 programs an SM (1 up to one an SM) would not split
         # (Flash-LoRA's own plan splits some of those: it reads long runs per-thread).
         programs = batch * hkv
@@ -1282,7 +1335,7 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
                          reduce_splits=plan.ring_reduce)
         return attention_ring.ring_decode(q, k, v, block_tables, seq_lens, float(scale) * _LOG2E, out,
                                           block_n=plan.ring.tile, stages=plan.ring.slots,
-                                          producer=plan.ring.producer, **lr_kw)
+                                          producer=plan.ring.producer, pack=plan.ring.pack, **lr_kw)
     if lora is not None:
         lr, lbt, lb, aid = lora.lr_cache, lora.lr_block_tables, lora.lora_b, lora.adapter_ids
     else:

@@ -19,7 +19,11 @@ SDPA's 466.4 / 465.6; 64 × 32K 1843.3 / 1841.4 vs 1867.5 / 1864.5, SDPA 1848.6 
 Semantics are `paged_attention_decode`'s (reference: kernels/attention_ref.py): one program
 per (sequence, KV head) owns the GQA group's query rows (padded to 16, the MMA's M), reads the
 sequence's key tiles through the block table, and writes ``softmax(scale·q·Kᵀ)·V``; an empty
-sequence writes zeros. A tile comes by one copy where one cache block holds it, else by one copy
+sequence writes zeros. Or one program per (sequence, pack of KV heads) (``PACK``, paged decode
+only): its copies bring a block's keys of every head of the pack at once, its tiles hold keys ×
+heads in the cache's own order, and each query row is masked to its own head's columns; the
+pack's query rows still fit the one 16-row MMA tile (a group of 4 in a pack of 4), so the
+math is a single head's, over PACK times fewer, larger copies. A tile comes by one copy where one cache block holds it, else by one copy
 a block (blocks smaller than the tile). The copy holding the sequence's last key is read shifted
 to end at it: its slots before the block's first are zero-filled by the copy and the keys it
 repeats are masked; copies wholly past the sequence read nothing but zeros. So no slot past the
@@ -118,29 +122,41 @@ if gluon is not None:
         return gl.maximum(t * BLOCK_N + c * CHUNK + CHUNK - seq_len, 0)
 
     @gluon.jit
+    def _box(blk, row, col, PACK: gl.constexpr):
+        """A copy's coordinates: [block, row, column] in a cache seen as [blocks, block_size,
+        Hkv × D]; with PACK KV heads a copy, [block, row, head, 0] in [blocks, block_size, Hkv, D]
+        (`col` then the first head)."""
+        if PACK == 1:
+            return [blk, row, col]
+        else:
+            return [blk, row, col, 0]
+
+    @gluon.jit
     def _copy_rows(desc, ring, slot, blocks, b_idx, t, seq_len, col, bar, live,
-                   BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr, CHUNKS: gl.constexpr):
+                   BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr, CHUNKS: gl.constexpr,
+                   PACK: gl.constexpr):
         """Start the copy of tile `t`'s rows of one cache (K, V or L) into ring slot `slot`:
         one box where a block holds the tile (`blocks` its id), else one box a block (`blocks`
-        their ids, `_tile_blocks`)."""
+        their ids, `_tile_blocks`); PACK KV heads a box (`_box`)."""
         if CHUNKS == 1:
             row = (t * BLOCK_N) % BLOCK_SIZE - _chunk_shift(t, 0, seq_len, BLOCK_N, CHUNK)
-            _tma_load(desc, [blocks, row, col], bar, ring.index(slot), pred=live)
+            _tma_load(desc, _box(blocks, row, col, PACK), bar, ring.index(slot), pred=live)
         else:
             for c in gl.static_range(CHUNKS):  # a block starts every copy: row 0 unless shifted
                 blk = gl.sum(gl.where(b_idx == c, blocks, 0), axis=0)
-                _tma_load(desc, [blk, -_chunk_shift(t, c, seq_len, BLOCK_N, CHUNK), col], bar,
+                _tma_load(desc, _box(blk, -_chunk_shift(t, c, seq_len, BLOCK_N, CHUNK), col, PACK), bar,
                           ring.index(slot).slice(c * CHUNK, CHUNK, dim=1), pred=live)
 
     @gluon.jit
     def _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, block, lr_block, b_idx, kvh, t,
                    t_lo, t_hi, seq_len, adapter, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                    BLOCK_SIZE: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr,
-                   STAGES: gl.constexpr, HAS_LORA: gl.constexpr, EARLY_K: gl.constexpr):
+                   STAGES: gl.constexpr, HAS_LORA: gl.constexpr, EARLY_K: gl.constexpr, PACK: gl.constexpr):
         """Start the copies of tile `t`'s K and V (and L, for a request with an adapter) into its
         ring slot (the program's tiles `t_lo` up to `t_hi` take the slots in turn); nothing past
-        the program's last tile."""
+        the program's last tile. `kvh` counts packs of PACK KV heads."""
         live = t < t_hi
+        kv_col = kvh * HEAD_DIM if PACK == 1 else kvh * PACK  # (see _box)
         slot = (t - t_lo) % STAGES
         bar = ready.index(slot)
         CHUNKS: gl.constexpr = BLOCK_N // CHUNK
@@ -149,8 +165,8 @@ if gluon is not None:
             # (the producer warp's ring; see _ring_consumer)
             k_bar = ready.index(STAGES + slot)
             mbarrier.expect(k_bar, k_bytes, pred=live)
-            _copy_rows(k_desc, k_ring, slot, block, b_idx, t, seq_len, kvh * HEAD_DIM, k_bar, live,
-                       BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
+            _copy_rows(k_desc, k_ring, slot, block, b_idx, t, seq_len, kv_col, k_bar, live,
+                       BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS, PACK)
         bar_bytes: gl.constexpr = k_bytes if EARLY_K else 2 * k_bytes
         if HAS_LORA:
             # One arrival a tile: the expected bytes are a compile-time count, so one of two
@@ -162,14 +178,14 @@ if gluon is not None:
             mbarrier.expect(bar, bar_bytes + lr_bytes, pred=live & (adapter >= 0))
             mbarrier.expect(bar, bar_bytes, pred=live & (adapter < 0))
             _copy_rows(lr_desc, lr_ring, slot, lr_block, b_idx, t, seq_len, 0, bar, live & (adapter >= 0),
-                       BLOCK_N, LR_BLOCK_SIZE, CHUNK, CHUNKS)
+                       BLOCK_N, LR_BLOCK_SIZE, CHUNK, CHUNKS, 1)
         else:
             mbarrier.expect(bar, bar_bytes, pred=live)
         if not EARLY_K:
-            _copy_rows(k_desc, k_ring, slot, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
-                       BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
-        _copy_rows(v_desc, v_ring, slot, block, b_idx, t, seq_len, kvh * HEAD_DIM, bar, live,
-                   BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS)
+            _copy_rows(k_desc, k_ring, slot, block, b_idx, t, seq_len, kv_col, bar, live,
+                       BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS, PACK)
+        _copy_rows(v_desc, v_ring, slot, block, b_idx, t, seq_len, kv_col, bar, live,
+                   BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS, PACK)
 
     @gluon.jit
     def _combine_splits(WsM, WsL, WsAcc, Out, b, kvh, num_kv_heads, num_splits, stride_ob, stride_oh,
@@ -216,7 +232,8 @@ if gluon is not None:
                      BlockTables, LrBlockTables, b, kvh, b_row, t_lo, t_hi, seq_len, lr_len, adapter, stride_btb,
                      stride_lbtb, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr,
                      LR_BLOCK_SIZE: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr,
-                     HAS_LORA: gl.constexpr, LR_SHARED_TABLE: gl.constexpr, B_TMA: gl.constexpr):
+                     HAS_LORA: gl.constexpr, LR_SHARED_TABLE: gl.constexpr, B_TMA: gl.constexpr,
+                     PACK: gl.constexpr):
         """The producer warp: every copy of the program's tiles, each into a slot the consumer
         warps have released (`empty`), its block ids loaded a tile ahead of the copy; with
         B_TMA first B_a[kvh] (row `b_row` of B seen as [adapters × Hkv, r, D]) into `b_smem`,
@@ -239,31 +256,44 @@ if gluon is not None:
             mbarrier.wait(empty.index(i % STAGES), ((i // STAGES) & 1) ^ 1)
             _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, b_idx, kvh, t,
                        t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE, CHUNK,
-                       STAGES, HAS_LORA, True)
+                       STAGES, HAS_LORA, True, PACK)
             blk, lr_blk = nxt, nxt_lr
 
     @gluon.jit
     def _attend_tile(q, k_ring, v_ring, lr_ring, ready, empty, slot, phase, t, seq_len, qk_scale, acc, acc_lr, m_i,
                      l_i, dtype: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                      CHUNK: gl.constexpr, WARPS: gl.constexpr, HAS_LORA: gl.constexpr, R_PAD: gl.constexpr,
-                     RELEASE: gl.constexpr):
+                     RELEASE: gl.constexpr, PACK: gl.constexpr, HEAD_GROUP: gl.constexpr):
         """Key tile `t` (landed in ring slot `slot`) into the online softmax: P·V, and P·L beside
         it under the same softmax (L·B_a is never formed). RELEASE (the producer warp's ring):
         the tile's K landed on a barrier of its own; V and L land on `ready` (phase `phase`),
         are read out of the slot once P is formed, and the slot goes back to the producer
         (`empty`) once every warp has them. Else the whole tile landed (one barrier) and V and L
-        are read as the math reaches them."""
+        are read as the math reaches them. With PACK KV heads a program the tile holds BLOCK_N keys
+        × PACK heads, key-major (the cache's own order); query row i (of head i // HEAD_GROUP in
+        the pack) sees only its own head's columns: the MMAs are as wide as one head's 16-row
+        tile of BLOCK_N × PACK keys, and the other heads' entries are masked."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
         a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        k_t = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)).load(b_op)
-        s = mma_v2(q, k_t, gl.zeros([ROWS, BLOCK_N], gl.float32, mma)) * qk_scale
-        key_col = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        TILE_ROWS: gl.constexpr = BLOCK_N * PACK
+        k_t = k_ring.index(slot).reshape([TILE_ROWS, HEAD_DIM]).permute((1, 0)).load(b_op)
+        s = mma_v2(q, k_t, gl.zeros([ROWS, TILE_ROWS], gl.float32, mma)) * qk_scale
+        if PACK == 1:
+            key_col = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+        else:
+            tile_col = gl.arange(0, TILE_ROWS, layout=gl.SliceLayout(0, mma))
+            key_col = tile_col // PACK
         if BLOCK_N == CHUNK:
             visible = key_col >= _chunk_shift(t, 0, seq_len, BLOCK_N, CHUNK)
         else:
             visible = key_col % CHUNK >= _chunk_shift(t, key_col // CHUNK, seq_len, BLOCK_N, CHUNK)
-        s = gl.where(visible[None, :], s, float("-inf"))
+        if PACK == 1:
+            s = gl.where(visible[None, :], s, float("-inf"))
+        else:
+            q_head = gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma)) // HEAD_GROUP
+            own = (tile_col % PACK)[None, :] == q_head[:, None]
+            s = gl.where(visible[None, :] & own, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s - m_new[:, None])
@@ -271,13 +301,13 @@ if gluon is not None:
         p = gl.convert_layout(p.to(dtype), a_op)
         if RELEASE:  # K came on a barrier of its own: wait for V (and L), then hand the slot back
             mbarrier.wait(ready.index(slot), phase)
-            v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
+            v_t = v_ring.index(slot).reshape([TILE_ROWS, HEAD_DIM]).load(b_op)
             if HAS_LORA:
                 lr_t = lr_ring.index(slot).reshape([BLOCK_N, R_PAD]).load(b_op)
             _cta_barrier()
             mbarrier.arrive(empty.index(slot))
         else:
-            v_t = v_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).load(b_op)
+            v_t = v_ring.index(slot).reshape([TILE_ROWS, HEAD_DIM]).load(b_op)
         acc = mma_v2(p, v_t, acc * alpha[:, None])
         if HAS_LORA:
             if not RELEASE:
@@ -289,7 +319,7 @@ if gluon is not None:
     def _ring_consumer(q, k_ring, v_ring, lr_ring, ready, empty, t_lo, t_hi, seq_len, qk_scale, acc, acc_lr,
                        m_i, l_i, dtype: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
                        BLOCK_N: gl.constexpr, CHUNK: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                       HAS_LORA: gl.constexpr, R_PAD: gl.constexpr):
+                       HAS_LORA: gl.constexpr, R_PAD: gl.constexpr, PACK: gl.constexpr, HEAD_GROUP: gl.constexpr):
         """The consumer warps of the producer warp's ring: every tile as it lands, its QK^T and
         softmax once its K has (K has a barrier of its own there, `ready` slots STAGES on), its
         P·V (and P·L) once V (and L) have. H200, same run (bf16, Hq 32, Hkv 8, D 128, us, two
@@ -306,7 +336,7 @@ if gluon is not None:
             mbarrier.wait(ready.index(STAGES + slot), phase)  # K's barrier (see _copy_tile)
             acc, acc_lr, m_i, l_i = _attend_tile(q, k_ring, v_ring, lr_ring, ready, empty, slot, phase, t_lo + i,
                                                  seq_len, qk_scale, acc, acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM,
-                                                 BLOCK_N, CHUNK, WARPS, HAS_LORA, R_PAD, True)
+                                                 BLOCK_N, CHUNK, WARPS, HAS_LORA, R_PAD, True, PACK, HEAD_GROUP)
         return acc, acc_lr, m_i, l_i
 
     # The split count changes with batch and context: not specialised on (1 / multiple of 16).
@@ -321,7 +351,10 @@ if gluon is not None:
                             RANK: gl.constexpr, R_PAD: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr,
                             LR_SHARED_TABLE: gl.constexpr, CHUNK: gl.constexpr, SPLIT: gl.constexpr,
                             GROUP_P2: gl.constexpr, REDUCE_S: gl.constexpr, PRODUCER: gl.constexpr,
-                            PRODUCER_REGS: gl.constexpr, B_TMA: gl.constexpr):
+                            PRODUCER_REGS: gl.constexpr, B_TMA: gl.constexpr, PACK: gl.constexpr):
+        # With PACK > 1 a program reads PACK KV heads at once (`ring_decode(pack=)`): program
+        # axis 0 and `kvh` count packs, GROUP is the pack's query heads.
+        HEAD_GROUP: gl.constexpr = GROUP // PACK
         if SPLIT:
             kvh = gl.program_id(0) // num_splits
             split = gl.program_id(0) % num_splits
@@ -341,8 +374,12 @@ if gluon is not None:
         ids: gl.constexpr = gl.BlockedLayout([CHUNKS], [32], [WARPS], [0])
         b_idx = gl.arange(0, CHUNKS, layout=ids)
 
-        k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        if PACK == 1:
+            k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+            v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        else:
+            k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, PACK, HEAD_DIM], k_desc.layout)
+            v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, PACK, HEAD_DIM], v_desc.layout)
         if HAS_LORA:
             lr_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, R_PAD], lr_desc.layout)
             adapter = gl.load(AdapterIds + b).to(gl.int32)
@@ -373,7 +410,7 @@ if gluon is not None:
             if i < STAGES - 1:
                 _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, blk, lr_blk, b_idx, kvh,
                            t_lo + i, t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE,
-                           CHUNK, STAGES, HAS_LORA, False)
+                           CHUNK, STAGES, HAS_LORA, False, PACK)
             else:
                 next_block, next_lr_block = blk, lr_blk
 
@@ -410,11 +447,11 @@ if gluon is not None:
             acc, acc_lr, m_i, l_i = gl.warp_specialize(
                 [(_ring_consumer, (q, k_ring, v_ring, lr_ring, ready, empty, t_lo, t_hi, seq_len, qk_scale, acc,
                                    acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM, BLOCK_N, CHUNK, STAGES, WARPS,
-                                   HAS_LORA, R_PAD)),
+                                   HAS_LORA, R_PAD, PACK, HEAD_GROUP)),
                  (_ring_loader, (k_desc, v_desc, lr_desc, b_desc, k_ring, v_ring, lr_ring, b_smem, ready, empty,
                                  b_ready, BlockTables, LrBlockTables, b, kvh, b_row, t_lo, t_hi, seq_len, lr_len,
                                  adapter, stride_btb, stride_lbtb, HEAD_DIM, BLOCK_N, BLOCK_SIZE, LR_BLOCK_SIZE,
-                                 CHUNK, STAGES, HAS_LORA, LR_SHARED_TABLE, B_TMA))],
+                                 CHUNK, STAGES, HAS_LORA, LR_SHARED_TABLE, B_TMA, PACK))],
                 [1], [PRODUCER_REGS])
             for i in gl.static_range(STAGES):
                 mbarrier.invalidate(empty.index(i))
@@ -425,7 +462,7 @@ if gluon is not None:
                 _cta_barrier()
                 _copy_tile(k_desc, v_desc, lr_desc, k_ring, v_ring, lr_ring, ready, next_block, next_lr_block,
                            b_idx, kvh, t + STAGES - 1, t_lo, t_hi, seq_len, adapter, HEAD_DIM, BLOCK_N, BLOCK_SIZE,
-                           LR_BLOCK_SIZE, CHUNK, STAGES, HAS_LORA, False)
+                           LR_BLOCK_SIZE, CHUNK, STAGES, HAS_LORA, False, PACK)
                 next_block, next_lr_block = _tile_blocks_kv_lr(
                     BlockTables, LrBlockTables, b, t + STAGES, seq_len, lr_len, stride_btb, stride_lbtb, BLOCK_N,
                     BLOCK_SIZE, LR_BLOCK_SIZE, CHUNKS, ids, HAS_LORA, LR_SHARED_TABLE)
@@ -433,7 +470,7 @@ if gluon is not None:
                 mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
                 acc, acc_lr, m_i, l_i = _attend_tile(q, k_ring, v_ring, lr_ring, ready, ready, slot, 0, t, seq_len,
                                                      qk_scale, acc, acc_lr, m_i, l_i, dtype, ROWS, HEAD_DIM, BLOCK_N,
-                                                     CHUNK, WARPS, HAS_LORA, R_PAD, False)
+                                                     CHUNK, WARPS, HAS_LORA, R_PAD, False, PACK, HEAD_GROUP)
         for i in gl.static_range(READY):
             mbarrier.invalidate(ready.index(i))
         if HAS_LORA:
@@ -515,8 +552,9 @@ def lora_pad(rank: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _smem_layout(block_n: int, head_dim: int, dtype: torch.dtype):
-    return gl.NVMMASharedLayout.get_default_for([1, block_n, head_dim], _GL_DTYPES[dtype])
+def _smem_layout(block_n: int, head_dim: int, dtype: torch.dtype, pack: int = 1):
+    box = [1, block_n, head_dim] if pack == 1 else [1, block_n, pack, head_dim]
+    return gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[dtype])
 
 
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16} if gluon is not None else {}
@@ -532,6 +570,14 @@ def _descriptor(cache: torch.Tensor, rows: int, width: int):
                       _smem_layout(rows, width, cache.dtype))
 
 
+def _head_descriptor(cache: torch.Tensor, rows: int, pack: int):
+    """A descriptor over a paged K/V cache ``[blocks, block_size, Hkv, D]`` copying ``[1, rows,
+    pack, D]`` boxes: `rows` keys of `pack` KV heads each, key-major as the cache holds them."""
+    nb, bs, hkv, d = cache.shape
+    return descriptor(GluonDescriptor, cache, (nb, bs, hkv, d), (bs * hkv * d, hkv * d, d, 1), (1, rows, pack, d),
+                      _smem_layout(rows, d, cache.dtype, pack))
+
+
 def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                 seq_lens: torch.Tensor, qk_scale_log2: float, out: torch.Tensor, *, block_n: int,
                 stages: int, lr_cache: torch.Tensor | None = None, lr_block_tables: torch.Tensor | None = None,
@@ -539,7 +585,7 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
                 lr_shared_table: bool = False, num_splits: int = 1,
                 workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 counters: torch.Tensor | None = None, reduce_splits: int = 1,
-                producer: bool = False) -> torch.Tensor:
+                producer: bool = False, pack: int = 1) -> torch.Tensor:
     """Paged decode into `out` (``[batch, Hq, D]``), one program per sequence × KV head (× split);
     with `lr_cache` (and its table, `lora_b`, `adapter_ids`), Flash-LoRA decode.
 
@@ -557,11 +603,22 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     `counters` (int32, at least batch × Hkv, zero, and left zero). With `producer`, one warp
     of its own issues the copies (warp specialisation) and the four math warps only wait for
     them: for tiles of many copies (blocks of 16 or 32 keys), each of which Triton issues behind
-    a barrier of the warps that issue it. Such a program takes every register of an SM."""
+    a barrier of the warps that issue it. Such a program takes every register of an SM.
+    With `pack` > 1 (paged decode only, a GQA group times `pack` of at most 16, `pack` dividing
+    Hkv) one program reads `pack` KV heads: a copy brings a cache block's keys of all of them
+    (`pack` times fewer, larger copies), each query row masked to its own head's keys; tiles
+    are `block_n` keys of every head of the pack, and the grid has Hkv / `pack` programs a
+    sequence (× split)."""
     batch, hq, d = q.shape
     hkv = k_cache.shape[2]
     chunk = min(block_n, k_cache.shape[1])  # keys a copy: a tile, or a block of it
-    k_desc = _descriptor(k_cache, chunk, d)
+    if pack > 1:
+        if lr_cache is not None or hkv % pack or hq // hkv * pack > _ROWS:
+            raise ValueError(f"pack={pack} needs paged decode without Flash-LoRA, Hkv ({hkv}) a multiple of "
+                             f"it and a GQA group ({hq // hkv}) times it of at most {_ROWS}")
+        k_desc, v_desc = _head_descriptor(k_cache, chunk, pack), _head_descriptor(v_cache, chunk, pack)
+    else:
+        k_desc, v_desc = _descriptor(k_cache, chunk, d), _descriptor(v_cache, chunk, d)
     lora = lr_cache is not None
     if lora:
         rank, lr_bs = lr_cache.shape[2], lr_cache.shape[1]
@@ -580,15 +637,16 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         ws_m, ws_l, ws_acc = workspace
     else:
         ws_m = ws_l = ws_acc = counters = out  # never read
-    group = hq // hkv
+    group = hq // hkv * pack  # query heads a program
+    hkv //= pack  # programs a sequence (× split)
     meta = dict(
         GROUP=group, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], STAGES=stages,
         ROWS=_ROWS, WARPS=_WARPS, HAS_LORA=lora, RANK=rank, R_PAD=r_pad, LR_BLOCK_SIZE=lr_bs,
         LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split,
         GROUP_P2=1 << (group - 1).bit_length() if split else 1, REDUCE_S=reduce_splits if split else 1,
-        PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, B_TMA=b_tma, num_warps=_WARPS)
+        PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, B_TMA=b_tma, PACK=pack, num_warps=_WARPS)
     launch(_ring_decode_kernel, (hkv * num_splits, batch),
-           (q, k_desc, _descriptor(v_cache, chunk, d), lr_desc, b_desc, block_tables, lbt, lb, aid, seq_lens,
+           (q, k_desc, v_desc, lr_desc, b_desc, block_tables, lbt, lb, aid, seq_lens,
             out, ws_m, ws_l, ws_acc, counters, qk_scale_log2, num_splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
             lbt.stride(0), *lb_strides), meta)

@@ -32,9 +32,10 @@ def ring_device(monkeypatch, tma_device):
 
 
 # ---------------------------------------------------------------- the plan (CPU, meta tensors)
-def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False) -> tuple:
-    """A ring launch as the tests name it: (tile, slots[, splits > 1]["producer"])."""
-    return (tile, slots) + ((splits,) if splits > 1 else ()) + (("producer",) if producer else ())
+def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False, pack: int = 1) -> tuple:
+    """A ring launch as the tests name it: (tile, slots[, splits > 1]["producer"][, "pack N"])."""
+    return ((tile, slots) + ((splits,) if splits > 1 else ()) + (("producer",) if producer else ())
+            + ((f"pack {pack}",) if pack > 1 else ()))
 
 
 @pytest.mark.parametrize("batch, ctx, kw, ring", [
@@ -67,8 +68,25 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False)
     (12, 4096, dict(bs=16), (128, 2, "producer")),
     (16, 4096, dict(bs=16, lora=True, rank=64), (128, 2, "producer")),  # 24 with L's
     (17, 4096, dict(bs=16), (64, 2)),    # four blocks of a 64-key tile
-    (64, 4096, dict(bs=32), (128, 2)),   # over 3 an SM at any length (_attn_fwd reads them per thread)
-    (64, 32768, dict(bs=16), None),
+    (50, 4096, dict(bs=32), (128, 2)),   # over 3 an SM at any length (_attn_fwd reads them per thread)
+    (64, 32768, dict(bs=8), None),
+    # several KV heads a program (blocks of 16 and 32, unsplit): a pack of 4 in one wave
+    (64, 4096, dict(bs=32), (32, 2, "pack 4")),     # 128 programs: 32 keys x 4 heads a tile, a copy a tile
+    (64, 32768, dict(bs=16), (32, 2, "pack 4")),    # 2 copies a tile (each of K and V)
+    (64, 2048, dict(bs=16), (32, 2, "pack 4")),
+    (64, 4096, dict(bs=16, hq=16), (32, 2, "pack 4")),  # GQA group 2: 8 rows of 16
+    (80, 4096, dict(bs=16), (64, 2, "pack 2")),     # else a pack of 2 (320 programs: waves 0.81 full)
+    (96, 4096, dict(bs=16), (64, 2, "pack 2")),
+    (128, 16384, dict(bs=16), (64, 2, "pack 2")),   # (a pack of 4 in two waves lost)
+    (256, 4096, dict(bs=32), (64, 2, "pack 2")),
+    (64, 4096, dict(bs=16, hkv=4), (64, 2, "producer", "pack 2")),  # group 8: a pack of 2, 8 copies a tile
+    (128, 4096, dict(bs=16, hkv=4), None),          # ... in one wave only
+    (40, 4096, dict(bs=16), (64, 2)),               # packs would fill 0.61 of their waves
+    (48, 16384, dict(bs=16), (64, 2)),
+    (64, 1920, dict(bs=16), None),                  # runs of under 2K keys
+    (64, 4096, dict(bs=64), (128, 2)),              # blocks of 64 (two copies a 128-key tile) keep one head
+    (64, 4096, dict(bs=16, lora=True), None),       # paged decode only
+    (64, 4096, dict(bs=16, hq=256), None),          # GQA group 32
     (16, 4096, dict(bs=64, lora=True), (128, 2)),              # Flash-LoRA: 6 copies, L by the K/V table
     (16, 4096, dict(bs=64, lora=True, lr_bs=64), (128, 2)),    # ... or its own, blocks alike
     (16, 4096, dict(bs=64, lora=True, lr_bs=128), None),       # ... or not alike
@@ -131,6 +149,47 @@ def test_plan_takes_the_ring_kernel_where_measured(monkeypatch, ring_device, bat
         assert plan.ring_reduce == min(plan.ring.splits, 32) and plan.reduce_grid is None
 
 
+def test_ring_packed_needs_what_it_was_measured_on(monkeypatch, ring_device):
+    """Packs only for paged decode at head dim 128 in half precision, blocks of 16 to 32 keys,
+    GQA groups up to 8 whose pack fills a 16-row tile, and not with an explicit split."""
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    dev = torch.device("cuda", 0)
+    assert A._ring_packed(dev, 64, 8, 128, 4, 16, 4096, 2) == A._Ring(32, 2, pack=4)
+    assert A._ring_packed(dev, 64, 8, 64, 4, 16, 4096, 2) is None      # head dim 64
+    assert A._ring_packed(dev, 64, 8, 128, 4, 16, 4096, 4) is None     # fp32
+    assert A._ring_packed(dev, 64, 6, 128, 4, 16, 4096, 2) is None     # Hkv 6: packs of 2 fill 0.73 of 2 waves
+    assert A._ring_packed(dev, 64, 2, 128, 8, 16, 4096, 2) is None     # 64 programs in packs of 2
+    assert A._ring_packed(dev, 64, 8, 128, 16, 16, 4096, 2) is None    # group 16: one head fills the rows
+    monkeypatch.setattr(A, "_ring_device", lambda device: False)
+    assert A._ring_packed(dev, 64, 8, 128, 4, 16, 4096, 2) is None
+    monkeypatch.setattr(A, "_ring_device", lambda device: True)
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    A._launch_plan.cache_clear()
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    q, k = torch.empty(64, 32, 128, **meta), torch.empty(64 * 256, 16, 8, 128, **meta)
+    bt = torch.empty(64, 256, dtype=torch.int32, device="meta")
+    for splits, packed in ((None, True), (1, True), (2, False)):
+        key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=64, block_tables=bt, lora=None, s2=None,
+                            max_seqlen_q=None, num_splits=splits)
+        plan = A._launch_plan(key)
+        assert (plan.ring is not None and plan.ring.pack == 4) == packed
+        if packed:
+            assert plan.ws_total == 0 and plan.counters == 0  # unsplit: no workspace
+    A._launch_plan.cache_clear()
+
+
+@pytest.mark.skipif(not R.available(), reason="this Triton has no Gluon")
+def test_ring_decode_refuses_a_pack_it_cannot_run():
+    q = torch.empty(2, 32, 128, dtype=torch.bfloat16)
+    k = torch.empty(8, 16, 8, 128, dtype=torch.bfloat16)
+    bt, sl = torch.zeros(2, 4, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    for pack, hq, extra in ((3, 32, {}), (8, 32, {}), (4, 64, {}),
+                            (4, 32, dict(lr_cache=torch.empty(8, 16, 16, dtype=torch.bfloat16)))):
+        with pytest.raises(ValueError, match="pack="):
+            R.ring_decode(q[:, :hq] if hq <= 32 else torch.empty(2, hq, 128, dtype=torch.bfloat16), k, k, bt, sl,
+                          1.0, q, block_n=32, stages=2, pack=pack, **extra)
+
+
 def test_ring_tiles_needs_the_device_and_head_dim_128(monkeypatch, ring_device):
     monkeypatch.setattr(A, "_num_sms", lambda device: 132)
     dev = torch.device("cuda", 0)
@@ -174,19 +233,21 @@ block_n, stages, group, dt, rank, shared = (int(sys.argv[1]), int(sys.argv[2]), 
 bs = int(sys.argv[7]) if len(sys.argv) > 7 else 128
 split = "split" in sys.argv[6]  # a split launch
 producer = "producer" in sys.argv[6]  # its copies by a producer warp
+pack = int(sys.argv[6].split("pack")[1][0]) if "pack" in sys.argv[6] else 1  # KV heads a program
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
 r_pad = R.lora_pad(rank) if rank else 32
 fn = R._ring_decode_kernel
 chunk = min(block_n, bs)
-desc = f"tensordesc<{dt}[1,{chunk},128],{R._smem_layout(chunk, 128, dtype)!r}>"
+box = f"1,{chunk},128" if pack == 1 else f"1,{chunk},{pack},128"
+desc = f"tensordesc<{dt}[{box}],{R._smem_layout(chunk, 128, dtype, pack)!r}>"
 lr_desc = f"tensordesc<{dt}[1,{chunk},{r_pad}],{R._smem_layout(chunk, r_pad, dtype)!r}>" if rank else desc
-consts = dict(GROUP=group, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=bs, STAGES=stages, ROWS=R._ROWS,
+consts = dict(GROUP=group * pack, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=bs, STAGES=stages, ROWS=R._ROWS,
               WARPS=R._WARPS, HAS_LORA=rank > 0, RANK=max(rank, 1), R_PAD=r_pad, LR_BLOCK_SIZE=bs,
               LR_SHARED_TABLE=shared, CHUNK=min(block_n, bs), SPLIT=split,
               GROUP_P2=A._next_pow2(group) if split else 1,
               REDUCE_S=A._combine_chunk(A._next_pow2(group), 128) if split else 1,  # the most the plan gives
               PRODUCER=producer, PRODUCER_REGS=R._PRODUCER_WARP_REGS,
-              B_TMA=producer and rank > 0 and r_pad >= 16)  # as ring_decode for a dense B
+              B_TMA=producer and rank > 0 and r_pad >= 16, PACK=pack)  # (B_TMA as ring_decode for a dense B)
 b_desc = f"tensordesc<{dt}[1,{r_pad},128],{R._smem_layout(r_pad, 128, dtype)!r}>" if rank else desc
 sig = dict(Q="*" + dt, k_desc=desc, v_desc=desc, lr_desc=lr_desc, b_desc=b_desc, BlockTables="*i32", LrBlockTables="*i32",
            LoraB="*" + dt, AdapterIds="*i32", SeqLens="*i32", Out="*" + dt, WsM="*fp32", WsL="*fp32",
@@ -229,13 +290,16 @@ if len(sys.argv) > 8:  # keep the PTX (a debugging aid)
     (64, 3, 4, "bf16", 0, "split+producer", 16), (64, 3, 8, "fp16", 0, "split+producer", 32),
     (64, 3, 4, "bf16", 64, "shared+split+producer", 16), (64, 3, 8, "fp16", 8, "own+split+producer", 32),
     (128, 2, 4, "fp16", 64, "own+split+producer", 64), (128, 2, 8, "bf16", 8, "shared+split+producer", 64),
-    (128, 2, 4, "bf16", 0, "split+producer", 16), (128, 2, 8, "fp16", 0, "split+producer", 32)])
+    (128, 2, 4, "bf16", 0, "split+producer", 16), (128, 2, 8, "fp16", 0, "split+producer", 32),
+    (32, 2, 4, "bf16", 0, "pack4", 16), (32, 2, 2, "fp16", 0, "pack4", 32),
+    (64, 2, 4, "bf16", 0, "pack2", 16), (64, 2, 8, "fp16", 0, "producer+pack2", 16)])
 def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table, bs):
     """Every configuration the plan picks compiles for sm_90 without spills (but known ones), in the
     shared memory the plan counts on: 64-key tiles three programs an SM (228 KB an SM, 1 KB of it
     reserved a program), 128-key tiles one (Flash-LoRA's L slots beside K/V); tiles in one block
     or a copy a block; split launches ("split") with the combine of their partials; copies by a
-    producer warp ("producer")."""
+    producer warp ("producer"); several KV heads a program ("packN", `block_n` keys of N heads a
+    tile)."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
@@ -260,9 +324,10 @@ def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table
         allowed = (448 if "split" in table else 160) if rank > 32 and block_n == 128 else 0
     assert int(spill) <= allowed
     # (a program with the producer warp takes every register of an SM: one an SM)
-    limit = 227 * 1024 if block_n == 128 or "producer" in table else (228 // 3 - 1) * 1024
+    pack = int(table.split("pack")[1]) if "pack" in table else 1
+    limit = 227 * 1024 if block_n * pack == 128 or "producer" in table else (228 // 3 - 1) * 1024
     r_pad = R.lora_pad(rank) if rank else 0
-    assert stages * block_n * (2 * 128 + r_pad) * 2 <= int(smem) <= limit
+    assert stages * block_n * (2 * 128 * pack + r_pad) * 2 <= int(smem) <= limit
 
 
 # ---------------------------------------------------------------- Hopper GPU
@@ -277,7 +342,8 @@ def ring_calls(monkeypatch) -> list:
     real = R.ring_decode
 
     def spying(*args, block_n, stages, **kw):
-        calls.append(_launch_name(block_n, stages, kw.get("num_splits", 1), kw.get("producer", False)))
+        calls.append(_launch_name(block_n, stages, kw.get("num_splits", 1), kw.get("producer", False),
+                                  kw.get("pack", 1)))
         return real(*args, block_n=block_n, stages=stages, **kw)
 
     monkeypatch.setattr(R, "ring_decode", spying)
@@ -296,6 +362,14 @@ def ring_calls(monkeypatch) -> list:
     (torch.float16, 32, 8, 32, [2100, 5, 3000, 64, 65], 14, (64, 2)),
     (torch.bfloat16, 32, 8, 16, [4000, 129, 1, 0, 2048, 3001, 17, 2063], None, (128, 2, "producer")),  # 16 copies
     (torch.float16, 32, 4, 32, [2100, 5, 3000, 64, 65], None, (128, 2, "producer")),  # 8 copies, group 8
+    # several KV heads a program: 14 programs "on 14 SMs" (one wave) in packs of 4, 28 in packs of 2
+    # "on 10" (0.93 of 3 waves); blocks of 16 (a copy a block) and 32 (a copy a tile)
+    (torch.bfloat16, 32, 8, 16, [4000, 129, 1, 0, 2048, 3001, 17], 14, (32, 2, "pack 4")),
+    (torch.float16, 32, 8, 32, [2100, 5, 3000, 64, 65, 4097, 33], 14, (32, 2, "pack 4")),
+    (torch.bfloat16, 16, 8, 16, [2500, 31, 4001, 0, 1, 2047, 3333], 14, (32, 2, "pack 4")),  # group 2
+    (torch.bfloat16, 32, 8, 16, [4000, 129, 1, 0, 2048, 3001, 17], 10, (64, 2, "pack 2")),
+    (torch.float16, 32, 8, 32, [2100, 5, 3000, 64, 65, 4097, 33], 10, (64, 2, "pack 2")),
+    (torch.float16, 32, 4, 16, [2500, 128, 127, 3000, 1, 2222, 999], 14, (64, 2, "producer", "pack 2")),  # group 8
 ])
 def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms, ring):
     """Odd lengths, a sequence of one token and one of none, tiles that end inside a block and
