@@ -808,6 +808,8 @@ def _ring_packed(device: torch.device, batch: int, num_kv_heads: int, head_dim: 
         if _slot_fill(programs, 1, device) < _RING_PACK_MIN_FILL:
             continue
         keys = 128 // pack
+        if not _ring_copies(block_size, keys, 0):  # blocks that neither hold nor make up a tile
+            continue
         return _Ring(keys, 2, producer=_ring_producer(block_size, keys, 0, programs, sms), pack=pack)
     return None
 
