@@ -291,6 +291,56 @@ def tile_sweep(cases, log) -> list[dict]:
     return rows
 
 
+PACK_CASES = "40x4096,48x4096,64x4096,80x4096,96x4096,128x4096,64x16384,80x16384,96x16384,128x16384,256x4096"
+
+
+def pack_sweep(cases, log) -> list[dict]:
+    """Packed ring launches (`kernels.attention._ring_packed`, several KV heads a program): the
+    plan against the plan without packs, each pack of 2 and 4 heads unsplit at two ring slots
+    with and without the producer warp (`attention_ring.ring_decode(pack=)` directly), and SDPA
+    on contiguous K/V (Hopper with Gluon only)."""
+    from kernels import attention_ring
+
+    rows = []
+    for batch, ctx in cases:
+        k, v, tables, q, sl, out, kvb = decode_inputs(batch, ctx)
+        fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
+               for t in tables]
+        key = attn._launch_key(q, k, v, out, paged=True, decode=True, batch=batch, block_tables=tables[0],
+                               lora=None, s2=None, max_seqlen_q=None, num_splits=None)
+        ring = attn._launch_plan(key).ring
+        r = dict(kind="pack", batch=batch, ctx=ctx, variant="plan", ring=ring and list(ring), graph_ms=graph_ms(fns),
+                 kv_bytes=kvb)
+        sd = sdpa_decode(q, k, v, tables)
+        r["sdpa_ms"] = graph_ms(sd)
+        del sd
+        rows.append(r)
+        log(r)
+        old = attn._ring_packed
+        attn._ring_packed = lambda *a, **kw: None
+        try:
+            r = dict(kind="pack", batch=batch, ctx=ctx, variant="plan without packs", graph_ms=graph_ms(fns))
+        finally:
+            attn._ring_packed = old
+        rows.append(r)
+        log(r)
+        for pack in (2, 4):
+            programs = batch * HKV // pack
+            for producer in (False, True):
+                if producer and programs > attn._num_sms(q.device):
+                    continue
+                launch = [lambda t=t: attention_ring.ring_decode(q, k, v, t, sl, SCALE * attn._LOG2E, out,
+                                                                 block_n=128 // pack, stages=2, producer=producer,
+                                                                 pack=pack) for t in tables]
+                r = dict(kind="pack", batch=batch, ctx=ctx, variant=f"pack {pack}" + (" producer" if producer else ""),
+                         graph_ms=graph_ms(launch))
+                rows.append(r)
+                log(r)
+        del k, v, tables
+        torch.cuda.empty_cache()
+    return rows
+
+
 PREFILL_CFGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                 (128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 4), (128, 128, 4, 2),
                 (128, 32, 4, 4), (128, 32, 8, 3), (128, 32, 4, 2), (64, 32, 4, 3), (128, 16, 4, 3),
@@ -348,10 +398,12 @@ def main() -> None:
     ap.add_argument("--out", default="tune.json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--what", default="decode,lora,prefill", help="comma list of decode, splits (combine and the split sweep), combine, lora, "
-                         "prefill, tiles (split decode's tile width and split count)")
+                         "prefill, tiles (split decode's tile width and split count), "
+                         "pack (several KV heads a program)")
     ap.add_argument("--tile-cases", default=TILE_CASES, help="BATCHxCTX,... for tiles")
     ap.add_argument("--split-cases", default="16x4096,1x32768,1x4096,16x8192,4x8192,1x16384",
                     help="BATCHxCTX,... for splits / combine")
+    ap.add_argument("--pack-cases", default=PACK_CASES, help="BATCHxCTX,... for pack")
     ap.add_argument("--prefill-cases", default="16x1024,4x4096,1x16384", help="BATCHxSEQ,...")
     ap.add_argument("--block-size", type=int, default=16,
                     help="cache block size (128: the TMA decode path, the engine's default on Hopper)")
@@ -373,6 +425,8 @@ def main() -> None:
         rows += split_sweep(cases, log, sweep="splits" in what)
     if "tiles" in what:
         rows += tile_sweep([tuple(int(x) for x in c.split("x")) for c in args.tile_cases.split(",")], log)
+    if "pack" in what:
+        rows += pack_sweep([tuple(int(x) for x in c.split("x")) for c in args.pack_cases.split(",")], log)
     if "lora" in what:
         rows += lora_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096)], log)
     if "prefill" in what:
@@ -392,11 +446,14 @@ def summarize(rows) -> None:
         kind = r["kind"] if "r" not in r else f"{r['kind']}{r['r']}"
         kind = "tiles" if kind == "tiles_policy" else kind  # the policy competes with the sweep
         key = (kind, r.get("batch"), r.get("ctx", r.get("seq")))
+        if kind == "pack" and r["variant"] == "plan":
+            print(f"PLAN {key}: {r['graph_ms']:.4f} ms (SDPA {r['sdpa_ms']:.4f}) {r['ring']}")
         if key not in by or r["graph_ms"] < by[key]["graph_ms"]:
             by[key] = r
     for key in sorted(by, key=str):
         r = by[key]
-        extra = {k: r[k] for k in ("bn", "warps", "stages", "splits", "pad", "cfg", "tflops", "eager_ms", "ratio")
+        extra = {k: r[k] for k in ("bn", "warps", "stages", "splits", "pad", "cfg", "tflops", "eager_ms", "ratio",
+                                   "variant")
                  if k in r}
         print(f"BEST {key}: {r['graph_ms']:.4f} ms {extra}")
 

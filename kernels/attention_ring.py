@@ -22,11 +22,12 @@ sequence's key tiles through the block table, and writes ``softmax(scale·q·K�
 sequence writes zeros. Or one program per (sequence, pack of KV heads) (``PACK``, paged decode
 only): its copies bring a block's keys of every head of the pack at once, its tiles hold keys ×
 heads in the cache's own order, and each query row is masked to its own head's columns; the
-pack's query rows still fit the one 16-row MMA tile (a group of 4 in a pack of 4), so the
-math is a single head's, over PACK times fewer, larger copies. A tile comes by one copy where one cache block holds it, else by one copy
-a block (blocks smaller than the tile). The copy holding the sequence's last key is read shifted
-to end at it: its slots before the block's first are zero-filled by the copy and the keys it
-repeats are masked; copies wholly past the sequence read nothing but zeros. So no slot past the
+pack's query rows still fit the one 16-row MMA tile (a group of 4 in a pack of 4), so the math
+is a single head's, over PACK times fewer, larger copies. A tile comes by one copy where one
+cache block holds it, else by one copy a block (blocks smaller than the tile). The copy holding
+the sequence's last key is read shifted to end at it: its slots before the block's first are
+zero-filled by the copy and the keys it repeats are masked; copies wholly past the sequence
+read nothing but zeros. So no slot past the
 sequence (which may hold anything, NaN included) is ever read. Split (flash-decoding), a
 program takes its share of a sequence's tiles and writes partial (max, sum, P·V) rows in
 `_attn_fwd`'s workspace layout; the last of a sequence's splits to finish combines them (an
