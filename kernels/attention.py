@@ -105,7 +105,8 @@ _RING_SPLIT_MIN_TILES_WIDE = 16  # ... or this many 128-key ones (one program an
 _RING_SPLIT_MIN_FILL = 0.9  # ... over at least this many programs an SM
 _RING_SPLIT_DEEP_TILES = 32  # ... and 3 ring slots through the producer warp from this many a split
 _RING_PACK_ROWS = 16  # packed ring launches (_ring_packed): a GQA group times the pack at most this,
-_RING_PACK_MIN_FILL = 0.8  # ... over waves of one program an SM at least this full
+_RING_PACK_MIN_FILL = 0.8  # ... over waves of one program an SM at least this full,
+_RING_PACK_SPLIT_FILL = 0.9  # ... split in two where that fills them this full and they were not
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -779,10 +780,12 @@ def _ring_packed(device: torch.device, batch: int, num_kv_heads: int, head_dim: 
     each (masked to each query row's own head: the MMAs are as large as a head's alone, since
     one head's 4 query rows already fill a 16-row tile). Where it pays, measured: a pack of 4
     (GQA group × pack up to `_RING_PACK_ROWS`) where its launch is one wave at one program an SM,
-    else a pack of 2 (GQA groups of up to 4) over waves at least `_RING_PACK_MIN_FILL` full;
-    the producer warp where a tile still takes 8 copies (`_ring_producer`). Split launches lost
-    every time (their combine's tail costs more than the copies save), as did launches over
-    emptier waves.
+    else a pack of 2 (GQA groups of up to 4) over waves at least `_RING_PACK_MIN_FILL` full,
+    split in two where that fills the waves `_RING_PACK_SPLIT_FILL` full and they were not (at
+    4K keys and more); the producer warp where a tile still takes 8 copies (`_ring_producer`).
+    Other split launches lost (their combine's tail costs more than the copies save), as did
+    launches over emptier waves. A split pack's combine takes one split a pass: at every shape
+    measured as fast or faster than more a pass (16 × 4K in 4 splits 71.1 vs 74.0 us).
 
     H200, one call (bf16, Hq 32, Hkv 8, D 128, CUDA graph, us; the plan before against the
     pack, SDPA on contiguous K/V; bench/RESULTS.md, Run AE): blocks of 16, 64 × 4K 248.6 vs
@@ -793,8 +796,12 @@ def _ring_packed(device: torch.device, batch: int, num_kv_heads: int, head_dim: 
     (479.3). Hkv 4 (group 8, a pack of 2 by the producer warp): 64 × 4K 125.2 vs 125.0, 64 × 16K
     488.2 vs 483.3. Lost, and so left to the plan: 40 × 4K 163.9 vs 167.4 (a pack of 4, 0.61
     of a wave), 48 × 4K 186.9 vs 189.9, 80 × 16K 1330.3 vs 1339.2 (the one loss over the fill
-    line), 128 × 16K in a pack of 4 (two waves) 2032.4, Hkv 4 128 × 4K 247.3 vs 250.2, and in
-    split launches 16 × 4K 67.1 vs 68.6 at best, 1 × 32K 39.3 vs 45.1, 8 × 4K 38.4 vs 39.8."""
+    line: split in two since, below), 128 × 16K in a pack of 4 (two waves) 2032.4, Hkv 4 128 × 4K
+    247.3 vs 250.2, and in split launches 16 × 4K 67.1 vs 68.6 at best, 1 × 32K 39.3 vs 45.1, 8 ×
+    4K 38.4 vs 39.8. A pack of 2 in two splits against it unsplit (another call): 80 × 4K 319.6
+    vs 339.9 (SDPA 314.3), 80 × 16K 1209.9 vs 1342.1 (1240.8); where the plan's own launch
+    fills its waves, splits lost: 48 × 4K 195.3 vs 186.0, 40 × 4K in packs of 4 in 3 splits
+    168.7 vs 164.5, 24 × 4K in 2 104.9 vs 98.0."""
     if (not _ring_device(device) or head_dim != 128 or itemsize != 2 or group > 8
             or not 16 <= block_size < 64 or max_ctx < _RING_MIN_KEYS):
         return None
@@ -805,12 +812,18 @@ def _ring_packed(device: torch.device, batch: int, num_kv_heads: int, head_dim: 
         programs = batch * num_kv_heads // pack
         if programs > sms and (pack == 4 or group > 4):
             continue
-        if _slot_fill(programs, 1, device) < _RING_PACK_MIN_FILL:
+        fill = _slot_fill(programs, 1, device)
+        if fill < _RING_PACK_MIN_FILL:
             continue
         keys = 128 // pack
         if not _ring_copies(block_size, keys, 0):  # blocks that neither hold nor make up a tile
             continue
-        return _Ring(keys, 2, producer=_ring_producer(block_size, keys, 0, programs, sms), pack=pack)
+        splits = 1
+        if (programs > sms and fill < _RING_PACK_SPLIT_FILL and max_ctx >= 2 * _RING_MIN_KEYS
+                and _slot_fill(2 * programs, 1, device) >= _RING_PACK_SPLIT_FILL):
+            splits = 2
+        producer = _ring_producer(block_size, keys, 0, programs * splits, sms)
+        return _Ring(keys, 2, splits, producer, pack)
     return None
 
 
@@ -1189,8 +1202,11 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     if ring_ok and key.lora is None and (key.num_splits or 1) == 1:
         # Several KV heads a program in small cache blocks (see _ring_packed)
         ring = ring_packed(key.device, batch, hkv, d, group, block_size, max_ctx, key.kv_itemsize)
-        if ring is not None:  # unsplit, whatever `_attn_fwd` would have split (no workspace)
-            num_splits, split, fused = 1, False, False
+        if ring is not None:  # its own splits, whatever `_attn_fwd` would have had
+            if key.num_splits == 1:
+                ring = ring._replace(splits=1)
+            num_splits = ring.splits
+            split = fused = num_splits > 1
     if ring_ok and ring is None:
         # Unsplit launches only: where 2 programs an SM (1 up to one an SM) would not split
         # (Flash-LoRA's own plan splits some of those: it reads long runs per-thread).
@@ -1210,8 +1226,9 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     g_p2 = _next_pow2(group)
     combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))
     if ring is not None and ring.splits > 1:
-        # one pass of the combine where it fits (a second cost 2.3 us at 1 x 32K, H200)
-        ring_reduce = min(combine["REDUCE_S"], _next_pow2(ring.splits))
+        # one pass of the combine where it fits (a second cost 2.3 us at 1 x 32K, H200); a
+        # pack's, one split a pass (see _ring_packed)
+        ring_reduce = 1 if ring.pack > 1 else min(combine["REDUCE_S"], _next_pow2(ring.splits))
     n_qtiles = 1 if decode else max(1, -(-key.max_seqlen_q // (bm // group)))
 
     ks, vs = key.k_strides, key.v_strides

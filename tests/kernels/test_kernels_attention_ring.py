@@ -75,8 +75,10 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False,
     (64, 32768, dict(bs=16), (32, 2, "pack 4")),    # 2 copies a tile (each of K and V)
     (64, 2048, dict(bs=16), (32, 2, "pack 4")),
     (64, 4096, dict(bs=16, hq=16), (32, 2, "pack 4")),  # GQA group 2: 8 rows of 16
-    (80, 4096, dict(bs=16), (64, 2, "pack 2")),     # else a pack of 2 (320 programs: waves 0.81 full)
-    (96, 4096, dict(bs=16), (64, 2, "pack 2")),
+    (80, 4096, dict(bs=16), (64, 2, 2, "pack 2")),  # else a pack of 2 (320 programs: waves 0.81 full,
+    (80, 16384, dict(bs=16), (64, 2, 2, "pack 2")),  # ... 0.97 in two splits)
+    (80, 2048, dict(bs=16), (64, 2, "pack 2")),      # (not under 4K keys)
+    (96, 4096, dict(bs=16), (64, 2, "pack 2")),     # 0.97 unsplit
     (128, 16384, dict(bs=16), (64, 2, "pack 2")),   # (a pack of 4 in two waves lost)
     (256, 4096, dict(bs=32), (64, 2, "pack 2")),
     (64, 4096, dict(bs=16, hkv=4), (64, 2, "producer", "pack 2")),  # group 8: a pack of 2, 8 copies a tile
@@ -146,7 +148,9 @@ def test_plan_takes_the_ring_kernel_where_measured(monkeypatch, ring_device, bat
     if plan.ring and plan.ring.splits > 1:  # its workspace and counters are the split launch's
         hq = kw.get("hq", 32)
         assert plan.ws_sizes[2] == batch * hq * plan.ring.splits * 128 and plan.counters == batch * 8
-        assert plan.ring_reduce == min(plan.ring.splits, 32) and plan.reduce_grid is None
+        # (a pack's combine: one split a pass)
+        assert plan.ring_reduce == (1 if plan.ring.pack > 1 else min(plan.ring.splits, 32))
+        assert plan.reduce_grid is None
 
 
 def test_ring_packed_needs_what_it_was_measured_on(monkeypatch, ring_device):
@@ -177,6 +181,14 @@ def test_ring_packed_needs_what_it_was_measured_on(monkeypatch, ring_device):
         assert (plan.ring is not None and plan.ring.pack == 4) == packed
         if packed:
             assert plan.ws_total == 0 and plan.counters == 0  # unsplit: no workspace
+    # a pack of 2 in two splits (80 sequences), unsplit where the caller asks for one split
+    q, k = torch.empty(80, 32, 128, **meta), torch.empty(80 * 256, 16, 8, 128, **meta)
+    bt = torch.empty(80, 256, dtype=torch.int32, device="meta")
+    for splits, want in ((None, A._Ring(64, 2, 2, False, 2)), (1, A._Ring(64, 2, 1, False, 2))):
+        key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=80, block_tables=bt, lora=None, s2=None,
+                            max_seqlen_q=None, num_splits=splits)
+        plan = A._launch_plan(key)
+        assert plan.ring == want and (plan.ws_total > 0) == (want.splits > 1)
     A._launch_plan.cache_clear()
 
 
@@ -246,8 +258,9 @@ lr_desc = f"tensordesc<{dt}[1,{chunk},{r_pad}],{R._smem_layout(chunk, r_pad, dty
 consts = dict(GROUP=group * pack, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=bs, STAGES=stages, ROWS=R._ROWS,
               WARPS=R._WARPS, HAS_LORA=rank > 0, RANK=max(rank, 1), R_PAD=r_pad, LR_BLOCK_SIZE=bs,
               LR_SHARED_TABLE=shared, CHUNK=min(block_n, bs), SPLIT=split,
-              GROUP_P2=A._next_pow2(group) if split else 1,
-              REDUCE_S=A._combine_chunk(A._next_pow2(group), 128) if split else 1,  # the most the plan gives
+              GROUP_P2=A._next_pow2(group * pack) if split else 1,
+              # the most the plan gives (a pack's combine: one split a pass)
+              REDUCE_S=(1 if pack > 1 else A._combine_chunk(A._next_pow2(group), 128)) if split else 1,
               PRODUCER=producer, PRODUCER_REGS=R._PRODUCER_WARP_REGS,
               B_TMA=producer and rank > 0 and r_pad >= 16, PACK=pack)  # (B_TMA as ring_decode for a dense B)
 b_desc = f"tensordesc<{dt}[1,{r_pad},128],{R._smem_layout(r_pad, 128, dtype)!r}>" if rank else desc
@@ -294,7 +307,8 @@ if len(sys.argv) > 8:  # keep the PTX (a debugging aid)
     (128, 2, 4, "fp16", 64, "own+split+producer", 64), (128, 2, 8, "bf16", 8, "shared+split+producer", 64),
     (128, 2, 4, "bf16", 0, "split+producer", 16), (128, 2, 8, "fp16", 0, "split+producer", 32),
     (32, 2, 4, "bf16", 0, "pack4", 16), (32, 2, 2, "fp16", 0, "pack4", 32),
-    (64, 2, 4, "bf16", 0, "pack2", 16), (64, 2, 8, "fp16", 0, "producer+pack2", 16)])
+    (64, 2, 4, "bf16", 0, "pack2", 16), (64, 2, 8, "fp16", 0, "producer+pack2", 16),
+    (64, 2, 4, "fp16", 0, "split+pack2", 32)])
 def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table, bs):
     """Every configuration the plan picks compiles for sm_90 without spills (but known ones), in the
     shared memory the plan counts on: 64-key tiles three programs an SM (228 KB an SM, 1 KB of it
@@ -405,6 +419,9 @@ def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype,
     # blocks of 8 (32 copies a 128-key tile): 64-key tiles, three slots from 32 of them a split
     (torch.bfloat16, 32, 8, 8, [32767], 132, (64, 3, 16, "producer")),
     (torch.float16, 32, 8, 8, [32001, 20005], 132, (64, 3, 8, "producer")),
+    # a pack of 2 KV heads in two splits: 20 programs "on 8 SMs" fill 0.83 of their waves, 40 all
+    (torch.bfloat16, 32, 8, 16, [4100, 3, 0, 4097, 2049], 8, (64, 2, 2, "pack 2")),
+    (torch.float16, 32, 8, 32, [5000, 1, 4096, 77, 4500], 8, (64, 2, 2, "pack 2")),
 ])
 def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms,
                                              ring):
