@@ -105,8 +105,9 @@ _RING_SPLIT_MIN_TILES_WIDE = 16  # ... or this many 128-key ones (one program an
 _RING_SPLIT_MIN_FILL = 0.9  # ... over at least this many programs an SM
 _RING_SPLIT_DEEP_TILES = 32  # ... and 3 ring slots through the producer warp from this many a split
 _RING_PACK_ROWS = 16  # packed ring launches (_ring_packed): a GQA group times the pack at most this,
-_RING_PACK_MIN_FILL = 0.8  # ... over waves of one program an SM at least this full,
-_RING_PACK_SPLIT_FILL = 0.9  # ... split in two where that fills them this full and they were not
+_RING_PACK_MIN_FILL = 0.8  # ... in one wave of one program an SM at least this full; over several,
+_RING_PACK_UNSPLIT_FILL = 0.86  # ... unsplit where they are this full,
+_RING_PACK_SPLIT_FILL = 0.93  # ... else in the fewest splits (up to 4) that fill them this full
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 
 
@@ -772,58 +773,75 @@ def _ring_split(device: torch.device, batch: int, num_kv_heads: int, head_dim: i
 
 def _ring_packed(device: torch.device, batch: int, num_kv_heads: int, head_dim: int, group: int,
                  block_size: int, max_ctx: int, itemsize: int) -> _Ring | None:
-    """An unsplit paged decode launch of `attention_ring`'s kernel in which each program reads
-    several KV heads of its sequence (`ring_decode(pack=)`), or None. In cache blocks of 16 or
-    32 keys a 128-key tile of one head takes 8 or 4 copies each of K and V, and those copies, not
-    the bytes, are what small blocks cost (bench/RESULTS.md, Run AA); a copy of a block's keys of
-    4 heads at once is 4 times larger, and a 128-row tile of 32 keys × 4 heads takes 2 copies
-    each (masked to each query row's own head: the MMAs are as large as a head's alone, since
-    one head's 4 query rows already fill a 16-row tile). Where it pays, measured: a pack of 4
-    (GQA group × pack up to `_RING_PACK_ROWS`) where its launch is one wave at one program an SM,
-    else a pack of 2 (GQA groups of up to 4) over waves at least `_RING_PACK_MIN_FILL` full,
-    split in two where that fills the waves `_RING_PACK_SPLIT_FILL` full and they were not (at
-    4K keys and more); the producer warp where a tile still takes 8 copies (`_ring_producer`).
-    Other split launches lost (their combine's tail costs more than the copies save), as did
-    launches over emptier waves. A split pack's combine takes one split a pass: at every shape
-    measured as fast or faster than more a pass (16 × 4K in 4 splits 71.1 vs 74.0 us).
+    """A paged decode launch of `attention_ring`'s kernel in which each program reads several KV
+    heads of its sequence (`ring_decode(pack=)`), or None. In cache blocks of 16 or 32 keys a
+    128-key tile of one head takes 8 or 4 copies each of K and V, and those copies, not the
+    bytes, are what small blocks cost (bench/RESULTS.md, Run AA); a copy of a block's keys of 4
+    heads at once is 4 times larger, and a 128-row tile of 32 keys × 4 heads takes 2 copies each
+    (masked to each query row's own head: the MMAs are as large as a head's alone, since one
+    head's 4 query rows already fill a 16-row tile). Where it pays, measured, at one program an
+    SM (128 KB of shared memory):
 
-    H200, one call (bf16, Hq 32, Hkv 8, D 128, CUDA graph, us; the plan before against the
-    pack, SDPA on contiguous K/V; bench/RESULTS.md, Run AE): blocks of 16, 64 × 4K 248.6 vs
-    244.7 (SDPA 243.3), 64 × 16K 979.1 vs 953.8 (953.7), 80 × 4K 377.5 vs 338.6 (314.0; a pack
-    of 2), 96 × 4K 403.9 vs 366.9 (360.7), 96 × 16K 1461.5 vs 1439.6 (1424.7), 128 × 4K 487.4 vs
-    486.6, 128 × 16K 1948.1 vs 1916.4 (1923.9), 256 × 4K 965.7 vs 963.0; blocks of 32, 64 × 4K
-    247.2 vs 242.5 (244.3), 64 × 32K 1920.6 vs 1898.1 (1898.3), 128 × 4K 493.0 vs 480.8
-    (479.3). Hkv 4 (group 8, a pack of 2 by the producer warp): 64 × 4K 125.2 vs 125.0, 64 × 16K
-    488.2 vs 483.3. Lost, and so left to the plan: 40 × 4K 163.9 vs 167.4 (a pack of 4, 0.61
-    of a wave), 48 × 4K 186.9 vs 189.9, 80 × 16K 1330.3 vs 1339.2 (the one loss over the fill
-    line: split in two since, below), 128 × 16K in a pack of 4 (two waves) 2032.4, Hkv 4 128 × 4K
-    247.3 vs 250.2, and in split launches 16 × 4K 67.1 vs 68.6 at best, 1 × 32K 39.3 vs 45.1, 8 ×
-    4K 38.4 vs 39.8. A pack of 2 in two splits against it unsplit (another call): 80 × 4K 319.6
-    vs 339.9 (SDPA 314.3), 80 × 16K 1209.9 vs 1342.1 (1240.8); where the plan's own launch
-    fills its waves, splits lost: 48 × 4K 195.3 vs 186.0, 40 × 4K in packs of 4 in 3 splits
-    168.7 vs 164.5, 24 × 4K in 2 104.9 vs 98.0."""
+    - a pack of 4 (GQA group × pack up to `_RING_PACK_ROWS`), else of 2, where its launch is one
+      wave at least `_RING_PACK_MIN_FILL` full, unsplit;
+    - over several waves, a pack of 2 (GQA groups of up to 4) where the plan would otherwise
+      leave more than 3 programs an SM to `_attn_fwd`'s per-thread loads (the ring's own tiles
+      take fewer): unsplit where its waves are `_RING_PACK_UNSPLIT_FILL` full, else in the
+      fewest splits of up to 4 that fill them `_RING_PACK_SPLIT_FILL` full (at 4K keys and
+      more), else not at all;
+    - the producer warp where a tile still takes 8 copies (`_ring_producer`). A split pack's
+      combine takes one split a pass: as fast or faster than more a pass at every shape
+      measured (16 × 4K in 4 splits 71.1 vs 74.0 us).
+
+    Packs of 4 over several waves, split packs in one wave, and packs below these fills lost.
+    H200 (bf16, Hq 32, Hkv 8, D 128, CUDA graph, us; the plan before against the pack, SDPA on
+    contiguous K/V; bench/RESULTS.md, Run AE): blocks of 16, 64 × 4K 248.6 vs 244.7 (SDPA
+    243.3), 64 × 16K 979.1 vs 953.8 (953.7), 96 × 4K 403.9 vs 366.9 (360.7), 96 × 16K 1461.5 vs
+    1439.6 (1424.7), 128 × 4K 487.4 vs 486.6, 128 × 16K 1948.1 vs 1916.4 (1923.9), 256 × 4K
+    965.7 vs 963.0, 88 × 4K 344.1 vs 343.9 (334.1); in splits, 72 × 4K 371.4 vs 294.9 (3 splits;
+    SDPA 282.8), 72 × 16K 1306.7 vs 1114.3 (3; 1094.7), 76 × 4K 376.5 vs 310.5 (3; 308.3), 80 ×
+    4K 339.9 vs 319.6 (2; 314.3), 80 × 16K 1342.1 vs 1209.9 (2; 1240.8), 104 × 16K 1799.5 vs
+    1605.5 (3; 1530.5), 112 × 4K 442.6 vs 442.5 (2), 100 × 4K 408.1 vs 409.0 (4), 104 × 4K 416.8
+    vs 420.0 (3); blocks of 32, 64 × 4K 247.2 vs 242.5 (244.3), 64 × 32K 1920.6 vs 1898.1
+    (1898.3), 128 × 4K 493.0 vs 480.8 (479.3). Hkv 4 (group 8, a pack of 2 by the producer warp):
+    64 × 4K 125.2 vs 125.0, 64 × 16K 488.2 vs 483.3. Lost, and so left to the plan: 40 × 4K 163.9
+    vs 167.4 (a pack of 4, 0.61 of a wave), 48 × 4K 186.9 vs 189.9, 128 × 16K in a pack of 4 (two
+    waves) 2032.4, Hkv 4 128 × 4K 247.3 vs 250.2; in split packs 16 × 4K 67.1 vs 68.6 at best,
+    1 × 32K 39.3 vs 45.1, 8 × 4K 38.4 vs 39.8, 40 × 4K 164.5 vs 168.7, 48 × 4K 186.0 vs 195.3;
+    unsplit 88 × 4K (0.89 full) in 3 splits 360.3, 112 × 4K (0.85) unsplit 460.6."""
     if (not _ring_device(device) or head_dim != 128 or itemsize != 2 or group > 8
             or not 16 <= block_size < 64 or max_ctx < _RING_MIN_KEYS):
         return None
     sms = _num_sms(device)
     for pack in (4, 2):
-        if group * pack > _RING_PACK_ROWS or num_kv_heads % pack:
-            continue
-        programs = batch * num_kv_heads // pack
-        if programs > sms and (pack == 4 or group > 4):
-            continue
-        fill = _slot_fill(programs, 1, device)
-        if fill < _RING_PACK_MIN_FILL:
-            continue
         keys = 128 // pack
-        if not _ring_copies(block_size, keys, 0):  # blocks that neither hold nor make up a tile
-            continue
-        splits = 1
-        if (programs > sms and fill < _RING_PACK_SPLIT_FILL and max_ctx >= 2 * _RING_MIN_KEYS
-                and _slot_fill(2 * programs, 1, device) >= _RING_PACK_SPLIT_FILL):
-            splits = 2
-        producer = _ring_producer(block_size, keys, 0, programs * splits, sms)
-        return _Ring(keys, 2, splits, producer, pack)
+        if group * pack > _RING_PACK_ROWS or num_kv_heads % pack or not _ring_copies(block_size, keys, 0):
+            continue  # (blocks that neither hold nor make up a tile: none)
+        programs = batch * num_kv_heads // pack
+        if programs <= sms:
+            if _slot_fill(programs, 1, device) < _RING_PACK_MIN_FILL:
+                continue
+            splits = 1
+        else:
+            if pack == 4 or group > 4 or batch * num_kv_heads <= _TMA_SHIFTED_PER_SM * sms:
+                continue
+            splits = _ring_pack_splits(programs, max_ctx, device)
+            if splits is None:
+                continue
+        return _Ring(keys, 2, splits, _ring_producer(block_size, keys, 0, programs * splits, sms), pack)
+    return None
+
+
+def _ring_pack_splits(programs: int, max_ctx: int, device: torch.device) -> int | None:
+    """The split count of a packed launch of `programs` over several waves (see `_ring_packed`),
+    or None where no count up to 4 fills its waves well enough."""
+    if _slot_fill(programs, 1, device) >= _RING_PACK_UNSPLIT_FILL:
+        return 1
+    if max_ctx < 2 * _RING_MIN_KEYS:
+        return None
+    for splits in (2, 3, 4):
+        if _slot_fill(programs * splits, 1, device) >= _RING_PACK_SPLIT_FILL:
+            return splits
     return None
 
 
