@@ -259,18 +259,24 @@ TILE_CASES = ("1x1024,1x2048,1x4096,2x4096,3x4096,4x4096,6x4096,8x4096,12x4096,1
               "64x4096,1x32768")
 
 
+def planned_decode(batch: int, ctx: int):
+    """A paged decode case (`decode_inputs`), its calls as planned (one per rotated table) and
+    its launch plan: (k, v, tables, q, sl, out, kv bytes, calls, plan)."""
+    k, v, tables, q, sl, out, kvb = decode_inputs(batch, ctx)
+    fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
+           for t in tables]
+    key = attn._launch_key(q, k, v, out, paged=True, decode=True, batch=batch, block_tables=tables[0],
+                           lora=None, s2=None, max_seqlen_q=None, num_splits=None)
+    return k, v, tables, q, sl, out, kvb, fns, attn._launch_plan(key)
+
+
 def tile_sweep(cases, log) -> list[dict]:
     """Split decode's tile width and split count (`kernels.attention._launch_plan`): the
     policy's pick against 64- and 128-key tiles at the split count the policy would give each
     (`_default_splits` with `_resident_per_sm`), half and double it, and SDPA on contiguous K/V."""
     rows = []
     for batch, ctx in cases:
-        k, v, tables, q, sl, out, kvb = decode_inputs(batch, ctx)
-        fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
-               for t in tables]
-        key = attn._launch_key(q, k, v, out, paged=True, decode=True, batch=batch, block_tables=tables[0],
-                               lora=None, s2=None, max_seqlen_q=None, num_splits=None)
-        plan = attn._launch_plan(key)
+        k, v, tables, q, sl, out, kvb, fns, plan = planned_decode(batch, ctx)
         r = dict(kind="tiles_policy", batch=batch, ctx=ctx, bn=plan.meta["BLOCK_N"],
                  splits=plan.grid[1] // HKV, graph_ms=graph_ms(fns), kv_bytes=kvb)
         sd = sdpa_decode(q, k, v, tables)
@@ -303,12 +309,8 @@ def pack_sweep(cases, log) -> list[dict]:
 
     rows = []
     for batch, ctx in cases:
-        k, v, tables, q, sl, out, kvb = decode_inputs(batch, ctx)
-        fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
-               for t in tables]
-        key = attn._launch_key(q, k, v, out, paged=True, decode=True, batch=batch, block_tables=tables[0],
-                               lora=None, s2=None, max_seqlen_q=None, num_splits=None)
-        ring = attn._launch_plan(key).ring
+        k, v, tables, q, sl, out, kvb, fns, plan = planned_decode(batch, ctx)
+        ring = plan.ring
         r = dict(kind="pack", batch=batch, ctx=ctx, variant="plan", ring=ring and list(ring), graph_ms=graph_ms(fns),
                  kv_bytes=kvb)
         sd = sdpa_decode(q, k, v, tables)
