@@ -169,7 +169,8 @@ def test_ring_packed_needs_what_it_was_measured_on(monkeypatch, ring_device):
     assert A._ring_packed(dev, 64, 8, 128, 4, 16, 4096, 2) == A._Ring(32, 2, pack=4)
     assert A._ring_packed(dev, 64, 8, 64, 4, 16, 4096, 2) is None      # head dim 64
     assert A._ring_packed(dev, 64, 8, 128, 4, 16, 4096, 4) is None     # fp32
-    assert A._ring_packed(dev, 64, 6, 128, 4, 16, 4096, 2) is None     # Hkv 6: packs of 2 fill 0.73 of 2 waves
+    assert A._ring_packed(dev, 64, 6, 128, 4, 16, 4096, 2) is None     # Hkv 6: no pack of 4; 384 programs
+    # (at most 3 an SM: the ring's own tiles take those)
     assert A._ring_packed(dev, 64, 2, 128, 8, 16, 4096, 2) is None     # 64 programs in packs of 2
     assert A._ring_packed(dev, 64, 8, 128, 16, 16, 4096, 2) is None    # group 16: one head fills the rows
     assert A._ring_packed(dev, 64, 8, 128, 4, 24, 4096, 2) is None     # blocks of 24: no whole tiles
