@@ -1085,7 +1085,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     """The launch configuration (tiles, splits, grid, strides, constexprs) of a key: computed
     once per distinct key, so a repeated call with the same shapes only validates and launches."""
     paged, decode, batch = key.paged, key.decode, key.batch
-    # (_num_sms: called by _default_splits, _ring_tiles and _ring_split, as is _ring_device)
+    # (_num_sms: called by _default_splits, _ring_tiles, _ring_split and _ring_packed, as is _ring_device)
     (config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles,
      ring_device, ring_split, ring_packed) = key.policy
     total_q, hq, d = key.q_shape
