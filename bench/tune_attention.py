@@ -343,6 +343,36 @@ def pack_sweep(cases, log) -> list[dict]:
     return rows
 
 
+BATCH_CASES = ("1,2,3,4,6,8,10,12,14,16,17,20,24,28,32,33,36,40,44,48,50,56,60,64,66,68,72,76,80,84,88,92,96,"
+               "100,104,108,112,116,120,124,128,132,133,140,150,160,176,192,224,256")
+
+
+def batch_sweep(batches, ctx: int, log) -> list[dict]:
+    """Paged decode as planned against SDPA on contiguous K/V over many batch sizes at one
+    context length (`--block-size` blocks): where across batch sizes the plan falls behind; a
+    plan that splits its last wave (`_attn_fwd`'s TAIL) also without it."""
+    rows = []
+    for batch in batches:
+        k, v, tables, q, sl, out, kvb, fns, plan = planned_decode(batch, ctx)
+        r = dict(kind="batches", batch=batch, ctx=ctx, bs=BS, ring=plan.ring and list(plan.ring),
+                 grid=list(plan.grid), bn=plan.meta["BLOCK_N"], graph_ms=graph_ms(fns), kv_bytes=kvb)
+        if plan.meta.get("TAIL"):  # against the same launch with its last wave whole
+            old = attn._tail_split
+            attn._tail_split = lambda *a, **kw: None
+            try:
+                r["no_tail_ms"] = graph_ms(fns)
+            finally:
+                attn._tail_split = old
+        sd = sdpa_decode(q, k, v, tables)
+        r["sdpa_ms"] = graph_ms(sd)
+        r["ratio"] = r["graph_ms"] / r["sdpa_ms"]
+        del sd, k, v, tables, fns
+        torch.cuda.empty_cache()
+        rows.append(r)
+        log(r)
+    return rows
+
+
 PREFILL_CFGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3),
                 (128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 4), (128, 128, 4, 2),
                 (128, 32, 4, 4), (128, 32, 8, 3), (128, 32, 4, 2), (64, 32, 4, 3), (128, 16, 4, 3),
@@ -401,11 +431,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--what", default="decode,lora,prefill", help="comma list of decode, splits (combine and the split sweep), combine, lora, "
                          "prefill, tiles (split decode's tile width and split count), "
-                         "pack (several KV heads a program)")
+                         "pack (several KV heads a program), batches (the plan vs SDPA over batch sizes)")
     ap.add_argument("--tile-cases", default=TILE_CASES, help="BATCHxCTX,... for tiles")
     ap.add_argument("--split-cases", default="16x4096,1x32768,1x4096,16x8192,4x8192,1x16384",
                     help="BATCHxCTX,... for splits / combine")
     ap.add_argument("--pack-cases", default=PACK_CASES, help="BATCHxCTX,... for pack")
+    ap.add_argument("--batches", default=BATCH_CASES, help="batch sizes for batches")
+    ap.add_argument("--batch-ctx", type=int, default=4096, help="keys a sequence for batches")
     ap.add_argument("--prefill-cases", default="16x1024,4x4096,1x16384", help="BATCHxSEQ,...")
     ap.add_argument("--block-size", type=int, default=16,
                     help="cache block size (128: the TMA decode path, the engine's default on Hopper)")
@@ -429,6 +461,8 @@ def main() -> None:
         rows += tile_sweep([tuple(int(x) for x in c.split("x")) for c in args.tile_cases.split(",")], log)
     if "pack" in what:
         rows += pack_sweep([tuple(int(x) for x in c.split("x")) for c in args.pack_cases.split(",")], log)
+    if "batches" in what:
+        rows += batch_sweep([int(x) for x in args.batches.split(",")], args.batch_ctx, log)
     if "lora" in what:
         rows += lora_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096)], log)
     if "prefill" in what:

@@ -109,6 +109,8 @@ _RING_PACK_MIN_FILL = 0.8  # ... in one wave of one program an SM at least this 
 _RING_PACK_UNSPLIT_FILL = 0.86  # ... unsplit where they are this full,
 _RING_PACK_SPLIT_FILL = 0.93  # ... else in the fewest splits (up to 4) that fill them this full
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
+_TAIL_MIN_TILES = 2  # decode's split last wave (_tail_split): key tiles a split at least,
+_TAIL_MAX_SPLITS = 32  # ... and splits an item at most
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
 # other), or the first request to cross a threshold pays a compile mid-serving. Table strides
 # stay specialised (30% faster decode at batch 64 × 4K on an H200 when known multiples of 16):
 # callers keep them stable by padding table widths to 16 (as the engine does).
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "full_items"])
 def _attn_fwd(
     Q, K, V, Lr, LoraB, Out, WsM, WsL, WsAcc, SplitCounters,
     BlockTables, LrBlockTables, SeqLens, CuQ, CuK, AdapterIds,
@@ -284,7 +286,7 @@ def _attn_fwd(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_btb, stride_bth, stride_lrb, stride_lrs, stride_lbtb,
     stride_lba, stride_lbh, stride_lbr,
-    num_kv_heads, num_splits, group,
+    num_kv_heads, num_splits, group, full_items,
     s2_local, s2_stride, s2_step, s2_offset, s2_dense_from, s2_homo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     R_PAD: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
@@ -293,18 +295,34 @@ def _attn_fwd(
     SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     FUSE_REDUCE: tl.constexpr, GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr,
     LR_SHARED_TABLE: tl.constexpr, PREFETCH_B: tl.constexpr, TMA: tl.constexpr,
-    SHIFT_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr,
+    SHIFT_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr, TAIL: tl.constexpr,
 ):
+    # TAIL (decode over several waves, see _tail_split): a one-dimensional grid whose first
+    # `full_items` programs take a (sequence, KV head) each, whole, and the rest the remaining
+    # ones in `num_splits` splits each, so that the last wave is as full as the others but
+    # shorter; only those partials go to the workspace, indexed from `full_items` on.
     # Last query tiles first: under causality they have the most keys, so the tail is short.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_hs = tl.program_id(1)
-    b = tl.program_id(2)
-    if SPLIT:
-        kvh = pid_hs // num_splits
-        split = pid_hs % num_splits
-    else:  # compiled apart from the split path: no runtime division on its addressing
-        kvh = pid_hs
-        split = 0
+    if TAIL:  # decode only: one query tile
+        pid = tl.program_id(0)
+        pid_m = 0
+        in_tail = pid >= full_items
+        tail_pid = tl.maximum(pid - full_items, 0)
+        item = tl.where(in_tail, full_items + tail_pid // num_splits, pid)
+        b = item // num_kv_heads
+        kvh = item % num_kv_heads
+        split = tl.where(in_tail, tail_pid % num_splits, 0)
+        n_split = tl.where(in_tail, num_splits, 1)
+    else:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_hs = tl.program_id(1)
+        b = tl.program_id(2)
+        n_split = num_splits
+        if SPLIT:
+            kvh = pid_hs // num_splits
+            split = pid_hs % num_splits
+        else:  # compiled apart from the split path: no runtime division on its addressing
+            kvh = pid_hs
+            split = 0
 
     if VARLEN_Q:
         q_start = tl.load(CuQ + b)
@@ -361,8 +379,8 @@ def _attn_fwd(
         else:
             n_full = tl.maximum(p_min + 1, 0) // BLOCK_N
         n_tiles = n_strided + tl.cdiv(tl.maximum(hi - lo_tok, 0), BLOCK_N)
-        if SPLIT:
-            per = tl.cdiv(n_tiles, num_splits)
+        if SPLIT or TAIL:
+            per = tl.cdiv(n_tiles, n_split)
             t_lo = split * per
             t_hi = tl.minimum(n_tiles, t_lo + per)
         else:
@@ -423,35 +441,67 @@ def _attn_fwd(
             # and P was rounded to that dtype for P·V anyway.
             acc += _mm(acc_lr.to(lb.dtype), lb, UPCAST)
 
-        if SPLIT:
-            ws_row = (q_rows * num_kv_heads * group + qh) * num_splits + split
-            tl.store(WsM + ws_row, m_i, mask=row_ok)
-            tl.store(WsL + ws_row, l_i, mask=row_ok)
-            tl.store(WsAcc + ws_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+        if TAIL:
+            if n_split > 1:
+                _split_partial(WsM, WsL, WsAcc, Out, SplitCounters, m_i, l_i, acc, item - full_items, q_start,
+                               kvh, offs_m % group, row_ok, group, num_splits, split, stride_ot, stride_oh,
+                               HEAD_DIM, True, GROUP_P2, REDUCE_S)
+            else:
+                _store_out(Out, acc, l_i, q_rows, qh, row_ok, stride_ot, stride_oh, HEAD_DIM)
+        elif SPLIT:
+            # Items: (sequence, KV head) b·Hkv + kvh, fused (decode); else each query token's
+            # (token, KV head), which _split_reduce combines (a row each).
             if FUSE_REDUCE:
-                # Decode only (one token per sequence). The last of a (sequence, KV head)'s split
-                # programs to finish combines all of them, in place of a second launch whose
-                # gap and tail cost more than the combine (see _fuse_reduce). The barrier orders
-                # every thread's partial stores before the release of the one arrival atomic.
-                tl.debug_barrier()
-                counter = SplitCounters + b * num_kv_heads + kvh
-                arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-                if arrived == num_splits - 1:
-                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-                    _combine_splits(WsM, WsL, WsAcc, Out, q_start, kvh, group, num_kv_heads,
-                                    num_splits, stride_ot, stride_oh,
-                                    HEAD_DIM, GROUP_P2, REDUCE_S)
+                ws_item = b * num_kv_heads + kvh
+            else:
+                ws_item = q_rows * num_kv_heads + kvh
+            _split_partial(WsM, WsL, WsAcc, Out, SplitCounters, m_i, l_i, acc, ws_item, q_start, kvh,
+                           offs_m % group, row_ok, group, num_splits, split, stride_ot, stride_oh,
+                           HEAD_DIM, FUSE_REDUCE, GROUP_P2, REDUCE_S)
         else:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            o_ptrs = Out + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + offs_d[None, :]
-            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+            _store_out(Out, acc, l_i, q_rows, qh, row_ok, stride_ot, stride_oh, HEAD_DIM)
 
 
 @triton.jit
-def _combine_splits(WsM, WsL, WsAcc, Out, tok, kvh, group, num_kv_heads, num_splits,
+def _store_out(Out, acc, l_i, q_rows, qh, row_ok, stride_ot, stride_oh, HEAD_DIM: tl.constexpr):
+    """A whole (unsplit) program's output rows: acc / l (an empty sequence: acc is 0, so is its output)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = Out + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _split_partial(WsM, WsL, WsAcc, Out, SplitCounters, m_i, l_i, acc, ws_item, tok, kvh, g, row_ok, group,
+                   num_splits, split, stride_ot, stride_oh, HEAD_DIM: tl.constexpr, FUSE_REDUCE: tl.constexpr,
+                   GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr):
+    """A split program's (max, sum, P·V) rows into the workspace, as partial `split` of item
+    `ws_item` (rows `g` of its `group`: each item holds group × num_splits rows). With FUSE_REDUCE
+    (decode only: one token, `tok`, per item) the last of the item's splits to finish combines
+    them all, in place of a second launch whose gap and tail cost more than the combine (see
+    _fuse_reduce); its arrival counter is the item's. The barrier orders every thread's partial
+    stores before the release of the one arrival atomic."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    ws_row = (ws_item.to(tl.int64) * group + g) * num_splits + split
+    tl.store(WsM + ws_row, m_i, mask=row_ok)
+    tl.store(WsL + ws_row, l_i, mask=row_ok)
+    tl.store(WsAcc + ws_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+    if FUSE_REDUCE:
+        tl.debug_barrier()
+        counter = SplitCounters + ws_item
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            _combine_splits(WsM, WsL, WsAcc, Out, ws_item, tok, kvh, group, num_splits, stride_ot, stride_oh,
+                            HEAD_DIM, GROUP_P2, REDUCE_S)
+
+
+@triton.jit
+def _combine_splits(WsM, WsL, WsAcc, Out, ws_item, tok, kvh, group, num_splits,
                     stride_ot, stride_oh,
                     HEAD_DIM: tl.constexpr, GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr):
-    """Combine the split partials of the `group` query heads of one (token, KV head), REDUCE_S
+    """Combine the split partials of workspace item `ws_item` (see `_split_partial`), the `group`
+    query heads of one (token, KV head), into their output rows, REDUCE_S
     splits of every head per pass: one [heads, splits, D] load a pass, so the usual split
     counts cost one round trip to L2, not one per split. Loads bypass L1 (.cg): the partials
     were written by other SMs."""
@@ -460,7 +510,7 @@ def _combine_splits(WsM, WsL, WsAcc, Out, tok, kvh, group, num_kv_heads, num_spl
     offs_d = tl.arange(0, HEAD_DIM)
     g_ok = offs_g < group
     qh = kvh * group + offs_g
-    base = (tok.to(tl.int64) * num_kv_heads * group + qh) * num_splits  # [G] first partial
+    base = (ws_item.to(tl.int64) * group + offs_g) * num_splits  # [G] first partial
     m_run = tl.full([GROUP_P2], -1.0e38, tl.float32)  # _NEG_BIG: padded heads never give NaN
     l_run = tl.zeros([GROUP_P2], tl.float32)
     acc = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
@@ -488,8 +538,8 @@ def _split_reduce(WsM, WsL, WsAcc, Out, stride_ot, stride_oh, group, num_kv_head
     """The split partials combined by a second launch instead (`_fuse_reduce` off): one program
     per (query token, KV head), the same combine the fused path runs."""
     row = tl.program_id(0)
-    _combine_splits(WsM, WsL, WsAcc, Out, row // num_kv_heads, row % num_kv_heads, group,
-                    num_kv_heads, num_splits, stride_ot, stride_oh, HEAD_DIM, GROUP_P2, REDUCE_S)
+    _combine_splits(WsM, WsL, WsAcc, Out, row, row // num_kv_heads, row % num_kv_heads, group,
+                    num_splits, stride_ot, stride_oh, HEAD_DIM, GROUP_P2, REDUCE_S)
 
 
 # --------------------------------------------------------------------------------------------
@@ -960,6 +1010,25 @@ def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, d
     return int(min(want, most, 128))
 
 
+def _tail_split(programs: int, per_sm: int, tiles: int, device) -> tuple[int, int] | None:
+    """A decode launch of `programs` (sequences × KV heads) over several waves of `per_sm`
+    programs an SM, each of `tiles` key tiles: ``(full, splits)`` where its last, partly filled
+    wave is better split (the launch's first `full` programs whole, the rest in `splits` each,
+    `_attn_fwd`'s TAIL), or None. A short last wave of whole programs is as long as a full one,
+    and each of its programs runs alone at a fraction of the bandwidth; split to fill the wave,
+    it takes about 1/`splits` of that (and a combine), and no other program pays a split.
+    At least `_TAIL_MIN_TILES` tiles a split, at most `_TAIL_MAX_SPLITS` splits (the combine's
+    one pass). Never interpreted (no SMs to fill)."""
+    if interpreter_on():
+        return None
+    slots = per_sm * _num_sms(device)
+    waves, rest = divmod(programs, slots)
+    if waves == 0 or rest == 0:
+        return None
+    splits = min(slots // rest, tiles // _TAIL_MIN_TILES, _TAIL_MAX_SPLITS)
+    return (waves * slots, splits) if splits >= 2 else None
+
+
 def _slot_fill(programs: int, per_sm: int, device) -> float:
     """The share of the GPU's resident program slots a launch of `programs` keeps busy, over
     its waves."""
@@ -1077,7 +1146,8 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
                       max_seqlen_q, _aligned16(k, v, lora.lr_cache if lora is not None else None),
                       k.element_size(), num_splits, q.device, interpreter_on(),
                       (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce, _prefetch_lora_b,
-                       _tma_loads, _tma_single, _ring_tiles, _ring_device, _ring_split, _ring_packed))
+                       _tma_loads, _tma_single, _ring_tiles, _ring_device, _ring_split, _ring_packed,
+                       _tail_split))
 
 
 @functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
@@ -1087,7 +1157,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     paged, decode, batch = key.paged, key.decode, key.batch
     # (_num_sms: called by _default_splits, _ring_tiles, _ring_split and _ring_packed, as is _ring_device)
     (config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles,
-     ring_device, ring_split, ring_packed) = key.policy
+     ring_device, ring_split, ring_packed, tail_split) = key.policy
     total_q, hq, d = key.q_shape
     per_head_table = paged and len(key.table[0]) == 3
     hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
@@ -1240,6 +1310,14 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         if split_ring is not None:
             ring, num_splits = split_ring, split_ring.splits
             split, fused = True, True
+    # Over several waves, a short last one split (see _tail_split): `_attn_fwd` only, decode,
+    # where nothing else split it and the shifted tail would not make it one wave.
+    tail = None
+    if ring is None and decode and not split and not single and not shift_tail and key.num_splits is None \
+            and fuse_reduce(key.device):
+        tail = tail_split(batch * hkv, _resident_per_sm(bn, d), -(-max_ctx // bn), key.device)
+        if tail is not None:
+            num_splits, fused = tail[1], True
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)
     g_p2 = _next_pow2(group)
     combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))
@@ -1281,22 +1359,29 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     int_args = (key.q_strides[0], key.q_strides[1], key.out_strides[0], key.out_strides[1],
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 stride_btb, stride_bth, *lr_args, *lb_args,
-                hkv, num_splits, group, *s2_vals)
+                hkv, num_splits, group, tail[0] if tail else 0, *s2_vals)
     meta = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, R_PAD=max(r_pad, 16), SPARSE_BLOCK=sparse_block,
                 BLOCK_SIZE=block_size, LR_BLOCK_SIZE=lr_block_size, RANK=max(r, 1), LR_ALIGN=lr_align,
                 PAGED=paged, VARLEN_Q=not decode, HAS_LORA=key.lora is not None, S2=s2 is not None,
                 SPLIT=split, UPCAST=key.interpret, FUSE_REDUCE=fused,
                 LR_SHARED_TABLE=lr_shared, TMA=tma, SHIFT_TAIL=shift_tail,
-                ONE_LOOP=single,
+                ONE_LOOP=single, TAIL=tail is not None,
                 PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
                 **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
-    ws_rows = total_q * hq * num_splits if split else 0
+    if tail is not None:  # partials and counters of the split items only
+        tail_items = batch * hkv - tail[0]
+        ws_rows, counters = tail_items * group * num_splits, tail_items
+        grid = (tail[0] + tail_items * num_splits, 1, 1)
+    else:
+        ws_rows = total_q * hq * num_splits if split else 0
+        counters = batch * hkv if fused else 0
+        grid = (n_qtiles, hkv * num_splits, batch)
     ws_sizes = (_round_up(ws_rows, _WS_ALIGN), _round_up(ws_rows, _WS_ALIGN), ws_rows * d)
     return _LaunchPlan(
-        grid=(n_qtiles, hkv * num_splits, batch), int_args=int_args, meta=meta,
-        ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if split else 0,
-        counters=batch * hkv if fused else 0, reduce_grid=(total_q * hkv,) if split and not fused else None,
+        grid=grid, int_args=int_args, meta=meta,
+        ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if ws_rows else 0,
+        counters=counters, reduce_grid=(total_q * hkv,) if split and not fused else None,
         reduce_args=(key.out_strides[0], key.out_strides[1], group, hkv, num_splits),
         reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4), ring=ring, ring_reduce=ring_reduce)
 

@@ -689,7 +689,7 @@ consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=bn
               REDUCE_S=A._combine_chunk(4, 128),
               LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora") or (lora and single),
               PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own") or (lora and single),
-              TMA=tma, ONE_LOOP=single,
+              TMA=tma, ONE_LOOP=single, TAIL=False,
               SHIFT_TAIL=tma and (lora or single or not split))
 if tma:
     ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
