@@ -356,7 +356,7 @@ def batch_sweep(batches, ctx: int, log) -> list[dict]:
         k, v, tables, q, sl, out, kvb, fns, plan = planned_decode(batch, ctx)
         r = dict(kind="batches", batch=batch, ctx=ctx, bs=BS, ring=plan.ring and list(plan.ring),
                  grid=list(plan.grid), bn=plan.meta["BLOCK_N"], graph_ms=graph_ms(fns), kv_bytes=kvb)
-        if plan.meta.get("TAIL"):  # against the same launch with its last wave whole
+        if plan.meta.get("TAIL") or (plan.ring and plan.ring.full_items):  # against its last wave whole
             old = attn._tail_split
             attn._tail_split = lambda *a, **kw: None
             try:

@@ -110,7 +110,10 @@ _RING_PACK_UNSPLIT_FILL = 0.86  # ... unsplit where they are this full,
 _RING_PACK_SPLIT_FILL = 0.93  # ... else in the fewest splits (up to 4) that fill them this full
 _MAX_GRID_Z = 65535  # sequences ride on the launch grid's third axis
 _TAIL_MIN_TILES = 2  # decode's split last wave (_tail_split): key tiles a split at least,
-_TAIL_MAX_SPLITS = 32  # ... and splits an item at most
+_TAIL_MAX_SPLITS = 32  # ... splits an item at most,
+_TAIL_MIN_GAIN = 0.08  # ... and the least modelled gain, in waves (_wave_cost)
+_TAIL_FLOOR = {1: 0.48, 2: 0.40}  # a short last wave's cost, programs an SM -> a (see _wave_cost),
+_TAIL_SLOPE = 0.35  # ... and b
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,6 +688,9 @@ class _Ring(NamedTuple):
     splits: int = 1  # > 1: split-KV
     producer: bool = False  # a warp of its own issues the copies
     pack: int = 1  # KV heads a program (`ring_decode(pack=)`; see _ring_packed)
+    # > 0: a launch over several waves whose first `full_items` programs (sequence × KV head or
+    # pack) run whole and the rest in `splits` each (`ring_decode(full_items=)`, see _tail_split)
+    full_items: int = 0
 
 
 def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, block_size: int,
@@ -733,6 +739,9 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
         return None
     if lora and (block_n != _RING_LORA_TILE or programs < _RING_LORA_MIN_FILL * sms):
         return None
+    tail = _tail_split(programs, 1, max_ctx // block_n, device) if block_n == 128 and programs > sms else None
+    if tail is not None:  # one an SM over several waves: the last split (see _tail_split)
+        return _Ring(block_n, 2, tail[1], False, full_items=tail[0])
     return _Ring(block_n, 2, producer=producer)
 
 
@@ -875,6 +884,9 @@ def _ring_packed(device: torch.device, batch: int, num_kv_heads: int, head_dim: 
         else:
             if pack == 4 or group > 4 or batch * num_kv_heads <= _TMA_SHIFTED_PER_SM * sms:
                 continue
+            tail = _tail_split(programs, 1, max_ctx // keys, device) if max_ctx >= 2 * _RING_MIN_KEYS else None
+            if tail is not None and tail[0] >= 2 * sms:  # (over one whole wave a pack lost to the heads alone)
+                return _Ring(keys, 2, tail[1], False, pack, tail[0])
             splits = _ring_pack_splits(programs, max_ctx, device)
             if splits is None:
                 continue
@@ -1010,23 +1022,46 @@ def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, d
     return int(min(want, most, 128))
 
 
+def _wave_cost(programs: int, slots: int, per_sm: int) -> float:
+    """The time of a launch of `programs` equal programs in waves of `slots`, in full waves: a
+    short last wave of fill f costs more than f, since its programs run alone on their SMs at
+    a fraction of the bandwidth, about max(f, a + b·f) (H200, bf16, D 128, 4K keys, fitted to
+    the batch sweeps of bench/RESULTS.md Run AF: one program an SM a ≈ 0.48, two a ≈ 0.40;
+    b ≈ 0.35)."""
+    waves, rest = divmod(programs, slots)
+    f = rest / slots
+    return waves + (max(f, _TAIL_FLOOR.get(per_sm, _TAIL_FLOOR[2]) + _TAIL_SLOPE * f) if rest else 0.0)
+
+
 def _tail_split(programs: int, per_sm: int, tiles: int, device) -> tuple[int, int] | None:
-    """A decode launch of `programs` (sequences × KV heads) over several waves of `per_sm`
-    programs an SM, each of `tiles` key tiles: ``(full, splits)`` where its last, partly filled
-    wave is better split (the launch's first `full` programs whole, the rest in `splits` each,
-    `_attn_fwd`'s TAIL), or None. A short last wave of whole programs is as long as a full one,
-    and each of its programs runs alone at a fraction of the bandwidth; split to fill the wave,
-    it takes about 1/`splits` of that (and a combine), and no other program pays a split.
-    At least `_TAIL_MIN_TILES` tiles a split, at most `_TAIL_MAX_SPLITS` splits (the combine's
-    one pass). Never interpreted (no SMs to fill)."""
+    """A decode launch of `programs` (sequences × KV heads, or packs) over several waves of
+    `per_sm` programs an SM, each of `tiles` key tiles: ``(full, splits)`` where its last,
+    partly filled wave is better split (the launch's first `full` programs whole, the rest in
+    `splits` each: `_attn_fwd`'s TAIL, `ring_decode(full_items=)`), or None. A short last wave
+    of whole programs costs nearly as much as a full one (`_wave_cost`); split, its items run
+    as `splits` times as many programs a `splits`-th as long, and no other program pays a
+    split. The whole waves kept are all but the last, or all but the last two where the last
+    is over half full (then the two are split together); the split count is the one of least
+    modelled cost (the fewest within 0.01 of it), taken where it saves at least
+    `_TAIL_MIN_GAIN` of a wave. At least `_TAIL_MIN_TILES` tiles a split and at most
+    `_TAIL_MAX_SPLITS` splits. Never interpreted (no SMs to fill)."""
     if interpreter_on():
         return None
     slots = per_sm * _num_sms(device)
     waves, rest = divmod(programs, slots)
-    if waves == 0 or rest == 0:
+    most = min(tiles // _TAIL_MIN_TILES, _TAIL_MAX_SPLITS)
+    if waves == 0 or rest == 0 or most < 2:
         return None
-    splits = min(slots // rest, tiles // _TAIL_MIN_TILES, _TAIL_MAX_SPLITS)
-    return (waves * slots, splits) if splits >= 2 else None
+    whole = _wave_cost(programs, slots, per_sm)
+    for kept in (waves, waves - 1):
+        if kept < 1:
+            break
+        left = programs - kept * slots
+        costs = {s: kept + _wave_cost(left * s, slots, per_sm) / s for s in range(2, most + 1)}
+        best = min(costs.values())
+        if best <= whole - _TAIL_MIN_GAIN:
+            return kept * slots, min(s for s, c in costs.items() if c <= best + 0.01)
+    return None
 
 
 def _slot_fill(programs: int, per_sm: int, device) -> float:
@@ -1292,7 +1327,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         ring = ring_packed(key.device, batch, hkv, d, group, block_size, max_ctx, key.kv_itemsize)
         if ring is not None:  # its own splits, whatever `_attn_fwd` would have had
             if key.num_splits == 1:
-                ring = ring._replace(splits=1)
+                ring = ring._replace(splits=1, full_items=0)
             num_splits = ring.splits
             split = fused = num_splits > 1
     if ring_ok and ring is None:
@@ -1304,17 +1339,26 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         if ring is not None and (key.num_splits or default_splits(batch, hkv, max_ctx, wide[1], key.device,
                                                                   per_sm)) != 1:
             ring = None
+        if ring is not None and ring.full_items:  # its last wave split (see _tail_split) ...
+            if key.num_splits == 1:  # ... but where the caller asked for no split
+                ring = ring._replace(splits=1, full_items=0)
+            else:
+                num_splits, split, fused = ring.splits, True, True
     if ring_ok and ring is None and key.num_splits is None:
         # Split launches in small cache blocks (see _ring_split)
         split_ring = ring_split(key.device, batch, hkv, d, group, block_size, max_ctx, key.kv_itemsize, ring_lora)
         if split_ring is not None:
             ring, num_splits = split_ring, split_ring.splits
             split, fused = True, True
-    # Over several waves, a short last one split (see _tail_split): `_attn_fwd` only, decode,
-    # where nothing else split it and the shifted tail would not make it one wave.
+    # Over several waves, a short last one split (see _tail_split): `_attn_fwd` by TMA only,
+    # decode, where nothing else split it and paged decode's shifted tail would not make it one
+    # wave (Flash-LoRA's tail is always shifted, split or not). Not per-thread loads: there the
+    # split path's registers cost a program an SM (H200, blocks of 16, 64-key tiles: 110
+    # registers unsplit, 4 an SM; 168 with the split path, 3), and at 1K keys it lost (64 ×
+    # 1K 76.1 vs 67.8 us; bench/RESULTS.md Run AF).
     tail = None
-    if ring is None and decode and not split and not single and not shift_tail and key.num_splits is None \
-            and fuse_reduce(key.device):
+    if ring is None and decode and tma and not split and not single \
+            and (key.lora is not None or not shift_tail) and key.num_splits is None and fuse_reduce(key.device):
         tail = tail_split(batch * hkv, _resident_per_sm(bn, d), -(-max_ctx // bn), key.device)
         if tail is not None:
             num_splits, fused = tail[1], True
@@ -1323,8 +1367,10 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))
     if ring is not None and ring.splits > 1:
         # one pass of the combine where it fits (a second cost 2.3 us at 1 x 32K, H200); a
-        # pack's, one split a pass (see _ring_packed)
-        ring_reduce = 1 if ring.pack > 1 else min(combine["REDUCE_S"], _next_pow2(ring.splits))
+        # pack's, one split a pass (see _ring_packed), but in a split last wave
+        rows_p2 = _next_pow2(group * ring.pack)
+        one_pass = min(_combine_chunk(rows_p2, d), _next_pow2(ring.splits))
+        ring_reduce = 1 if ring.pack > 1 and not ring.full_items else one_pass
     n_qtiles = 1 if decode else max(1, -(-key.max_seqlen_q // (bm // group)))
 
     ks, vs = key.k_strides, key.v_strides
@@ -1369,7 +1415,11 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                 PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
                 **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
-    if tail is not None:  # partials and counters of the split items only
+    if ring is not None and ring.full_items:  # partials and counters of the split items only
+        items = batch * hkv // ring.pack
+        ws_rows, counters = (items - ring.full_items) * group * ring.pack * num_splits, items - ring.full_items
+        grid = (n_qtiles, hkv * num_splits, batch)  # (unused: ring_decode's own)
+    elif tail is not None:
         tail_items = batch * hkv - tail[0]
         ws_rows, counters = tail_items * group * num_splits, tail_items
         grid = (tail[0] + tail_items * num_splits, 1, 1)
@@ -1454,7 +1504,7 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
             adapter_ids=lora.adapter_ids, lr_shared_table=plan.meta["LR_SHARED_TABLE"])
         if plan.ring.splits > 1:
             lr_kw.update(num_splits=plan.ring.splits, workspace=(ws_m, ws_l, ws_acc), counters=counters,
-                         reduce_splits=plan.ring_reduce)
+                         reduce_splits=plan.ring_reduce, full_items=plan.ring.full_items or None)
         return attention_ring.ring_decode(q, k, v, block_tables, seq_lens, float(scale) * _LOG2E, out,
                                           block_n=plan.ring.tile, stages=plan.ring.slots,
                                           producer=plan.ring.producer, pack=plan.ring.pack, **lr_kw)

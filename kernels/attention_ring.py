@@ -189,12 +189,12 @@ if gluon is not None:
                    BLOCK_N, BLOCK_SIZE, CHUNK, CHUNKS, PACK)
 
     @gluon.jit
-    def _combine_splits(WsM, WsL, WsAcc, Out, b, kvh, num_kv_heads, num_splits, stride_ob, stride_oh,
+    def _combine_splits(WsM, WsL, WsAcc, Out, ws_item, b, kvh, num_splits, stride_ob, stride_oh,
                         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, GROUP_P2: gl.constexpr,
                         REDUCE_S: gl.constexpr, WARPS: gl.constexpr):
-        """Combine the split partials of the GQA group of (sequence `b`, KV head `kvh`) into its
-        output rows: `kernels.attention._combine_splits` in Gluon (a Gluon kernel cannot call a
-        `triton.jit` function), over the same workspace layout, REDUCE_S splits of every head a
+        """Combine the split partials of workspace item `ws_item`, the GQA group of (sequence
+        `b`, KV head `kvh`), into its output rows: `kernels.attention._combine_splits` in Gluon
+        (a Gluon kernel cannot call a `triton.jit` function), over the same workspace layout, REDUCE_S splits of every head a
         pass (one [heads, splits, D] load each). Loads bypass L1 (.cg): the partials were
         written by other SMs."""
         l3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
@@ -203,7 +203,7 @@ if gluon is not None:
         offs_g = gl.arange(0, GROUP_P2, layout=gl.SliceLayout(1, gs))
         offs_s = gl.arange(0, REDUCE_S, layout=gl.SliceLayout(0, gs))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, gd))
-        base = ((b.to(gl.int64) * num_kv_heads + kvh) * GROUP + offs_g) * num_splits  # [heads] first partial
+        base = (ws_item.to(gl.int64) * GROUP + offs_g) * num_splits  # [heads] first partial
         m_run = gl.full([GROUP_P2], -1.0e38, gl.float32, gl.SliceLayout(1, gs))
         l_run = gl.zeros([GROUP_P2], gl.float32, gl.SliceLayout(1, gs))
         acc = gl.zeros([GROUP_P2, HEAD_DIM], gl.float32, gd)
@@ -341,10 +341,10 @@ if gluon is not None:
         return acc, acc_lr, m_i, l_i
 
     # The split count changes with batch and context: not specialised on (1 / multiple of 16).
-    @gluon.jit(do_not_specialize=["num_splits"])
+    @gluon.jit(do_not_specialize=["num_splits", "full_items"])
     def _ring_decode_kernel(Q, k_desc, v_desc, lr_desc, b_desc, BlockTables, LrBlockTables, LoraB, AdapterIds,
-                            SeqLens, Out, WsM, WsL, WsAcc, SplitCounters, qk_scale, num_splits,
-                            stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lbtb,
+                            SeqLens, Out, WsM, WsL, WsAcc, SplitCounters, qk_scale, num_splits, full_items,
+                            kv_programs, stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lbtb,
                             stride_lba, stride_lbh, stride_lbr,
                             GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BLOCK_N: gl.constexpr, BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr,
@@ -352,18 +352,35 @@ if gluon is not None:
                             RANK: gl.constexpr, R_PAD: gl.constexpr, LR_BLOCK_SIZE: gl.constexpr,
                             LR_SHARED_TABLE: gl.constexpr, CHUNK: gl.constexpr, SPLIT: gl.constexpr,
                             GROUP_P2: gl.constexpr, REDUCE_S: gl.constexpr, PRODUCER: gl.constexpr,
-                            PRODUCER_REGS: gl.constexpr, B_TMA: gl.constexpr, PACK: gl.constexpr):
+                            PRODUCER_REGS: gl.constexpr, B_TMA: gl.constexpr, PACK: gl.constexpr,
+                            TAIL: gl.constexpr):
         # With PACK > 1 a program reads PACK KV heads at once (`ring_decode(pack=)`): program
         # axis 0 and `kvh` count packs, GROUP is the pack's query heads.
         HEAD_GROUP: gl.constexpr = GROUP // PACK
-        if SPLIT:
-            kvh = gl.program_id(0) // num_splits
-            split = gl.program_id(0) % num_splits
-        else:  # compiled apart: no runtime division
-            kvh = gl.program_id(0)
-            split = 0
-        num_kv_heads = gl.num_programs(0) // num_splits if SPLIT else gl.num_programs(0)
-        b = gl.program_id(1)
+        if TAIL:
+            # A one-dimensional grid over items (sequence × KV head, `kv_programs` a sequence):
+            # the first `full_items` programs take one whole, the rest the remaining items in
+            # `num_splits` splits each (see `kernels.attention._tail_split`).
+            pid = gl.program_id(0)
+            tail_pid = gl.maximum(pid - full_items, 0)
+            item = pid - tail_pid + tail_pid // num_splits
+            split = tail_pid % num_splits
+            n_split = gl.where(pid >= full_items, num_splits, 1)
+            num_kv_heads = kv_programs
+            b = item // num_kv_heads
+            kvh = item % num_kv_heads
+            ws_item = item - full_items
+        else:
+            if SPLIT:
+                kvh = gl.program_id(0) // num_splits
+                split = gl.program_id(0) % num_splits
+            else:  # compiled apart: no runtime division
+                kvh = gl.program_id(0)
+                split = 0
+            n_split = num_splits
+            num_kv_heads = gl.num_programs(0) // num_splits if SPLIT else gl.num_programs(0)
+            b = gl.program_id(1)
+            ws_item = b * num_kv_heads + kvh
         # Warps split the N dim of every dot (the 16 rows are one MMA tile high).
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
         a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -394,8 +411,8 @@ if gluon is not None:
 
         seq_len = gl.load(SeqLens + b).to(gl.int32)
         n_tiles = gl.cdiv(seq_len, BLOCK_N)
-        if SPLIT:  # flash-decoding: this program's share of the key tiles (maybe none)
-            per = gl.cdiv(n_tiles, num_splits)
+        if SPLIT or TAIL:  # flash-decoding: this program's share of the key tiles (maybe none)
+            per = gl.cdiv(n_tiles, n_split)
             t_lo = gl.minimum(split * per, n_tiles)
             t_hi = gl.minimum(t_lo + per, n_tiles)
         else:
@@ -498,25 +515,53 @@ if gluon is not None:
                                     other=0.0)
                     a_col = gl.sum(gl.where(lr_col[None, :] == j, acc_lr, 0.0), axis=1)
                     acc += a_col[:, None] * b_row.to(gl.float32)[None, :]
-        if SPLIT:
-            # This split's (max, sum, P·V) in `_attn_fwd`'s workspace layout; the last split of
-            # the (sequence, KV head) to arrive combines them all (no second launch). The barrier
-            # orders every thread's partial stores before the one release of the arrival atomic.
-            ws_row = ((b.to(gl.int64) * num_kv_heads + kvh) * GROUP + rows) * num_splits + split
-            gl.store(WsM + ws_row, gl.convert_layout(m_i, gl.SliceLayout(1, io)), mask=rows < GROUP)
-            gl.store(WsL + ws_row, gl.convert_layout(l_i, gl.SliceLayout(1, io)), mask=rows < GROUP)
-            gl.store(WsAcc + ws_row[:, None] * HEAD_DIM + cols[None, :], gl.convert_layout(acc, io), mask=io_mask)
-            _cta_barrier()
-            counter = SplitCounters + b * num_kv_heads + kvh
-            arrived = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
-                gl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-                _combine_splits(WsM, WsL, WsAcc, Out, b, kvh, num_kv_heads, num_splits, stride_ob, stride_oh,
-                                GROUP, HEAD_DIM, GROUP_P2, REDUCE_S, WARPS)
+        if TAIL:
+            if n_split > 1:
+                _split_partial(WsM, WsL, WsAcc, Out, SplitCounters, m_i, l_i, acc, ws_item, b, kvh, split,
+                               num_splits, stride_ob, stride_oh, GROUP, ROWS, HEAD_DIM, GROUP_P2, REDUCE_S, WARPS)
+            else:
+                _store_out(Out, acc, l_i, b, head, stride_ob, stride_oh, GROUP, ROWS, HEAD_DIM, WARPS)
+        elif SPLIT:
+            _split_partial(WsM, WsL, WsAcc, Out, SplitCounters, m_i, l_i, acc, ws_item, b, kvh, split, num_splits,
+                           stride_ob, stride_oh, GROUP, ROWS, HEAD_DIM, GROUP_P2, REDUCE_S, WARPS)
         else:
-            l_i = gl.where(l_i > 0, l_i, 1.0)  # an empty sequence: acc is 0, and so is its output
-            o = gl.convert_layout((acc / l_i[:, None]).to(Out.dtype.element_ty), io)
-            gl.store(Out + b * stride_ob + head[:, None] * stride_oh + cols[None, :], o, mask=io_mask)
+            _store_out(Out, acc, l_i, b, head, stride_ob, stride_oh, GROUP, ROWS, HEAD_DIM, WARPS)
+
+    @gluon.jit
+    def _store_out(Out, acc, l_i, b, head, stride_ob, stride_oh, GROUP: gl.constexpr, ROWS: gl.constexpr,
+                   HEAD_DIM: gl.constexpr, WARPS: gl.constexpr):
+        """A whole program's output rows, acc / l (an empty sequence: acc is 0, and so is its output)."""
+        io: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, WARPS], [1, 0])
+        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, io))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
+        io_mask = (rows < GROUP)[:, None] & (cols < HEAD_DIM)[None, :]
+        l_i = gl.where(l_i > 0, l_i, 1.0)
+        o = gl.convert_layout((acc / l_i[:, None]).to(Out.dtype.element_ty), io)
+        gl.store(Out + b * stride_ob + head[:, None] * stride_oh + cols[None, :], o, mask=io_mask)
+
+    @gluon.jit
+    def _split_partial(WsM, WsL, WsAcc, Out, SplitCounters, m_i, l_i, acc, ws_item, b, kvh, split, num_splits,
+                       stride_ob, stride_oh, GROUP: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       GROUP_P2: gl.constexpr, REDUCE_S: gl.constexpr, WARPS: gl.constexpr):
+        """A split's (max, sum, P·V) in `_attn_fwd`'s workspace layout, as partial `split` of item
+        `ws_item` (GROUP × num_splits rows an item); the last split of the item to arrive
+        combines them all (no second launch), its arrival counter the item's. The barrier orders
+        every thread's partial stores before the one release of the arrival atomic."""
+        io: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, WARPS], [1, 0])
+        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, io))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
+        io_mask = (rows < GROUP)[:, None] & (cols < HEAD_DIM)[None, :]
+        ws_row = (ws_item.to(gl.int64) * GROUP + rows) * num_splits + split
+        gl.store(WsM + ws_row, gl.convert_layout(m_i, gl.SliceLayout(1, io)), mask=rows < GROUP)
+        gl.store(WsL + ws_row, gl.convert_layout(l_i, gl.SliceLayout(1, io)), mask=rows < GROUP)
+        gl.store(WsAcc + ws_row[:, None] * HEAD_DIM + cols[None, :], gl.convert_layout(acc, io), mask=io_mask)
+        _cta_barrier()
+        counter = SplitCounters + ws_item
+        arrived = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            gl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            _combine_splits(WsM, WsL, WsAcc, Out, ws_item, b, kvh, num_splits, stride_ob, stride_oh,
+                            GROUP, HEAD_DIM, GROUP_P2, REDUCE_S, WARPS)
 
 
 def available() -> bool:
@@ -586,7 +631,7 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
                 lr_shared_table: bool = False, num_splits: int = 1,
                 workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 counters: torch.Tensor | None = None, reduce_splits: int = 1,
-                producer: bool = False, pack: int = 1) -> torch.Tensor:
+                producer: bool = False, pack: int = 1, full_items: int | None = None) -> torch.Tensor:
     """Paged decode into `out` (``[batch, Hq, D]``), one program per sequence × KV head (× split);
     with `lr_cache` (and its table, `lora_b`, `adapter_ids`), Flash-LoRA decode.
 
@@ -609,7 +654,12 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     Hkv) one program reads `pack` KV heads: a copy brings a cache block's keys of all of them
     (`pack` times fewer, larger copies), each query row masked to its own head's keys; tiles
     are `block_n` keys of every head of the pack, and the grid has Hkv / `pack` programs a
-    sequence (× split)."""
+    sequence (× split).
+    With `full_items` (a split launch over several waves, see `kernels.attention._tail_split`),
+    the grid is one-dimensional over items (sequence × KV head, or pack): the first
+    `full_items` programs take one item each, whole, and the remaining items are split in
+    `num_splits` each, their partials in `workspace` and `counters` counted from item
+    `full_items` on (fp32 rows: remaining items × query heads an item × splits)."""
     batch, hq, d = q.shape
     hkv = k_cache.shape[2]
     chunk = min(block_n, k_cache.shape[1])  # keys a copy: a tile, or a block of it
@@ -634,6 +684,9 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
              and rank * d * lora_b.element_size() % 16 == 0)
     b_desc = _descriptor(lora_b.view(-1, rank, d), r_pad, d) if b_tma else k_desc  # (else never read)
     split = num_splits > 1
+    tail = full_items is not None
+    if tail and not split:
+        raise ValueError("full_items needs num_splits > 1")
     if split:
         ws_m, ws_l, ws_acc = workspace
     else:
@@ -645,10 +698,16 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         ROWS=_ROWS, WARPS=_WARPS, HAS_LORA=lora, RANK=rank, R_PAD=r_pad, LR_BLOCK_SIZE=lr_bs,
         LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split,
         GROUP_P2=1 << (group - 1).bit_length() if split else 1, REDUCE_S=reduce_splits if split else 1,
-        PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, B_TMA=b_tma, PACK=pack, num_warps=_WARPS)
-    launch(_ring_decode_kernel, (hkv * num_splits, batch),
+        PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, B_TMA=b_tma, PACK=pack, TAIL=tail,
+        num_warps=_WARPS)
+    if tail:
+        meta["SPLIT"] = False  # (the partials' code is TAIL's, for the split items only)
+        grid = (full_items + (batch * hkv - full_items) * num_splits, 1)
+    else:
+        grid = (hkv * num_splits, batch)
+    launch(_ring_decode_kernel, grid,
            (q, k_desc, v_desc, lr_desc, b_desc, block_tables, lbt, lb, aid, seq_lens,
-            out, ws_m, ws_l, ws_acc, counters, qk_scale_log2, num_splits,
+            out, ws_m, ws_l, ws_acc, counters, qk_scale_log2, num_splits, full_items or 0, hkv,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
             lbt.stride(0), *lb_strides), meta)
     return out

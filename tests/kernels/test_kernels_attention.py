@@ -349,6 +349,55 @@ def test_decode_one_program_an_sm(device, rng_seed, tma_forced, plan_metas, monk
     assert meta["ONE_LOOP"] is single  # every tile, the partial tails too, in one pipelined loop
 
 
+TAIL_CASES = [  # (mode, Hkv, lens, (whole programs, splits of the rest)); GQA group 2, D 32
+    ("paged", 2, [37, 1, 0, 50, 70, 5], (5, 3)),        # the last 7 items in 3 splits: the 0- and 1-token ones too
+    ("paged", 2, [37, 1, 0, 50, 70, 5], (8, 4)),        # whole programs on an empty sequence too
+    ("paged", 1, [300, 2, 181, 45], (1, 7)),            # more splits than a short sequence has tiles
+    ("paged", 2, [37, 1, 0, 50, 70, 5], (0, 2)),        # every item split
+    ("paged-tma", 2, [129, 260, 1, 0, 301], (4, 3)),    # K/V tiles by TMA (forced), blocks of 128
+    ("lora", 2, [37, 1, 0, 50, 70, 5], (5, 3)),         # Flash-LoRA: adapters and none, in either part
+]
+
+
+@pytest.mark.parametrize("mode, hkv, lens, tail", TAIL_CASES)
+def test_decode_with_its_last_wave_split(device, rng_seed, monkeypatch, tma_forced, plan_metas, mode, hkv, lens,
+                                         tail):
+    """Decode over several waves whose last is split (`_attn_fwd`'s TAIL, `_tail_split` forced:
+    the first `full` (sequence, KV head) items whole, the rest in `splits` each, their partials
+    combined by the last split): against the reference, NaN in every slot no sequence owns."""
+    from kernels import attention as A
+
+    monkeypatch.setattr(A, "_tail_split", lambda *a, **kw: tail)
+    monkeypatch.setattr(A, "_num_sms", lambda dev: 1)  # several waves (and no shifted TMA tail)
+    dtype, hq, d = torch.bfloat16, 2 * hkv, 32
+    bs = 128 if mode == "paged-tma" else 16
+    k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
+    q = torch.randn(len(lens), hq, d, device=device).to(dtype)
+    out = poisoned(q.shape, dtype, device)
+    if mode == "lora":
+        lr, lbt, lb = make_lowrank(bt, lens, bs, 16, 2, hkv, d, dtype, device)
+        aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device=device)
+        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.19, out=out)
+        ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.19)
+    else:
+        paged_attention_decode(q, k, v, bt, sl, 0.19, out=out)
+        ref = paged_attention_decode_ref(q, k, v, bt, sl, 0.19)
+    check(out, ref, dtype)
+    meta = plan_metas[-1]
+    assert meta["TAIL"] and not meta["SPLIT"] and meta["FUSE_REDUCE"]
+    if mode == "paged-tma":
+        assert meta["TMA"] and not meta["SHIFT_TAIL"]
+    if mode == "lora" and device == "cpu":
+        assert meta["TMA"] and meta["SHIFT_TAIL"]  # (Flash-LoRA's tail tile, split or not)
+    if 0 in lens:
+        assert (out[lens.index(0)] == 0).all(), "an empty sequence gives zeros"
+    # an explicit split count is the caller's: no tail then
+    out = poisoned(q.shape, dtype, device)
+    paged_attention_decode(q, k, v, bt, sl, 0.19, out=out, num_splits=1)
+    assert not plan_metas[-1]["TAIL"]
+    check(out, paged_attention_decode_ref(q, k, v, bt, sl, 0.19), dtype)
+
+
 def test_decode_over_empty_caches_takes_no_descriptor(device, tma_forced, plan_metas):
     """Caches of no block at all (every sequence empty, no adapter has low-rank rows yet): a
     descriptor cannot have an empty dim, so those launches keep per-thread loads; zeros out."""
@@ -624,6 +673,38 @@ def test_gpu_flash_lora_realistic(rng_seed, dtype, r, bs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bs, lora, batch", [(128, False, 9), (128, True, 9), (64, False, 7), (64, True, 7)])
+def test_gpu_decode_with_its_last_wave_split(rng_seed, monkeypatch, plan_metas, bs, lora, batch):
+    """The plan's own split last wave (`_tail_split`, TMA launches) on "16 SMs", compiled, at D
+    128: 9 sequences × 8 KV heads at 128-key tiles (2 an SM: two waves and 8 programs over), 7
+    at 64-key ones (3 an SM: one wave and 8 over); whole and split items alike against the
+    reference, with odd lengths, and an empty and a one-token sequence among the split ones; and
+    per-thread loads (blocks of 16) never split so."""
+    from kernels import attention as A
+
+    monkeypatch.setattr(A, "_num_sms", lambda device: 16)
+    monkeypatch.setattr(A, "_ring_device", lambda device: False)  # `_attn_fwd`'s (the ring's: its own tests)
+    lens = [4096, 3001, 129, 4000, 2063, 17, 0, 4095, 1][-batch:]
+    dtype = torch.bfloat16
+    k, v, bt, sl = make_paged(lens, 8, 128, bs, dtype, "cuda", table_slack=0)
+    q = torch.randn(len(lens), 32, 128, device="cuda").to(dtype)
+    out = poisoned(q.shape, dtype, "cuda")
+    if lora:
+        lr, lbt, lb = make_lowrank(bt, lens, bs, 16, 2, 8, 128, dtype, "cuda")
+        aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device="cuda")
+        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.08, out=out)
+        ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.08)
+    else:
+        paged_attention_decode(q, k, v, bt, sl, 0.08, out=out)
+        ref = paged_attention_decode_ref(q, k, v, bt, sl, 0.08)
+    assert plan_metas[-1]["TAIL"] and plan_metas[-1]["TMA"]
+    check(out, ref, dtype)
+    k16, v16, bt16, sl16 = make_paged(lens, 8, 128, 16, dtype, "cuda", table_slack=0)
+    paged_attention_decode(q, k16, v16, bt16, sl16, 0.08, out=out)
+    assert not plan_metas[-1]["TMA"] and not plan_metas[-1]["TAIL"]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("r,stages", [(16, 3), (64, 2)])
 def test_gpu_flash_lora_prefill_wide_tiles_in_small_blocks(rng_seed, plan_metas, r, stages):
     """Flash-LoRA prefill in blocks of 16 over 4K keys and more takes 128 x 128 tiles (two
@@ -676,6 +757,7 @@ bm, bn, warps, stages = A._config(128, 32 if variant.endswith("-g32") else 4, de
 tma = variant.startswith("decode-tma")
 lora = variant.startswith("decode-tma-lora") or not tma
 single = "-single" in variant
+tail = variant.endswith("-tail")  # a split last wave (TAIL: the split path's code beside the whole one)
 split = decode and not variant.startswith("decode-tma-shift-nosplit") and not single
 if single:
     stages = A._SINGLE_STAGES
@@ -685,11 +767,12 @@ if variant.startswith("prefill"):
 consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=bn,
               BLOCK_SIZE=128 if tma or short else 16, LR_BLOCK_SIZE=128 if tma or short else 16, RANK=rank,
               LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=lora,
-              S2=not tma or variant.endswith("-s2"), SPLIT=split, UPCAST=False, FUSE_REDUCE=split, GROUP_P2=4,
+              S2=not tma or variant.endswith("-s2"), SPLIT=split and not tail, UPCAST=False, FUSE_REDUCE=split,
+              GROUP_P2=4,
               REDUCE_S=A._combine_chunk(4, 128),
               LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora") or (lora and single),
               PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own") or (lora and single),
-              TMA=tma, ONE_LOOP=single, TAIL=False,
+              TMA=tma, ONE_LOOP=single, TAIL=tail,
               SHIFT_TAIL=tma and (lora or single or not split))
 if tma:
     ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
@@ -716,6 +799,7 @@ print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata
                                      "decode-tma-shift-nosplit", "decode-tma-s2", "decode-tma-shift-nosplit-s2",
                                      "decode-tma-lora", "decode-tma-lora-own",
                                      "decode-tma-single", "decode-tma-lora-single", "decode-tma-lora-single-g32",
+                                     "decode-tail", "decode-tma-tail", "decode-tma-lora-tail",
                                      "prefill", "prefill-r16", "prefill-short", "prefill-short-r16", "reduce"])
 def test_kernel_compiles_for_hopper(variant):
     """The interpreter accepts code the compiler rejects: compile the widest variants (every flag

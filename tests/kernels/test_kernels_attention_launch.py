@@ -164,7 +164,7 @@ def gpu_decode_plan(monkeypatch, batch: int, ctx: int, *, bs: int = 16, lora: bo
     (1, 32768, False, 128, 32),
     (12, 2048, False, 64, 4),     # wide: 2 splits fill 192 of 264; narrow: 4 fill 384 of 396
     (1, 1024, False, 64, 16),     # wide: 8 one-tile splits fill 64 of 264; narrow 128 of 396
-    (64, 1024, False, 64, 1),     # unsplit: the short-context tiles
+    (99, 1024, False, 64, 1),     # unsplit: the short-context tiles (two whole waves at 3 an SM)
     (64, 16384, False, 128, 1),   # unsplit, long context
     (12, 16384, False, 64, 4),    # long context, but 2 wide splits leave a quarter idle
     (4, 8192, False, 128, 8),
@@ -233,6 +233,73 @@ def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, tma_device, batch,
         if lora:
             assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, lr_blocks=rows).meta["TMA"] is True
             assert gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank, lr_blocks=huge).meta["TMA"] is False
+
+
+@pytest.mark.parametrize("programs, per_sm, tiles, want", [
+    # two an SM (`_attn_fwd`, 264 slots): sequences × 8 KV heads
+    (544, 2, 32, (528, 9)),    # 68 × 8: two waves and 16 over, those in 9 splits (144 programs)
+    (576, 2, 32, (528, 4)),    # 72
+    (640, 2, 32, (528, 2)),    # 80: 112 over, 224 programs
+    (672, 2, 32, None),        # 84: 144 over, more than half a wave: nothing it would gain
+    (800, 2, 32, (792, 12)),   # 100
+    (1064, 2, 32, (1056, 12)), # 133
+    (528, 2, 32, None),        # whole waves
+    (200, 2, 32, None),        # one wave
+    (544, 2, 3, None),         # under two tiles a split
+    (544, 2, 4, (528, 2)),     # ... at most 2 of them
+    # one an SM (the ring kernel, 132 slots): packs of 2 KV heads, 4 a sequence
+    (400, 1, 64, (396, 17)),   # 100 × 4: 4 over
+    (336, 1, 64, (264, 5)),    # 84: 72 over, their splits over more than a wave
+    (464, 1, 64, (396, 9)),    # 116: 68 over, over half a wave, but alone still slow
+    (352, 1, 64, None),        # 88: 88 over, near a full wave's time already
+])
+def test_tail_split_rule(monkeypatch, programs, per_sm, tiles, want):
+    """Which launches over several waves split their last (`_tail_split`, its `_wave_cost`
+    model) on 132 SMs, and how; never interpreted."""
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    assert A._tail_split(programs, per_sm, tiles, None) == want
+    if want is not None:  # it saves at least _TAIL_MIN_GAIN of a wave in the model
+        slots = per_sm * 132
+        full, splits = want
+        cost = full // slots + A._wave_cost((programs - full) * splits, slots, per_sm) / splits
+        assert cost <= A._wave_cost(programs, slots, per_sm) - A._TAIL_MIN_GAIN
+    monkeypatch.setattr(A, "interpreter_on", lambda: True)
+    assert A._tail_split(programs, per_sm, tiles, None) is None
+
+
+def test_wave_cost_model():
+    """A full wave costs 1; a short last one more than its fill, less than a whole wave."""
+    assert A._wave_cost(264, 264, 2) == 1 and A._wave_cost(528, 264, 2) == 2
+    assert A._wave_cost(0, 132, 1) == 0
+    for per_sm in (1, 2):
+        slots = per_sm * 132
+        for rest in (1, slots // 4, slots // 2):
+            c = A._wave_cost(slots + rest, slots, per_sm) - 1
+            assert rest / slots < c < 1
+
+
+def test_decode_plan_splits_its_last_wave(monkeypatch, tma_device):
+    """68 × 4K in blocks of 128 on 132 SMs (two an SM by TMA: 2 waves and 16 programs over):
+    `_attn_fwd`'s TAIL over a one-dimensional grid, the workspace and counters of the 16
+    split items only; not where the caller fixes the split count."""
+    plan = gpu_decode_plan(monkeypatch, 68, 4096, bs=128)
+    assert plan.ring is None and plan.meta["TMA"] and plan.meta["TAIL"] and not plan.meta["SPLIT"]
+    assert plan.meta["FUSE_REDUCE"] and not plan.meta["SHIFT_TAIL"]
+    full, splits = 528, 9
+    assert plan.grid == (full + 16 * splits, 1, 1) and plan.counters == 16
+    assert plan.ws_sizes[2] == 16 * 4 * splits * 128  # (items × query heads an item × splits) rows of D
+    assert plan.int_args[-10:-6] == (8, splits, 4, full)  # (hkv, num_splits, group, full_items; then S2's 6)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    A._launch_plan.cache_clear()
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    q, k = torch.empty(68, 32, 128, **meta), torch.empty(68 * 32, 128, 8, 128, **meta)
+    bt = torch.empty(68, 32, dtype=torch.int32, device="meta")
+    key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=68, block_tables=bt, lora=None, s2=None,
+                        max_seqlen_q=None, num_splits=1)
+    plan = A._launch_plan(key)
+    assert not plan.meta["TAIL"] and plan.grid == (1, 8, 68) and plan.ws_total == 0
+    A._launch_plan.cache_clear()
 
 
 def test_single_program_boundaries(monkeypatch, tma_device):

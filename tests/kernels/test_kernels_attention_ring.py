@@ -34,10 +34,12 @@ def ring_device(monkeypatch, tma_device):
 
 
 # ---------------------------------------------------------------- the plan (CPU, meta tensors)
-def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False, pack: int = 1) -> tuple:
-    """A ring launch as the tests name it: (tile, slots[, splits > 1]["producer"][, "pack N"])."""
+def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False, pack: int = 1,
+                 full_items: int = 0) -> tuple:
+    """A ring launch as the tests name it: (tile, slots[, splits > 1]["producer"][, "pack N"][,
+    "tail", whole programs before the split ones])."""
     return ((tile, slots) + ((splits,) if splits > 1 else ()) + (("producer",) if producer else ())
-            + ((f"pack {pack}",) if pack > 1 else ()))
+            + ((f"pack {pack}",) if pack > 1 else ()) + (("tail", full_items) if full_items else ()))
 
 
 @pytest.mark.parametrize("batch, ctx, kw, ring", [
@@ -46,7 +48,9 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False,
     (12, 2048, {}, (128, 2)),      # the shortest runs it takes
     (17, 4096, {}, (64, 2)),       # 136 programs: one wave at 3 an SM
     (49, 4096, {}, (64, 2)),       # 392
-    (50, 16384, {}, (128, 2)),     # 400: more than 3 an SM, over 16K keys or more
+    (50, 16384, {}, (128, 2, 17, "tail", 396)),  # 400: more than 3 an SM, over 16K keys or more; the
+    # last 4 programs (of the fourth wave) in 17 splits (see _tail_split)
+    (66, 16384, {}, (128, 2)),     # 528: four whole waves
     (64, 32768, {}, (128, 2)),
     (50, 16256, {}, None),         # ... and under 16K keys: _attn_fwd's 2-3 an SM
     (64, 4096, {}, None),
@@ -70,24 +74,27 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False,
     (12, 4096, dict(bs=16), (128, 2, "producer")),
     (16, 4096, dict(bs=16, lora=True, rank=64), (128, 2, "producer")),  # 24 with L's
     (17, 4096, dict(bs=16), (64, 2)),    # four blocks of a 64-key tile
-    (50, 4096, dict(bs=32), (128, 2)),   # over 3 an SM at any length (_attn_fwd reads them per thread)
+    (88, 4096, dict(bs=32, hkv=6, hq=48), (128, 2)),  # over 3 an SM (four whole waves) at any length (_attn_fwd reads them per thread)
+    (100, 4096, dict(bs=32, hkv=4), (128, 2, 13, "tail", 396)),  # ... the last wave split (group 8: no pack)
+    (50, 4096, dict(bs=32), (128, 2, 13, "tail", 396)),  # (the ring's own tiles, their last wave split)
     (64, 32768, dict(bs=8), None),
     # several KV heads a program (blocks of 16 and 32, unsplit): a pack of 4 in one wave
     (64, 4096, dict(bs=32), (32, 2, "pack 4")),     # 128 programs: 32 keys x 4 heads a tile, a copy a tile
     (64, 32768, dict(bs=16), (32, 2, "pack 4")),    # 2 copies a tile (each of K and V)
     (64, 2048, dict(bs=16), (32, 2, "pack 4")),
     (64, 4096, dict(bs=16, hq=16), (32, 2, "pack 4")),  # GQA group 2: 8 rows of 16
-    # over more waves a pack of 2, unsplit where they are 0.86 full, else in the fewest splits of
-    # up to 4 that fill them 0.93
+    # over more waves a pack of 2, its last wave split where that pays (_tail_split), else
+    # unsplit where they are 0.86 full, else in the fewest splits of up to 4 that fill them 0.93
     (96, 4096, dict(bs=16), (64, 2, "pack 2")),        # 384 programs: 0.97
     (88, 4096, dict(bs=16), (64, 2, "pack 2")),        # 0.89
-    (80, 4096, dict(bs=16), (64, 2, 2, "pack 2")),     # 0.81; in 2 splits 0.97
-    (80, 16384, dict(bs=16), (64, 2, 2, "pack 2")),
-    (72, 4096, dict(bs=16), (64, 2, 3, "pack 2")),     # 0.73; 0.87 in 2, 0.94 in 3
-    (100, 4096, dict(bs=16), (64, 2, 4, "pack 2")),    # 0.76; 0.87, 0.91, 0.93
-    (112, 4096, dict(bs=16), (64, 2, 2, "pack 2")),    # 0.85; 0.97
+    (80, 4096, dict(bs=16), (64, 2, 2, "pack 2", "tail", 264)),   # 0.81: 56 last programs in 2 splits
+    (80, 16384, dict(bs=16), (64, 2, 2, "pack 2", "tail", 264)),
+    (72, 4096, dict(bs=16), (64, 2, 4, "pack 2", "tail", 264)),   # 0.73: 24 in 4
+    (100, 4096, dict(bs=16), (64, 2, 17, "pack 2", "tail", 396)),  # 0.76: 4 in 17
+    (112, 4096, dict(bs=16), (64, 2, 2, "pack 2", "tail", 396)),  # 0.85
+    (116, 4096, dict(bs=16), (64, 2, 9, "pack 2", "tail", 396)),  # 0.88, but the last wave half full
     (80, 2048, dict(bs=16), None),                      # (no split under 4K keys)
-    (50, 4096, dict(bs=16), None),                      # 200 programs 0.76; 0.76, 0.91, 0.87
+    (50, 4096, dict(bs=16), None),  # 200 programs: one whole wave before 68 split ones lost to _attn_fwd's own
     (49, 4096, dict(bs=16), (64, 2)),                  # 392: the ring's own 64-key tiles, 3 an SM
     (128, 16384, dict(bs=16), (64, 2, "pack 2")),   # (a pack of 4 in two waves lost)
     (256, 4096, dict(bs=32), (64, 2, "pack 2")),
@@ -155,11 +162,16 @@ def test_plan_takes_the_ring_kernel_where_measured(monkeypatch, ring_device, bat
         pytest.skip("this Triton's Gluon has no warp specialisation of the producer warp's form")
     plan = gpu_decode_plan(monkeypatch, batch, ctx, **{"bs": 128, **kw})
     assert (plan.ring and _launch_name(*plan.ring)) == ring
-    if plan.ring and plan.ring.splits > 1:  # its workspace and counters are the split launch's
-        hq = kw.get("hq", 32)
-        assert plan.ws_sizes[2] == batch * hq * plan.ring.splits * 128 and plan.counters == batch * 8
-        # (a pack's combine: one split a pass)
-        assert plan.ring_reduce == (1 if plan.ring.pack > 1 else min(plan.ring.splits, 32))
+    hq, hkv = kw.get("hq", 32), kw.get("hkv", 8)
+    if plan.ring and plan.ring.full_items:  # the workspace and counters of its split items only
+        items = batch * hkv // plan.ring.pack
+        rows = (items - plan.ring.full_items) * (hq // hkv * plan.ring.pack) * plan.ring.splits
+        assert plan.ws_sizes[2] == rows * 128 and plan.counters == items - plan.ring.full_items
+    elif plan.ring and plan.ring.splits > 1:  # its workspace and counters are the split launch's
+        assert plan.ws_sizes[2] == batch * hq * plan.ring.splits * 128 and plan.counters == batch * hkv
+        # (a pack's combine: one split a pass, but in a split last wave)
+        one_pass = min(A._next_pow2(plan.ring.splits), A._combine_chunk(A._next_pow2(hq // hkv * plan.ring.pack), 128))
+        assert plan.ring_reduce == (1 if plan.ring.pack > 1 and not plan.ring.full_items else one_pass)
         assert plan.reduce_grid is None
 
 
@@ -192,10 +204,10 @@ def test_ring_packed_needs_what_it_was_measured_on(monkeypatch, ring_device):
         assert (plan.ring is not None and plan.ring.pack == 4) == packed
         if packed:
             assert plan.ws_total == 0 and plan.counters == 0  # unsplit: no workspace
-    # a pack of 2 in two splits (80 sequences), unsplit where the caller asks for one split
+    # a pack of 2, the last wave in two splits (80 sequences), unsplit where the caller asks for one split
     q, k = torch.empty(80, 32, 128, **meta), torch.empty(80 * 256, 16, 8, 128, **meta)
     bt = torch.empty(80, 256, dtype=torch.int32, device="meta")
-    for splits, want in ((None, A._Ring(64, 2, 2, False, 2)), (1, A._Ring(64, 2, 1, False, 2))):
+    for splits, want in ((None, A._Ring(64, 2, 2, False, 2, 264)), (1, A._Ring(64, 2, 1, False, 2))):
         key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=80, block_tables=bt, lora=None, s2=None,
                             max_seqlen_q=None, num_splits=splits)
         plan = A._launch_plan(key)
@@ -213,6 +225,15 @@ def test_ring_decode_refuses_a_pack_it_cannot_run():
         with pytest.raises(ValueError, match="pack="):
             R.ring_decode(q[:, :hq] if hq <= 32 else torch.empty(2, hq, 128, dtype=torch.bfloat16), k, k, bt, sl,
                           1.0, q, block_n=32, stages=2, pack=pack, **extra)
+
+
+def test_ring_decode_refuses_whole_items_without_splits():
+    """`full_items` names the whole programs before the split ones: without splits it means nothing."""
+    q = torch.empty(2, 32, 128, dtype=torch.bfloat16)
+    k = torch.empty(8, 16, 8, 128, dtype=torch.bfloat16)
+    bt, sl = torch.zeros(2, 4, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="full_items"):
+        R.ring_decode(q, k, k, bt, sl, 1.0, q, block_n=64, stages=2, full_items=8)
 
 
 def test_ring_tiles_needs_the_device_and_head_dim_128(monkeypatch, ring_device):
@@ -274,7 +295,8 @@ def spilled(ptx):
 
 def compile_case(block_n, stages, group, dt, rank, table, bs):
     shared = "shared" in table
-    split = "split" in table  # a split launch
+    tail = "tail" in table  # a launch over several waves, its last one split (TAIL)
+    split = "split" in table or tail  # a split launch (or its last wave)
     producer = "producer" in table  # its copies by a producer warp
     pack = int(table.split("pack")[1][0]) if "pack" in table else 1  # KV heads a program
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dt]
@@ -286,16 +308,18 @@ def compile_case(block_n, stages, group, dt, rank, table, bs):
     lr_desc = f"tensordesc<{dt}[1,{chunk},{r_pad}],{R._smem_layout(chunk, r_pad, dtype)!r}>" if rank else desc
     consts = dict(GROUP=group * pack, HEAD_DIM=128, BLOCK_N=block_n, BLOCK_SIZE=bs, STAGES=stages, ROWS=R._ROWS,
                   WARPS=R._WARPS, HAS_LORA=rank > 0, RANK=max(rank, 1), R_PAD=r_pad, LR_BLOCK_SIZE=bs,
-                  LR_SHARED_TABLE=shared, CHUNK=min(block_n, bs), SPLIT=split,
+                  LR_SHARED_TABLE=shared, CHUNK=min(block_n, bs), SPLIT=split and not tail, TAIL=tail,
                   GROUP_P2=A._next_pow2(group * pack) if split else 1,
                   # the most the plan gives (a pack's combine: one split a pass)
-                  REDUCE_S=(1 if pack > 1 else A._combine_chunk(A._next_pow2(group), 128)) if split else 1,
+                  REDUCE_S=(1 if pack > 1 and not tail else A._combine_chunk(A._next_pow2(group * pack), 128))
+                  if split else 1,
                   PRODUCER=producer, PRODUCER_REGS=R._PRODUCER_WARP_REGS,
                   B_TMA=producer and rank > 0 and r_pad >= 16, PACK=pack)  # (B_TMA as ring_decode for a dense B)
     b_desc = f"tensordesc<{dt}[1,{r_pad},128],{R._smem_layout(r_pad, 128, dtype)!r}>" if rank else desc
     sig = dict(Q="*" + dt, k_desc=desc, v_desc=desc, lr_desc=lr_desc, b_desc=b_desc, BlockTables="*i32",
                LrBlockTables="*i32", LoraB="*" + dt, AdapterIds="*i32", SeqLens="*i32", Out="*" + dt, WsM="*fp32",
                WsL="*fp32", WsAcc="*fp32", SplitCounters="*i32", qk_scale="fp32", num_splits="i32",
+               full_items="i32", kv_programs="i32",
                **{n: "i32" for n in fn.arg_names if n.startswith("stride_")}, **{c: "constexpr" for c in consts})
     src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": R._WARPS})
@@ -332,7 +356,9 @@ _COMPILE_CASES = [
     (128, 2, 4, "bf16", 0, "split+producer", 16), (128, 2, 8, "fp16", 0, "split+producer", 32),
     (32, 2, 4, "bf16", 0, "pack4", 16), (32, 2, 2, "fp16", 0, "pack4", 32),
     (64, 2, 4, "bf16", 0, "pack2", 16), (64, 2, 8, "fp16", 0, "producer+pack2", 16),
-    (64, 2, 4, "fp16", 0, "split+pack2", 32)]
+    (64, 2, 4, "fp16", 0, "split+pack2", 32),
+    (64, 2, 4, "bf16", 0, "tail+pack2", 16), (64, 2, 4, "fp16", 0, "tail+pack2", 32), (128, 2, 4, "bf16", 0, "tail", 128),
+    (128, 2, 8, "fp16", 0, "tail", 32), (128, 2, 4, "bf16", 64, "own+tail", 128)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -362,7 +388,7 @@ def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table
     reserved a program), 128-key tiles one (Flash-LoRA's L slots beside K/V); tiles in one block
     or a copy a block; split launches ("split") with the combine of their partials; copies by a
     producer warp ("producer"); several KV heads a program ("packN", `block_n` keys of N heads a
-    tile)."""
+    tile); launches over several waves whose last one is split ("tail")."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
@@ -377,11 +403,15 @@ def test_ring_kernel_compiles_for_hopper(block_n, stages, group, dt, rank, table
     # nonetheless (bench/RESULTS.md): Flash-LoRA's 64-column L tiles at 128 keys (of 255 registers
     # a thread: Triton 3.6 148 bytes unsplit, 420 split; Triton 3.9 256 and 484), and the split
     # combine of 8 query heads (with the producer warp 32-56 bytes, whatever the producer warp's
-    # registers; without it 16 under Triton 3.9); the producer warp itself nothing (it spilled up
-    # to 112 bytes at 40 registers; attention_ring._PRODUCER_WARP_REGS)
+    # registers; without it 16 under Triton 3.9), and a split last wave's combine (Triton 3.9: up
+    # to 112 bytes, on the path of the last split of each split item only); the producer warp
+    # itself nothing (it spilled up to 112 bytes at 40 registers; attention_ring._PRODUCER_WARP_REGS)
+    combined = "split" in table or "tail" in table
     if rank > 32 and block_n == 128 and "producer" not in table:
-        allowed = 484 if "split" in table else 256
-    elif "split" in table and group == 8:
+        allowed = 484 if combined else 256
+    elif "tail" in table:  # (Triton 3.9: its combine of 8 rows, 16 splits a pass, beside the whole store)
+        allowed = 128
+    elif combined and group == 8:
         allowed = 56 if "producer" in table else 16
     else:
         allowed = 0
@@ -406,7 +436,7 @@ def ring_calls(monkeypatch) -> list:
 
     def spying(*args, block_n, stages, **kw):
         calls.append(_launch_name(block_n, stages, kw.get("num_splits", 1), kw.get("producer", False),
-                                  kw.get("pack", 1)))
+                                  kw.get("pack", 1), kw.get("full_items") or 0))
         return real(*args, block_n=block_n, stages=stages, **kw)
 
     monkeypatch.setattr(R, "ring_decode", spying)
@@ -466,10 +496,13 @@ def test_ring_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype,
     # blocks of 8 (32 copies a 128-key tile): 64-key tiles, three slots from 32 of them a split
     (torch.bfloat16, 32, 8, 8, [32767], 132, (64, 3, 16, "producer")),
     (torch.float16, 32, 8, 8, [32001, 20005], 132, (64, 3, 8, "producer")),
-    # a pack of 2 KV heads in two splits: 20 programs "on 8 SMs" fill 0.83 of their waves, 40 all
-    (torch.bfloat16, 32, 8, 16, [4100, 3, 0, 4097, 2049], 8, (64, 2, 2, "pack 2")),
-    (torch.float16, 32, 8, 32, [5000, 1, 4096, 77, 4500], 8, (64, 2, 2, "pack 2")),
-    (torch.bfloat16, 32, 8, 16, [4100, 65, 4097, 1, 3000], 9, (64, 2, 3, "pack 2")),  # 0.74; 0.89; 0.95
+    # a pack of 2 KV heads in 3 splits: 28 programs "on 18 SMs" fill 0.78 of their waves, 84 0.93
+    # (a split last wave would leave one whole wave before it: see _ring_packed)
+    (torch.bfloat16, 32, 8, 16, [4100, 3, 0, 4097, 2049, 1, 3001], 18, (64, 2, 3, "pack 2")),
+    # ... its last wave split: 20 programs "on 8 SMs", the last 4 in 2 splits
+    (torch.bfloat16, 32, 8, 16, [4100, 3, 0, 4097, 2049], 8, (64, 2, 2, "pack 2", "tail", 16)),
+    (torch.float16, 32, 8, 32, [5000, 1, 4096, 77, 4500], 8, (64, 2, 2, "pack 2", "tail", 16)),
+    (torch.bfloat16, 32, 8, 16, [4100, 65, 4097, 1, 3000], 9, (64, 2, 4, "pack 2", "tail", 18)),
 ])
 def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms,
                                              ring):
@@ -482,6 +515,46 @@ def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, 
     assert paged_attention_decode(q, k, v, bt, sl, 0.13, out=out) is out
     assert ring_calls == [ring]
     check(out, paged_attention_decode_ref(q, k, v, bt, sl, 0.13), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype, hq, hkv, bs, lens, sms, lora, ring", [
+    # packs of 2 over several waves "on 8 SMs": 28 programs, the last 4 in 2 splits each
+    (torch.bfloat16, 32, 8, 16, [4160, 129, 1, 3001, 2063, 4097, 0], 8, False, (64, 2, 2, "pack 2", "tail", 24)),
+    (torch.float16, 32, 8, 32, [4100, 5, 3000, 77, 4160, 1, 2222], 8, False, (64, 2, 2, "pack 2", "tail", 24)),
+    (torch.bfloat16, 16, 8, 16, [4160, 31, 4001, 0, 1, 2047, 3333, 999, 4159], 10, False,  # GQA group 2
+     (64, 2, 3, "pack 2", "tail", 30)),
+    # one KV head a program over 16K keys "on 5 SMs": 16 programs, the last in 4 splits
+    (torch.bfloat16, 32, 8, 128, [9001, 16512], 5, False, (128, 2, 4, "tail", 15)),
+    (torch.float16, 32, 4, 32, [16512, 77, 9000, 16001], 5, False, (128, 2, 4, "tail", 15)),  # group 8, 8 copies a tile
+    (torch.bfloat16, 32, 8, 128, [16500, 16512], 5, True, (128, 2, 4, "tail", 15)),  # Flash-LoRA
+])
+def test_ring_decode_with_its_last_wave_split(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms, lora,
+                                              ring):
+    """Ring launches over several waves whose last is split (`ring_decode(full_items=)`, the
+    plan's own `_tail_split`): whole and split items against the reference; odd lengths, and
+    empty and one-token sequences among the split items."""
+    monkeypatch.setattr(A, "_num_sms", lambda device: sms)
+    k, v, bt, sl = make_paged(lens, hkv, 128, bs, dtype, "cuda", table_slack=0)
+    q = torch.randn(len(lens), hq, 128, device="cuda").to(dtype)
+    out = poisoned(q.shape, dtype, "cuda")
+    if lora:
+        lr, lbt, lb = make_lowrank(bt, lens, bs, 16, 2, hkv, 128, dtype, "cuda")
+        aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device="cuda")
+        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.12, out=out)
+        ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.12)
+    else:
+        paged_attention_decode(q, k, v, bt, sl, 0.12, out=out)
+        ref = paged_attention_decode_ref(q, k, v, bt, sl, 0.12)
+    assert ring_calls == [ring]
+    check(out, ref, dtype)
+    # replayed: the split items' arrival counters are back at zero for the next launch
+    out2 = poisoned(q.shape, dtype, "cuda")
+    if lora:
+        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.12, out=out2)
+    else:
+        paged_attention_decode(q, k, v, bt, sl, 0.12, out=out2)
+    check(out2, ref, dtype)
 
 
 @gpu
