@@ -563,13 +563,14 @@ def test_ring_decode_with_its_last_wave_split(rng_seed, monkeypatch, ring_calls,
     (16, None, 132, (64, 2, 8)),   # split: the arrival counters the last split resets serve every replay
     (16, 1, None, (128, 2, "producer")),  # the producer warp's barriers start afresh every replay
     (16, None, 100, (64, 2, 4, "producer")),  # both: split through the producer warp ("on 100 SMs")
+    (16, None, 5, (64, 2, 2, "pack 2", "tail", 10)),  # packs of 2 "on 5 SMs", the last wave split
 ])
 def test_ring_decode_replays_in_a_cuda_graph(rng_seed, monkeypatch, ring_calls, bs, num_splits, sms, ring):
     """Captured once, replayed over new queries and longer sequences (a decode step's inputs
     change in place): each replay matches the reference."""
     if sms is not None:
         monkeypatch.setattr(A, "_num_sms", lambda device: sms)
-    lens = [2300, 4000, 17]
+    lens = [2300, 4100, 17]
     k, v, bt, sl = make_paged([n + 40 for n in lens], 8, 128, bs, torch.bfloat16, "cuda")
     sl.copy_(torch.tensor(lens, dtype=torch.int32))
     q = torch.randn(3, 32, 128, device="cuda").to(torch.bfloat16)
