@@ -113,7 +113,9 @@ _TAIL_MIN_TILES = 2  # decode's split last wave (_tail_split): key tiles a split
 _TAIL_MAX_SPLITS = 32  # ... splits an item at most,
 _TAIL_MIN_GAIN = 0.08  # ... and the least modelled gain, in waves (_wave_cost)
 _TAIL_FLOOR = {1: 0.48, 2: 0.40}  # a short last wave's cost, programs an SM -> a (see _wave_cost),
-_TAIL_SLOPE = 0.35  # ... and b
+_TAIL_SLOPE = 0.35  # ... and b; just over one wave (_ring_tiles), one an SM with the rest split
+_TAIL_ONE_WAVE = 1.1  # where that costs at most this many waves (modelled),
+_TAIL_ONE_WAVE_LONG = 1.25  # ... or this many over 16K keys or more
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,6 +727,17 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
         return None
     sms = _num_sms(device)
     block_n = 64 if sms < programs <= _TMA_SHIFTED_PER_SM * sms else 128
+    if block_n == 64 and not lora and max_ctx >= _RING_MIN_KEYS and _ring_blocks_ok(block_size, 128, 0):
+        # Just over one wave: 128-key tiles one an SM, the few programs over split, where that
+        # costs little over the wave (`_wave_cost`), rather than 64-key ones 3 an SM. H200, us,
+        # against the 64-key tiles, SDPA on contiguous K/V (bench/RESULTS.md Run AF): blocks
+        # of 128, 17 × 4K 71.2 vs 73.6 (70.3), 18 × 4K 75.7 vs 77.2 (74.5), 17 × 16K 259.3 vs
+        # 284.7 (265.9), 20 × 16K 302.2 vs 313.5 (316.0); blocks of 32, 17 × 16K 263 vs 296;
+        # lost from 20 × 4K (82.7 vs 82.0) and 22 × 16K on.
+        tail = _tail_split(programs, 1, max_ctx // 128, device)
+        most = _TAIL_ONE_WAVE_LONG if max_ctx >= _RING_MIN_KEYS_MULTIWAVE else _TAIL_ONE_WAVE
+        if tail is not None and 1 + _wave_cost((programs - tail[0]) * tail[1], sms, 1) / tail[1] <= most:
+            return _Ring(128, 2, tail[1], False, full_items=tail[0])
     producer = _ring_producer(block_size, block_n, lora, programs, sms)
     if not _ring_blocks_ok(block_size, block_n, lora, producer) or max_ctx < _RING_MIN_KEYS:
         return None

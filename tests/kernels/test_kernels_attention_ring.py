@@ -46,7 +46,9 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False,
     (16, 4096, {}, (128, 2)),      # 128 programs of 132 SMs: one an SM
     (16, 32768, {}, (128, 2)),
     (12, 2048, {}, (128, 2)),      # the shortest runs it takes
-    (17, 4096, {}, (64, 2)),       # 136 programs: one wave at 3 an SM
+    (17, 4096, {}, (128, 2, 12, "tail", 132)),  # 136 programs: one an SM, the 4 over in 12 splits
+    (20, 4096, {}, (64, 2)),       # 160: one wave at 3 an SM (28 over would cost more split)
+    (20, 16384, {}, (128, 2, 4, "tail", 132)),  # ... but not over 16K keys
     (49, 4096, {}, (64, 2)),       # 392
     (50, 16384, {}, (128, 2, 17, "tail", 396)),  # 400: more than 3 an SM, over 16K keys or more; the
     # last 4 programs (of the fourth wave) in 17 splits (see _tail_split)
@@ -68,7 +70,8 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False,
     (15, 4096, dict(lora=True), (128, 2)),               # 120 programs: 0.9 an SM
     (14, 4096, dict(lora=True), None),                   # 112: one tile in flight bounds each
     (16, 4096, dict(bs=64), (128, 2)),   # a tile of whole blocks: one copy a block
-    (17, 4096, dict(bs=64), (64, 2)),
+    (17, 4096, dict(bs=64), (128, 2, 12, "tail", 132)),
+    (24, 4096, dict(bs=64), (64, 2)),
     (16, 4096, dict(bs=32), (128, 2, "producer")),  # four blocks a tile: 8 copies with V's, by a producer warp
     (16, 4096, dict(bs=16), (128, 2, "producer")),  # 16: only through it
     (12, 4096, dict(bs=16), (128, 2, "producer")),
@@ -528,6 +531,8 @@ def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, 
     (torch.bfloat16, 32, 8, 128, [9001, 16512], 5, False, (128, 2, 4, "tail", 15)),
     (torch.float16, 32, 4, 32, [16512, 77, 9000, 16001], 5, False, (128, 2, 4, "tail", 15)),  # group 8, 8 copies a tile
     (torch.bfloat16, 32, 8, 128, [16500, 16512], 5, True, (128, 2, 4, "tail", 15)),  # Flash-LoRA
+    # just over one wave "on 7 SMs" (8 programs): one an SM, the one over in 5 splits
+    (torch.float16, 32, 4, 128, [16512, 9001], 7, False, (128, 2, 5, "tail", 7)),
 ])
 def test_ring_decode_with_its_last_wave_split(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms, lora,
                                               ring):
