@@ -752,7 +752,8 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
         return None
     if lora and (block_n != _RING_LORA_TILE or programs < _RING_LORA_MIN_FILL * sms):
         return None
-    tail = _tail_split(programs, 1, max_ctx // block_n, device) if block_n == 128 and programs > sms else None
+    tail = (_tail_split(programs, 1, max_ctx // block_n, device, lora=bool(lora))
+            if block_n == 128 and programs > sms else None)
     if tail is not None:  # one an SM over several waves: the last split (see _tail_split)
         return _Ring(block_n, 2, tail[1], False, full_items=tail[0])
     return _Ring(block_n, 2, producer=producer)
@@ -1046,7 +1047,7 @@ def _wave_cost(programs: int, slots: int, per_sm: int) -> float:
     return waves + (max(f, _TAIL_FLOOR.get(per_sm, _TAIL_FLOOR[2]) + _TAIL_SLOPE * f) if rest else 0.0)
 
 
-def _tail_split(programs: int, per_sm: int, tiles: int, device) -> tuple[int, int] | None:
+def _tail_split(programs: int, per_sm: int, tiles: int, device, lora: bool = False) -> tuple[int, int] | None:
     """A decode launch of `programs` (sequences × KV heads, or packs) over several waves of
     `per_sm` programs an SM, each of `tiles` key tiles: ``(full, splits)`` where its last,
     partly filled wave is better split (the launch's first `full` programs whole, the rest in
@@ -1057,8 +1058,9 @@ def _tail_split(programs: int, per_sm: int, tiles: int, device) -> tuple[int, in
     is over half full (then the two are split together); the split count is the one of least
     modelled cost (the fewest within 0.01 of it), taken where it saves at least
     `_TAIL_MIN_GAIN` of a wave. At least `_TAIL_MIN_TILES` tiles a split and at most
-    `_TAIL_MAX_SPLITS` splits. Never interpreted (no SMs to fill)."""
-    if interpreter_on():
+    `_TAIL_MAX_SPLITS` splits. Never interpreted (no SMs to fill), nor for Flash-LoRA (`lora`:
+    the kernels run it, tested, but its launches were not timed so)."""
+    if interpreter_on() or lora:
         return None
     slots = per_sm * _num_sms(device)
     waves, rest = divmod(programs, slots)
@@ -1372,7 +1374,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     tail = None
     if ring is None and decode and tma and not split and not single \
             and (key.lora is not None or not shift_tail) and key.num_splits is None and fuse_reduce(key.device):
-        tail = tail_split(batch * hkv, _resident_per_sm(bn, d), -(-max_ctx // bn), key.device)
+        tail = tail_split(batch * hkv, _resident_per_sm(bn, d), -(-max_ctx // bn), key.device,
+                          lora=key.lora is not None)
         if tail is not None:
             num_splits, fused = tail[1], True
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)

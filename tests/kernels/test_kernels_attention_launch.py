@@ -264,6 +264,7 @@ def test_tail_split_rule(monkeypatch, programs, per_sm, tiles, want):
         full, splits = want
         cost = full // slots + A._wave_cost((programs - full) * splits, slots, per_sm) / splits
         assert cost <= A._wave_cost(programs, slots, per_sm) - A._TAIL_MIN_GAIN
+    assert A._tail_split(programs, per_sm, tiles, None, lora=True) is None  # Flash-LoRA: untimed so
     monkeypatch.setattr(A, "interpreter_on", lambda: True)
     assert A._tail_split(programs, per_sm, tiles, None) is None
 
