@@ -83,6 +83,26 @@ def check(out, ref, dtype):
     assert err < TOL[dtype], err
 
 
+def decode_into(q, k, v, bt, sl, scale, out, *, lora: bool):
+    """Paged decode into `out`, or (`lora`) Flash-LoRA decode on the same K/V over a fresh
+    low-rank cache of rank 16 in blocks of K/V's size, adapters 0, none, 1 in turn: returns the
+    float64 reference and a function that runs the same call again into another output."""
+    if lora:
+        bs, hkv, d = k.shape[1:]
+        lr, lbt, lb = make_lowrank(bt, sl.tolist(), bs, 16, 2, hkv, d, k.dtype, k.device)
+        aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(sl))], dtype=torch.int32, device=k.device)
+
+        def run(o):
+            flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, scale, out=o)
+        ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, scale)
+    else:
+        def run(o):
+            paged_attention_decode(q, k, v, bt, sl, scale, out=o)
+        ref = paged_attention_decode_ref(q, k, v, bt, sl, scale)
+    run(out)
+    return ref, run
+
+
 # ---------------------------------------------------------------- CPU (interpreter) + GPU
 DECODE_CASES = [  # (dtype, hq, hkv, d, block_size, lens, num_splits)
     (torch.bfloat16, 4, 2, 32, 16, [37, 1, 0, 50], None),
@@ -376,14 +396,7 @@ def test_decode_with_its_last_wave_split(device, rng_seed, monkeypatch, tma_forc
     k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, device)
     q = torch.randn(len(lens), hq, d, device=device).to(dtype)
     out = poisoned(q.shape, dtype, device)
-    if mode == "lora":
-        lr, lbt, lb = make_lowrank(bt, lens, bs, 16, 2, hkv, d, dtype, device)
-        aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device=device)
-        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.19, out=out)
-        ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.19)
-    else:
-        paged_attention_decode(q, k, v, bt, sl, 0.19, out=out)
-        ref = paged_attention_decode_ref(q, k, v, bt, sl, 0.19)
+    ref, _ = decode_into(q, k, v, bt, sl, 0.19, out, lora=mode == "lora")
     check(out, ref, dtype)
     meta = plan_metas[-1]
     assert meta["TAIL"] and not meta["SPLIT"] and meta["FUSE_REDUCE"]
@@ -694,14 +707,7 @@ def test_gpu_decode_with_its_last_wave_split(rng_seed, monkeypatch, plan_metas, 
     k, v, bt, sl = make_paged(lens, 8, 128, bs, dtype, "cuda", table_slack=0)
     q = torch.randn(len(lens), 32, 128, device="cuda").to(dtype)
     out = poisoned(q.shape, dtype, "cuda")
-    if lora:
-        lr, lbt, lb = make_lowrank(bt, lens, bs, 16, 2, 8, 128, dtype, "cuda")
-        aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device="cuda")
-        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.08, out=out)
-        ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.08)
-    else:
-        paged_attention_decode(q, k, v, bt, sl, 0.08, out=out)
-        ref = paged_attention_decode_ref(q, k, v, bt, sl, 0.08)
+    ref, _ = decode_into(q, k, v, bt, sl, 0.08, out, lora=lora)
     assert plan_metas[-1]["TAIL"] and plan_metas[-1]["TMA"]
     check(out, ref, dtype)
     k16, v16, bt16, sl16 = make_paged(lens, 8, 128, 16, dtype, "cuda", table_slack=0)

@@ -18,7 +18,7 @@ from kernels import attention as A
 from kernels import attention_ring as R
 from kernels.attention import flash_lora_decode, paged_attention_decode
 from kernels.attention_ref import flash_lora_decode_ref, paged_attention_decode_ref
-from test_kernels_attention import check, make_lowrank, make_paged, poisoned
+from test_kernels_attention import check, decode_into, make_lowrank, make_paged, poisoned
 from test_kernels_attention_launch import gpu_decode_plan, tma_device  # noqa: F401 (a fixture)
 
 
@@ -546,22 +546,12 @@ def test_ring_decode_with_its_last_wave_split(rng_seed, monkeypatch, ring_calls,
     k, v, bt, sl = make_paged(lens, hkv, 128, bs, dtype, "cuda", table_slack=0)
     q = torch.randn(len(lens), hq, 128, device="cuda").to(dtype)
     out = poisoned(q.shape, dtype, "cuda")
-    if lora:
-        lr, lbt, lb = make_lowrank(bt, lens, bs, 16, 2, hkv, 128, dtype, "cuda")
-        aid = torch.tensor([(0, -1, 1)[i % 3] for i in range(len(lens))], dtype=torch.int32, device="cuda")
-        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.12, out=out)
-        ref = flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.12)
-    else:
-        paged_attention_decode(q, k, v, bt, sl, 0.12, out=out)
-        ref = paged_attention_decode_ref(q, k, v, bt, sl, 0.12)
+    ref, again = decode_into(q, k, v, bt, sl, 0.12, out, lora=lora)
     assert ring_calls == [ring]
     check(out, ref, dtype)
-    # replayed: the split items' arrival counters are back at zero for the next launch
+    # again: the split items' arrival counters are back at zero for the next launch
     out2 = poisoned(q.shape, dtype, "cuda")
-    if lora:
-        flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.12, out=out2)
-    else:
-        paged_attention_decode(q, k, v, bt, sl, 0.12, out=out2)
+    again(out2)
     check(out2, ref, dtype)
 
 
