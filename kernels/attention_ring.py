@@ -194,9 +194,9 @@ if gluon is not None:
                         REDUCE_S: gl.constexpr, WARPS: gl.constexpr):
         """Combine the split partials of workspace item `ws_item`, the GQA group of (sequence
         `b`, KV head `kvh`), into its output rows: `kernels.attention._combine_splits` in Gluon
-        (a Gluon kernel cannot call a `triton.jit` function), over the same workspace layout, REDUCE_S splits of every head a
-        pass (one [heads, splits, D] load each). Loads bypass L1 (.cg): the partials were
-        written by other SMs."""
+        (a Gluon kernel cannot call a `triton.jit` function), over the same workspace layout,
+        REDUCE_S splits of every head a pass (one [heads, splits, D] load each). Loads bypass
+        L1 (.cg): the partials were written by other SMs."""
         l3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
         gs: gl.constexpr = gl.SliceLayout(2, l3)  # [heads, splits]
         gd: gl.constexpr = gl.SliceLayout(1, l3)  # [heads, D]

@@ -77,7 +77,8 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False,
     (12, 4096, dict(bs=16), (128, 2, "producer")),
     (16, 4096, dict(bs=16, lora=True, rank=64), (128, 2, "producer")),  # 24 with L's
     (17, 4096, dict(bs=16), (64, 2)),    # four blocks of a 64-key tile
-    (88, 4096, dict(bs=32, hkv=6, hq=48), (128, 2)),  # over 3 an SM (four whole waves) at any length (_attn_fwd reads them per thread)
+    # over 3 an SM at any length (_attn_fwd reads them per thread): four whole waves
+    (88, 4096, dict(bs=32, hkv=6, hq=48), (128, 2)),
     (100, 4096, dict(bs=32, hkv=4), (128, 2, 13, "tail", 396)),  # ... the last wave split (group 8: no pack)
     (50, 4096, dict(bs=32), (128, 2, 13, "tail", 396)),  # (the ring's own tiles, their last wave split)
     (64, 32768, dict(bs=8), None),
@@ -173,7 +174,8 @@ def test_plan_takes_the_ring_kernel_where_measured(monkeypatch, ring_device, bat
     elif plan.ring and plan.ring.splits > 1:  # its workspace and counters are the split launch's
         assert plan.ws_sizes[2] == batch * hq * plan.ring.splits * 128 and plan.counters == batch * hkv
         # (a pack's combine: one split a pass, but in a split last wave)
-        one_pass = min(A._next_pow2(plan.ring.splits), A._combine_chunk(A._next_pow2(hq // hkv * plan.ring.pack), 128))
+        rows_p2 = A._next_pow2(hq // hkv * plan.ring.pack)
+        one_pass = min(A._next_pow2(plan.ring.splits), A._combine_chunk(rows_p2, 128))
         assert plan.ring_reduce == (1 if plan.ring.pack > 1 and not plan.ring.full_items else one_pass)
         assert plan.reduce_grid is None
 
@@ -360,7 +362,8 @@ _COMPILE_CASES = [
     (32, 2, 4, "bf16", 0, "pack4", 16), (32, 2, 2, "fp16", 0, "pack4", 32),
     (64, 2, 4, "bf16", 0, "pack2", 16), (64, 2, 8, "fp16", 0, "producer+pack2", 16),
     (64, 2, 4, "fp16", 0, "split+pack2", 32),
-    (64, 2, 4, "bf16", 0, "tail+pack2", 16), (64, 2, 4, "fp16", 0, "tail+pack2", 32), (128, 2, 4, "bf16", 0, "tail", 128),
+    (64, 2, 4, "bf16", 0, "tail+pack2", 16), (64, 2, 4, "fp16", 0, "tail+pack2", 32),
+    (128, 2, 4, "bf16", 0, "tail", 128),
     (128, 2, 8, "fp16", 0, "tail", 32), (128, 2, 4, "bf16", 64, "own+tail", 128)]
 
 
@@ -529,7 +532,8 @@ def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, 
      (64, 2, 3, "pack 2", "tail", 30)),
     # one KV head a program over 16K keys "on 5 SMs": 16 programs, the last in 4 splits
     (torch.bfloat16, 32, 8, 128, [9001, 16512], 5, False, (128, 2, 4, "tail", 15)),
-    (torch.float16, 32, 4, 32, [16512, 77, 9000, 16001], 5, False, (128, 2, 4, "tail", 15)),  # group 8, 8 copies a tile
+    # GQA group 8, 8 copies a tile
+    (torch.float16, 32, 4, 32, [16512, 77, 9000, 16001], 5, False, (128, 2, 4, "tail", 15)),
     (torch.bfloat16, 32, 8, 128, [16500, 16512], 5, True, (128, 2, 4, "tail", 15)),  # Flash-LoRA
     # just over one wave "on 7 SMs" (8 programs): one an SM, the one over in 5 splits
     (torch.float16, 32, 4, 128, [16512, 9001], 7, False, (128, 2, 5, "tail", 7)),
