@@ -6,6 +6,8 @@ and unused block-table entries hold out-of-range ids, so a stray read shows up i
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -739,107 +741,134 @@ def test_strided_q_and_index_vectors(device, rng_seed):
 
 
 _COMPILE_SCRIPT = r"""
+import json
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import attention as A
 
-variant = sys.argv[1]
-fn = A._split_reduce if variant == "reduce" else A._attn_fwd
-ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32",
-             "LrBlockTables": "i32", "SeqLens": "i32", "CuQ": "i32", "CuK": "i32", "AdapterIds": "i32",
-             "SplitCounters": "i32"}
-pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
-decode = variant.startswith("decode")
-# the GPU config, LoRA at r = 64; GQA groups of 4 (of 32: "-g32", the most rows "-single" takes);
-# "prefill-short": Flash-LoRA prefill over short runs in blocks of 128; "-r16": at r = 16 (in
-# blocks of 16 over long runs without "-short": 128-key tiles, three stages, against two at r = 64)
-short = variant.startswith("prefill-short")
-r_cfg = 16 if variant.endswith("-r16") else 64
-bm, bn, warps, stages = A._config(128, 32 if variant.endswith("-g32") else 4, decode, r_cfg, None,
-                                  **(dict(long=False, block_size=128) if short else {}))
-# TMA: K/V (and L) through descriptors at blocks of 128, no S2: full-width tiles, Flash-LoRA at
-# r = 16 with its tail tile shifted and the low-rank cache paged by the K/V table (the engine's
-# base_lr_shared) or by its own ("-own"); paged decode split with the tail masked, or unsplit
-# with it shifted ("-shift-nosplit"; see _launch_plan; "-s2": S2 decode over a shared cache);
-# "-single": one program an SM,
-# double-buffered, unsplit, one loop over every tile (Flash-LoRA at r = 64, its widest L tiles)
-tma = variant.startswith("decode-tma")
-lora = variant.startswith("decode-tma-lora") or not tma
-single = "-single" in variant
-tail = variant.endswith("-tail")  # a split last wave (TAIL: the split path's code beside the whole one)
-split = decode and not variant.startswith("decode-tma-shift-nosplit") and not single
-if single:
-    stages = A._SINGLE_STAGES
-r_pad, rank = (32, 16) if tma and not (single and lora) else (64, 64)
-if variant.startswith("prefill"):
-    r_pad, rank = r_cfg, r_cfg
-consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=bn,
-              BLOCK_SIZE=128 if tma or short else 16, LR_BLOCK_SIZE=128 if tma or short else 16, RANK=rank,
-              LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=lora,
-              S2=not tma or variant.endswith("-s2"), SPLIT=split and not tail, UPCAST=False, FUSE_REDUCE=split,
-              GROUP_P2=4,
-              REDUCE_S=A._combine_chunk(4, 128),
-              LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora") or (lora and single),
-              PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own") or (lora and single),
-              TMA=tma, ONE_LOOP=single, TAIL=tail,
-              SHIFT_TAIL=tma and (lora or single or not split))
-if tma:
-    ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
-                     Lr=f"tensordesc<bf16[1,{bn},{r_pad}]>")
-if variant == "reduce":
-    consts, warps = dict(HEAD_DIM=128, GROUP_P2=4, REDUCE_S=A._combine_chunk(4, 128)), 4
-sig = {}
-for name in fn.arg_names:
-    if name in consts:
-        sig[name] = "constexpr"
-    elif name in pointers:
-        t = ptr_types.get(name, "bf16")
-        sig[name] = t if t.startswith("tensordesc") else "*" + t
-    else:
-        sig[name] = "fp32" if name == "qk_scale" else "i32"
-src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-print("SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", "SMEM", k.metadata.shared)
+def compile_variant(variant):
+    fn = A._split_reduce if variant == "reduce" else A._attn_fwd
+    ptr_types = {"WsM": "fp32", "WsL": "fp32", "WsAcc": "fp32", "BlockTables": "i32",
+                 "LrBlockTables": "i32", "SeqLens": "i32", "CuQ": "i32", "CuK": "i32", "AdapterIds": "i32",
+                 "SplitCounters": "i32"}
+    pointers = {"Q", "K", "V", "Lr", "LoraB", "Out"} | set(ptr_types)
+    decode = variant.startswith("decode")
+    # the GPU config, LoRA at r = 64; GQA groups of 4 (of 32: "-g32", the most rows "-single" takes);
+    # "prefill-short": Flash-LoRA prefill over short runs in blocks of 128; "-r16": at r = 16 (in
+    # blocks of 16 over long runs without "-short": 128-key tiles, three stages, against two at r = 64)
+    short = variant.startswith("prefill-short")
+    r_cfg = 16 if variant.endswith("-r16") else 64
+    bm, bn, warps, stages = A._config(128, 32 if variant.endswith("-g32") else 4, decode, r_cfg, None,
+                                      **(dict(long=False, block_size=128) if short else {}))
+    # TMA: K/V (and L) through descriptors at blocks of 128, no S2: full-width tiles, Flash-LoRA at
+    # r = 16 with its tail tile shifted and the low-rank cache paged by the K/V table (the engine's
+    # base_lr_shared) or by its own ("-own"); paged decode split with the tail masked, or unsplit
+    # with it shifted ("-shift-nosplit"; see _launch_plan; "-s2": S2 decode over a shared cache);
+    # "-single": one program an SM,
+    # double-buffered, unsplit, one loop over every tile (Flash-LoRA at r = 64, its widest L tiles)
+    tma = variant.startswith("decode-tma")
+    lora = variant.startswith("decode-tma-lora") or not tma
+    single = "-single" in variant
+    tail = variant.endswith("-tail")  # a split last wave (TAIL: the split path's code beside the whole one)
+    split = decode and not variant.startswith("decode-tma-shift-nosplit") and not single
+    if single:
+        stages = A._SINGLE_STAGES
+    r_pad, rank = (32, 16) if tma and not (single and lora) else (64, 64)
+    if variant.startswith("prefill"):
+        r_pad, rank = r_cfg, r_cfg
+    consts = dict(HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, SPARSE_BLOCK=bn,
+                  BLOCK_SIZE=128 if tma or short else 16, LR_BLOCK_SIZE=128 if tma or short else 16, RANK=rank,
+                  LR_ALIGN=16, PAGED=True, VARLEN_Q=not decode, HAS_LORA=lora,
+                  S2=not tma or variant.endswith("-s2"), SPLIT=split and not tail, UPCAST=False, FUSE_REDUCE=split,
+                  GROUP_P2=4,
+                  REDUCE_S=A._combine_chunk(4, 128),
+                  LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora") or (lora and single),
+                  PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own") or (lora and single),
+                  TMA=tma, ONE_LOOP=single, TAIL=tail,
+                  SHIFT_TAIL=tma and (lora or single or not split))
+    if tma:
+        ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
+                         Lr=f"tensordesc<bf16[1,{bn},{r_pad}]>")
+    if variant == "reduce":
+        consts, warps = dict(HEAD_DIM=128, GROUP_P2=4, REDUCE_S=A._combine_chunk(4, 128)), 4
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            t = ptr_types.get(name, "bf16")
+            sig[name] = t if t.startswith("tensordesc") else "*" + t
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return dict(verdict="SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", smem=k.metadata.shared)
+
+
+for variant in json.loads(sys.argv[1]):  # one line of JSON a variant, as it ends
+    try:
+        out = compile_variant(variant)
+    except Exception as e:  # this variant's failure, not the others'
+        out = dict(error=f"{type(e).__name__}: {e}"[-3000:])
+    print(json.dumps(dict(variant=variant, **out)), flush=True)
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
-@pytest.mark.parametrize("variant", ["decode", "decode-shared-table", "decode-prefetch-b", "decode-tma",
-                                     "decode-tma-shift-nosplit", "decode-tma-s2", "decode-tma-shift-nosplit-s2",
-                                     "decode-tma-lora", "decode-tma-lora-own",
-                                     "decode-tma-single", "decode-tma-lora-single", "decode-tma-lora-single-g32",
-                                     "decode-tail", "decode-tma-tail", "decode-tma-lora-tail",
-                                     "prefill", "prefill-r16", "prefill-short", "prefill-short-r16", "reduce"])
-def test_kernel_compiles_for_hopper(variant):
-    """The interpreter accepts code the compiler rejects: compile the widest variants (every flag
-    on) for sm_90 without a GPU, in a process without TRITON_INTERPRET, so CPU-only CI catches it."""
+_COMPILE_VARIANTS = ["decode", "decode-shared-table", "decode-prefetch-b", "decode-tma", "decode-tma-shift-nosplit",
+                     "decode-tma-s2", "decode-tma-shift-nosplit-s2", "decode-tma-lora", "decode-tma-lora-own",
+                     "decode-tma-single", "decode-tma-lora-single", "decode-tma-lora-single-g32",
+                     "decode-tail", "decode-tma-tail", "decode-tma-lora-tail",
+                     "prefill", "prefill-r16", "prefill-short", "prefill-short-r16", "reduce"]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled() -> tuple[dict, int, str]:
+    """Every variant of `_COMPILE_VARIANTS` compiled for sm_90 in one subprocess, without
+    TRITON_INTERPRET (which the CPU tests set; one process, since its imports cost more than
+    most of its compiles): ({variant: result}, its exit code, the end of its stderr)."""
+    import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(_COMPILE_VARIANTS)], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=1800)
+    results = {}
+    for line in res.stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            results[r.pop("variant")] = r
+    return results, res.returncode, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernel for real")
+@pytest.mark.parametrize("variant", _COMPILE_VARIANTS)
+def test_kernel_compiles_for_hopper(variant):
+    """The interpreter accepts code the compiler rejects: compile the widest variants (every flag
+    on) for sm_90 without a GPU, in a process without TRITON_INTERPRET, so CPU-only CI catches it."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError:
         pytest.skip("this triton has no offline compile API")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, variant], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=600)
-    if res.returncode != 0 and "ptxas" in res.stderr.lower() and "CompilationError" not in res.stderr:
+    results, code, err = _compiled()
+    r = results.get(variant)
+    assert r is not None, f"the compile subprocess ended (exit {code}) before this variant: {err}"
+    if "error" in r and "ptxas" in r["error"].lower() and "CompilationError" not in r["error"]:
         pytest.skip("no ptxas on this machine")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "COMPILED" in res.stdout, "register spills in the compiled kernel"
+    assert "error" not in r, r["error"]
+    assert r["verdict"] == "COMPILED", "register spills in the compiled kernel"
     if "-single" in variant:
         from kernels import attention as A
 
-        smem = int(res.stdout.split("SMEM")[1])
         # really double-buffered (one buffer takes 74-106 KB), and within what _tma_single allows
-        assert 130 * 1024 < smem <= A._SINGLE_SMEM, smem
+        assert 130 * 1024 < int(r["smem"]) <= A._SINGLE_SMEM, r["smem"]
 
 
 @pytest.mark.gpu
