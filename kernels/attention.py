@@ -736,7 +736,7 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
         # lost from 20 × 4K (82.7 vs 82.0) and 22 × 16K on.
         tail = _tail_split(programs, 1, max_ctx // 128, device)
         most = _TAIL_ONE_WAVE_LONG if max_ctx >= _RING_MIN_KEYS_MULTIWAVE else _TAIL_ONE_WAVE
-        if tail is not None and 1 + _wave_cost((programs - tail[0]) * tail[1], sms, 1) / tail[1] <= most:
+        if tail is not None and _tail_cost(programs, sms, 1, *tail) <= most:
             return _Ring(128, 2, tail[1], False, full_items=tail[0])
     producer = _ring_producer(block_size, block_n, lora, programs, sms)
     if not _ring_blocks_ok(block_size, block_n, lora, producer) or max_ctx < _RING_MIN_KEYS:
@@ -1047,6 +1047,12 @@ def _wave_cost(programs: int, slots: int, per_sm: int) -> float:
     return waves + (max(f, _TAIL_FLOOR.get(per_sm, _TAIL_FLOOR[2]) + _TAIL_SLOPE * f) if rest else 0.0)
 
 
+def _tail_cost(programs: int, slots: int, per_sm: int, full: int, splits: int) -> float:
+    """`_wave_cost` of a launch whose first `full` programs (whole waves) run whole and the rest
+    in `splits` each, each split a `splits`-th as long."""
+    return full // slots + _wave_cost((programs - full) * splits, slots, per_sm) / splits
+
+
 def _tail_split(programs: int, per_sm: int, tiles: int, device, lora: bool = False) -> tuple[int, int] | None:
     """A decode launch of `programs` (sequences × KV heads, or packs) over several waves of
     `per_sm` programs an SM, each of `tiles` key tiles: ``(full, splits)`` where its last,
@@ -1071,8 +1077,7 @@ def _tail_split(programs: int, per_sm: int, tiles: int, device, lora: bool = Fal
     for kept in (waves, waves - 1):
         if kept < 1:
             break
-        left = programs - kept * slots
-        costs = {s: kept + _wave_cost(left * s, slots, per_sm) / s for s in range(2, most + 1)}
+        costs = {s: _tail_cost(programs, slots, per_sm, kept * slots, s) for s in range(2, most + 1)}
         best = min(costs.values())
         if best <= whole - _TAIL_MIN_GAIN:
             return kept * slots, min(s for s, c in costs.items() if c <= best + 0.01)
@@ -1431,18 +1436,17 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                 PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
                 **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
-    if ring is not None and ring.full_items:  # partials and counters of the split items only
-        items = batch * hkv // ring.pack
-        ws_rows, counters = (items - ring.full_items) * group * ring.pack * num_splits, items - ring.full_items
-        grid = (n_qtiles, hkv * num_splits, batch)  # (unused: ring_decode's own)
-    elif tail is not None:
-        tail_items = batch * hkv - tail[0]
-        ws_rows, counters = tail_items * group * num_splits, tail_items
-        grid = (tail[0] + tail_items * num_splits, 1, 1)
+    grid = (n_qtiles, hkv * num_splits, batch)
+    if ring is not None and ring.full_items or tail is not None:
+        # a split last wave: the partials and counters of its split items only
+        full, pack = (ring.full_items, ring.pack) if ring is not None else (tail[0], 1)
+        left = batch * hkv // pack - full
+        ws_rows, counters = left * group * pack * num_splits, left
+        if ring is None:  # (ring_decode makes its own grid)
+            grid = (full + left * num_splits, 1, 1)
     else:
         ws_rows = total_q * hq * num_splits if split else 0
         counters = batch * hkv if fused else 0
-        grid = (n_qtiles, hkv * num_splits, batch)
     ws_sizes = (_round_up(ws_rows, _WS_ALIGN), _round_up(ws_rows, _WS_ALIGN), ws_rows * d)
     return _LaunchPlan(
         grid=grid, int_args=int_args, meta=meta,

@@ -262,7 +262,7 @@ def test_tail_split_rule(monkeypatch, programs, per_sm, tiles, want):
     if want is not None:  # it saves at least _TAIL_MIN_GAIN of a wave in the model
         slots = per_sm * 132
         full, splits = want
-        cost = full // slots + A._wave_cost((programs - full) * splits, slots, per_sm) / splits
+        cost = A._tail_cost(programs, slots, per_sm, full, splits)
         assert cost <= A._wave_cost(programs, slots, per_sm) - A._TAIL_MIN_GAIN
     assert A._tail_split(programs, per_sm, tiles, None, lora=True) is None  # Flash-LoRA: untimed so
     monkeypatch.setattr(A, "interpreter_on", lambda: True)
