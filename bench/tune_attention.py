@@ -11,6 +11,7 @@ SDPA on contiguous K/V, and writes every timing as JSON. The winners go into
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -77,6 +78,17 @@ def sdpa_decode(q, k, v, tables) -> list:
     q4 = q.view(batch, HQ, 1, D)
     return [lambda i=i: F.scaled_dot_product_attention(q4, kc[i], vc[i], scale=SCALE, enable_gqa=True)
             for i in range(len(tables))]
+
+
+@contextlib.contextmanager
+def policy_off(name: str):
+    """`kernels.attention`'s policy function `name` answering None (its choice off) while in scope."""
+    old = getattr(attn, name)
+    setattr(attn, name, lambda *a, **kw: None)
+    try:
+        yield
+    finally:
+        setattr(attn, name, old)
 
 
 class Override:
@@ -318,12 +330,8 @@ def pack_sweep(cases, log) -> list[dict]:
         del sd
         rows.append(r)
         log(r)
-        old = attn._ring_packed
-        attn._ring_packed = lambda *a, **kw: None
-        try:
+        with policy_off("_ring_packed"):
             r = dict(kind="pack", batch=batch, ctx=ctx, variant="plan without packs", graph_ms=graph_ms(fns))
-        finally:
-            attn._ring_packed = old
         rows.append(r)
         log(r)
         for pack in (2, 4):
@@ -350,19 +358,16 @@ BATCH_CASES = ("1,2,3,4,6,8,10,12,14,16,17,20,24,28,32,33,36,40,44,48,50,56,60,6
 def batch_sweep(batches, ctx: int, log) -> list[dict]:
     """Paged decode as planned against SDPA on contiguous K/V over many batch sizes at one
     context length (`--block-size` blocks): where across batch sizes the plan falls behind; a
-    plan that splits its last wave (`_attn_fwd`'s TAIL) also without it."""
+    plan that splits its last wave (`_tail_split`: `_attn_fwd`'s TAIL or the ring kernel's
+    `full_items`) also without it."""
     rows = []
     for batch in batches:
         k, v, tables, q, sl, out, kvb, fns, plan = planned_decode(batch, ctx)
         r = dict(kind="batches", batch=batch, ctx=ctx, bs=BS, ring=plan.ring and list(plan.ring),
                  grid=list(plan.grid), bn=plan.meta["BLOCK_N"], graph_ms=graph_ms(fns), kv_bytes=kvb)
         if plan.meta.get("TAIL") or (plan.ring and plan.ring.full_items):  # against its last wave whole
-            old = attn._tail_split
-            attn._tail_split = lambda *a, **kw: None
-            try:
+            with policy_off("_tail_split"):
                 r["no_tail_ms"] = graph_ms(fns)
-            finally:
-                attn._tail_split = old
         sd = sdpa_decode(q, k, v, tables)
         r["sdpa_ms"] = graph_ms(sd)
         r["ratio"] = r["graph_ms"] / r["sdpa_ms"]
