@@ -104,3 +104,33 @@ def test_failed_unmap_is_undone(setup, monkeypatch, per_mapping):
     assert torch.equal(read(arena, 4 * ps, 3 * ps), more)
     arena.unmap(4 * ps, 3 * ps)
     assert pool.stats()["pages_free"] == 3 and pool.stats()["pages_in_use"] == 2
+
+
+@pytest.mark.parametrize("method", ["map", "set_access", "unmap", "synchronize"])
+def test_failed_one_page_call_is_undone(setup, monkeypatch, method):
+    """The one-page fast paths (a recycled page into a free slot; one mapped page out) undo
+    what they did as the general path does: the recycled page goes back to the free list."""
+    pool, arena, ps, data = setup
+    be = arena.backend
+    if method in ("unmap", "synchronize"):
+        arena.map(5 * ps, ps)  # the recycled page
+        more = fill_random(arena, 5 * ps, ps)
+        before = _state(arena)
+        _fail_on(monkeypatch, be, method, 1)
+        with pytest.raises(vmm.VmmError, match="injected"):
+            arena.unmap(5 * ps, ps)
+        monkeypatch.undo()
+        assert _state(arena) == before
+        assert torch.equal(read(arena, 5 * ps, ps), more)
+        arena.unmap(5 * ps, ps)
+    else:
+        before = _state(arena)
+        assert pool.stats()["pages_free"] == 1
+        _fail_on(monkeypatch, be, method, 1)
+        with pytest.raises(vmm.VmmError, match="injected"):
+            arena.map(5 * ps, ps)
+        monkeypatch.undo()
+        assert _state(arena) == before
+        arena.map(5 * ps, ps)
+        assert pool.stats()["pages_free"] == 0  # the same recycled page, not a new one
+    assert torch.equal(read(arena, 0, ps), data[:ps]) and torch.equal(read(arena, 2 * ps, ps), data[2 * ps:])

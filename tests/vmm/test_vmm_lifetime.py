@@ -79,7 +79,7 @@ def test_gc_runs_finalizers_and_views_keep_the_arena_alive(be):
     gc.collect()
     assert not arena_fin.alive and not pool_fin.alive
     assert state.closed and not state.handles and state.bytes_reserved == 0
-    assert state.counters["driver_releases"] == state.counters["driver_creates"] == 2
+    assert state.counters.driver_releases == state.counters.driver_creates == 2
 
 
 @pytest.mark.parametrize("name", ["host", pytest.param("cuda", marks=pytest.mark.gpu)])
