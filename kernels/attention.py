@@ -1016,10 +1016,11 @@ def _resident_per_sm(block_n: int, head_dim: int) -> int:
 
 
 def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, device,
-                    per_sm: int = 2) -> int:
+                    per_sm: int = 2, pow2: bool = True) -> int:
     """Split-KV factor for decode: none once batch × heads fills every SM's `per_sm` resident
     programs; else as many splits as fill them, rounded down to a power of two (splits then
-    divide a power-of-two tile count evenly), never under one tile each. Measured on an H200
+    divide a power-of-two tile count evenly; `pow2=False`, S2's sparse key runs, which are no
+    power of two: not rounded), never under one tile each. Measured on an H200
     (bf16, Hq 32, Hkv 8, D 128, block 16; `bench/tune_attention.py --what splits` and Run N of
     bench/RESULTS.md): a second wave costs more than idle SMs (16 × 4K 2 splits 73.9 us vs 6
     splits 77.7; 1 × 32K 32 splits 44.0 vs 33 45.2), one tile a program is fine while the
@@ -1031,7 +1032,8 @@ def _default_splits(batch: int, num_kv_heads: int, max_ctx: int, block_n: int, d
     if programs >= slots:
         return 1
     want = max(1, slots // programs)
-    want = 1 << (want.bit_length() - 1)
+    if pow2:
+        want = 1 << (want.bit_length() - 1)
     most = max(1, max_ctx // block_n)
     return int(min(want, most, 128))
 
@@ -1268,8 +1270,12 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
            and tma_loads(key.device, block_size, tile[1]))
     single = False
     if tma:
+        # S2's runs as many splits as fill the slots (H200, b = 8, Hq 32, Hkv 8, D 128, stride
+        # 16 32K, head-sharded pool, CUDA graph, us: 6 splits 30.4, the power of two below, 4,
+        # 33.0, 8 35.2; stride 8 32K 45.1 vs 48.9; 64K 47.0 vs 51.0 and 76.6 vs 83.0; the
+        # shared cache alike; bench/RESULTS.md, Run AG)
         tma_splits = key.num_splits or default_splits(batch, hkv, max_ctx, tile[1], key.device,
-                                                       _resident_per_sm(tile[1], d))
+                                                       _resident_per_sm(tile[1], d), s2 is None)
         # Unsplit at one program an SM, double-buffered (_SINGLE_STAGES), where 2 an SM would
         # split in two only to fill the second slot: then no split combine either. Over 16 tiles
         # a program or more (the second buffer needs a run to pay). H200, three runs (bf16, Hq 32,

@@ -128,6 +128,19 @@ def test_default_splits_fill_the_resident_programs(monkeypatch, batch, hkv, ctx,
     assert got == want and got & (got - 1) == 0
 
 
+@pytest.mark.parametrize("batch, hkv, ctx, block_n, per_sm, want", [
+    (8, 8, 32768, 64, 3, 6),      # 396 // 64: S2's decode at b = 8
+    (12, 8, 2048, 64, 3, 4),      # 396 // 96 = 4 either way
+    (1, 8, 1024, 128, 2, 8),      # still at least one tile a split
+    (64, 8, 4096, 64, 2, 1),
+])
+def test_default_splits_unrounded(monkeypatch, batch, hkv, ctx, block_n, per_sm, want):
+    """`pow2=False` (S2's sparse runs) fills the slots with any split count."""
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    assert A._default_splits(batch, hkv, ctx, block_n, torch.device("cpu"), per_sm, False) == want
+
+
 def gpu_decode_plan(monkeypatch, batch: int, ctx: int, *, bs: int = 16, lora: bool = False,
                     num_blocks: int | None = None, lr_blocks: int | None = None, rank: int = 16,
                     hkv: int = 8, lr_bs: int | None = None, hq: int = 32, dtype=torch.bfloat16):

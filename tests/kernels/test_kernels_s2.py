@@ -385,6 +385,7 @@ S2_TMA_CASES = [  # (dtype, shared cache's block size, head-sharded pool's, num_
     (torch.bfloat16, 64, 64, None),
     (torch.float16, 128, 64, 1),     # unsplit: the tail tile read shifted back
     (torch.bfloat16, 64, 128, 3),    # pool blocks over a sparse block: per-thread loads
+    (torch.bfloat16, 64, 64, 6),     # a split count no power of two (S2's own, see below)
 ]
 
 
@@ -434,6 +435,36 @@ def test_s2_decode_through_tma_descriptors(device, rng_seed, monkeypatch, plan_m
         assert meta["TMA"] is (block % meta["BLOCK_N"] == 0 and (not sharded or block <= p.sparse_block))
         if not sharded or pool_bs <= p.sparse_block:
             assert meta["TMA"], "these block sizes hold whole tiles: the descriptor path"
+
+
+@pytest.mark.parametrize("ctx", [32768, 131072])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_s2_decode_splits_fill_the_slots(monkeypatch, ctx, sharded):
+    """On a GPU (read off shapes: meta tensors, an H200's 132 SMs) S2 decode splits as many ways
+    as fill the resident programs, 6 at b = 8 × 8 KV heads, 64-key tiles, 3 an SM (396 slots),
+    not the power of two below (4) that paged decode rounds to."""
+    from kernels import attention as A
+
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(A, "_has_tma", lambda device: True)
+    monkeypatch.setattr(A, "_tma_single", lambda device: True)
+    A._launch_plan.cache_clear()
+    p = S2Pattern(32, 64, 16, 16, num_kv_heads=8)
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    nb = ctx // 64
+    q = torch.empty(8, 32, 128, **meta)
+    if sharded:
+        k, bt = torch.empty(nb, 64, 1, 128, **meta), torch.empty(8, 8, nb, dtype=torch.int32, device="meta")
+    else:
+        k, bt = torch.empty(8 * nb, 64, 8, 128, **meta), torch.empty(8, nb, dtype=torch.int32, device="meta")
+    key = A._launch_key(q, k, k, q, paged=True, decode=True, batch=8, block_tables=bt, lora=None,
+                        s2=p._kernel_args(), max_seqlen_q=None, num_splits=None)
+    plan = A._launch_plan(key)
+    A._launch_plan.cache_clear()
+    assert plan.meta["TMA"] and plan.meta["BLOCK_N"] == 64
+    assert plan.grid == (1, 8 * 6, 8)  # (query tiles, KV heads × splits, sequences)
+    assert plan.ws_total > 0  # split: the partials' workspace
 
 
 # ---------------------------------------------------------------- GPU, realistic sizes
