@@ -355,11 +355,34 @@ BATCH_CASES = ("1,2,3,4,6,8,10,12,14,16,17,20,24,28,32,33,36,40,44,48,50,56,60,6
                "100,104,108,112,116,120,124,128,132,133,140,150,160,176,192,224,256")
 
 
-def batch_sweep(batches, ctx: int, log) -> list[dict]:
+@contextlib.contextmanager
+def lora_tail_on():
+    """`kernels.attention._tail_split` applied to Flash-LoRA launches too while in scope (the
+    plan keeps them whole: their split last wave was not timed); yields the picks it made for
+    them."""
+    real = attn._tail_split
+    picks: list = []
+
+    def forced(*a, lora=False):
+        pick = real(*a)
+        if lora:
+            picks.append(pick)
+        return pick
+
+    attn._tail_split = forced
+    try:
+        yield picks
+    finally:
+        attn._tail_split = real
+
+
+def batch_sweep(batches, ctx: int, log, lora_rank: int = 0) -> list[dict]:
     """Paged decode as planned against SDPA on contiguous K/V over many batch sizes at one
     context length (`--block-size` blocks): where across batch sizes the plan falls behind; a
     plan that splits its last wave (`_tail_split`: `_attn_fwd`'s TAIL or the ring kernel's
-    `full_items`) also without it."""
+    `full_items`) also without it. With `lora_rank`, Flash-LoRA decode (4 adapters and no
+    adapter mixed) as planned, and with its last wave split where the rule would split it
+    (`lora_tail_on`)."""
     rows = []
     for batch in batches:
         k, v, tables, q, sl, out, kvb, fns, plan = planned_decode(batch, ctx)
@@ -371,7 +394,24 @@ def batch_sweep(batches, ctx: int, log) -> list[dict]:
         sd = sdpa_decode(q, k, v, tables)
         r["sdpa_ms"] = graph_ms(sd)
         r["ratio"] = r["graph_ms"] / r["sdpa_ms"]
-        del sd, k, v, tables, fns
+        del sd
+        if lora_rank:
+            ids = torch.arange(batch, dtype=torch.int32, device="cuda") % 4
+            ids[1::5] = -1
+            lr = torch.randn(k.shape[0], BS, lora_rank, device="cuda", dtype=DT)
+            lb = (torch.randn(4, HKV, lora_rank, D, device="cuda") / lora_rank ** 0.5).to(DT)
+            lfns = [lambda t=t: attn.flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out,
+                                                       validate=False) for t in tables]
+            r["r"] = lora_rank
+            r["lora_ms"] = graph_ms(lfns)
+            with lora_tail_on() as picks:
+                lfns[0]()  # plans the launch under the forced rule
+                tail = [p for p in picks if p is not None]
+                if tail:
+                    r["lora_tail"] = list(tail[-1])
+                    r["lora_tail_ms"] = graph_ms(lfns)
+            del lr, lb, lfns
+        del k, v, tables, fns
         torch.cuda.empty_cache()
         rows.append(r)
         log(r)
@@ -443,6 +483,8 @@ def main() -> None:
     ap.add_argument("--pack-cases", default=PACK_CASES, help="BATCHxCTX,... for pack")
     ap.add_argument("--batches", default=BATCH_CASES, help="batch sizes for batches")
     ap.add_argument("--batch-ctx", type=int, default=4096, help="keys a sequence for batches")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="batches: also Flash-LoRA decode at this rank, with and without its last wave split")
     ap.add_argument("--prefill-cases", default="16x1024,4x4096,1x16384", help="BATCHxSEQ,...")
     ap.add_argument("--block-size", type=int, default=16,
                     help="cache block size (128: the TMA decode path, the engine's default on Hopper)")
@@ -467,7 +509,7 @@ def main() -> None:
     if "pack" in what:
         rows += pack_sweep([tuple(int(x) for x in c.split("x")) for c in args.pack_cases.split(",")], log)
     if "batches" in what:
-        rows += batch_sweep([int(x) for x in args.batches.split(",")], args.batch_ctx, log)
+        rows += batch_sweep([int(x) for x in args.batches.split(",")], args.batch_ctx, log, args.lora_rank)
     if "lora" in what:
         rows += lora_sweep([(1, 4096), (1, 32768), (16, 4096), (16, 32768), (64, 4096)], log)
     if "prefill" in what:
