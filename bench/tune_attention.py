@@ -355,25 +355,25 @@ BATCH_CASES = ("1,2,3,4,6,8,10,12,14,16,17,20,24,28,32,33,36,40,44,48,50,56,60,6
                "100,104,108,112,116,120,124,128,132,133,140,150,160,176,192,224,256")
 
 
-@contextlib.contextmanager
-def lora_tail_on():
-    """`kernels.attention._tail_split` applied to Flash-LoRA launches too while in scope (the
-    plan keeps them whole: their split last wave was not timed); yields the picks it made for
-    them."""
-    real = attn._tail_split
-    picks: list = []
+def plan_of(fn):
+    """The launch plan `kernels.attention` computes (or finds cached) for one call of `fn`."""
+    plans = []
+    real = attn._launch_plan
 
-    def forced(*a, lora=False):
-        pick = real(*a)
-        if lora:
-            picks.append(pick)
-        return pick
+    def spy(key):
+        plans.append(real(key))
+        return plans[-1]
 
-    attn._tail_split = forced
+    attn._launch_plan = spy
     try:
-        yield picks
+        fn()
     finally:
-        attn._tail_split = real
+        attn._launch_plan = real
+    return plans[-1]
+
+
+def splits_last_wave(plan) -> bool:
+    return bool(plan.meta.get("TAIL") or (plan.ring and plan.ring.full_items))
 
 
 def batch_sweep(batches, ctx: int, log, lora_rank: int = 0) -> list[dict]:
@@ -381,14 +381,13 @@ def batch_sweep(batches, ctx: int, log, lora_rank: int = 0) -> list[dict]:
     context length (`--block-size` blocks): where across batch sizes the plan falls behind; a
     plan that splits its last wave (`_tail_split`: `_attn_fwd`'s TAIL or the ring kernel's
     `full_items`) also without it. With `lora_rank`, Flash-LoRA decode (4 adapters and no
-    adapter mixed) as planned, and with its last wave split where the rule would split it
-    (`lora_tail_on`)."""
+    adapter mixed) as planned, and also without its split last wave where it has one."""
     rows = []
     for batch in batches:
         k, v, tables, q, sl, out, kvb, fns, plan = planned_decode(batch, ctx)
         r = dict(kind="batches", batch=batch, ctx=ctx, bs=BS, ring=plan.ring and list(plan.ring),
                  grid=list(plan.grid), bn=plan.meta["BLOCK_N"], graph_ms=graph_ms(fns), kv_bytes=kvb)
-        if plan.meta.get("TAIL") or (plan.ring and plan.ring.full_items):  # against its last wave whole
+        if splits_last_wave(plan):  # against its last wave whole
             with policy_off("_tail_split"):
                 r["no_tail_ms"] = graph_ms(fns)
         sd = sdpa_decode(q, k, v, tables)
@@ -402,14 +401,12 @@ def batch_sweep(batches, ctx: int, log, lora_rank: int = 0) -> list[dict]:
             lb = (torch.randn(4, HKV, lora_rank, D, device="cuda") / lora_rank ** 0.5).to(DT)
             lfns = [lambda t=t: attn.flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out,
                                                        validate=False) for t in tables]
-            r["r"] = lora_rank
-            r["lora_ms"] = graph_ms(lfns)
-            with lora_tail_on() as picks:
-                lfns[0]()  # plans the launch under the forced rule
-                tail = [p for p in picks if p is not None]
-                if tail:
-                    r["lora_tail"] = list(tail[-1])
-                    r["lora_tail_ms"] = graph_ms(lfns)
+            lplan = plan_of(lfns[0])
+            r.update(r=lora_rank, lora_ring=lplan.ring and list(lplan.ring), lora_grid=list(lplan.grid),
+                     lora_ms=graph_ms(lfns))
+            if splits_last_wave(lplan):
+                with policy_off("_tail_split"):
+                    r["lora_no_tail_ms"] = graph_ms(lfns)
             del lr, lb, lfns
         del k, v, tables, fns
         torch.cuda.empty_cache()

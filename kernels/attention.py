@@ -752,8 +752,7 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
         return None
     if lora and (block_n != _RING_LORA_TILE or programs < _RING_LORA_MIN_FILL * sms):
         return None
-    tail = (_tail_split(programs, 1, max_ctx // block_n, device, lora=bool(lora))
-            if block_n == 128 and programs > sms else None)
+    tail = _tail_split(programs, 1, max_ctx // block_n, device) if block_n == 128 and programs > sms else None
     if tail is not None:  # one an SM over several waves: the last split (see _tail_split)
         return _Ring(block_n, 2, tail[1], False, full_items=tail[0])
     return _Ring(block_n, 2, producer=producer)
@@ -1007,11 +1006,16 @@ def _smem_optin(index: int) -> int:
     return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
 
 
-def _resident_per_sm(block_n: int, head_dim: int) -> int:
+def _resident_per_sm(block_n: int, head_dim: int, tma_lora_pad: int = 0) -> int:
     """Decode programs an SM runs at once, bounded by registers (4 warps): on an H200 at D 128
     the kernel takes 226 registers a thread with 128-key tiles (2 programs an SM) and 168 with
     64-key tiles (3); through TMA 196 (and 106 KB of shared memory), Flash-LoRA 162 (and 90-106
-    KB at r <= 64). Tiles hold block_n × head_dim elements at every head dim (`_config`)."""
+    KB at r <= 64). Tiles hold block_n × head_dim elements at every head dim (`_config`).
+    `tma_lora_pad`: Flash-LoRA by TMA, its P·L accumulator padded to that many columns, which at
+    64-key tiles and a pad of up to 32 takes 104 registers and 51 KB (4 an SM; at 128-key
+    tiles 128 registers and 90-107 KB, 2; the compiled kernels of bench/RESULTS.md, Run AG)."""
+    if 0 < tma_lora_pad <= 32 and block_n * head_dim <= 64 * 128:
+        return 4
     return 2 if block_n * head_dim >= 128 * 128 else 3
 
 
@@ -1055,7 +1059,7 @@ def _tail_cost(programs: int, slots: int, per_sm: int, full: int, splits: int) -
     return full // slots + _wave_cost((programs - full) * splits, slots, per_sm) / splits
 
 
-def _tail_split(programs: int, per_sm: int, tiles: int, device, lora: bool = False) -> tuple[int, int] | None:
+def _tail_split(programs: int, per_sm: int, tiles: int, device) -> tuple[int, int] | None:
     """A decode launch of `programs` (sequences × KV heads, or packs) over several waves of
     `per_sm` programs an SM, each of `tiles` key tiles: ``(full, splits)`` where its last,
     partly filled wave is better split (the launch's first `full` programs whole, the rest in
@@ -1066,9 +1070,11 @@ def _tail_split(programs: int, per_sm: int, tiles: int, device, lora: bool = Fal
     is over half full (then the two are split together); the split count is the one of least
     modelled cost (the fewest within 0.01 of it), taken where it saves at least
     `_TAIL_MIN_GAIN` of a wave. At least `_TAIL_MIN_TILES` tiles a split and at most
-    `_TAIL_MAX_SPLITS` splits. Never interpreted (no SMs to fill), nor for Flash-LoRA (`lora`:
-    the kernels run it, tested, but its launches were not timed so)."""
-    if interpreter_on() or lora:
+    `_TAIL_MAX_SPLITS` splits. Never interpreted (no SMs to fill). Paged decode and Flash-LoRA
+    alike (H200, Flash-LoRA r = 8-64 against its launch with the last wave whole, blocks of
+    128 and 64, 4K and 16K keys: 0.72-0.96× the time at every launch it splits, within 1.1× of
+    paged decode's, 1.06-1.39× before; bench/RESULTS.md, Run AG)."""
+    if interpreter_on():
         return None
     slots = per_sm * _num_sms(device)
     waves, rest = divmod(programs, slots)
@@ -1385,8 +1391,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     tail = None
     if ring is None and decode and tma and not split and not single \
             and (key.lora is not None or not shift_tail) and key.num_splits is None and fuse_reduce(key.device):
-        tail = tail_split(batch * hkv, _resident_per_sm(bn, d), -(-max_ctx // bn), key.device,
-                          lora=key.lora is not None)
+        tail = tail_split(batch * hkv, _resident_per_sm(bn, d, r_pad), -(-max_ctx // bn), key.device)
         if tail is not None:
             num_splits, fused = tail[1], True
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)

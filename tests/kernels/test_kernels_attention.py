@@ -690,20 +690,18 @@ def test_gpu_flash_lora_realistic(rng_seed, dtype, r, bs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bs, lora, batch", [(128, False, 9), (128, True, 9), (64, False, 7), (64, True, 7)])
+@pytest.mark.parametrize("bs, lora, batch", [(128, False, 9), (128, True, 9), (64, False, 7), (64, True, 9)])
 def test_gpu_decode_with_its_last_wave_split(rng_seed, monkeypatch, plan_metas, bs, lora, batch):
     """The plan's own split last wave (`_tail_split`, TMA launches) on "16 SMs", compiled, at D
     128: 9 sequences × 8 KV heads at 128-key tiles (2 an SM: two waves and 8 programs over), 7
-    at 64-key ones (3 an SM: one wave and 8 over); whole and split items alike against the
+    at 64-key ones (3 an SM: one wave and 8 over; Flash-LoRA's, 4 an SM: 9 sequences, one wave
+    and 8 over); whole and split items alike against the
     reference, with odd lengths, and an empty and a one-token sequence among the split ones; and
     per-thread loads (blocks of 16) never split so."""
     from kernels import attention as A
 
     monkeypatch.setattr(A, "_num_sms", lambda device: 16)
     monkeypatch.setattr(A, "_ring_device", lambda device: False)  # `_attn_fwd`'s (the ring's: its own tests)
-    real_rule = A._tail_split
-    # (the rule keeps Flash-LoRA's whole, untimed so: its split last wave as paged decode's)
-    monkeypatch.setattr(A, "_tail_split", lambda *a, lora=False: real_rule(*a))
     lens = [4096, 3001, 129, 4000, 2063, 17, 0, 4095, 1][-batch:]
     dtype = torch.bfloat16
     k, v, bt, sl = make_paged(lens, 8, 128, bs, dtype, "cuda", table_slack=0)

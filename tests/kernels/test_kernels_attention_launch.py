@@ -277,9 +277,36 @@ def test_tail_split_rule(monkeypatch, programs, per_sm, tiles, want):
         full, splits = want
         cost = A._tail_cost(programs, slots, per_sm, full, splits)
         assert cost <= A._wave_cost(programs, slots, per_sm) - A._TAIL_MIN_GAIN
-    assert A._tail_split(programs, per_sm, tiles, None, lora=True) is None  # Flash-LoRA: untimed so
     monkeypatch.setattr(A, "interpreter_on", lambda: True)
     assert A._tail_split(programs, per_sm, tiles, None) is None
+
+
+@pytest.mark.parametrize("bs, batch, rank, want", [
+    (128, 68, 16, (528, 9)),   # 128-key tiles, 2 an SM: two waves and 16 programs over
+    (128, 64, 16, None),       # whole waves
+    (64, 64, 8, None),         # 64-key tiles at r <= 32: 4 an SM, 512 programs one wave
+    (64, 68, 8, (528, 14)),    # ... 544 one wave and 16 over
+    (64, 56, 8, None),         # (at 3 an SM, the paged kernel's, this would split: 448 of 396)
+])
+def test_flash_lora_decode_plan_splits_its_last_wave(monkeypatch, tma_device, bs, batch, rank, want):
+    """Flash-LoRA decode by TMA over several waves splits its last as paged decode does, with
+    its own kernel's residency (4 an SM at 64-key tiles and r padded to at most 32)."""
+    monkeypatch.setattr(A, "_ring_device", lambda device: False)
+    plan = gpu_decode_plan(monkeypatch, batch, 4096, bs=bs, lora=True, rank=rank)
+    assert plan.ring is None and plan.meta["TMA"] and plan.meta["BLOCK_N"] == min(bs, 128)
+    if want is None:
+        assert not plan.meta["TAIL"] and plan.grid == (1, 8, batch)
+    else:
+        full, splits = want
+        assert plan.meta["TAIL"] and plan.meta["FUSE_REDUCE"]
+        assert plan.grid == (full + (batch * 8 - full) * splits, 1, 1) and plan.counters == batch * 8 - full
+        assert plan.int_args[-10:-6] == (8, splits, 4, full)
+
+
+def test_resident_programs_of_flash_lora_by_tma():
+    assert A._resident_per_sm(64, 128, 32) == 4 and A._resident_per_sm(64, 128, 16) == 4
+    assert A._resident_per_sm(64, 128, 64) == 3 == A._resident_per_sm(64, 128)  # wider P·L, paged
+    assert A._resident_per_sm(128, 128, 32) == 2 == A._resident_per_sm(128, 128)
 
 
 def test_wave_cost_model():

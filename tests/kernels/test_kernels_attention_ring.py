@@ -542,11 +542,8 @@ def test_ring_decode_with_its_last_wave_split(rng_seed, monkeypatch, ring_calls,
                                               ring):
     """Ring launches over several waves whose last is split (`ring_decode(full_items=)`, the
     plan's own `_tail_split`): whole and split items against the reference; odd lengths, and
-    empty and one-token sequences among the split items (Flash-LoRA's taken as paged decode's:
-    the rule keeps it whole, untimed so)."""
+    empty and one-token sequences among the split items, Flash-LoRA's among them."""
     monkeypatch.setattr(A, "_num_sms", lambda device: sms)
-    real_rule = A._tail_split
-    monkeypatch.setattr(A, "_tail_split", lambda *a, lora=False: real_rule(*a))
     k, v, bt, sl = make_paged(lens, hkv, 128, bs, dtype, "cuda", table_slack=0)
     q = torch.randn(len(lens), hq, 128, device="cuda").to(dtype)
     out = poisoned(q.shape, dtype, "cuda")
