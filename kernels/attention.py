@@ -1011,9 +1011,10 @@ def _resident_per_sm(block_n: int, head_dim: int, tma_lora_pad: int = 0) -> int:
     the kernel takes 226 registers a thread with 128-key tiles (2 programs an SM) and 168 with
     64-key tiles (3); through TMA 196 (and 106 KB of shared memory), Flash-LoRA 162 (and 90-106
     KB at r <= 64). Tiles hold block_n × head_dim elements at every head dim (`_config`).
-    `tma_lora_pad`: Flash-LoRA by TMA, its P·L accumulator padded to that many columns, which at
-    64-key tiles and a pad of up to 32 takes 104 registers and 51 KB (4 an SM; at 128-key
-    tiles 128 registers and 90-107 KB, 2; the compiled kernels of bench/RESULTS.md, Run AG)."""
+    `tma_lora_pad`: Flash-LoRA by TMA unsplit, its P·L accumulator padded to that many columns,
+    which at 64-key tiles and a pad of up to 32 takes 104 registers and 51 KB (4 an SM; at
+    128-key tiles 128 registers and 90-107 KB, 2; the compiled kernels of bench/RESULTS.md, Run
+    AG). With the split path it runs as paged decode's (see _tail_split)."""
     if 0 < tma_lora_pad <= 32 and block_n * head_dim <= 64 * 128:
         return 4
     return 2 if block_n * head_dim >= 128 * 128 else 3
@@ -1059,7 +1060,8 @@ def _tail_cost(programs: int, slots: int, per_sm: int, full: int, splits: int) -
     return full // slots + _wave_cost((programs - full) * splits, slots, per_sm) / splits
 
 
-def _tail_split(programs: int, per_sm: int, tiles: int, device) -> tuple[int, int] | None:
+def _tail_split(programs: int, per_sm: int, tiles: int, device,
+                whole_per_sm: int | None = None) -> tuple[int, int] | None:
     """A decode launch of `programs` (sequences × KV heads, or packs) over several waves of
     `per_sm` programs an SM, each of `tiles` key tiles: ``(full, splits)`` where its last,
     partly filled wave is better split (the launch's first `full` programs whole, the rest in
@@ -1072,16 +1074,25 @@ def _tail_split(programs: int, per_sm: int, tiles: int, device) -> tuple[int, in
     `_TAIL_MIN_GAIN` of a wave. At least `_TAIL_MIN_TILES` tiles a split and at most
     `_TAIL_MAX_SPLITS` splits. Never interpreted (no SMs to fill). Paged decode and Flash-LoRA
     alike (H200, Flash-LoRA r = 8-64 against its launch with the last wave whole, blocks of
-    128 and 64, 4K and 16K keys: 0.72-0.96× the time at every launch it splits, within 1.1× of
-    paged decode's, 1.06-1.39× before; bench/RESULTS.md, Run AG)."""
+    128 and 64, 4K and 16K keys: 0.73-0.95× the time at every launch it splits;
+    bench/RESULTS.md, Run AG).
+
+    `whole_per_sm`: where the kernel kept whole runs more programs an SM than with the split
+    path (Flash-LoRA by TMA at 64-key tiles: 4, against 3), the launch kept whole is costed at
+    its own residency, in time (waves × slots) rather than waves. At 3 an SM a Flash-LoRA
+    launch of 64 × 8 programs would split (the only launch that then lost: 272 vs 259 us),
+    though at 4 it is one wave; at 68 × 8, 528 programs kept whole ran at 3 an SM (320 us)
+    where 396 did better (275; whole 355): the split path takes 161 registers, 3 an SM."""
     if interpreter_on():
         return None
-    slots = per_sm * _num_sms(device)
+    sms = _num_sms(device)
+    slots = per_sm * sms
     waves, rest = divmod(programs, slots)
     most = min(tiles // _TAIL_MIN_TILES, _TAIL_MAX_SPLITS)
     if waves == 0 or rest == 0 or most < 2:
         return None
-    whole = _wave_cost(programs, slots, per_sm)
+    own = whole_per_sm or per_sm
+    whole = _wave_cost(programs, own * sms, own) * own / per_sm
     for kept in (waves, waves - 1):
         if kept < 1:
             break
@@ -1391,7 +1402,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     tail = None
     if ring is None and decode and tma and not split and not single \
             and (key.lora is not None or not shift_tail) and key.num_splits is None and fuse_reduce(key.device):
-        tail = tail_split(batch * hkv, _resident_per_sm(bn, d, r_pad), -(-max_ctx // bn), key.device)
+        tail = tail_split(batch * hkv, _resident_per_sm(bn, d), -(-max_ctx // bn), key.device,
+                          _resident_per_sm(bn, d, r_pad))
         if tail is not None:
             num_splits, fused = tail[1], True
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)

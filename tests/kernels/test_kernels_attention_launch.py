@@ -284,13 +284,15 @@ def test_tail_split_rule(monkeypatch, programs, per_sm, tiles, want):
 @pytest.mark.parametrize("bs, batch, rank, want", [
     (128, 68, 16, (528, 9)),   # 128-key tiles, 2 an SM: two waves and 16 programs over
     (128, 64, 16, None),       # whole waves
-    (64, 64, 8, None),         # 64-key tiles at r <= 32: 4 an SM, 512 programs one wave
-    (64, 68, 8, (528, 14)),    # ... 544 one wave and 16 over
-    (64, 56, 8, None),         # (at 3 an SM, the paged kernel's, this would split: 448 of 396)
+    (64, 64, 8, None),         # 64-key tiles at r <= 32: 4 an SM whole, 512 programs one wave
+    (64, 56, 8, None),         # (at 3 an SM, its residency with the split path, 448 of 396)
+    (64, 68, 8, (396, 2)),     # 544: one wave at 4 and 16 over; split, one wave at 3 kept
+    (64, 100, 16, (792, 18)),  # 800: a wave and a half at 4
 ])
 def test_flash_lora_decode_plan_splits_its_last_wave(monkeypatch, tma_device, bs, batch, rank, want):
-    """Flash-LoRA decode by TMA over several waves splits its last as paged decode does, with
-    its own kernel's residency (4 an SM at 64-key tiles and r padded to at most 32)."""
+    """Flash-LoRA decode by TMA over several waves splits its last as paged decode does, its
+    launch kept whole costed at its own kernel's residency (4 an SM at 64-key tiles and r
+    padded to at most 32), its split one at the split path's (3)."""
     monkeypatch.setattr(A, "_ring_device", lambda device: False)
     plan = gpu_decode_plan(monkeypatch, batch, 4096, bs=bs, lora=True, rank=rank)
     assert plan.ring is None and plan.meta["TMA"] and plan.meta["BLOCK_N"] == min(bs, 128)
@@ -301,6 +303,26 @@ def test_flash_lora_decode_plan_splits_its_last_wave(monkeypatch, tma_device, bs
         assert plan.meta["TAIL"] and plan.meta["FUSE_REDUCE"]
         assert plan.grid == (full + (batch * 8 - full) * splits, 1, 1) and plan.counters == batch * 8 - full
         assert plan.int_args[-10:-6] == (8, splits, 4, full)
+
+
+@pytest.mark.parametrize("programs, want", [
+    (512, None),        # one wave whole at 4 an SM
+    (448, None),
+    (544, (396, 2)),    # one wave at 4 and 16 over
+    (800, (792, 18)),
+    (1064, (792, 4)),
+])
+def test_tail_split_rule_with_its_own_residency_whole(monkeypatch, programs, want):
+    """`whole_per_sm`: the launch kept whole costed at 4 programs an SM, the split one at 3
+    (Flash-LoRA by TMA at 64-key tiles), on 132 SMs, 64 tiles a program."""
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    assert A._tail_split(programs, 3, 64, None, 4) == want
+    if want is not None:  # in time (waves × slots), the split launch saves its margin (the
+        full, splits = want  # fewest splits within 0.01 of the best taken)
+        whole = A._wave_cost(programs, 4 * 132, 4) * 4 / 3
+        assert A._tail_cost(programs, 3 * 132, 3, full, splits) <= whole - A._TAIL_MIN_GAIN + 0.01
+    assert A._tail_split(programs, 3, 64, None, 3) == A._tail_split(programs, 3, 64, None)
 
 
 def test_resident_programs_of_flash_lora_by_tma():
