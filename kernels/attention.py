@@ -114,8 +114,9 @@ _TAIL_MAX_SPLITS = 32  # ... splits an item at most,
 _TAIL_MIN_GAIN = 0.08  # ... and the least modelled gain, in waves (_wave_cost)
 _TAIL_FLOOR = {1: 0.48, 2: 0.40}  # a short last wave's cost, programs an SM -> a (see _wave_cost),
 _TAIL_SLOPE = 0.35  # ... and b; just over one wave (_ring_tiles), one an SM with the rest split
-_TAIL_ONE_WAVE = 1.1  # where that costs at most this many waves (modelled),
-_TAIL_ONE_WAVE_LONG = 1.25  # ... or this many over 16K keys or more
+_TAIL_ONE_WAVE = 1.12  # where that costs at most this many waves (modelled: 18 sequences 1.1004),
+_TAIL_ONE_WAVE_LONG = 1.25  # ... or this many over 16K keys or more, through the producer warp
+_TAIL_PRODUCER_MAX_GROUP = 4  # ... where a tile takes 8 copies or more, in GQA groups of up to this
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,17 +728,26 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
         return None
     sms = _num_sms(device)
     block_n = 64 if sms < programs <= _TMA_SHIFTED_PER_SM * sms else 128
-    if block_n == 64 and not lora and max_ctx >= _RING_MIN_KEYS and _ring_blocks_ok(block_size, 128, 0):
+    # (a tile of 8 copies or more by the producer warp, as in one wave: its whole programs are one)
+    one_wave_producer = _ring_producer(block_size, 128, 0, sms, sms) and group <= _TAIL_PRODUCER_MAX_GROUP
+    if (block_n == 64 and not lora and max_ctx >= _RING_MIN_KEYS
+            and _ring_blocks_ok(block_size, 128, 0, one_wave_producer)):
         # Just over one wave: 128-key tiles one an SM, the few programs over split, where that
         # costs little over the wave (`_wave_cost`), rather than 64-key ones 3 an SM. H200, us,
         # against the 64-key tiles, SDPA on contiguous K/V (bench/RESULTS.md Run AF): blocks
         # of 128, 17 × 4K 71.2 vs 73.6 (70.3), 18 × 4K 75.7 vs 77.2 (74.5), 17 × 16K 259.3 vs
         # 284.7 (265.9), 20 × 16K 302.2 vs 313.5 (316.0); blocks of 32, 17 × 16K 263 vs 296;
-        # lost from 20 × 4K (82.7 vs 82.0) and 22 × 16K on.
+        # lost from 20 × 4K (82.7 vs 82.0) and 22 × 16K on. Since Run AG in blocks of 16 and 32
+        # through the producer warp (16 and 8 copies a tile; its split items' combine spills
+        # 144 bytes in GQA groups of 8, unmeasured, which keep the plan before): blocks of 16,
+        # 17 × 4K 75.5 vs 83.7 (71.0), 18 × 4K 78.8 vs 83.8 (75.0), 17 × 8K 136.7 vs 161.6
+        # (135.3), 17 × 16K 264.3 vs 319.0 (265.5), 20 × 16K 307.7 vs 335.4 (315.9); blocks of
+        # 32, against the same launch without the producer: 17 × 4K 73.8 vs 74.3, 17 × 16K 261.2
+        # vs 265.3, 20 × 16K 304.5 vs 308.2, 17 × 8K 135.8 vs 136.7.
         tail = _tail_split(programs, 1, max_ctx // 128, device)
         most = _TAIL_ONE_WAVE_LONG if max_ctx >= _RING_MIN_KEYS_MULTIWAVE else _TAIL_ONE_WAVE
         if tail is not None and _tail_cost(programs, sms, 1, *tail) <= most:
-            return _Ring(128, 2, tail[1], False, full_items=tail[0])
+            return _Ring(128, 2, tail[1], one_wave_producer, full_items=tail[0])
     producer = _ring_producer(block_size, block_n, lora, programs, sms)
     if not _ring_blocks_ok(block_size, block_n, lora, producer) or max_ctx < _RING_MIN_KEYS:
         return None

@@ -76,7 +76,13 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False,
     (16, 4096, dict(bs=16), (128, 2, "producer")),  # 16: only through it
     (12, 4096, dict(bs=16), (128, 2, "producer")),
     (16, 4096, dict(bs=16, lora=True, rank=64), (128, 2, "producer")),  # 24 with L's
-    (17, 4096, dict(bs=16), (64, 2)),    # four blocks of a 64-key tile
+    # just over one wave: 128-key tiles through the producer warp, the few programs over split
+    (17, 4096, dict(bs=16), (128, 2, 12, "producer", "tail", 132)),
+    (18, 4096, dict(bs=16), (128, 2, 7, "producer", "tail", 132)),
+    (20, 16384, dict(bs=16), (128, 2, 4, "producer", "tail", 132)),
+    (17, 4096, dict(bs=32), (128, 2, 12, "producer", "tail", 132)),
+    (20, 4096, dict(bs=16), (64, 2)),    # 28 over would cost more split: four blocks of a 64-key tile
+    (17, 4096, dict(bs=16, hq=64), (64, 2)),  # GQA group 8: the split items' combine spills so
     # over 3 an SM at any length (_attn_fwd reads them per thread): four whole waves
     (88, 4096, dict(bs=32, hkv=6, hq=48), (128, 2)),
     (100, 4096, dict(bs=32, hkv=4), (128, 2, 13, "tail", 396)),  # ... the last wave split (group 8: no pack)
@@ -363,6 +369,7 @@ _COMPILE_CASES = [
     (64, 2, 4, "bf16", 0, "pack2", 16), (64, 2, 8, "fp16", 0, "producer+pack2", 16),
     (64, 2, 4, "fp16", 0, "split+pack2", 32),
     (64, 2, 4, "bf16", 0, "tail+pack2", 16), (64, 2, 4, "fp16", 0, "tail+pack2", 32),
+    (128, 2, 4, "bf16", 0, "tail+producer", 16), (128, 2, 4, "fp16", 0, "tail+producer", 32),
     (128, 2, 4, "bf16", 0, "tail", 128),
     (128, 2, 8, "fp16", 0, "tail", 32), (128, 2, 4, "bf16", 64, "own+tail", 128)]
 
@@ -537,6 +544,9 @@ def test_ring_split_decode_matches_reference(rng_seed, monkeypatch, ring_calls, 
     (torch.bfloat16, 32, 8, 128, [16500, 16512], 5, True, (128, 2, 4, "tail", 15)),  # Flash-LoRA
     # just over one wave "on 7 SMs" (8 programs): one an SM, the one over in 5 splits
     (torch.float16, 32, 4, 128, [16512, 9001], 7, False, (128, 2, 5, "tail", 7)),
+    # ... in blocks of 16 and 32 through the producer warp (GQA group 4)
+    (torch.bfloat16, 16, 4, 16, [16512, 9001], 7, False, (128, 2, 5, "producer", "tail", 7)),
+    (torch.float16, 16, 4, 32, [9001, 16512], 7, False, (128, 2, 5, "producer", "tail", 7)),
 ])
 def test_ring_decode_with_its_last_wave_split(rng_seed, monkeypatch, ring_calls, dtype, hq, hkv, bs, lens, sms, lora,
                                               ring):
