@@ -115,8 +115,8 @@ _TAIL_MIN_GAIN = 0.08  # ... and the least modelled gain, in waves (_wave_cost)
 _TAIL_FLOOR = {1: 0.48, 2: 0.40}  # a short last wave's cost, programs an SM -> a (see _wave_cost),
 _TAIL_SLOPE = 0.35  # ... and b; just over one wave (_ring_tiles), one an SM with the rest split
 _TAIL_ONE_WAVE = 1.12  # where that costs at most this many waves (modelled: 18 sequences 1.1004),
-_TAIL_ONE_WAVE_LONG = 1.25  # ... or this many over 16K keys or more, through the producer warp
-_TAIL_PRODUCER_MAX_GROUP = 4  # ... where a tile takes 8 copies or more, in GQA groups of up to this
+_TAIL_ONE_WAVE_LONG = 1.25  # ... or this many over 16K keys or more; through the producer warp
+_TAIL_PRODUCER_MAX_GROUP = 4  # (tiles of 8 copies or more, blocks of 16 and 32) in GQA groups up to this
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,11 +63,7 @@ class _ArenaState:
                 done += 1
             be.set_access(addr, n * size)
         except BaseException:
-            ps.counters.driver_maps += done
-            try:
-                self.driver_unmap(first, done)
-            except Exception:
-                pass  # the original error is the one worth reporting
+            self.undo_maps(first, done)
             raise
         counters = ps.counters
         counters.driver_maps += n
@@ -93,11 +89,7 @@ class _ArenaState:
         try:
             be.set_access(addr, size)
         except BaseException:
-            ps.counters.driver_maps += 1
-            try:
-                self.driver_unmap(first, 1)
-            except Exception:
-                pass  # the original error is the one worth reporting
+            self.undo_maps(first, 1)
             ps.free.append(pid)
             raise
         counters = ps.counters
@@ -126,6 +118,15 @@ class _ArenaState:
         else:
             del refs[pid]
             ps.free.append(pid)
+
+    def undo_maps(self, first: int, done: int) -> None:
+        """After a failed map: unmap the `done` slots from `first` it mapped (counted as driver
+        maps: they were made). Never raises: the original error is the one worth reporting."""
+        self.ps.counters.driver_maps += done
+        try:
+            self.driver_unmap(first, done)
+        except Exception:
+            pass
 
     def driver_unmap(self, first: int, n: int) -> None:
         if n == 0:
