@@ -114,8 +114,10 @@ _TAIL_MAX_SPLITS = 32  # ... splits an item at most,
 _TAIL_MIN_GAIN = 0.08  # ... and the least modelled gain, in waves (_wave_cost)
 _TAIL_FLOOR = {1: 0.48, 2: 0.40}  # a short last wave's cost, programs an SM -> a (see _wave_cost),
 _TAIL_SLOPE = 0.35  # ... and b; just over one wave (_ring_tiles), one an SM with the rest split
-_TAIL_ONE_WAVE = 1.12  # where that costs at most this many waves (modelled: 18 sequences 1.1004),
-_TAIL_ONE_WAVE_LONG = 1.25  # ... or this many over 16K keys or more; through the producer warp
+_TAIL_ONE_WAVE = 1.16  # where that costs at most this many waves (modelled: 19 sequences 1.15),
+_TAIL_ONE_WAVE_LONG = 1.25  # ... or this many over 16K keys or more,
+_TAIL_ONE_WAVE_MIN_KEYS = 4096  # ... over runs of at least this many keys,
+_TAIL_ONE_WAVE_MIN_KEYS_PRODUCER = 3072  # ... or this many through the producer warp
 _TAIL_PRODUCER_MAX_GROUP = 4  # (tiles of 8 copies or more, blocks of 16 and 32) in GQA groups up to this
 
 
@@ -730,7 +732,8 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
     block_n = 64 if sms < programs <= _TMA_SHIFTED_PER_SM * sms else 128
     # (a tile of 8 copies or more by the producer warp, as in one wave: its whole programs are one)
     one_wave_producer = _ring_producer(block_size, 128, 0, sms, sms) and group <= _TAIL_PRODUCER_MAX_GROUP
-    if (block_n == 64 and not lora and max_ctx >= _RING_MIN_KEYS
+    least_keys = _TAIL_ONE_WAVE_MIN_KEYS_PRODUCER if one_wave_producer else _TAIL_ONE_WAVE_MIN_KEYS
+    if (block_n == 64 and not lora and max_ctx >= least_keys
             and _ring_blocks_ok(block_size, 128, 0, one_wave_producer)):
         # Just over one wave: 128-key tiles one an SM, the few programs over split, where that
         # costs little over the wave (`_wave_cost`), rather than 64-key ones 3 an SM. H200, us,
@@ -743,7 +746,13 @@ def _ring_tiles(device: torch.device, programs: int, head_dim: int, group: int, 
         # 17 × 4K 75.5 vs 83.7 (71.0), 18 × 4K 78.8 vs 83.8 (75.0), 17 × 8K 136.7 vs 161.6
         # (135.3), 17 × 16K 264.3 vs 319.0 (265.5), 20 × 16K 307.7 vs 335.4 (315.9); blocks of
         # 32, against the same launch without the producer: 17 × 4K 73.8 vs 74.3, 17 × 16K 261.2
-        # vs 265.3, 20 × 16K 304.5 vs 308.2, 17 × 8K 135.8 vs 136.7.
+        # vs 265.3, 20 × 16K 304.5 vs 308.2, 17 × 8K 135.8 vs 136.7. 19 sequences (Run AG,
+        # against the 64-key tiles): 4K blocks of 16 82.1 vs 85.4, 32 82.0 vs 82.0, 128 78.8
+        # vs 79.5; 8K 152.2 vs 166.9, 150.3 vs 158.4, 148.1 vs 153.9. Over 2K keys it lost
+        # (blocks of 128, 17 × 2K 41.4 vs 39.0, 18 × 2K 42.4 vs 40.6; 32, 43.4 vs 40.8; 16, 18 ×
+        # 2K 45.3 vs 44.5; 19 × 2K 4-9%), over 3K through the producer warp only not (blocks of
+        # 16, 17 × 3K 59.7 vs 63.5, 18 × 3K 61.8 vs 64.5; 32, 58.9 vs 60.1, 61.8 vs 61.7;
+        # without it, blocks of 128, 57.4 vs 56.6).
         tail = _tail_split(programs, 1, max_ctx // 128, device)
         most = _TAIL_ONE_WAVE_LONG if max_ctx >= _RING_MIN_KEYS_MULTIWAVE else _TAIL_ONE_WAVE
         if tail is not None and _tail_cost(programs, sms, 1, *tail) <= most:

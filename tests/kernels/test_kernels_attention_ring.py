@@ -47,7 +47,9 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False,
     (16, 32768, {}, (128, 2)),
     (12, 2048, {}, (128, 2)),      # the shortest runs it takes
     (17, 4096, {}, (128, 2, 12, "tail", 132)),  # 136 programs: one an SM, the 4 over in 12 splits
+    (19, 4096, {}, (128, 2, 5, "tail", 132)),   # 152: the 20 over in 5 splits
     (20, 4096, {}, (64, 2)),       # 160: one wave at 3 an SM (28 over would cost more split)
+    (17, 3072, {}, (64, 2)),       # ... and under 4K keys
     (20, 16384, {}, (128, 2, 4, "tail", 132)),  # ... but not over 16K keys
     (49, 4096, {}, (64, 2)),       # 392
     (50, 16384, {}, (128, 2, 17, "tail", 396)),  # 400: more than 3 an SM, over 16K keys or more; the
@@ -81,6 +83,9 @@ def _launch_name(tile: int, slots: int, splits: int = 1, producer: bool = False,
     (18, 4096, dict(bs=16), (128, 2, 7, "producer", "tail", 132)),
     (20, 16384, dict(bs=16), (128, 2, 4, "producer", "tail", 132)),
     (17, 4096, dict(bs=32), (128, 2, 12, "producer", "tail", 132)),
+    (19, 4096, dict(bs=16), (128, 2, 5, "producer", "tail", 132)),
+    (17, 3072, dict(bs=16), (128, 2, 10, "producer", "tail", 132)),  # through it from 3K keys
+    (17, 2048, dict(bs=16), (64, 2)),
     (20, 4096, dict(bs=16), (64, 2)),    # 28 over would cost more split: four blocks of a 64-key tile
     (17, 4096, dict(bs=16, hq=64), (64, 2)),  # GQA group 8: the split items' combine spills so
     # over 3 an SM at any length (_attn_fwd reads them per thread): four whole waves
