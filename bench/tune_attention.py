@@ -220,6 +220,16 @@ def split_sweep(cases, log, sweep: bool = True) -> list[dict]:
     return rows
 
 
+def lora_operands(batch: int, num_blocks: int, rank: int):
+    """Flash-LoRA's operands over a paged cache of `num_blocks` blocks: adapter ids (4 adapters
+    in turn, every fifth request none), a low-rank cache of `rank` paged by the K/V table, and B."""
+    ids = torch.arange(batch, dtype=torch.int32, device="cuda") % 4
+    ids[1::5] = -1
+    lr = torch.randn(num_blocks, BS, rank, device="cuda", dtype=DT)
+    lb = (torch.randn(4, HKV, rank, D, device="cuda") / rank ** 0.5).to(DT)
+    return ids, lr, lb
+
+
 def lora_sweep(cases, log) -> list[dict]:
     """Flash-LoRA decode against paged decode (both at the default config) and under other
     accumulator paddings / tiles, r = 8 and 64."""
@@ -234,12 +244,9 @@ def lora_sweep(cases, log) -> list[dict]:
         r0 = dict(kind="paged_default", batch=batch, ctx=ctx, graph_ms=graph_ms(fns), eager_ms=eager_ms(fns))
         rows.append(r0)
         log(r0)
-        ids = torch.arange(batch, dtype=torch.int32, device="cuda") % 4
-        ids[1::5] = -1
         long = ctx >= attn._LONG
         for rank in (8, 64):
-            lr = torch.randn(k.shape[0], BS, rank, device="cuda", dtype=DT)
-            lb = (torch.randn(4, HKV, rank, D, device="cuda") / rank ** 0.5).to(DT)
+            ids, lr, lb = lora_operands(batch, k.shape[0], rank)
             lfns = [lambda t=t: attn.flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out,
                                                        validate=False) for t in tables]
             rd = dict(kind="lora_default", r=rank, batch=batch, ctx=ctx, graph_ms=graph_ms(lfns))
@@ -395,10 +402,7 @@ def batch_sweep(batches, ctx: int, log, lora_rank: int = 0) -> list[dict]:
         r["ratio"] = r["graph_ms"] / r["sdpa_ms"]
         del sd
         if lora_rank:
-            ids = torch.arange(batch, dtype=torch.int32, device="cuda") % 4
-            ids[1::5] = -1
-            lr = torch.randn(k.shape[0], BS, lora_rank, device="cuda", dtype=DT)
-            lb = (torch.randn(4, HKV, lora_rank, D, device="cuda") / lora_rank ** 0.5).to(DT)
+            ids, lr, lb = lora_operands(batch, k.shape[0], lora_rank)
             lfns = [lambda t=t: attn.flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out,
                                                        validate=False) for t in tables]
             lplan = plan_of(lfns[0])

@@ -696,12 +696,12 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     meta = dict(
         GROUP=group, HEAD_DIM=d, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1], STAGES=stages,
         ROWS=_ROWS, WARPS=_WARPS, HAS_LORA=lora, RANK=rank, R_PAD=r_pad, LR_BLOCK_SIZE=lr_bs,
-        LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split,
+        # (SPLIT off in a split last wave: its partials are TAIL's code, for its split items only)
+        LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split and not tail,
         GROUP_P2=1 << (group - 1).bit_length() if split else 1, REDUCE_S=reduce_splits if split else 1,
         PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, B_TMA=b_tma, PACK=pack, TAIL=tail,
         num_warps=_WARPS)
     if tail:
-        meta["SPLIT"] = False  # (the partials' code is TAIL's, for the split items only)
         grid = (full_items + (batch * hkv - full_items) * num_splits, 1)
     else:
         grid = (hkv * num_splits, batch)
