@@ -52,6 +52,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import attention_ring
 from ._counters import split_counters as _split_counters
 from ._dispatch import choose_impl, interpreter_on
+from ._pdl import gdc_launch_dependents, gdc_wait, pdl_enabled
 from ._relaunch import relaunch
 from ._tma import descriptor
 
@@ -303,8 +304,10 @@ def _attn_fwd(
     SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     FUSE_REDUCE: tl.constexpr, GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr,
     LR_SHARED_TABLE: tl.constexpr, PREFETCH_B: tl.constexpr, TMA: tl.constexpr,
-    SHIFT_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr, TAIL: tl.constexpr,
+    SHIFT_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched while the kernel before drains: nothing global before its writes land (_pdl)
+        gdc_wait()
     # TAIL (decode over several waves, see _tail_split): a one-dimensional grid whose first
     # `full_items` programs take a (sequence, KV head) each, whole, and the rest the remaining
     # ones in `num_splits` splits each, so that the last wave is as full as the others but
@@ -439,6 +442,8 @@ def _attn_fwd(
                         s2_local, s2_stride, s2_shift, is_dense,
                         HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, masked == 1, UPCAST, LR_SHARED_TABLE, TMA, SHIFT_TAIL)
 
+        if PDL:  # only the epilogue left: the next kernel may take this program's place (_pdl)
+            gdc_launch_dependents()
         if HAS_LORA:
             # (P·L)·B_a once per program; linear, so split partials may fold it in too.
             if not PREFETCH_B:
@@ -1145,6 +1150,14 @@ def _fuse_reduce(device: torch.device) -> bool:
     return True
 
 
+def _pdl(device: torch.device, interpreted: bool) -> bool:
+    """Whether `_attn_fwd` and the ring kernel launch with programmatic dependent launch
+    (`kernels._pdl`): their launch overlaps the kernel before them as it drains. On wherever the
+    device has it: paged decode 0.5-7% faster at batch 1-16 and level from 64 sequences on (H200,
+    the numbers in `kernels._pdl`)."""
+    return pdl_enabled(device, interpreted)
+
+
 def _combine_chunk(group_p2: int, head_dim: int) -> int:
     """Splits per pass of the split combine: its [heads, splits, D] fp32 load is bounded to 16K
     elements (128 registers a thread at 4 warps) so that it does not spill; 32 splits of 4
@@ -1240,7 +1253,7 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
                       k.element_size(), num_splits, q.device, interpreter_on(),
                       (_config, _lora_pad, _default_splits, _num_sms, _fuse_reduce, _prefetch_lora_b,
                        _tma_loads, _tma_single, _ring_tiles, _ring_device, _ring_split, _ring_packed,
-                       _tail_split))
+                       _tail_split, _pdl))
 
 
 @functools.lru_cache(maxsize=_PLAN_CACHE_SIZE)
@@ -1250,7 +1263,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     paged, decode, batch = key.paged, key.decode, key.batch
     # (_num_sms: called by _default_splits, _ring_tiles, _ring_split and _ring_packed, as is _ring_device)
     (config, lora_pad, default_splits, _, fuse_reduce, prefetch_b, tma_loads, tma_single, ring_tiles,
-     ring_device, ring_split, ring_packed, tail_split) = key.policy
+     ring_device, ring_split, ring_packed, tail_split, pdl) = key.policy
     total_q, hq, d = key.q_shape
     per_head_table = paged and len(key.table[0]) == 3
     hkv = key.table[0][1] if per_head_table else key.kv_shape[-2]
@@ -1478,6 +1491,10 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                 PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
                 **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
+    if pdl(key.device, key.interpret):  # (a launch option only where it is on: the interpreter has none)
+        meta.update(PDL=True, launch_pdl=True)
+    else:
+        meta["PDL"] = False
     grid = (n_qtiles, hkv * num_splits, batch)
     if ring is not None and ring.full_items or tail is not None:
         # a split last wave: the partials and counters of its split items only
@@ -1569,7 +1586,8 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
                          reduce_splits=plan.ring_reduce, full_items=plan.ring.full_items or None)
         return attention_ring.ring_decode(q, k, v, block_tables, seq_lens, float(scale) * _LOG2E, out,
                                           block_n=plan.ring.tile, stages=plan.ring.slots,
-                                          producer=plan.ring.producer, pack=plan.ring.pack, **lr_kw)
+                                          producer=plan.ring.producer, pack=plan.ring.pack,
+                                          pdl=plan.meta["PDL"], **lr_kw)
     if lora is not None:
         lr, lbt, lb, aid = lora.lr_cache, lora.lr_block_tables, lora.lora_b, lora.adapter_ids
     else:

@@ -57,6 +57,7 @@ import math
 
 import torch
 
+from ._pdl import gdc_launch_dependents, gdc_wait
 from ._relaunch import launch
 from ._tma import descriptor
 
@@ -353,7 +354,9 @@ if gluon is not None:
                             LR_SHARED_TABLE: gl.constexpr, CHUNK: gl.constexpr, SPLIT: gl.constexpr,
                             GROUP_P2: gl.constexpr, REDUCE_S: gl.constexpr, PRODUCER: gl.constexpr,
                             PRODUCER_REGS: gl.constexpr, B_TMA: gl.constexpr, PACK: gl.constexpr,
-                            TAIL: gl.constexpr):
+                            TAIL: gl.constexpr, PDL: gl.constexpr):
+        if PDL:  # launched while the kernel before drains: nothing global before its writes land (_pdl)
+            gdc_wait()
         # With PACK > 1 a program reads PACK KV heads at once (`ring_decode(pack=)`): program
         # axis 0 and `kvh` count packs, GROUP is the pack's query heads.
         HEAD_GROUP: gl.constexpr = GROUP // PACK
@@ -491,6 +494,8 @@ if gluon is not None:
                                                      CHUNK, WARPS, HAS_LORA, R_PAD, False, PACK, HEAD_GROUP)
         for i in gl.static_range(READY):
             mbarrier.invalidate(ready.index(i))
+        if PDL:  # only the epilogue left: the next kernel may take this program's place (_pdl)
+            gdc_launch_dependents()
         if HAS_LORA:
             # (P·L)·B_a once (linear: a split's partial may hold its share of it). Without
             # adapter the L slots were never written: zero what came of them.
@@ -631,7 +636,8 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
                 lr_shared_table: bool = False, num_splits: int = 1,
                 workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                 counters: torch.Tensor | None = None, reduce_splits: int = 1,
-                producer: bool = False, pack: int = 1, full_items: int | None = None) -> torch.Tensor:
+                producer: bool = False, pack: int = 1, full_items: int | None = None,
+                pdl: bool = False) -> torch.Tensor:
     """Paged decode into `out` (``[batch, Hq, D]``), one program per sequence × KV head (× split);
     with `lr_cache` (and its table, `lora_b`, `adapter_ids`), Flash-LoRA decode.
 
@@ -659,7 +665,9 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
     the grid is one-dimensional over items (sequence × KV head, or pack): the first
     `full_items` programs take one item each, whole, and the remaining items are split in
     `num_splits` each, their partials in `workspace` and `counters` counted from item
-    `full_items` on (fp32 rows: remaining items × query heads an item × splits)."""
+    `full_items` on (fp32 rows: remaining items × query heads an item × splits).
+    With `pdl` the launch is a programmatic dependent one (`kernels._pdl`: a device of compute
+    capability 9 and a Triton with grid dependency control)."""
     batch, hq, d = q.shape
     hkv = k_cache.shape[2]
     chunk = min(block_n, k_cache.shape[1])  # keys a copy: a tile, or a block of it
@@ -700,7 +708,9 @@ def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b
         LR_SHARED_TABLE=lora and lr_shared_table, CHUNK=chunk, SPLIT=split and not tail,
         GROUP_P2=1 << (group - 1).bit_length() if split else 1, REDUCE_S=reduce_splits if split else 1,
         PRODUCER=producer, PRODUCER_REGS=_PRODUCER_WARP_REGS, B_TMA=b_tma, PACK=pack, TAIL=tail,
-        num_warps=_WARPS)
+        PDL=pdl, num_warps=_WARPS)
+    if pdl:
+        meta["launch_pdl"] = True
     if tail:
         grid = (full_items + (batch * hkv - full_items) * num_splits, 1)
     else:

@@ -745,6 +745,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import attention as A
+from kernels._pdl import ptx_order
 
 def compile_variant(variant):
     fn = A._split_reduce if variant == "reduce" else A._attn_fwd
@@ -785,7 +786,7 @@ def compile_variant(variant):
                   LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora") or (lora and single),
                   PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own") or (lora and single),
                   TMA=tma, ONE_LOOP=single, TAIL=tail,
-                  SHIFT_TAIL=tma and (lora or single or not split))
+                  SHIFT_TAIL=tma and (lora or single or not split), PDL=True)
     if tma:
         ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
                          Lr=f"tensordesc<bf16[1,{bn},{r_pad}]>")
@@ -801,8 +802,11 @@ def compile_variant(variant):
         else:
             sig[name] = "fp32" if name == "qk_scale" else "i32"
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    return dict(verdict="SPILLS" if "st.local" in k.asm["ptx"] else "COMPILED", smem=k.metadata.shared)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages, "launch_pdl": variant != "reduce"})
+    ptx = k.asm["ptx"]
+    return dict(verdict="SPILLS" if "st.local" in ptx else "COMPILED", smem=k.metadata.shared,
+                pdl=ptx_order(ptx) if variant != "reduce" else None)
 
 
 for variant in json.loads(sys.argv[1]):  # one line of JSON a variant, as it ends
@@ -862,6 +866,9 @@ def test_kernel_compiles_for_hopper(variant):
         pytest.skip("no ptxas on this machine")
     assert "error" not in r, r["error"]
     assert r["verdict"] == "COMPILED", "register spills in the compiled kernel"
+    if variant != "reduce":  # PDL: the wait before any global access, the signal after it (kernels._pdl)
+        pdl = r["pdl"]
+        assert 0 <= pdl["wait"] < pdl["first_global"] < pdl["signal"], pdl
     if "-single" in variant:
         from kernels import attention as A
 
