@@ -78,6 +78,7 @@ _NARROW_GAIN = 1.2
 _TMA_LORA_KEYS = 4096
 _TMA_LORA_SINGLE_KEYS = 16384
 _TMA_LORA_WIDE_RPAD = 64
+_PDL_OFF_LORA_RPAD = 64  # Flash-LoRA's L tiles from this wide, at half-width TMA tiles, launch without PDL (_pdl)
 _TMA_SHIFTED_PER_SM = 3  # paged decode programs an SM with the shifted TMA tail (see _launch_plan)
 # Decode's one-program-an-SM TMA variant (see _launch_plan): Triton 3.6 gives the loop's TMA
 # loads a second buffer only from num_stages 5 on (the block-table load they wait on takes
@@ -1154,7 +1155,12 @@ def _pdl(device: torch.device, interpreted: bool) -> bool:
     """Whether `_attn_fwd` and the ring kernel launch with programmatic dependent launch
     (`kernels._pdl`): their launch overlaps the kernel before them as it drains. On wherever the
     device has it: paged decode 0.5-7% faster at batch 1-16 and level from 64 sequences on (H200,
-    the numbers in `kernels._pdl`)."""
+    the numbers in `kernels._pdl`); Flash-LoRA decode 3-7% faster at 1-8 × 4K but for one
+    launch, which `_launch_plan` keeps plain: `_attn_fwd` over 64-key TMA tiles (blocks of 64)
+    with L tiles of `_PDL_OFF_LORA_RPAD` columns (H200, same call, us, PDL on / off, r = 64: 1 ×
+    4K 11.22 / 10.95, 1 × 2K 9.04 / 8.49, 2 × 4K 14.87 / 14.55; r = 8, 32-column L tiles, gained:
+    10.40 / 10.98, 8.04 / 8.16, 14.31 / 14.47; the same launch at 128-key tiles, blocks of 128,
+    r = 64 9.95 / 10.53; bench/RESULTS.md Run AH)."""
     return pdl_enabled(device, interpreted)
 
 
@@ -1491,7 +1497,10 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                 PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
                 **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
-    if pdl(key.device, key.interpret):  # (a launch option only where it is on: the interpreter has none)
+    # (a launch option only where it is on: the interpreter has none; Flash-LoRA by `_attn_fwd`
+    # over half-width TMA tiles with L tiles of `_PDL_OFF_LORA_RPAD` columns lost with it, see _pdl)
+    if pdl(key.device, key.interpret) and not (key.lora is not None and ring is None and tma
+                                               and bn < wide[1] and r_pad >= _PDL_OFF_LORA_RPAD):
         meta.update(PDL=True, launch_pdl=True)
     else:
         meta["PDL"] = False

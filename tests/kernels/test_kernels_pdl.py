@@ -46,6 +46,27 @@ def test_pdl_in_the_plan_as_a_constexpr_and_a_launch_option(monkeypatch):
     assert not gpu_decode_plan(monkeypatch, 4, 4096, bs=128).meta["PDL"]
 
 
+@pytest.mark.parametrize("bs, batch, ctx, rank, want", [
+    (64, 1, 4096, 64, False),   # Flash-LoRA by `_attn_fwd` over 64-key TMA tiles, 64-column L tiles: lost
+    (64, 2, 4096, 64, False),
+    (64, 1, 2048, 64, False),
+    (64, 1, 4096, 8, True),     # 32-column L tiles: gained
+    (128, 1, 4096, 64, True),   # 128-key tiles: gained
+    (16, 1, 4096, 64, True),    # the ring kernel
+    (64, 1, 32768, 64, True),
+    (64, 1, 4096, 0, True),     # paged decode
+])
+def test_pdl_off_only_where_it_lost(monkeypatch, bs, batch, ctx, rank, want):
+    from test_kernels_attention_launch import gpu_decode_plan
+
+    monkeypatch.setattr(A, "_has_tma", lambda device: True)
+    monkeypatch.setattr(A, "_tma_single", lambda device: True)
+    monkeypatch.setattr(A, "_ring_device", lambda device: True)
+    monkeypatch.setattr(A, "_pdl", lambda device, interpreted: True)
+    plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=rank > 0, rank=max(rank, 8))
+    assert plan.meta["PDL"] is want and ("launch_pdl" in plan.meta) is want
+
+
 def test_interpreter_plans_have_pdl_off():
     """Under the CPU interpreter (CI) every launch is a plain one, whatever the device rule says."""
     if not A.interpreter_on():
