@@ -1160,7 +1160,9 @@ def _pdl(device: torch.device, interpreted: bool) -> bool:
     with L tiles of `_PDL_OFF_LORA_RPAD` columns (H200, same call, us, PDL on / off, r = 64: 1 ×
     4K 11.22 / 10.95, 1 × 2K 9.04 / 8.49, 2 × 4K 14.87 / 14.55; r = 8, 32-column L tiles, gained:
     10.40 / 10.98, 8.04 / 8.16, 14.31 / 14.47; the same launch at 128-key tiles, blocks of 128,
-    r = 64 9.95 / 10.53; bench/RESULTS.md Run AH)."""
+    r = 64 9.95 / 10.53; bench/RESULTS.md Run AH). S2 decode 1-2% faster. Prefill launches stay
+    plain: kernels of 0.5-6 ms, whose launch gap is noise, and in blocks of 16 it lost (16 × 1K
+    537.9 / 515.1 us, 4 × 4K 1703.6 / 1644.9; blocks of 128 within 1% either way)."""
     return pdl_enabled(device, interpreted)
 
 
@@ -1497,10 +1499,11 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                 PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
                 **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
-    # (a launch option only where it is on: the interpreter has none; Flash-LoRA by `_attn_fwd`
-    # over half-width TMA tiles with L tiles of `_PDL_OFF_LORA_RPAD` columns lost with it, see _pdl)
-    if pdl(key.device, key.interpret) and not (key.lora is not None and ring is None and tma
-                                               and bn < wide[1] and r_pad >= _PDL_OFF_LORA_RPAD):
+    # (a launch option only where it is on: the interpreter has none; decode only, and not
+    # Flash-LoRA by `_attn_fwd` over half-width TMA tiles with L tiles of `_PDL_OFF_LORA_RPAD`
+    # columns: both lost with it, see _pdl)
+    if decode and pdl(key.device, key.interpret) and not (
+            key.lora is not None and ring is None and tma and bn < wide[1] and r_pad >= _PDL_OFF_LORA_RPAD):
         meta.update(PDL=True, launch_pdl=True)
     else:
         meta["PDL"] = False

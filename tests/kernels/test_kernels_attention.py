@@ -786,7 +786,7 @@ def compile_variant(variant):
                   LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora") or (lora and single),
                   PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own") or (lora and single),
                   TMA=tma, ONE_LOOP=single, TAIL=tail,
-                  SHIFT_TAIL=tma and (lora or single or not split), PDL=True)
+                  SHIFT_TAIL=tma and (lora or single or not split), PDL=decode)
     if tma:
         ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
                          Lr=f"tensordesc<bf16[1,{bn},{r_pad}]>")
@@ -803,10 +803,10 @@ def compile_variant(variant):
             sig[name] = "fp32" if name == "qk_scale" else "i32"
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps, "num_stages": stages, "launch_pdl": variant != "reduce"})
+                       options={"num_warps": warps, "num_stages": stages, "launch_pdl": decode})
     ptx = k.asm["ptx"]
     return dict(verdict="SPILLS" if "st.local" in ptx else "COMPILED", smem=k.metadata.shared,
-                pdl=ptx_order(ptx) if variant != "reduce" else None)
+                pdl=ptx_order(ptx) if decode else None)
 
 
 for variant in json.loads(sys.argv[1]):  # one line of JSON a variant, as it ends
@@ -866,7 +866,7 @@ def test_kernel_compiles_for_hopper(variant):
         pytest.skip("no ptxas on this machine")
     assert "error" not in r, r["error"]
     assert r["verdict"] == "COMPILED", "register spills in the compiled kernel"
-    if variant != "reduce":  # PDL: the wait before any global access, the signal after it (kernels._pdl)
+    if variant.startswith("decode"):  # PDL: the wait before any global access, the signal after it (kernels._pdl)
         pdl = r["pdl"]
         assert 0 <= pdl["wait"] < pdl["first_global"] < pdl["signal"], pdl
     if "-single" in variant:

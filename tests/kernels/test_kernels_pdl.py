@@ -1,7 +1,8 @@
 """Programmatic dependent launch (`kernels._pdl`): where it is on, and that a kernel launched
 with it reads what the kernel right before it wrote (its `griddepcontrol.wait` comes before any
-global access), on the plans it is on: `_attn_fwd` (by TMA, split and not, per-thread loads,
-prefill) and the ring kernel (unsplit, split, through the producer warp, a split last wave)."""
+global access), on the decode plans it is on: `_attn_fwd` (by TMA, split and not, per-thread
+loads) and the ring kernel (unsplit, split, through the producer warp, a split last wave); a
+decode launched with it right after a (plain) prefill."""
 from __future__ import annotations
 
 import pytest
@@ -65,6 +66,23 @@ def test_pdl_off_only_where_it_lost(monkeypatch, bs, batch, ctx, rank, want):
     monkeypatch.setattr(A, "_pdl", lambda device, interpreted: True)
     plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=rank > 0, rank=max(rank, 8))
     assert plan.meta["PDL"] is want and ("launch_pdl" in plan.meta) is want
+
+
+def test_prefill_plans_have_pdl_off(monkeypatch):
+    """Prefill launches stay plain (long kernels; in blocks of 16 they lost with it)."""
+    monkeypatch.setattr(A, "interpreter_on", lambda: False)
+    monkeypatch.setattr(A, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(A, "_pdl", lambda device, interpreted: True)
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    for bs in (16, 128):
+        q = torch.empty(4 * 1024, 32, 128, **meta)
+        k = torch.empty(4 * 1024 // bs, bs, 8, 128, **meta)
+        bt = torch.empty(4, 1024 // bs, dtype=torch.int32, device="meta")
+        key = A._launch_key(q, k, k, q, paged=True, decode=False, batch=4, block_tables=bt, lora=None, s2=None,
+                            max_seqlen_q=1024, num_splits=None)
+        plan = A._launch_plan(key)
+        assert plan.meta["PDL"] is False and "launch_pdl" not in plan.meta
+    A._launch_plan.cache_clear()
 
 
 def test_interpreter_plans_have_pdl_off():
@@ -165,8 +183,8 @@ def test_gpu_pdl_chain_reads_the_output_of_the_launch_before(bs, lens, lora, gra
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs a CUDA device of compute capability 9 or later")
 def test_gpu_pdl_prefill_then_decode_reads_the_prefill():
-    """Prefill (`_attn_fwd`, PDL) writes its output, and decode launched right after reads it as
-    its query (poisoned first)."""
+    """Prefill (a plain launch) writes its output, and decode launched right after it with PDL
+    reads it as its query (poisoned first)."""
     torch.manual_seed(7)
     dtype, hq, hkv, d, bs = torch.float16, 8, 2, 64, 16
     lens = [301, 77, 1030]
