@@ -23,7 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import compare, copy_time_ms, graph_time_ms, host_us_per_call, record_benchmark, sync, time_ms
+from common import (compare, copy_time_ms, graph_time_ms, host_us_per_call, policy_off, record_benchmark, sync,
+                    time_ms)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -64,18 +65,6 @@ def paged_cache(batch: int, ctx: int, copies: int, bs: int = BS):
     return k, v, tables
 
 
-def _without_pdl(fn):
-    """`fn()` with programmatic dependent launch off (`kernels.attention._pdl`)."""
-    from kernels import attention as A
-
-    real = A._pdl
-    A._pdl = lambda device, interpreted: False
-    try:
-        return fn()
-    finally:
-        A._pdl = real
-
-
 def _free():
     sync()
     if DEV == "cuda":
@@ -114,8 +103,9 @@ def test_decode(benchmark, batch, ctx, bs):
     e_paged = time_ms(paged, **TIMING)
     # The same launches without programmatic dependent launch (kernels._pdl), which SDPA's
     # kernels do not use: how much of the ratio is the overlap of back-to-back launches.
-    t_plain = _without_pdl(lambda: graph_time_ms(per_copy(
-        lambda t: paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False))))
+    with policy_off("_pdl"):
+        t_plain = graph_time_ms(per_copy(
+            lambda t: paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)))
 
     # SDPA on contiguous per-sequence K/V [batch, Hkv, ctx, D] (built from the same data).
     kc = [k[t.flatten().long()].view(batch, ctx, HKV, D).transpose(1, 2).contiguous() for t in tables[:copies]]

@@ -38,6 +38,19 @@ def one_host_core():
             os.sched_setaffinity(0, old_cores)
 
 
+@contextlib.contextmanager
+def policy_off(name: str):
+    """`kernels.attention`'s policy function `name` answering None (its choice off) while in scope."""
+    from kernels import attention
+
+    old = getattr(attention, name)
+    setattr(attention, name, lambda *a, **kw: None)
+    try:
+        yield
+    finally:
+        setattr(attention, name, old)
+
+
 def copy_time_ms(numel: int, dtype: torch.dtype, device: str = "cuda") -> tuple[float, int]:
     """One device-to-device copy of `numel` elements: (time in ms, bytes moved, read + write),
     the yardstick memory-bound kernels are measured against."""

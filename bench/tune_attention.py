@@ -11,7 +11,6 @@ SDPA on contiguous K/V, and writes every timing as JSON. The winners go into
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import itertools
 import json
@@ -26,7 +25,7 @@ import kernels.attention as attn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import graph_time_ms as graph_ms  # noqa: E402
-from common import copy_time_ms  # noqa: E402
+from common import copy_time_ms, policy_off  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -78,17 +77,6 @@ def sdpa_decode(q, k, v, tables) -> list:
     q4 = q.view(batch, HQ, 1, D)
     return [lambda i=i: F.scaled_dot_product_attention(q4, kc[i], vc[i], scale=SCALE, enable_gqa=True)
             for i in range(len(tables))]
-
-
-@contextlib.contextmanager
-def policy_off(name: str):
-    """`kernels.attention`'s policy function `name` answering None (its choice off) while in scope."""
-    old = getattr(attn, name)
-    setattr(attn, name, lambda *a, **kw: None)
-    try:
-        yield
-    finally:
-        setattr(attn, name, old)
 
 
 class Override:
