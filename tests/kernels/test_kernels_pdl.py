@@ -14,6 +14,8 @@ from kernels.attention import (flash_lora_decode, paged_attention_decode, paged_
 from kernels.attention_ref import (flash_lora_decode_ref, paged_attention_decode_ref,
                                    paged_attention_prefill_ref)
 from test_kernels_attention import check, cu, make_lowrank, make_paged, poisoned
+from test_kernels_attention_launch import gpu_decode_plan, tma_device  # noqa: F401 (a fixture)
+from test_kernels_attention_ring import ring_device  # noqa: F401 (a fixture)
 
 
 # ---------------------------------------------------------------- where it is on (CPU)
@@ -34,8 +36,6 @@ def test_pdl_enabled_rule(monkeypatch, dev, cap, interpreted, env, want):
 def test_pdl_in_the_plan_as_a_constexpr_and_a_launch_option(monkeypatch):
     """The plan carries PDL both ways: the kernel's constexpr (its wait) and Triton's launch
     option (the launch attribute), on together or off together; off under the interpreter."""
-    from test_kernels_attention_launch import gpu_decode_plan
-
     monkeypatch.setattr(A, "_pdl", lambda device, interpreted: True)
     on = gpu_decode_plan(monkeypatch, 4, 4096, bs=128)
     assert on.meta["PDL"] and on.meta["launch_pdl"] is True
@@ -57,12 +57,7 @@ def test_pdl_in_the_plan_as_a_constexpr_and_a_launch_option(monkeypatch):
     (64, 1, 32768, 64, True),
     (64, 1, 4096, 0, True),     # paged decode
 ])
-def test_pdl_off_only_where_it_lost(monkeypatch, bs, batch, ctx, rank, want):
-    from test_kernels_attention_launch import gpu_decode_plan
-
-    monkeypatch.setattr(A, "_has_tma", lambda device: True)
-    monkeypatch.setattr(A, "_tma_single", lambda device: True)
-    monkeypatch.setattr(A, "_ring_device", lambda device: True)
+def test_pdl_off_only_where_it_lost(monkeypatch, ring_device, bs, batch, ctx, rank, want):
     monkeypatch.setattr(A, "_pdl", lambda device, interpreted: True)
     plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=rank > 0, rank=max(rank, 8))
     assert plan.meta["PDL"] is want and ("launch_pdl" in plan.meta) is want
@@ -120,7 +115,7 @@ CHAIN_CASES = [  # (block size, lens, lora): each plan below is one of those PDL
 @pytest.mark.skipif(not _hopper(), reason="needs a CUDA device of compute capability 9 or later")
 @pytest.mark.parametrize("bs, lens, lora", CHAIN_CASES)
 @pytest.mark.parametrize("graph", [False, True])
-def test_gpu_pdl_chain_reads_the_output_of_the_launch_before(bs, lens, lora, graph):
+def test_gpu_pdl_chain_reads_the_output_of_the_launch_before(plan_metas, bs, lens, lora, graph):
     """Three decodes back to back on one stream, each reading the one before's output as its
     query (poisoned with NaN before the chain starts): a launch that touched memory before the
     one before it completed would read NaN or a stale query. Eagerly and in a CUDA graph (whose
@@ -128,10 +123,6 @@ def test_gpu_pdl_chain_reads_the_output_of_the_launch_before(bs, lens, lora, gra
     torch.manual_seed(len(lens) * 1000 + bs)
     dtype, hq, hkv, d = torch.bfloat16, 32, 8, 128
     k, v, bt, sl = make_paged(lens, hkv, d, bs, dtype, "cuda")
-    key = A._launch_key(torch.empty(len(lens), hq, d, device="cuda", dtype=dtype), k, v,
-                        torch.empty(len(lens), hq, d, device="cuda", dtype=dtype), paged=True, decode=True,
-                        batch=len(lens), block_tables=bt, lora=None, s2=None, max_seqlen_q=None, num_splits=None)
-    assert A._launch_plan(key).meta["PDL"], "PDL is off on this device"
     q0 = torch.empty(len(lens), hq, d, device="cuda", dtype=dtype)
     outs = [torch.empty_like(q0) for _ in range(3)]
     if lora:
@@ -175,6 +166,7 @@ def test_gpu_pdl_chain_reads_the_output_of_the_launch_before(bs, lens, lora, gra
             # (each step's reference from the kernel's own input: errors do not compound)
             check(o, ref(prev), dtype)
             prev = o
+    assert plan_metas and all(m["PDL"] for m in plan_metas), "PDL is off on this device"
     # Outputs of decode are averages of V rows: a query of them is no longer random; the third
     # output still differs from the first wherever the chain ran in order.
     assert not torch.equal(outs[0], outs[2])
