@@ -37,25 +37,22 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - a Triton without grid dependency control
     gdc_wait = gdc_launch_dependents = None
 
-__all__ = ["gdc_launch_dependents", "gdc_wait", "pdl_enabled"]
+__all__ = ["gdc_launch_dependents", "gdc_wait", "pdl_available"]
 
 # Read once, at import, like TRITON_INTERPRET: VMWEAVE_PDL=0 launches every kernel plainly.
 _ENV_ON = os.environ.get("VMWEAVE_PDL", "1") not in ("", "0")
 
 
-def pdl_enabled(device: torch.device, interpreted: bool) -> bool:
-    """Whether kernels on `device` launch with PDL: compiled (not interpreted) on a CUDA device
-    of compute capability 9.0 or later, by a Triton with grid dependency control, unless
-    ``VMWEAVE_PDL=0``."""
-    return (_ENV_ON and gdc_wait is not None and not interpreted and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+def pdl_available() -> bool:
+    """Whether this Triton has grid dependency control and ``VMWEAVE_PDL=0`` does not turn PDL
+    off. Which devices and launches take it is the caller's rule (`kernels.attention._pdl`:
+    compiled kernels on compute capability 9.0 and later)."""
+    return _ENV_ON and gdc_wait is not None
 
 
 _GLOBAL_ACCESS = ("ld.global", "st.global", "atom.global", "red.global", "cp.async.bulk", "cp.async.ca",

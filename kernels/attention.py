@@ -52,7 +52,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import attention_ring
 from ._counters import split_counters as _split_counters
 from ._dispatch import choose_impl, interpreter_on
-from ._pdl import gdc_launch_dependents, gdc_wait, pdl_enabled
+from ._pdl import gdc_launch_dependents, gdc_wait, pdl_available
 from ._relaunch import relaunch
 from ._tma import descriptor
 
@@ -1154,7 +1154,7 @@ def _fuse_reduce(device: torch.device) -> bool:
 def _pdl(device: torch.device, interpreted: bool) -> bool:
     """Whether `_attn_fwd` and the ring kernel launch with programmatic dependent launch
     (`kernels._pdl`): their launch overlaps the kernel before them as it drains. On wherever the
-    device has it: paged decode 0.5-7% faster at batch 1-16 and level from 64 sequences on (H200,
+    device has it (compiled kernels on compute capability 9.0 and later, as for TMA): paged decode 0.5-7% faster at batch 1-16 and level from 64 sequences on (H200,
     the numbers in `kernels._pdl`); Flash-LoRA decode 3-7% faster at 1-8 × 4K but for one
     launch, which `_launch_plan` keeps plain: `_attn_fwd` over 64-key TMA tiles (blocks of 64)
     with L tiles of `_PDL_OFF_LORA_RPAD` columns (H200, same call, us, PDL on / off, r = 64: 1 ×
@@ -1163,7 +1163,7 @@ def _pdl(device: torch.device, interpreted: bool) -> bool:
     r = 64 9.95 / 10.53; bench/RESULTS.md Run AH). S2 decode 1-2% faster. Prefill launches stay
     plain: kernels of 0.5-6 ms, whose launch gap is noise, and in blocks of 16 it lost (16 × 1K
     537.9 / 515.1 us, 4 × 4K 1703.6 / 1644.9; blocks of 128 within 1% either way)."""
-    return pdl_enabled(device, interpreted)
+    return not interpreted and _has_tma(device) and pdl_available()
 
 
 def _combine_chunk(group_p2: int, head_dim: int) -> int:

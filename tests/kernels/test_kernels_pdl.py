@@ -28,14 +28,16 @@ from test_kernels_attention_ring import ring_device  # noqa: F401 (a fixture)
     ("cpu", (9, 0), False, True, False),
 ])
 def test_pdl_enabled_rule(monkeypatch, dev, cap, interpreted, env, want):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(A, "_cuda_capability", lambda index: cap)
+    monkeypatch.setattr(A, "interpreter_on", lambda: interpreted)
     monkeypatch.setattr(_pdl, "_ENV_ON", env)
-    assert _pdl.pdl_enabled(torch.device(dev), interpreted) is want
+    assert A._pdl(torch.device(dev), interpreted) is want
 
 
 def test_pdl_in_the_plan_as_a_constexpr_and_a_launch_option(monkeypatch):
     """The plan carries PDL both ways: the kernel's constexpr (its wait) and Triton's launch
     option (the launch attribute), on together or off together; off under the interpreter."""
+    real = A._pdl
     monkeypatch.setattr(A, "_pdl", lambda device, interpreted: True)
     on = gpu_decode_plan(monkeypatch, 4, 4096, bs=128)
     assert on.meta["PDL"] and on.meta["launch_pdl"] is True
@@ -43,7 +45,7 @@ def test_pdl_in_the_plan_as_a_constexpr_and_a_launch_option(monkeypatch):
     off = gpu_decode_plan(monkeypatch, 4, 4096, bs=128)
     assert not off.meta["PDL"] and "launch_pdl" not in off.meta
     # (the plan's own rule: a meta device is no CUDA device)
-    monkeypatch.setattr(A, "_pdl", _pdl.pdl_enabled)
+    monkeypatch.setattr(A, "_pdl", real)
     assert not gpu_decode_plan(monkeypatch, 4, 4096, bs=128).meta["PDL"]
 
 
