@@ -21,14 +21,6 @@ def _driver():
     return cu
 
 
-# torch's own bindings behind torch.cuda.current_device / synchronize; absent in some build,
-# synchronize falls back to the public call.
-_get_device = getattr(torch._C, "_cuda_getDevice", None)
-_device_synchronize = getattr(torch._C, "_cuda_synchronize", None)
-if _device_synchronize is None:
-    _get_device = None
-
-
 class _CudaBuffer:
     """Exposes a device address range through __cuda_array_interface__; torch keeps this object,
     hence `owner`, alive for as long as the tensor built from it."""
@@ -54,6 +46,10 @@ class CudaBackend(Backend):
         # torch creates (and makes current) the primary context we then share.
         with torch.cuda.device(index):
             torch.zeros(1, device=self.device)
+            err, ctx = cu.cuCtxGetCurrent()
+        # The primary context's handle, to recognise it as the thread's current one (synchronize);
+        # 0 if it could not be read (the wait then always goes through torch).
+        self._ctx = int(ctx) if err == self._success else 0
         try:
             self._check("cuInit", cu.cuInit(0))
         except VmmError:
@@ -123,10 +119,18 @@ class CudaBackend(Backend):
             self._check("cuMemUnmap", result, nbytes, addr)
 
     def synchronize(self) -> None:
-        # torch.cuda.synchronize(device) swaps the current device in and out around the wait;
-        # when ours is already current (the usual case) the wait alone does the same.
-        if _get_device is not None and _get_device() == self.index:
-            _device_synchronize()
+        # Where our primary context is the thread's current one (the usual case), the driver's
+        # own wait, as the bench's raw baseline waits: host us on an H200 host of the pool, idle
+        # device, in turn, this wait against torch's current-device query + its wait: 2.75-2.93
+        # vs 3.75-3.99 while the host ran slow, 1.48 vs 1.42 while it ran fast (bench/RESULTS.md,
+        # Run AI); unmap waits once a page. Elsewhere (another device current, a thread without
+        # a context) torch.cuda.synchronize(device), which swaps ours in around the wait.
+        cu = self._cu
+        err, ctx = cu.cuCtxGetCurrent()
+        if self._ctx and err == self._success and int(ctx) == self._ctx:
+            result = cu.cuCtxSynchronize()
+            if result[0] != self._success:
+                self._check("cuCtxSynchronize", result)
         else:
             torch.cuda.synchronize(self.device)
 

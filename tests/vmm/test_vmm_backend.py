@@ -98,23 +98,55 @@ def test_cuda_hot_path_calls_raise_named_errors_without_a_device():
 
 
 def test_cuda_synchronize_waits_on_its_own_device(monkeypatch):
-    """The backend's wait: torch's bare device wait when its device is current, else (or in a
-    torch without those bindings, as CPU builds are) the public torch.cuda.synchronize(device),
-    which makes it current around the wait. torch's calls stood in for: no device needed."""
-    from vmm import _cuda
+    """The backend's wait: the driver's cuCtxSynchronize when the thread's current context is
+    the backend's primary context, else the public torch.cuda.synchronize(device), which makes
+    it current around the wait (another device current, a thread without a context, a handle
+    that could not be read at start). A failed driver wait raises the named error. The driver
+    and torch's wait are stood in for: no device needed."""
+    from vmm._cuda import CudaBackend, _driver
 
+    try:
+        cu = _driver()
+    except Exception:
+        pytest.skip("cuda-python is not installed")
+    ok = cu.CUresult.CUDA_SUCCESS
     calls = []
-    monkeypatch.setattr(_cuda, "_device_synchronize", lambda: calls.append("bare"))
+
+    class Driver:
+        CUresult = cu.CUresult
+        current = (ok, 0x5A0)
+        sync_status = ok
+        cuGetErrorName = staticmethod(lambda err: (ok, err.name.encode()))
+
+        def cuCtxGetCurrent(self):
+            return self.current
+
+        def cuCtxSynchronize(self):
+            calls.append("driver")
+            return (self.sync_status,)
+
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("public", device)))
-    be = object.__new__(_cuda.CudaBackend)
+    be = object.__new__(CudaBackend)
+    drv = Driver()
+    be._cu, be._success, be._ctx = drv, ok, 0x5A0
     be.index, be.device = 1, torch.device("cuda", 1)
-    monkeypatch.setattr(_cuda, "_get_device", lambda: 1)
+    public = ("public", torch.device("cuda", 1))
     be.synchronize()
-    monkeypatch.setattr(_cuda, "_get_device", lambda: 0)
+    assert calls == ["driver"]
+    for current in ((ok, 0x7B0), (ok, 0), (cu.CUresult.CUDA_ERROR_NOT_INITIALIZED, 0x5A0)):
+        calls.clear()
+        drv.current = current
+        be.synchronize()
+        assert calls == [public], current
+    calls.clear()
+    drv.current, be._ctx = (ok, 0), 0  # the handle unread: never the driver's wait
     be.synchronize()
-    monkeypatch.setattr(_cuda, "_get_device", None)
-    be.synchronize()
-    assert calls == ["bare", ("public", torch.device("cuda", 1)), ("public", torch.device("cuda", 1))]
+    assert calls == [public]
+    calls.clear()
+    drv.current, be._ctx, drv.sync_status = (ok, 0x5A0), 0x5A0, cu.CUresult.CUDA_ERROR_ILLEGAL_ADDRESS
+    with pytest.raises(vmm.VmmError, match=r"cuCtxSynchronize failed: CUDA_ERROR_ILLEGAL_ADDRESS"):
+        be.synchronize()
+    assert calls == ["driver"]
 
 
 @pytest.mark.gpu
@@ -125,6 +157,48 @@ def test_cuda_backend_properties():
     assert vmm.get_backend("cuda", device=be.device) is be
     with pytest.raises(vmm.VmmError, match="does not exist"):
         vmm.get_backend("cuda", device=torch.cuda.device_count())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("thread", ["the caller's", "a new one"])
+def test_cuda_unmap_waits_for_queued_work(thread):
+    """unmap returns only once the device has finished the work queued before it: by the
+    driver's wait where the primary context is current (the caller's thread), by torch's from a
+    thread that never touched CUDA (no current context there). The queued work (a ~10 ms spin
+    kernel) does not touch the page, so a missing wait shows as an unfinished event, not a
+    fault."""
+    import threading
+
+    be = vmm.get_backend("cuda")
+    pool = vmm.PagePool(be, capacity_bytes=be.granularity, page_size=be.granularity)
+    arena = vmm.VirtualArena(pool, be.granularity)
+    try:
+        arena.map(0, be.granularity)
+        assert be._ctx != 0  # the primary context's handle was read at start
+        done = torch.cuda.Event()
+        torch.cuda._sleep(20_000_000)
+        done.record()
+        assert not done.query()  # still spinning: the wait below has something to wait for
+        errors = []
+
+        def unmap():
+            try:
+                arena.unmap(0, be.granularity)
+            except BaseException as e:
+                errors.append(e)
+
+        if thread == "a new one":
+            t = threading.Thread(target=unmap)
+            t.start()
+            t.join()
+        else:
+            unmap()
+        assert not errors, errors
+        assert done.query(), "unmap returned before the queued work finished"
+        assert arena.mapped_bytes == 0
+    finally:
+        arena.close()
+        pool.close()
 
 
 def test_pool_argument_errors():
