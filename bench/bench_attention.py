@@ -23,8 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import (compare, copy_time_ms, graph_time_ms, host_us_per_call, policy_off, record_benchmark, sync,
-                    time_ms)
+from common import (compare, copy_time_ms, graph_time_ms, host_us_per_call, lora_operands, policy_off,
+                    record_benchmark, sync, time_ms)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -127,11 +127,8 @@ def test_decode(benchmark, batch, ctx, bs):
                  f"{100 * kv_bytes / (t_sdpa * 1e-3) / bw:.0f}% of copy bw; eager {e_paged:.3g} / {e_sdpa:.3g} ms; "
                  f"without PDL {t_plain:.3g} ms")
 
-    ids = torch.arange(batch, dtype=torch.int32, device=DEV) % 4
-    ids[1::5] = -1
     for r in (8, 16, 64):  # the ranks
-        lr = torch.randn(k.shape[0], bs, r, device=DEV, dtype=DT)
-        lb = (torch.randn(4, HKV, r, D, device=DEV) / r ** 0.5).to(DT)
+        ids, lr, lb = lora_operands(k, batch, r)
 
         t_lora = graph_time_ms(per_copy(
             lambda t: flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out, validate=False)))

@@ -51,6 +51,20 @@ def policy_off(name: str):
         setattr(attention, name, old)
 
 
+def lora_operands(k_cache: torch.Tensor, batch: int, rank: int):
+    """Flash-LoRA's operands over the paged cache `k_cache` (``[blocks, block_size, Hkv, D]``)
+    for `batch` requests, as every attention bench and sweep builds them (so their numbers
+    compare): adapter ids (4 adapters in turn, every fifth request none), a low-rank cache of
+    `rank` columns paged by the K/V table, and B ``[4, Hkv, rank, D]``, in the cache's dtype."""
+    nb, bs, hkv, d = k_cache.shape
+    dev, dt = k_cache.device, k_cache.dtype
+    ids = torch.arange(batch, dtype=torch.int32, device=dev) % 4
+    ids[1::5] = -1
+    lr = torch.randn(nb, bs, rank, device=dev, dtype=dt)
+    lb = (torch.randn(4, hkv, rank, d, device=dev) / rank ** 0.5).to(dt)
+    return ids, lr, lb
+
+
 def copy_time_ms(numel: int, dtype: torch.dtype, device: str = "cuda") -> tuple[float, int]:
     """One device-to-device copy of `numel` elements: (time in ms, bytes moved, read + write),
     the yardstick memory-bound kernels are measured against."""

@@ -25,7 +25,7 @@ import kernels.attention as attn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import graph_time_ms as graph_ms  # noqa: E402
-from common import copy_time_ms, policy_off  # noqa: E402
+from common import copy_time_ms, lora_operands, policy_off  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -208,16 +208,6 @@ def split_sweep(cases, log, sweep: bool = True) -> list[dict]:
     return rows
 
 
-def lora_operands(batch: int, num_blocks: int, rank: int):
-    """Flash-LoRA's operands over a paged cache of `num_blocks` blocks: adapter ids (4 adapters
-    in turn, every fifth request none), a low-rank cache of `rank` paged by the K/V table, and B."""
-    ids = torch.arange(batch, dtype=torch.int32, device="cuda") % 4
-    ids[1::5] = -1
-    lr = torch.randn(num_blocks, BS, rank, device="cuda", dtype=DT)
-    lb = (torch.randn(4, HKV, rank, D, device="cuda") / rank ** 0.5).to(DT)
-    return ids, lr, lb
-
-
 def lora_sweep(cases, log) -> list[dict]:
     """Flash-LoRA decode against paged decode (both at the default config) and under other
     accumulator paddings / tiles, r = 8 and 64."""
@@ -234,7 +224,7 @@ def lora_sweep(cases, log) -> list[dict]:
         log(r0)
         long = ctx >= attn._LONG
         for rank in (8, 64):
-            ids, lr, lb = lora_operands(batch, k.shape[0], rank)
+            ids, lr, lb = lora_operands(k, batch, rank)
             lfns = [lambda t=t: attn.flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out,
                                                        validate=False) for t in tables]
             rd = dict(kind="lora_default", r=rank, batch=batch, ctx=ctx, graph_ms=graph_ms(lfns))
@@ -390,7 +380,7 @@ def batch_sweep(batches, ctx: int, log, lora_rank: int = 0) -> list[dict]:
         r["ratio"] = r["graph_ms"] / r["sdpa_ms"]
         del sd
         if lora_rank:
-            ids, lr, lb = lora_operands(batch, k.shape[0], lora_rank)
+            ids, lr, lb = lora_operands(k, batch, lora_rank)
             lfns = [lambda t=t: attn.flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out,
                                                        validate=False) for t in tables]
             lplan = plan_of(lfns[0])
