@@ -1154,8 +1154,9 @@ def _fuse_reduce(device: torch.device) -> bool:
 def _pdl(device: torch.device, interpreted: bool) -> bool:
     """Whether `_attn_fwd` and the ring kernel launch with programmatic dependent launch
     (`kernels._pdl`): their launch overlaps the kernel before them as it drains. On wherever the
-    device has it (compiled kernels on compute capability 9.0 and later, as for TMA): paged decode 0.5-7% faster at batch 1-16 and level from 64 sequences on (H200,
-    the numbers in `kernels._pdl`); Flash-LoRA decode 3-7% faster at 1-8 × 4K but for one
+    device has it (compiled kernels on compute capability 9.0 and later, as for TMA): paged
+    decode 0.5-7% faster at batch 1-16 and level from 64 sequences on (H200, the numbers in
+    `kernels._pdl`); Flash-LoRA decode 3-7% faster at 1-8 × 4K but for one
     launch, which `_launch_plan` keeps plain: `_attn_fwd` over 64-key TMA tiles (blocks of 64)
     with L tiles of `_PDL_OFF_LORA_RPAD` columns (H200, same call, us, PDL on / off, r = 64: 1 ×
     4K 11.22 / 10.95, 1 × 2K 9.04 / 8.49, 2 × 4K 14.87 / 14.55; r = 8, 32-column L tiles, gained:
