@@ -256,15 +256,30 @@ TILE_CASES = ("1x1024,1x2048,1x4096,2x4096,3x4096,4x4096,6x4096,8x4096,12x4096,1
               "64x4096,1x32768")
 
 
+def plan_of(fn):
+    """The launch plan `kernels.attention` computes (or finds cached) for one call of `fn`."""
+    plans = []
+    real = attn._launch_plan
+
+    def spy(key):
+        plans.append(real(key))
+        return plans[-1]
+
+    attn._launch_plan = spy
+    try:
+        fn()
+    finally:
+        attn._launch_plan = real
+    return plans[-1]
+
+
 def planned_decode(batch: int, ctx: int):
     """A paged decode case (`decode_inputs`), its calls as planned (one per rotated table) and
     its launch plan: (k, v, tables, q, sl, out, kv bytes, calls, plan)."""
     k, v, tables, q, sl, out, kvb = decode_inputs(batch, ctx)
     fns = [lambda t=t: attn.paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)
            for t in tables]
-    key = attn._launch_key(q, k, v, out, paged=True, decode=True, batch=batch, block_tables=tables[0],
-                           lora=None, s2=None, max_seqlen_q=None, num_splits=None)
-    return k, v, tables, q, sl, out, kvb, fns, attn._launch_plan(key)
+    return k, v, tables, q, sl, out, kvb, fns, plan_of(fns[0])
 
 
 def tile_sweep(cases, log) -> list[dict]:
@@ -338,23 +353,6 @@ def pack_sweep(cases, log) -> list[dict]:
 
 BATCH_CASES = ("1,2,3,4,6,8,10,12,14,16,17,20,24,28,32,33,36,40,44,48,50,56,60,64,66,68,72,76,80,84,88,92,96,"
                "100,104,108,112,116,120,124,128,132,133,140,150,160,176,192,224,256")
-
-
-def plan_of(fn):
-    """The launch plan `kernels.attention` computes (or finds cached) for one call of `fn`."""
-    plans = []
-    real = attn._launch_plan
-
-    def spy(key):
-        plans.append(real(key))
-        return plans[-1]
-
-    attn._launch_plan = spy
-    try:
-        fn()
-    finally:
-        attn._launch_plan = real
-    return plans[-1]
 
 
 def splits_last_wave(plan) -> bool:
