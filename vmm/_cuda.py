@@ -50,12 +50,14 @@ class CudaBackend(Backend):
         # The primary context's handle, to recognise it as the thread's current one (synchronize);
         # 0 if it could not be read (the wait then always goes through torch).
         self._ctx = int(ctx) if err == self._success else 0
+        self._ctx_handle = ctx if self._ctx else None
         try:
             self._check("cuInit", cu.cuInit(0))
         except VmmError:
             raise
         except Exception as e:
             raise VmmError(f"cuInit failed: {e}") from e
+        self._ctx_sync = self._context_wait()
         prop = cu.CUmemAllocationProp()
         prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -69,6 +71,18 @@ class CudaBackend(Backend):
         gran = self._check("cuMemGetAllocationGranularity", cu.cuMemGetAllocationGranularity(
             prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED))
         self.granularity = int(gran)
+
+    def _context_wait(self) -> Any:
+        """The driver's wait for one named context, `cuCtxSynchronize_v2` (CUDA 12.9+ drivers),
+        if it answers for ours here (the device is idle: nothing to wait for yet); else None."""
+        wait = getattr(self._cu, "cuCtxSynchronize_v2", None)
+        if wait is None or self._ctx_handle is None:
+            return None
+        try:
+            ok = wait(self._ctx_handle)[0] == self._success
+        except Exception:  # the binding has it, the driver does not
+            return None
+        return wait if ok else None
 
     def _check(self, call: str, result: Any, nbytes: int | None = None, addr: int | None = None) -> Any:
         """The call's value(s), or its error raised. Success is compared with a cached value and
@@ -119,12 +133,19 @@ class CudaBackend(Backend):
             self._check("cuMemUnmap", result, nbytes, addr)
 
     def synchronize(self) -> None:
-        # Where our primary context is the thread's current one (the usual case), the driver's
-        # own wait, as the bench's raw baseline waits: host us on an H200 host of the pool, idle
-        # device, in turn, this wait against torch's current-device query + its wait: 2.75-2.93
-        # vs 3.75-3.99 while the host ran slow, 1.48 vs 1.42 while it ran fast (bench/RESULTS.md,
-        # Run AI); unmap waits once a page. Elsewhere (another device current, a thread without
-        # a context) torch.cuda.synchronize(device), which swaps ours in around the wait.
+        # The driver's wait for our primary context by name (`cuCtxSynchronize_v2`): one call,
+        # right whatever context the calling thread has current, or none. Where the driver lacks
+        # it, cuCtxSynchronize when our context is the thread's current one (read back with
+        # cuCtxGetCurrent), else torch.cuda.synchronize(device), which swaps ours in around the
+        # wait. Host us on an H200 host of the pool, idle device, in turn: the named wait 1.07,
+        # cuCtxSynchronize 0.99 + the query 0.34, torch's wait 5.29 (bench/RESULTS.md, Run AJ);
+        # unmap waits once a page.
+        wait = self._ctx_sync
+        if wait is not None:
+            result = wait(self._ctx_handle)
+            if result[0] != self._success:
+                self._check("cuCtxSynchronize_v2", result)
+            return
         cu = self._cu
         err, ctx = cu.cuCtxGetCurrent()
         if self._ctx and err == self._success and int(ctx) == self._ctx:

@@ -98,11 +98,12 @@ def test_cuda_hot_path_calls_raise_named_errors_without_a_device():
 
 
 def test_cuda_synchronize_waits_on_its_own_device(monkeypatch):
-    """The backend's wait: the driver's cuCtxSynchronize when the thread's current context is
-    the backend's primary context, else the public torch.cuda.synchronize(device), which makes
-    it current around the wait (another device current, a thread without a context, a handle
-    that could not be read at start). A failed driver wait raises the named error. The driver
-    and torch's wait are stood in for: no device needed."""
+    """The backend's wait where the driver has no wait for a named context: the driver's
+    cuCtxSynchronize when the thread's current context is the backend's primary context, else
+    the public torch.cuda.synchronize(device), which makes it current around the wait (another
+    device current, a thread without a context, a handle that could not be read at start). A
+    failed driver wait raises the named error. The driver and torch's wait are stood in for: no
+    device needed."""
     from vmm._cuda import CudaBackend, _driver
 
     try:
@@ -128,7 +129,7 @@ def test_cuda_synchronize_waits_on_its_own_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("public", device)))
     be = object.__new__(CudaBackend)
     drv = Driver()
-    be._cu, be._success, be._ctx = drv, ok, 0x5A0
+    be._cu, be._success, be._ctx, be._ctx_sync = drv, ok, 0x5A0, None
     be.index, be.device = 1, torch.device("cuda", 1)
     public = ("public", torch.device("cuda", 1))
     be.synchronize()
@@ -149,6 +150,69 @@ def test_cuda_synchronize_waits_on_its_own_device(monkeypatch):
     assert calls == ["driver"]
 
 
+def test_cuda_synchronize_names_its_context(monkeypatch):
+    """Where the driver has cuCtxSynchronize_v2, the backend waits for its primary context by
+    name: one call, whatever the thread has current, never torch's wait nor a query of the
+    current context. It is taken only if it answers at start; a binding without it, a driver
+    without it (the binding raises) or a failed first call leave the fallback. A failed wait
+    raises the named error. Driver and torch stood in for: no device needed."""
+    from vmm._cuda import CudaBackend, _driver
+
+    try:
+        cu = _driver()
+    except Exception:
+        pytest.skip("cuda-python is not installed")
+    ok = cu.CUresult.CUDA_SUCCESS
+    calls = []
+    handle = object()  # the CUcontext read at start, passed back as it came
+
+    class Driver:
+        CUresult = cu.CUresult
+        status = ok
+        cuGetErrorName = staticmethod(lambda err: (ok, err.name.encode()))
+
+        def cuCtxSynchronize_v2(self, ctx):
+            calls.append(("named", ctx))
+            return (self.status,)
+
+        def cuCtxGetCurrent(self):
+            raise AssertionError("the named wait needs no query of the current context")
+
+        def cuCtxSynchronize(self):
+            raise AssertionError("the named wait is not the current context's")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("public", device)))
+    be = object.__new__(CudaBackend)
+    drv = Driver()
+    be._cu, be._success, be._ctx, be._ctx_handle = drv, ok, 0x5A0, handle
+    be.index, be.device = 0, torch.device("cuda", 0)
+    be._ctx_sync = be._context_wait()
+    assert be._ctx_sync is not None and calls == [("named", handle)]  # the probe at start
+    calls.clear()
+    be.synchronize()
+    be.synchronize()
+    assert calls == [("named", handle)] * 2
+    drv.status = cu.CUresult.CUDA_ERROR_ILLEGAL_ADDRESS
+    with pytest.raises(vmm.VmmError, match=r"cuCtxSynchronize_v2 failed: CUDA_ERROR_ILLEGAL_ADDRESS"):
+        be.synchronize()
+
+    # The fallback is kept where the named wait is missing or does not answer at start.
+    assert be._context_wait() is None  # its first call fails
+    drv.status = ok
+    be._ctx_handle = None
+    assert be._context_wait() is None  # the context's handle was not read
+    be._ctx_handle = handle
+
+    def missing(ctx):
+        raise RuntimeError('Function "cuCtxSynchronize_v2" not found')
+
+    monkeypatch.setattr(drv, "cuCtxSynchronize_v2", missing)
+    assert be._context_wait() is None
+    monkeypatch.delattr(Driver, "cuCtxSynchronize_v2")
+    monkeypatch.delattr(drv, "cuCtxSynchronize_v2")
+    assert be._context_wait() is None
+
+
 @pytest.mark.gpu
 def test_cuda_backend_properties():
     be = vmm.get_backend("cuda")
@@ -160,16 +224,22 @@ def test_cuda_backend_properties():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("wait", ["named context", "fallback"])
 @pytest.mark.parametrize("thread", ["the caller's", "a new one"])
-def test_cuda_unmap_waits_for_queued_work(thread):
-    """unmap returns only once the device has finished the work queued before it: by the
-    driver's wait where the primary context is current (the caller's thread), by torch's from a
-    thread that never touched CUDA (no current context there). The queued work (a ~10 ms spin
-    kernel) does not touch the page, so a missing wait shows as an unfinished event, not a
-    fault."""
+def test_cuda_unmap_waits_for_queued_work(monkeypatch, thread, wait):
+    """unmap returns only once the device has finished the work queued before it, from the
+    caller's thread and from a thread that never touched CUDA (no current context there): by
+    the driver's wait for the named primary context, and by the fallback for drivers without it
+    (the driver's wait where the primary context is current, torch's elsewhere). The queued
+    work (a ~10 ms spin kernel) does not touch the page, so a missing wait shows as an
+    unfinished event, not a fault."""
     import threading
 
     be = vmm.get_backend("cuda")
+    if wait == "fallback":
+        monkeypatch.setattr(be, "_ctx_sync", None)
+    elif be._ctx_sync is None:
+        pytest.skip("this driver has no cuCtxSynchronize_v2")
     pool = vmm.PagePool(be, capacity_bytes=be.granularity, page_size=be.granularity)
     arena = vmm.VirtualArena(pool, be.granularity)
     try:
