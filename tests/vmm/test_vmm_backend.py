@@ -81,7 +81,7 @@ def test_cuda_hot_path_calls_raise_named_errors_without_a_device():
             return lambda *args: (self.status,)
 
     be = object.__new__(CudaBackend)
-    be._cu, be._success, be._access = Driver(), cu.CUresult.CUDA_SUCCESS, []
+    be._cu, be._success, be._access, be._ptrs = Driver(), cu.CUresult.CUDA_SUCCESS, [], {}
     with pytest.raises(vmm.VmmError, match=r"cuMemMap failed \(2097152 bytes at 0x200000\): CUDA_ERROR_INVALID_VALUE"):
         be.map(0x200000, 2 << 20, None)
     with pytest.raises(vmm.VmmError, match=r"cuMemSetAccess failed \(4194304 bytes at 0x400000\): CUDA_ERROR_INV"):
@@ -95,6 +95,55 @@ def test_cuda_hot_path_calls_raise_named_errors_without_a_device():
     assert be.map(0x200000, 2 << 20, None) is None
     assert be.set_access(0x200000, 2 << 20) is None
     assert be.unmap(0x200000, 2 << 20) is None
+
+
+def test_cuda_page_addresses_are_built_once_per_reservation():
+    """map, set_access and unmap hand the driver a CUdeviceptr built once for each page address
+    (the binding would build a new one from an int on every call) and kept until the
+    reservation holding it is freed; other reservations' addresses stay. Stand-in driver."""
+    from vmm._cuda import CudaBackend, _driver
+
+    try:
+        cu = _driver()
+    except Exception:
+        pytest.skip("cuda-python is not installed")
+    ok = cu.CUresult.CUDA_SUCCESS
+    seen = []
+
+    class Driver:
+        CUresult = cu.CUresult
+        CUdeviceptr = cu.CUdeviceptr
+
+        def cuMemMap(self, ptr, nbytes, offset, handle, flags):
+            seen.append(ptr)
+            return (ok,)
+
+        def cuMemSetAccess(self, ptr, nbytes, desc, count):
+            seen.append(ptr)
+            return (ok,)
+
+        def cuMemUnmap(self, ptr, nbytes):
+            seen.append(ptr)
+            return (ok,)
+
+        def cuMemAddressFree(self, ptr, nbytes):
+            return (ok,)
+
+    page, a, b = 2 << 20, 0x7F00_0000_0000, 0x7E00_0000_0000
+    be = object.__new__(CudaBackend)
+    be._cu, be._success, be._access, be._ptrs = Driver(), ok, [], {}
+    for _ in range(3):
+        be.map(a + page, page, None)
+        be.set_access(a + page, page)
+        be.unmap(a + page, page)
+    be.map(b, page, None)
+    assert all(type(p) is cu.CUdeviceptr for p in seen)
+    assert [int(p) for p in seen] == [a + page] * 9 + [b]
+    assert all(p is seen[0] for p in seen[:9])  # one object for the address, built once
+    be.free_reservation(a, 4 * page)
+    assert list(be._ptrs) == [b]  # the freed reservation's addresses are dropped, not b's
+    be.map(a + page, page, None)
+    assert int(seen[-1]) == a + page and seen[-1] is not seen[0]
 
 
 def test_cuda_synchronize_waits_on_its_own_device(monkeypatch):
