@@ -79,7 +79,8 @@ class CudaBackend(Backend):
 
     def _context_wait(self) -> Any:
         """The driver's wait for one named context, `cuCtxSynchronize_v2` (CUDA 12.9+ drivers),
-        if it answers for ours here (the device is idle: nothing to wait for yet); else None."""
+        if it answers for ours here (a wait for whatever is queued, harmless at start); else
+        None."""
         wait = getattr(self._cu, "cuCtxSynchronize_v2", None)
         if wait is None or self._ctx_handle is None:
             return None
@@ -114,8 +115,9 @@ class CudaBackend(Backend):
     def free_reservation(self, addr: int, nbytes: int) -> None:
         self._check("cuMemAddressFree", self._cu.cuMemAddressFree(addr, nbytes), nbytes, addr)
         ptrs = self._ptrs
-        for a in [a for a in ptrs if addr <= a < addr + nbytes]:
-            del ptrs[a]
+        # list() copies the keys in one step: pools in other threads may add theirs meanwhile.
+        for a in [a for a in list(ptrs) if addr <= a < addr + nbytes]:
+            ptrs.pop(a, None)
 
     def _ptr(self, addr: int) -> Any:
         """The CUdeviceptr of a page address, built once while its reservation lives (dropped
