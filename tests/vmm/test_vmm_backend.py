@@ -40,16 +40,29 @@ def test_cuda_without_device_is_a_clear_error(monkeypatch):
         vmm.get_backend()
 
 
-def test_cuda_driver_status_checks_without_a_device():
-    """The cuda backend's status check (no driver call made): success returns the call's value,
-    a failure names the call and the range, out-of-memory is OutOfMemoryError."""
-    from vmm._cuda import CudaBackend, _driver
+@pytest.fixture
+def cu():
+    """cuda-python's driver module (it imports without a driver; no call is made through it)."""
+    from vmm._cuda import _driver
 
     try:
-        cu = _driver()
+        return _driver()
     except Exception:
         pytest.skip("cuda-python is not installed")
-    be = object.__new__(CudaBackend)  # the check alone: no device, no context
+
+
+def _bare_backend():
+    """A CudaBackend without its __init__ (no device, no context): each test sets the fields
+    (driver, status, context) its calls read, a stand-in driver among them."""
+    from vmm._cuda import CudaBackend
+
+    return object.__new__(CudaBackend)
+
+
+def test_cuda_driver_status_checks_without_a_device(cu):
+    """The cuda backend's status check (no driver call made): success returns the call's value,
+    a failure names the call and the range, out-of-memory is OutOfMemoryError."""
+    be = _bare_backend()  # the check alone: no device, no context
     be._cu, be._success = cu, cu.CUresult.CUDA_SUCCESS
     assert be._check("cuMemCreate", (cu.CUresult.CUDA_SUCCESS, 1234)) == 1234
     assert be._check("cuMemMap", (cu.CUresult.CUDA_SUCCESS,), 2 << 20, 0x7F00) is None
@@ -61,16 +74,10 @@ def test_cuda_driver_status_checks_without_a_device():
         be._check("cuInit", (cu.CUresult.CUDA_ERROR_NO_DEVICE,))
 
 
-def test_cuda_hot_path_calls_raise_named_errors_without_a_device():
+def test_cuda_hot_path_calls_raise_named_errors_without_a_device(cu):
     """map, set_access and unmap compare the driver's status inline: a failed call still raises
     `_check`'s named error (out-of-memory as OutOfMemoryError), a successful one returns None.
     The driver is stood in for by one that answers every call with a chosen status."""
-    from vmm._cuda import CudaBackend, _driver
-
-    try:
-        cu = _driver()
-    except Exception:
-        pytest.skip("cuda-python is not installed")
 
     class Driver:
         status = cu.CUresult.CUDA_ERROR_INVALID_VALUE
@@ -80,7 +87,7 @@ def test_cuda_hot_path_calls_raise_named_errors_without_a_device():
         def __getattr__(self, name):
             return lambda *args: (self.status,)
 
-    be = object.__new__(CudaBackend)
+    be = _bare_backend()
     be._cu, be._success, be._access, be._ptrs = Driver(), cu.CUresult.CUDA_SUCCESS, [], {}
     with pytest.raises(vmm.VmmError, match=r"cuMemMap failed \(2097152 bytes at 0x200000\): CUDA_ERROR_INVALID_VALUE"):
         be.map(0x200000, 2 << 20, None)
@@ -97,16 +104,10 @@ def test_cuda_hot_path_calls_raise_named_errors_without_a_device():
     assert be.unmap(0x200000, 2 << 20) is None
 
 
-def test_cuda_page_addresses_are_built_once_per_reservation():
+def test_cuda_page_addresses_are_built_once_per_reservation(cu):
     """map, set_access and unmap hand the driver a CUdeviceptr built once for each page address
     (the binding would build a new one from an int on every call) and kept until the
     reservation holding it is freed; other reservations' addresses stay. Stand-in driver."""
-    from vmm._cuda import CudaBackend, _driver
-
-    try:
-        cu = _driver()
-    except Exception:
-        pytest.skip("cuda-python is not installed")
     ok = cu.CUresult.CUDA_SUCCESS
     seen = []
 
@@ -130,7 +131,7 @@ def test_cuda_page_addresses_are_built_once_per_reservation():
             return (ok,)
 
     page, a, b = 2 << 20, 0x7F00_0000_0000, 0x7E00_0000_0000
-    be = object.__new__(CudaBackend)
+    be = _bare_backend()
     be._cu, be._success, be._access, be._ptrs = Driver(), ok, [], {}
     for _ in range(3):
         be.map(a + page, page, None)
@@ -146,19 +147,13 @@ def test_cuda_page_addresses_are_built_once_per_reservation():
     assert int(seen[-1]) == a + page and seen[-1] is not seen[0]
 
 
-def test_cuda_synchronize_waits_on_its_own_device(monkeypatch):
+def test_cuda_synchronize_waits_on_its_own_device(monkeypatch, cu):
     """The backend's wait where the driver has no wait for a named context: the driver's
     cuCtxSynchronize when the thread's current context is the backend's primary context, else
     the public torch.cuda.synchronize(device), which makes it current around the wait (another
     device current, a thread without a context, a handle that could not be read at start). A
     failed driver wait raises the named error. The driver and torch's wait are stood in for: no
     device needed."""
-    from vmm._cuda import CudaBackend, _driver
-
-    try:
-        cu = _driver()
-    except Exception:
-        pytest.skip("cuda-python is not installed")
     ok = cu.CUresult.CUDA_SUCCESS
     calls = []
 
@@ -176,7 +171,7 @@ def test_cuda_synchronize_waits_on_its_own_device(monkeypatch):
             return (self.sync_status,)
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("public", device)))
-    be = object.__new__(CudaBackend)
+    be = _bare_backend()
     drv = Driver()
     be._cu, be._success, be._ctx, be._ctx_sync = drv, ok, 0x5A0, None
     be.index, be.device = 1, torch.device("cuda", 1)
@@ -199,18 +194,12 @@ def test_cuda_synchronize_waits_on_its_own_device(monkeypatch):
     assert calls == ["driver"]
 
 
-def test_cuda_synchronize_names_its_context(monkeypatch):
+def test_cuda_synchronize_names_its_context(monkeypatch, cu):
     """Where the driver has cuCtxSynchronize_v2, the backend waits for its primary context by
     name: one call, whatever the thread has current, never torch's wait nor a query of the
     current context. It is taken only if it answers at start; a binding without it, a driver
     without it (the binding raises) or a failed first call leave the fallback. A failed wait
     raises the named error. Driver and torch stood in for: no device needed."""
-    from vmm._cuda import CudaBackend, _driver
-
-    try:
-        cu = _driver()
-    except Exception:
-        pytest.skip("cuda-python is not installed")
     ok = cu.CUresult.CUDA_SUCCESS
     calls = []
     handle = object()  # the CUcontext read at start, passed back as it came
@@ -231,7 +220,7 @@ def test_cuda_synchronize_names_its_context(monkeypatch):
             raise AssertionError("the named wait is not the current context's")
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("public", device)))
-    be = object.__new__(CudaBackend)
+    be = _bare_backend()
     drv = Driver()
     be._cu, be._success, be._ctx, be._ctx_handle = drv, ok, 0x5A0, handle
     be.index, be.device = 0, torch.device("cuda", 0)
