@@ -327,6 +327,26 @@ class KVManager:
         return common * self.block_size
 
     # ---- freeing -----------------------------------------------------------------------------
+    def truncate(self, sid: int, end: int) -> None:
+        """Cut session `sid`'s caches back to its first `end` tokens (its trajectory was cut
+        there). A stream that covers more keeps only its blocks wholly below `end`: the block
+        holding `end` has later tokens in it and may be shared or findable by content, so it is
+        given back and its first tokens are recomputed when needed. Head-sharded S2 storage
+        cannot be cut back: such a session's cache is freed and recomputed."""
+        st = self.sessions.get(sid)
+        cut = [s for s in st.streams.values() if s.length > end] if st is not None else []
+        if not cut:
+            return
+        if st.sharded:
+            self.free_session(sid)
+            return
+        keep = end // self.block_size
+        for s in cut:
+            s.truncate_blocks(keep)
+        for k, n in st.covered.items():
+            if n > end:
+                st.covered[k] = keep * self.block_size
+
     def _drop_stream(self, st: SessionCache, key: tuple) -> int:
         """Free one stream of a session (and its S2 layers' blocks); returns the bytes freed."""
         s = st.streams.pop(key)

@@ -336,7 +336,9 @@ class Engine:
     def add_request(self, session: Session | int, agent: str | None, prompt,
                     params: SamplingParams | None = None) -> int:
         """Queue a generation; returns its request id. Drive it with `step()`. agent None: the base
-        model with no adapter."""
+        model with no adapter. A request that cannot get the KV cache it needs finishes with
+        finish_reason "error" (its output so far kept) and is taken back out of its session:
+        the session's later requests run on the session as it was before it."""
         s = self._session(session)
         name = self._agent_name(agent)
         toks = self._tokens(prompt, "prompt")
@@ -371,14 +373,19 @@ class Engine:
     def generate(self, session: Session | int, agent: str | None, prompt,
                  params: SamplingParams | None = None) -> GenerationOutput:
         """Append `prompt` to the session, generate with `agent`, append the output; returns the
-        generated ids (a GenerationOutput: a list with ttft_s, finish_reason, ... attached)."""
+        generated ids (a GenerationOutput: a list with ttft_s, finish_reason, ... attached).
+
+        CacheCapacityError when the session cannot get the KV cache it needs even with every
+        other cache freed (before or during generation): the session is left as it was before
+        the call, and the error's `output` holds the tokens generated before the failure
+        (finish_reason "error"), as `get_output` does for a request driven through `step()`."""
         rid = self.add_request(session, agent, prompt, params)
         req = self._requests[rid]
         while not req.finished:
             self.step()
         self._requests.pop(rid, None)
         if req.out.finish_reason == "error":
-            raise CacheCapacityError(req.out.error)
+            raise CacheCapacityError(req.out.error, output=req.out)
         return req.out
 
     def step(self) -> dict[int, list[int]]:
@@ -390,9 +397,6 @@ class Engine:
         drawn = None
         try:
             works, failed = self.sched.schedule()
-            for req, msg in failed:
-                req.out.error, req.out.finish_reason = msg, "error"
-                self._finish(req)
             if works:
                 logits = self._forward(works, all_rows=False, prev=prev)
                 reqs = [w.req for w in works if w.sample]
@@ -401,6 +405,11 @@ class Engine:
         finally:
             if prev is not None:  # read back while this step's forward runs
                 self._resolve(prev)
+        for req, msg in failed:
+            # after the read-back: a failed request keeps the token it drew in the previous step
+            # (as with synchronous steps), and one that stopped with that token has not failed
+            if not req.finished:
+                self._fail(req, msg)
         self._register_blocks(works)
         if drawn is not None:
             held = self._hold(*drawn)
@@ -447,7 +456,7 @@ class Engine:
         for i, pos in f.places.items():
             req = f.reqs[i]
             req.held = False
-            if req.finished:  # failed while its token was in flight: the token goes with it
+            if req.finished:  # finished while its token was in flight: the token goes with it
                 del req.session.tokens[pos:], req.session.procs[pos:]
                 continue
             self._sampled(req, host.tokens[i], host.logprobs[i], rows.get(i), place=pos)
@@ -595,6 +604,18 @@ class Engine:
             req.out.finish_reason = "length"
         if req.out.finish_reason:
             self._finish(req)
+
+    def _fail(self, req: Request, msg: str) -> None:
+        """Finish a request that cannot get its KV cache with finish_reason "error", and take its
+        prompt and output back out of its session and the session's caches: the session is as
+        it was before the request started (the output so far stays in `req.out`)."""
+        req.out.error, req.out.finish_reason = msg, "error"
+        s, n = req.session, req.start
+        del s.tokens[n:], s.procs[n:]
+        self.kv.truncate(s.id, n)
+        # tokens at n and after are new ones from now on, not recomputation
+        s.high = {k: min(v, n) for k, v in s.high.items()}
+        self._finish(req)
 
     def _finish(self, req: Request) -> None:
         now = time.perf_counter()

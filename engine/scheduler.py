@@ -19,7 +19,15 @@ from .sequence import Request, Session, Status
 
 
 class CacheCapacityError(RuntimeError):
-    """A single session needs more KV bytes than the whole budget (max_kv_bytes) holds."""
+    """A single session needs more KV bytes than the whole budget (max_kv_bytes) holds.
+
+    Raised by `Engine.generate` (and `score`). `output`: the failed request's GenerationOutput
+    (the tokens generated before it failed, finish_reason "error") when raised by `generate`,
+    else None. The session is left as it was before the failed call."""
+
+    def __init__(self, message: str, output=None):
+        super().__init__(message)
+        self.output = output
 
 
 @dataclass
@@ -47,6 +55,7 @@ class Scheduler:
             if s.active is None and s.queue and len(self.running) < self.max_running:
                 req = s.queue.pop(0)
                 s.active = req
+                req.start = len(s.tokens)
                 s.tokens.extend(req.prompt)
                 s.procs.extend([req.agent] * len(req.prompt))
                 req.status = Status.WAITING
@@ -135,6 +144,10 @@ class Scheduler:
             if req.held:  # its last token is still on its way back: nothing more to run
                 continue
             s = req.session
+            if not s.tokens:  # an empty prompt after a request that failed and was taken back out
+                failed.append((req, f"request {req.id} has an empty prompt and session {s.id} is empty "
+                                    "(the request whose prompt it followed failed)"))
+                continue
             req.out.cached_tokens += self.kv.attach_prefix(s.id, self.stream_agent(req), s.tokens, s.procs)
             runs = self.pending(req)
             if not runs:
@@ -146,9 +159,10 @@ class Scheduler:
             if need is None:
                 if not scheduled:  # alone and still too big: it can never run
                     need = self.kv.bytes_to_reserve(sid, agent, take_end)
-                    failed.append((req, f"session {sid} needs {need} B more KV cache than "
-                                        f"max_kv_bytes={self.kv.budget.capacity} can hold even with "
-                                        "every other cache freed"))
+                    failed.append((req, f"request {req.id}: caching {take_end} tokens of session {sid} "
+                                        f"needs {need} more KV bytes, which max_kv_bytes="
+                                        f"{self.kv.budget.capacity} cannot hold even with every other "
+                                        "cache freed; the session is left as it was before the request"))
                 continue
             if need:  # else every block [0, take_end) needs is held already (most decode steps)
                 try:

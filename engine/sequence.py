@@ -16,7 +16,9 @@ class GenerationOutput(list):
     """The generated token ids (it IS a list) plus what was measured on the way.
 
     Attributes: request_id, session_id, agent, prompt_token_ids, finished, finish_reason
-    ("length" | "stop" | "error"), error, ttft_s (add_request -> first token), latency_s,
+    ("length" | "stop" | "error": the request could not run on, e.g. it needs more KV cache
+    than max_kv_bytes holds; the tokens generated before that are kept here, while the session
+    is left as it was before the request), error (the message when "error"), ttft_s (add_request -> first token), latency_s,
     tpot_s (mean time per output token after the first), token_logprobs (log-prob of each chosen
     token), logprobs (float32 [n, vocab] when SamplingParams.logprobs, else None),
     recomputed_tokens (tokens re-run after preemption or cache invalidation), cached_tokens
@@ -65,6 +67,9 @@ class Request:
         # its latest token, still on its way from the device, is its last (max_tokens): the
         # scheduler gives it no more work (engine.py, overlapped steps)
         self.held = False
+        # the session's length before this request's prompt was appended (set when it starts):
+        # a request that fails is taken back out of its session from here (Engine._fail)
+        self.start: int | None = None
 
     @property
     def finished(self) -> bool:

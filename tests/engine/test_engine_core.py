@@ -98,9 +98,11 @@ def test_non_shared_session_fits_one_agent_at_a_time(agents):
 
 @pytest.mark.parametrize("blocks", [2, 3])
 def test_too_small_budget_fails_requests_cleanly(agents, blocks):
-    """Requests that can never fit end with finish_reason "error"; everything produced before
-    that, and every other request, is exactly what an unconstrained engine produces."""
-    ref = _run_batched(_engine("non_shared", agents), JOBS)
+    """Requests that can never fit end with finish_reason "error" and are taken back out of
+    their session; everything produced before that, and every other request, is exactly what an
+    unconstrained engine produces on the trajectory without the failed requests (non_shared:
+    an agent's turn equals a fresh run of it over the token ids so far)."""
+    ref = _engine("non_shared", agents)
     eng = _engine("non_shared", agents, max_kv_bytes=blocks * 8192)
     ids = []
     for turns in JOBS:
@@ -108,16 +110,21 @@ def test_too_small_budget_fails_requests_cleanly(agents, blocks):
         ids.append([eng.add_request(s, a, p, GREEDY) for a, p in turns])
     while eng.has_unfinished():
         eng.step()
-    errors = 0
-    for rs, refs in zip(ids, ref):
-        for r, want in zip(rs, refs):
+    errors = done = 0
+    for rs, turns in zip(ids, JOBS):
+        history = []
+        for r, (agent, prompt) in zip(rs, turns):
             out = eng.get_output(r)
+            want = list(ref.generate(ref.new_session(), agent, history + prompt, GREEDY))
             if out.finish_reason == "error":
                 errors += 1
                 assert "max_kv_bytes" in out.error and list(out) == want[: len(out)]
             else:
+                done += 1
                 assert list(out) == want
-    assert errors > 0
+                history += prompt + want
+        assert eng.sched.sessions[out.session_id].tokens == history
+    assert errors > 0 and done > 0
     assert eng.memory_report()["used_bytes"] <= blocks * 8192
 
 
