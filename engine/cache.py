@@ -304,19 +304,21 @@ class KVManager:
         limit = (len(tokens) - 1) // self.block_size
         if limit <= 0:
             return 0
-        streams = self.streams(sid, agent)
-        if any(s.blocks for s in streams.values()):
+        st = self.sessions.get(sid)
+        keys = self.stream_keys(agent)
+        if st is not None and any(st.streams[k].blocks for k in keys if k in st.streams):
             return 0
         chains, common = {}, limit
-        for key, s in streams.items():
+        for key in keys:
             chain = self._hash_chain(key, tokens, procs, limit)
-            n = 0
-            while n < len(chain) and chain[n] in s.pool.by_hash:
+            by_hash, n = self._pool_for(key).by_hash, 0
+            while n < len(chain) and chain[n] in by_hash:
                 n += 1
             chains[key] = chain
             common = min(common, n)
             if common == 0:
-                return 0
+                return 0  # nothing to share: no cache entry is made for the session
+        streams = self.streams(sid, agent)
         for key, s in streams.items():
             s.hashes = chains[key][:common]
             s.blocks = [s.pool.by_hash[h] for h in s.hashes]

@@ -46,8 +46,8 @@ class Scheduler:
         self.sessions: dict[int, Session] = {}
         self.last_used: dict[int, int] = {}
         self.clock = 0
-        self.preemptions = 0  # running requests whose cache was freed (to be recomputed)
-        self.evictions = 0  # idle sessions whose cache was freed
+        self.preemptions = 0  # running requests whose cache (holding blocks) was freed (to be recomputed)
+        self.evictions = 0  # idle sessions whose cache (holding blocks) was freed
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def activate(self) -> None:
@@ -105,8 +105,10 @@ class Scheduler:
         if kv.budget.used + need <= kv.budget.capacity:
             return need
         active = {r.session.id for r in self.running}
-        idle = sorted((x for x in kv.sessions if x not in active and x not in protected and x != sid),
-                      key=lambda x: self.last_used.get(x, -1))
+        # only caches that hold blocks are candidates: freeing an empty one makes no room and
+        # would count as an eviction or preemption
+        idle = sorted((x for x in kv.sessions if x not in active and x not in protected and x != sid
+                       and kv.session_bytes(x)), key=lambda x: self.last_used.get(x, -1))
         for victim in idle:
             kv.free_session(victim)
             self.evictions += 1
@@ -114,7 +116,7 @@ class Scheduler:
                 return need
         for req in reversed(list(self.running)):
             vs = req.session.id
-            if vs == sid or vs in protected or vs not in kv.sessions:
+            if vs == sid or vs in protected or not kv.session_bytes(vs):
                 continue
             kv.free_session(vs)
             req.status = Status.WAITING

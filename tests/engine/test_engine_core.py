@@ -86,6 +86,57 @@ def test_preemption_under_tiny_budget_gives_same_tokens(agents, mode):
     assert rep["used_bytes"] <= rep["budget_bytes"]
 
 
+def _step_spying_frees(eng, jobs, params):
+    """Submit every session's turns and step to the end; returns the outputs and the bytes each
+    cache freed by the scheduler held. Asserts, at every step, that no session has an empty
+    cache entry (a waiting request holds no cache)."""
+    freed, free = [], eng.kv.free_session
+
+    def spy(sid):
+        freed.append(eng.kv.session_bytes(sid))
+        return free(sid)
+
+    eng.kv.free_session = spy
+    ids = []
+    for turns in jobs:
+        s = eng.new_session()
+        ids.append([eng.add_request(s, a, p, params) for a, p in turns])
+    while eng.has_unfinished():
+        eng.step()
+        assert all(eng.kv.session_bytes(x) > 0 for x in eng.kv.sessions)
+    return [[list(eng.get_output(r)) for r in rs] for rs in ids], freed
+
+
+@pytest.mark.parametrize("mode", ["non_shared", "base_lr_shared"])
+def test_preemptions_count_only_caches_that_held_blocks(agents, mode):
+    """Four 37-token prompts, a budget for two sessions: requests waiting for room hold no
+    cache, so nothing is "preempted" for them; the sessions that finished are evicted to make
+    room (each counted once, each freeing its blocks) and nothing is recomputed."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    jobs = [[("plan", _prompt(37, 20 + i))] for i in range(4)]
+    ref, _ = _step_spying_frees(_engine(mode, agents), jobs, params)
+    eng = _engine(mode, agents, max_kv_bytes=48 * 1024)
+    got, freed = _step_spying_frees(eng, jobs, params)
+    assert got == ref
+    st = eng.stats()
+    assert len(freed) == st["preemptions"] + st["evictions"] == st["evictions"] >= 2
+    assert min(freed) >= 3 * 8192  # each held its 49 tokens' K/V blocks
+    assert st["recomputed_tokens"] == st["preemptions"] == 0
+
+
+@pytest.mark.parametrize("mode", ["base_lr_shared", "full_shared"])
+def test_every_counted_preemption_freed_blocks(agents, mode):
+    """Under a budget that makes running requests take turns, each preemption or eviction is a
+    cache freed that held blocks, and the preempted requests recompute."""
+    ref, _ = _step_spying_frees(_engine(mode, agents), JOBS, GREEDY)
+    eng = _engine(mode, agents, max_kv_bytes=BUDGETS[mode])
+    got, freed = _step_spying_frees(eng, JOBS, GREEDY)
+    assert got == ref
+    st = eng.stats()
+    assert st["preemptions"] > 0 and st["recomputed_tokens"] > 0
+    assert len(freed) == st["preemptions"] + st["evictions"] and min(freed) > 0
+
+
 def test_non_shared_session_fits_one_agent_at_a_time(agents):
     """A 3-agent non_shared trajectory whose agents' copies do not fit together still runs: the
     other agents' copies of the session are dropped and recomputed when they run again."""
