@@ -6,9 +6,12 @@ The pattern (as DKernel and vLLM's block-sparse backend define it): tokens form 
 vert_stride == 0``; inside the diagonal block attention is causal.
 
 GQA: the q heads of one KV group share their KV head's pattern, so a KV head stores and reads
-one shard. The shard index ``s`` is therefore the **KV head index** (``q_head // group``), and the
-default ``head_sliding_step = max(1, vert_stride // num_kv_heads)``; without GQA this is exactly
-the per-head formula above. ``homo_head=True`` gives every head shard 0;
+one shard. The shard index ``s`` is therefore the **KV head index** (``q_head // group``); without
+GQA this is exactly the per-head formula above. The default step is the published one,
+``head_sliding_step = max(1, vert_stride // num_heads)`` over the q heads (DKernel, vLLM). Under
+GQA with ``vert_stride > num_kv_heads`` that puts the KV heads' shards side by side; pass
+``head_sliding_step=max(1, vert_stride // num_kv_heads)`` to spread them over the stride evenly.
+``homo_head=True`` gives every head shard 0;
 the last ``num_dense_heads`` q heads (a whole number of KV groups) are dense causal.
 
 The kernels reuse kernels.attention's single Triton kernel with its ``S2`` flag: the key blocks a
@@ -69,7 +72,7 @@ class S2Pattern:
             raise ValueError(f"num_dense_heads ({num_dense_heads}) must be a multiple of the GQA group "
                              f"size ({group}) and at most num_heads ({num_heads})")
         if head_sliding_step is None:
-            head_sliding_step = max(1, vert_stride // num_kv_heads)
+            head_sliding_step = max(1, vert_stride // num_heads)
         head_sliding_step = _int("head_sliding_step", head_sliding_step, 0)
         offset = _int("offset", offset, 0)
         if not isinstance(homo_head, (bool, np.bool_)):
