@@ -24,6 +24,9 @@ class BlockStore(Protocol):
     def grow_to(self, num_blocks: int) -> None:
         """Back blocks `[0, num_blocks)`; raise CacheFullError and change nothing if impossible."""
 
+    def pages_to_back(self, num_blocks: int) -> int:
+        """How many physical pages `grow_to(num_blocks)` would map now (0 if none)."""
+
     def shrink_to(self, num_blocks: int) -> None:
         """Blocks at or above `num_blocks` are free; the store may release memory behind them."""
 
@@ -45,6 +48,9 @@ class UnboundedStore:
 
     def grow_to(self, num_blocks: int) -> None:
         pass
+
+    def pages_to_back(self, num_blocks: int) -> int:
+        return 0
 
     def shrink_to(self, num_blocks: int) -> None:
         pass
@@ -95,6 +101,13 @@ class BlockAllocator:
             return free_backed
         growable = max(0, min(self.store.max_backable(), self.num_blocks) - backed)
         return free_backed + growable
+
+    def pages_to_alloc(self, n: int) -> int:
+        """Physical pages `alloc_many(n)` would map now: it hands out the returned ids (all
+        below the top, so already backed) before any id from the top on."""
+        if n <= len(self._freed):
+            return 0
+        return self.store.pages_to_back(self._top + n - len(self._freed))
 
     def _pop_freed(self, n: int) -> list[int]:
         """Up to `n` of the lowest returned ids, taken off the heap (not yet off the set)."""

@@ -201,6 +201,21 @@ class BlockManager:
         _, hits, need = self._plan(self._check_tokens(token_ids), namespace)
         return self._can_take(need, hits)
 
+    def _pages_to_take(self, need: int) -> int:
+        # _take gets what the allocator can give (possibly mapping pages), then evicts.
+        return self._alloc.pages_to_alloc(min(need, self._alloc.num_obtainable(enough=need)))
+
+    def pages_to_allocate(self, token_ids: Sequence[int], namespace: str = "") -> int:
+        """Physical pages `allocate(..., token_ids, namespace)` would map now (0 when it
+        fits in backed blocks or evicts cached ones). Assumes it can succeed."""
+        self._check_namespace(namespace)
+        _, _, need = self._plan(self._check_tokens(token_ids), namespace)
+        return self._pages_to_take(need)
+
+    def pages_to_append(self, seq_id: Hashable, num_tokens: int = 1) -> int:
+        """Physical pages `append_slots` of `num_tokens` tokens would map now."""
+        return self._pages_to_take(self._append_need(self._get(seq_id), num_tokens))
+
     def _take(self, n: int) -> list[int]:
         """n blocks for new contents: free ones first (lowest id), then evict cached ones."""
         k = min(n, self._alloc.num_obtainable(enough=n))

@@ -15,12 +15,18 @@ So for K agents on one trajectory of T tokens the blocks referenced are, with n 
 and p = 1 if T % block else 0 (the partial last block is each sequence's own):
 non_shared K·(n+p) base; full_shared n + K·p base; base_shared n + K·p base and K·(n+p)
 low-rank; base_lr_shared n + K·p base and n + K·p low-rank.
+
+The two pools may draw on one `vmm.PagePool`: every request is then checked against both at
+once (what the first pool maps, the second cannot), so a request either succeeds in both pools
+or raises CacheFullError having changed neither. Pools do not evict each other's cached blocks;
+`trim()` gives cached pages back.
 """
 from __future__ import annotations
 
 import enum
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import ContextManager, Hashable, Sequence
 
 from .errors import CacheFullError
 from .pools import KVPool, LowRankPool
@@ -51,6 +57,27 @@ class AgentSpec:
     name: str
     kv_namespace: str
     lr_namespace: str | None = None
+
+    def __post_init__(self) -> None:
+        for field_name in ("name", "kv_namespace", "lr_namespace"):
+            v = getattr(self, field_name)
+            if not (isinstance(v, str) or (v is None and field_name == "lr_namespace")):
+                raise TypeError(f"AgentSpec.{field_name} must be a str, got {type(v).__name__}")
+
+
+def _escape(name: str) -> str:
+    return name.replace("\\", "\\\\").replace("@", "\\@")
+
+
+def _shared(namespace: str) -> str:
+    """A namespace as every agent that shares it names it."""
+    return _escape(namespace)
+
+
+def _private(namespace: str, agent: str) -> str:
+    """`namespace` made private to `agent` (its adapter is in what it stores). Both parts are
+    escaped, so no two (namespace, agent) pairs, and no shared namespace, give one string."""
+    return f"{_escape(namespace)}@{_escape(agent)}"
 
 
 @dataclass(frozen=True)
@@ -116,35 +143,57 @@ class MultiAgentCache:
         self._routes = {a.name: self._route(a, first) for a in agents}
 
     def _route(self, a: AgentSpec, first: AgentSpec) -> AgentRoute:
-        # "@agent" makes a namespace private to one agent: its adapter is in what it stores.
         m = self.mode
         if m is CacheMode.NON_SHARED:
-            return AgentRoute(a.name, f"{a.kv_namespace}@{a.name}", None)
+            return AgentRoute(a.name, _private(a.kv_namespace, a.name), None)
         if m is CacheMode.FULL_SHARED:
-            return AgentRoute(a.name, f"{first.kv_namespace}@{first.name}", None)
-        lr = a.lr_namespace if m is CacheMode.BASE_LR_SHARED else f"{a.lr_namespace}@{a.name}"
-        return AgentRoute(a.name, a.kv_namespace, lr)
+            return AgentRoute(a.name, _private(first.kv_namespace, first.name), None)
+        lr = _shared(a.lr_namespace) if m is CacheMode.BASE_LR_SHARED else _private(a.lr_namespace, a.name)
+        return AgentRoute(a.name, _shared(a.kv_namespace), lr)
 
     def route(self, agent: str) -> AgentRoute:
+        """The namespaces `agent`'s sequences use in each pool (KeyError for an unknown agent)."""
         try:
             return self._routes[agent]
         except KeyError:
             raise KeyError(f"unknown agent {agent!r}") from None
 
+    def _lr_after_kv(self, kv_pages: int) -> ContextManager[None]:
+        """While checking the low-rank pool: the pages the base pool is about to map are gone
+        when both draw on one page pool."""
+        lr = self.lr_pool
+        if lr is None or not kv_pages or lr.store.page_pool is not self.kv_pool.store.page_pool:
+            return nullcontext()
+        return lr.store.holding_pages(kv_pages)
+
+    def _live(self, key: tuple, live: bool) -> None:
+        pools = [self.kv_pool] if self.lr_pool is None else [self.kv_pool, self.lr_pool]
+        if live and not all(key in p for p in pools):
+            raise KeyError(f"no live sequence {key[1]!r} of agent {key[0]!r}")
+        if not live and any(key in p for p in pools):
+            raise ValueError(f"agent {key[0]!r} sequence {key[1]!r} is already allocated")
+
     # ---- sequences ---------------------------------------------------------------------------
     def can_allocate(self, agent: str, token_ids: Sequence[int]) -> bool:
+        """Whether `allocate` of these tokens for `agent` would succeed now, in every pool."""
         r = self.route(agent)
-        return self.kv_pool.can_allocate(token_ids, r.kv_namespace) and (
-            self.lr_pool is None or self.lr_pool.can_allocate(token_ids, r.lr_namespace))
+        if not self.kv_pool.can_allocate(token_ids, r.kv_namespace):
+            return False
+        if self.lr_pool is None:
+            return True
+        with self._lr_after_kv(self.kv_pool.pages_to_allocate(token_ids, r.kv_namespace)):
+            return self.lr_pool.can_allocate(token_ids, r.lr_namespace)
 
     def allocate(self, agent: str, seq_id: Hashable, token_ids: Sequence[int]) -> tuple[int, int | None]:
         """Blocks for `agent`'s new sequence in every pool it uses; returns the number of leading
         tokens stored already per pool (kv, lr or None). The caller computes from the smaller
         one on; `slot_mapping` marks what each pool already has with -1. A count may equal
         len(token_ids) (everything cached): the last token must still run for its logits, and
-        its K/V write is skipped (slot -1) since the pool holds it already."""
+        its K/V write is skipped (slot -1) since the pool holds it already.
+        CacheFullError when either pool cannot take it; nothing changes in either then."""
         r = self.route(agent)
         key = (agent, seq_id)
+        self._live(key, live=False)
         if not self.can_allocate(agent, token_ids):
             raise CacheFullError(f"no room for agent {agent!r} sequence {seq_id!r} of {len(token_ids)} tokens")
         kv = self.kv_pool.allocate(key, token_ids, r.kv_namespace)
@@ -152,45 +201,67 @@ class MultiAgentCache:
             return kv, None
         try:
             lr = self.lr_pool.allocate(key, token_ids, r.lr_namespace)
-        except BaseException:
+        except BaseException:  # checked above, so not for want of room: keep the pools in step
             self.kv_pool.free(key)
             raise
         return kv, lr
 
     def can_append(self, agent: str, seq_id: Hashable, num_tokens: int = 1) -> bool:
+        """Whether `append_slots` of `num_tokens` tokens would succeed now, in every pool."""
         key = (agent, seq_id)
         self.route(agent)
-        return self.kv_pool.can_append(key, num_tokens) and (
-            self.lr_pool is None or self.lr_pool.can_append(key, num_tokens))
+        if not self.kv_pool.can_append(key, num_tokens):
+            return False
+        if self.lr_pool is None:
+            return True
+        with self._lr_after_kv(self.kv_pool.pages_to_append(key, num_tokens)):
+            return self.lr_pool.can_append(key, num_tokens)
 
     def append_slots(self, agent: str, seq_id: Hashable, token_ids: Sequence[int]) -> SeqSlots:
-        """Extend a sequence in every pool; the slots to write the new tokens' K/V (and x·A) at."""
+        """Extend a sequence in every pool; the slots to write the new tokens' K/V (and x·A) at.
+        CacheFullError when either pool cannot take them; nothing changes in either then."""
+        self.route(agent)
+        key = (agent, seq_id)
+        self._live(key, live=True)
         if not self.can_append(agent, seq_id, len(token_ids)):
             raise CacheFullError(f"no room to append {len(token_ids)} tokens to {agent!r} sequence {seq_id!r}")
-        key = (agent, seq_id)
         kv = self.kv_pool.append_slots(key, token_ids)
         lr = None if self.lr_pool is None else self.lr_pool.append_slots(key, token_ids)
         return SeqSlots(kv, lr)
 
     def fork(self, agent: str, src_id: Hashable, dst_id: Hashable) -> None:
+        """A new sequence `dst_id` of `agent` sharing every block of `src_id` in every pool."""
         self.route(agent)
+        self._live((agent, src_id), live=True)
+        self._live((agent, dst_id), live=False)
         self.kv_pool.fork((agent, src_id), (agent, dst_id))
         if self.lr_pool is not None:
             self.lr_pool.fork((agent, src_id), (agent, dst_id))
 
     def free(self, agent: str, seq_id: Hashable) -> None:
+        """Drop `agent`'s sequence from every pool (full blocks stay cached for prefix hits)."""
         self.route(agent)
+        self._live((agent, seq_id), live=True)
         self.kv_pool.free((agent, seq_id))
         if self.lr_pool is not None:
             self.lr_pool.free((agent, seq_id))
 
+    def trim(self) -> None:
+        """Evict every cached block of every pool and unmap the pages above the live blocks
+        (what a request that found no room may do before trying again)."""
+        self.kv_pool.trim()
+        if self.lr_pool is not None:
+            self.lr_pool.trim()
+
     def block_table(self, agent: str, seq_id: Hashable) -> SeqSlots:
+        """The sequence's block table in each pool."""
         self.route(agent)
         key = (agent, seq_id)
         return SeqSlots(self.kv_pool.block_table(key),
                         None if self.lr_pool is None else self.lr_pool.block_table(key))
 
     def slot_mapping(self, agent: str, seq_id: Hashable, start: int = 0, end: int | None = None) -> SeqSlots:
+        """Slots of positions `[start, end)` in each pool; -1 where that pool stores it already."""
         self.route(agent)
         key = (agent, seq_id)
         return SeqSlots(self.kv_pool.slot_mapping(key, start, end),

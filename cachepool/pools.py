@@ -43,31 +43,53 @@ class _Pool(StoreOwner):
 
     # ---- sequences (see BlockManager for the exact contracts) -------------------------------
     def can_allocate(self, token_ids: Sequence[int], namespace: str = "") -> bool:
+        """Whether `allocate` of these tokens in `namespace` would succeed now."""
         return self.manager.can_allocate(token_ids, namespace)
 
     def allocate(self, seq_id: Hashable, token_ids: Sequence[int], namespace: str = "") -> int:
-        """Blocks for a new sequence; returns how many leading tokens are stored already."""
+        """Blocks for a new sequence; returns how many leading tokens are stored already.
+        CacheFullError (nothing changed) when the blocks or pages are not available."""
         return self.manager.allocate(seq_id, token_ids, namespace)
 
     def can_append(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
+        """Whether `append_slots` of `num_tokens` tokens to `seq_id` would succeed now."""
         return self.manager.can_append(seq_id, num_tokens)
 
     def append_slots(self, seq_id: Hashable, token_ids: Sequence[int]) -> list[int]:
+        """Extend `seq_id` by `token_ids`; the slots to write their entries at (copy-on-write
+        of a shared partial last block included). CacheFullError leaves it unchanged."""
         return self.manager.append_slots(seq_id, token_ids)
 
     def append_slot(self, seq_id: Hashable, token_id: int) -> int:
+        """`append_slots` for one token: its slot."""
         return self.manager.append_slot(seq_id, token_id)
 
+    def pages_to_allocate(self, token_ids: Sequence[int], namespace: str = "") -> int:
+        """Physical pages `allocate` of these tokens would map now (pools sharing a page pool
+        use it to check a joint request exactly)."""
+        return self.manager.pages_to_allocate(token_ids, namespace)
+
+    def pages_to_append(self, seq_id: Hashable, num_tokens: int = 1) -> int:
+        """Physical pages `append_slots` of `num_tokens` tokens would map now."""
+        return self.manager.pages_to_append(seq_id, num_tokens)
+
     def fork(self, src_id: Hashable, dst_id: Hashable) -> None:
+        """A new sequence `dst_id` sharing every block of `src_id` (no copy until a write)."""
         self.manager.fork(src_id, dst_id)
 
     def free(self, seq_id: Hashable) -> None:
+        """Drop `seq_id`; its full blocks stay cached for prefix hits until evicted."""
         self.manager.free(seq_id)
 
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self.manager
+
     def block_table(self, seq_id: Hashable) -> list[int]:
+        """The block ids of `seq_id`, in order (KeyError if it is not live)."""
         return self.manager.block_table(seq_id)
 
     def num_tokens(self, seq_id: Hashable) -> int:
+        """Tokens `seq_id` holds."""
         return self.manager.num_tokens(seq_id)
 
     def slot_mapping(self, seq_id: Hashable, start: int = 0, end: int | None = None) -> list[int]:

@@ -9,7 +9,8 @@ or unmapped: block allocators hand out the lowest free id, which keeps the top t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 
@@ -54,6 +55,7 @@ class PagedStore:
         self.shrink_slack_pages = shrink_slack_pages
         self.block_bytes = math.prod(self.block_shape) * dtype.itemsize  # per tensor
         self._mapped_pages = 0  # per arena; every arena maps the same prefix
+        self._held_pages = 0  # pages of the page pool promised elsewhere (see `holding_pages`)
         self.arenas: list[vmm.VirtualArena] = []
         self.tensors: dict[str, list[torch.Tensor]] = {p: [] for p in self.planes}
         try:
@@ -84,7 +86,21 @@ class PagedStore:
 
     def _pages_available(self) -> int:
         st = self.page_pool.stats()
-        return st["capacity_bytes"] // st["page_size"] - st["pages_in_use"]
+        return max(0, st["capacity_bytes"] // st["page_size"] - st["pages_in_use"] - self._held_pages)
+
+    @contextmanager
+    def holding_pages(self, n: int) -> Iterator[None]:
+        """Inside the block, answer as if `n` more pages of the page pool were taken: what a
+        sibling pool on the same pages is about to map, so that a joint check is exact."""
+        self._held_pages += n
+        try:
+            yield
+        finally:
+            self._held_pages -= n
+
+    def pages_to_back(self, num_blocks: int) -> int:
+        target = self._pages_for(min(num_blocks, self.max_blocks))
+        return max(0, target - self._mapped_pages) * self.num_tensors
 
     def max_backable(self) -> int:
         per_arena = self._mapped_pages + self._pages_available() // max(1, self.num_tensors)

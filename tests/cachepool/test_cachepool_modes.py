@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vmm
-from cachepool import AgentSpec, CacheMode, KVPool, LowRankPool, MultiAgentCache
+from cachepool import AgentSpec, CacheFullError, CacheMode, KVPool, LowRankPool, MultiAgentCache
 
 L, H, D, KV_BS, LR_BS = 2, 2, 8, 4, 8
 
@@ -161,3 +161,137 @@ def test_append_fork_free_through_session():
     assert rep["total"]["used_bytes"] == 0
     with pytest.raises(KeyError):
         s.free("nobody", 0)
+
+
+# ---------------------------------------------------------------- one page pool under both pools
+def _state(s: MultiAgentCache, keys) -> tuple:
+    pools = [s.kv_pool, s.lr_pool]
+    return (s.kv_pool.store.page_pool.stats()["pages_in_use"], repr(s.memory_report()),
+            tuple((p.block_table(k), p.num_tokens(k)) for p in pools for k in keys))
+
+
+@pytest.mark.parametrize("mode", ["base_shared", "base_lr_shared"])
+def test_requests_on_one_page_pool_are_all_or_nothing(mode, rng_seed):
+    """Both pools draw on one small page pool: each pool alone always has room for what the
+    other just took, so only a joint check answers right. `can_*` must predict the outcome, and
+    a refused request must leave both pools exactly as they were."""
+    rng = random.Random(rng_seed)
+    be = vmm.get_backend()
+    g = be.granularity
+    pages = vmm.PagePool(be, capacity_bytes=11 * g)
+    # A block of 4 tokens: K and V one page each (kv), one page (lr).
+    kv = KVPool(pages, num_layers=1, num_kv_heads=1, head_dim=g // 8, block_size=4, max_blocks=64,
+                dtype=torch.float16)
+    lr = LowRankPool(pages, num_layers=1, rank=g // 8, block_size=4, max_blocks=64, dtype=torch.float16)
+    agents = [AgentSpec(f"a{i}", "llama", "A" if mode == "base_lr_shared" else f"A{i}") for i in range(3)]
+    s = MultiAgentCache(mode, agents, kv, lr)
+    live: list[tuple[str, int]] = []
+    outcomes = {"ok": 0, "full": 0}
+    for step in range(160):
+        keys = list(live)
+        before = _state(s, keys)
+        op = rng.random()
+        if op < 0.3 or not live:
+            agent, toks = f"a{rng.randrange(3)}", [rng.randrange(1000) for _ in range(rng.randint(1, 7))]
+            said = s.can_allocate(agent, toks)
+            try:
+                s.allocate(agent, step, toks)
+                live.append((agent, step))
+                ok = True
+            except CacheFullError:
+                ok = False
+        elif op < 0.8:
+            agent, sid = rng.choice(live)
+            toks = [rng.randrange(1000) for _ in range(rng.randint(1, 4))]
+            said = s.can_append(agent, sid, len(toks))
+            try:
+                slots = s.append_slots(agent, sid, toks)
+                assert len(slots.kv) == len(slots.lr) == len(toks)
+                ok = True
+            except CacheFullError:
+                ok = False
+        else:
+            agent, sid = live.pop(rng.randrange(len(live)))
+            s.free(agent, sid)
+            continue
+        assert said == ok, (step, op)
+        outcomes["ok" if ok else "full"] += 1
+        if not ok:
+            assert _state(s, keys) == before, step
+        for agent, sid in live:  # the pools never drift apart
+            assert kv.num_tokens((agent, sid)) == lr.num_tokens((agent, sid))
+    assert outcomes["ok"] > 20 and outcomes["full"] > 20, outcomes
+
+
+def test_refused_allocate_with_free_cached_blocks_then_succeeds():
+    """The base pool can serve a request by evicting a cached block (mapping nothing), so the
+    low-rank pool keeps the last page: the joint check must count that and say yes."""
+    be = vmm.get_backend()
+    g = be.granularity
+    pages = vmm.PagePool(be, capacity_bytes=6 * g)
+    kv = KVPool(pages, num_layers=1, num_kv_heads=1, head_dim=g // 8, block_size=4, max_blocks=64,
+                dtype=torch.float16)
+    lr = LowRankPool(pages, num_layers=1, rank=g // 8, block_size=4, max_blocks=64, dtype=torch.float16)
+    s = MultiAgentCache("base_lr_shared", [AgentSpec("a", "llama", "A0")], kv, lr)
+    s.allocate("a", 0, [1, 2, 3, 4])                              # kv 2 pages, lr 1
+    kv.allocate("other", [9, 8, 7, 6], "zzz")
+    kv.free("other")                                              # cached in kv: 2 more pages
+    assert pages.stats()["pages_in_use"] == 5
+    assert s.can_allocate("a", [5, 6, 7, 8])
+    assert s.allocate("a", 1, [5, 6, 7, 8]) == (0, 0)
+    assert pages.stats()["pages_in_use"] == 6 and kv.memory_report()["cached_blocks"] == 0
+    # Now nothing is left: refused, unchanged.
+    before = _state(s, [("a", 0), ("a", 1)])
+    assert not s.can_allocate("a", [11, 12])
+    with pytest.raises(CacheFullError):
+        s.allocate("a", 2, [11, 12])
+    assert _state(s, [("a", 0), ("a", 1)]) == before
+    s.free("a", 1)
+    s.trim()  # hands the cached pages back to the page pool
+    assert pages.stats()["pages_in_use"] == 3
+    assert s.allocate("a", 2, [11, 12]) == (0, 0)
+
+
+def test_a_sequence_half_present_is_refused_before_anything_changes():
+    kv, lr = _pools(rank=3)
+    s = MultiAgentCache("base_shared", _agents(2, shared_a=False), kv, lr)
+    lr.allocate(("agent0", 7), [1, 2, 3], s.route("agent0").lr_namespace)
+    before = (kv.memory_report(), lr.memory_report())
+    with pytest.raises(ValueError, match="already allocated"):
+        s.allocate("agent0", 7, [1, 2, 3])
+    with pytest.raises(KeyError, match="no live sequence"):
+        s.append_slots("agent0", 7, [4])
+    assert (kv.memory_report(), lr.memory_report()) == before
+
+
+@pytest.mark.parametrize("mode", ["non_shared", "base_shared"])
+def test_private_namespaces_never_collide(mode):
+    """Private namespaces join a namespace and an agent name; names holding the separator
+    must not make two pairs (or a pair and a shared namespace) the same namespace."""
+    kv, lr = _pools(rank=3)
+    toks = list(range(16))
+    first = MultiAgentCache(mode, [AgentSpec("a", "llama@x", "A@x"), AgentSpec("b", "llama@x", "A@x")],
+                            kv, lr)
+    assert first.allocate("a", 0, toks)[0] == 0
+    if mode == "non_shared":
+        # ("llama@x", "a") against ("llama", "x@a"): the same text once joined with "@".
+        other = MultiAgentCache(mode, [AgentSpec("x@a", "llama")], kv)
+        assert other.allocate("x@a", 1, toks) == (0, None)
+        assert other.route("x@a").kv_namespace != first.route("a").kv_namespace
+    else:
+        # A session sharing base K/V under the name "llama@x@a" must not read agent a's.
+        lr_other = MultiAgentCache("base_shared", [AgentSpec("a", "A@x@a", "B")], kv, lr)
+        assert lr_other.route("a").kv_namespace != first.route("a").lr_namespace
+        assert lr_other.allocate("a", 1, toks)[0] == 0
+        twin = MultiAgentCache(mode, [AgentSpec("x@a", "llama@x", "A")], kv, lr)
+        assert twin.allocate("x@a", 2, toks) == (16, 0)  # base K/V shared, as the mode says
+    routes = {first.route(a) for a in ("a", "b")}
+    assert len(routes) == 2
+
+
+def test_agent_spec_fields_must_be_strings():
+    with pytest.raises(TypeError, match="kv_namespace"):
+        AgentSpec("a", None)
+    with pytest.raises(TypeError, match="name"):
+        AgentSpec(3, "llama")
+    assert AgentSpec("a", "llama").lr_namespace is None
