@@ -240,7 +240,9 @@ def cmd_bench(args, say) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
+    from .fidelity import SetupError
     from .loader import LoadError
+    from .scheduler import CacheCapacityError
 
     args = build_parser().parse_args(argv)
 
@@ -249,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return {"demo": cmd_demo, "fidelity": cmd_fidelity, "bench": cmd_bench}[args.cmd](args, say)
-    except (ConfigError, LoadError, FileNotFoundError) as e:  # a bad model or adapter directory
+    # what the user asked for, refused: a bad model or adapter directory, a device, adapter or
+    # cache mode the engine would not be built with, a KV budget too small for the trajectory
+    except (ConfigError, LoadError, FileNotFoundError, SetupError, CacheCapacityError) as e:
         print(f"vmweave {args.cmd}: error: {e}", file=sys.stderr, flush=True)
         return 2
 

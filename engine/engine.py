@@ -163,7 +163,10 @@ class Engine:
         """
         if cache_mode not in MODES:
             raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
-        dev = torch.device(device) if device is not None else _default_device()
+        try:
+            dev = torch.device(device) if device is not None else _default_device()
+        except (RuntimeError, TypeError) as e:  # torch's message lists every device type it knows
+            raise ValueError(f"device must be e.g. 'cpu', 'cuda' or 'cuda:0', got {device!r}") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' asked for but no CUDA device is usable")
         if not isinstance(path_or_builtin_name, (str, os.PathLike)):

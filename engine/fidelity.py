@@ -145,21 +145,33 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | None) -> torch.
     return DTYPES[dtype]
 
 
+class SetupError(ValueError):
+    """`open_engine` was refused what it was asked for (a device that is not there, an ESFT
+    adapter on a dense model, a cache mode the adapters do not allow, ...): the engine's
+    ValueError, as message and cause."""
+
+
 def open_engine(model: str, mode: str, device: str | None, agents: dict[str, str | None],
                 esft: dict[str, str] | None = None, max_kv_bytes: int | None = None,
                 dtype: str | torch.dtype | None = None, cuda_graphs: bool | None = None,
                 async_steps: bool | None = None):
     """An Engine in `mode` with every agent and ESFT adapter registered (`cuda_graphs`,
-    `async_steps`: see `Engine.from_pretrained`)."""
-    from . import Engine
+    `async_steps`: see `Engine.from_pretrained`). A ValueError of the engine's input checks
+    comes out as SetupError; ConfigError and LoadError (bad directories) as themselves."""
+    from . import ConfigError, Engine, LoadError
 
-    eng = Engine.from_pretrained(model, cache_mode=mode, device=device, max_kv_bytes=max_kv_bytes,
-                                 dtype=resolve_dtype(dtype, device), cuda_graphs=cuda_graphs,
-                                 async_steps=async_steps)
-    for name, d in (esft or {}).items():
-        eng.add_esft_adapter(name, d)
-    for name, d in agents.items():
-        eng.add_lora_agent(name, d)
+    try:
+        eng = Engine.from_pretrained(model, cache_mode=mode, device=device, max_kv_bytes=max_kv_bytes,
+                                     dtype=resolve_dtype(dtype, device), cuda_graphs=cuda_graphs,
+                                     async_steps=async_steps)
+        for name, d in (esft or {}).items():
+            eng.add_esft_adapter(name, d)
+        for name, d in agents.items():
+            eng.add_lora_agent(name, d)
+    except (ConfigError, LoadError):
+        raise
+    except ValueError as e:
+        raise SetupError(str(e)) from e
     return eng
 
 

@@ -13,7 +13,8 @@ from engine.cli import main
 from engine.fidelity import MODES, demo_adapters, fidelity_report
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = ["--steps", "3", "--max-tokens", "3", "--prompt-len", "5", "--device", "cpu"]
+SMALL_ANY_DEVICE = ["--steps", "3", "--max-tokens", "3", "--prompt-len", "5"]
+SMALL = [*SMALL_ANY_DEVICE, "--device", "cpu"]
 
 
 def _table(out: str, first_col: str) -> dict[str, list[str]]:
@@ -205,6 +206,40 @@ def test_demo_bad_model_and_adapter_directories(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["demo", "--lora", f"plan={tmp_path / 'empty'}", *SMALL]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--esft", "law=/nonexistent"], "add_esft_adapter needs an MoE model"),  # the default model is dense
+    (["--max-kv-bytes", "4096"], "max_kv_bytes=4096"),
+    (["--device", "cuda"], "no CUDA device is usable"),
+    (["--device", "nodevice"], "'nodevice'"),
+])
+def test_demo_input_the_engine_refuses_is_a_clean_error(monkeypatch, capsys, extra, msg):
+    """Input refused by the engine as it is set up (or a KV budget too small to run at all): one
+    error line and exit code 2, as for a bad model directory, not a traceback."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # no device given: the CPU
+    assert main(["demo", *SMALL_ANY_DEVICE, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vmweave demo: error: ") and msg in err and "Traceback" not in err
+
+
+def test_fidelity_on_a_device_that_is_not_there_is_a_clean_error(monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["fidelity", *SMALL_ANY_DEVICE, "--device", "cuda"]) == 2
+    assert "vmweave fidelity: error: device='cuda'" in capsys.readouterr().err
+
+
+def test_demo_does_not_hide_a_value_error_of_the_run_itself(monkeypatch):
+    """Only setup's ValueErrors are the user's input: one raised while the trajectory runs is a
+    bug and comes out as it is."""
+    import engine.fidelity as fid
+
+    def broken(*a, **kw):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(fid, "run_trajectory", broken)  # the demo imports it when it runs
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["demo", *SMALL])
 
 
 @pytest.mark.gpu
