@@ -18,10 +18,11 @@ class GenerationOutput(list):
     Attributes: request_id, session_id, agent, prompt_token_ids, finished, finish_reason
     ("length" | "stop" | "error": the request could not run on, e.g. it needs more KV cache
     than max_kv_bytes holds; the tokens generated before that are kept here, while the session
-    is left as it was before the request), error (the message when "error"), ttft_s (add_request -> first token), latency_s,
-    tpot_s (mean time per output token after the first), token_logprobs (log-prob of each chosen
-    token), logprobs (float32 [n, vocab] when SamplingParams.logprobs, else None),
-    recomputed_tokens (tokens re-run after preemption or cache invalidation), cached_tokens
+    is left as it was before the request), error (the message when "error"), ttft_s
+    (add_request -> first token), latency_s, tpot_s (mean time per output token after the
+    first), token_logprobs (log-prob of each chosen token), logprobs (float32 [n, vocab] when
+    SamplingParams.logprobs, else None), recomputed_tokens (tokens re-run after preemption or
+    cache invalidation), cached_tokens
     (tokens not computed because another session holds the same prefix blocks).
     """
 
