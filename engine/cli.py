@@ -200,7 +200,13 @@ def cmd_fidelity(args, say) -> int:
 
 
 def cmd_bench(args, say) -> int:
-    from .fidelity import e2e_bench, esft_bench, format_e2e, format_esft
+    from .engine import resolve_device
+    from .fidelity import SetupError, e2e_bench, esft_bench, format_e2e, format_esft
+
+    try:  # the bench builds its engines itself: refuse a device that is not there up front
+        resolve_device(args.device)
+    except ValueError as e:
+        raise SetupError(str(e)) from e
 
     def ints(text: str, flag: str) -> list[int]:
         try:

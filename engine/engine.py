@@ -74,6 +74,18 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device an engine runs on: `device`, or the GPU when one is usable else the CPU.
+    ValueError for a name torch does not know or a CUDA device where none is usable."""
+    try:
+        dev = torch.device(device) if device is not None else _default_device()
+    except (RuntimeError, TypeError) as e:  # torch's message lists every device type it knows
+        raise ValueError(f"device must be e.g. 'cpu', 'cuda' or 'cuda:0', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' asked for but no CUDA device is usable")
+    return dev
+
+
 def _default_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -163,12 +175,7 @@ class Engine:
         """
         if cache_mode not in MODES:
             raise ValueError(f"cache_mode must be one of {MODES}, got {cache_mode!r}")
-        try:
-            dev = torch.device(device) if device is not None else _default_device()
-        except (RuntimeError, TypeError) as e:  # torch's message lists every device type it knows
-            raise ValueError(f"device must be e.g. 'cpu', 'cuda' or 'cuda:0', got {device!r}") from e
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' asked for but no CUDA device is usable")
+        dev = resolve_device(device)
         if not isinstance(path_or_builtin_name, (str, os.PathLike)):
             raise TypeError(f"path_or_builtin_name must be a str path or built-in name, "
                             f"got {type(path_or_builtin_name).__name__}")

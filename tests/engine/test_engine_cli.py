@@ -229,6 +229,14 @@ def test_fidelity_on_a_device_that_is_not_there_is_a_clean_error(monkeypatch, ca
     assert "vmweave fidelity: error: device='cuda'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device, msg", [("cuda", "device='cuda'"), ("nodevice", "'nodevice'")])
+def test_bench_on_a_device_that_is_not_there_is_a_clean_error(monkeypatch, capsys, device, msg):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["bench", "--small", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vmweave bench: error: ") and msg in err and "Traceback" not in err
+
+
 def test_demo_does_not_hide_a_value_error_of_the_run_itself(monkeypatch):
     """Only setup's ValueErrors are the user's input: one raised while the trajectory runs is a
     bug and comes out as it is."""
