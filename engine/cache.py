@@ -342,7 +342,9 @@ class KVManager:
         if st.sharded:
             self.free_session(sid)
             return
-        keep = end // self.block_size
+        # the last kept token is always recomputed: a next request (even one with an empty prompt)
+        # then has its logits to sample from
+        keep = max(0, end - 1) // self.block_size
         for s in cut:
             s.truncate_blocks(keep)
         for k, n in st.covered.items():

@@ -148,3 +148,24 @@ def test_failing_on_an_s2_model_frees_and_recomputes_the_session(monkeypatch):
     again = eng.generate(s, None, [8, 9], _params(4))
     assert list(again) == list(ref.generate(rs, None, [8, 9], _params(4)))
     assert again.recomputed_tokens == len(tokens) == 13
+
+
+@pytest.mark.parametrize("mode", ["non_shared", "full_shared"])
+def test_empty_prompt_after_a_failure_at_a_block_boundary_runs(mode):
+    """The failed request began at a block boundary: the cache cut back to it must still leave
+    the session's last token to recompute, or a next request with no prompt has no logits."""
+    eng = Engine.from_pretrained("tiny", cache_mode=mode, device="cpu", block_size=16,
+                                 max_kv_bytes=4 * 8192, async_steps=False)
+    p = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
+    s = eng.new_session()
+    eng.generate(s, None, list(range(1, 16)), p(1))  # 16 tokens: one full block
+    with pytest.raises(CacheCapacityError):
+        eng.generate(s, None, list(range(20, 60)), p(60))
+    assert len(s.tokens) == 16
+    rid = eng.add_request(s, None, [], p(3))
+    for _ in range(20):
+        eng.step()
+        if eng.get_output(rid).finished:
+            break
+    out = eng.get_output(rid)
+    assert out.finished and out.finish_reason == "length" and len(out) == 3
