@@ -170,19 +170,25 @@ def _state(s: MultiAgentCache, keys) -> tuple:
             tuple((p.block_table(k), p.num_tokens(k)) for p in pools for k in keys))
 
 
+def _page_block_pools(num_pages: int):
+    """A page pool of `num_pages` pages under both pools, blocks of 4 tokens a page a tensor:
+    a KV block takes 2 pages (K and V), a low-rank block 1."""
+    be = vmm.get_backend()
+    g = be.granularity
+    pages = vmm.PagePool(be, capacity_bytes=num_pages * g)
+    kv = KVPool(pages, num_layers=1, num_kv_heads=1, head_dim=g // 8, block_size=4, max_blocks=64,
+                dtype=torch.float16)
+    lr = LowRankPool(pages, num_layers=1, rank=g // 8, block_size=4, max_blocks=64, dtype=torch.float16)
+    return pages, kv, lr
+
+
 @pytest.mark.parametrize("mode", ["base_shared", "base_lr_shared"])
 def test_requests_on_one_page_pool_are_all_or_nothing(mode, rng_seed):
     """Both pools draw on one small page pool: each pool alone always has room for what the
     other just took, so only a joint check answers right. `can_*` must predict the outcome, and
     a refused request must leave both pools exactly as they were."""
     rng = random.Random(rng_seed)
-    be = vmm.get_backend()
-    g = be.granularity
-    pages = vmm.PagePool(be, capacity_bytes=11 * g)
-    # A block of 4 tokens: K and V one page each (kv), one page (lr).
-    kv = KVPool(pages, num_layers=1, num_kv_heads=1, head_dim=g // 8, block_size=4, max_blocks=64,
-                dtype=torch.float16)
-    lr = LowRankPool(pages, num_layers=1, rank=g // 8, block_size=4, max_blocks=64, dtype=torch.float16)
+    pages, kv, lr = _page_block_pools(11)
     agents = [AgentSpec(f"a{i}", "llama", "A" if mode == "base_lr_shared" else f"A{i}") for i in range(3)]
     s = MultiAgentCache(mode, agents, kv, lr)
     live: list[tuple[str, int]] = []
@@ -226,12 +232,7 @@ def test_requests_on_one_page_pool_are_all_or_nothing(mode, rng_seed):
 def test_refused_allocate_with_free_cached_blocks_then_succeeds():
     """The base pool can serve a request by evicting a cached block (mapping nothing), so the
     low-rank pool keeps the last page: the joint check must count that and say yes."""
-    be = vmm.get_backend()
-    g = be.granularity
-    pages = vmm.PagePool(be, capacity_bytes=6 * g)
-    kv = KVPool(pages, num_layers=1, num_kv_heads=1, head_dim=g // 8, block_size=4, max_blocks=64,
-                dtype=torch.float16)
-    lr = LowRankPool(pages, num_layers=1, rank=g // 8, block_size=4, max_blocks=64, dtype=torch.float16)
+    pages, kv, lr = _page_block_pools(6)
     s = MultiAgentCache("base_lr_shared", [AgentSpec("a", "llama", "A0")], kv, lr)
     s.allocate("a", 0, [1, 2, 3, 4])                              # kv 2 pages, lr 1
     kv.allocate("other", [9, 8, 7, 6], "zzz")
