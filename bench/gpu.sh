@@ -21,18 +21,24 @@ mkdir -p "$BENCH_OUT"; rm -f "$BENCH_OUT/rows.json"
 # device tool's 8 files: the tests alone write 2, a bench run 6)
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/vmweave-triton-cache}
 bash bench/triton_cache.sh load
-save_cache() { [ -n "${SAVE_TRITON_CACHE:-}" ] && bash bench/triton_cache.sh save "$BENCH_OUT" "$SAVE_TRITON_CACHE"; }
+# `[ -z ] ||` rather than `[ -n ] &&`: the script's exit status is the tests' and suites', not this test's
+save_cache() { [ -z "${SAVE_TRITON_CACHE:-}" ] || bash bench/triton_cache.sh save "$BENCH_OUT" "$SAVE_TRITON_CACHE"; }
+rc=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$BENCH_OUT/card.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$BENCH_OUT/card.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_PROCS:-12} --dist load")
   timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -rf --maxfail=30 $XDIST tests -p no:cacheprovider "$@" 2>&1 | tail -n 60 > "$BENCH_OUT/tests.log"
+  rc=${PIPESTATUS[0]}
   echo "tests: $(tail -n 1 "$BENCH_OUT/tests.log")"
 fi
-[ -n "${SKIP_BENCH:-}" ] && { save_cache; exit 0; }
+[ -z "${SKIP_BENCH:-}" ] || { save_cache; exit "$rc"; }
 timeout "${BENCH_TIMEOUT:-400}" python3 -m pytest -q -s bench -p no:cacheprovider -o python_files='bench_*.py' \
   --benchmark-json="$BENCH_OUT/bench.json" ${BENCH_K:+-k "$BENCH_K"} "$@" > "$BENCH_OUT/bench.log" 2>&1
-echo "bench exit: $?"
+bench_rc=$?
+echo "bench exit: $bench_rc"
+[ "$rc" -ne 0 ] || rc=$bench_rc
 grep -E "passed|failed|error" "$BENCH_OUT/bench.log" | tail -n 5
 python3 bench/summary.py "$BENCH_OUT/rows.json" | tee "$BENCH_OUT/summary.md"
 save_cache
+exit "$rc"
