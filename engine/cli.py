@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ESFT adapter counts for the MoE table (empty: skip it)")
     b.add_argument("--only", choices=("modes", "esft"), default=None, help="run one of the two tables")
     b.add_argument("--small", action="store_true", help="tiny models instead (CPU smoke run)")
-    b.add_argument("--eager", action="store_true", help="decode eagerly, without CUDA graphs (the default on a GPU)")
+    b.add_argument("--eager", action="store_true",
+                   help="decode eagerly, without CUDA graphs (graphs are the default on a GPU; "
+                        "also VMWEAVE_CUDA_GRAPHS=0)")
     b.add_argument("--sync-steps", action="store_true",
                    help="synchronous steps, not overlapped ones (overlapped is the default on a GPU)")
     return p
@@ -227,7 +229,7 @@ def cmd_bench(args, say) -> int:
             f"random weights; plan/act/reflect r=8 LoRA on q,v with a shared A; {args.sessions} sessions")
         rows = e2e_bench(lengths=lengths, layers=args.layers, decode_tokens=args.decode_tokens,
                          sessions=args.sessions, modes=args.modes, device=args.device, small=args.small,
-                         progress=say, cuda_graphs=not args.eager, repeats=args.repeats,
+                         progress=say, cuda_graphs=False if args.eager else None, repeats=args.repeats,
                          async_steps=False if args.sync_steps else None)
         say("")
         say(format_e2e(rows))
@@ -237,7 +239,7 @@ def cmd_bench(args, say) -> int:
             f"{args.sessions * 4} sessions spread over the adapters")
         erows = esft_bench(counts, sessions=args.sessions * 4, device=args.device, small=args.small,
                            decode_tokens=max(args.decode_tokens, 2), prompt_len=16 if args.small else 128,
-                           progress=say, cuda_graphs=not args.eager,
+                           progress=say, cuda_graphs=False if args.eager else None,
                            async_steps=False if args.sync_steps else None)
         say("")
         say(format_esft(erows))

@@ -459,7 +459,7 @@ class _E2EPass:
 
 
 def _e2e_pass(model, mode: str, dirs: dict[str, str], context: list, probe: list, decode_tokens: int,
-              max_batched_tokens: int, cuda_graphs: bool = True, async_steps: bool | None = None) -> _E2EPass:
+              max_batched_tokens: int, cuda_graphs: bool | None = None, async_steps: bool | None = None) -> _E2EPass:
     """One engine in `mode`: the context turns, then the probe round; the engine is freed before
     returning (its page pool goes back before the next pass maps its own)."""
     from . import Engine
@@ -498,7 +498,7 @@ def _e2e_row(length: int, mode: str, sessions: int, run: _E2EPass) -> E2ERow:
 def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, decode_tokens: int = 16,
               sessions: int = 4, modes: Sequence[str] = MODES, device: str | None = None,
               small: bool = False, seed: int = 0, progress: Progress = None,
-              max_batched_tokens: int = 2048, warmup: bool = True, cuda_graphs: bool = True,
+              max_batched_tokens: int = 2048, warmup: bool = True, cuda_graphs: bool | None = None,
               repeats: int = 1, async_steps: bool | None = None) -> list[E2ERow]:
     """LRAgent's end-to-end case: plan / act / reflect (r=8 LoRA on q and v, one shared v_proj A)
     take turns on `sessions` trajectories at once, built up to each length, in every cache mode.
@@ -510,7 +510,8 @@ def e2e_bench(lengths: Sequence[int] = (1024, 4096, 16384), *, layers: int = 4, 
     the end. With `warmup`, every (length, mode) first runs the identical pass untimed on its own
     engine, so no measured step pays a compile the same shapes need (without it, the first mode
     of each kernel family to reach a length paid them inside its TPOT). `cuda_graphs`: decode
-    steps replayed from CUDA graphs (an Engine's default on a GPU) or run eagerly. Each pass is
+    steps replayed from CUDA graphs or run eagerly (None: the Engine's default, on a GPU unless
+    VMWEAVE_CUDA_GRAPHS=0). Each pass is
     a new engine, so its graphs are captured inside the measured round (on a decode key's second
     step): the mean TPOT includes captures, the median step does not. `async_steps`: the
     Engine's overlapped steps (None: its default, on on a GPU); overlapped, the first decode step
@@ -664,7 +665,7 @@ def _write_random_esft(path: str, model, experts_per_layer: int, seed: int, scal
 def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2, sessions: int = 16,
                prompt_len: int = 128, decode_tokens: int = 32, device: str | None = None,
                small: bool = False, seed: int = 0, progress: Progress = None,
-               cuda_graphs: bool = True, async_steps: bool | None = None) -> list[EsftRow]:
+               cuda_graphs: bool | None = None, async_steps: bool | None = None) -> list[EsftRow]:
     """ExpertWeave's end-to-end case: `sessions` requests decode together, spread round-robin
     over the loaded ESFT adapters (all on the base for the 0-adapter row), on one engine that
     loads more adapters between rows. Each row is timed on its second identical round (fresh
@@ -673,7 +674,8 @@ def esft_bench(counts: Sequence[int] = (1, 5, 20), *, experts_per_layer: int = 2
     baseline (one full copy of the model per adapter) is computed from the model's weight bytes;
     its throughput from the base model's rounds at each copy's share of the sessions (a merged
     copy costs what the base costs at the same batch), the copies served one at a time.
-    `cuda_graphs`: decode steps from CUDA graphs (captured in the untimed round) or eager."""
+    `cuda_graphs`: decode steps from CUDA graphs (captured in the untimed round) or eager (None:
+    the Engine's default, as in `e2e_bench`)."""
     import shutil
     import tempfile
 

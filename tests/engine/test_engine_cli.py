@@ -156,6 +156,27 @@ def test_bench_command_small(capsys):
     assert mib[0] == 0 and 0 < mib[1] < mib[2]  # the store maps pages per adapter
 
 
+@pytest.mark.parametrize("argv,want", [([], None), (["--eager"], False)])
+def test_bench_graph_flag_leaves_the_default_to_the_engine(monkeypatch, capsys, argv, want):
+    # None lets each Engine read VMWEAVE_CUDA_GRAPHS; a hard True would ignore it
+    import engine.fidelity as fid
+
+    seen = {}
+
+    def spy(name):
+        def run(*a, **kw):
+            seen[name] = kw.get("cuda_graphs", "missing")
+            return []
+        return run
+
+    monkeypatch.setattr(fid, "e2e_bench", spy("e2e"))
+    monkeypatch.setattr(fid, "esft_bench", spy("esft"))
+    monkeypatch.setattr(fid, "format_e2e", lambda rows: "")
+    monkeypatch.setattr(fid, "format_esft", lambda rows: "")
+    assert main(["bench", "--small", "--lengths", "40", "--device", "cpu", *argv]) == 0
+    assert seen == {"e2e": want, "esft": want}
+
+
 def test_bench_bad_arguments():
     with pytest.raises(SystemExit, match="--lengths"):
         main(["bench", "--lengths", "1k"])
