@@ -19,7 +19,8 @@ window blocks of the S2 layers that the other session may already have given bac
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -351,6 +352,34 @@ class KVManager:
             if n > end:
                 st.covered[k] = keep * self.block_size
 
+    def reopen_last(self, sid: int, agent: str | None) -> None:
+        """Make the last token `agent`'s streams cover pending again: a request that must sample
+        after a session whose every token is cached (an overlapped step ran the token its
+        previous request stopped on) gets its logits by computing that token again. The same
+        token, processing agent and prefix give the same K/V, so a partial last block (never
+        shared nor findable by content) is rewritten in place; a full one may be shared, so it
+        is given back and its tokens recomputed into a new block. Head-sharded S2 storage may
+        already have given back the token's window block: those streams are dropped."""
+        st = self.sessions.get(sid)
+        k = self.cov_key(agent)
+        n = st.covered.get(k, 0) if st is not None else 0
+        if n == 0:
+            return
+        keys = [key for key in self.stream_keys(agent) if key in st.streams]
+        if st.sharded:
+            for key in keys:
+                self._drop_stream(st, key)
+            st.covered.pop(k)
+            return
+        bs = self.block_size
+        keep = n - 1 if n % bs else n - bs
+        for key in keys:
+            s = st.streams[key]
+            if n % bs == 0:
+                s.truncate_blocks(min(len(s.blocks), keep // bs))
+            s.length = min(s.length, keep)
+        st.covered[k] = keep
+
     def _drop_stream(self, st: SessionCache, key: tuple) -> int:
         """Free one stream of a session (and its S2 layers' blocks); returns the bytes freed."""
         s = st.streams.pop(key)
@@ -375,6 +404,28 @@ class KVManager:
             return 0
         return (sum(s.nbytes() for s in st.streams.values())
                 + sum(self.s2.nbytes(s) for s in st.sharded.values()))
+
+    def freeable_bytes(self, sids: Iterable[int], others_of: tuple[int, str | None] | None = None) -> int:
+        """Bytes that freeing the caches of sessions `sids` together (and, with `others_of=(sid,
+        agent)`, that session's streams of every agent but `agent`, as `free_other_agents`)
+        would give back. A block that a cache outside them also holds (prefix sharing) stays,
+        so this can be less than the sum of their `session_bytes`."""
+        picked: list[tuple[SessionCache, tuple]] = []
+        for sid in sids:
+            st = self.sessions.get(sid)
+            if st is not None:
+                picked += [(st, key) for key in st.streams]
+        if others_of is not None and self.mode == "non_shared" and others_of[0] in self.sessions:
+            st = self.sessions[others_of[0]]
+            picked += [(st, key) for key in st.streams if key[1] != others_of[1]]
+        refs: Counter = Counter()
+        total = 0
+        for st, key in picked:
+            s = st.streams[key]
+            refs.update((s.pool, b) for b in s.blocks)
+            if key in st.sharded:  # never shared: S2 models have no prefix caching
+                total += self.s2.nbytes(st.sharded[key])
+        return total + sum(pool.block_bytes for (pool, b), k in refs.items() if pool.refs[b] == k)
 
     def drop_agent(self, name: str) -> None:
         """Free every stream that belongs to agent `name` (its own K/V, K namespace, low-rank V)."""

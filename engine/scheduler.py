@@ -104,6 +104,12 @@ class Scheduler:
         kv = self.kv
         if kv.budget.used + need <= kv.budget.capacity:
             return need
+        others = (sid, agent) if kv.mode == "non_shared" and sid not in protected else None
+        everyone = [x for x in kv.sessions if x != sid and x not in protected]
+        if kv.budget.used - kv.freeable_bytes(everyone, others) + need > kv.budget.capacity:
+            # freeing every cache the loop below may free would still not make room: free none,
+            # so that a request that cannot run costs the other sessions nothing
+            return None
         active = {r.session.id for r in self.running}
         # only caches that hold blocks are candidates: freeing an empty one makes no room and
         # would count as an eviction or preemption
@@ -153,7 +159,10 @@ class Scheduler:
             req.out.cached_tokens += self.kv.attach_prefix(s.id, self.stream_agent(req), s.tokens, s.procs)
             runs = self.pending(req)
             if not runs:
-                continue
+                # its whole session is cached (an overlapped step ran the token the previous
+                # request stopped on), yet it must sample after the last token: compute that again
+                self.kv.reopen_last(s.id, self.stream_agent(req))
+                runs = self.pending(req)
             total_end = runs[-1][2]
             take_end = min(total_end, runs[0][1] + budget)
             sid, agent = req.session.id, self.stream_agent(req)
