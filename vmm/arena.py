@@ -35,8 +35,9 @@ class _ArenaState:
         self.page_size = self.ps.page_size
         self.npages = -(-reserve_bytes // self.page_size)
         self.reserved_bytes = self.npages * self.page_size
-        self.pages: list[int | None] = [None] * self.npages
-        self.mapped = 0
+        # Mapped slots only (slot -> page id): reserving terabytes of address space must cost
+        # nothing, so nothing here may be sized by the reservation. Its length is the mapped count.
+        self.pages: dict[int, int] = {}
         self.closed = False
         with self.ps.lock:
             if self.ps.closed:
@@ -68,8 +69,7 @@ class _ArenaState:
         counters = ps.counters
         counters.driver_maps += n
         counters.driver_set_access += 1
-        self.pages[first:first + n] = ids
-        self.mapped += n
+        self.pages.update(zip(range(first, first + n), ids))
         ps.bytes_mapped += n * size
         if new:
             ps.incref(ids)
@@ -96,7 +96,6 @@ class _ArenaState:
         counters.driver_maps += 1
         counters.driver_set_access += 1
         self.pages[first] = pid
-        self.mapped += 1
         ps.bytes_mapped += size
         ps.refs[pid] = 1  # a free page has no mapping
 
@@ -106,10 +105,7 @@ class _ArenaState:
         be.synchronize()
         be.unmap(self.base + first * size, size)  # one mapping a page: nothing to restore
         ps.counters.driver_unmaps += 1
-        pages = self.pages
-        pid = pages[first]
-        pages[first] = None
-        self.mapped -= 1
+        pid = self.pages.pop(first)
         ps.bytes_mapped -= size
         refs = ps.refs
         r = refs[pid] - 1
@@ -158,39 +154,52 @@ class _ArenaState:
             ps.counters.driver_unmaps += n
         else:
             self.driver_unmap(first, n)
-        pages = self.pages
-        ids = pages[first:first + n]
-        pages[first:first + n] = [None] * n
-        self.mapped -= n
+        ids = list(map(self.pages.pop, range(first, first + n)))
         ps.bytes_mapped -= n * size
-        ps.decref(ids)  # type: ignore[arg-type]
+        ps.decref(ids)
 
     def _restore(self, first: int, n: int) -> None:
         """After a failed unmap, map back the pages it already unmapped; if even that fails,
         record them as unmapped so the bookkeeping matches the driver."""
-        ids = self.pages[first:first + n]
+        ids = list(map(self.pages.pop, range(first, first + n)))
         try:
-            self.pages[first:first + n] = [None] * n
-            self.mapped -= n
             self.ps.bytes_mapped -= n * self.page_size
-            self.map_slots(first, ids, new=False)  # type: ignore[arg-type]
+            self.map_slots(first, ids, new=False)
         except Exception:
-            self.ps.decref(ids)  # type: ignore[arg-type]
+            self.ps.decref(ids)
 
     def runs(self, first: int = 0, n: int | None = None) -> list[tuple[int, int]]:
-        """Contiguous mapped slot runs (start, count) within [first, first+n)."""
+        """Contiguous mapped slot runs (start, count) within [first, first+n), in slot order."""
+        pages = self.pages
         end = self.npages if n is None else first + n
-        out, i, pages = [], first, self.pages
-        while i < end:
-            if pages[i] is None:
-                i += 1
-                continue
-            j = i
-            while j < end and pages[j] is not None:
-                j += 1
-            out.append((i, j - i))
-            i = j
+        # Walk whichever is smaller, the window or the mapped slots: either way the cost never
+        # depends on how much address space is reserved.
+        if end - first <= len(pages):
+            slots: list[int] = [i for i in range(first, end) if i in pages]
+        elif first == 0 and end >= self.npages:
+            slots = sorted(pages)
+        else:
+            slots = sorted(i for i in pages if first <= i < end)
+        out: list[tuple[int, int]] = []
+        start = prev = -2
+        for i in slots:
+            if i != prev + 1:
+                if prev >= 0:
+                    out.append((start, prev + 1 - start))
+                start = i
+            prev = i
+        if prev >= 0:
+            out.append((start, prev + 1 - start))
         return out
+
+    def all_mapped(self, first: int, n: int) -> bool:
+        # all() over map() stays in C: no Python frame per slot.
+        return all(map(self.pages.__contains__, range(first, first + n)))
+
+    def first_unmapped(self, first: int, n: int) -> int | None:
+        """The lowest slot in [first, first+n) that is not mapped, or None."""
+        pages = self.pages
+        return next((i for i in range(first, first + n) if i not in pages), None)
 
     def close(self) -> None:
         """Unmap everything and free the reservation. Never raises (also the finalizer)."""
@@ -202,16 +211,16 @@ class _ArenaState:
                 self.backend.synchronize()
             except Exception:
                 pass
+            pages = self.pages
             for first, n in self.runs():
-                ids = self.pages[first:first + n]
+                ids = list(map(pages.__getitem__, range(first, first + n)))
                 try:
                     self.driver_unmap(first, n)
                 except Exception:
                     pass  # freeing the reservation below still drops the mappings on host
-                self.pages[first:first + n] = [None] * n
                 self.ps.bytes_mapped -= n * self.page_size
-                self.ps.decref(ids)  # type: ignore[arg-type]
-            self.mapped = 0
+                self.ps.decref(ids)
+            pages.clear()
             try:
                 self.backend.free_reservation(self.base, self.reserved_bytes)
             except Exception:
@@ -268,7 +277,7 @@ class VirtualArena:
     @property
     def mapped_bytes(self) -> int:
         """Bytes of the arena currently mapped (an aliased page counts at each address)."""
-        return self._s.mapped * self._s.page_size
+        return len(self._s.pages) * self._s.page_size
 
     @property
     def base_address(self) -> int:
@@ -315,12 +324,14 @@ class VirtualArena:
 
     def _require(self, what: str, first: int, n: int, mapped: bool, arena: "VirtualArena | None" = None) -> None:
         s = (arena or self)._s
-        span = s.pages[first:first + n]
-        # list.count runs in C: the whole range is checked at once, the page named only on error.
-        if span.count(None) == (0 if mapped else n):
+        pages = s.pages
+        window = range(first, first + n)
+        # Both checks run in C over the touched slots only; the page is named only on error.
+        ok = s.all_mapped(first, n) if mapped else pages.keys().isdisjoint(window)
+        if ok:
             return
-        for i, page in enumerate(span, first):
-            if (page is not None) != mapped:
+        for i in window:
+            if (i in pages) != mapped:
                 state = "is not mapped" if mapped else "is already mapped"
                 raise VmmError(f"{what}: the page at offset {i * s.page_size} {state}")
 
@@ -345,7 +356,7 @@ class VirtualArena:
             if (nbytes == s.page_size and type(offset) is int and type(nbytes) is int
                     and 0 <= offset < s.reserved_bytes and not offset % nbytes):
                 first = offset // nbytes
-                if s.pages[first] is None and ps.free:
+                if first not in s.pages and ps.free:
                     s.map_one(first)
                     return
             first, n = self._pages("map", offset, nbytes)
@@ -374,7 +385,7 @@ class VirtualArena:
             if (nbytes == s.page_size and type(offset) is int and type(nbytes) is int
                     and 0 <= offset < s.reserved_bytes and not offset % nbytes):
                 first = offset // nbytes
-                if s.pages[first] is not None:
+                if first in s.pages:
                     s.unmap_one(first)
                     return
             first, n = self._pages("unmap", offset, nbytes)
@@ -406,8 +417,8 @@ class VirtualArena:
                 return
             src._require("alias source", sfirst, n, mapped=True)
             self._require("alias destination", dfirst, n, mapped=False)
-            ids = src._s.pages[sfirst:sfirst + n]
-            s.map_slots(dfirst, ids, new=True)  # type: ignore[arg-type]
+            ids = list(map(src._s.pages.__getitem__, range(sfirst, sfirst + n)))
+            s.map_slots(dfirst, ids, new=True)
 
     def is_mapped(self, offset: int, nbytes: int) -> bool:
         """Whether every page touching the byte range [offset, offset+nbytes) is mapped (any
@@ -419,7 +430,7 @@ class VirtualArena:
             if nbytes == 0:
                 return True
             first, last = offset // s.page_size, (offset + nbytes - 1) // s.page_size
-            return all(p is not None for p in s.pages[first:last + 1])
+            return s.all_mapped(first, last + 1 - first)
 
     def _check_bytes(self, what: str, offset: int, nbytes: int) -> None:
         if offset < 0 or nbytes < 0 or offset + nbytes > self._s.reserved_bytes:
@@ -441,7 +452,8 @@ class VirtualArena:
             self._check_bytes("physical_pages", offset, nbytes)
             if nbytes == 0:
                 return []
-            return list(s.pages[offset // s.page_size:(offset + nbytes - 1) // s.page_size + 1])
+            first, last = offset // s.page_size, (offset + nbytes - 1) // s.page_size
+            return list(map(s.pages.get, range(first, last + 1)))
 
     def view(self, offset: int, shape: int | Sequence[int] | torch.Size, dtype: torch.dtype, *,
              require_mapped: bool = True) -> torch.Tensor:
@@ -472,13 +484,13 @@ class VirtualArena:
             self._check_bytes("view", offset, nbytes)
             if require_mapped and nbytes:
                 first, last = offset // s.page_size, (offset + nbytes - 1) // s.page_size
-                for i in range(first, last + 1):
-                    if s.pages[i] is None:
-                        raise VmmError(f"view: bytes [{offset}, {offset + nbytes}) are not all mapped; "
-                                       f"the page at offset {i * s.page_size} is not")
+                i = s.first_unmapped(first, last + 1 - first)
+                if i is not None:
+                    raise VmmError(f"view: bytes [{offset}, {offset + nbytes}) are not all mapped; "
+                                   f"the page at offset {i * s.page_size} is not")
             if nbytes == 0:
                 return torch.empty(shape_t, dtype=dtype, device=s.backend.device)
-            start_mapped = s.pages[offset // s.page_size] is not None
+            start_mapped = offset // s.page_size in s.pages
             raw = s.backend.tensor(s.base + offset, nbytes, owner=self, start_mapped=start_mapped)
         return raw.view(dtype).view(shape_t)
 
@@ -495,5 +507,5 @@ class VirtualArena:
 
     def __repr__(self) -> str:
         s = self._s
-        return (f"<vmm.VirtualArena {s.backend.name} reserved={s.reserved_bytes} mapped={s.mapped * s.page_size} "
+        return (f"<vmm.VirtualArena {s.backend.name} reserved={s.reserved_bytes} mapped={len(s.pages) * s.page_size} "
                 f"page_size={s.page_size}{' closed' if s.closed else ''}>")
