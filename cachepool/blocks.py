@@ -9,7 +9,9 @@ tokens do (vLLM #3264 / #30931 were that bug). A forked sequence shares every bl
 partial last one included; writing into a shared partial block copies it first.
 
 Freed full blocks stay cached (their contents may be hit again) and are evicted, least
-recently freed first, only when a request cannot be served from free memory. Every method
+recently freed first, only when a request cannot be served from free memory, or, when the
+caller asks (`evict_first`), before fresh pages are mapped: pools drawing on one page pool need
+that when the pages one would map are the pages the other needs. Every method
 checks its request completely before changing anything, so a CacheFullError leaves the
 manager exactly as it was.
 
@@ -189,11 +191,17 @@ class BlockManager:
         need = -(-len(tokens) // self.block_size) - len(hits)
         return hashes, hits, need
 
-    def _can_take(self, need: int, reclaimed: Iterable[int] = ()) -> bool:
+    def _spare(self, reclaimed: Iterable[int] = ()) -> int:
         # Hits sitting in the LRU become referenced, so they are no longer evictable.
-        lru_hits = sum(1 for b in set(reclaimed) if b not in self._ref)
-        spare = len(self._lru) - lru_hits
+        return len(self._lru) - sum(1 for b in set(reclaimed) if b not in self._ref)
+
+    def _can_take(self, need: int, reclaimed: Iterable[int] = ()) -> bool:
+        spare = self._spare(reclaimed)
         return need <= self._alloc.num_obtainable(enough=need - spare) + spare
+
+    def _num_evict_first(self, need: int, spare: int) -> int:
+        # Free blocks already backed cost no page, so they are used before any cached block.
+        return min(spare, max(0, need - self._alloc.num_free_backed()))
 
     def can_allocate(self, token_ids: Sequence[int], namespace: str = "") -> bool:
         """Whether `allocate` of these tokens would succeed now (prefix hits counted)."""
@@ -201,34 +209,46 @@ class BlockManager:
         _, hits, need = self._plan(self._check_tokens(token_ids), namespace)
         return self._can_take(need, hits)
 
-    def _pages_to_take(self, need: int) -> int:
-        # _take gets what the allocator can give (possibly mapping pages), then evicts.
+    def _pages_to_take(self, need: int, reclaimed: Iterable[int] = (), evict_first: bool = False) -> int:
+        # Mirrors _take: blocks not evicted come from the allocator, which maps their pages.
+        if evict_first:
+            return self._alloc.pages_to_alloc(need - self._num_evict_first(need, self._spare(reclaimed)))
         return self._alloc.pages_to_alloc(min(need, self._alloc.num_obtainable(enough=need)))
 
-    def pages_to_allocate(self, token_ids: Sequence[int], namespace: str = "") -> int:
-        """Physical pages `allocate(..., token_ids, namespace)` would map now (0 when it
-        fits in backed blocks or evicts cached ones). Assumes it can succeed."""
+    def pages_to_allocate(self, token_ids: Sequence[int], namespace: str = "", *,
+                          evict_first: bool = False) -> int:
+        """Physical pages `allocate(..., token_ids, namespace, evict_first=evict_first)` would
+        map now (0 when it fits in backed blocks or evicts cached ones). Assumes it can succeed."""
         self._check_namespace(namespace)
-        _, _, need = self._plan(self._check_tokens(token_ids), namespace)
-        return self._pages_to_take(need)
+        _, hits, need = self._plan(self._check_tokens(token_ids), namespace)
+        return self._pages_to_take(need, hits, evict_first)
 
-    def pages_to_append(self, seq_id: Hashable, num_tokens: int = 1) -> int:
-        """Physical pages `append_slots` of `num_tokens` tokens would map now."""
-        return self._pages_to_take(self._append_need(self._get(seq_id), num_tokens))
+    def pages_to_append(self, seq_id: Hashable, num_tokens: int = 1, *, evict_first: bool = False) -> int:
+        """Physical pages `append_slots` of `num_tokens` tokens (with `evict_first`) would map now."""
+        return self._pages_to_take(self._append_need(self._get(seq_id), num_tokens), evict_first=evict_first)
 
-    def _take(self, n: int) -> list[int]:
-        """n blocks for new contents: free ones first (lowest id), then evict cached ones."""
-        k = min(n, self._alloc.num_obtainable(enough=n))
-        ids = self._alloc.alloc_many(k)
-        while len(ids) < n:
-            if not self._lru:
-                for b in ids:
-                    self._alloc.release(b)
-                raise CacheFullError(f"asked for {n} blocks, only {len(ids)} available")
+    def _pop_lru(self, n: int) -> list[int]:
+        """Evict the `n` least recently freed cached blocks; their ids, still allocated."""
+        out = []
+        for _ in range(n):
             b, _ = self._lru.popitem(last=False)
             del self._by_hash[self._hash_of.pop(b)]
-            ids.append(b)
-        return ids
+            out.append(b)
+        return out
+
+    def _take(self, n: int, *, evict_first: bool = False) -> list[int]:
+        """n blocks for new contents: free ones first (lowest id, mapping pages if needed), then
+        evict cached ones. With `evict_first`, cached blocks are evicted before any page is
+        mapped (free blocks already backed still come first)."""
+        if evict_first:
+            evicted = self._num_evict_first(n, len(self._lru))
+            ids = self._alloc.alloc_many(n - evicted)  # the one step that may fail: evict after it
+            return ids + self._pop_lru(evicted)
+        ids = self._alloc.alloc_many(min(n, self._alloc.num_obtainable(enough=n)))
+        if n - len(ids) > len(self._lru):
+            self._alloc.release_many(ids)
+            raise CacheFullError(f"asked for {n} blocks, only {len(ids) + len(self._lru)} available")
+        return ids + self._pop_lru(n - len(ids))
 
     def _ref_inc(self, b: int) -> None:
         n = self._ref.get(b, 0)
@@ -258,10 +278,12 @@ class BlockManager:
             self._by_hash[h] = b
             self._hash_of[b] = h
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], namespace: str = "") -> int:
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], namespace: str = "", *,
+                 evict_first: bool = False) -> int:
         """Give a new sequence blocks for `token_ids`; return how many leading tokens are
         already stored (prefix hits in this namespace: a multiple of block_size, possibly all
         of them). Those positions map to slot -1; the caller computes and writes the rest.
+        `evict_first`: evict cached blocks before mapping fresh pages (see `pages_to_allocate`).
         Raises CacheFullError (nothing changed) when the blocks are not available."""
         self._check_namespace(namespace)
         if seq_id in self._seqs:
@@ -274,7 +296,7 @@ class BlockManager:
         for b in hits:
             self._ref_inc(b)
         try:
-            new = self._take(need)
+            new = self._take(need, evict_first=evict_first)
         except BaseException:
             for b in reversed(hits):
                 self._ref_dec(b)
@@ -301,9 +323,11 @@ class BlockManager:
         """Whether `append_slots` of `num_tokens` tokens would succeed now."""
         return self._can_take(self._append_need(self._get(seq_id), num_tokens))
 
-    def append_slots(self, seq_id: Hashable, token_ids: Sequence[int]) -> list[int]:
+    def append_slots(self, seq_id: Hashable, token_ids: Sequence[int], *,
+                     evict_first: bool = False) -> list[int]:
         """Extend a sequence by `token_ids`; return their slots (to write their K/V into).
-        A shared partial last block is copied first (copy-on-write)."""
+        A shared partial last block is copied first (copy-on-write). `evict_first`: evict
+        cached blocks before mapping fresh pages (see `pages_to_append`)."""
         s = self._get(seq_id)
         tokens = self._check_tokens(token_ids)
         need = self._append_need(s, len(tokens))
@@ -312,7 +336,7 @@ class BlockManager:
                                  f"{self.num_available()} available")
         if not tokens:
             return []
-        new = self._take(need)
+        new = self._take(need, evict_first=evict_first)
         for b in new:
             self._ref_inc(b)
         bs = self.block_size
@@ -360,10 +384,7 @@ class BlockManager:
     def evict(self, max_blocks: int | None = None) -> int:
         """Drop up to `max_blocks` cached unreferenced blocks (all when None), oldest first;
         return how many were dropped."""
-        dropped = []
-        while self._lru and (max_blocks is None or len(dropped) < max_blocks):
-            b, _ = self._lru.popitem(last=False)
-            del self._by_hash[self._hash_of.pop(b)]
-            dropped.append(b)
+        n = len(self._lru) if max_blocks is None else min(max(0, max_blocks), len(self._lru))
+        dropped = self._pop_lru(n)
         self._alloc.release_many(dropped)
         return len(dropped)

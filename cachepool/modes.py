@@ -18,15 +18,17 @@ low-rank; base_lr_shared n + K·p base and n + K·p low-rank.
 
 The two pools may draw on one `vmm.PagePool`: every request is then checked against both at
 once (what the first pool maps, the second cannot), so a request either succeeds in both pools
-or raises CacheFullError having changed neither. Pools do not evict each other's cached blocks;
-`trim()` gives cached pages back.
+or raises CacheFullError having changed neither. A pool keeps its cached blocks while it can map
+fresh pages, but when the pages the base pool would map are the ones the low-rank pool needs,
+the base pool evicts its own cached blocks first instead. Pools do not evict each other's cached
+blocks; `trim()` gives cached pages back.
 """
 from __future__ import annotations
 
 import enum
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Hashable, Sequence
+from typing import Callable, ContextManager, Hashable, Sequence
 
 from .errors import CacheFullError
 from .pools import KVPool, LowRankPool
@@ -166,6 +168,26 @@ class MultiAgentCache:
             return nullcontext()
         return lr.store.holding_pages(kv_pages)
 
+    def _kv_plan(self, kv_pages: Callable[[bool], int], lr_fits: Callable[[], bool]) -> bool | None:
+        """`evict_first` for the base pool's part of a joint request that the base pool can
+        take: False (keep its cached blocks) or True when only that leaves the low-rank pool
+        room; None when the low-rank pool has no room either way. `kv_pages(evict_first)`: the
+        pages the base pool would map; `lr_fits()`: the low-rank pool's own check."""
+        pages = kv_pages(False)
+        with self._lr_after_kv(pages):
+            if lr_fits():
+                return False
+        if self.lr_pool.store.page_pool is not self.kv_pool.store.page_pool:
+            return None
+        # The low-rank pool needs no plan of its own: it goes second, so the eviction it
+        # falls back on already sees the pages the base pool took.
+        fewer = kv_pages(True)
+        if fewer < pages:
+            with self._lr_after_kv(fewer):
+                if lr_fits():
+                    return True
+        return None
+
     def _live(self, key: tuple, live: bool) -> None:
         pools = [self.kv_pool] if self.lr_pool is None else [self.kv_pool, self.lr_pool]
         if live and not all(key in p for p in pools):
@@ -174,15 +196,19 @@ class MultiAgentCache:
             raise ValueError(f"agent {key[0]!r} sequence {key[1]!r} is already allocated")
 
     # ---- sequences ---------------------------------------------------------------------------
+    def _allocate_plan(self, r: AgentRoute, token_ids: Sequence[int]) -> bool | None:
+        """The base pool's `evict_first` for this allocate; None: it cannot succeed."""
+        if not self.kv_pool.can_allocate(token_ids, r.kv_namespace):
+            return None
+        if self.lr_pool is None:
+            return False
+        return self._kv_plan(
+            lambda ef: self.kv_pool.pages_to_allocate(token_ids, r.kv_namespace, evict_first=ef),
+            lambda: self.lr_pool.can_allocate(token_ids, r.lr_namespace))
+
     def can_allocate(self, agent: str, token_ids: Sequence[int]) -> bool:
         """Whether `allocate` of these tokens for `agent` would succeed now, in every pool."""
-        r = self.route(agent)
-        if not self.kv_pool.can_allocate(token_ids, r.kv_namespace):
-            return False
-        if self.lr_pool is None:
-            return True
-        with self._lr_after_kv(self.kv_pool.pages_to_allocate(token_ids, r.kv_namespace)):
-            return self.lr_pool.can_allocate(token_ids, r.lr_namespace)
+        return self._allocate_plan(self.route(agent), token_ids) is not None
 
     def allocate(self, agent: str, seq_id: Hashable, token_ids: Sequence[int]) -> tuple[int, int | None]:
         """Blocks for `agent`'s new sequence in every pool it uses; returns the number of leading
@@ -194,9 +220,10 @@ class MultiAgentCache:
         r = self.route(agent)
         key = (agent, seq_id)
         self._live(key, live=False)
-        if not self.can_allocate(agent, token_ids):
+        evict_first = self._allocate_plan(r, token_ids)
+        if evict_first is None:
             raise CacheFullError(f"no room for agent {agent!r} sequence {seq_id!r} of {len(token_ids)} tokens")
-        kv = self.kv_pool.allocate(key, token_ids, r.kv_namespace)
+        kv = self.kv_pool.allocate(key, token_ids, r.kv_namespace, evict_first=evict_first)
         if self.lr_pool is None:
             return kv, None
         try:
@@ -206,16 +233,20 @@ class MultiAgentCache:
             raise
         return kv, lr
 
+    def _append_plan(self, key: tuple, num_tokens: int) -> bool | None:
+        """The base pool's `evict_first` for this append; None: it cannot succeed."""
+        if not self.kv_pool.can_append(key, num_tokens):
+            return None
+        if self.lr_pool is None:
+            return False
+        return self._kv_plan(
+            lambda ef: self.kv_pool.pages_to_append(key, num_tokens, evict_first=ef),
+            lambda: self.lr_pool.can_append(key, num_tokens))
+
     def can_append(self, agent: str, seq_id: Hashable, num_tokens: int = 1) -> bool:
         """Whether `append_slots` of `num_tokens` tokens would succeed now, in every pool."""
-        key = (agent, seq_id)
         self.route(agent)
-        if not self.kv_pool.can_append(key, num_tokens):
-            return False
-        if self.lr_pool is None:
-            return True
-        with self._lr_after_kv(self.kv_pool.pages_to_append(key, num_tokens)):
-            return self.lr_pool.can_append(key, num_tokens)
+        return self._append_plan((agent, seq_id), num_tokens) is not None
 
     def append_slots(self, agent: str, seq_id: Hashable, token_ids: Sequence[int]) -> SeqSlots:
         """Extend a sequence in every pool; the slots to write the new tokens' K/V (and x·A) at.
@@ -223,9 +254,10 @@ class MultiAgentCache:
         self.route(agent)
         key = (agent, seq_id)
         self._live(key, live=True)
-        if not self.can_append(agent, seq_id, len(token_ids)):
+        evict_first = self._append_plan(key, len(token_ids))
+        if evict_first is None:
             raise CacheFullError(f"no room to append {len(token_ids)} tokens to {agent!r} sequence {seq_id!r}")
-        kv = self.kv_pool.append_slots(key, token_ids)
+        kv = self.kv_pool.append_slots(key, token_ids, evict_first=evict_first)
         lr = None if self.lr_pool is None else self.lr_pool.append_slots(key, token_ids)
         return SeqSlots(kv, lr)
 
