@@ -173,10 +173,10 @@ class _Contents:
         want = torch.stack([self._value(tag, ns, tuple(tokens[:p + 1])) for p in range(len(tokens))])
         for layer in range(want.shape[1]):
             if tag == "kv":
-                k, v = self.kv.read(layer, key)
+                k, v = (t.cpu() for t in self.kv.read(layer, key))  # the pools may live on a GPU
                 assert torch.equal(k, want[:, layer, 0]) and torch.equal(v, want[:, layer, 1]), (key, layer)
             else:
-                assert torch.equal(self.lr.read(layer, key), want[:, layer]), (key, layer)
+                assert torch.equal(self.lr.read(layer, key).cpu(), want[:, layer]), (key, layer)
 
 
 def _default_plan_fits(lr: LowRankPool, pages_kv: int, lr_fits) -> bool:
