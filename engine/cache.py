@@ -20,7 +20,7 @@ window blocks of the S2 layers that the other session may already have given bac
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +30,16 @@ from .kvcache import BlockPool, ByteBudget, CacheFull, Stream, make_page_pool, r
 from .s2 import ShardedKV, ShardedStream, s2_layers, s2_pattern
 
 MODES = ("non_shared", "base_shared", "base_lr_shared", "full_shared")
+
+
+class _AllAgents:
+    def __repr__(self) -> str:
+        return "ALL_AGENTS"
+
+
+# A session's whole cache, every agent's streams, as a victim of `KVManager.caches_to_free`
+# (an agent name, None included, means "all but that agent's").
+ALL_AGENTS = _AllAgents()
 
 
 @dataclass
@@ -405,27 +415,45 @@ class KVManager:
         return (sum(s.nbytes() for s in st.streams.values())
                 + sum(self.s2.nbytes(s) for s in st.sharded.values()))
 
-    def freeable_bytes(self, sids: Iterable[int], others_of: tuple[int, str | None] | None = None) -> int:
-        """Bytes that freeing the caches of sessions `sids` together (and, with `others_of=(sid,
-        agent)`, that session's streams of every agent but `agent`, as `free_other_agents`)
-        would give back. A block that a cache outside them also holds (prefix sharing) stays,
-        so this can be less than the sum of their `session_bytes`."""
-        picked: list[tuple[SessionCache, tuple]] = []
-        for sid in sids:
-            st = self.sessions.get(sid)
-            if st is not None:
-                picked += [(st, key) for key in st.streams]
-        if others_of is not None and self.mode == "non_shared" and others_of[0] in self.sessions:
-            st = self.sessions[others_of[0]]
-            picked += [(st, key) for key in st.streams if key[1] != others_of[1]]
+    def caches_to_free(self, victims: Sequence[tuple[int, object]], room: int) -> int | None:
+        """How many leading `victims`, freed in order, give back at least `room` bytes; None when
+        all of them together do not. A victim is (session, ALL_AGENTS) for its whole cache
+        (`free_session`) or, non_shared, (session, agent) for its streams of every agent but that
+        one (`free_other_agents`). A block that a cache outside them also holds (prefix sharing)
+        is not given back, one several of them hold is once all of those are counted: so this
+        can ask for more than their `session_bytes`. Reads only the blocks of the victims it
+        counts."""
+        if room <= 0:
+            return 0
+        picked = [(st, self._keys_freed(st, keep)) for st, keep in
+                  ((self.sessions.get(x), keep) for x, keep in victims) if st is not None]
+        # an upper bound first, without reading a block: what cannot fit is refused at once
+        if sum(st.streams[k].nbytes() + (self.s2.nbytes(st.sharded[k]) if k in st.sharded else 0)
+               for st, keys in picked for k in keys) < room:
+            return None
         refs: Counter = Counter()
-        total = 0
-        for st, key in picked:
-            s = st.streams[key]
-            refs.update((s.pool, b) for b in s.blocks)
-            if key in st.sharded:  # never shared: S2 models have no prefix caching
-                total += self.s2.nbytes(st.sharded[key])
-        return total + sum(pool.block_bytes for (pool, b), k in refs.items() if pool.refs[b] == k)
+        freed = 0
+        for i, (x, keep) in enumerate(victims, 1):
+            st = self.sessions.get(x)
+            for key in self._keys_freed(st, keep) if st is not None else ():
+                s = st.streams[key]
+                pool_refs = s.pool.refs
+                for b in s.blocks:
+                    refs[(s.pool, b)] += 1
+                    if refs[(s.pool, b)] == pool_refs[b]:
+                        freed += s.pool.block_bytes
+                if key in st.sharded:  # never shared: S2 models have no prefix caching
+                    freed += self.s2.nbytes(st.sharded[key])
+            if freed >= room:
+                return i
+        return None
+
+    def _keys_freed(self, st: SessionCache, keep: object) -> list[tuple]:
+        """The streams of a session that `free_session` (keep=ALL_AGENTS) or
+        `free_other_agents(sid, keep)` frees."""
+        if keep is ALL_AGENTS:
+            return list(st.streams)
+        return [k for k in st.streams if k[1] != keep] if self.mode == "non_shared" else []
 
     def drop_agent(self, name: str) -> None:
         """Free every stream that belongs to agent `name` (its own K/V, K namespace, low-rank V)."""
@@ -441,7 +469,7 @@ class KVManager:
         if st is None or self.mode != "non_shared":
             return 0
         freed = 0
-        for key in [k for k in st.streams if k[1] != keep]:
+        for key in self._keys_freed(st, keep):
             freed += self._drop_stream(st, key)
             st.covered.pop(key[1], None)
         return freed

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cache import KVManager
+from .cache import ALL_AGENTS, KVManager
 from .kvcache import CacheFull
 from .sequence import Request, Session, Status
 
@@ -104,38 +104,44 @@ class Scheduler:
         kv = self.kv
         if kv.budget.used + need <= kv.budget.capacity:
             return need
-        others = (sid, agent) if kv.mode == "non_shared" and sid not in protected else None
-        everyone = [x for x in kv.sessions if x != sid and x not in protected]
-        if kv.budget.used - kv.freeable_bytes(everyone, others) + need > kv.budget.capacity:
-            # freeing every cache the loop below may free would still not make room: free none,
-            # so that a request that cannot run costs the other sessions nothing
+        victims = self._victims(sid, agent, protected)
+        # Count first, in the order they would be freed, up to the first that makes room: a
+        # request that cannot run then costs the other sessions nothing, and one that can pays
+        # only for reading the caches it frees anyway.
+        if kv.caches_to_free([(x, keep) for x, keep, _ in victims],
+                             kv.budget.used + need - kv.budget.capacity) is None:
             return None
+        for x, keep, req in victims:
+            if keep is not ALL_AGENTS:  # non_shared's last resort: the other agents' copies of this session
+                kv.free_other_agents(x, keep)
+                self.preemptions += 1
+            else:
+                kv.free_session(x)
+                if req is None:
+                    self.evictions += 1
+                else:
+                    req.status = Status.WAITING
+                    self.preemptions += 1
+            if kv.budget.used + need <= kv.budget.capacity:
+                return need
+        return None
+
+    def _victims(self, sid: int, agent: str | None, protected: set[int]):
+        """What `_room_for` may free for session `sid`, in the order it frees them, as (session,
+        agents kept or ALL_AGENTS, its running request or None): idle sessions' caches, least
+        recently used first, then those of running requests, newest first, then in non_shared the
+        other agents' copies of `sid` itself. Only caches that hold blocks: freeing an empty one
+        makes no room and would count as an eviction or preemption."""
+        kv = self.kv
         active = {r.session.id for r in self.running}
-        # only caches that hold blocks are candidates: freeing an empty one makes no room and
-        # would count as an eviction or preemption
         idle = sorted((x for x in kv.sessions if x not in active and x not in protected and x != sid
                        and kv.session_bytes(x)), key=lambda x: self.last_used.get(x, -1))
-        for victim in idle:
-            kv.free_session(victim)
-            self.evictions += 1
-            if kv.budget.used + need <= kv.budget.capacity:
-                return need
-        for req in reversed(list(self.running)):
-            vs = req.session.id
-            if vs == sid or vs in protected or not kv.session_bytes(vs):
-                continue
-            kv.free_session(vs)
-            req.status = Status.WAITING
-            self.preemptions += 1
-            if kv.budget.used + need <= kv.budget.capacity:
-                return need
-        # last resort in non_shared: the other agents' copies of this very session
+        out: list[tuple[int, object, Request | None]] = [(x, ALL_AGENTS, None) for x in idle]
+        out += [(r.session.id, ALL_AGENTS, r) for r in reversed(self.running)
+                if r.session.id != sid and r.session.id not in protected and kv.session_bytes(r.session.id)]
         if kv.mode == "non_shared" and sid not in protected:
-            kv.free_other_agents(sid, agent)
-            if kv.budget.used + need <= kv.budget.capacity:
-                self.preemptions += 1
-                return need
-        return need if kv.budget.used + need <= kv.budget.capacity else None
+            out.append((sid, agent, None))
+        return out
 
     # ---- the step plan -----------------------------------------------------------------------
     def schedule(self) -> tuple[list[Work], list[tuple[Request, str]]]:
