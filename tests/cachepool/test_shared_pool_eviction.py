@@ -328,13 +328,22 @@ def test_random_requests_on_a_shared_page_pool(mode, lr_prefix_caching, rng_seed
 def test_pages_to_predict_the_pages_mapped(evict_first, roomy, rng_seed):
     """A pool alone under random requests: `pages_to_*` with and without `evict_first` is
     exactly what the request then maps, `evict_first` never maps more, and whether a request
-    fits does not depend on it. A tight page pool refuses often; in a roomy one (more pages
-    than the pool reserves) cached blocks and fresh pages are there together."""
+    fits does not depend on it. A tight page pool refuses often; in a roomy one (301 pages)
+    cached blocks and fresh pages are there together — often, not always, so rounds on fresh
+    pools go on until evicting first has saved a page at least once."""
     rng = random.Random(rng_seed)
+    counts: Counter = Counter()
+    for _ in range(8):
+        _predict_run(rng, evict_first, roomy, counts)
+        if counts["fewer_pages"] > 0 or not roomy:
+            break
+    assert counts["ok"] > 50 and (counts["fewer_pages"] > 0 if roomy else counts["full"] > 10), counts
+
+
+def _predict_run(rng: random.Random, evict_first: bool, roomy: bool, counts: Counter) -> None:
     pages, kv, _ = _odd_pools(rng, num_pages=301 if roomy else None)
     live: list = []
     traj = [rng.randrange(30) for _ in range(60)]
-    counts: Counter = Counter()
     refused = False
     for step in range(400):
         op = 0.9 if refused and rng.random() < 0.5 else rng.random()
@@ -373,4 +382,3 @@ def test_pages_to_predict_the_pages_mapped(evict_first, roomy, rng_seed):
         assert plans[True] <= plans[False] and _in_use(pages) - before[0] == plans[evict_first], step
         counts["ok"] += 1
         counts["fewer_pages"] += plans[True] < plans[False]
-    assert counts["ok"] > 50 and (counts["fewer_pages"] > 0 if roomy else counts["full"] > 10), counts
