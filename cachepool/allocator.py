@@ -92,18 +92,20 @@ class BlockAllocator:
     def is_free(self, block: int) -> bool:
         return block in self._freed or self._top <= block < self.num_blocks
 
-    def num_free_backed(self) -> int:
-        """Free ids `alloc_many` can hand out without mapping a page."""
-        backed = min(self.store.backed_blocks(), self.num_blocks)
+    def num_free_backed(self, backed: int | None = None) -> int:
+        """Free ids `alloc_many` can hand out without mapping a page (`backed`: the store's
+        backed blocks, when the caller has them)."""
+        if backed is None:
+            backed = min(self.store.backed_blocks(), self.num_blocks)
         return self.num_free - (self.num_blocks - backed)
 
     def num_obtainable(self, enough: int | None = None) -> int:
         """How many blocks `alloc_many` can hand out now, growing the store if it may. With
         `enough`, the answer may stop at any count >= enough (skips asking the store)."""
-        free_backed = self.num_free_backed()
+        backed = min(self.store.backed_blocks(), self.num_blocks)
+        free_backed = self.num_free_backed(backed)
         if enough is not None and free_backed >= enough:
             return free_backed
-        backed = min(self.store.backed_blocks(), self.num_blocks)
         growable = max(0, min(self.store.max_backable(), self.num_blocks) - backed)
         return free_backed + growable
 

@@ -218,7 +218,8 @@ class BlockManager:
     def pages_to_allocate(self, token_ids: Sequence[int], namespace: str = "", *,
                           evict_first: bool = False) -> int:
         """Physical pages `allocate(..., token_ids, namespace, evict_first=evict_first)` would
-        map now (0 when it fits in backed blocks or evicts cached ones). Assumes it can succeed."""
+        map now: 0 when it fits in backed blocks; by default it maps what it can before evicting
+        cached blocks, with `evict_first` it evicts them before mapping. Assumes it can succeed."""
         self._check_namespace(namespace)
         _, hits, need = self._plan(self._check_tokens(token_ids), namespace)
         return self._pages_to_take(need, hits, evict_first)

@@ -484,7 +484,8 @@ class VirtualArena:
             self._check_bytes("view", offset, nbytes)
             if require_mapped and nbytes:
                 first, last = offset // s.page_size, (offset + nbytes - 1) // s.page_size
-                i = s.first_unmapped(first, last + 1 - first)
+                # the check in C first; the generator that names the hole only on error
+                i = None if s.all_mapped(first, last + 1 - first) else s.first_unmapped(first, last + 1 - first)
                 if i is not None:
                     raise VmmError(f"view: bytes [{offset}, {offset + nbytes}) are not all mapped; "
                                    f"the page at offset {i * s.page_size} is not")
