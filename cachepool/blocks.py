@@ -199,9 +199,14 @@ class BlockManager:
         spare = self._spare(reclaimed)
         return need <= self._alloc.num_obtainable(enough=need - spare) + spare
 
-    def _num_evict_first(self, need: int, spare: int) -> int:
-        # Free blocks already backed cost no page, so they are used before any cached block.
-        return min(spare, max(0, need - self._alloc.num_free_backed()))
+    def _from_allocator(self, n: int, spare: int, evict_first: bool) -> int:
+        """How many of `n` new blocks `_take` gets from the allocator (mapping pages where they
+        are not backed); it evicts the rest of `spare` cached blocks. One answer for `_take` and
+        `_pages_to_take`, so the page prediction is what the request then does."""
+        if evict_first:
+            # Free blocks already backed cost no page, so they are used before any cached block.
+            return n - min(spare, max(0, n - self._alloc.num_free_backed()))
+        return min(n, self._alloc.num_obtainable(enough=n))
 
     def can_allocate(self, token_ids: Sequence[int], namespace: str = "") -> bool:
         """Whether `allocate` of these tokens would succeed now (prefix hits counted)."""
@@ -210,10 +215,9 @@ class BlockManager:
         return self._can_take(need, hits)
 
     def _pages_to_take(self, need: int, reclaimed: Iterable[int] = (), evict_first: bool = False) -> int:
-        # Mirrors _take: blocks not evicted come from the allocator, which maps their pages.
-        if evict_first:
-            return self._alloc.pages_to_alloc(need - self._num_evict_first(need, self._spare(reclaimed)))
-        return self._alloc.pages_to_alloc(min(need, self._alloc.num_obtainable(enough=need)))
+        # only evicting first reads how many cached blocks there are to evict
+        spare = self._spare(reclaimed) if evict_first else 0
+        return self._alloc.pages_to_alloc(self._from_allocator(need, spare, evict_first))
 
     def pages_to_allocate(self, token_ids: Sequence[int], namespace: str = "", *,
                           evict_first: bool = False) -> int:
@@ -241,12 +245,8 @@ class BlockManager:
         """n blocks for new contents: free ones first (lowest id, mapping pages if needed), then
         evict cached ones. With `evict_first`, cached blocks are evicted before any page is
         mapped (free blocks already backed still come first)."""
-        if evict_first:
-            evicted = self._num_evict_first(n, len(self._lru))
-            ids = self._alloc.alloc_many(n - evicted)  # the one step that may fail: evict after it
-            return ids + self._pop_lru(evicted)
-        ids = self._alloc.alloc_many(min(n, self._alloc.num_obtainable(enough=n)))
-        if n - len(ids) > len(self._lru):
+        ids = self._alloc.alloc_many(self._from_allocator(n, len(self._lru), evict_first))
+        if n - len(ids) > len(self._lru):  # checked before any eviction: a refusal evicts nothing
             self._alloc.release_many(ids)
             raise CacheFullError(f"asked for {n} blocks, only {len(ids) + len(self._lru)} available")
         return ids + self._pop_lru(n - len(ids))

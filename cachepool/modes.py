@@ -168,11 +168,15 @@ class MultiAgentCache:
             return nullcontext()
         return lr.store.holding_pages(kv_pages)
 
-    def _kv_plan(self, kv_pages: Callable[[bool], int], lr_fits: Callable[[], bool]) -> bool | None:
-        """`evict_first` for the base pool's part of a joint request that the base pool can
-        take: False (keep its cached blocks) or True when only that leaves the low-rank pool
-        room; None when the low-rank pool has no room either way. `kv_pages(evict_first)`: the
-        pages the base pool would map; `lr_fits()`: the low-rank pool's own check."""
+    def _kv_plan(self, kv_fits: bool, kv_pages: Callable[[bool], int], lr_fits: Callable[[], bool]) -> bool | None:
+        """`evict_first` for the base pool's part of a joint request: False (keep its cached
+        blocks) or True when only that leaves the low-rank pool room; None when the request
+        cannot succeed. `kv_fits`: the base pool's own check; `kv_pages(evict_first)`: the pages
+        the base pool would map; `lr_fits()`: the low-rank pool's own check."""
+        if not kv_fits:
+            return None
+        if self.lr_pool is None:
+            return False
         pages = kv_pages(False)
         with self._lr_after_kv(pages):
             if lr_fits():
@@ -198,11 +202,8 @@ class MultiAgentCache:
     # ---- sequences ---------------------------------------------------------------------------
     def _allocate_plan(self, r: AgentRoute, token_ids: Sequence[int]) -> bool | None:
         """The base pool's `evict_first` for this allocate; None: it cannot succeed."""
-        if not self.kv_pool.can_allocate(token_ids, r.kv_namespace):
-            return None
-        if self.lr_pool is None:
-            return False
         return self._kv_plan(
+            self.kv_pool.can_allocate(token_ids, r.kv_namespace),
             lambda ef: self.kv_pool.pages_to_allocate(token_ids, r.kv_namespace, evict_first=ef),
             lambda: self.lr_pool.can_allocate(token_ids, r.lr_namespace))
 
@@ -235,11 +236,8 @@ class MultiAgentCache:
 
     def _append_plan(self, key: tuple, num_tokens: int) -> bool | None:
         """The base pool's `evict_first` for this append; None: it cannot succeed."""
-        if not self.kv_pool.can_append(key, num_tokens):
-            return None
-        if self.lr_pool is None:
-            return False
         return self._kv_plan(
+            self.kv_pool.can_append(key, num_tokens),
             lambda ef: self.kv_pool.pages_to_append(key, num_tokens, evict_first=ef),
             lambda: self.lr_pool.can_append(key, num_tokens))
 
