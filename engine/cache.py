@@ -353,9 +353,9 @@ class KVManager:
         if st.sharded:
             self.free_session(sid)
             return
-        # the last kept token is always recomputed: a next request (even one with an empty prompt)
-        # then has its logits to sample from
-        keep = max(0, end - 1) // self.block_size
+        # a cut on a block boundary leaves nothing to compute; a next request with an empty prompt
+        # gets its logits from the scheduler recomputing the last token (reopen_last)
+        keep = end // self.block_size
         for s in cut:
             s.truncate_blocks(keep)
         for k, n in st.covered.items():
@@ -425,17 +425,18 @@ class KVManager:
         counts."""
         if room <= 0:
             return 0
-        picked = [(st, self._keys_freed(st, keep)) for st, keep in
-                  ((self.sessions.get(x), keep) for x, keep in victims) if st is not None]
+        picked = []  # one entry a victim, so that counting stops at the victim's index
+        for x, keep in victims:
+            st = self.sessions.get(x)
+            picked.append((st, self._keys_freed(st, keep) if st is not None else []))
         # an upper bound first, without reading a block: what cannot fit is refused at once
         if sum(st.streams[k].nbytes() + (self.s2.nbytes(st.sharded[k]) if k in st.sharded else 0)
                for st, keys in picked for k in keys) < room:
             return None
         refs: Counter = Counter()
         freed = 0
-        for i, (x, keep) in enumerate(victims, 1):
-            st = self.sessions.get(x)
-            for key in self._keys_freed(st, keep) if st is not None else ():
+        for i, (st, keys) in enumerate(picked, 1):
+            for key in keys:
                 s = st.streams[key]
                 pool_refs = s.pool.refs
                 for b in s.blocks:

@@ -126,7 +126,7 @@ class Scheduler:
                 return need
         return None
 
-    def _victims(self, sid: int, agent: str | None, protected: set[int]):
+    def _victims(self, sid: int, agent: str | None, protected: set[int]) -> list[tuple[int, object, Request | None]]:
         """What `_room_for` may free for session `sid`, in the order it frees them, as (session,
         agents kept or ALL_AGENTS, its running request or None): idle sessions' caches, least
         recently used first, then those of running requests, newest first, then in non_shared the
@@ -136,7 +136,7 @@ class Scheduler:
         active = {r.session.id for r in self.running}
         idle = sorted((x for x in kv.sessions if x not in active and x not in protected and x != sid
                        and kv.session_bytes(x)), key=lambda x: self.last_used.get(x, -1))
-        out: list[tuple[int, object, Request | None]] = [(x, ALL_AGENTS, None) for x in idle]
+        out = [(x, ALL_AGENTS, None) for x in idle]
         out += [(r.session.id, ALL_AGENTS, r) for r in reversed(self.running)
                 if r.session.id != sid and r.session.id not in protected and kv.session_bytes(r.session.id)]
         if kv.mode == "non_shared" and sid not in protected:
