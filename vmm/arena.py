@@ -176,8 +176,6 @@ class _ArenaState:
         # depends on how much address space is reserved.
         if end - first <= len(pages):
             slots: list[int] = [i for i in range(first, end) if i in pages]
-        elif first == 0 and end >= self.npages:
-            slots = sorted(pages)
         else:
             slots = sorted(i for i in pages if first <= i < end)
         out: list[tuple[int, int]] = []
