@@ -18,7 +18,7 @@ slots, and callers write them with `kernels.write_kv` / `kernels.write_lowrank`.
 from __future__ import annotations
 
 from .allocator import BlockAllocator, BlockStore, UnboundedStore
-from .blocks import BlockManager, block_hash
+from .blocks import BlockManager, SeqCheckpoint, block_hash
 from .errors import CacheFullError, CachePoolError
 from .modes import AgentRoute, AgentSpec, CacheMode, MultiAgentCache, SeqSlots
 from .pools import KVPool, LowRankPool
@@ -28,5 +28,5 @@ from .storage import PagedStore
 __all__ = [
     "AgentRoute", "AgentSpec", "BlockAllocator", "BlockManager", "BlockStore", "CacheFullError",
     "CacheMode", "CachePoolError", "HeadShardedKVPool", "KVPool", "LowRankPool", "MultiAgentCache", "PagedStore",
-    "SeqSlots", "ShardPattern", "UnboundedStore", "block_hash",
+    "SeqCheckpoint", "SeqSlots", "ShardPattern", "UnboundedStore", "block_hash",
 ]

@@ -53,6 +53,17 @@ class _Seq:
     num_stored: int = 0  # leading tokens already stored when allocated (not to be written)
 
 
+@dataclass(frozen=True)
+class SeqCheckpoint:
+    """A sequence's state before an `allocate` or `append_slots` (`BlockManager.checkpoint`)."""
+
+    seq_id: Hashable
+    live: bool
+    num_tokens: int = 0
+    blocks: tuple[int, ...] = ()
+    num_hashes: int = 0
+
+
 class BlockManager:
     """Blocks of one pool: allocation, prefix sharing, copy-on-write, LRU eviction.
 
@@ -381,6 +392,50 @@ class BlockManager:
         for b in reversed(s.blocks):
             self._ref_dec(b, released)
         self._alloc.release_many(released)
+
+    def checkpoint(self, seq_id: Hashable) -> SeqCheckpoint:
+        """What `rollback` needs to undo the next `allocate` of `seq_id` (not live now) or the
+        next `append_slots` to it (live)."""
+        s = self._seqs.get(seq_id)
+        if s is None:
+            return SeqCheckpoint(seq_id, False)
+        return SeqCheckpoint(seq_id, True, len(s.tokens), tuple(s.blocks), len(s.hashes))
+
+    def _forget(self, s: _Seq, first: int) -> None:
+        """Unregister the contents this sequence registered for its blocks from `first` on."""
+        for i in range(first, len(s.hashes)):
+            b, h = s.blocks[i], s.hashes[i]
+            if self._hash_of.get(b) == h:
+                del self._hash_of[b]
+                del self._by_hash[h]
+
+    def rollback(self, cp: SeqCheckpoint) -> None:
+        """Undo the `allocate` or `append_slots` made since `cp` was taken, before any of the new
+        tokens' K/V was written (a pool sharing the request failed after this one succeeded).
+        The blocks it took are free again and the contents it registered are forgotten: they
+        were never written, so no later request may hit them. A copy-on-write is undone (the
+        sequence shares the block it copied again). Cached blocks it evicted stay evicted."""
+        s = self._seqs.get(cp.seq_id)
+        if not cp.live:
+            if s is None:  # the allocate never happened
+                return
+            self._forget(s, s.num_stored // self.block_size)  # prefix hits stay: they were written
+            self.free(cp.seq_id)
+            return
+        if s is None:
+            raise KeyError(f"no live sequence {cp.seq_id!r}")
+        self._forget(s, cp.num_hashes)
+        keep = len(cp.blocks)
+        released: list[int] = []
+        if keep and s.blocks[keep - 1] != cp.blocks[-1]:  # a copy-on-write: share the original again
+            self._ref_inc(cp.blocks[-1])
+            self._ref_dec(s.blocks[keep - 1], released)
+        for b in reversed(s.blocks[keep:]):
+            self._ref_dec(b, released)
+        self._alloc.release_many(released)
+        s.blocks[:] = cp.blocks
+        del s.tokens[cp.num_tokens:]
+        del s.hashes[cp.num_hashes:]
 
     def evict(self, max_blocks: int | None = None) -> int:
         """Drop up to `max_blocks` cached unreferenced blocks (all when None), oldest first;

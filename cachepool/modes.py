@@ -26,10 +26,11 @@ blocks; `trim()` gives cached pages back.
 from __future__ import annotations
 
 import enum
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Hashable, Sequence
+from typing import Callable, ContextManager, Hashable, Iterator, Sequence
 
+from .blocks import SeqCheckpoint
 from .errors import CacheFullError
 from .pools import KVPool, LowRankPool
 
@@ -192,6 +193,17 @@ class MultiAgentCache:
                     return True
         return None
 
+    @contextmanager
+    def _undo_on_error(self, kv_checkpoint: SeqCheckpoint) -> Iterator[None]:
+        """The low-rank pool's part of a request the joint plan said fits: if it fails anyway
+        (the driver refused a page the page pool's count allowed), the base pool's part is
+        undone, so the pools stay in step and nothing unwritten stays cached."""
+        try:
+            yield
+        except BaseException:
+            self.kv_pool.rollback(kv_checkpoint)
+            raise
+
     def _live(self, key: tuple, live: bool) -> None:
         pools = [self.kv_pool] if self.lr_pool is None else [self.kv_pool, self.lr_pool]
         if live and not all(key in p for p in pools):
@@ -224,14 +236,12 @@ class MultiAgentCache:
         evict_first = self._allocate_plan(r, token_ids)
         if evict_first is None:
             raise CacheFullError(f"no room for agent {agent!r} sequence {seq_id!r} of {len(token_ids)} tokens")
+        cp = self.kv_pool.checkpoint(key)
         kv = self.kv_pool.allocate(key, token_ids, r.kv_namespace, evict_first=evict_first)
         if self.lr_pool is None:
             return kv, None
-        try:
+        with self._undo_on_error(cp):
             lr = self.lr_pool.allocate(key, token_ids, r.lr_namespace)
-        except BaseException:  # checked above, so not for want of room: keep the pools in step
-            self.kv_pool.free(key)
-            raise
         return kv, lr
 
     def _append_plan(self, key: tuple, num_tokens: int) -> bool | None:
@@ -255,8 +265,12 @@ class MultiAgentCache:
         evict_first = self._append_plan(key, len(token_ids))
         if evict_first is None:
             raise CacheFullError(f"no room to append {len(token_ids)} tokens to {agent!r} sequence {seq_id!r}")
+        cp = self.kv_pool.checkpoint(key)
         kv = self.kv_pool.append_slots(key, token_ids, evict_first=evict_first)
-        lr = None if self.lr_pool is None else self.lr_pool.append_slots(key, token_ids)
+        if self.lr_pool is None:
+            return SeqSlots(kv, None)
+        with self._undo_on_error(cp):
+            lr = self.lr_pool.append_slots(key, token_ids)
         return SeqSlots(kv, lr)
 
     def fork(self, agent: str, src_id: Hashable, dst_id: Hashable) -> None:

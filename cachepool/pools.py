@@ -16,7 +16,7 @@ import torch
 
 import vmm
 
-from .blocks import BlockManager
+from .blocks import BlockManager, SeqCheckpoint
 from .storage import PagedStore, StoreOwner
 
 
@@ -81,6 +81,15 @@ class _Pool(StoreOwner):
     def fork(self, src_id: Hashable, dst_id: Hashable) -> None:
         """A new sequence `dst_id` sharing every block of `src_id` (no copy until a write)."""
         self.manager.fork(src_id, dst_id)
+
+    def checkpoint(self, seq_id: Hashable) -> SeqCheckpoint:
+        """`seq_id`'s state before an `allocate` or `append_slots`, for `rollback`."""
+        return self.manager.checkpoint(seq_id)
+
+    def rollback(self, cp: SeqCheckpoint) -> None:
+        """Undo the `allocate` or `append_slots` made since `cp`, before any K/V was written
+        (see `BlockManager.rollback`)."""
+        self.manager.rollback(cp)
 
     def free(self, seq_id: Hashable) -> None:
         """Drop `seq_id`; its full blocks stay cached for prefix hits until evicted."""
