@@ -60,7 +60,8 @@ class SeqCheckpoint:
     seq_id: Hashable
     live: bool
     num_tokens: int = 0
-    blocks: tuple[int, ...] = ()
+    num_blocks: int = 0
+    last_block: int = -1  # an append may replace only this one (copy-on-write), never those before
     num_hashes: int = 0
 
 
@@ -355,7 +356,14 @@ class BlockManager:
         pos = len(s.tokens)
         if pos % bs and self._ref[s.blocks[-1]] > 1:
             old, fresh = s.blocks[-1], new.pop(0)
-            self.store.copy_block(old, fresh)
+            try:
+                self.store.copy_block(old, fresh)
+            except BaseException:  # a device error: give the blocks back, change nothing
+                released: list[int] = []
+                for b in [fresh] + new:
+                    self._ref_dec(b, released)
+                self._alloc.release_many(released)
+                raise
             s.blocks[-1] = fresh
             self._ref_dec(old)
         s.blocks.extend(new)
@@ -399,7 +407,8 @@ class BlockManager:
         s = self._seqs.get(seq_id)
         if s is None:
             return SeqCheckpoint(seq_id, False)
-        return SeqCheckpoint(seq_id, True, len(s.tokens), tuple(s.blocks), len(s.hashes))
+        return SeqCheckpoint(seq_id, True, len(s.tokens), len(s.blocks), s.blocks[-1] if s.blocks else -1,
+                             len(s.hashes))
 
     def _forget(self, s: _Seq, first: int) -> None:
         """Unregister the contents this sequence registered for its blocks from `first` on."""
@@ -425,15 +434,16 @@ class BlockManager:
         if s is None:
             raise KeyError(f"no live sequence {cp.seq_id!r}")
         self._forget(s, cp.num_hashes)
-        keep = len(cp.blocks)
+        keep = cp.num_blocks
         released: list[int] = []
-        if keep and s.blocks[keep - 1] != cp.blocks[-1]:  # a copy-on-write: share the original again
-            self._ref_inc(cp.blocks[-1])
+        if keep and s.blocks[keep - 1] != cp.last_block:  # a copy-on-write: share the original again
+            self._ref_inc(cp.last_block)
             self._ref_dec(s.blocks[keep - 1], released)
+            s.blocks[keep - 1] = cp.last_block
         for b in reversed(s.blocks[keep:]):
             self._ref_dec(b, released)
         self._alloc.release_many(released)
-        s.blocks[:] = cp.blocks
+        del s.blocks[keep:]
         del s.tokens[cp.num_tokens:]
         del s.hashes[cp.num_hashes:]
 

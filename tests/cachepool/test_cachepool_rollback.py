@@ -9,12 +9,15 @@ request with the same prefix would be served those blocks' stale memory as a pre
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import torch
 
 import vmm
-from cachepool import AgentSpec, BlockManager, CacheFullError, KVPool, LowRankPool, MultiAgentCache
+from cachepool import (AgentSpec, BlockManager, CacheFullError, KVPool, LowRankPool, MultiAgentCache,
+                       UnboundedStore)
 
 
 # ---- BlockManager: checkpoint, op, rollback leaves it exactly as it was ---------------------------
@@ -35,7 +38,7 @@ def test_rollback_undoes_allocate_append_and_copy_on_write(rng_seed):
     prompts = [[rng.randrange(vocab) for _ in range(3 * bs + 2)] for _ in range(3)]  # shared prefixes: hits
     live: list[int] = []
     kinds = {"allocate": 0, "append": 0, "cow": 0, "hits": 0}
-    for step in range(400):
+    for step in range(500):
         op = rng.random()
         if op < 0.15 and live:
             m.free(live.pop(rng.randrange(len(live))))
@@ -99,11 +102,26 @@ def test_rollback_of_a_checkpoint_whose_op_never_happened_changes_nothing():
         m.rollback(m.checkpoint("a").__class__("gone", True))
 
 
+def test_failed_copy_on_write_gives_its_blocks_back():
+    class FailingCopy(UnboundedStore):
+        def copy_block(self, src: int, dst: int) -> None:
+            raise RuntimeError("injected: the device copy failed")
+
+    m = BlockManager(16, 4, store=FailingCopy(16))
+    m.allocate("a", [1, 2, 3, 4, 5, 6])
+    m.fork("a", "b")                                  # b shares a's partial last block
+    before = _manager_state(m)
+    with pytest.raises(RuntimeError, match="injected"):
+        m.append_slots("b", [7, 8, 9])                # copy-on-write, and a new block after it
+    assert _manager_state(m) == before
+
+
 # ---- MultiAgentCache: the low-rank pool refused by the driver --------------------------------------
 class _DriverRefuses:
     """Arms a page pool so that creating a page fails as `cuMemCreate` out of memory does."""
 
     def __init__(self, pages: vmm.PagePool) -> None:
+        self.pages = pages
         self.state = pages._state
         self.armed = False
         self.refused = 0
@@ -117,7 +135,9 @@ class _DriverRefuses:
         self.state.create_page = create_page
 
 
-def _cache(mode: str, one_page_pool: bool):
+@contextmanager
+def _cache(mode: str, one_page_pool: bool) -> Iterator[tuple[MultiAgentCache, _DriverRefuses]]:
+    """The session over its pools, closed after (a page is a file descriptor on the host backend)."""
     be = vmm.get_backend()
     g = be.granularity
     kv_pages = vmm.PagePool(be, capacity_bytes=200 * g)
@@ -127,7 +147,13 @@ def _cache(mode: str, one_page_pool: bool):
                 dtype=torch.float32)
     lr = LowRankPool(lr_pages, num_layers=1, rank=g // 16, block_size=4, max_blocks=48, dtype=torch.float32)
     agents = [AgentSpec(f"a{i}", "llama", "A" if mode == "base_lr_shared" else f"A{i}") for i in range(2)]
-    return MultiAgentCache(mode, agents, kv, lr), _DriverRefuses(lr_pages)
+    try:
+        yield MultiAgentCache(mode, agents, kv, lr), _DriverRefuses(lr_pages)
+    finally:
+        kv.close()
+        lr.close()
+        kv_pages.close()
+        lr_pages.close()
 
 
 def _value(prefix: tuple) -> float:
@@ -161,12 +187,15 @@ def _live_state(s: MultiAgentCache, keys) -> tuple:
 @pytest.mark.parametrize("one_page_pool", [False, True])
 @pytest.mark.parametrize("mode", ["base_shared", "base_lr_shared"])
 def test_driver_refusal_in_the_low_rank_pool_undoes_the_base_pool(mode, one_page_pool, rng_seed):
-    rng = random.Random(rng_seed)
-    s, driver = _cache(mode, one_page_pool)
+    with _cache(mode, one_page_pool) as (s, driver):
+        _driver_refusals(s, driver, random.Random(rng_seed))
+
+
+def _driver_refusals(s: MultiAgentCache, driver: _DriverRefuses, rng: random.Random) -> None:
     tokens: dict[tuple, list[int]] = {}
     prompts = [[rng.randrange(50) for _ in range(rng.randint(5, 14))] for _ in range(4)]
     refused = {"allocate": 0, "append": 0}  # by the driver after the plan said yes
-    for step in range(300):
+    for step in range(500):
         keys = list(tokens)
         op = rng.random()
         if op < 0.15 and keys:
@@ -174,7 +203,8 @@ def test_driver_refusal_in_the_low_rank_pool_undoes_the_base_pool(mode, one_page
             s.free(*key)
             del tokens[key]
             continue
-        driver.armed = rng.random() < 0.4
+        driver.pages.trim()  # free pages back to the driver: growing asks it again
+        driver.armed = rng.random() < 0.6
         before = _live_state(s, keys)
         registered = dict(s.kv_pool.manager._by_hash)
         cached = set(s.kv_pool.manager._lru)
@@ -195,7 +225,7 @@ def test_driver_refusal_in_the_low_rank_pool_undoes_the_base_pool(mode, one_page
                 tokens[(agent, step)] = toks
         else:
             key = rng.choice(keys)
-            new = [rng.randrange(50) for _ in range(rng.randint(1, 6))]
+            new = [rng.randrange(50) for _ in range(rng.randint(1, 9))]
             said, made = s.can_append(*key, len(new)), driver.refused
             try:
                 s.append_slots(*key, new)
@@ -217,4 +247,4 @@ def test_driver_refusal_in_the_low_rank_pool_undoes_the_base_pool(mode, one_page
             assert {registered[h] for h in registered.keys() - now.keys()} <= cached, step
         for key, toks in tokens.items():  # the pools never drift apart
             assert s.kv_pool.num_tokens(key) == s.lr_pool.num_tokens(key) == len(toks)
-    assert refused["allocate"] >= 5 and refused["append"] >= 5, refused
+    assert refused["allocate"] >= 3 and refused["append"] >= 3, refused
