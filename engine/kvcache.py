@@ -310,15 +310,15 @@ class Stream:
 
 def reserve_all(streams: Iterable[Stream], n_tokens: int) -> None:
     """Room for `n_tokens` tokens in every stream, all or nothing: if any stream cannot get its
-    blocks (budget or page pool), those already reserved by this call are given back and
-    CacheFull is raised."""
+    blocks (budget or page pool: CacheFull), or the driver fails otherwise (a VmmError), those
+    already reserved by this call are given back and the error is raised."""
     done: list[tuple[Stream, int]] = []
     try:
         for s in streams:
             had = len(s.blocks)
             s.reserve(n_tokens)
             done.append((s, had))
-    except CacheFull:
+    except BaseException:
         for s, had in reversed(done):
             s.truncate_blocks(had)
         raise

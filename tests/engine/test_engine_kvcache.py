@@ -209,6 +209,28 @@ def test_reserve_all_gives_back_what_it_took_when_a_later_stream_fails(device):
     lr.close()
 
 
+def test_reserve_all_gives_back_what_it_took_when_the_driver_fails_otherwise(device):
+    """Not for want of room (a VmmError other than out-of-memory): still all or nothing."""
+    page_pool = _page_pool(device, pages=8 * LAYERS)
+    budget = ByteBudget(1 << 30)
+    kv, lr = _kv_pool(device, budget=budget, page_pool=page_pool), _lr_pool(device, budget, page_pool)
+    s_kv, s_lr = Stream(kv), Stream(lr)
+    before = _state(kv, lr)
+    real = lr.allocator.alloc_many
+
+    def failing(n):
+        raise vmm.VmmError("injected: the driver failed to map")
+    lr.allocator.alloc_many = failing
+    with pytest.raises(vmm.VmmError, match="injected"):
+        reserve_all([s_kv, s_lr], 2 * BS + 1)
+    assert s_kv.blocks == [] and s_lr.blocks == [] and _state(kv, lr) == before
+    lr.allocator.alloc_many = real
+    reserve_all([s_kv, s_lr], 2 * BS + 1)
+    assert len(s_kv.blocks) == len(s_lr.blocks) == 3
+    kv.close()
+    lr.close()
+
+
 # ---- slots -----------------------------------------------------------------------------------
 def _reference_slots(blocks: list[int], bs: int, start: int, end: int) -> list[int]:
     return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
