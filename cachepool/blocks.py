@@ -10,8 +10,9 @@ partial last one included; writing into a shared partial block copies it first.
 
 Freed full blocks stay cached (their contents may be hit again) and are evicted, least
 recently freed first, only when a request cannot be served from free memory, or, when the
-caller asks (`evict_first`), before fresh pages are mapped: pools drawing on one page pool need
-that when the pages one would map are the pages the other needs. Every method
+caller asks (`evict_first`: all that save pages, or at most a count), before fresh pages are
+mapped: pools drawing on one page pool need that when the pages one would map are the pages the
+other needs. Every method
 checks its request completely before changing anything, so a CacheFullError leaves the
 manager exactly as it was.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -63,6 +65,16 @@ class SeqCheckpoint:
     num_blocks: int = 0
     last_block: int = -1  # an append may replace only this one (copy-on-write), never those before
     num_hashes: int = 0
+
+
+def _evict_cap(evict_first: bool | int) -> int:
+    """Cached blocks a request may evict before it maps pages: none (False), as many as save
+    pages (True), or at most `n` (an int)."""
+    if isinstance(evict_first, bool):
+        return sys.maxsize if evict_first else 0
+    if not isinstance(evict_first, int) or evict_first < 0:
+        raise ValueError(f"evict_first must be a bool or an int >= 0, got {evict_first!r}")
+    return evict_first
 
 
 class BlockManager:
@@ -211,13 +223,16 @@ class BlockManager:
         spare = self._spare(reclaimed)
         return need <= self._alloc.num_obtainable(enough=need - spare) + spare
 
-    def _from_allocator(self, n: int, spare: int, evict_first: bool) -> int:
+    def _from_allocator(self, n: int, spare: int, evict_first: bool | int) -> int:
         """How many of `n` new blocks `_take` gets from the allocator (mapping pages where they
         are not backed); it evicts the rest of `spare` cached blocks. One answer for `_take` and
         `_pages_to_take`, so the page prediction is what the request then does."""
-        if evict_first:
-            # Free blocks already backed cost no page, so they are used before any cached block.
-            return n - min(spare, max(0, n - self._alloc.num_free_backed()))
+        cap = _evict_cap(evict_first)
+        if cap:
+            # Free blocks already backed cost no page, so they are used before any cached block;
+            # past the cap the allocator maps, and evicts only what it cannot map.
+            first = min(cap, spare, max(0, n - self._alloc.num_free_backed()))
+            return min(n - first, self._alloc.num_obtainable(enough=n - first))
         return min(n, self._alloc.num_obtainable(enough=n))
 
     def can_allocate(self, token_ids: Sequence[int], namespace: str = "") -> bool:
@@ -226,21 +241,23 @@ class BlockManager:
         _, hits, need = self._plan(self._check_tokens(token_ids), namespace)
         return self._can_take(need, hits)
 
-    def _pages_to_take(self, need: int, reclaimed: Iterable[int] = (), evict_first: bool = False) -> int:
+    def _pages_to_take(self, need: int, reclaimed: Iterable[int] = (), evict_first: bool | int = False) -> int:
         # only evicting first reads how many cached blocks there are to evict
-        spare = self._spare(reclaimed) if evict_first else 0
+        spare = self._spare(reclaimed) if _evict_cap(evict_first) else 0
         return self._alloc.pages_to_alloc(self._from_allocator(need, spare, evict_first))
 
     def pages_to_allocate(self, token_ids: Sequence[int], namespace: str = "", *,
-                          evict_first: bool = False) -> int:
+                          evict_first: bool | int = False) -> int:
         """Physical pages `allocate(..., token_ids, namespace, evict_first=evict_first)` would
         map now: 0 when it fits in backed blocks; by default it maps what it can before evicting
-        cached blocks, with `evict_first` it evicts them before mapping. Assumes it can succeed."""
+        cached blocks, with `evict_first` it evicts them before mapping (an int: at most that
+        many, mapping for the rest). Never more with a larger `evict_first`. Assumes it can
+        succeed."""
         self._check_namespace(namespace)
         _, hits, need = self._plan(self._check_tokens(token_ids), namespace)
         return self._pages_to_take(need, hits, evict_first)
 
-    def pages_to_append(self, seq_id: Hashable, num_tokens: int = 1, *, evict_first: bool = False) -> int:
+    def pages_to_append(self, seq_id: Hashable, num_tokens: int = 1, *, evict_first: bool | int = False) -> int:
         """Physical pages `append_slots` of `num_tokens` tokens (with `evict_first`) would map now."""
         return self._pages_to_take(self._append_need(self._get(seq_id), num_tokens), evict_first=evict_first)
 
@@ -253,10 +270,11 @@ class BlockManager:
             out.append(b)
         return out
 
-    def _take(self, n: int, *, evict_first: bool = False) -> list[int]:
+    def _take(self, n: int, *, evict_first: bool | int = False) -> list[int]:
         """n blocks for new contents: free ones first (lowest id, mapping pages if needed), then
-        evict cached ones. With `evict_first`, cached blocks are evicted before any page is
-        mapped (free blocks already backed still come first)."""
+        evict cached ones. With `evict_first`, cached blocks (all useful ones, or at most an
+        int's worth) are evicted before any page is mapped (free blocks already backed still
+        come first)."""
         ids = self._alloc.alloc_many(self._from_allocator(n, len(self._lru), evict_first))
         if n - len(ids) > len(self._lru):  # checked before any eviction: a refusal evicts nothing
             self._alloc.release_many(ids)
@@ -292,13 +310,14 @@ class BlockManager:
             self._hash_of[b] = h
 
     def allocate(self, seq_id: Hashable, token_ids: Sequence[int], namespace: str = "", *,
-                 evict_first: bool = False) -> int:
+                 evict_first: bool | int = False) -> int:
         """Give a new sequence blocks for `token_ids`; return how many leading tokens are
         already stored (prefix hits in this namespace: a multiple of block_size, possibly all
         of them). Those positions map to slot -1; the caller computes and writes the rest.
         `evict_first`: evict cached blocks before mapping fresh pages (see `pages_to_allocate`).
         Raises CacheFullError (nothing changed) when the blocks are not available."""
         self._check_namespace(namespace)
+        _evict_cap(evict_first)
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already allocated")
         tokens = self._check_tokens(token_ids)
@@ -337,12 +356,13 @@ class BlockManager:
         return self._can_take(self._append_need(self._get(seq_id), num_tokens))
 
     def append_slots(self, seq_id: Hashable, token_ids: Sequence[int], *,
-                     evict_first: bool = False) -> list[int]:
+                     evict_first: bool | int = False) -> list[int]:
         """Extend a sequence by `token_ids`; return their slots (to write their K/V into).
         A shared partial last block is copied first (copy-on-write). `evict_first`: evict
         cached blocks before mapping fresh pages (see `pages_to_append`)."""
         s = self._get(seq_id)
         tokens = self._check_tokens(token_ids)
+        _evict_cap(evict_first)
         need = self._append_need(s, len(tokens))
         if not self._can_take(need):
             raise CacheFullError(f"sequence {seq_id!r} needs {need} new blocks, "

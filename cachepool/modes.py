@@ -169,29 +169,37 @@ class MultiAgentCache:
             return nullcontext()
         return lr.store.holding_pages(kv_pages)
 
-    def _kv_plan(self, kv_fits: bool, kv_pages: Callable[[bool], int], lr_fits: Callable[[], bool]) -> bool | None:
-        """`evict_first` for the base pool's part of a joint request: False (keep its cached
-        blocks) or True when only that leaves the low-rank pool room; None when the request
-        cannot succeed. `kv_fits`: the base pool's own check; `kv_pages(evict_first)`: the pages
-        the base pool would map; `lr_fits()`: the low-rank pool's own check."""
+    def _kv_plan(self, kv_fits: bool, kv_pages: Callable[[bool | int], int],
+                 lr_fits: Callable[[], bool]) -> int | None:
+        """`evict_first` for the base pool's part of a joint request: 0 (keep its cached blocks)
+        or the fewest cached blocks it must evict before mapping pages to leave the low-rank
+        pool room; None when the request cannot succeed. `kv_fits`: the base pool's own check;
+        `kv_pages(evict_first)`: the pages the base pool would map (never more for a larger
+        `evict_first`); `lr_fits()`: the low-rank pool's own check."""
         if not kv_fits:
             return None
         if self.lr_pool is None:
-            return False
-        pages = kv_pages(False)
-        with self._lr_after_kv(pages):
-            if lr_fits():
-                return False
-        if self.lr_pool.store.page_pool is not self.kv_pool.store.page_pool:
+            return 0
+
+        def fits(evict: bool | int) -> bool:
+            with self._lr_after_kv(kv_pages(evict)):
+                return lr_fits()
+
+        if fits(0):
+            return 0
+        if self.lr_pool.store.page_pool is not self.kv_pool.store.page_pool or not fits(True):
             return None
-        # The low-rank pool needs no plan of its own: it goes second, so the eviction it
-        # falls back on already sees the pages the base pool took.
-        fewer = kv_pages(True)
-        if fewer < pages:
-            with self._lr_after_kv(fewer):
-                if lr_fits():
-                    return True
-        return None
+        # The low-rank pool needs no plan of its own: it goes second, so the eviction it falls
+        # back on already sees the pages the base pool took. Evicting more only maps fewer
+        # pages, so the fewest evictions that fit are found by bisection.
+        lo, hi = 0, self.kv_pool.manager.num_cached_blocks  # fits(hi) (True evicts no more), not fits(lo)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid
+        return hi
 
     @contextmanager
     def _undo_on_error(self, kv_checkpoint: SeqCheckpoint) -> Iterator[None]:
@@ -212,7 +220,7 @@ class MultiAgentCache:
             raise ValueError(f"agent {key[0]!r} sequence {key[1]!r} is already allocated")
 
     # ---- sequences ---------------------------------------------------------------------------
-    def _allocate_plan(self, r: AgentRoute, token_ids: Sequence[int]) -> bool | None:
+    def _allocate_plan(self, r: AgentRoute, token_ids: Sequence[int]) -> int | None:
         """The base pool's `evict_first` for this allocate; None: it cannot succeed."""
         return self._kv_plan(
             self.kv_pool.can_allocate(token_ids, r.kv_namespace),
@@ -244,7 +252,7 @@ class MultiAgentCache:
             lr = self.lr_pool.allocate(key, token_ids, r.lr_namespace)
         return kv, lr
 
-    def _append_plan(self, key: tuple, num_tokens: int) -> bool | None:
+    def _append_plan(self, key: tuple, num_tokens: int) -> int | None:
         """The base pool's `evict_first` for this append; None: it cannot succeed."""
         return self._kv_plan(
             self.kv_pool.can_append(key, num_tokens),

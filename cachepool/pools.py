@@ -47,10 +47,10 @@ class _Pool(StoreOwner):
         return self.manager.can_allocate(token_ids, namespace)
 
     def allocate(self, seq_id: Hashable, token_ids: Sequence[int], namespace: str = "", *,
-                 evict_first: bool = False) -> int:
+                 evict_first: bool | int = False) -> int:
         """Blocks for a new sequence; returns how many leading tokens are stored already.
-        `evict_first`: evict cached blocks before mapping fresh pages.
-        CacheFullError (nothing changed) when the blocks or pages are not available."""
+        `evict_first`: evict cached blocks before mapping fresh pages (True: as many as save
+        pages; an int: at most that many). CacheFullError (nothing changed) when the blocks or pages are not available."""
         return self.manager.allocate(seq_id, token_ids, namespace, evict_first=evict_first)
 
     def can_append(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
@@ -58,7 +58,7 @@ class _Pool(StoreOwner):
         return self.manager.can_append(seq_id, num_tokens)
 
     def append_slots(self, seq_id: Hashable, token_ids: Sequence[int], *,
-                     evict_first: bool = False) -> list[int]:
+                     evict_first: bool | int = False) -> list[int]:
         """Extend `seq_id` by `token_ids`; the slots to write their entries at (copy-on-write
         of a shared partial last block included). `evict_first`: evict cached blocks before
         mapping fresh pages. CacheFullError leaves it unchanged."""
@@ -69,12 +69,12 @@ class _Pool(StoreOwner):
         return self.manager.append_slot(seq_id, token_id)
 
     def pages_to_allocate(self, token_ids: Sequence[int], namespace: str = "", *,
-                          evict_first: bool = False) -> int:
+                          evict_first: bool | int = False) -> int:
         """Physical pages `allocate` of these tokens (with `evict_first`) would map now (pools
         sharing a page pool use it to check a joint request exactly)."""
         return self.manager.pages_to_allocate(token_ids, namespace, evict_first=evict_first)
 
-    def pages_to_append(self, seq_id: Hashable, num_tokens: int = 1, *, evict_first: bool = False) -> int:
+    def pages_to_append(self, seq_id: Hashable, num_tokens: int = 1, *, evict_first: bool | int = False) -> int:
         """Physical pages `append_slots` of `num_tokens` tokens (with `evict_first`) would map now."""
         return self.manager.pages_to_append(seq_id, num_tokens, evict_first=evict_first)
 

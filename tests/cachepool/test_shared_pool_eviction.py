@@ -78,6 +78,32 @@ def test_append_evicts_base_cache_instead_of_taking_the_low_rank_pools_last_page
     assert _in_use(pages) == 6 and kv.memory_report()["cached_blocks"] == 0
 
 
+def test_base_pool_evicts_no_more_cached_blocks_than_the_low_rank_pool_needs():
+    """8 pages, 4 behind two cached base blocks. A request of two new base blocks and two
+    low-rank ones: mapping both base blocks fresh leaves the low-rank pool none, evicting one
+    cached block leaves it the 2 it needs, so the other cached block stays."""
+    pages, kv, lr = _page_block_pools(8)
+    s = MultiAgentCache("base_lr_shared", [AgentSpec("a", "llama", "A0")], kv, lr)
+    kv.allocate("other", [9, 8, 7, 6, 5, 4, 3, 2], "zzz")
+    kv.free("other")
+    assert _in_use(pages) == 4 and kv.memory_report()["cached_blocks"] == 2
+    assert [kv.pages_to_allocate(list(range(8)), "llama", evict_first=e) for e in (0, 1, 2, True)] == [4, 2, 0, 0]
+    assert s.can_allocate("a", list(range(8)))
+    assert s.allocate("a", 0, list(range(8))) == (0, 0)
+    assert _in_use(pages) == 8 and kv.memory_report()["cached_blocks"] == 1
+    # The least recently freed block went (the tail, freed first); the prefix's head stays.
+    assert kv.allocate("again", [9, 8, 7, 6], "zzz") == 4
+
+
+def test_evict_first_takes_a_bool_or_a_count():
+    pages, kv, lr = _page_block_pools(8)
+    with pytest.raises(ValueError, match="evict_first"):
+        kv.allocate("x", [1, 2, 3], "ns", evict_first=-1)
+    with pytest.raises(ValueError, match="evict_first"):
+        kv.pages_to_allocate([1, 2, 3], "ns", evict_first=1.5)
+    assert "x" not in kv and _in_use(pages) == 0
+
+
 def test_shared_pool_keeps_the_prefix_cache_while_fresh_pages_suffice():
     """Evicting first is the fallback: with a page left for the low-rank pool, the base pool
     maps fresh pages and keeps its cache."""
@@ -227,6 +253,11 @@ def _random_run(rng: random.Random, mode: str, lr_prefix_caching: bool, steps: i
             said = s.can_allocate(agent, toks)
             old_said = kv.can_allocate(toks, r.kv_namespace) and _default_plan_fits(
                 lr, kv.pages_to_allocate(toks, r.kv_namespace), lambda: lr.can_allocate(toks, r.lr_namespace))
+            plan = s._allocate_plan(r, toks)
+            if plan:  # the fewest evictions: one fewer would leave the low-rank pool short
+                assert not _default_plan_fits(lr, kv.pages_to_allocate(toks, r.kv_namespace, evict_first=plan - 1),
+                                              lambda: lr.can_allocate(toks, r.lr_namespace)), step
+                counts["evicted_some"] += plan < kv.manager.num_cached_blocks
             try:
                 s.allocate(agent, step, toks)
             except CacheFullError:
@@ -242,6 +273,11 @@ def _random_run(rng: random.Random, mode: str, lr_prefix_caching: bool, steps: i
             said = s.can_append(agent, sid, len(new))
             old_said = kv.can_append(key, len(new)) and _default_plan_fits(
                 lr, kv.pages_to_append(key, len(new)), lambda: lr.can_append(key, len(new)))
+            plan = s._append_plan(key, len(new))
+            if plan:
+                assert not _default_plan_fits(lr, kv.pages_to_append(key, len(new), evict_first=plan - 1),
+                                              lambda: lr.can_append(key, len(new))), step
+                counts["evicted_some"] += plan < kv.manager.num_cached_blocks
             try:
                 slots = s.append_slots(agent, sid, new)
             except CacheFullError:
@@ -324,7 +360,7 @@ def test_random_requests_on_a_shared_page_pool(mode, lr_prefix_caching, rng_seed
 
 
 @pytest.mark.parametrize("roomy", [False, True])
-@pytest.mark.parametrize("evict_first", [False, True])
+@pytest.mark.parametrize("evict_first", [False, True, "a count"])
 def test_pages_to_predict_the_pages_mapped(evict_first, roomy, rng_seed):
     """A pool alone under random requests: `pages_to_*` with and without `evict_first` is
     exactly what the request then maps, `evict_first` never maps more, and whether a request
@@ -340,7 +376,7 @@ def test_pages_to_predict_the_pages_mapped(evict_first, roomy, rng_seed):
     assert counts["ok"] > 50 and (counts["fewer_pages"] > 0 if roomy else counts["full"] > 10), counts
 
 
-def _predict_run(rng: random.Random, evict_first: bool, roomy: bool, counts: Counter) -> None:
+def _predict_run(rng: random.Random, evict_first: bool | str, roomy: bool, counts: Counter) -> None:
     pages, kv, _ = _odd_pools(rng, num_pages=301 if roomy else None)
     live: list = []
     traj = [rng.randrange(30) for _ in range(60)]
@@ -358,27 +394,31 @@ def _predict_run(rng: random.Random, evict_first: bool, roomy: bool, counts: Cou
             continue
         before = _snapshot(pages, kv)
         allocating = op < 0.4 or not live
+        # "a count": at most this many cached blocks evicted before mapping, fresh each request
+        ef_used = rng.randint(0, kv.manager.num_cached_blocks + 1) if evict_first == "a count" else evict_first
+        caps = (False, True, ef_used)
         if allocating:
             toks = traj[:rng.randint(1, 20)] + [rng.randrange(30) for _ in range(rng.randint(0, 4))]
             ns = rng.choice(["x", "y"])
             said = kv.can_allocate(toks, ns)
-            plans = [kv.pages_to_allocate(toks, ns, evict_first=ef) for ef in (False, True)] if said else []
+            plans = {ef: kv.pages_to_allocate(toks, ns, evict_first=ef) for ef in caps} if said else {}
         else:
             sid, toks = rng.choice(live), [rng.randrange(30) for _ in range(rng.randint(1, 8))]
             said = kv.can_append(sid, len(toks))
-            plans = [kv.pages_to_append(sid, len(toks), evict_first=ef) for ef in (False, True)] if said else []
+            plans = {ef: kv.pages_to_append(sid, len(toks), evict_first=ef) for ef in caps} if said else {}
         try:
             if allocating:
-                kv.allocate(step, toks, ns, evict_first=evict_first)
+                kv.allocate(step, toks, ns, evict_first=ef_used)
                 live.append(step)
             else:
-                kv.append_slots(sid, toks, evict_first=evict_first)
+                kv.append_slots(sid, toks, evict_first=ef_used)
         except CacheFullError:
             assert not said and _snapshot(pages, kv) == before, step
             counts["full"] += 1
             refused = True
             continue
         assert said, step
-        assert plans[True] <= plans[False] and _in_use(pages) - before[0] == plans[evict_first], step
+        assert plans[True] <= plans[ef_used] <= plans[False] and _in_use(pages) - before[0] == plans[ef_used], step
         counts["ok"] += 1
         counts["fewer_pages"] += plans[True] < plans[False]
+        counts["between"] += plans[True] < plans[ef_used] < plans[False]
