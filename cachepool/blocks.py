@@ -22,6 +22,7 @@ is safe because an engine writes all new K/V of a step before any attention of t
 from __future__ import annotations
 
 import hashlib
+import operator
 import struct
 import sys
 from array import array
@@ -72,9 +73,13 @@ def _evict_cap(evict_first: bool | int) -> int:
     pages (True), or at most `n` (an int)."""
     if isinstance(evict_first, bool):
         return sys.maxsize if evict_first else 0
-    if not isinstance(evict_first, int) or evict_first < 0:
+    try:
+        n = operator.index(evict_first)  # ints, numpy's included
+    except TypeError:
+        n = -1
+    if n < 0:
         raise ValueError(f"evict_first must be a bool or an int >= 0, got {evict_first!r}")
-    return evict_first
+    return n
 
 
 class BlockManager:
@@ -378,7 +383,7 @@ class BlockManager:
             old, fresh = s.blocks[-1], new.pop(0)
             try:
                 self.store.copy_block(old, fresh)
-            except BaseException:  # a device error: give the blocks back, change nothing
+            except BaseException:  # a device error: give the blocks back (cached blocks evicted for them stay evicted)
                 released: list[int] = []
                 for b in [fresh] + new:
                     self._ref_dec(b, released)

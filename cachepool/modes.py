@@ -18,9 +18,11 @@ low-rank; base_lr_shared n + K·p base and n + K·p low-rank.
 
 The two pools may draw on one `vmm.PagePool`: every request is then checked against both at
 once (what the first pool maps, the second cannot), so a request either succeeds in both pools
-or raises CacheFullError having changed neither. A pool keeps its cached blocks while it can map
-fresh pages, but when the pages the base pool would map are the ones the low-rank pool needs,
-the base pool evicts its own cached blocks first instead. Pools do not evict each other's cached
+or raises CacheFullError having changed neither (a driver that refuses a page the count allowed
+is the one exception: the base pool's part is then undone, though cached blocks it evicted stay
+evicted). A pool keeps its cached blocks while it can map fresh pages, but when the pages the
+base pool would map are the ones the low-rank pool needs, the base pool evicts the fewest of its
+own cached blocks that leave the low-rank pool room instead. Pools do not evict each other's cached
 blocks; `trim()` gives cached pages back.
 """
 from __future__ import annotations
@@ -205,7 +207,9 @@ class MultiAgentCache:
     def _undo_on_error(self, kv_checkpoint: SeqCheckpoint) -> Iterator[None]:
         """The low-rank pool's part of a request the joint plan said fits: if it fails anyway
         (the driver refused a page the page pool's count allowed), the base pool's part is
-        undone, so the pools stay in step and nothing unwritten stays cached."""
+        undone, so the pools stay in step and nothing unwritten stays cached. Cached blocks the
+        base pool evicted for it stay evicted, and its prefix hits are cached again as the most
+        recently freed (`BlockManager.rollback`)."""
         try:
             yield
         except BaseException:
@@ -237,7 +241,8 @@ class MultiAgentCache:
         one on; `slot_mapping` marks what each pool already has with -1. A count may equal
         len(token_ids) (everything cached): the last token must still run for its logits, and
         its K/V write is skipped (slot -1) since the pool holds it already.
-        CacheFullError when either pool cannot take it; nothing changes in either then."""
+        CacheFullError when either pool cannot take it; nothing changes in either then (but
+        for a driver failure after the plan said yes: see `_undo_on_error`)."""
         r = self.route(agent)
         key = (agent, seq_id)
         self._live(key, live=False)
@@ -266,7 +271,8 @@ class MultiAgentCache:
 
     def append_slots(self, agent: str, seq_id: Hashable, token_ids: Sequence[int]) -> SeqSlots:
         """Extend a sequence in every pool; the slots to write the new tokens' K/V (and x·A) at.
-        CacheFullError when either pool cannot take them; nothing changes in either then."""
+        CacheFullError when either pool cannot take them; nothing changes in either then (but
+        for a driver failure after the plan said yes: see `_undo_on_error`)."""
         self.route(agent)
         key = (agent, seq_id)
         self._live(key, live=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,6 +103,8 @@ def test_evict_first_takes_a_bool_or_a_count():
     with pytest.raises(ValueError, match="evict_first"):
         kv.pages_to_allocate([1, 2, 3], "ns", evict_first=1.5)
     assert "x" not in kv and _in_use(pages) == 0
+    kv.allocate("x", [1, 2, 3], "ns", evict_first=np.int64(2))  # numpy's ints are ints
+    assert "x" in kv
 
 
 def test_shared_pool_keeps_the_prefix_cache_while_fresh_pages_suffice():
@@ -396,16 +399,16 @@ def _predict_run(rng: random.Random, evict_first: bool | str, roomy: bool, count
         allocating = op < 0.4 or not live
         # "a count": at most this many cached blocks evicted before mapping, fresh each request
         ef_used = rng.randint(0, kv.manager.num_cached_blocks + 1) if evict_first == "a count" else evict_first
-        caps = (False, True, ef_used)
+        caps = (False, True, ef_used)  # by position: 1 == True and 0 == False as dict keys
         if allocating:
             toks = traj[:rng.randint(1, 20)] + [rng.randrange(30) for _ in range(rng.randint(0, 4))]
             ns = rng.choice(["x", "y"])
             said = kv.can_allocate(toks, ns)
-            plans = {ef: kv.pages_to_allocate(toks, ns, evict_first=ef) for ef in caps} if said else {}
+            plans = [kv.pages_to_allocate(toks, ns, evict_first=ef) for ef in caps] if said else []
         else:
             sid, toks = rng.choice(live), [rng.randrange(30) for _ in range(rng.randint(1, 8))]
             said = kv.can_append(sid, len(toks))
-            plans = {ef: kv.pages_to_append(sid, len(toks), evict_first=ef) for ef in caps} if said else {}
+            plans = [kv.pages_to_append(sid, len(toks), evict_first=ef) for ef in caps] if said else []
         try:
             if allocating:
                 kv.allocate(step, toks, ns, evict_first=ef_used)
@@ -418,7 +421,8 @@ def _predict_run(rng: random.Random, evict_first: bool | str, roomy: bool, count
             refused = True
             continue
         assert said, step
-        assert plans[True] <= plans[ef_used] <= plans[False] and _in_use(pages) - before[0] == plans[ef_used], step
+        keep, evict_all, used = plans
+        assert evict_all <= used <= keep and _in_use(pages) - before[0] == used, step
         counts["ok"] += 1
-        counts["fewer_pages"] += plans[True] < plans[False]
-        counts["between"] += plans[True] < plans[ef_used] < plans[False]
+        counts["fewer_pages"] += evict_all < keep
+        counts["between"] += evict_all < used < keep
