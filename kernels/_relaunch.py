@@ -61,13 +61,19 @@ class _Unhashable:
 _NO_KEY = _Unhashable()
 
 
-def relaunch(fn, grid: tuple[int, ...], args: tuple, fixed: tuple, meta: dict, cache: dict) -> None:
+def relaunch(fn, grid: tuple[int, ...], args: tuple, fixed: tuple, meta: dict, cache: dict,
+             min_shared: int = 0) -> None:
     """Launch `fn[grid](*args, *fixed, **meta)`, directly through a compiled kernel `cache` kept
     from an earlier call with the same key (see the module docstring), else through Triton.
 
     `cache` belongs to the caller, one per (`fixed`, `meta`, `grid`'s length) set: only `args`,
     the grid and the device are keyed. Launch options in `meta` (``num_warps``, ...) are passed
-    to Triton on the first call and are part of what it compiled."""
+    to Triton on the first call and are part of what it compiled.
+
+    `min_shared`: launch with at least this many bytes of dynamic shared memory, to cap how many
+    programs share an SM. Only for compiled kernels that need more than 48 KB (Triton then
+    allows up to the device's opt-in limit) and a Triton whose launch metadata is (warps, CTAs,
+    shared bytes); elsewhere, and on a key's first launch (through Triton), the kernel's own."""
     if _knobs is None or not isinstance(fn, _JITFunction):
         # (the interpreter's kernels, and whatever stands in for a kernel: a test's recorder)
         fn[grid](*args, *fixed, **meta)
@@ -95,10 +101,25 @@ def relaunch(fn, grid: tuple[int, ...], args: tuple, fixed: tuple, meta: dict, c
     stream = _driver.active.get_current_stream(device)
     g = (*grid, 1, 1)
     vals = (*args, *tail)
-    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata,
+    packed = kernel.packed_metadata
+    if min_shared:
+        packed = _with_shared(kernel, packed, min_shared)
+    kernel.run(g[0], g[1], g[2], stream, kernel.function, packed,
                kernel.launch_metadata(grid, stream, *vals),
                _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *vals)
 
+
+def _with_shared(kernel, packed: tuple, min_shared: int) -> tuple:
+    """`packed` launch metadata asking for `min_shared` bytes of shared memory where that is
+    safe (see `relaunch`), else `packed` as it is."""
+    shared = getattr(getattr(kernel, "metadata", None), "shared", None)
+    if (isinstance(packed, tuple) and len(packed) >= 3 and packed[2] == shared
+            and _SMEM_ATTR_MIN < shared < min_shared):
+        return (*packed[:2], min_shared, *packed[3:])
+    return packed
+
+
+_SMEM_ATTR_MIN = 48 * 1024  # Triton raises a kernel's dynamic shared memory limit only past this
 
 _CACHES: dict = {}
 

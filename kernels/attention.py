@@ -1031,6 +1031,27 @@ def _smem_optin(index: int) -> int:
     return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0))
 
 
+_RESERVED_SMEM = 1024  # shared memory the GPU reserves for each resident program (sm_80 and later)
+# Triton lets a kernel take more dynamic shared memory than it needs (up to the device's opt-in
+# limit) only when it needs more than this: the residency cap is for kernels past it.
+_SMEM_ATTR_MIN = 48 * 1024
+
+
+def _residency_cap_smem(device: torch.device, per_sm: int) -> int:
+    """Shared memory a launch asks for so that at most `per_sm` of its programs fit on an SM:
+    one more than the kernel needs where a kernel needs little (paged decode with the shifted
+    tail, 74 KB: 3 an SM on an H200, where its launches are sized for 2). 0 where the device
+    cannot say or the cap would not leave room for `per_sm`."""
+    if device.type != "cuda":
+        return 0
+    props = torch.cuda.get_device_properties(_cuda_index(device))
+    per_sm_bytes = int(getattr(props, "shared_memory_per_multiprocessor", 0))
+    cap = per_sm_bytes // (per_sm + 1) - _RESERVED_SMEM + 128
+    if per_sm_bytes <= 0 or cap > min(_smem_optin(_cuda_index(device)), per_sm_bytes // per_sm - _RESERVED_SMEM):
+        return 0
+    return cap
+
+
 def _resident_per_sm(block_n: int, head_dim: int, tma_lora_pad: int = 0) -> int:
     """Decode programs an SM runs at once, bounded by registers (4 warps): on an H200 at D 128
     the kernel takes 226 registers a thread with 128-key tiles (2 programs an SM) and 168 with
@@ -1223,6 +1244,9 @@ class _LaunchPlan:
     # go unused but for the workspace and counters of a split launch); None: `_attn_fwd`.
     ring: _Ring | None = None
     ring_reduce: int = 1  # splits a pass of its combine (split ring launches)
+    # `_attn_fwd` launched with at least this much shared memory (0: its own), which caps the
+    # programs an SM runs at once (see _residency_cap_smem)
+    min_shared: int = 0
     # The kernels compiled for this plan, launched again without Triton's argument binding
     # (`_relaunch`): `_attn_fwd`'s and `_split_reduce`'s.
     compiled: dict = field(default_factory=dict, compare=False, repr=False)
@@ -1393,13 +1417,24 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     split = num_splits > 1
     # Paged decode's shifted-tail kernel (74 KB of shared memory, against 106 with the masked
     # tail) runs 3 programs an SM instead of 2: an unsplit launch that fits in one wave at 3
-    # takes it (H200, same run: 40 x 4K 158 vs 187 us, SDPA on contiguous K/V 173; 48 x 4K 181
+    # takes it so (H200, same run: 40 x 4K 158 vs 187 us, SDPA on contiguous K/V 173; 48 x 4K 181
     # vs 193, SDPA 188; 40 x 1K 43 vs 51; 40 x 16K 621 vs 736; 33 x 4K, one wave at 2 as well,
-    # 125.2 vs 124.6); one that fits in neither ends in a short second wave at 3 (64 x 4K 261
-    # vs 238, 64 x 16K 1037 vs 938), and split launches (sized for 2 an SM) came out within 2%
-    # either way: those keep the masked tail.
-    shift_tail = tma and (key.lora is not None or single or (
-        not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)))
+    # 125.2 vs 124.6). Split and multi-wave launches, sized for 2 an SM, take it too at
+    # full-width tiles, but launched with the shared memory of `_residency_cap_smem` so that they
+    # keep 2: uncapped, the third program an SM lost (whole tiles, 1 x 4K 9.29 vs 8.84 us, 8 x 4K
+    # 37.18 vs 36.20, 64 x 4K 261 vs 238: the next launch's programs crowd into SMs this one still
+    # runs on). Capped, against the masked tail in the same run (H200, CUDA graphs, us; lengths
+    # that end inside a tile, as nearly all do): 1 x 1K 5.72 vs 6.41, 1 x 4K 8.95 vs 9.68, 4 x 4K
+    # 20.71 vs 21.40, 8 x 4K 36.46 vs 37.24, 64 x 4K 240.7 vs 244.3, 100 x 4K 372.0 vs 376.6;
+    # whole tiles level (within 0.1 us at batch 1-8 but 2 x 4K 12.89 vs 12.76; bench/RESULTS.md
+    # Run AM). The masked tail stays where tiles are narrow (their kernel fits Triton's default
+    # 48 KB, past which alone it may be launched with more) and on the ring kernel's launches.
+    shifted_wave = not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)
+    full_width = bn * d * key.kv_itemsize > _SMEM_ATTR_MIN // 2  # K and V tiles alone past 48 KB
+    shift_tail = tma and (key.lora is not None or single or shifted_wave or full_width)
+    cap_smem = 0
+    if shift_tail and key.lora is None and not single and not shifted_wave:
+        cap_smem = _residency_cap_smem(key.device, _resident_per_sm(bn, d))
     fused = split and decode and fuse_reduce(key.device)
     ring = None
     ring_reduce = 1
@@ -1442,7 +1477,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     # 1K 76.1 vs 67.8 us; bench/RESULTS.md Run AF).
     tail = None
     if ring is None and decode and tma and not split and not single \
-            and (key.lora is not None or not shift_tail) and key.num_splits is None and fuse_reduce(key.device):
+            and (key.lora is not None or not shifted_wave) and key.num_splits is None and fuse_reduce(key.device):
         tail = tail_split(batch * hkv, _resident_per_sm(bn, d), -(-max_ctx // bn), key.device,
                           _resident_per_sm(bn, d, r_pad))
         if tail is not None:
@@ -1525,7 +1560,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         ws_sizes=ws_sizes, ws_total=sum(ws_sizes) if ws_rows else 0,
         counters=counters, reduce_grid=(total_q * hkv,) if split and not fused else None,
         reduce_args=(key.out_strides[0], key.out_strides[1], group, hkv, num_splits),
-        reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4), ring=ring, ring_reduce=ring_reduce)
+        reduce_meta=dict(HEAD_DIM=d, **combine, num_warps=4), ring=ring, ring_reduce=ring_reduce,
+        min_shared=cap_smem if ring is None else 0)
 
 
 # A descriptor's dims reach the kernel as int32 (and its block coordinates are int32).
@@ -1614,7 +1650,7 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
               block_tables if paged else dummy, lbt, seq_lens if seq_lens is not None else dummy,
               cu_seqlens_q if cu_seqlens_q is not None else dummy,
               cu_seqlens_k if cu_seqlens_k is not None else dummy, aid, float(scale) * _LOG2E),
-             plan.int_args, plan.meta, plan.compiled)
+             plan.int_args, plan.meta, plan.compiled, min_shared=plan.min_shared)
     if plan.reduce_grid is not None:
         relaunch(_split_reduce, plan.reduce_grid, (ws_m, ws_l, ws_acc, out), plan.reduce_args,
                  plan.reduce_meta, plan.reduce_compiled)

@@ -201,7 +201,7 @@ def tma_device(monkeypatch):
 
 @pytest.mark.parametrize("batch, ctx, bs, lora, tma, block_n, splits, rank, single", [
     (1, 4096, 128, False, True, 128, 32, 16, False),     # paged: full-width TMA tiles whatever the batch
-    (64, 4096, 128, False, True, 128, 1, 16, False),     # 512 programs: two waves either way, masked tail
+    (64, 4096, 128, False, True, 128, 1, 16, False),     # 512 programs: two waves either way, capped at 2
     (48, 4096, 128, False, True, 128, 1, 16, False),     # 384: one wave at 3 an SM, shifted tail
     (16, 32768, 128, False, True, 128, 1, 16, True),     # 128 programs: one an SM, unsplit
     (16, 4096, 128, False, True, 128, 1, 16, True),
@@ -221,7 +221,7 @@ def tma_device(monkeypatch):
     (16, 32768, 128, True, False, 128, 2, 16, False),    # 16K keys a program: wide per-thread tiles
     (1, 4096, 64, True, True, 64, 32, 16, False),        # blocks of 64 hold a half-width tile
     (1, 4096, 64, False, True, 64, 32, 16, False),       # ... paged decode's too
-    (8, 4096, 64, False, True, 64, 4, 16, False),
+    (8, 4096, 64, False, True, 64, 4, 16, False),        # half-width tiles (16 KB): the masked tail
     (1, 4096, 128, True, True, 128, 32, 64, False),      # r 64: the widest L tiles of full-width ones
     (1, 4096, 128, True, True, 64, 32, 128, False),      # r 128: L tiles too wide for full-width ones
 ])
@@ -229,9 +229,15 @@ def test_decode_takes_tma_where_tiles_fit_blocks(monkeypatch, tma_device, batch,
                                                  single):
     """Which decode launches read K/V (and L) through TMA descriptors, with which tiles and splits,
     at one program an SM double-buffered or not, on a device that has TMA (see gpu_decode_plan)."""
+    monkeypatch.setattr(A, "_residency_cap_smem", lambda device, per_sm: 1000 * per_sm + 7)
     plan = gpu_decode_plan(monkeypatch, batch, ctx, bs=bs, lora=lora, rank=rank)
     assert plan.meta["TMA"] is tma
-    assert plan.meta["SHIFT_TAIL"] is (tma and (lora or single or (splits == 1 and batch * 8 <= 3 * 132)))
+    # The shifted tail wherever it is chosen on its own (Flash-LoRA, one an SM, an unsplit wave
+    # at 3 an SM) and at full-width tiles everywhere else, capped at the residency the launch
+    # was sized for (2 an SM at 128-key tiles).
+    chosen = lora or single or (splits == 1 and batch * 8 <= 3 * 132)
+    assert plan.meta["SHIFT_TAIL"] is (tma and (chosen or block_n == 128))
+    assert plan.min_shared == (2007 if tma and not chosen and block_n == 128 else 0)
     assert plan.meta["BLOCK_N"] == block_n
     assert plan.grid == (1, 8 * splits, batch)
     assert (plan.meta["num_stages"] == A._SINGLE_STAGES) is single
@@ -346,9 +352,11 @@ def test_decode_plan_splits_its_last_wave(monkeypatch, tma_device):
     """68 × 4K in blocks of 128 on 132 SMs (two an SM by TMA: 2 waves and 16 programs over):
     `_attn_fwd`'s TAIL over a one-dimensional grid, the workspace and counters of the 16
     split items only; not where the caller fixes the split count."""
+    monkeypatch.setattr(A, "_residency_cap_smem", lambda device, per_sm: 1000 * per_sm + 7)
     plan = gpu_decode_plan(monkeypatch, 68, 4096, bs=128)
     assert plan.ring is None and plan.meta["TMA"] and plan.meta["TAIL"] and not plan.meta["SPLIT"]
-    assert plan.meta["FUSE_REDUCE"] and not plan.meta["SHIFT_TAIL"]
+    # the shifted tail, at the 2 an SM the tail split is sized for (see _residency_cap_smem)
+    assert plan.meta["FUSE_REDUCE"] and plan.meta["SHIFT_TAIL"] and plan.min_shared == 2007
     full, splits = 528, 9
     assert plan.grid == (full + 16 * splits, 1, 1) and plan.counters == 16
     assert plan.ws_sizes[2] == 16 * 4 * splits * 128  # (items × query heads an item × splits) rows of D
@@ -391,12 +399,15 @@ def test_single_program_boundaries(monkeypatch, tma_device):
 
 
 def test_tma_tail_and_tile_boundaries(monkeypatch, tma_device):
-    """Where the plan's TMA choices switch: paged decode's shifted tail up to exactly 3 programs
-    an SM (unsplit; Hkv 4 so that 396 programs are reachable), and Flash-LoRA's half-width tiles
-    when its own low-rank table's blocks hold half a wide tile but not a whole one."""
-    for batch, shifted in ((99, True), (100, False)):  # 396 and 400 programs, 132 SMs
+    """Where the plan's TMA choices switch: paged decode's shifted tail at 3 programs an SM up to
+    exactly one wave of them (unsplit; Hkv 4 so that 396 programs are reachable), capped at 2
+    past it, and Flash-LoRA's half-width tiles when its own low-rank table's blocks hold half a
+    wide tile but not a whole one."""
+    monkeypatch.setattr(A, "_residency_cap_smem", lambda device, per_sm: 1000 * per_sm + 7)
+    for batch, cap in ((99, 0), (100, 2007)):  # 396 and 400 programs, 132 SMs
         plan = gpu_decode_plan(monkeypatch, batch, 4096, bs=128, hkv=4)
-        assert plan.meta["TMA"] and not plan.meta["SPLIT"] and plan.meta["SHIFT_TAIL"] is shifted
+        assert plan.meta["TMA"] and not plan.meta["SPLIT"] and plan.meta["SHIFT_TAIL"]
+        assert plan.min_shared == cap
     for lr_bs, block_n, tma in ((64, 64, True), (256, 128, True), (32, 128, False)):  # (per-thread: wide)
         plan = gpu_decode_plan(monkeypatch, 1, 4096, bs=128, lora=True, lr_bs=lr_bs)
         assert plan.meta["BLOCK_N"] == block_n and plan.meta["TMA"] is tma, lr_bs
