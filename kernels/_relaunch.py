@@ -31,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover - a Triton without knobs: always through Triton
     _knobs = None
 
-__all__ = ["launch", "relaunch"]
+__all__ = ["SMEM_ATTR_MIN", "launch", "relaunch"]
 
 _MAX_ENTRIES = 64  # kept compiled kernels a cache: a new key past this starts it afresh
 _MAX_CONSTEXPR_SETS = 256  # `launch`'s caches, one per kernel and set of constexprs
@@ -71,9 +71,10 @@ def relaunch(fn, grid: tuple[int, ...], args: tuple, fixed: tuple, meta: dict, c
     to Triton on the first call and are part of what it compiled.
 
     `min_shared`: launch with at least this many bytes of dynamic shared memory, to cap how many
-    programs share an SM. Only for compiled kernels that need more than 48 KB (Triton then
-    allows up to the device's opt-in limit) and a Triton whose launch metadata is (warps, CTAs,
-    shared bytes); elsewhere, and on a key's first launch (through Triton), the kernel's own."""
+    programs share an SM (one value a `cache`: it is applied once, when a kernel is kept). Only
+    for compiled kernels that need more than 48 KB (Triton then allows up to the device's opt-in
+    limit) and a Triton whose launch metadata is (warps, CTAs, shared bytes); elsewhere, and on a
+    key's first launch (through Triton), the kernel's own."""
     if _knobs is None or not isinstance(fn, _JITFunction):
         # (the interpreter's kernels, and whatever stands in for a kernel: a test's recorder)
         fn[grid](*args, *fixed, **meta)
@@ -95,15 +96,13 @@ def relaunch(fn, grid: tuple[int, ...], args: tuple, fixed: tuple, meta: dict, c
                 tail = (*fixed, *(meta[p.name] if p.name in meta else p.default for p in rest))
                 if len(cache) >= _MAX_ENTRIES:
                     cache.clear()
-                cache[key] = (kernel, tail)
+                packed = _with_shared(kernel, kernel.packed_metadata, min_shared) if min_shared else kernel.packed_metadata
+                cache[key] = (kernel, tail, packed)
         return
-    kernel, tail = entry
+    kernel, tail, packed = entry
     stream = _driver.active.get_current_stream(device)
     g = (*grid, 1, 1)
     vals = (*args, *tail)
-    packed = kernel.packed_metadata
-    if min_shared:
-        packed = _with_shared(kernel, packed, min_shared)
     kernel.run(g[0], g[1], g[2], stream, kernel.function, packed,
                kernel.launch_metadata(grid, stream, *vals),
                _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *vals)
@@ -114,12 +113,14 @@ def _with_shared(kernel, packed: tuple, min_shared: int) -> tuple:
     safe (see `relaunch`), else `packed` as it is."""
     shared = getattr(getattr(kernel, "metadata", None), "shared", None)
     if (isinstance(packed, tuple) and len(packed) >= 3 and packed[2] == shared
-            and _SMEM_ATTR_MIN < shared < min_shared):
+            and SMEM_ATTR_MIN < shared < min_shared):
         return (*packed[:2], min_shared, *packed[3:])
     return packed
 
 
-_SMEM_ATTR_MIN = 48 * 1024  # Triton raises a kernel's dynamic shared memory limit only past this
+# Triton raises a kernel's dynamic shared memory limit (to the device's opt-in maximum) only
+# for kernels that need more than this
+SMEM_ATTR_MIN = 48 * 1024
 
 _CACHES: dict = {}
 

@@ -53,7 +53,7 @@ from . import attention_ring
 from ._counters import split_counters as _split_counters
 from ._dispatch import choose_impl, interpreter_on
 from ._pdl import gdc_launch_dependents, gdc_wait, pdl_available
-from ._relaunch import relaunch
+from ._relaunch import SMEM_ATTR_MIN, relaunch
 from ._tma import descriptor
 
 __all__ = [
@@ -1032,9 +1032,6 @@ def _smem_optin(index: int) -> int:
 
 
 _RESERVED_SMEM = 1024  # shared memory the GPU reserves for each resident program (sm_80 and later)
-# Triton lets a kernel take more dynamic shared memory than it needs (up to the device's opt-in
-# limit) only when it needs more than this: the residency cap is for kernels past it.
-_SMEM_ATTR_MIN = 48 * 1024
 
 
 def _residency_cap_smem(device: torch.device, per_sm: int) -> int:
@@ -1430,7 +1427,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     # Run AM). The masked tail stays where tiles are narrow (their kernel fits Triton's default
     # 48 KB, past which alone it may be launched with more) and on the ring kernel's launches.
     shifted_wave = not split and batch * hkv <= _TMA_SHIFTED_PER_SM * _num_sms(key.device)
-    full_width = bn * d * key.kv_itemsize > _SMEM_ATTR_MIN // 2  # K and V tiles alone past 48 KB
+    full_width = bn * d * key.kv_itemsize > SMEM_ATTR_MIN // 2  # K and V tiles alone past 48 KB: cap-able
     shift_tail = tma and (key.lora is not None or single or shifted_wave or full_width)
     cap_smem = 0
     if shift_tail and key.lora is None and not single and not shifted_wave:

@@ -101,12 +101,15 @@ def test_relaunch_launches_a_kept_kernel_with_the_cap(monkeypatch):
     monkeypatch.setattr(R, "_driver", SimpleNamespace(active=active))
     monkeypatch.setattr(R, "_knobs", SimpleNamespace(runtime=SimpleNamespace(launch_enter_hook=None,
                                                                               launch_exit_hook=None)))
-    cache: dict = {}
+    capped: dict = {}
     a = torch.randn(8)
     for _ in range(3):
-        R.relaunch(Jit(), (5,), (a,), (), {}, cache, min_shared=76928)
-    R.relaunch(Jit(), (5,), (a,), (), {}, cache)
-    assert kernel.runs == [(4, 1, 76928), (4, 1, 76928), (4, 1, 73760)]  # the first went through Triton
+        R.relaunch(Jit(), (5,), (a,), (), {}, capped, min_shared=76928)
+    assert kernel.runs == [(4, 1, 76928), (4, 1, 76928)]  # the first went through Triton
+    own: dict = {}  # another plan's cache, without a cap
+    for _ in range(2):
+        R.relaunch(Jit(), (5,), (a,), (), {}, own)
+    assert kernel.runs[2:] == [(4, 1, 73760)]
 
 
 # ---------------------------------------------------------------- GPU
@@ -151,7 +154,7 @@ def test_gpu_capped_launch_keeps_two_an_sm_and_matches_reference(rng_seed, lens)
         assert not out.isnan().any()
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < 1e-2, err
-    kernel, _ = next(iter(plan.compiled.values()))
+    kernel = next(iter(plan.compiled.values()))[0]
     threads = plan.meta["num_warps"] * 32
     own = _occupancy(kernel.function, threads, kernel.metadata.shared)
     capped = _occupancy(kernel.function, threads, plan.min_shared)
