@@ -11,6 +11,8 @@ bf16, Hq=32, Hkv=8, D=128, every baseline measured in the same run. Decode at bl
   (goal <= 1.10x), and vs materialising V_base + L·B_a then attending (goal >= 3x faster).
 - `attn prefill`: full causal prefill from the paged cache vs SDPA flash / cuDNN backends on
   contiguous tensors (K/V pre-expanded to 32 heads; not timed), TFLOP/s; plus one flash-lora row.
+- `attn decode real lengths`: the same at lengths that end inside a tile (as real ones do),
+  blocks of 128: paged decode vs SDPA at the same lengths, Flash-LoRA (r = 64) vs paged decode.
 - `attn eager host`: host time of an eager call (back to back, after the first) against
   SDPA's eager call: what a caller without CUDA graphs pays before the GPU starts.
 Caches smaller than 2x L2 rotate over disjoint copies so the numbers are HBM numbers.
@@ -157,6 +159,47 @@ def test_decode(benchmark, batch, ctx, bs):
 def _flops(total_tokens_sq: float) -> float:
     """Causal attention FLOPs for sum over sequences of T²: 2 matmuls × 2 flops × half."""
     return 2.0 * total_tokens_sq * HQ * D
+
+
+# Real sequences almost never end on a tile: the same decode with every sequence 37 keys short of
+# the context (its last tile partly filled), at the engine's default blocks of 128.
+@pytest.mark.parametrize("batch,ctx", [(1, 1024), (1, 4096), (8, 4096), (64, 4096)])
+def test_decode_real_lengths(benchmark, batch, ctx):
+    from kernels.attention import flash_lora_decode, paged_attention_decode
+
+    bs, short = 128, 37
+    n = ctx - short
+    copies = _copies(2 * batch * ctx * HKV * D * 2)
+    k, v, tables = paged_cache(batch, ctx, copies, bs)
+    q = torch.randn(batch, HQ, D, device=DEV, dtype=DT)
+    sl = torch.full((batch,), n, dtype=torch.int32, device=DEV)
+    out = torch.empty_like(q)
+    case = f"b={batch} ctx={ctx // 1024}K-{short} bs={bs}"
+
+    def per_copy(call):
+        return [lambda t=t: call(t) for t in tables]
+
+    t_paged = graph_time_ms(per_copy(
+        lambda t: paged_attention_decode(q, k, v, t, sl, SCALE, out=out, validate=False)))
+    cyc = itertools.cycle(range(copies))
+    record_benchmark(benchmark, lambda: paged_attention_decode(q, k, v, tables[next(cyc)], sl, SCALE, out=out,
+                                                               validate=False))
+    kc = [k[t.flatten().long()].view(batch, ctx, HKV, D)[:, :n].transpose(1, 2).contiguous() for t in tables]
+    vc = [v[t.flatten().long()].view(batch, ctx, HKV, D)[:, :n].transpose(1, 2).contiguous() for t in tables]
+    q4 = q.view(batch, HQ, 1, D)
+    t_sdpa = graph_time_ms([lambda i=i: F.scaled_dot_product_attention(q4, kc[i], vc[i], scale=SCALE,
+                                                                         enable_gqa=True)
+                            for i in range(len(kc))])
+    del kc, vc
+    compare("attn decode real lengths", case, ours=("paged_attention_decode", t_paged),
+            base=("SDPA contiguous", t_sdpa), goal="≤ 1", note="CUDA graph; the last tile partly filled")
+    ids, lr, lb = lora_operands(k, batch, 64)
+    t_lora = graph_time_ms(per_copy(
+        lambda t: flash_lora_decode(q, k, v, lr, t, lb, ids, t, sl, SCALE, out=out, validate=False)))
+    compare("attn decode real lengths", f"{case} r=64", ours=("flash_lora_decode", t_lora),
+            base=("paged_attention_decode", t_paged), goal="≤ 1.10")
+    del k, v, tables, lr
+    _free()
 
 
 @pytest.mark.parametrize("bs", [128, 16])
