@@ -194,10 +194,11 @@ class _ArenaState:
         # all() over map() stays in C: no Python frame per slot.
         return all(map(self.pages.__contains__, range(first, first + n)))
 
-    def first_unmapped(self, first: int, n: int) -> int | None:
-        """The lowest slot in [first, first+n) that is not mapped, or None."""
+    def first_not(self, first: int, n: int, mapped: bool) -> int | None:
+        """The lowest slot in [first, first+n) that is not `mapped` (unmapped for True, mapped
+        for False), or None."""
         pages = self.pages
-        return next((i for i in range(first, first + n) if i not in pages), None)
+        return next((i for i in range(first, first + n) if (i in pages) != mapped), None)
 
     def close(self) -> None:
         """Unmap everything and free the reservation. Never raises (also the finalizer)."""
@@ -322,16 +323,13 @@ class VirtualArena:
 
     def _require(self, what: str, first: int, n: int, mapped: bool, arena: "VirtualArena | None" = None) -> None:
         s = (arena or self)._s
-        pages = s.pages
-        window = range(first, first + n)
         # Both checks run in C over the touched slots only; the page is named only on error.
-        ok = s.all_mapped(first, n) if mapped else pages.keys().isdisjoint(window)
+        ok = s.all_mapped(first, n) if mapped else s.pages.keys().isdisjoint(range(first, first + n))
         if ok:
             return
-        for i in window:
-            if (i in pages) != mapped:
-                state = "is not mapped" if mapped else "is already mapped"
-                raise VmmError(f"{what}: the page at offset {i * s.page_size} {state}")
+        i = s.first_not(first, n, mapped)
+        state = "is not mapped" if mapped else "is already mapped"
+        raise VmmError(f"{what}: the page at offset {i * s.page_size} {state}")
 
     # ---- operations -------------------------------------------------------------------------
     def map(self, offset: int, nbytes: int) -> None:
@@ -483,7 +481,7 @@ class VirtualArena:
             if require_mapped and nbytes:
                 first, last = offset // s.page_size, (offset + nbytes - 1) // s.page_size
                 # the check in C first; the generator that names the hole only on error
-                i = None if s.all_mapped(first, last + 1 - first) else s.first_unmapped(first, last + 1 - first)
+                i = None if s.all_mapped(first, last + 1 - first) else s.first_not(first, last + 1 - first, True)
                 if i is not None:
                     raise VmmError(f"view: bytes [{offset}, {offset + nbytes}) are not all mapped; "
                                    f"the page at offset {i * s.page_size} is not")
