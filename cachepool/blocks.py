@@ -228,17 +228,15 @@ class BlockManager:
         spare = self._spare(reclaimed)
         return need <= self._alloc.num_obtainable(enough=need - spare) + spare
 
-    def _from_allocator(self, n: int, spare: int, evict_first: bool | int) -> int:
+    def _from_allocator(self, n: int, spare: int, cap: int) -> int:
         """How many of `n` new blocks `_take` gets from the allocator (mapping pages where they
-        are not backed); it evicts the rest of `spare` cached blocks. One answer for `_take` and
-        `_pages_to_take`, so the page prediction is what the request then does."""
-        cap = _evict_cap(evict_first)
-        if cap:
-            # Free blocks already backed cost no page, so they are used before any cached block;
-            # past the cap the allocator maps, and evicts only what it cannot map.
-            first = min(cap, spare, max(0, n - self._alloc.num_free_backed()))
-            return min(n - first, self._alloc.num_obtainable(enough=n - first))
-        return min(n, self._alloc.num_obtainable(enough=n))
+        are not backed); it evicts the rest of `spare` cached blocks, up to `cap` of them
+        (`_evict_cap`) before mapping. One answer for `_take` and `_pages_to_take`, so the page
+        prediction is what the request then does."""
+        # Free blocks already backed cost no page, so they are used before any cached block;
+        # past the cap the allocator maps, and evicts only what it cannot map.
+        first = min(cap, spare, max(0, n - self._alloc.num_free_backed())) if cap else 0
+        return min(n - first, self._alloc.num_obtainable(enough=n - first))
 
     def can_allocate(self, token_ids: Sequence[int], namespace: str = "") -> bool:
         """Whether `allocate` of these tokens would succeed now (prefix hits counted)."""
@@ -248,8 +246,9 @@ class BlockManager:
 
     def _pages_to_take(self, need: int, reclaimed: Iterable[int] = (), evict_first: bool | int = False) -> int:
         # only evicting first reads how many cached blocks there are to evict
-        spare = self._spare(reclaimed) if _evict_cap(evict_first) else 0
-        return self._alloc.pages_to_alloc(self._from_allocator(need, spare, evict_first))
+        cap = _evict_cap(evict_first)
+        spare = self._spare(reclaimed) if cap else 0
+        return self._alloc.pages_to_alloc(self._from_allocator(need, spare, cap))
 
     def pages_to_allocate(self, token_ids: Sequence[int], namespace: str = "", *,
                           evict_first: bool | int = False) -> int:
@@ -280,7 +279,7 @@ class BlockManager:
         evict cached ones. With `evict_first`, cached blocks (all useful ones, or at most an
         int's worth) are evicted before any page is mapped (free blocks already backed still
         come first)."""
-        ids = self._alloc.alloc_many(self._from_allocator(n, len(self._lru), evict_first))
+        ids = self._alloc.alloc_many(self._from_allocator(n, len(self._lru), _evict_cap(evict_first)))
         if n - len(ids) > len(self._lru):  # checked before any eviction: a refusal evicts nothing
             self._alloc.release_many(ids)
             raise CacheFullError(f"asked for {n} blocks, only {len(ids) + len(self._lru)} available")

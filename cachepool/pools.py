@@ -50,7 +50,8 @@ class _Pool(StoreOwner):
                  evict_first: bool | int = False) -> int:
         """Blocks for a new sequence; returns how many leading tokens are stored already.
         `evict_first`: evict cached blocks before mapping fresh pages (True: as many as save
-        pages; an int: at most that many). CacheFullError (nothing changed) when the blocks or pages are not available."""
+        pages; an int: at most that many). CacheFullError (nothing changed) when the blocks or
+        pages are not available."""
         return self.manager.allocate(seq_id, token_ids, namespace, evict_first=evict_first)
 
     def can_append(self, seq_id: Hashable, num_tokens: int = 1) -> bool:
