@@ -17,7 +17,8 @@ the variant instead of copies of the kernel:
   Flash-LoRA's L tile) by one bulk tensor-memory copy (Hopper's TMA, through host tensor
   descriptors) instead of per-thread loads (see `_tma_loads`); unsplit launches of up to one
   program an SM keep a second tile in flight, every tile in one loop (``ONE_LOOP``; see
-  `_launch_plan`).
+  `_launch_plan`), as split Flash-LoRA launches do, whose programs of one tile take B_a by TMA
+  with it (``B_IN_LOOP``).
 
 One launch family runs elsewhere: unsplit paged decode (and Flash-LoRA decode) on Hopper at
 head dim 128 goes to `attention_ring`'s kernel, a ring of TMA copies written out in Gluon with
@@ -172,7 +173,7 @@ def _block_ids(table_row, start, kpos, kmask, hi, BLOCK_SIZE: tl.constexpr, BLOC
 
 @triton.jit
 def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
-               K, V, Lr, bt_row, lbt_row, k_head_off, v_head_off, k_start,
+               K, V, Lr, LoraB, b_row, bt_row, lbt_row, k_head_off, v_head_off, k_start,
                stride_kb, stride_ks, stride_vb, stride_vs, stride_lrb, stride_lrs,
                has_adapter, qk_scale,
                s2_local, s2_stride, s2_shift, is_dense,
@@ -181,13 +182,16 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
                BLOCK_SIZE: tl.constexpr, LR_BLOCK_SIZE: tl.constexpr,
                SPARSE_BLOCK: tl.constexpr, PAGED: tl.constexpr, HAS_LORA: tl.constexpr,
                S2: tl.constexpr, MASK: tl.constexpr, UPCAST: tl.constexpr,
-               LR_SHARED_TABLE: tl.constexpr, TMA: tl.constexpr, SHIFT_TAIL: tl.constexpr):
+               LR_SHARED_TABLE: tl.constexpr, TMA: tl.constexpr, SHIFT_TAIL: tl.constexpr,
+               B_IN_LOOP: tl.constexpr):
     """One key tile of the online softmax. MASK=False is the interior fast path: the caller
     guarantees every key of the tile is in range and visible to every query row. TMA: K and V
     are tensor descriptors over the caches seen as ``[blocks, block_size, Hkv × D]`` and one
     cache block holds the whole tile, which arrives by one bulk copy each for K and V (and L).
     SHIFT_TAIL (TMA only): the masked tail tile is read shifted back to end at the last key
-    rather than masked in registers (required with Flash-LoRA; see `_launch_plan`)."""
+    rather than masked in registers (required with Flash-LoRA; see `_launch_plan`).
+    B_IN_LOOP (Flash-LoRA by TMA): B_a, a descriptor over ``[adapters × Hkv, r, D]``, comes with
+    the tile's copies (row `b_row`) and the tile's (P·L)·B_a goes straight into acc."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kpos = start + offs_n
@@ -259,7 +263,17 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
             lslot0 = (start % LR_BLOCK_SIZE - shift).to(tl.int32)
         tl.static_assert(SHIFT_TAIL, "Flash-LoRA reads its TMA tail tile shifted (see _launch_plan)")
         lt = Lr.load([lblk, lslot0, 0]).reshape(BLOCK_N, R_PAD)
-        acc_lr = acc_lr * alpha[:, None] + _mm(p.to(lt.dtype), lt, UPCAST)
+        if B_IN_LOOP:
+            # Its row offset min(start, 0) is 0, but the compiler cannot know it: a load that
+            # varies with the loop, which the pipeliner issues with the tile's own copies (a
+            # load before the loop is waited for before the first tile's copies are even issued).
+            # Rows past r arrive as zeros; a request without adapter adds nothing (0 × garbage L,
+            # or × a B it does not own, is not 0).
+            lb = LoraB.load([b_row + tl.minimum(start, 0), 0, 0]).reshape(R_PAD, HEAD_DIM)
+            pl = _mm(p.to(lt.dtype), lt, UPCAST)
+            acc += tl.where(has_adapter, _mm(pl.to(lb.dtype), lb, UPCAST), 0.0)
+        else:
+            acc_lr = acc_lr * alpha[:, None] + _mm(p.to(lt.dtype), lt, UPCAST)
     elif HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
         lmask = (offs_r[None, :] < RANK) & has_adapter
@@ -306,6 +320,7 @@ def _attn_fwd(
     FUSE_REDUCE: tl.constexpr, GROUP_P2: tl.constexpr, REDUCE_S: tl.constexpr,
     LR_SHARED_TABLE: tl.constexpr, PREFETCH_B: tl.constexpr, TMA: tl.constexpr,
     SHIFT_TAIL: tl.constexpr, ONE_LOOP: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr,
+    B_IN_LOOP: tl.constexpr,
 ):
     if PDL:  # launched while the kernel before drains: nothing global before its writes land (_pdl)
         gdc_wait()
@@ -413,7 +428,10 @@ def _attn_fwd(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         acc_lr = tl.zeros([BLOCK_M, R_PAD], tl.float32)
-        if HAS_LORA:
+        b_row = 0
+        if HAS_LORA and B_IN_LOOP:
+            b_row = (tl.maximum(adapter, 0) * num_kv_heads + kvh).to(tl.int32)
+        elif HAS_LORA:
             offs_r = tl.arange(0, R_PAD)
             b_ptrs = (LoraB + tl.maximum(adapter, 0).to(tl.int64) * stride_lba + kvh * stride_lbh
                       + offs_r[:, None] * stride_lbr + offs_d[None, :])
@@ -425,7 +443,8 @@ def _attn_fwd(
         # every tile through the masked one (masks cost little in a memory-bound loop), the other
         # not compiled at all: two loops drain the first's pipeline before the tail tile's copy
         # is even issued, a whole memory round trip a program at the one-an-SM variant's depth
-        # (see _launch_plan), and an empty loop's pipeline prologue would still be code to run.
+        # (see _launch_plan), and an empty loop's pipeline prologue would still be code to run
+        # (split Flash-LoRA's short runs too: its tail tile's program is the last to finish).
         if ONE_LOOP:
             n_full = t_lo
         for masked in tl.static_range(2):
@@ -437,15 +456,16 @@ def _attn_fwd(
                 for t in range(t_from, t_to):
                     start = _tile_start(t, n_strided, lo_tok, c0, s2_stride, S2, SPARSE_BLOCK, BLOCK_N)
                     acc, acc_lr, m_i, l_i = _attn_tile(
-                        acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, bt_row, lbt_row,
+                        acc, acc_lr, m_i, l_i, q, start, hi, qpos, K, V, Lr, LoraB, b_row, bt_row, lbt_row,
                         k_head_off, v_head_off, k_start, stride_kb, stride_ks, stride_vb, stride_vs,
                         stride_lrb, stride_lrs, has_adapter, qk_scale,
                         s2_local, s2_stride, s2_shift, is_dense,
-                        HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, masked == 1, UPCAST, LR_SHARED_TABLE, TMA, SHIFT_TAIL)
+                        HEAD_DIM, BLOCK_N, R_PAD, RANK, LR_ALIGN, BLOCK_SIZE, LR_BLOCK_SIZE, SPARSE_BLOCK, PAGED, HAS_LORA, S2, masked == 1, UPCAST, LR_SHARED_TABLE, TMA, SHIFT_TAIL,
+                        B_IN_LOOP)
 
         if PDL:  # only the epilogue left: the next kernel may take this program's place (_pdl)
             gdc_launch_dependents()
-        if HAS_LORA:
+        if HAS_LORA and not B_IN_LOOP:
             # (P·L)·B_a once per program; linear, so split partials may fold it in too.
             if not PREFETCH_B:
                 lb = tl.load(b_ptrs, mask=b_mask, other=0.0)
@@ -1021,7 +1041,7 @@ def _ring_lr_ok(lora_key: tuple, block_size: int) -> bool:
     """Whether `attention_ring` can copy Flash-LoRA's low-rank cache beside K/V: dense rows of
     r elements at a 16-byte pitch, and blocks that split a tile the way the K/V blocks do (the
     K/V table itself, blocks of the same size, or blocks that hold whole K/V tiles)."""
-    (nb, lbs, r), strides, _, _, shared, itemsize = lora_key
+    (nb, lbs, r), strides, _, _, shared, itemsize, _ = lora_key
     return (tuple(strides) == (lbs * r, r, 1) and r * itemsize % 16 == 0 and 0 < nb <= _MAX_DESCRIPTOR_DIM
             and (shared or lbs == block_size or (block_size % _RING_LORA_TILE == 0 and lbs % _RING_LORA_TILE == 0)))
 
@@ -1209,7 +1229,7 @@ class _LaunchKey(NamedTuple):
     v_strides: tuple[int, ...]
     table: tuple | None  # (shape, strides) of the block table; None when not paged
     # (lr_cache shape, lr_cache strides, lr table row stride, lora_b strides, whether the lr
-    # table is the K/V table itself, lr_cache element size)
+    # table is the K/V table itself, lr_cache element size, whether a descriptor can address lora_b)
     lora: tuple | None
     s2: _S2Args | None
     max_seqlen_q: int | None  # prefill only (known by then)
@@ -1276,7 +1296,8 @@ def _launch_key(q, k, v, out, *, paged: bool, decode: bool, batch: int, block_ta
         # The engine's base_lr_shared passes its K/V table as the low-rank one (same block ids).
         shared = bool(paged and bt.dim() == 2 and lbt.data_ptr() == bt.data_ptr() and lbt.shape == bt.shape
                       and lbt.stride() == bt.stride() and lbt.dtype == bt.dtype and lr.shape[1] == k.shape[1])
-        lora_key = (lr.shape, lr.stride(), lbt.stride()[0], lora.lora_b.stride(), shared, lr.element_size())
+        lora_key = (lr.shape, lr.stride(), lbt.stride()[0], lora.lora_b.stride(), shared, lr.element_size(),
+                    _lb_descriptor_ok(lora.lora_b))
     return _LaunchKey(paged, decode, batch, q.shape, q.stride(), out.stride(), k.shape, k.stride(),
                       v.stride(), (bt.shape, bt.stride()) if paged else None, lora_key, s2,
                       max_seqlen_q, _aligned16(k, v, lora.lr_cache if lora is not None else None),
@@ -1375,8 +1396,8 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         # interior loop + the masked tail's: 16 x 4001 63.1 / 63.6 vs 63.7 / 64.6, 12 x 4063
         # 49.7 / 49.8 vs 50.3 / 50.4, 16 x 32691 470.5 / 470.3 vs 471.2 / 471.3, Flash-LoRA
         # r = 64 16 x 4001 67.5 / 67.0 vs 68.0 / 67.7; whole tiles within 0.6% either way. Not
-        # at 2-3 an SM (40 x 4035 157.6 / 157.5 vs 157.1 / 156.9) nor split Flash-LoRA (1 x 4K
-        # r = 64 10.80 / 10.80 vs 10.43 / 10.54).
+        # at 2-3 an SM (40 x 4035 157.6 / 157.5 vs 157.1 / 156.9). Split Flash-LoRA lost with it
+        # then (1 x 4K r = 64 10.80 / 10.80 vs 10.43 / 10.54), before PDL; it takes it now (below).
         if single:
             tile, tma_splits = (*tile[:3], _SINGLE_STAGES), 1
         else:
@@ -1479,6 +1500,21 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                           _resident_per_sm(bn, d, r_pad))
         if tail is not None:
             num_splits, fused = tail[1], True
+    # Split Flash-LoRA by TMA (`_attn_fwd`) runs every tile through one loop (ONE_LOOP), and where
+    # no program has more than one tile, takes B_a with its tile's copies (B_IN_LOOP; see
+    # _attn_tile) rather than before the key loop: each program's first copies no longer wait
+    # for B_a's. H200, Flash-LoRA r = 64 against the code before, in turn, CUDA graphs, us
+    # (paged decode's time in brackets; "-37": every third sequence 37 keys short): blocks of
+    # 128, 1 x 1K 6.17 vs 6.41 (5.69), 1 x 2K 7.78 vs 8.24 (7.24), 1 x 4K 9.75 vs 9.98 (8.87),
+    # 1 x 4K-37 9.75 vs 10.05 (9.02) (both), 2 x 4K 13.85 vs 14.04, 8 x 4K 38.61 vs 38.87, 1 x 32K
+    # 38.70 vs 38.87 (one loop); blocks of 64 (64-key tiles, two a program: one loop) 1 x 4K
+    # 10.46 vs 10.83 (9.58), 2 x 4K 14.44 vs 14.68; r = 8 and 16 level to 2.3% faster; nothing
+    # slower (bench/RESULTS.md Run AN). B_a by TMA before the loop instead lost (1 x 4K 10.07
+    # vs 9.80), and with the tile over programs of two or more tiles (blocks of 64, 1 x 4K
+    # 10.93 vs 10.37 in one loop: its bytes again with every tile).
+    lora_split_tma = key.lora is not None and tma and ring is None and split
+    one_loop = single or lora_split_tma
+    b_in_loop = lora_split_tma and key.lora[6] and -(-max_ctx // bn) <= num_splits
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)
     g_p2 = _next_pow2(group)
     combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))
@@ -1504,7 +1540,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         stride_kb, stride_ks, stride_kh = 0, ks[0], ks[1]
         stride_vb, stride_vs, stride_vh = 0, vs[0], vs[1]
     if key.lora is not None:
-        lr_shape, lr_strides, lbt_row_stride, lb_strides, lr_shared, _ = key.lora
+        lr_shape, lr_strides, lbt_row_stride, lb_strides, lr_shared, _, _ = key.lora
         lr_args = (lr_strides[0], lr_strides[1], lbt_row_stride)
         lb_args = lb_strides[:3]
         lr_block_size = lr_shape[1]
@@ -1528,7 +1564,7 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
                 PAGED=paged, VARLEN_Q=not decode, HAS_LORA=key.lora is not None, S2=s2 is not None,
                 SPLIT=split, UPCAST=key.interpret, FUSE_REDUCE=fused,
                 LR_SHARED_TABLE=lr_shared, TMA=tma, SHIFT_TAIL=shift_tail,
-                ONE_LOOP=single, TAIL=tail is not None,
+                ONE_LOOP=one_loop, TAIL=tail is not None, B_IN_LOOP=b_in_loop,
                 PREFETCH_B=key.lora is not None and prefetch_b(decode, split),
                 **(combine if fused else dict(GROUP_P2=1, REDUCE_S=1)),
                 num_warps=warps, num_stages=stages)
@@ -1577,7 +1613,7 @@ def _lr_descriptor_ok(lora_key: tuple, block_size: int, block_n: int) -> bool:
     """Whether Flash-LoRA's low-rank cache can come by TMA beside K/V (else neither does: TMA
     K/V with per-thread L loads measured 1.2-1.5x slower than per-thread loads of all three):
     dense rows of r elements, 16-byte row pitch, and tiles inside its blocks."""
-    (nb, lbs, r), strides, _, _, shared, itemsize = lora_key
+    (nb, lbs, r), strides, _, _, shared, itemsize, _ = lora_key
     return (tuple(strides) == (lbs * r, r, 1) and r * itemsize % 16 == 0 and (shared or lbs % block_n == 0)
             and 0 < nb <= _MAX_DESCRIPTOR_DIM)
 
@@ -1587,6 +1623,22 @@ def _lr_descriptor(lr: torch.Tensor, block_n: int, r_pad: int) -> TensorDescript
     r_pad]`` boxes (columns past r, and slots before 0, are zero-filled by the copy)."""
     nb, bs, r = lr.shape
     return descriptor(TensorDescriptor, lr, (nb, bs, r), (bs * r, r, 1), (1, block_n, r_pad))
+
+
+def _lb_descriptor_ok(lora_b: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can address ``lora_b [adapters, Hkv, r, D]`` as ``[adapters ×
+    Hkv, r, D]`` (`_lb_descriptor`): dense, on 16 bytes, not empty (a descriptor has no empty
+    dims), rows at a 16-byte pitch."""
+    a, h, r, d = lora_b.shape
+    return (lora_b.stride() == (h * r * d, r * d, d, 1) and lora_b.data_ptr() % 16 == 0 and lora_b.numel() > 0
+            and d * lora_b.element_size() % 16 == 0 and a * h <= _MAX_DESCRIPTOR_DIM)
+
+
+def _lb_descriptor(lora_b: torch.Tensor, r_pad: int) -> TensorDescriptor:
+    """A TMA descriptor over ``lora_b`` seen as ``[adapters × Hkv, r, D]``, copying one (adapter,
+    KV head)'s ``[1, r_pad, D]`` box (rows past r zero-filled by the copy)."""
+    a, h, r, d = lora_b.shape
+    return descriptor(TensorDescriptor, lora_b, (a * h, r, d), (r * d, d, 1), (1, r_pad, d))
 
 
 def _kv_descriptor(cache: torch.Tensor, block_n: int) -> TensorDescriptor:
@@ -1642,6 +1694,8 @@ def _launch(q, k, v, *, scale: float, paged: bool, seq_lens=None, block_tables=N
         k, v = _kv_descriptor(k, plan.meta["BLOCK_N"]), _kv_descriptor(v, plan.meta["BLOCK_N"])
         if lora is not None:
             lr = _lr_descriptor(lr, plan.meta["BLOCK_N"], plan.meta["R_PAD"])
+            if plan.meta["B_IN_LOOP"]:
+                lb = _lb_descriptor(lb, plan.meta["R_PAD"])
     relaunch(_attn_fwd, plan.grid,
              (q, k, v, lr, lb, out, ws_m, ws_l, ws_acc, counters,
               block_tables if paged else dummy, lbt, seq_lens if seq_lens is not None else dummy,

@@ -368,7 +368,58 @@ def test_decode_one_program_an_sm(device, rng_seed, tma_forced, plan_metas, monk
     meta = plan_metas[-1]
     assert meta["TMA"] and meta["SHIFT_TAIL"] is (single or lowrank) and meta["SPLIT"] is (splits > 1)
     assert (meta["num_stages"] == A._SINGLE_STAGES) is single
-    assert meta["ONE_LOOP"] is single  # every tile, the partial tails too, in one pipelined loop
+    # every tile, the partial tails too, in one pipelined loop (split Flash-LoRA's too)
+    assert meta["ONE_LOOP"] is (single or (lowrank and splits > 1))
+    assert not meta["B_IN_LOOP"]  # (programs of many tiles)
+
+
+# (dtype, hq, hkv, d, rank, lens, num_splits, lora_b layout: "dense" / "sliced" / "offset")
+B_IN_LOOP_CASES = [  # split counts of one tile a program: the tiles of the longest row on CPU (16 keys)
+    (torch.bfloat16, 8, 2, 32, 16, [300, 1, 0, 129, 77], 24, "dense"),
+    (torch.float16, 4, 1, 64, 8, [601, 77, 2], 40, "dense"),           # r = 8: B's box rows past r, L's columns
+    (torch.bfloat16, 8, 2, 32, 32, [250, 128, 16, 3], 17, "dense"),    # fewer tiles than splits
+    (torch.bfloat16, 8, 2, 32, 16, [1000, 1, 129], 4, "dense"),        # several tiles a program: B before the loop
+    (torch.bfloat16, 8, 2, 32, 16, [300, 1, 129], 24, "sliced"),       # no descriptor for lora_b: B before the loop
+    (torch.bfloat16, 8, 2, 32, 16, [300, 1, 129], 24, "offset"),       # lora_b off 16-byte alignment: the same
+]
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d,r,lens,splits,lb_layout", B_IN_LOOP_CASES)
+def test_flash_lora_split_decode_b_in_loop(device, rng_seed, tma_forced, plan_metas, dtype, hq, hkv, d, r, lens,
+                                           splits, lb_layout):
+    """Split Flash-LoRA decode by TMA takes every tile through one loop, and where no program has
+    more than one tile (the split count at least the tiles of the longest table row) B_a comes
+    by its own TMA copy with each tile, its product folded into the P·V accumulator tile by tile:
+    against the reference, with NaN in every K/V/L slot no sequence owns and in the L rows of the
+    requests without adapter, adapters mixed, partial tail tiles, sequences of one token and none.
+    lora_b that a descriptor cannot address (a slice of a wider tensor, or a base off 16 bytes)
+    keeps B before the loop."""
+    # 16-key tiles under the interpreter, 64- or 128-key ones on a GPU (blocks of 128)
+    k, v, bt, sl = make_paged(lens, hkv, d, 128, dtype, device, table_slack=0)
+    q = torch.randn(len(lens), hq, d, device=device).to(dtype)
+    lr, lbt = torch.randn(k.shape[0], 128, r, device=device).to(dtype), bt
+    aid = torch.tensor([(1, -1, 0, 2)[i % 4] for i in range(len(lens))], dtype=torch.int32, device=device)
+    for b, n in enumerate(lens):
+        if aid[b] < 0 and n:
+            lr[bt[b, :-(-n // 128)].long()] = float("nan")
+    lb = (torch.randn(3, hkv, r, d, device=device) / r ** 0.5).to(dtype)
+    if lb_layout == "sliced":
+        wide = torch.full((3, hkv, r, d + 8), float("nan"), dtype=dtype, device=device)
+        wide[..., :d] = lb
+        lb = wide[..., :d]
+    elif lb_layout == "offset":
+        flat = torch.empty(lb.numel() + 1, dtype=dtype, device=device)
+        flat[1:] = lb.flatten()
+        lb = flat[1:].view(lb.shape)
+    out = poisoned(q.shape, dtype, device)
+    flash_lora_decode(q, k, v, lr, lbt, lb, aid, bt, sl, 0.19, out=out, num_splits=splits)
+    check(out, flash_lora_decode_ref(q, k, v, lr, lbt, lb, aid, bt, sl, 0.19), dtype)
+    meta = plan_metas[-1]
+    assert meta["TMA"] and meta["SPLIT"] and meta["ONE_LOOP"]
+    tiles = -(-bt.shape[1] * 128 // meta["BLOCK_N"])
+    assert meta["B_IN_LOOP"] is (lb_layout == "dense" and tiles <= splits), (tiles, splits)
+    if device == "cpu":
+        assert tiles <= splits or len(lens) == 3 and lens[0] == 1000, tiles  # (the cases' premise)
 
 
 TAIL_CASES = [  # (mode, Hkv, lens, (whole programs, splits of the rest)); GQA group 2, D 32
@@ -766,8 +817,10 @@ def compile_variant(variant):
     # base_lr_shared) or by its own ("-own"); paged decode split with the tail masked, or unsplit
     # with it shifted ("-shift-nosplit"; see _launch_plan; "-s2": S2 decode over a shared cache);
     # "-single": one program an SM,
-    # double-buffered, unsplit, one loop over every tile (Flash-LoRA at r = 64, its widest L tiles)
+    # double-buffered, unsplit, one loop over every tile (Flash-LoRA at r = 64, its widest L tiles);
+    # "-bloop": split Flash-LoRA in one loop, B_a by TMA with each tile (B_IN_LOOP)
     tma = variant.startswith("decode-tma")
+    bloop = variant.endswith("-bloop")
     lora = variant.startswith("decode-tma-lora") or not tma
     single = "-single" in variant
     tail = variant.endswith("-tail")  # a split last wave (TAIL: the split path's code beside the whole one)
@@ -785,11 +838,13 @@ def compile_variant(variant):
                   REDUCE_S=A._combine_chunk(4, 128),
                   LR_SHARED_TABLE=variant in ("decode-shared-table", "decode-tma-lora") or (lora and single),
                   PREFETCH_B=variant in ("decode-prefetch-b", "decode-tma-lora", "decode-tma-lora-own") or (lora and single),
-                  TMA=tma, ONE_LOOP=single, TAIL=tail,
+                  TMA=tma, ONE_LOOP=single or bloop, TAIL=tail, B_IN_LOOP=bloop,
                   SHIFT_TAIL=tma and (lora or single or not split), PDL=decode)
     if tma:
         ptr_types.update(K=f"tensordesc<bf16[1,{bn},128]>", V=f"tensordesc<bf16[1,{bn},128]>",
                          Lr=f"tensordesc<bf16[1,{bn},{r_pad}]>")
+        if bloop:
+            ptr_types.update(LoraB=f"tensordesc<bf16[1,{r_pad},128]>")
     if variant == "reduce":
         consts, warps = dict(HEAD_DIM=128, GROUP_P2=4, REDUCE_S=A._combine_chunk(4, 128)), 4
     sig = {}
@@ -821,7 +876,7 @@ for variant in json.loads(sys.argv[1]):  # one line of JSON a variant, as it end
 _COMPILE_VARIANTS = ["decode", "decode-shared-table", "decode-prefetch-b", "decode-tma", "decode-tma-shift-nosplit",
                      "decode-tma-s2", "decode-tma-shift-nosplit-s2", "decode-tma-lora", "decode-tma-lora-own",
                      "decode-tma-single", "decode-tma-lora-single", "decode-tma-lora-single-g32",
-                     "decode-tail", "decode-tma-tail", "decode-tma-lora-tail",
+                     "decode-tail", "decode-tma-tail", "decode-tma-lora-tail", "decode-tma-lora-bloop",
                      "prefill", "prefill-r16", "prefill-short", "prefill-short-r16", "reduce"]
 
 
