@@ -1511,10 +1511,16 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
     # 10.46 vs 10.83 (9.58), 2 x 4K 14.44 vs 14.68; r = 8 and 16 level to 2.3% faster; nothing
     # slower (bench/RESULTS.md Run AN). B_a by TMA before the loop instead lost (1 x 4K 10.07
     # vs 9.80), and with the tile over programs of two or more tiles (blocks of 64, 1 x 4K
-    # 10.93 vs 10.37 in one loop: its bytes again with every tile).
+    # 10.93 vs 10.37 in one loop: its bytes again with every tile). B_a's buffer keeps a
+    # launch at the programs an SM it was sized for only up to K/V rows of 256 bytes and L rows
+    # of 128 (D 128 and r <= 64 in 16 bits; compiled for sm_90, shared memory without / with it:
+    # 128-key tiles 70-86 / 82-107 KB, 2 an SM either way; 64-key tiles 43 / 64 KB, 3 as planned;
+    # but D 256 76 / 117 KB, 2 an SM / 1; fp32 D 64 r = 64 111 / 127 KB, the same; fp32 D 256
+    # r = 128 131 / 238 KB, over the device's limit).
     lora_split_tma = key.lora is not None and tma and ring is None and split
     one_loop = single or lora_split_tma
-    b_in_loop = lora_split_tma and key.lora[6] and -(-max_ctx // bn) <= num_splits
+    b_in_loop = (lora_split_tma and key.lora[6] and -(-max_ctx // bn) <= num_splits
+                 and d * key.kv_itemsize <= 256 and r_pad * key.kv_itemsize <= 128)
     # the combine's constexprs (one set for either path; the main kernel takes them only fused)
     g_p2 = _next_pow2(group)
     combine = dict(GROUP_P2=g_p2, REDUCE_S=_combine_chunk(g_p2, d))

@@ -381,6 +381,10 @@ B_IN_LOOP_CASES = [  # split counts of one tile a program: the tiles of the long
     (torch.bfloat16, 8, 2, 32, 16, [1000, 1, 129], 4, "dense"),        # several tiles a program: B before the loop
     (torch.bfloat16, 8, 2, 32, 16, [300, 1, 129], 24, "sliced"),       # no descriptor for lora_b: B before the loop
     (torch.bfloat16, 8, 2, 32, 16, [300, 1, 129], 24, "offset"),       # lora_b off 16-byte alignment: the same
+    (torch.float32, 4, 2, 64, 16, [300, 1, 129], 24, "dense"),         # rows of 256 bytes, L's of 128: B with the tile
+    (torch.float32, 4, 2, 64, 64, [300, 1, 129], 24, "dense"),         # L rows of 256 bytes: B's buffer would cost
+    (torch.bfloat16, 2, 1, 256, 16, [200, 1, 129], 16, "dense"),       # rows of 512: B's buffer would cost
+    (torch.bfloat16, 4, 2, 32, 128, [300, 1, 129], 24, "dense"),       # L tiles of 128 columns: the same
 ]
 
 
@@ -392,8 +396,8 @@ def test_flash_lora_split_decode_b_in_loop(device, rng_seed, tma_forced, plan_me
     by its own TMA copy with each tile, its product folded into the P·V accumulator tile by tile:
     against the reference, with NaN in every K/V/L slot no sequence owns and in the L rows of the
     requests without adapter, adapters mixed, partial tail tiles, sequences of one token and none.
-    lora_b that a descriptor cannot address (a slice of a wider tensor, or a base off 16 bytes)
-    keeps B before the loop."""
+    lora_b that a descriptor cannot address (a slice of a wider tensor, or a base off 16 bytes),
+    and rows or L tiles whose B_a buffer would cost the launch residency, keep B before the loop."""
     # 16-key tiles under the interpreter, 64- or 128-key ones on a GPU (blocks of 128)
     k, v, bt, sl = make_paged(lens, hkv, d, 128, dtype, device, table_slack=0)
     q = torch.randn(len(lens), hq, d, device=device).to(dtype)
@@ -417,7 +421,8 @@ def test_flash_lora_split_decode_b_in_loop(device, rng_seed, tma_forced, plan_me
     meta = plan_metas[-1]
     assert meta["TMA"] and meta["SPLIT"] and meta["ONE_LOOP"]
     tiles = -(-bt.shape[1] * 128 // meta["BLOCK_N"])
-    assert meta["B_IN_LOOP"] is (lb_layout == "dense" and tiles <= splits), (tiles, splits)
+    fits = d * k.element_size() <= 256 and meta["R_PAD"] * k.element_size() <= 128  # (B_a's buffer: _launch_plan)
+    assert meta["B_IN_LOOP"] is (lb_layout == "dense" and tiles <= splits and fits), (tiles, splits)
     if device == "cpu":
         assert tiles <= splits or len(lens) == 3 and lens[0] == 1000, tiles  # (the cases' premise)
 
