@@ -7,7 +7,8 @@ the variant instead of copies of the kernel:
   table, else from contiguous ``[total_k, Hkv, D]`` tensors with ``cu_seqlens_k``.
 - ``VARLEN_Q``: many query tokens per sequence (prefill, ``cu_seqlens_q``), else one (decode).
 - ``HAS_LORA``: Flash-LoRA: a second accumulator ``P·L`` (``[rows, r]``) next to ``P·V`` under the
-  same online softmax; ``(P·L)·B_a`` is added once at the end, so ``L·B_a`` never exists.
+  same online softmax; ``(P·L)·B_a`` is added once at the end (or tile by tile, ``B_IN_LOOP``),
+  so ``L·B_a`` never exists.
 - ``S2``: S2-attention block skipping: the key tiles a KV head reads (its strided shard plus the
   local window) are enumerated arithmetically, absent blocks are never loaded.
 - ``SPLIT``: flash-decoding: the key tiles of one (query, KV head) are split over programs that
@@ -254,7 +255,7 @@ def _attn_tile(acc, acc_lr, m_i, l_i, q, start, hi, qpos,
     if HAS_LORA and TMA:
         # L by TMA too (a [1, BLOCK_N, R_PAD] box over rows of r: the columns past r arrive as
         # zeros), shifted as K/V are. A request without adapter reads garbage here, zeroed once
-        # after the loop.
+        # after the loop (with B_IN_LOOP, its product tile by tile).
         if LR_SHARED_TABLE:
             lblk = blk
             lslot0 = slot0
@@ -1501,9 +1502,10 @@ def _launch_plan(key: _LaunchKey) -> _LaunchPlan:
         if tail is not None:
             num_splits, fused = tail[1], True
     # Split Flash-LoRA by TMA (`_attn_fwd`) runs every tile through one loop (ONE_LOOP), and where
-    # no program has more than one tile, takes B_a with its tile's copies (B_IN_LOOP; see
-    # _attn_tile) rather than before the key loop: each program's first copies no longer wait
-    # for B_a's. H200, Flash-LoRA r = 64 against the code before, in turn, CUDA graphs, us
+    # no program has more than one tile (by the table's reach, so at most one by any length),
+    # takes B_a with its tile's copies (B_IN_LOOP; see _attn_tile) rather than before the key
+    # loop: each program's first copies no longer wait for B_a's. (A rule for speed only: the
+    # tile-by-tile fold is the same sum at any number of tiles.) H200, Flash-LoRA r = 64 against the code before, in turn, CUDA graphs, us
     # (paged decode's time in brackets; "-37": every third sequence 37 keys short): blocks of
     # 128, 1 x 1K 6.17 vs 6.41 (5.69), 1 x 2K 7.78 vs 8.24 (7.24), 1 x 4K 9.75 vs 9.98 (8.87),
     # 1 x 4K-37 9.75 vs 10.05 (9.02) (both), 2 x 4K 13.85 vs 14.04, 8 x 4K 38.61 vs 38.87, 1 x 32K
@@ -1634,7 +1636,7 @@ def _lr_descriptor(lr: torch.Tensor, block_n: int, r_pad: int) -> TensorDescript
 def _lb_descriptor_ok(lora_b: torch.Tensor) -> bool:
     """Whether a TMA descriptor can address ``lora_b [adapters, Hkv, r, D]`` as ``[adapters ×
     Hkv, r, D]`` (`_lb_descriptor`): dense, on 16 bytes, not empty (a descriptor has no empty
-    dims), rows at a 16-byte pitch."""
+    dims), rows at a 16-byte pitch, and adapters × Hkv within int32."""
     a, h, r, d = lora_b.shape
     return (lora_b.stride() == (h * r * d, r * d, d, 1) and lora_b.data_ptr() % 16 == 0 and lora_b.numel() > 0
             and d * lora_b.element_size() % 16 == 0 and a * h <= _MAX_DESCRIPTOR_DIM)
