@@ -1994,7 +1994,8 @@ def _check_out(out, q) -> None:
         return
     _check_tensor("out", out, 3)
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}), got {tuple(out.shape)}, {out.dtype}")
+        raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
+                         f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
     if out.stride()[-1] != 1:
         raise ValueError("out must be contiguous in the head dim")
 

@@ -639,6 +639,17 @@ def test_bad_decode_input_raises_before_any_launch(device, rng_seed, monkeypatch
     _assert_rejected_after_warm_plan(paged_attention_decode, args, change, exc, msg, monkeypatch)
 
 
+def test_out_on_another_device_is_named(device, rng_seed, monkeypatch):
+    """An `out` of the right shape and dtype on another device is rejected before any launch, and
+    the message names both devices (it once read as if the shapes differed)."""
+    q, k, v, table, seq_lens = decode_case(device, lens=(20, 9))
+    out = torch.empty(q.shape, dtype=q.dtype, device="meta")
+    monkeypatch.setattr(A, "_attn_fwd", _NoLaunch())
+    with pytest.raises(ValueError, match="out must match q") as info:
+        paged_attention_decode(q, k, v, table, seq_lens, 0.3, out=out)
+    assert "meta" in str(info.value) and str(q.device) in str(info.value)
+
+
 def _assert_rejected_after_warm_plan(fn, args, change, exc, msg, monkeypatch) -> None:
     """Warm `fn`'s launch plan with the valid `args`, apply `change`, and check the call raises
     `exc` (matching `msg`) without launching or writing `out`."""
