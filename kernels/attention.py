@@ -1638,7 +1638,7 @@ def _lb_descriptor_ok(lora_b: torch.Tensor) -> bool:
     Hkv, r, D]`` (`_lb_descriptor`): dense, on 16 bytes, not empty (a descriptor has no empty
     dims), rows at a 16-byte pitch, and adapters × Hkv within int32."""
     a, h, r, d = lora_b.shape
-    return (lora_b.stride() == (h * r * d, r * d, d, 1) and lora_b.data_ptr() % 16 == 0 and lora_b.numel() > 0
+    return (lora_b.stride() == (h * r * d, r * d, d, 1) and _aligned16(lora_b) and lora_b.numel() > 0
             and d * lora_b.element_size() % 16 == 0 and a * h <= _MAX_DESCRIPTOR_DIM)
 
 
